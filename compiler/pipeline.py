@@ -1,0 +1,222 @@
+"""The compile job: load -> graph -> score -> plan -> apply -> save -> export -> parity -> bench -> report.
+
+Only composition lives here; each step is a pass in its own module. Every output is written to
+a staging folder inside OUT and moved into place at the end, so a failed run leaves nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from compiler.apply import apply_plan, count_params
+from compiler.export import DEFAULT_PARITY_TOLERANCE, check_parity, export_onnx
+from compiler.planner import Constraints, MacCounter, Target, make_plan, spatial_sizes
+from compiler.report import build_report, write_report
+from compiler.score import IMPORTANCES, score_groups
+from graphs.checkpoint import ModelInfo, load_model, save_pruned
+from graphs.dependency import build_graph, channel_groups, conv_channels
+from graphs.errors import ExportError, PlanError
+from graphs.plan import PruningPlan
+
+DEFAULT_MACS = 0.5
+DEFAULT_IMPORTANCE = "l2"
+DEFAULT_OUT = Path("runs/compile")
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """Every field None means "the library default"."""
+
+    model: str
+    imgsz: int | None = None
+    ratio: float | None = None
+    macs: float | None = None
+    importance: str | None = None
+    global_allocation: bool = False
+    round_to: int | None = None
+    max_ratio: float | None = None
+    out: Path | None = None
+    bench: bool = True
+    dynamic: bool = False
+    simplify: bool = True
+    plan: Path | None = None
+    parity_tolerance: float | None = None
+    threads: int | None = None
+    bench_runs: int | None = None
+    seed: int = 0
+
+    def target(self) -> Target:
+        if self.ratio is not None and self.macs is not None:
+            raise PlanError("give either --ratio or --macs, not both")
+        if self.ratio is not None:
+            return Target("ratio", self.ratio)
+        return Target("macs", DEFAULT_MACS if self.macs is None else self.macs)
+
+    def constraints(self) -> Constraints:
+        defaults = Constraints()
+        return Constraints(
+            round_to=defaults.round_to if self.round_to is None else self.round_to,
+            max_ratio=defaults.max_ratio if self.max_ratio is None else self.max_ratio,
+        )
+
+
+@dataclass
+class Prepared:
+    model: object
+    info: ModelInfo
+    imgsz: int
+    groups: list = field(default_factory=list)
+    graph: object = None
+
+
+def check_imgsz(imgsz: int, info: ModelInfo) -> int:
+    stride = int(max(info.stride))
+    if imgsz <= 0 or imgsz % stride:
+        lower, upper = max(stride, imgsz // stride * stride), (imgsz // stride + 1) * stride
+        raise PlanError(
+            f"--imgsz {imgsz} must be a positive multiple of {stride} (the model's largest "
+            f"stride): use {lower} or {upper}"
+        )
+    return imgsz
+
+
+def prepare(model_spec: str, imgsz: int | None = None) -> Prepared:
+    """Load a model and trace its channel groups."""
+    model, info = load_model(model_spec)
+    size = check_imgsz(imgsz or info.imgsz, info)
+    graph = build_graph(model)
+    return Prepared(model, info, size, channel_groups(model, graph), graph)
+
+
+def plan_for(prepared: Prepared, options: CompileOptions) -> PruningPlan:
+    """Score and plan (or replay a plan file after checking it fits this model)."""
+    counter = MacCounter(conv_channels(prepared.model, prepared.groups),
+                         spatial_sizes(prepared.model, prepared.imgsz))
+    if options.plan is not None:
+        plan = PruningPlan.load(options.plan)
+        if plan.imgsz != prepared.imgsz:
+            raise PlanError(f"{options.plan}: plan was made at imgsz {plan.imgsz}, not {prepared.imgsz}")
+        return plan
+    importance = options.importance or DEFAULT_IMPORTANCE
+    if importance not in IMPORTANCES:
+        raise PlanError(f"--importance {importance}: use one of {', '.join(IMPORTANCES)}")
+    target, constraints = options.target(), options.constraints()
+    scores = score_groups(prepared.model, prepared.graph, prepared.groups, importance, options.seed)
+    return make_plan(
+        prepared.info.name, prepared.imgsz, prepared.groups, scores, counter, target, constraints,
+        allocation="global" if options.global_allocation else "uniform",
+        importance=importance, seed=options.seed,
+    )
+
+
+@contextlib.contextmanager
+def staged_output(out: Path) -> Iterator[Path]:
+    """A staging folder inside ``out``; its files move into ``out`` only if the block succeeds."""
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+    try:
+        yield staging
+        for item in sorted(staging.iterdir()):
+            item.replace(out / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+
+
+def compile_model(options: CompileOptions) -> dict:
+    """Run the whole job; return the report dict. Outputs land in ``options.out``."""
+    out = Path(options.out or DEFAULT_OUT)
+    steps = ["load + graph", "score + plan", "apply", "save", "export", "parity"]
+    steps += ["bench"] if options.bench else []
+    seconds: dict[str, float] = {}
+    with staged_output(out) as staging, tqdm(total=len(steps) + 1, desc="compile", unit="step",
+                                             leave=False) as bar:
+
+        def step(name: str, fn):
+            bar.set_description(name)
+            start = time.perf_counter()
+            result = fn()
+            seconds[name] = round(time.perf_counter() - start, 3)
+            bar.update()
+            return result
+
+        prepared = step("load + graph", lambda: prepare(options.model, options.imgsz))
+        info, imgsz = prepared.info, prepared.imgsz
+        if not info.pretrained:
+            tqdm.write(f"WARNING: {options.model} is an architecture (YAML), not trained weights: "
+                       "random init. MACs and latency are real; accuracy is meaningless.")
+        plan = step("score + plan", lambda: plan_for(prepared, options))
+        pruned = step("apply", lambda: apply_plan(prepared.model, plan))
+        name = info.name.removesuffix("-pruned")
+        paths = {
+            "checkpoint": staging / f"{name}-pruned.pt",
+            "onnx": staging / f"{name}-pruned.onnx",
+            "plan": staging / f"{name}-plan.json",
+        }
+
+        def save():
+            plan.save(paths["plan"])
+            save_pruned(pruned, info, paths["checkpoint"], extra={"plan": paths["plan"].name})
+
+        step("save", save)
+        step("export", lambda: export_onnx(pruned, paths["onnx"], imgsz, dynamic=options.dynamic,
+                                           simplify=options.simplify))
+        tolerance = options.parity_tolerance or DEFAULT_PARITY_TOLERANCE
+        parity = step("parity", lambda: check_parity(pruned, paths["onnx"], imgsz,
+                                                     tolerance=tolerance, threads=options.threads))
+        if not parity.ok:
+            raise ExportError(
+                f"{paths['onnx'].name}: ONNX Runtime differs from PyTorch by {parity.max_abs_diff:.3g}"
+                f" > tolerance {parity.tolerance:g} ({parity.metric}); nothing was written"
+            )
+        latency = None
+        if options.bench:
+            latency = step("bench", lambda: _bench(prepared.model, paths["onnx"], imgsz, options))
+        report = build_report(
+            info=info, plan=plan, groups=prepared.groups, imgsz=imgsz,
+            params=(count_params(prepared.model), count_params(pruned)),
+            onnx_bytes=paths["onnx"].stat().st_size, parity=parity, latency=latency,
+            seconds=seconds, options=options, files={k: p.name for k, p in paths.items()},
+        )
+        bar.set_description("report")
+        write_report(report, staging)
+        bar.update()
+    return report
+
+
+def _bench(original, pruned_onnx: Path, imgsz: int, options: CompileOptions) -> dict:
+    """ONNX Runtime CPU latency, batch 1, baseline and pruned interleaved (A B A B)."""
+    import numpy as np
+
+    from kernels.ort import OrtRunner, machine_info
+    from kernels.timing import interleaved
+
+    with tempfile.TemporaryDirectory() as tmp:
+        baseline_onnx = export_onnx(original, Path(tmp) / "baseline.onnx", imgsz,
+                                    simplify=options.simplify)
+        before = OrtRunner(baseline_onnx, options.threads)
+        after = OrtRunner(pruned_onnx, options.threads)
+        images = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
+        runs = options.bench_runs or 20
+        timings = interleaved({"before": lambda: before.run(images),
+                               "after": lambda: after.run(images)}, runs=runs, warmup=3)
+        baseline_bytes = baseline_onnx.stat().st_size
+    return {
+        "runtime": "onnxruntime (CPUExecutionProvider, ORT_ENABLE_ALL)",
+        "batch": 1, "imgsz": imgsz, "precision": "fp32", "threads": after.threads,
+        "order": "interleaved A B A B after warm-up",
+        "before": timings["before"].to_dict(), "after": timings["after"].to_dict(),
+        "ratio": timings["after"].median_ms / timings["before"].median_ms,
+        "baseline_onnx_bytes": baseline_bytes,
+        "machine": machine_info(),
+    }

@@ -1,0 +1,205 @@
+"""Plan pass: how many channels each group keeps, and which, under a target and constraints."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from graphs.dependency import ChannelGroup, ConvChannels
+from graphs.errors import PlanError
+from graphs.plan import GroupPlan, PruningPlan
+
+MACS_TOLERANCE = 0.03  # relative: a MACs target is met when |kept/target - 1| <= 3%
+
+
+@dataclass(frozen=True)
+class Target:
+    """``ratio``: fraction of channels removed per group; ``macs``: fraction of MACs kept."""
+
+    kind: str
+    value: float
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("ratio", "macs"):
+            raise PlanError(f"unknown target {self.kind!r}: use --ratio or --macs")
+        if not (0.0 < self.value < 1.0) or math.isnan(self.value):
+            what = "channels removed per group" if self.kind == "ratio" else "MACs kept"
+            raise PlanError(
+                f"--{self.kind} {self.value:g} is out of range: it is the fraction of {what}, "
+                "strictly between 0 and 1 (e.g. 0.5)"
+            )
+
+
+@dataclass(frozen=True)
+class Constraints:
+    round_to: int = 8  # kept channel counts are multiples of this (hardware alignment)
+    max_ratio: float = 0.8  # no group loses more than this fraction of its channels
+
+    def __post_init__(self) -> None:
+        if self.round_to < 1:
+            raise PlanError(f"--round-to {self.round_to} must be a positive integer (8 is typical)")
+        if not (0.0 < self.max_ratio < 1.0):
+            raise PlanError(f"--max-ratio {self.max_ratio:g} must be strictly between 0 and 1")
+
+
+def spatial_sizes(model: nn.Module, imgsz: int) -> dict[str, int]:
+    """Output H*W of every Conv2d at imgsz x imgsz (one forward pass with hooks)."""
+    sizes, hooks = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            hooks.append(module.register_forward_hook(
+                lambda _m, _i, out, name=name: sizes.__setitem__(name, out.shape[-2] * out.shape[-1])
+            ))
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, imgsz, imgsz))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sizes
+
+
+class MacCounter:
+    """MACs of Conv2d layers for any assignment of kept channels per group (no pruning needed)."""
+
+    def __init__(self, convs: list[ConvChannels], hw: dict[str, int]):
+        self._convs = [(c, hw[c.name]) for c in convs]
+
+    def macs(self, kept: dict[str, int] | None = None) -> int:
+        kept = kept or {}
+        total = 0
+        for conv, hw in self._convs:
+            out = kept.get(conv.out_group, conv.out_channels) if conv.out_group else conv.out_channels
+            inp = sum(kept[g] * copies if g in kept else n for g, n, copies in conv.in_slices)
+            total += out * (inp // conv.groups) * conv.kernel_area * hw
+        return total
+
+
+def aligned(count: float, size: int, round_to: int, floor: int) -> int:
+    """Nearest multiple of round_to to ``count``, at least ``floor``; ``size`` means unpruned."""
+    if size <= round_to:
+        return size
+    keep = max(round_to, int(round(count / round_to)) * round_to, floor)
+    return size if keep >= size else keep
+
+
+def _floor(size: int, c: Constraints) -> int:
+    return math.ceil(size * (1 - c.max_ratio) / c.round_to) * c.round_to
+
+
+def _uniform_counts(groups, ratio: float, c: Constraints) -> dict[str, int]:
+    ratio = min(ratio, c.max_ratio)
+    return {g.id: aligned(g.size * (1 - ratio), g.size, c.round_to, _floor(g.size, c)) for g in groups}
+
+
+def _closest_rounding(groups, ratio: float, c: Constraints, objective, goal: float):
+    """Same fraction kept everywhere; each group rounds down or up to round_to, chosen in order
+    of largest remainder so that the objective lands closest to the goal."""
+    ratio = min(ratio, c.max_ratio)
+    exact = {g.id: g.size * (1 - ratio) for g in groups}
+    floors = {g.id: aligned(math.floor(exact[g.id] / c.round_to) * c.round_to, g.size, c.round_to,
+                            _floor(g.size, c)) for g in groups}
+    counts = dict(floors)
+    best = (dict(counts), objective(counts))
+    by_remainder = sorted(groups, key=lambda g: (-(exact[g.id] - floors[g.id]), g.id))
+    for g in by_remainder:
+        if counts[g.id] >= g.size:
+            continue
+        counts[g.id] = min(g.size, counts[g.id] + c.round_to)
+        value = objective(counts)
+        if abs(value - goal) < abs(best[1] - goal):
+            best = (dict(counts), value)
+        if value > goal:
+            break
+    return best
+
+
+def _global_counts(groups, scores, threshold: float, c: Constraints) -> dict[str, int]:
+    return {
+        g.id: aligned(int((scores[g.id] > threshold).sum()), g.size, c.round_to, _floor(g.size, c))
+        for g in groups
+    }
+
+
+def _solve(count_fn, lo: float, hi: float, objective, goal: float, steps: int = 60):
+    """Bisect a monotone (non-increasing in x) objective for ``goal``; return the closest counts."""
+    best = None
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        counts = count_fn(mid)
+        value = objective(counts)
+        if best is None or abs(value - goal) < abs(best[1] - goal):
+            best = (counts, value)
+        if value > goal:
+            lo = mid
+        else:
+            hi = mid
+    return best
+
+
+def make_plan(
+    model_name: str,
+    imgsz: int,
+    groups: list[ChannelGroup],
+    scores: dict[str, torch.Tensor],
+    counter: MacCounter,
+    target: Target,
+    constraints: Constraints | None = None,
+    allocation: str = "uniform",
+    importance: str = "l2",
+    seed: int = 0,
+) -> PruningPlan:
+    """Decide kept channels per group so the target is met; raise PlanError when it cannot be."""
+    c = constraints or Constraints()
+    prunable = [g for g in groups if not g.protected]
+    if allocation not in ("uniform", "global"):
+        raise PlanError(f"unknown allocation {allocation!r}: use uniform (default) or --global")
+    macs_before = counter.macs()
+    total_channels = sum(g.size for g in prunable)
+
+    def kept_fraction(counts):
+        return sum(counts.values()) / total_channels
+
+    def macs_fraction(counts):
+        return counter.macs(counts) / macs_before
+
+    if allocation == "uniform":
+        if target.kind == "ratio":
+            counts = _uniform_counts(prunable, target.value, c)
+        else:
+            counts, value = _solve(lambda r: _uniform_counts(prunable, r, c), 0.0, c.max_ratio,
+                                   macs_fraction, target.value)
+            ratio = 1 - sum(counts.values()) / total_channels
+            refined, refined_value = _closest_rounding(prunable, ratio, c, macs_fraction, target.value)
+            if abs(refined_value - target.value) < abs(value - target.value):
+                counts = refined
+    else:
+        all_scores = torch.cat([scores[g.id] for g in prunable])
+        lo, hi = float(all_scores.min()) - 1.0, float(all_scores.max())
+        count_fn = lambda t: _global_counts(prunable, scores, t, c)  # noqa: E731
+        if target.kind == "ratio":
+            counts, _ = _solve(count_fn, lo, hi, kept_fraction, 1 - target.value)
+        else:
+            counts, _ = _solve(count_fn, lo, hi, macs_fraction, target.value)
+
+    macs_after = counter.macs(counts)
+    if target.kind == "macs" and abs(macs_after / macs_before / target.value - 1) > MACS_TOLERANCE:
+        raise PlanError(
+            f"--macs {target.value:g} cannot be met within ±{MACS_TOLERANCE:.0%} (best: "
+            f"{macs_after / macs_before:.3f}) with --round-to {c.round_to} and --max-ratio "
+            f"{c.max_ratio:g}; raise --max-ratio, lower --round-to or ask for more MACs"
+        )
+    plans = []
+    for g in prunable:
+        order = torch.argsort(scores[g.id], descending=True, stable=True)
+        keep = tuple(sorted(int(i) for i in order[: counts[g.id]]))
+        plans.append(GroupPlan(g.id, g.size, keep))
+    return PruningPlan(
+        model=model_name, imgsz=imgsz, importance=importance, allocation=allocation,
+        target={"kind": target.kind, "value": target.value}, round_to=c.round_to,
+        max_ratio=c.max_ratio, macs_before=macs_before, macs_after=macs_after,
+        groups=tuple(plans), seed=seed,
+    )

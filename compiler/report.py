@@ -1,0 +1,140 @@
+"""Report pass: report.json (machine-readable), report.md (human), and a per-group plot."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from graphs.checkpoint import ModelInfo
+from graphs.plan import PruningPlan
+
+MACS_COUNTED = (
+    "multiply-accumulates of every Conv2d (detection head included) for one "
+    "{imgsz}x{imgsz} image, batch 1; BatchNorm is assumed folded into the convs; pooling, "
+    "upsampling, activations and box decoding are not counted (thop/yolov5 GFLOPs = 2 x MACs)"
+)
+
+
+def build_report(*, info: ModelInfo, plan: PruningPlan, groups, imgsz: int, params, onnx_bytes: int,
+                 parity, latency: dict | None, seconds: dict, options, files: dict) -> dict:
+    kept = {g.id: g for g in plan.groups}
+    group_rows = []
+    for g in groups:
+        plan_group = kept.get(g.id)
+        group_rows.append({
+            "id": g.id, "total": g.size,
+            "kept": plan_group.kept if plan_group else g.size,
+            "protected": g.protected, "members": len(g.members),
+        })
+    aligned = all(r["kept"] % plan.round_to == 0 for r in group_rows if r["kept"] < r["total"])
+    warnings = []
+    if not info.pretrained:
+        warnings.append("random init (model built from YAML): MACs and latency are real, "
+                        "accuracy is meaningless")
+    return {
+        "model": {"source": info.source, "family": info.family, "pretrained": info.pretrained,
+                  "nc": info.nc, "stride": list(info.stride), "anchors": [list(a) for a in info.anchors],
+                  "imgsz": imgsz},
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
+        "plan": {"importance": plan.importance, "allocation": plan.allocation, "target": plan.target,
+                 "round_to": plan.round_to, "max_ratio": plan.max_ratio},
+        "params": {"before": params[0], "after": params[1], "ratio": params[1] / params[0]},
+        "macs": {"before": plan.macs_before, "after": plan.macs_after, "ratio": plan.macs_ratio,
+                 "counted": MACS_COUNTED.format(imgsz=imgsz)},
+        "onnx_bytes": onnx_bytes,
+        "latency_ms": {"onnxruntime_cpu": latency} if latency else {},
+        "parity": parity.to_dict(),
+        "alignment": {"round_to": plan.round_to, "all_pruned_groups_aligned": aligned},
+        "groups": group_rows,
+        "seconds": seconds,
+        "files": files,
+        "warnings": warnings,
+    }
+
+
+def _fmt_count(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def render_markdown(report: dict) -> str:
+    m, p, macs = report["model"], report["params"], report["macs"]
+    lines = [f"# yoloprune report: {Path(m['source']).name}", ""]
+    lines += [f"> **WARNING**: {w}" for w in report["warnings"]]
+    plan = report["plan"]
+    lines += [
+        f"Target {plan['target']['kind']} = {plan['target']['value']:g}, importance "
+        f"{plan['importance']}, {plan['allocation']} allocation, round_to {plan['round_to']}, "
+        f"max ratio {plan['max_ratio']:g}, image {m['imgsz']}x{m['imgsz']}.", "",
+        "| | before | after | after / before |", "|---|---:|---:|---:|",
+        f"| params | {_fmt_count(p['before'])} | {_fmt_count(p['after'])} | {p['ratio']:.3f} |",
+        f"| MACs | {_fmt_count(macs['before'])} | {_fmt_count(macs['after'])} | {macs['ratio']:.3f} |",
+    ]
+    latency = report["latency_ms"].get("onnxruntime_cpu")
+    if latency:
+        lines.append(
+            f"| latency, ONNX Runtime CPU, median ms | {latency['before']['median_ms']:.1f} | "
+            f"{latency['after']['median_ms']:.1f} | {latency['ratio']:.3f} |"
+        )
+        lines += ["", f"Latency: {latency['runtime']}, batch {latency['batch']}, fp32, "
+                  f"{latency['threads']} threads, median of {latency['after']['runs']} runs "
+                  f"({latency['order']}), on {latency['machine']['cpu']}. Latency efficiency "
+                  f"(MACs ratio / latency ratio): {macs['ratio'] / latency['ratio']:.2f}."]
+    else:
+        lines += ["", "Latency not measured (--no-bench)."]
+    parity = report["parity"]
+    lines += [
+        "", f"MACs: {macs['counted']}.", "",
+        f"ONNX parity: {parity['max_abs_diff']:.2e} (tolerance {parity['tolerance']:g}; "
+        f"{parity['metric']}; {parity['max_abs_diff_pixels']:.3g} px before normalising). "
+        f"ONNX file: {report['onnx_bytes'] / 1e6:.1f} MB.", "",
+        f"Alignment: every pruned group keeps a multiple of {report['alignment']['round_to']}: "
+        f"{'yes' if report['alignment']['all_pruned_groups_aligned'] else 'NO'}.", "",
+    ]
+    if report["files"].get("plot"):
+        lines += [f"![kept channels per group]({report['files']['plot']})", ""]
+    lines += ["## Channel groups", "", "| group (root conv) | kept / total | members | note |",
+              "|---|---:|---:|---|"]
+    for g in report["groups"]:
+        note = "protected" if g["protected"] else ("" if g["kept"] < g["total"] else "unpruned")
+        lines.append(f"| `{g['id']}` | {g['kept']} / {g['total']} | {g['members']} | {note} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_groups(report: dict, path: Path) -> None:
+    """Kept fraction of every group, in network order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["groups"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.12 * len(rows)), 3.2))
+    colours = ["#999999" if r["protected"] else "#1f77b4" for r in rows]
+    ax.bar(range(len(rows)), [r["kept"] / r["total"] for r in rows], color=colours)
+    ax.axhline(report["macs"]["ratio"], color="#d62728", lw=1, ls="--", label="MACs kept")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("channel group (network order; grey = protected head)")
+    ax.set_ylabel("channels kept")
+    ax.set_title(f"{Path(report['model']['source']).name}: kept channels per group")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_report(report: dict, folder: Path) -> None:
+    plot = folder / "groups.png"
+    plot_groups(report, plot)
+    report["files"]["plot"] = plot.name
+    _atomic_write(folder / "report.json", json.dumps(report, indent=1) + "\n")
+    _atomic_write(folder / "report.md", render_markdown(report))

@@ -1,0 +1,231 @@
+"""Coupled channels: torch-pruning's DependencyGraph, made correct for splits, as ChannelGroups.
+
+A ChannelGroup is a set of channels that must be removed together: a conv's outputs, its BN,
+every consumer's input slice, both sides of each residual add, each slice of each concat. It is
+named by its root conv (the first conv whose outputs the group holds).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from graphs.errors import ModelError
+
+
+class _PerOutputRanges(Sequence):
+    """Offsets that torch-pruning slices as ``offsets[i:i+2]`` for the i-th consumer of a split.
+
+    torch-pruning assumes the i-th traced consumer reads the i-th piece; the trace order is the
+    reverse of execution and one piece may feed several consumers, so we answer each slice with
+    the consumer's real piece bounds instead.
+    """
+
+    def __init__(self, ranges: list[tuple[int, int]]):
+        self._ranges = ranges
+
+    def __len__(self) -> int:
+        return len(self._ranges) + 1
+
+    def __getitem__(self, key):
+        if isinstance(key, slice) and key.stop == (key.start or 0) + 2 and key.step is None:
+            return list(self._ranges[key.start or 0])
+        raise TypeError("per-output split ranges only support offsets[i:i+2]")
+
+    def __repr__(self) -> str:
+        return f"ranges{self._ranges}"
+
+
+class CoupledGraph(tp.DependencyGraph):
+    """DependencyGraph whose split/chunk index mapping is derived from autograd, not trace order.
+
+    torch-pruning 1.6.1 on torch >= 2.x reads ``_saved_split_sizes`` (``torch.split`` with sizes)
+    but ``torch.chunk`` records ``_saved_split_size``; it then falls back to inferring piece
+    sizes from the consumers *in trace order*, which maps channels to the wrong consumer as soon
+    as the pieces are consumed out of order or a piece has two consumers.
+    """
+
+    def build_dependency(self, model, example_inputs, **kwargs):
+        super().build_dependency(model, example_inputs, **kwargs)
+        self._fix_split_offsets()
+        tp.dependency.index_mapping.update_index_mapping(self)
+        return self
+
+    def _fix_split_offsets(self) -> None:
+        for node in self.module2node.values():
+            if node.type != tp.ops.OPTYPE.SPLIT:
+                continue
+            grad_fn = node.grad_fn
+            dim = getattr(grad_fn, "_saved_dim", None)
+            sizes = list(getattr(grad_fn, "_saved_self_sym_sizes", ()) or ())
+            if dim is None or not sizes or dim % len(sizes) != 1:
+                continue  # not a channel split: torch-pruning leaves it unmapped
+            total = int(sizes[1])
+            if hasattr(grad_fn, "_saved_split_sizes"):
+                pieces = [int(s) for s in grad_fn._saved_split_sizes]
+            else:
+                step = int(grad_fn._saved_split_size)
+                pieces = [min(step, total - start) for start in range(0, total, step)]
+            starts = [sum(pieces[:i]) for i in range(len(pieces))]
+            ranges = []
+            for consumer in node.outputs:
+                piece = _piece_index(consumer.grad_fn, grad_fn)
+                ranges.append((starts[piece], starts[piece] + pieces[piece]))
+            node.module.offsets = _PerOutputRanges(ranges)
+            node.module.split_sizes = [hi - lo for lo, hi in ranges]
+
+
+def _piece_index(consumer_grad_fn, split_grad_fn) -> int:
+    hits = [nr for fn, nr in consumer_grad_fn.next_functions if fn is split_grad_fn]
+    if len(hits) != 1:
+        raise ModelError(
+            "a layer reads several pieces of one channel split; rewrite the split into "
+            "separate convs before pruning (canonicalize)"
+        )
+    return hits[0]
+
+
+@dataclass(frozen=True)
+class Member:
+    """One pruning operation of a group: a layer and which of its channels it touches."""
+
+    layer: str
+    kind: str  # "out" (conv/bn outputs) or "in" (a consumer's inputs)
+    start: int
+    stop: int
+    of: int  # the layer's channel count on that side
+    copies: int = 1  # how many times the group's channels appear (SPP/SPPF concat the same map)
+
+    def __str__(self) -> str:
+        span = "" if (self.start, self.stop) == (0, self.of) else f"[{self.start}:{self.stop}/{self.of}]"
+        return f"{self.layer}.{self.kind}{span}" + (f" x{self.copies}" if self.copies > 1 else "")
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    id: str  # the root conv's module name
+    size: int
+    members: tuple[Member, ...]
+    protected: bool = False
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class ConvChannels:
+    """For MAC accounting: which group owns a conv's outputs and each slice of its inputs."""
+
+    name: str
+    out_group: str | None
+    out_channels: int
+    in_slices: tuple[tuple[str | None, int, int], ...]  # (group or None, channels, copies)
+    groups: int
+    kernel_area: int
+
+
+def head_convs(model: nn.Module) -> list[nn.Conv2d]:
+    """The detection head's output convs: their outputs are the model interface."""
+    return list(model.detect.m)
+
+
+def build_graph(model: nn.Module, imgsz: int | None = None) -> CoupledGraph:
+    """Trace the model (eval mode, raw head outputs) into a CoupledGraph."""
+    stride = int(max(model.detect.stride))
+    size = imgsz or 2 * stride
+    example = torch.zeros(1, 3, size, size)
+    was_training = model.training
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = CoupledGraph().build_dependency(
+            model, example, output_transform=lambda out: out[1], verbose=False
+        )
+    model.train(was_training)
+    return graph
+
+
+def _members(graph: CoupledGraph, group) -> tuple[Member, ...]:
+    size = len(group[0].idxs)
+    members = []
+    for dep, idxs in group:
+        module = dep.target.module
+        if not isinstance(module, nn.Module) or isinstance(module, tp.ops.DummyMHA):
+            continue
+        name = graph._module2name.get(module)
+        if name is None:  # concat/add/upsample nodes: visible through their consumers' slices
+            continue
+        is_out = graph.is_out_channel_pruning_fn(dep.handler)
+        total = (graph.get_out_channels(module) if is_out else graph.get_in_channels(module)) or 0
+        kind = "out" if is_out or isinstance(module, nn.BatchNorm2d) else "in"
+        copies = max(1, len(idxs) // size)
+        members.append(Member(name, kind, min(idxs), max(idxs) + 1, int(total), copies))
+    unique = {(m.layer, m.kind, m.start): m for m in members}
+    return tuple(unique.values())
+
+
+def channel_groups(model: nn.Module, graph: CoupledGraph | None = None) -> list[ChannelGroup]:
+    """All channel groups of a YOLOv5 model, head outputs included (as protected)."""
+    graph = graph or build_graph(model)
+    protected = head_convs(model)
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    groups = []
+    for group in graph.get_all_groups(root_module_types=[nn.Conv2d], ignored_layers=protected):
+        root = group[0].dep.target.module
+        members = sorted(_members(graph, group), key=lambda m: (order[m.layer], m.kind, m.start))
+        # Name the group by its first producer conv in execution order (readable, stable).
+        producers = [m.layer for m in members
+                     if m.kind == "out" and isinstance(model.get_submodule(m.layer), nn.Conv2d)]
+        groups.append(ChannelGroup(producers[0], root.out_channels, tuple(members)))
+    head_size = {id(c): c.out_channels for c in protected}
+    for conv in protected:
+        name = graph._module2name[conv]
+        members = (Member(name, "out", 0, head_size[id(conv)], head_size[id(conv)]),)
+        groups.append(
+            ChannelGroup(name, conv.out_channels, members, True, "detection head output na*(nc+5)")
+        )
+    _check_disjoint(groups)
+    return sorted(groups, key=lambda g: order[g.id])
+
+
+def _check_disjoint(groups: list[ChannelGroup]) -> None:
+    owner: dict[tuple[str, str, int], str] = {}
+    for g in groups:
+        for m in g.members:
+            key = (m.layer, m.kind, m.start)
+            if key in owner and owner[key] != g.id:
+                raise ModelError(f"{m} is coupled to two groups ({owner[key]}, {g.id})")
+            owner[key] = g.id
+
+
+def conv_channels(model: nn.Module, groups: list[ChannelGroup]) -> list[ConvChannels]:
+    """Each Conv2d's channel ownership, to count MACs of any plan without pruning."""
+    out_owner: dict[str, str] = {}
+    in_owner: dict[str, list[tuple[int, int, str]]] = {}
+    for g in groups:
+        for m in g.members:
+            if m.kind == "out":
+                out_owner[m.layer] = g.id
+            else:
+                in_owner.setdefault(m.layer, []).append((m.start, m.stop, g.id, m.copies))
+    convs = []
+    for name, conv in model.named_modules():
+        if not isinstance(conv, nn.Conv2d):
+            continue
+        slices, cursor = [], 0
+        for start, stop, gid, copies in sorted(in_owner.get(name, [])):
+            if start > cursor:
+                slices.append((None, start - cursor, 1))
+            slices.append((gid, stop - start, copies))
+            cursor = stop
+        if cursor < conv.in_channels:
+            slices.append((None, conv.in_channels - cursor, 1))
+        convs.append(
+            ConvChannels(
+                name, out_owner.get(name), conv.out_channels, tuple(slices), conv.groups,
+                conv.kernel_size[0] * conv.kernel_size[1],
+            )
+        )
+    return convs

@@ -1,0 +1,21 @@
+"""Errors the CLI turns into one clear line and a non-zero exit."""
+
+
+class YoloPruneError(Exception):
+    """Base of every error a user can fix; its message names the file and the fix."""
+
+
+class ModelError(YoloPruneError):
+    """A model definition (YAML or rebuilt network) is malformed or unsupported."""
+
+
+class CheckpointError(YoloPruneError):
+    """A checkpoint file is missing, unreadable, unsafe or not a YOLO detector."""
+
+
+class PlanError(YoloPruneError):
+    """A pruning target or plan is invalid, or cannot be met."""
+
+
+class ExportError(YoloPruneError):
+    """ONNX export, simplification, checking or parity failed."""

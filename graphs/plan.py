@@ -1,0 +1,74 @@
+"""A pruning plan: plain data, JSON round-trip, replayable on the same model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from graphs.errors import PlanError
+
+PLAN_FORMAT = "yoloprune.plan.v1"
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """Channels kept in one group (indices into the group's root conv outputs, ascending)."""
+
+    id: str
+    size: int
+    keep: tuple[int, ...]
+
+    @property
+    def kept(self) -> int:
+        return len(self.keep)
+
+    @property
+    def pruned(self) -> bool:
+        return self.kept < self.size
+
+
+@dataclass(frozen=True)
+class PruningPlan:
+    model: str
+    imgsz: int
+    importance: str
+    allocation: str  # "uniform" | "global"
+    target: dict  # {"kind": "ratio" | "macs", "value": float}
+    round_to: int
+    max_ratio: float
+    macs_before: int
+    macs_after: int  # predicted from channel counts; equals the pruned model's by construction
+    groups: tuple[GroupPlan, ...]
+    seed: int = 0
+    format: str = field(default=PLAN_FORMAT)
+
+    @property
+    def macs_ratio(self) -> float:
+        return self.macs_after / self.macs_before
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "plan") -> PruningPlan:
+        try:
+            data = json.loads(text)
+            if data.get("format") != PLAN_FORMAT:
+                raise PlanError(f"{source}: not a yoloprune plan (format {data.get('format')!r})")
+            data["groups"] = tuple(
+                GroupPlan(g["id"], int(g["size"]), tuple(int(i) for i in g["keep"]))
+                for g in data["groups"]
+            )
+            return cls(**data)
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise PlanError(f"{source}: malformed plan JSON ({exc}); regenerate it with `plan`") from exc
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_json())
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> PruningPlan:
+        return cls.from_json(Path(path).read_text(), str(path))

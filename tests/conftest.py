@@ -1,0 +1,22 @@
+import pytest
+import torch
+
+from graphs.yolov5 import DetectionModel
+from tests.helpers import V50_TINY, randomized, tiny_cfg
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> DetectionModel:
+    """The tiny YOLOv5 (v6/v7 blocks), BN randomised and calibrated on noise."""
+    return randomized(DetectionModel(tiny_cfg()).eval(), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_v50_model() -> DetectionModel:
+    """A tiny v5.0-style YOLOv5: Focus, BottleneckCSP, SPP and LeakyReLU."""
+    return randomized(DetectionModel(V50_TINY).eval(), seed=1)

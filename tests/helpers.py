@@ -1,0 +1,105 @@
+"""Shared test helpers: tiny models, BN randomisation, and zeroing the channels a plan removes."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch_pruning as tp
+import yaml
+from torch import nn
+
+from graphs.checkpoint import CFG_DIR
+from graphs.dependency import build_graph
+from graphs.plan import PruningPlan
+from graphs.yolov5 import DetectionModel
+
+IMGSZ = 64
+
+# v5.0-era blocks: Focus stem, BottleneckCSP, SPP, LeakyReLU through the `activation:` key.
+V50_TINY = {
+    "nc": 3, "depth_multiple": 0.33, "width_multiple": 0.125, "activation": "nn.LeakyReLU(0.1)",
+    "anchors": [[10, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119], [116, 90, 156, 198, 373, 326]],
+    "backbone": [
+        [-1, 1, "Focus", [64, 3]], [-1, 1, "Conv", [128, 3, 2]], [-1, 3, "BottleneckCSP", [128]],
+        [-1, 1, "Conv", [256, 3, 2]], [-1, 9, "BottleneckCSP", [256]], [-1, 1, "Conv", [512, 3, 2]],
+        [-1, 9, "BottleneckCSP", [512]], [-1, 1, "Conv", [1024, 3, 2]],
+        [-1, 1, "SPP", [1024, [5, 9, 13]]], [-1, 3, "BottleneckCSP", [1024, False]],
+    ],
+    "head": [
+        [-1, 1, "Conv", [512, 1, 1]], [-1, 1, "nn.Upsample", [None, 2, "nearest"]],
+        [[-1, 6], 1, "Concat", [1]], [-1, 3, "BottleneckCSP", [512, False]],
+        [-1, 1, "Conv", [256, 1, 1]], [-1, 1, "nn.Upsample", [None, 2, "nearest"]],
+        [[-1, 4], 1, "Concat", [1]], [-1, 3, "BottleneckCSP", [256, False]],
+        [-1, 1, "Conv", [256, 3, 2]], [[-1, 14], 1, "Concat", [1]],
+        [-1, 3, "BottleneckCSP", [512, False]], [-1, 1, "Conv", [512, 3, 2]],
+        [[-1, 10], 1, "Concat", [1]], [-1, 3, "BottleneckCSP", [1024, False]],
+        [[17, 20, 23], 1, "Detect", ["nc", "anchors"]],
+    ],
+}
+
+
+def shipped_cfg(name: str) -> dict:
+    return yaml.safe_load((CFG_DIR / name).read_text())
+
+
+def tiny_cfg() -> dict:
+    """yolov5s's v6/v7 architecture at width 0.25 (8..128 channels... x2) and 3 classes."""
+    cfg = shipped_cfg("yolov5s.yaml")
+    cfg.update(nc=3, width_multiple=0.25)
+    return cfg
+
+
+def randomized(model: DetectionModel, seed: int = 0, batches: int = 3) -> DetectionModel:
+    """Random BN affine parameters, then BN statistics calibrated on noise, so that outputs
+    vary with the input (random init alone gives near-constant outputs)."""
+    model = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            n = module.num_features
+            module.weight.data = torch.rand(n, generator=generator) + 0.5
+            module.bias.data = torch.randn(n, generator=generator) * 0.3
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            model(torch.rand(4, 3, IMGSZ, IMGSZ, generator=generator))
+    return model.eval()
+
+
+def zero_removed_channels(model: nn.Module, plan: PruningPlan) -> nn.Module:
+    """A copy whose producers of every channel the plan removes output exactly zero:
+    conv rows and BN weight, bias and running mean are zeroed (producer side only)."""
+    model = copy.deepcopy(model).eval()
+    graph = build_graph(model)
+    for group in plan.groups:
+        if not group.pruned:
+            continue
+        drop = sorted(set(range(group.size)) - set(group.keep))
+        root = model.get_submodule(group.id)
+        for dep, idxs in graph.get_pruning_group(root, tp.prune_conv_out_channels, drop):
+            layer = dep.target.module
+            if not graph.is_out_channel_pruning_fn(dep.handler):
+                continue
+            with torch.no_grad():
+                if isinstance(layer, nn.Conv2d):
+                    layer.weight[idxs] = 0
+                    if layer.bias is not None:
+                        layer.bias[idxs] = 0
+                elif isinstance(layer, nn.BatchNorm2d):
+                    layer.weight[idxs] = 0
+                    layer.bias[idxs] = 0
+                    layer.running_mean[idxs] = 0
+    return model
+
+
+def outputs(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        decoded, raw = model.eval()(images)
+    return torch.cat([decoded.flatten()] + [r.flatten() for r in raw])
+
+
+def images(batch: int = 2, imgsz: int = IMGSZ, seed: int = 1) -> torch.Tensor:
+    return torch.rand(batch, 3, imgsz, imgsz, generator=torch.Generator().manual_seed(seed))

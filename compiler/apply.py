@@ -28,7 +28,9 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
                 f"says {group.size}; make the plan for this model (same MODEL, unpruned)"
             )
         if any(i < 0 or i >= group.size for i in group.keep) or len(set(group.keep)) != group.kept:
-            raise PlanError(f"plan group {group.id}: kept indices must be distinct, in [0, {group.size})")
+            raise PlanError(
+                f"plan group {group.id}: kept indices must be distinct, in [0, {group.size})"
+            )
         if not group.pruned:
             continue
         drop = sorted(set(range(group.size)) - set(group.keep))
@@ -41,7 +43,9 @@ def _check_invariants(model: nn.Module, plan: PruningPlan, head_before: list[int
     for group in plan.groups:
         kept = model.get_submodule(group.id).out_channels
         if kept != group.kept:
-            raise PlanError(f"internal error: {group.id} kept {kept} channels, plan says {group.kept}")
+            raise PlanError(
+                f"internal error: {group.id} kept {kept} channels, plan says {group.kept}"
+            )
     if [conv.out_channels for conv in model.detect.m] != head_before:
         raise PlanError("internal error: the detection head's outputs changed")
     for name, module in model.named_modules():

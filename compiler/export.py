@@ -43,8 +43,16 @@ def _export_model(model: nn.Module) -> nn.Module:
     return exported
 
 
-def export_onnx(model: nn.Module, path: Path, imgsz: int, *, dynamic: bool = False,
-                opset: int = DEFAULT_OPSET, simplify: bool = True, names=None) -> Path:
+def export_onnx(
+    model: nn.Module,
+    path: Path,
+    imgsz: int,
+    *,
+    dynamic: bool = False,
+    opset: int = DEFAULT_OPSET,
+    simplify: bool = True,
+    names=None,
+) -> Path:
     """Write ``path`` (via a temporary file); input ``images``, output ``output0``."""
     import onnx
 
@@ -58,16 +66,27 @@ def export_onnx(model: nn.Module, path: Path, imgsz: int, *, dynamic: bool = Fal
         with warnings.catch_warnings():
             # The head turns static grid sizes into ints on purpose (constant grids).
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            torch.onnx.export(exported, example, str(tmp), opset_version=opset,
-                              input_names=["images"], output_names=["output0"],
-                              dynamic_axes=axes, do_constant_folding=True, dynamo=False)
+            torch.onnx.export(
+                exported,
+                example,
+                str(tmp),
+                opset_version=opset,
+                input_names=["images"],
+                output_names=["output0"],
+                dynamic_axes=axes,
+                do_constant_folding=True,
+                dynamo=False,
+            )
         proto = onnx.load(str(tmp))
         if simplify:
             proto = _simplify(proto)
         onnx.checker.check_model(proto, full_check=True)
-        meta = {"stride": str(int(max(model.detect.stride))),
-                "names": json.dumps({i: n for i, n in enumerate(names or model.names)}),
-                "imgsz": json.dumps([imgsz, imgsz]), "producer": "yoloprune"}
+        meta = {
+            "stride": str(int(max(model.detect.stride))),
+            "names": json.dumps({i: n for i, n in enumerate(names or model.names)}),
+            "imgsz": json.dumps([imgsz, imgsz]),
+            "producer": "yoloprune",
+        }
         for key, value in meta.items():
             proto.metadata_props.add(key=key, value=value)
         onnx.save(proto, str(tmp))
@@ -90,8 +109,15 @@ def _simplify(proto):
     return simplified
 
 
-def check_parity(model: nn.Module, onnx_path: Path, imgsz: int, *, batch: int = 1,
-                 tolerance: float = DEFAULT_PARITY_TOLERANCE, threads: int | None = None) -> Parity:
+def check_parity(
+    model: nn.Module,
+    onnx_path: Path,
+    imgsz: int,
+    *,
+    batch: int = 1,
+    tolerance: float = DEFAULT_PARITY_TOLERANCE,
+    threads: int | None = None,
+) -> Parity:
     """Run PyTorch and ONNX Runtime on the same fixed input and compare output0."""
     from kernels.ort import OrtRunner
 

@@ -1,4 +1,4 @@
-"""The compile job: load -> graph -> score -> plan -> apply -> save -> export -> parity -> bench -> report.
+"""The compile job: load, graph, score, plan, apply, save, export, parity, bench, report.
 
 Only composition lives here; each step is a pass in its own module. Every output is written to
 a staging folder inside OUT and moved into place at the end, so a failed run leaves nothing.
@@ -98,12 +98,16 @@ def prepare(model_spec: str, imgsz: int | None = None) -> Prepared:
 
 def plan_for(prepared: Prepared, options: CompileOptions) -> PruningPlan:
     """Score and plan (or replay a plan file after checking it fits this model)."""
-    counter = MacCounter(conv_channels(prepared.model, prepared.groups),
-                         spatial_sizes(prepared.model, prepared.imgsz))
+    counter = MacCounter(
+        conv_channels(prepared.model, prepared.groups),
+        spatial_sizes(prepared.model, prepared.imgsz),
+    )
     if options.plan is not None:
         plan = PruningPlan.load(options.plan)
         if plan.imgsz != prepared.imgsz:
-            raise PlanError(f"{options.plan}: plan was made at imgsz {plan.imgsz}, not {prepared.imgsz}")
+            raise PlanError(
+                f"{options.plan}: plan was made at imgsz {plan.imgsz}, not {prepared.imgsz}"
+            )
         return plan
     importance = options.importance or DEFAULT_IMPORTANCE
     if importance not in IMPORTANCES:
@@ -111,9 +115,16 @@ def plan_for(prepared: Prepared, options: CompileOptions) -> PruningPlan:
     target, constraints = options.target(), options.constraints()
     scores = score_groups(prepared.model, prepared.graph, prepared.groups, importance, options.seed)
     return make_plan(
-        prepared.info.name, prepared.imgsz, prepared.groups, scores, counter, target, constraints,
+        prepared.info.name,
+        prepared.imgsz,
+        prepared.groups,
+        scores,
+        counter,
+        target,
+        constraints,
         allocation="global" if options.global_allocation else "uniform",
-        importance=importance, seed=options.seed,
+        importance=importance,
+        seed=options.seed,
     )
 
 
@@ -139,8 +150,10 @@ def compile_model(options: CompileOptions) -> dict:
     steps = ["load + graph", "score + plan", "apply", "save", "export", "parity"]
     steps += ["bench"] if options.bench else []
     seconds: dict[str, float] = {}
-    with staged_output(out) as staging, tqdm(total=len(steps) + 1, desc="compile", unit="step",
-                                             leave=False) as bar:
+    with (
+        staged_output(out) as staging,
+        tqdm(total=len(steps) + 1, desc="compile", unit="step", leave=False, disable=None) as bar,
+    ):
 
         def step(name: str, fn):
             bar.set_description(name)
@@ -153,8 +166,10 @@ def compile_model(options: CompileOptions) -> dict:
         prepared = step("load + graph", lambda: prepare(options.model, options.imgsz))
         info, imgsz = prepared.info, prepared.imgsz
         if not info.pretrained:
-            tqdm.write(f"WARNING: {options.model} is an architecture (YAML), not trained weights: "
-                       "random init. MACs and latency are real; accuracy is meaningless.")
+            tqdm.write(
+                f"WARNING: {options.model} is an architecture (YAML), not trained weights: "
+                "random init. MACs and latency are real; accuracy is meaningless."
+            )
         plan = step("score + plan", lambda: plan_for(prepared, options))
         pruned = step("apply", lambda: apply_plan(prepared.model, plan))
         name = info.name.removesuffix("-pruned")
@@ -169,24 +184,40 @@ def compile_model(options: CompileOptions) -> dict:
             save_pruned(pruned, info, paths["checkpoint"], extra={"plan": paths["plan"].name})
 
         step("save", save)
-        step("export", lambda: export_onnx(pruned, paths["onnx"], imgsz, dynamic=options.dynamic,
-                                           simplify=options.simplify))
+        step(
+            "export",
+            lambda: export_onnx(
+                pruned, paths["onnx"], imgsz, dynamic=options.dynamic, simplify=options.simplify
+            ),
+        )
         tolerance = options.parity_tolerance or DEFAULT_PARITY_TOLERANCE
-        parity = step("parity", lambda: check_parity(pruned, paths["onnx"], imgsz,
-                                                     tolerance=tolerance, threads=options.threads))
+        parity = step(
+            "parity",
+            lambda: check_parity(
+                pruned, paths["onnx"], imgsz, tolerance=tolerance, threads=options.threads
+            ),
+        )
         if not parity.ok:
             raise ExportError(
-                f"{paths['onnx'].name}: ONNX Runtime differs from PyTorch by {parity.max_abs_diff:.3g}"
-                f" > tolerance {parity.tolerance:g} ({parity.metric}); nothing was written"
+                f"{paths['onnx'].name}: ONNX Runtime differs from PyTorch by "
+                f"{parity.max_abs_diff:.3g} > tolerance {parity.tolerance:g} "
+                f"({parity.metric}); nothing was written"
             )
         latency = None
         if options.bench:
             latency = step("bench", lambda: _bench(prepared.model, paths["onnx"], imgsz, options))
         report = build_report(
-            info=info, plan=plan, groups=prepared.groups, imgsz=imgsz,
+            info=info,
+            plan=plan,
+            groups=prepared.groups,
+            imgsz=imgsz,
             params=(count_params(prepared.model), count_params(pruned)),
-            onnx_bytes=paths["onnx"].stat().st_size, parity=parity, latency=latency,
-            seconds=seconds, options=options, files={k: p.name for k, p in paths.items()},
+            onnx_bytes=paths["onnx"].stat().st_size,
+            parity=parity,
+            latency=latency,
+            seconds=seconds,
+            options=options,
+            files={k: p.name for k, p in paths.items()},
         )
         bar.set_description("report")
         write_report(report, staging)
@@ -202,20 +233,28 @@ def _bench(original, pruned_onnx: Path, imgsz: int, options: CompileOptions) -> 
     from kernels.timing import interleaved
 
     with tempfile.TemporaryDirectory() as tmp:
-        baseline_onnx = export_onnx(original, Path(tmp) / "baseline.onnx", imgsz,
-                                    simplify=options.simplify)
+        baseline_onnx = export_onnx(
+            original, Path(tmp) / "baseline.onnx", imgsz, simplify=options.simplify
+        )
         before = OrtRunner(baseline_onnx, options.threads)
         after = OrtRunner(pruned_onnx, options.threads)
         images = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
         runs = options.bench_runs or 20
-        timings = interleaved({"before": lambda: before.run(images),
-                               "after": lambda: after.run(images)}, runs=runs, warmup=3)
+        timings = interleaved(
+            {"before": lambda: before.run(images), "after": lambda: after.run(images)},
+            runs=runs,
+            warmup=3,
+        )
         baseline_bytes = baseline_onnx.stat().st_size
     return {
         "runtime": "onnxruntime (CPUExecutionProvider, ORT_ENABLE_ALL)",
-        "batch": 1, "imgsz": imgsz, "precision": "fp32", "threads": after.threads,
+        "batch": 1,
+        "imgsz": imgsz,
+        "precision": "fp32",
+        "threads": after.threads,
         "order": "interleaved A B A B after warm-up",
-        "before": timings["before"].to_dict(), "after": timings["after"].to_dict(),
+        "before": timings["before"].to_dict(),
+        "after": timings["after"].to_dict(),
         "ratio": timings["after"].median_ms / timings["before"].median_ms,
         "baseline_onnx_bytes": baseline_bytes,
         "machine": machine_info(),

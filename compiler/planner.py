@@ -50,9 +50,13 @@ def spatial_sizes(model: nn.Module, imgsz: int) -> dict[str, int]:
     sizes, hooks = {}, []
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d):
-            hooks.append(module.register_forward_hook(
-                lambda _m, _i, out, name=name: sizes.__setitem__(name, out.shape[-2] * out.shape[-1])
-            ))
+            hooks.append(
+                module.register_forward_hook(
+                    lambda _m, _i, out, name=name: sizes.__setitem__(
+                        name, out.shape[-2] * out.shape[-1]
+                    )
+                )
+            )
     try:
         with torch.no_grad():
             model(torch.zeros(1, 3, imgsz, imgsz))
@@ -72,7 +76,9 @@ class MacCounter:
         kept = kept or {}
         total = 0
         for conv, hw in self._convs:
-            out = kept.get(conv.out_group, conv.out_channels) if conv.out_group else conv.out_channels
+            out = (
+                kept.get(conv.out_group, conv.out_channels) if conv.out_group else conv.out_channels
+            )
             inp = sum(kept[g] * copies if g in kept else n for g, n, copies in conv.in_slices)
             total += out * (inp // conv.groups) * conv.kernel_area * hw
         return total
@@ -82,7 +88,7 @@ def aligned(count: float, size: int, round_to: int, floor: int) -> int:
     """Nearest multiple of round_to to ``count``, at least ``floor``; ``size`` means unpruned."""
     if size <= round_to:
         return size
-    keep = max(round_to, int(round(count / round_to)) * round_to, floor)
+    keep = max(round_to, round(count / round_to) * round_to, floor)
     return size if keep >= size else keep
 
 
@@ -92,7 +98,9 @@ def _floor(size: int, c: Constraints) -> int:
 
 def _uniform_counts(groups, ratio: float, c: Constraints) -> dict[str, int]:
     ratio = min(ratio, c.max_ratio)
-    return {g.id: aligned(g.size * (1 - ratio), g.size, c.round_to, _floor(g.size, c)) for g in groups}
+    return {
+        g.id: aligned(g.size * (1 - ratio), g.size, c.round_to, _floor(g.size, c)) for g in groups
+    }
 
 
 def _closest_rounding(groups, ratio: float, c: Constraints, objective, goal: float):
@@ -100,8 +108,12 @@ def _closest_rounding(groups, ratio: float, c: Constraints, objective, goal: flo
     of largest remainder so that the objective lands closest to the goal."""
     ratio = min(ratio, c.max_ratio)
     exact = {g.id: g.size * (1 - ratio) for g in groups}
-    floors = {g.id: aligned(math.floor(exact[g.id] / c.round_to) * c.round_to, g.size, c.round_to,
-                            _floor(g.size, c)) for g in groups}
+    floors = {
+        g.id: aligned(
+            math.floor(exact[g.id] / c.round_to) * c.round_to, g.size, c.round_to, _floor(g.size, c)
+        )
+        for g in groups
+    }
     counts = dict(floors)
     best = (dict(counts), objective(counts))
     by_remainder = sorted(groups, key=lambda g: (-(exact[g.id] - floors[g.id]), g.id))
@@ -170,10 +182,17 @@ def make_plan(
         if target.kind == "ratio":
             counts = _uniform_counts(prunable, target.value, c)
         else:
-            counts, value = _solve(lambda r: _uniform_counts(prunable, r, c), 0.0, c.max_ratio,
-                                   macs_fraction, target.value)
+            counts, value = _solve(
+                lambda r: _uniform_counts(prunable, r, c),
+                0.0,
+                c.max_ratio,
+                macs_fraction,
+                target.value,
+            )
             ratio = 1 - sum(counts.values()) / total_channels
-            refined, refined_value = _closest_rounding(prunable, ratio, c, macs_fraction, target.value)
+            refined, refined_value = _closest_rounding(
+                prunable, ratio, c, macs_fraction, target.value
+            )
             if abs(refined_value - target.value) < abs(value - target.value):
                 counts = refined
     else:
@@ -198,8 +217,15 @@ def make_plan(
         keep = tuple(sorted(int(i) for i in order[: counts[g.id]]))
         plans.append(GroupPlan(g.id, g.size, keep))
     return PruningPlan(
-        model=model_name, imgsz=imgsz, importance=importance, allocation=allocation,
-        target={"kind": target.kind, "value": target.value}, round_to=c.round_to,
-        max_ratio=c.max_ratio, macs_before=macs_before, macs_after=macs_after,
-        groups=tuple(plans), seed=seed,
+        model=model_name,
+        imgsz=imgsz,
+        importance=importance,
+        allocation=allocation,
+        target={"kind": target.kind, "value": target.value},
+        round_to=c.round_to,
+        max_ratio=c.max_ratio,
+        macs_before=macs_before,
+        macs_after=macs_after,
+        groups=tuple(plans),
+        seed=seed,
     )

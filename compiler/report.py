@@ -16,32 +16,65 @@ MACS_COUNTED = (
 )
 
 
-def build_report(*, info: ModelInfo, plan: PruningPlan, groups, imgsz: int, params, onnx_bytes: int,
-                 parity, latency: dict | None, seconds: dict, options, files: dict) -> dict:
+def build_report(
+    *,
+    info: ModelInfo,
+    plan: PruningPlan,
+    groups,
+    imgsz: int,
+    params,
+    onnx_bytes: int,
+    parity,
+    latency: dict | None,
+    seconds: dict,
+    options,
+    files: dict,
+) -> dict:
     kept = {g.id: g for g in plan.groups}
     group_rows = []
     for g in groups:
         plan_group = kept.get(g.id)
-        group_rows.append({
-            "id": g.id, "total": g.size,
-            "kept": plan_group.kept if plan_group else g.size,
-            "protected": g.protected, "members": len(g.members),
-        })
+        group_rows.append(
+            {
+                "id": g.id,
+                "total": g.size,
+                "kept": plan_group.kept if plan_group else g.size,
+                "protected": g.protected,
+                "members": len(g.members),
+            }
+        )
     aligned = all(r["kept"] % plan.round_to == 0 for r in group_rows if r["kept"] < r["total"])
     warnings = []
     if not info.pretrained:
-        warnings.append("random init (model built from YAML): MACs and latency are real, "
-                        "accuracy is meaningless")
+        warnings.append(
+            "random init (model built from YAML): MACs and latency are real, "
+            "accuracy is meaningless"
+        )
     return {
-        "model": {"source": info.source, "family": info.family, "pretrained": info.pretrained,
-                  "nc": info.nc, "stride": list(info.stride), "anchors": [list(a) for a in info.anchors],
-                  "imgsz": imgsz},
+        "model": {
+            "source": info.source,
+            "family": info.family,
+            "pretrained": info.pretrained,
+            "nc": info.nc,
+            "stride": list(info.stride),
+            "anchors": [list(a) for a in info.anchors],
+            "imgsz": imgsz,
+        },
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
-        "plan": {"importance": plan.importance, "allocation": plan.allocation, "target": plan.target,
-                 "round_to": plan.round_to, "max_ratio": plan.max_ratio},
+        "plan": {
+            "importance": plan.importance,
+            "allocation": plan.allocation,
+            "target": plan.target,
+            "round_to": plan.round_to,
+            "max_ratio": plan.max_ratio,
+        },
         "params": {"before": params[0], "after": params[1], "ratio": params[1] / params[0]},
-        "macs": {"before": plan.macs_before, "after": plan.macs_after, "ratio": plan.macs_ratio,
-                 "counted": MACS_COUNTED.format(imgsz=imgsz)},
+        "macs": {
+            "before": plan.macs_before,
+            "after": plan.macs_after,
+            "ratio": plan.macs_ratio,
+            "counted": MACS_COUNTED.format(imgsz=imgsz),
+        },
         "onnx_bytes": onnx_bytes,
         "latency_ms": {"onnxruntime_cpu": latency} if latency else {},
         "parity": parity.to_dict(),
@@ -68,10 +101,13 @@ def render_markdown(report: dict) -> str:
     lines += [
         f"Target {plan['target']['kind']} = {plan['target']['value']:g}, importance "
         f"{plan['importance']}, {plan['allocation']} allocation, round_to {plan['round_to']}, "
-        f"max ratio {plan['max_ratio']:g}, image {m['imgsz']}x{m['imgsz']}.", "",
-        "| | before | after | after / before |", "|---|---:|---:|---:|",
+        f"max ratio {plan['max_ratio']:g}, image {m['imgsz']}x{m['imgsz']}.",
+        "",
+        "| | before | after | after / before |",
+        "|---|---:|---:|---:|",
         f"| params | {_fmt_count(p['before'])} | {_fmt_count(p['after'])} | {p['ratio']:.3f} |",
-        f"| MACs | {_fmt_count(macs['before'])} | {_fmt_count(macs['after'])} | {macs['ratio']:.3f} |",
+        f"| MACs | {_fmt_count(macs['before'])} | {_fmt_count(macs['after'])} "
+        f"| {macs['ratio']:.3f} |",
     ]
     latency = report["latency_ms"].get("onnxruntime_cpu")
     if latency:
@@ -79,25 +115,36 @@ def render_markdown(report: dict) -> str:
             f"| latency, ONNX Runtime CPU, median ms | {latency['before']['median_ms']:.1f} | "
             f"{latency['after']['median_ms']:.1f} | {latency['ratio']:.3f} |"
         )
-        lines += ["", f"Latency: {latency['runtime']}, batch {latency['batch']}, fp32, "
-                  f"{latency['threads']} threads, median of {latency['after']['runs']} runs "
-                  f"({latency['order']}), on {latency['machine']['cpu']}. Latency efficiency "
-                  f"(MACs ratio / latency ratio): {macs['ratio'] / latency['ratio']:.2f}."]
+        lines += [
+            "",
+            f"Latency: {latency['runtime']}, batch {latency['batch']}, fp32, "
+            f"{latency['threads']} threads, median of {latency['after']['runs']} runs "
+            f"({latency['order']}), on {latency['machine']['cpu']}. Latency efficiency "
+            f"(MACs ratio / latency ratio): {macs['ratio'] / latency['ratio']:.2f}.",
+        ]
     else:
         lines += ["", "Latency not measured (--no-bench)."]
     parity = report["parity"]
     lines += [
-        "", f"MACs: {macs['counted']}.", "",
+        "",
+        f"MACs: {macs['counted']}.",
+        "",
         f"ONNX parity: {parity['max_abs_diff']:.2e} (tolerance {parity['tolerance']:g}; "
         f"{parity['metric']}; {parity['max_abs_diff_pixels']:.3g} px before normalising). "
-        f"ONNX file: {report['onnx_bytes'] / 1e6:.1f} MB.", "",
+        f"ONNX file: {report['onnx_bytes'] / 1e6:.1f} MB.",
+        "",
         f"Alignment: every pruned group keeps a multiple of {report['alignment']['round_to']}: "
-        f"{'yes' if report['alignment']['all_pruned_groups_aligned'] else 'NO'}.", "",
+        f"{'yes' if report['alignment']['all_pruned_groups_aligned'] else 'NO'}.",
+        "",
     ]
     if report["files"].get("plot"):
         lines += [f"![kept channels per group]({report['files']['plot']})", ""]
-    lines += ["## Channel groups", "", "| group (root conv) | kept / total | members | note |",
-              "|---|---:|---:|---|"]
+    lines += [
+        "## Channel groups",
+        "",
+        "| group (root conv) | kept / total | members | note |",
+        "|---|---:|---:|---|",
+    ]
     for g in report["groups"]:
         note = "protected" if g["protected"] else ("" if g["kept"] < g["total"] else "unpruned")
         lines.append(f"| `{g['id']}` | {g['kept']} / {g['total']} | {g['members']} | {note} |")

@@ -47,7 +47,9 @@ def score_groups(
             scores[group.id] = _seeded_random(group.id, group.size, seed)
             continue
         root = model.get_submodule(group.id)
-        tp_group = graph.get_pruning_group(root, tp.prune_conv_out_channels, list(range(group.size)))
+        tp_group = graph.get_pruning_group(
+            root, tp.prune_conv_out_channels, list(range(group.size))
+        )
         with torch.no_grad():
             value = scorer(tp_group)
         if value is None or value.numel() != group.size:

@@ -75,7 +75,7 @@ _NUMPY_FUNCTIONS = (
 
 
 class PickledObject:
-    """Inert stand-in for a class named by a pickle: it records arguments and state, nothing else."""
+    """Inert stand-in for a class a pickle names: it records arguments and state, nothing else."""
 
     qualname = "?"
 
@@ -154,8 +154,14 @@ class ModelInfo:
         return Path(self.source).name.rsplit(".", 1)[0]
 
 
-def describe(model: DetectionModel, source: str, *, pretrained: bool, imgsz: int | None = None,
-             meta: dict | None = None) -> ModelInfo:
+def describe(
+    model: DetectionModel,
+    source: str,
+    *,
+    pretrained: bool,
+    imgsz: int | None = None,
+    meta: dict | None = None,
+) -> ModelInfo:
     detect = model.detect
     pixel_anchors = (detect.anchors * detect.stride.view(-1, 1, 1)).view(detect.nl, -1)
     return ModelInfo(
@@ -176,7 +182,9 @@ def resolve_source(spec: str | Path) -> Path:
     path = Path(spec)
     if path.exists():
         if path.is_dir():
-            raise CheckpointError(f"{path}: is a directory; MODEL must be a .pt checkpoint or a .yaml")
+            raise CheckpointError(
+                f"{path}: is a directory; MODEL must be a .pt checkpoint or a .yaml"
+            )
         return path
     bundled = CFG_DIR / path.name
     if path.suffix in (".yaml", ".yml") and bundled.exists() and len(path.parts) == 1:
@@ -191,11 +199,14 @@ def resolve_source(spec: str | Path) -> Path:
 
 
 def load_model(spec: str | Path) -> tuple[DetectionModel, ModelInfo]:
-    """Load MODEL (a .pt release checkpoint, a yoloprune checkpoint or a .yaml) in fp32 eval mode."""
+    """Load MODEL (a yolov5 release .pt, a yoloprune .pt or a .yaml), fp32, eval mode."""
     path = resolve_source(spec)
     if path.suffix in (".yaml", ".yml"):
         try:
-            model = DetectionModel(read_yaml(path))
+            # Random init, but the same every time: plans and reports must be reproducible.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model = DetectionModel(read_yaml(path))
         except ModelError as exc:
             raise ModelError(f"{path}: {exc}; fix the YAML or use a shipped one") from exc
         info = describe(model, str(spec), pretrained=False)
@@ -210,7 +221,9 @@ def read_yaml(path: Path) -> dict:
     except yaml.YAMLError as exc:
         raise ModelError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
     if not isinstance(cfg, dict):
-        raise ModelError(f"{path}: expected a YOLOv5 model definition (a mapping), got {type(cfg).__name__}")
+        raise ModelError(
+            f"{path}: expected a YOLOv5 model definition (a mapping), got {type(cfg).__name__}"
+        )
     return cfg
 
 
@@ -221,7 +234,10 @@ def _load_checkpoint(path: Path, source: str) -> tuple[DetectionModel, ModelInfo
     pickled = None
     if isinstance(ckpt, dict):
         pickled = ckpt.get("ema") or ckpt.get("model")
-    if not isinstance(pickled, PickledObject) or pickled.type_name not in ("DetectionModel", "Model"):
+    if not isinstance(pickled, PickledObject) or pickled.type_name not in (
+        "DetectionModel",
+        "Model",
+    ):
         raise CheckpointError(
             f"{path}: not a YOLOv5 checkpoint (expected a dict whose 'model' is a yolov5 "
             "DetectionModel, or a yoloprune pruned checkpoint); pass a yolov5 .pt or a .yaml"
@@ -243,8 +259,13 @@ def _pickled_state(pickled: PickledObject) -> dict[str, torch.Tensor]:
     for path, module in _pickled_modules(pickled):
         non_persistent = getattr(module, "_non_persistent_buffers_set", set()) or set()
         tensors = {**(getattr(module, "_parameters", None) or {})}
-        tensors.update({k: v for k, v in (getattr(module, "_buffers", None) or {}).items()
-                        if k not in non_persistent})
+        tensors.update(
+            {
+                k: v
+                for k, v in (getattr(module, "_buffers", None) or {}).items()
+                if k not in non_persistent
+            }
+        )
         for name, tensor in tensors.items():
             if tensor is not None:
                 state[f"{path}.{name}" if path else name] = tensor.detach().float()
@@ -255,7 +276,9 @@ def rebuild_release_model(pickled: PickledObject, path: Path) -> DetectionModel:
     """Rebuild a yolov5 DetectionModel from its stand-in record, reproducing its outputs."""
     cfg = getattr(pickled, "yaml", None)
     if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path}: the pickled model carries no 'yaml' dict; re-save it with yolov5")
+        raise CheckpointError(
+            f"{path}: the pickled model carries no 'yaml' dict; re-save it with yolov5"
+        )
     try:
         model = DetectionModel(cfg)
     except ModelError as exc:
@@ -275,8 +298,11 @@ def rebuild_release_model(pickled: PickledObject, path: Path) -> DetectionModel:
     unexpected = sorted(set(state) - set(expected))
     wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
     if missing or unexpected or wrong:
-        detail = (missing and f"missing {missing[:3]}") or (unexpected and f"unexpected {unexpected[:3]}") \
+        detail = (
+            (missing and f"missing {missing[:3]}")
+            or (unexpected and f"unexpected {unexpected[:3]}")
             or f"shape mismatch at {wrong[:3]}"
+        )
         raise CheckpointError(
             f"{path}: tensors do not fit the architecture in its own YAML ({detail}); "
             "is it an unmodified yolov5 v5.0-v7.0 detection checkpoint?"
@@ -313,7 +339,9 @@ def _class_names(names: Any, nc: int) -> list[str]:
 # --- our own pruned checkpoints -------------------------------------------------------------
 
 
-def save_pruned(model: DetectionModel, info: ModelInfo, path: Path, extra: dict | None = None) -> None:
+def save_pruned(
+    model: DetectionModel, info: ModelInfo, path: Path, extra: dict | None = None
+) -> None:
     """Write a self-describing checkpoint: plain containers and tensors only (weights_only safe).
 
     The architecture is the original YAML; channel counts come from the stored tensor shapes,
@@ -324,9 +352,11 @@ def save_pruned(model: DetectionModel, info: ModelInfo, path: Path, extra: dict 
         "yaml": model.yaml,
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "bn_eps": {n: m.eps for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)},
-        "activations": {n: [type(m).__name__, getattr(m, "negative_slope", None)]
-                        for n, m in model.named_modules() if f"nn.{type(m).__name__}" in ACTIVATIONS
-                        and not isinstance(m, nn.Identity)},
+        "activations": {
+            n: [type(m).__name__, getattr(m, "negative_slope", None)]
+            for n, m in model.named_modules()
+            if f"nn.{type(m).__name__}" in ACTIVATIONS and not isinstance(m, nn.Identity)
+        },
         "names": list(model.names),
         "imgsz": info.imgsz,
         "source": info.source,
@@ -354,8 +384,13 @@ def _load_pruned(ckpt: dict, path: Path, source: str) -> tuple[DetectionModel, M
         raise CheckpointError(f"{path}: pruned checkpoint does not fit its YAML ({exc})") from exc
     model.names = list(ckpt.get("names") or model.names)
     model.stride = model.detect.stride
-    info = describe(model, source, pretrained=bool(ckpt.get("pretrained", True)),
-                    imgsz=ckpt.get("imgsz"), meta={"pruned": True, **ckpt.get("extra", {})})
+    info = describe(
+        model,
+        source,
+        pretrained=bool(ckpt.get("pretrained", True)),
+        imgsz=ckpt.get("imgsz"),
+        meta={"pruned": True, **ckpt.get("extra", {})},
+    )
     return model, info
 
 

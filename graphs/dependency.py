@@ -102,7 +102,11 @@ class Member:
     copies: int = 1  # how many times the group's channels appear (SPP/SPPF concat the same map)
 
     def __str__(self) -> str:
-        span = "" if (self.start, self.stop) == (0, self.of) else f"[{self.start}:{self.stop}/{self.of}]"
+        span = (
+            ""
+            if (self.start, self.stop) == (0, self.of)
+            else f"[{self.start}:{self.stop}/{self.of}]"
+        )
         return f"{self.layer}.{self.kind}{span}" + (f" x{self.copies}" if self.copies > 1 else "")
 
 
@@ -176,8 +180,11 @@ def channel_groups(model: nn.Module, graph: CoupledGraph | None = None) -> list[
         root = group[0].dep.target.module
         members = sorted(_members(graph, group), key=lambda m: (order[m.layer], m.kind, m.start))
         # Name the group by its first producer conv in execution order (readable, stable).
-        producers = [m.layer for m in members
-                     if m.kind == "out" and isinstance(model.get_submodule(m.layer), nn.Conv2d)]
+        producers = [
+            m.layer
+            for m in members
+            if m.kind == "out" and isinstance(model.get_submodule(m.layer), nn.Conv2d)
+        ]
         groups.append(ChannelGroup(producers[0], root.out_channels, tuple(members)))
     head_size = {id(c): c.out_channels for c in protected}
     for conv in protected:
@@ -224,7 +231,11 @@ def conv_channels(model: nn.Module, groups: list[ChannelGroup]) -> list[ConvChan
             slices.append((None, conv.in_channels - cursor, 1))
         convs.append(
             ConvChannels(
-                name, out_owner.get(name), conv.out_channels, tuple(slices), conv.groups,
+                name,
+                out_owner.get(name),
+                conv.out_channels,
+                tuple(slices),
+                conv.groups,
                 conv.kernel_size[0] * conv.kernel_size[1],
             )
         )

@@ -62,7 +62,9 @@ class PruningPlan:
             )
             return cls(**data)
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise PlanError(f"{source}: malformed plan JSON ({exc}); regenerate it with `plan`") from exc
+            raise PlanError(
+                f"{source}: malformed plan JSON ({exc}); regenerate it with `plan`"
+            ) from exc
 
     def save(self, path: Path) -> None:
         tmp = path.with_name(path.name + ".tmp")

@@ -319,7 +319,11 @@ class DetectionModel(nn.Module):
         outputs = []
         for m in self.model:
             if m.f != -1:
-                x = outputs[m.f] if isinstance(m.f, int) else [x if j == -1 else outputs[j] for j in m.f]
+                x = (
+                    outputs[m.f]
+                    if isinstance(m.f, int)
+                    else [x if j == -1 else outputs[j] for j in m.f]
+                )
             x = m(x)
             outputs.append(x if m.i in self.save else None)
         return x
@@ -380,7 +384,9 @@ def parse_model(cfg: dict, ch: list[int]) -> tuple[nn.Sequential, list[int]]:
             else:
                 c2 = ch[f]
             module = (
-                nn.Sequential(*(module_cls(*args) for _ in range(n))) if n > 1 else module_cls(*args)
+                nn.Sequential(*(module_cls(*args) for _ in range(n)))
+                if n > 1
+                else module_cls(*args)
             )
             module.i, module.f, module.type = i, f, m
             save.extend(x % i for x in ([f] if isinstance(f, int) else f) if x != -1)

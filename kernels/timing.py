@@ -22,18 +22,26 @@ class Timing:
 
 def _summarise(samples_ms: list[float], warmup: int) -> Timing:
     ordered = sorted(samples_ms)
-    p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
+    p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
     return Timing(statistics.median(ordered), p90, ordered[0], len(ordered), warmup)
 
 
-def measure(fn: Callable[[], object], runs: int = 20, warmup: int = 3,
-            sync: Callable[[], None] | None = None) -> Timing:
+def measure(
+    fn: Callable[[], object],
+    runs: int = 20,
+    warmup: int = 3,
+    sync: Callable[[], None] | None = None,
+) -> Timing:
     """Time ``fn`` ``runs`` times after ``warmup`` calls; ``sync`` waits for async devices."""
     return interleaved({"_": fn}, runs=runs, warmup=warmup, sync=sync)["_"]
 
 
-def interleaved(fns: dict[str, Callable[[], object]], runs: int = 20, warmup: int = 3,
-                sync: Callable[[], None] | None = None) -> dict[str, Timing]:
+def interleaved(
+    fns: dict[str, Callable[[], object]],
+    runs: int = 20,
+    warmup: int = 3,
+    sync: Callable[[], None] | None = None,
+) -> dict[str, Timing]:
     """Time several callables A B A B ... so machine noise hits them alike."""
     if runs < 1 or warmup < 0:
         raise ValueError("runs must be >= 1 and warmup >= 0")

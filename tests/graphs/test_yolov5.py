@@ -8,9 +8,13 @@ from graphs.yolov5 import DetectionModel, parse_activation
 from tests.helpers import V50_TINY, shipped_cfg, tiny_cfg
 
 # Parameter counts printed by the ultralytics/yolov5 v7.0 model summaries (unfused).
-PUBLISHED_PARAMS = {"yolov5n.yaml": 1_872_157, "yolov5s.yaml": 7_235_389,
-                    "yolov5m.yaml": 21_190_557, "yolov5l.yaml": 46_563_709,
-                    "yolov5x.yaml": 86_749_405}
+PUBLISHED_PARAMS = {
+    "yolov5n.yaml": 1_872_157,
+    "yolov5s.yaml": 7_235_389,
+    "yolov5m.yaml": 21_190_557,
+    "yolov5l.yaml": 46_563_709,
+    "yolov5x.yaml": 86_749_405,
+}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))

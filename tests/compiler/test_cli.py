@@ -1,0 +1,204 @@
+"""The CLI end to end on a tiny model, and every kind of bad input."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from compiler.cli import main
+from tests.helpers import tiny_cfg
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def tiny_yaml(tmp_path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_cfg()))
+    return path
+
+
+def run_cli(*argv) -> int:
+    return main([str(a) for a in argv])
+
+
+def test_compile_end_to_end(tmp_path, tiny_yaml, capsys):
+    out = tmp_path / "out"
+    assert (
+        run_cli(
+            "compile",
+            tiny_yaml,
+            "--imgsz",
+            64,
+            "--macs",
+            0.5,
+            "--out",
+            out,
+            "--bench-runs",
+            3,
+            "--threads",
+            1,
+        )
+        == 0
+    )
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        "groups.png",
+        "report.json",
+        "report.md",
+        "tiny-plan.json",
+        "tiny-pruned.onnx",
+        "tiny-pruned.pt",
+    ]
+    report = json.loads((out / "report.json").read_text())
+    assert report["params"]["after"] < report["params"]["before"]
+    assert abs(report["macs"]["ratio"] / 0.5 - 1) <= 0.03
+    assert (
+        report["parity"]["ok"] and report["parity"]["max_abs_diff"] <= report["parity"]["tolerance"]
+    )
+    latency = report["latency_ms"]["onnxruntime_cpu"]
+    assert latency["batch"] == 1 and latency["threads"] == 1 and latency["after"]["runs"] == 3
+    assert latency["before"]["median_ms"] > 0 and "cpu" in latency["machine"]
+    assert report["alignment"]["all_pruned_groups_aligned"]
+    assert report["warnings"] and "random init" in report["warnings"][0]
+    assert {g["id"] for g in report["groups"]} >= {"model.0.conv", "model.24.m.0"}
+    assert "| MACs |" in (out / "report.md").read_text()
+    assert "MACs" in capsys.readouterr().out
+
+
+def test_compile_accepts_its_own_output_and_replays_plans(tmp_path, tiny_yaml):
+    first = tmp_path / "first"
+    assert run_cli("compile", tiny_yaml, "--imgsz", 64, "--out", first, "--no-bench") == 0
+    # the pruned checkpoint is a MODEL again (pruned further)
+    again = tmp_path / "again"
+    assert (
+        run_cli("compile", first / "tiny-pruned.pt", "--ratio", 0.25, "--out", again, "--no-bench")
+        == 0
+    )
+    before = json.loads((again / "report.json").read_text())["params"]["before"]
+    assert before == json.loads((first / "report.json").read_text())["params"]["after"]
+    # replaying the plan gives the same pruned weights
+    replay = tmp_path / "replay"
+    assert (
+        run_cli(
+            "compile",
+            tiny_yaml,
+            "--imgsz",
+            64,
+            "--plan",
+            first / "tiny-plan.json",
+            "--out",
+            replay,
+            "--no-bench",
+        )
+        == 0
+    )
+    a = torch.load(first / "tiny-pruned.pt", weights_only=True)["state_dict"]
+    b = torch.load(replay / "tiny-pruned.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_plan_command_is_deterministic(tmp_path, tiny_yaml):
+    for name in ("a.json", "b.json"):
+        assert (
+            run_cli("plan", tiny_yaml, "--imgsz", 64, "--macs", 0.6, "--out", tmp_path / name) == 0
+        )
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+
+
+def test_graph_command(tiny_yaml, capsys):
+    assert run_cli("graph", tiny_yaml, "--members") == 0
+    text = capsys.readouterr().out
+    assert "model.24.m.0" in text and "protected" in text
+    assert "model.9.cv2.conv.in x4" in text  # SPPF's four copies of cv1's channels
+    summary = text.strip().splitlines()[-1]
+    total, prunable, protected = (
+        int(w) for w in re.findall(r"(\d+) (?:groups|prunable|protected)", summary)
+    )
+    assert protected == 3 and total == prunable + protected
+    assert prunable == sum(1 for line in text.splitlines() if line.rstrip().endswith("prunable"))
+
+
+def _bad_files(tmp_path: Path) -> dict[str, Path]:
+    truncated = tmp_path / "truncated.pt"
+    torch.save({"model": {"x": torch.zeros(1000)}}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    foreign = tmp_path / "foreign.pt"
+    foreign.write_bytes(b"\x80\x02cos\nsystem\nq\x00X\x04\x00\x00\x00trueq\x01\x85q\x02Rq\x03.")
+    non_yolo = tmp_path / "resnet.pt"
+    torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)}}, non_yolo)
+    unknown = tmp_path / "unknown.yaml"
+    cfg = tiny_cfg()
+    cfg["head"][0] = [-1, 1, "MagicBlock", [512]]
+    unknown.write_text(yaml.safe_dump(cfg))
+    return {"truncated": truncated, "foreign": foreign, "non_yolo": non_yolo, "unknown": unknown}
+
+
+@pytest.mark.parametrize(
+    "case,extra,message",
+    [
+        ("missing", [], "file not found; nothing is downloaded"),
+        ("truncated", [], "truncated or corrupt"),
+        ("foreign", [], "refused to load"),
+        ("non_yolo", [], "not a YOLOv5 checkpoint"),
+        ("unknown", [], "unknown module 'MagicBlock'"),
+        ("tiny", ["--ratio", "1.5"], "--ratio 1.5 is out of range"),
+        ("tiny", ["--macs", "0"], "--macs 0 is out of range"),
+        ("tiny", ["--imgsz", "100"], "must be a positive multiple of 32"),
+    ],
+)
+def test_bad_input_one_line_nonzero_exit_no_files(
+    tmp_path, tiny_yaml, capsys, case, extra, message
+):
+    files = {**_bad_files(tmp_path), "tiny": tiny_yaml, "missing": tmp_path / "yolov5x.pt"}
+    out = tmp_path / "out"
+    code = run_cli("compile", files[case], "--out", out, "--no-bench", *extra)
+    err = capsys.readouterr().err.strip()
+    assert code != 0
+    assert len(err.splitlines()) == 1 and message in err and err.startswith("yoloprune: error:")
+    assert not out.exists()
+
+
+def test_failure_leaves_an_existing_out_folder_as_it_was(tmp_path, tiny_yaml):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert run_cli("compile", tiny_yaml, "--macs", "0", "--out", out) != 0
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_python_dash_m_compiler_runs(tmp_path, tiny_yaml):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "compiler",
+            "compile",
+            str(tiny_yaml),
+            "--imgsz",
+            "64",
+            "--out",
+            str(tmp_path / "o"),
+            "--no-bench",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "o" / "tiny-pruned.onnx").exists()
+    bad = subprocess.run(
+        [sys.executable, "-m", "compiler", "compile", "nope.pt"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    assert bad.returncode == 2 and "nope.pt: file not found" in bad.stderr

@@ -202,3 +202,17 @@ def test_python_dash_m_compiler_runs(tmp_path, tiny_yaml):
         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
     )
     assert bad.returncode == 2 and "nope.pt: file not found" in bad.stderr
+
+
+def test_p6_model_compiles_with_parity(tmp_path):
+    out = tmp_path / "p6"
+    assert (
+        run_cli(
+            "compile", "yolov5n6.yaml", "--imgsz", 128, "--macs", 0.6, "--out", out, "--no-bench"
+        )
+        == 0
+    )
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"]["stride"] == [8.0, 16.0, 32.0, 64.0]
+    assert report["parity"]["ok"] and abs(report["macs"]["ratio"] / 0.6 - 1) <= 0.03
+    assert sum(g["protected"] for g in report["groups"]) == 4

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -112,15 +113,16 @@ def test_plan_is_deterministic_and_round_trips(tiny_model, importance):
     assert PruningPlan.from_json(first).to_json() == first
 
 
-def test_importance_keeps_the_strongest_channels(tiny_model):
-    model = tiny_model
-    prepared = prepared_for(model, 64)
-    plan = plan_for(prepared, CompileOptions("t.yaml", ratio=0.5, importance="l1"))
-    group = next(g for g in plan.groups if g.id == "model.9.cv2.conv")  # a plain Conv + BN group
-    conv = model.get_submodule("model.9.cv2.conv")
-    l1 = conv.weight.detach().abs().flatten(1).sum(1)
-    # Single-member groups: the kept set must contain the top channel by the conv's own norm.
-    assert int(torch.argmax(l1)) in group.keep or len(group.keep) < group.size
+def test_bn_importance_keeps_the_largest_scales(tiny_model):
+    model = copy.deepcopy(tiny_model)
+    bn = model.get_submodule("model.9.cv2.bn")  # SPPF's output: a conv + BN group of its own
+    n = bn.num_features
+    scales = torch.randperm(n, generator=torch.Generator().manual_seed(3)).float() + 1
+    bn.weight.data = scales.clone()
+    plan = plan_for(prepared_for(model, 64), CompileOptions("t", ratio=0.5, importance="bn"))
+    group = next(g for g in plan.groups if g.id == "model.9.cv2.conv")
+    assert group.keep == tuple(sorted(torch.topk(scales, group.kept).indices.tolist()))
+    assert group.kept == n // 2
 
 
 def test_malformed_plan_json():

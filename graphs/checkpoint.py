@@ -40,7 +40,6 @@ _YOLOV5_CLASSES = {
         "SPP",
         "SPPF",
         "Concat",
-        "DWConv",
     ),
 }
 _TORCH_CLASSES = {

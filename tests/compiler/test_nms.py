@@ -1,0 +1,72 @@
+import pytest
+import torch
+
+from compiler.nms import box_iou, greedy_nms, non_max_suppression, xywh_to_xyxy
+
+
+def brute_force_nms(boxes, scores, iou_thres):
+    """Textbook greedy NMS, one pair at a time."""
+    order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
+    keep = []
+    for i in order:
+        if all(float(box_iou(boxes[i : i + 1], boxes[k : k + 1])[0, 0]) <= iou_thres for k in keep):
+            keep.append(i)
+    return keep
+
+
+def random_boxes(n, generator):
+    xy = torch.rand(n, 2, generator=generator) * 100
+    wh = torch.rand(n, 2, generator=generator) * 40 + 2
+    return torch.cat([xy, xy + wh], 1)
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("iou", [0.3, 0.5, 0.7])
+def test_greedy_nms_matches_brute_force(seed, iou):
+    g = torch.Generator().manual_seed(seed)
+    boxes, scores = random_boxes(120, g), torch.rand(120, generator=g)
+    assert greedy_nms(boxes, scores, iou).tolist() == brute_force_nms(boxes, scores, iou)
+
+
+def test_max_keep_is_a_prefix_of_full_nms():
+    g = torch.Generator().manual_seed(7)
+    boxes, scores = random_boxes(200, g), torch.rand(200, generator=g)
+    full = greedy_nms(boxes, scores, 0.5)
+    assert greedy_nms(boxes, scores, 0.5, max_keep=10).tolist() == full[:10].tolist()
+
+
+def test_iou_of_known_boxes():
+    a = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    b = torch.tensor([[5.0, 0.0, 15.0, 10.0], [20.0, 20.0, 30.0, 30.0]])
+    assert torch.allclose(box_iou(a, b), torch.tensor([[50 / 150, 0.0]]))
+
+
+def test_yolo_nms_is_class_aware_and_multi_label():
+    # rows 0 and 1 are the same box; row 2 nearly so. Multi-label gives (box, class) pairs:
+    # class 0: 0.81, 0.08, 0.63; class 1: 0.09, 0.72. Class-aware NMS keeps the best per class.
+    pred = torch.tensor(
+        [
+            [
+                [50, 50, 20, 20, 0.9, 0.9, 0.1],
+                [50, 50, 20, 20, 0.8, 0.1, 0.9],
+                [51, 50, 20, 20, 0.7, 0.9, 0.0],
+            ]
+        ]
+    )
+    (det,) = non_max_suppression(pred, conf_thres=0.05, iou_thres=0.5)
+    assert det[:, 5].tolist() == [0.0, 1.0]
+    assert torch.allclose(det[:, 4], torch.tensor([0.81, 0.72]))
+    assert torch.allclose(det[0, :4], xywh_to_xyxy(pred[0, 0, :4]))
+    # class-agnostic behaviour would have kept one box only: the classes must not interact
+    (single,) = non_max_suppression(pred[:, :1], conf_thres=0.05, iou_thres=0.5)
+    assert single[:, 5].tolist() == [0.0, 1.0]
+
+
+def test_max_det_and_conf():
+    g = torch.Generator().manual_seed(0)
+    pred = torch.rand(1, 1000, 8, generator=g)
+    pred[..., :2] *= 200
+    pred[..., 2:4] = pred[..., 2:4] * 20 + 1
+    (det,) = non_max_suppression(pred, conf_thres=0.2, iou_thres=0.6, max_det=50)
+    assert len(det) == 50 and (det[:, 4] > 0.2).all()
+    assert (det[:-1, 4] >= det[1:, 4]).all()

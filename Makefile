@@ -17,7 +17,7 @@ ARGS ?=
 COMPILE_FLAGS := $(if $(IMGSZ),--imgsz $(IMGSZ)) $(if $(RATIO),--ratio $(RATIO),$(if $(MACS),--macs $(MACS))) \
 	$(if $(IMPORTANCE),--importance $(IMPORTANCE)) $(if $(ROUND_TO),--round-to $(ROUND_TO)) --out $(OUT) $(ARGS)
 
-.PHONY: install compile graph test lint format bench clean
+.PHONY: install compile graph test lint format bench data eval clean
 
 install: $(STAMP)
 
@@ -34,6 +34,14 @@ compile: install
 
 graph: install
 	$(PY) -m compiler graph $(MODEL) $(if $(IMGSZ),--imgsz $(IMGSZ))
+
+DATA ?= runs/data/shapes/data.yaml
+
+data: install
+	$(PY) -m compiler data
+
+eval: install
+	$(PY) -m compiler eval $(MODEL) --data $(DATA) $(if $(IMGSZ),--imgsz $(IMGSZ)) $(ARGS)
 
 test: install
 	$(PY) -m pytest -q

@@ -123,9 +123,71 @@ def build_parser() -> argparse.ArgumentParser:
         help="timed runs per model (default 20, after 3 warm-up runs)",
     )
 
+    c.add_argument(
+        "--method",
+        choices=["structured", "unstructured"],
+        default="structured",
+        help="structured (remove channels, default) or unstructured (the baseline: zero --ratio "
+        "of each conv's weights, as yolov5's torch_utils.prune)",
+    )
+    acc = c.add_argument_group("accuracy (needs --data)")
+    acc.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="data YAML (yolov5 format): mAP before/after pruning is reported",
+    )
+    acc.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="fine-tune the pruned model for this many epochs (default: none)",
+    )
+    acc.add_argument("--batch", type=int, default=None, help="fine-tune batch size (default 16)")
+    acc.add_argument(
+        "--distill",
+        type=float,
+        default=None,
+        help="weight of output-level distillation from the original (default 0)",
+    )
+    acc.add_argument(
+        "--optimizer",
+        choices=["sgd", "adamw"],
+        default=None,
+        help="fine-tune optimizer (default sgd)",
+    )
+    acc.add_argument(
+        "--lr0",
+        type=float,
+        default=None,
+        help="initial learning rate (default 0.01 sgd, 0.001 adamw)",
+    )
+
     g = sub.add_parser("graph", help="print the coupled channel groups of a model")
     _model_args(g)
     g.add_argument("--members", action="store_true", help="list every member of every group")
+
+    e = sub.add_parser("eval", help="mAP of a model (or its exported ONNX) on a data YAML")
+    _model_args(e)
+    e.add_argument("--data", type=Path, required=True, help="data YAML (yolov5 format)")
+    e.add_argument(
+        "--onnx",
+        type=Path,
+        default=None,
+        help="evaluate this ONNX file through ONNX Runtime instead of PyTorch",
+    )
+    e.add_argument("--batch", type=int, default=16)
+    e.add_argument("--conf", type=float, default=0.001, help="confidence threshold (val.py)")
+    e.add_argument("--iou", type=float, default=0.6, help="NMS IoU threshold (val.py)")
+    e.add_argument("--max-det", type=int, default=300)
+    e.add_argument("--threads", type=int, default=None)
+
+    d = sub.add_parser("data", help="generate the synthetic shapes dataset (YOLO format)")
+    d.add_argument("--out", type=Path, default=Path("runs/data/shapes"))
+    d.add_argument("--train", type=int, default=2000)
+    d.add_argument("--val", type=int, default=300)
+    d.add_argument("--imgsz", type=int, default=256)
+    d.add_argument("--seed", type=int, default=0)
 
     pl = sub.add_parser("plan", help="write a pruning plan JSON without applying it")
     _model_args(pl)
@@ -157,6 +219,8 @@ def cmd_compile(args) -> int:
             f"({latency['ratio']:.3f})"
         )
     print(f"parity {report['parity']['max_abs_diff']:.2e} <= {report['parity']['tolerance']:g}")
+    for stage, value in report.get("accuracy", {}).get("map50_95", {}).items():
+        print(f"mAP@.5:.95 {stage:<10} {value:.4f}")
     print(
         f"wrote {out}/: " + ", ".join(sorted(report["files"].values())) + ", report.json, report.md"
     )
@@ -200,7 +264,65 @@ def cmd_plan(args) -> int:
     return 0
 
 
-COMMANDS = {"compile": cmd_compile, "graph": cmd_graph, "plan": cmd_plan}
+def cmd_eval(args) -> int:
+    from compiler.data import read_data_yaml
+    from compiler.evaluate import (
+        EvalSettings,
+        evaluate,
+        onnx_predictor,
+        torch_predictor,
+        val_dataset,
+    )
+    from graphs.checkpoint import load_model
+
+    data = read_data_yaml(args.data)
+    settings = EvalSettings(conf=args.conf, iou=args.iou, max_det=args.max_det, batch=args.batch)
+    if args.onnx is not None:
+        if not args.onnx.is_file():
+            raise YoloPruneError(f"{args.onnx}: ONNX file not found")
+        imgsz = args.imgsz or _onnx_imgsz(args.onnx)
+        predict, runtime = onnx_predictor(args.onnx, args.threads), "onnxruntime"
+    else:
+        model, info = load_model(args.model)
+        imgsz = args.imgsz or info.imgsz
+        predict, runtime = torch_predictor(model), "pytorch"
+    dataset = val_dataset(data, imgsz)
+    for message in dataset.check.messages:
+        print(f"WARNING: {message}", file=sys.stderr)
+    metrics = evaluate(predict, dataset, data.names, settings, runtime=runtime)
+    print(
+        f"{runtime}: mAP@.5:.95 {metrics.map50_95:.4f}  mAP@.5 {metrics.map50:.4f}  "
+        f"({metrics.images} images, {metrics.instances} objects; {metrics.data_check})"
+    )
+    for name, ap in metrics.per_class.items():
+        print(f"  {name:<20} {ap:.4f}")
+    return 0
+
+
+def _onnx_imgsz(path: Path) -> int:
+    import onnx
+
+    dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    return int(dims[2].dim_value)
+
+
+def cmd_data(args) -> int:
+    from compiler.synthetic import SyntheticSpec, generate
+
+    path = generate(
+        args.out, SyntheticSpec(train=args.train, val=args.val, imgsz=args.imgsz, seed=args.seed)
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+COMMANDS = {
+    "compile": cmd_compile,
+    "graph": cmd_graph,
+    "plan": cmd_plan,
+    "eval": cmd_eval,
+    "data": cmd_data,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,10 +21,11 @@ from compiler.export import DEFAULT_PARITY_TOLERANCE, check_parity, export_onnx
 from compiler.planner import Constraints, MacCounter, Target, make_plan, spatial_sizes
 from compiler.report import build_report, write_report
 from compiler.score import IMPORTANCES, score_groups
+from compiler.unstructured import sparsify, sparsity
 from graphs.checkpoint import ModelInfo, load_model, save_pruned
 from graphs.dependency import build_graph, channel_groups, conv_channels
 from graphs.errors import ExportError, PlanError
-from graphs.plan import PruningPlan
+from graphs.plan import GroupPlan, PruningPlan
 
 DEFAULT_MACS = 0.5
 DEFAULT_IMPORTANCE = "l2"
@@ -52,6 +53,13 @@ class CompileOptions:
     threads: int | None = None
     bench_runs: int | None = None
     seed: int = 0
+    method: str = "structured"
+    data: Path | None = None
+    epochs: int | None = None
+    batch: int | None = None
+    distill: float | None = None
+    optimizer: str | None = None
+    lr0: float | None = None
 
     def target(self) -> Target:
         if self.ratio is not None and self.macs is not None:
@@ -109,6 +117,10 @@ def plan_for(prepared: Prepared, options: CompileOptions) -> PruningPlan:
                 f"{options.plan}: plan was made at imgsz {plan.imgsz}, not {prepared.imgsz}"
             )
         return plan
+    if options.method == "unstructured":
+        return _unstructured_plan(prepared, options, counter)
+    if options.method != "structured":
+        raise PlanError(f"--method {options.method}: use structured (default) or unstructured")
     importance = options.importance or DEFAULT_IMPORTANCE
     if importance not in IMPORTANCES:
         raise PlanError(f"--importance {importance}: use one of {', '.join(IMPORTANCES)}")
@@ -126,6 +138,41 @@ def plan_for(prepared: Prepared, options: CompileOptions) -> PruningPlan:
         importance=importance,
         seed=options.seed,
     )
+
+
+def _unstructured_plan(prepared: Prepared, options: CompileOptions, counter) -> PruningPlan:
+    """The baseline: every channel kept, ``--ratio`` of each conv's weights zeroed."""
+    if options.macs is not None or options.ratio is None:
+        raise PlanError(
+            "--method unstructured takes --ratio (the fraction of weights zeroed, "
+            "e.g. 0.3), not --macs"
+        )
+    Target("ratio", options.ratio)  # validates the range
+    macs = counter.macs()
+    groups = tuple(
+        GroupPlan(g.id, g.size, tuple(range(g.size))) for g in prepared.groups if not g.protected
+    )
+    return PruningPlan(
+        model=prepared.info.name,
+        imgsz=prepared.imgsz,
+        importance="l1 (per weight)",
+        allocation="per-layer",
+        target={"kind": "sparsity", "value": options.ratio},
+        round_to=1,
+        max_ratio=options.ratio,
+        macs_before=macs,
+        macs_after=macs,
+        groups=groups,
+        seed=options.seed,
+        method="unstructured",
+    )
+
+
+def apply_any(model, plan: PruningPlan):
+    """Structured plans remove channels; unstructured ones zero weights in place of that."""
+    if plan.method == "unstructured":
+        return sparsify(model, plan.target["value"])
+    return apply_plan(model, plan)
 
 
 @contextlib.contextmanager
@@ -147,7 +194,10 @@ def staged_output(out: Path) -> Iterator[Path]:
 def compile_model(options: CompileOptions) -> dict:
     """Run the whole job; return the report dict. Outputs land in ``options.out``."""
     out = Path(options.out or DEFAULT_OUT)
+    data = _data_for(options)
     steps = ["load + graph", "score + plan", "apply", "save", "export", "parity"]
+    steps += ["eval original", "eval pruned", "eval onnx"] if data else []
+    steps += ["fine-tune", "eval fine-tuned"] if data and options.epochs else []
     steps += ["bench"] if options.bench else []
     seconds: dict[str, float] = {}
     with (
@@ -170,8 +220,25 @@ def compile_model(options: CompileOptions) -> dict:
                 f"WARNING: {options.model} is an architecture (YAML), not trained weights: "
                 "random init. MACs and latency are real; accuracy is meaningless."
             )
+        accuracy: dict = {}
+        if data and data.nc != info.nc:
+            raise PlanError(
+                f"{options.data}: {data.nc} classes but {options.model} has {info.nc}; evaluate "
+                "a model on the data it was trained for"
+            )
+        if data:
+            accuracy["original"] = step("eval original", lambda: _eval(prepared.model, data, imgsz))
         plan = step("score + plan", lambda: plan_for(prepared, options))
-        pruned = step("apply", lambda: apply_plan(prepared.model, plan))
+        pruned = step("apply", lambda: apply_any(prepared.model, plan))
+        training = None
+        if data:
+            accuracy["pruned"] = step("eval pruned", lambda: _eval(pruned, data, imgsz))
+            if options.epochs:
+                training = step(
+                    "fine-tune", lambda: _finetune(pruned, prepared, data, options, staging)
+                )
+                pruned = _keep_sparsity(training.model, plan)
+                accuracy["finetuned"] = step("eval fine-tuned", lambda: _eval(pruned, data, imgsz))
         name = info.name.removesuffix("-pruned")
         paths = {
             "checkpoint": staging / f"{name}-pruned.pt",
@@ -203,6 +270,10 @@ def compile_model(options: CompileOptions) -> dict:
                 f"{parity.max_abs_diff:.3g} > tolerance {parity.tolerance:g} "
                 f"({parity.metric}); nothing was written"
             )
+        if data:
+            accuracy["onnx"] = step(
+                "eval onnx", lambda: _eval_onnx(paths["onnx"], data, imgsz, options)
+            )
         latency = None
         if options.bench:
             latency = step("bench", lambda: _bench(prepared.model, paths["onnx"], imgsz, options))
@@ -219,10 +290,89 @@ def compile_model(options: CompileOptions) -> dict:
             options=options,
             files={k: p.name for k, p in paths.items()},
         )
+        report["accuracy"] = _accuracy_section(accuracy, training, data)
+        if plan.method == "unstructured":
+            report["sparsity"] = {
+                "conv_weights_zero": sparsity(pruned),
+                "requested": plan.target["value"],
+            }
         bar.set_description("report")
         write_report(report, staging)
         bar.update()
     return report
+
+
+def _data_for(options: CompileOptions):
+    from compiler.data import read_data_yaml
+
+    if options.data is None:
+        if options.epochs:
+            raise PlanError("--epochs needs --data data.yaml (what to fine-tune on)")
+        return None
+    return read_data_yaml(options.data)
+
+
+def _eval(model, data, imgsz: int):
+    from compiler.evaluate import evaluate, torch_predictor, val_dataset
+
+    return evaluate(torch_predictor(model), val_dataset(data, imgsz), data.names, progress=False)
+
+
+def _eval_onnx(path: Path, data, imgsz: int, options: CompileOptions):
+    from compiler.evaluate import evaluate, onnx_predictor, val_dataset
+
+    return evaluate(
+        onnx_predictor(path, options.threads),
+        val_dataset(data, imgsz),
+        data.names,
+        runtime="onnxruntime",
+        progress=False,
+    )
+
+
+def _finetune(pruned, prepared: Prepared, data, options: CompileOptions, staging: Path):
+    from compiler.finetune import TrainSettings, train, with_overrides
+
+    settings = with_overrides(
+        TrainSettings(imgsz=prepared.imgsz),
+        epochs=options.epochs,
+        batch=options.batch,
+        distill=options.distill,
+        optimizer=options.optimizer,
+        lr0=options.lr0,
+    )
+    teacher = prepared.model if settings.distill else None
+    work = staging / "finetune"
+    work.mkdir()
+    try:
+        return train(pruned, prepared.info, data, settings, teacher=teacher, save_dir=work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _keep_sparsity(model, plan: PruningPlan):
+    """Fine-tuning an unstructured model regrows its zeros: zero them again (as yolov5 does
+    after training with torch_utils.prune), so the reported model is what was evaluated."""
+    if plan.method != "unstructured":
+        return model
+    return sparsify(model, plan.target["value"])
+
+
+def _accuracy_section(accuracy: dict, training, data) -> dict:
+    if not accuracy:
+        return {}
+    section = {
+        "data": str(data.root),
+        "settings": "val.py conventions: conf 0.001, IoU 0.6, max 300 detections, pycocotools",
+        "map50_95": {k: m.map50_95 for k, m in accuracy.items()},
+        "map50": {k: m.map50 for k, m in accuracy.items()},
+        "per_class": {k: m.per_class for k, m in accuracy.items()},
+        "images": next(iter(accuracy.values())).images,
+        "data_check": next(iter(accuracy.values())).data_check,
+    }
+    if training is not None:
+        section["finetune"] = {"history": training.history, "seconds": training.seconds}
+    return section
 
 
 def _bench(original, pruned_onnx: Path, imgsz: int, options: CompileOptions) -> dict:

@@ -137,6 +137,14 @@ def render_markdown(report: dict) -> str:
         f"{'yes' if report['alignment']['all_pruned_groups_aligned'] else 'NO'}.",
         "",
     ]
+    lines += _accuracy_lines(report.get("accuracy") or {})
+    if report.get("sparsity"):
+        lines += [
+            f"Unstructured baseline: {report['sparsity']['conv_weights_zero']:.1%} of conv "
+            "weights are zero, but every channel is still there: dense runtimes do the same "
+            "work (see latency).",
+            "",
+        ]
     if report["files"].get("plot"):
         lines += [f"![kept channels per group]({report['files']['plot']})", ""]
     lines += [
@@ -149,6 +157,33 @@ def render_markdown(report: dict) -> str:
         note = "protected" if g["protected"] else ("" if g["kept"] < g["total"] else "unpruned")
         lines.append(f"| `{g['id']}` | {g['kept']} / {g['total']} | {g['members']} | {note} |")
     return "\n".join(lines) + "\n"
+
+
+STAGES = {
+    "original": "original",
+    "pruned": "pruned, before fine-tuning",
+    "finetuned": "pruned + fine-tuned",
+    "onnx": "deployed ONNX (ONNX Runtime)",
+}
+
+
+def _accuracy_lines(accuracy: dict) -> list[str]:
+    if not accuracy:
+        return []
+    lines = [
+        "## Accuracy",
+        "",
+        f"{accuracy['images']} validation images ({accuracy['settings']}; "
+        f"data check: {accuracy['data_check']}).",
+        "",
+        "| model | mAP@.5:.95 | mAP@.5 |",
+        "|---|---:|---:|",
+    ]
+    for stage, value in accuracy["map50_95"].items():
+        lines.append(
+            f"| {STAGES.get(stage, stage)} | {value:.4f} | {accuracy['map50'][stage]:.4f} |"
+        )
+    return [*lines, ""]
 
 
 def plot_groups(report: dict, path: Path) -> None:

@@ -339,7 +339,11 @@ def _class_names(names: Any, nc: int) -> list[str]:
 
 
 def save_pruned(
-    model: DetectionModel, info: ModelInfo, path: Path, extra: dict | None = None
+    model: DetectionModel,
+    info: ModelInfo,
+    path: Path,
+    extra: dict | None = None,
+    train_state: dict | None = None,
 ) -> None:
     """Write a self-describing checkpoint: plain containers and tensors only (weights_only safe).
 
@@ -362,6 +366,8 @@ def save_pruned(
         "pretrained": info.pretrained,
         "extra": dict(extra or {}),
     }
+    if train_state is not None:  # optimizer/EMA state of a resumable fine-tune (last.pt)
+        payload["train_state"] = train_state
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
     tmp.replace(path)

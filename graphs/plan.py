@@ -41,6 +41,7 @@ class PruningPlan:
     macs_after: int  # predicted from channel counts; equals the pruned model's by construction
     groups: tuple[GroupPlan, ...]
     seed: int = 0
+    method: str = "structured"  # or "unstructured": no channel removed, weights zeroed
     format: str = field(default=PLAN_FORMAT)
 
     @property

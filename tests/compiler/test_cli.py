@@ -216,3 +216,140 @@ def test_p6_model_compiles_with_parity(tmp_path):
     assert report["model"]["stride"] == [8.0, 16.0, 32.0, 64.0]
     assert report["parity"]["ok"] and abs(report["macs"]["ratio"] / 0.6 - 1) <= 0.03
     assert sum(g["protected"] for g in report["groups"]) == 4
+
+
+@pytest.fixture(scope="module")
+def shapes_data(tmp_path_factory):
+    from compiler.synthetic import SyntheticSpec, generate
+
+    root = tmp_path_factory.mktemp("cli-shapes") / "shapes"
+    return generate(root, SyntheticSpec(train=16, val=8, imgsz=64), progress=False)
+
+
+@pytest.fixture
+def tiny6_yaml(tmp_path) -> Path:
+    cfg = tiny_cfg()
+    cfg["nc"] = 6
+    path = tmp_path / "tiny6.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_compile_with_data_reports_accuracy_at_every_stage(tmp_path, tiny6_yaml, shapes_data):
+    out = tmp_path / "acc"
+    assert (
+        run_cli(
+            "compile",
+            tiny6_yaml,
+            "--imgsz",
+            64,
+            "--macs",
+            0.5,
+            "--out",
+            out,
+            "--no-bench",
+            "--data",
+            shapes_data,
+            "--epochs",
+            1,
+            "--batch",
+            8,
+            "--distill",
+            0.5,
+        )
+        == 0
+    )
+    report = json.loads((out / "report.json").read_text())
+    accuracy = report["accuracy"]
+    assert set(accuracy["map50_95"]) == {"original", "pruned", "finetuned", "onnx"}
+    assert accuracy["images"] == 8 and len(accuracy["finetune"]["history"]) == 1
+    assert accuracy["finetune"]["history"][0]["kd"] > 0
+    # the deployed ONNX is the fine-tuned model: same detections, same mAP
+    assert abs(accuracy["map50_95"]["onnx"] - accuracy["map50_95"]["finetuned"]) <= 0.002
+    assert "## Accuracy" in (out / "report.md").read_text()
+    assert not (out / "finetune").exists()  # training scratch files do not land in OUT
+
+
+def test_unstructured_baseline_keeps_every_channel(tmp_path, tiny_yaml):
+    out = tmp_path / "sparse"
+    assert (
+        run_cli(
+            "compile",
+            tiny_yaml,
+            "--imgsz",
+            64,
+            "--method",
+            "unstructured",
+            "--ratio",
+            0.3,
+            "--out",
+            out,
+            "--bench-runs",
+            3,
+            "--threads",
+            1,
+        )
+        == 0
+    )
+    report = json.loads((out / "report.json").read_text())
+    assert report["params"]["after"] == report["params"]["before"]
+    assert report["macs"]["after"] == report["macs"]["before"]
+    assert report["sparsity"]["conv_weights_zero"] == pytest.approx(0.3, abs=0.01)
+    assert report["plan"]["target"] == {"kind": "sparsity", "value": 0.3}
+    assert "latency_ms" in report
+
+
+def test_unstructured_needs_a_ratio(tmp_path, tiny_yaml, capsys):
+    assert (
+        run_cli(
+            "compile",
+            tiny_yaml,
+            "--method",
+            "unstructured",
+            "--macs",
+            0.5,
+            "--out",
+            tmp_path / "x",
+            "--no-bench",
+        )
+        == 2
+    )
+    assert "takes --ratio" in capsys.readouterr().err
+
+
+def test_data_and_model_class_counts_must_match(tmp_path, tiny_yaml, shapes_data, capsys):
+    assert (
+        run_cli(
+            "compile",
+            tiny_yaml,
+            "--imgsz",
+            64,
+            "--data",
+            shapes_data,
+            "--out",
+            tmp_path / "x",
+            "--no-bench",
+        )
+        == 2
+    )
+    assert "6 classes but" in capsys.readouterr().err
+
+
+def test_eval_command_pytorch_and_onnx_agree(tmp_path, tiny6_yaml, shapes_data, capsys):
+    out = tmp_path / "c"
+    assert run_cli("compile", tiny6_yaml, "--imgsz", 64, "--out", out, "--no-bench") == 0
+    capsys.readouterr()
+    assert run_cli("eval", out / "tiny6-pruned.pt", "--data", shapes_data) == 0
+    torch_line = capsys.readouterr().out.splitlines()[0]
+    assert (
+        run_cli("eval", "unused", "--data", shapes_data, "--onnx", out / "tiny6-pruned.onnx") == 0
+    )
+    onnx_line = capsys.readouterr().out.splitlines()[0]
+    value = lambda line: float(line.split("mAP@.5:.95 ")[1].split()[0])  # noqa: E731
+    assert torch_line.startswith("pytorch:") and onnx_line.startswith("onnxruntime:")
+    assert abs(value(torch_line) - value(onnx_line)) <= 0.002
+
+
+def test_epochs_without_data_is_an_error(tmp_path, tiny_yaml, capsys):
+    assert run_cli("compile", tiny_yaml, "--epochs", 2, "--out", tmp_path / "x") == 2
+    assert "--epochs needs --data" in capsys.readouterr().err

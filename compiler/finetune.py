@@ -1,0 +1,354 @@
+"""Fine-tune pass: recover accuracy after pruning, optionally distilling from the original model.
+
+The model object is trained as it is (never rebuilt from YAML, so pruned shapes stay). SGD or
+AdamW with yolov5's parameter groups (decay on conv weights only), warm-up, cosine or linear
+decay, EMA, AMP on CUDA, gradient accumulation to a nominal batch of 64, a resumable
+``last.pt`` and the best EMA by mAP@.5:.95 in ``best.pt``. Under ``torchrun`` it runs
+DistributedDataParallel (NCCL on GPUs, Gloo on CPUs); rank 0 evaluates and saves.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compiler.data import DataConfig, YoloDataset, collate
+from compiler.evaluate import EvalSettings, Metrics, evaluate, torch_predictor
+from compiler.loss import YoloV5Loss
+from graphs.checkpoint import ModelInfo, load_model, save_pruned
+from graphs.errors import YoloPruneError
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: int = 10
+    batch: int = 16
+    imgsz: int | None = None
+    optimizer: str = "sgd"
+    lr0: float | None = None  # sgd 0.01, adamw 0.001
+    lrf: float = 0.01
+    schedule: str = "cosine"
+    momentum: float = 0.937
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    nominal_batch: int = 64
+    ema: bool = True
+    ema_tau: float | None = None  # None: min(2000, updates / 5)
+    amp: bool | None = None  # None: on for CUDA
+    distill: float = 0.0  # weight of output-level distillation from the teacher
+    workers: int = 0
+    seed: int = 0
+    device: str | None = None
+    eval_every: int = 1
+    augment: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch < 1:
+            raise YoloPruneError("--epochs and --batch must be positive")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise YoloPruneError(f"--optimizer {self.optimizer}: use sgd or adamw")
+        if self.schedule not in ("cosine", "linear"):
+            raise YoloPruneError(f"--schedule {self.schedule}: use cosine or linear")
+        if self.distill < 0:
+            raise YoloPruneError("--distill must be >= 0")
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module  # the best EMA (or last, without validation data)
+    history: list[dict] = field(default_factory=list)
+    best: dict | None = None
+    seconds: float = 0.0
+
+
+class ModelEMA:
+    """Exponential moving average of weights, the decay ramping up as yolov5's does."""
+
+    def __init__(self, model: nn.Module, tau: float, decay: float = 0.9999, updates: int = 0):
+        self.ema = copy.deepcopy(_unwrap(model)).eval()
+        for p in self.ema.parameters():
+            p.requires_grad_(False)
+        self.tau, self.decay, self.updates = tau, decay, updates
+
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = self.decay * (1 - math.exp(-self.updates / self.tau))
+        source = _unwrap(model).state_dict()
+        with torch.no_grad():
+            for k, v in self.ema.state_dict().items():
+                if v.dtype.is_floating_point:
+                    v.mul_(d).add_(source[k].detach(), alpha=1 - d)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def _param_groups(model: nn.Module, settings: TrainSettings, lr: float, decay: float):
+    bn_weights, weights, biases = [], [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if name == "bias":
+                biases.append(p)
+            elif isinstance(module, nn.BatchNorm2d):
+                bn_weights.append(p)
+            else:
+                weights.append(p)
+    if settings.optimizer == "sgd":
+        optimizer = torch.optim.SGD(bn_weights, lr=lr, momentum=settings.momentum, nesterov=True)
+    else:
+        optimizer = torch.optim.AdamW(
+            bn_weights, lr=lr, betas=(settings.momentum, 0.999), weight_decay=0.0
+        )
+    optimizer.add_param_group({"params": weights, "weight_decay": decay})
+    optimizer.add_param_group({"params": biases, "weight_decay": 0.0})
+    return optimizer
+
+
+def _lr_factor(settings: TrainSettings):
+    if settings.schedule == "cosine":
+        return lambda x: (
+            ((1 - math.cos(x * math.pi / settings.epochs)) / 2) * (settings.lrf - 1) + 1
+        )
+    return lambda x: (1 - x / settings.epochs) * (1.0 - settings.lrf) + settings.lrf
+
+
+def distillation_loss(student_raw, teacher_raw) -> torch.Tensor:
+    """Output-level distillation: MSE between sigmoid outputs of every head level."""
+    terms = [
+        (s.sigmoid() - t.sigmoid()).pow(2).mean()
+        for s, t in zip(student_raw, teacher_raw, strict=True)
+    ]
+    return torch.stack(terms).mean()
+
+
+def _distributed() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _device(settings: TrainSettings, local_rank: int) -> torch.device:
+    if settings.device:
+        return torch.device(settings.device)
+    return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+
+
+def train(
+    model: nn.Module,
+    info: ModelInfo,
+    data: DataConfig,
+    settings: TrainSettings,
+    *,
+    teacher: nn.Module | None = None,
+    save_dir: Path | None = None,
+    resume: Path | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Fine-tune ``model`` in place on ``data.train``; validate on ``data.val`` each epoch."""
+    from tqdm import tqdm
+
+    world, rank, local_rank = _distributed()
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    device = _device(settings, local_rank)
+    imgsz = settings.imgsz or info.imgsz
+    torch.manual_seed(settings.seed + rank)
+    if not data.train:
+        raise YoloPruneError("the data YAML has no 'train' split to fine-tune on")
+    train_set = YoloDataset(
+        data.train, data.nc, imgsz, augment=settings.augment, seed=settings.seed
+    )
+    val_set = YoloDataset(data.val, data.nc, imgsz) if rank == 0 and data.val else None
+    sampler = (
+        torch.utils.data.distributed.DistributedSampler(train_set, seed=settings.seed)
+        if world > 1
+        else None
+    )
+    batches = torch.utils.data.DataLoader(
+        train_set,
+        batch_size=settings.batch,
+        shuffle=sampler is None,
+        sampler=sampler,
+        num_workers=settings.workers,
+        collate_fn=collate,
+        drop_last=len(train_set) > settings.batch,
+        generator=torch.Generator().manual_seed(settings.seed),
+    )
+    model = model.to(device).float().train()
+    teacher = (
+        teacher.to(device).float().eval() if teacher is not None and settings.distill else None
+    )
+    accumulate = max(round(settings.nominal_batch / (settings.batch * world)), 1)
+    decay = settings.weight_decay * settings.batch * world * accumulate / settings.nominal_batch
+    lr0 = settings.lr0 or (0.01 if settings.optimizer == "sgd" else 0.001)
+    optimizer = _param_groups(model, settings, lr0, decay)
+    lf = _lr_factor(settings)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lf)
+    total_updates = settings.epochs * len(batches) // accumulate
+    ema = (
+        ModelEMA(model, settings.ema_tau or max(1.0, min(2000.0, total_updates / 5)))
+        if settings.ema and rank == 0
+        else None
+    )
+    use_amp = settings.amp if settings.amp is not None else device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and device.type == "cuda")
+    loss_fn = YoloV5Loss(_unwrap(model).detect, imgsz)
+    start_epoch, result, begin = 0, TrainResult(model), time.perf_counter()
+    if resume is not None:
+        start_epoch, result = _resume(resume, model, optimizer, ema, result, device)
+        scheduler.last_epoch = start_epoch - 1
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[local_rank] if device.type == "cuda" else None
+        )
+    warmup_iters = round(settings.warmup_epochs * len(batches))
+    for epoch in range(start_epoch, settings.epochs):
+        model.train()
+        train_set.epoch = epoch
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        optimizer.zero_grad()
+        bar = tqdm(
+            batches,
+            desc=f"epoch {epoch + 1}/{settings.epochs}",
+            leave=False,
+            disable=(not progress or rank != 0) or None,
+        )
+        running = torch.zeros(4)
+        for i, (images, targets, _) in enumerate(bar):
+            step = i + len(batches) * epoch
+            if step <= warmup_iters:
+                _warmup(optimizer, settings, step, warmup_iters, lr0 * lf(epoch))
+            images = images.to(device, non_blocking=True)
+            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+                raw = model(images)
+                loss, parts = loss_fn(raw, targets.to(device))
+                kd = torch.zeros((), device=device)
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_raw = teacher(images)[1]
+                    kd = distillation_loss(raw, teacher_raw) * settings.distill * images.shape[0]
+                    loss = loss + kd
+            if world > 1:
+                loss = loss * world
+            scaler.scale(loss).backward()
+            if (step + 1) % accumulate == 0 or i == len(batches) - 1:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad()
+                if ema is not None:
+                    ema.update(model)
+            running = (running * i + torch.cat((parts.cpu(), kd.detach().cpu().view(1)))) / (i + 1)
+            if rank == 0 and bar is not None and hasattr(bar, "set_postfix"):
+                bar.set_postfix(
+                    box=f"{running[0]:.3f}",
+                    obj=f"{running[1]:.3f}",
+                    cls=f"{running[2]:.3f}",
+                    kd=f"{running[3]:.3f}",
+                )
+        scheduler.step()
+        if rank != 0:
+            continue
+        record = {
+            "epoch": epoch + 1,
+            "box": float(running[0]),
+            "obj": float(running[1]),
+            "cls": float(running[2]),
+            "kd": float(running[3]),
+            "lr": optimizer.param_groups[0]["lr"],
+        }
+        current = ema.ema if ema is not None else _unwrap(model)
+        last_epoch = epoch + 1 == settings.epochs
+        if val_set is not None and ((epoch + 1) % settings.eval_every == 0 or last_epoch):
+            metrics = evaluate(
+                torch_predictor(_eval_copy(current, device)),
+                val_set,
+                data.names,
+                EvalSettings(batch=settings.batch),
+                progress=progress,
+            )
+            record.update(map50_95=metrics.map50_95, map50=metrics.map50)
+            if result.best is None or metrics.map50_95 > result.best["map50_95"]:
+                result.best = dict(record)
+                result.model = copy.deepcopy(current).cpu().eval()
+                if save_dir is not None:
+                    save_pruned(
+                        result.model, info, Path(save_dir) / "best.pt", extra={"metrics": record}
+                    )
+        result.history.append(record)
+        if progress:
+            tqdm.write(
+                f"epoch {epoch + 1}/{settings.epochs}: box {record['box']:.4f} obj "
+                f"{record['obj']:.4f} cls {record['cls']:.4f} kd {record['kd']:.4f}"
+                + (f" mAP@.5:.95 {record['map50_95']:.4f}" if "map50_95" in record else "")
+            )
+        if save_dir is not None:
+            _save_last(
+                Path(save_dir) / "last.pt", model, info, optimizer, ema, epoch + 1, result, settings
+            )
+    if result.best is None:
+        result.model = copy.deepcopy(ema.ema if ema is not None else _unwrap(model)).cpu().eval()
+    if world > 1 and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    result.seconds = round(time.perf_counter() - begin, 1)
+    return result
+
+
+def _eval_copy(model: nn.Module, device: torch.device) -> nn.Module:
+    return copy.deepcopy(model).float().eval().to("cpu" if device.type != "cuda" else device)
+
+
+def _warmup(optimizer, settings: TrainSettings, step: int, warmup_iters: int, target_lr: float):
+    """Bias lr falls from 0.1 and the others rise from 0 to the schedule; momentum rises."""
+    x = step / max(warmup_iters, 1)
+    for j, group in enumerate(optimizer.param_groups):
+        start = 0.1 if j == 2 else 0.0
+        group["lr"] = start + (target_lr - start) * x
+        if "momentum" in group:
+            group["momentum"] = 0.8 + (settings.momentum - 0.8) * x
+
+
+def _save_last(path: Path, model, info, optimizer, ema, epoch, result, settings) -> None:
+    state = {
+        "epoch": epoch,
+        "optimizer": optimizer.state_dict(),
+        "history": result.history,
+        "best": result.best,
+        "settings": asdict(settings),
+    }
+    if ema is not None:
+        state.update(ema=ema.ema.state_dict(), ema_updates=ema.updates)
+    save_pruned(_unwrap(model), info, path, train_state=state)
+
+
+def _resume(path: Path, model, optimizer, ema, result, device):
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    state = ckpt.get("train_state")
+    if state is None:
+        raise YoloPruneError(f"{path}: no training state to resume from; pass a last.pt")
+    resumed, _ = load_model(path)
+    model.load_state_dict(resumed.state_dict())
+    optimizer.load_state_dict(state["optimizer"])
+    if ema is not None and "ema" in state:
+        ema.ema.load_state_dict(state["ema"])
+        ema.updates = state["ema_updates"]
+    result.history = list(state["history"])
+    result.best = state["best"]
+    return int(state["epoch"]), result
+
+
+def with_overrides(settings: TrainSettings, **changes) -> TrainSettings:
+    return replace(settings, **{k: v for k, v in changes.items() if v is not None})
+
+
+__all__ = ["Metrics", "ModelEMA", "TrainResult", "TrainSettings", "train", "with_overrides"]

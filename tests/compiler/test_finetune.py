@@ -1,0 +1,106 @@
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from compiler.data import read_data_yaml
+from compiler.finetune import ModelEMA, TrainSettings, distillation_loss, train
+from compiler.synthetic import SyntheticSpec, generate
+from graphs.checkpoint import describe, load_model
+from graphs.errors import YoloPruneError
+from graphs.yolov5 import DetectionModel
+from tests.helpers import tiny_cfg
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes") / "data"
+    return read_data_yaml(generate(root, SyntheticSpec(train=32, val=8, imgsz=64), progress=False))
+
+
+def tiny(data):
+    cfg = tiny_cfg()
+    cfg["nc"] = data.nc
+    torch.manual_seed(0)
+    model = DetectionModel(cfg)
+    return model, describe(model, "tiny.yaml", pretrained=False, imgsz=64)
+
+
+FAST = TrainSettings(
+    epochs=3,
+    batch=8,
+    nominal_batch=8,
+    imgsz=64,
+    optimizer="adamw",
+    lr0=0.003,
+    warmup_epochs=0.5,
+    augment=False,
+)
+
+
+def test_training_loss_decreases(shapes):
+    model, info = tiny(shapes)
+    settings = dataclasses.replace(FAST, epochs=10)
+    result = train(model, info, dataclasses.replace(shapes, val=()), settings, progress=False)
+
+    def total(h):
+        return h["box"] + h["obj"] + h["cls"]
+
+    first, last = result.history[0], result.history[-1]
+    assert total(last) < 0.97 * total(first)
+    assert last["box"] < first["box"] and last["cls"] < first["cls"]
+    assert len(result.history) == 10 and result.best is None  # no val split: no best
+
+
+def test_validation_and_resume(shapes, tmp_path):
+    model, info = tiny(shapes)
+    two = dataclasses.replace(FAST, epochs=2)
+    train(model, info, shapes, two, save_dir=tmp_path, progress=False)
+    assert (tmp_path / "last.pt").exists() and (tmp_path / "best.pt").exists()
+    raw = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert raw["train_state"]["epoch"] == 2
+    fresh, _ = tiny(shapes)
+    resumed = train(
+        fresh,
+        info,
+        shapes,
+        dataclasses.replace(FAST, epochs=3),
+        save_dir=tmp_path,
+        resume=tmp_path / "last.pt",
+        progress=False,
+    )
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    assert all("map50_95" in h for h in resumed.history)
+    best, _ = load_model(tmp_path / "best.pt")  # reloads without training code
+    assert sum(p.numel() for p in best.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def test_distillation_is_used_and_zero_for_identical_outputs(shapes):
+    model, info = tiny(shapes)
+    teacher, _ = tiny(shapes)
+    outputs = [torch.randn(1, 3, 4, 4, 8)]
+    assert distillation_loss(outputs, outputs).item() == 0.0
+    settings = dataclasses.replace(FAST, epochs=1, distill=1.0)
+    result = train(
+        model, info, dataclasses.replace(shapes, val=()), settings, teacher=teacher, progress=False
+    )
+    assert result.history[0]["kd"] > 0
+
+
+def test_ema_follows_its_formula():
+    model = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = ModelEMA(model, tau=10.0)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model)
+    d = 0.9999 * (1 - math.exp(-1 / 10))
+    assert torch.allclose(ema.ema.weight, torch.full((1, 2), 1 - d))
+
+
+def test_settings_are_validated():
+    with pytest.raises(YoloPruneError, match="optimizer"):
+        TrainSettings(optimizer="lion")
+    with pytest.raises(YoloPruneError, match="epochs"):
+        TrainSettings(epochs=0)

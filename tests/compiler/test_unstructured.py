@@ -1,0 +1,27 @@
+import pytest
+import torch
+from torch import nn
+
+from compiler.unstructured import sparsify, sparsity
+from graphs.errors import PlanError
+from tests.helpers import images, outputs
+
+
+def test_sparsify_zeroes_the_smallest_weights_and_keeps_shapes(tiny_model):
+    sparse = sparsify(tiny_model, 0.3)
+    assert sparsity(sparse) == pytest.approx(0.3, abs=0.01)
+    assert sparsity(tiny_model) < 0.01  # the input is untouched
+    for (name, a), (_, b) in zip(tiny_model.named_modules(), sparse.named_modules(), strict=True):
+        if isinstance(a, nn.Conv2d):
+            assert a.weight.shape == b.weight.shape, name
+            kept = b.weight != 0
+            if (~kept).any() and kept.any():  # every zeroed weight was no larger than the kept
+                assert a.weight[~kept].abs().max() <= a.weight[kept].abs().min() + 1e-12
+    assert not any(hasattr(m, "weight_orig") for m in sparse.modules())  # plain, no masks
+    assert not torch.equal(outputs(sparse, images()), outputs(tiny_model, images()))
+
+
+@pytest.mark.parametrize("amount", [0.0, 1.0, 1.5])
+def test_amount_is_validated(tiny_model, amount):
+    with pytest.raises(PlanError, match="strictly between 0 and 1"):
+        sparsify(tiny_model, amount)

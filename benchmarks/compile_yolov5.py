@@ -12,27 +12,26 @@ Writes benchmarks/results/compile_yolov5.json and .md. Usage:
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import recipes  # noqa: E402
 
 from compiler.apply import apply_plan, count_params  # noqa: E402
 from compiler.export import export_onnx  # noqa: E402
 from compiler.pipeline import CompileOptions, plan_for, prepare  # noqa: E402
-from compiler.planner import spatial_sizes  # noqa: E402
 from kernels.ort import OrtRunner, default_threads, machine_info  # noqa: E402
 from kernels.timing import interleaved  # noqa: E402
 
@@ -42,42 +41,13 @@ MACS = 0.5
 
 
 def conv_macs(model: nn.Module) -> int:
-    hw = spatial_sizes(model, IMGSZ)
-    return sum(
-        m.out_channels * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1] * hw[n]
-        for n, m in model.named_modules()
-        if isinstance(m, nn.Conv2d)
-    )
+    return recipes.conv_macs(model, IMGSZ)
 
 
 def torch_pruning_default(model: nn.Module, macs_before: int) -> tuple[nn.Module, float]:
-    """torch-pruning's default recipe, its one ratio bisected so MACs kept ~ MACS."""
-    import torch_pruning as tp
-
-    def prune(ratio: float) -> nn.Module:
-        candidate = copy.deepcopy(model).eval()
-        example = torch.zeros(1, 3, 64, 64)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pruner = tp.pruner.MetaPruner(
-                candidate,
-                example,
-                importance=tp.importance.GroupMagnitudeImportance(p=2),
-                pruning_ratio=ratio,
-                ignored_layers=list(candidate.detect.m),
-            )
-            pruner.step()
-        return candidate
-
-    lo, hi, best = 0.0, 0.9, None
-    for _ in range(7):
-        ratio = (lo + hi) / 2
-        candidate = prune(ratio)
-        kept = conv_macs(candidate) / macs_before
-        if best is None or abs(kept - MACS) < abs(best[1] - MACS):
-            best = (candidate, kept, ratio)
-        lo, hi = (ratio, hi) if kept > MACS else (lo, ratio)
-    return best[0], best[2]
+    del macs_before  # the recipe measures it itself
+    candidate, ratio, _ = recipes.torch_pruning_default(model, MACS, IMGSZ)
+    return candidate, ratio
 
 
 def compile_seconds(model: str, repeats: int) -> list[float]:

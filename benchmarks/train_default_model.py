@@ -34,7 +34,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=24)
     parser.add_argument("--imgsz", type=int, default=256)
     parser.add_argument("--data", type=Path, default=ROOT / "runs" / "data" / "shapes")
     parser.add_argument("--train-images", type=int, default=2000)

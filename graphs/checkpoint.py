@@ -26,6 +26,7 @@ from graphs.errors import CheckpointError, ModelError
 from graphs.yolov5 import ACTIVATIONS, DetectionModel
 
 CFG_DIR = Path(__file__).parent / "cfg"
+WEIGHTS_DIR = Path(__file__).parent / "weights"  # trained models shipped with the package
 PRUNED_FORMAT = "yoloprune.v1"
 DEFAULT_IMGSZ = 640
 
@@ -185,8 +186,8 @@ def resolve_source(spec: str | Path) -> Path:
                 f"{path}: is a directory; MODEL must be a .pt checkpoint or a .yaml"
             )
         return path
-    bundled = CFG_DIR / path.name
-    if path.suffix in (".yaml", ".yml") and bundled.exists() and len(path.parts) == 1:
+    bundled = (CFG_DIR if path.suffix in (".yaml", ".yml") else WEIGHTS_DIR) / path.name
+    if bundled.exists() and len(path.parts) == 1:
         return bundled
     if path.suffix in (".yaml", ".yml"):
         shipped = ", ".join(sorted(p.name for p in CFG_DIR.glob("*.yaml")))

@@ -1,0 +1,166 @@
+"""Accuracy benchmark: mAP and latency of pruned + fine-tuned models, side by side.
+
+The embedded model (YOLOv5n trained on the synthetic shapes) on the synthetic val set:
+- yoloprune at MACs kept 0.5 and 0.3 (uniform L2, round_to 8), fine-tuned with distillation;
+- torch-pruning's default recipe at MACs 0.3 (MetaPruner, L2, uniform), same fine-tune budget
+  (no distillation: its default);
+- the unstructured 30% baseline (yolov5's torch_utils.prune), fine-tuned the same, zeros re-applied.
+Every row: mAP@.5:.95 / mAP@.5 before and after fine-tuning (PyTorch), MACs, params, and
+ONNX Runtime CPU latency (batch 1, fp32, interleaved with the baseline).
+
+    python benchmarks/accuracy.py [--epochs 4] [--train-images 1000]
+Writes benchmarks/results/accuracy.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import recipes  # noqa: E402
+from compiler.apply import apply_plan, count_params  # noqa: E402
+from compiler.data import read_data_yaml  # noqa: E402
+from compiler.evaluate import evaluate, torch_predictor, val_dataset  # noqa: E402
+from compiler.export import export_onnx  # noqa: E402
+from compiler.finetune import TrainSettings, train  # noqa: E402
+from compiler.pipeline import CompileOptions, plan_for, prepare  # noqa: E402
+from compiler.synthetic import SyntheticSpec, generate  # noqa: E402
+from compiler.unstructured import sparsify, sparsity  # noqa: E402
+from kernels.ort import OrtRunner, default_threads, machine_info  # noqa: E402
+from kernels.timing import interleaved  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+MODEL = ROOT / "graphs" / "weights" / "yolov5n-shapes.pt"
+
+
+def subset(data, count: int, folder: Path):
+    """The first ``count`` training images, as a list file (yolov5's .txt source format)."""
+    from compiler.data import image_files
+
+    files = image_files(data.train)[:count]
+    listing = folder / "train_subset.txt"
+    listing.write_text("".join(f"{f}\n" for f in files))
+    return dataclasses.replace(data, train=(listing,))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--train-images", type=int, default=1000)
+    parser.add_argument("--data", type=Path, default=ROOT / "runs" / "data" / "shapes")
+    parser.add_argument("--runs", type=int, default=30)
+    args = parser.parse_args()
+    if not (args.data / "data.yaml").exists():
+        generate(args.data, SyntheticSpec())
+    data = read_data_yaml(args.data / "data.yaml")
+    prepared = prepare(str(MODEL))
+    base, imgsz = prepared.model, prepared.imgsz
+    val = val_dataset(data, imgsz)
+    scratch = Path(tempfile.mkdtemp())
+    train_data = subset(data, args.train_images, scratch)
+    budget = TrainSettings(epochs=args.epochs, batch=16, nominal_batch=16, imgsz=imgsz,
+                           optimizer="adamw", lr0=0.0005, momentum=0.9, warmup_epochs=0.5,
+                           eval_every=args.epochs)
+
+    def score(model):
+        m = evaluate(torch_predictor(model), val, data.names, progress=False)
+        return {"map50_95": m.map50_95, "map50": m.map50}
+
+    def finetune(model, distill: float):
+        start = time.perf_counter()
+        settings = dataclasses.replace(budget, distill=distill)
+        result = train(model, prepared.info, train_data, settings,
+                       teacher=base if distill else None, progress=True)
+        return result.model, round(time.perf_counter() - start, 1)
+
+    rows = {"baseline (unpruned)": {"model": base, "before": score(base)}}
+    rows["baseline (unpruned)"]["after"] = rows["baseline (unpruned)"]["before"]
+    for macs in (0.5, 0.3):
+        plan = plan_for(prepared, CompileOptions(str(MODEL), macs=macs))
+        pruned = apply_plan(base, plan)
+        row = {"before": score(pruned), "recipe": "uniform L2, round_to 8, distill 1.0"}
+        row["model"], row["finetune_s"] = finetune(pruned, distill=1.0)
+        row["after"] = score(row["model"])
+        rows[f"yoloprune MACs {macs}"] = row
+    tp_model, tp_ratio, tp_macs = recipes.torch_pruning_default(base, 0.3, imgsz)
+    row = {"before": score(tp_model), "recipe": f"MetaPruner L2, ratio {tp_ratio:.3f}"}
+    row["model"], row["finetune_s"] = finetune(tp_model, distill=0.0)
+    row["after"] = score(row["model"])
+    rows["torch-pruning default MACs 0.3"] = row
+    sparse = sparsify(base, 0.3)
+    row = {"before": score(sparse), "recipe": "L1 unstructured 30% per conv"}
+    tuned, row["finetune_s"] = finetune(sparse, distill=0.0)
+    row["model"] = sparsify(tuned, 0.3)
+    row["after"] = score(row["model"])
+    row["sparsity"] = sparsity(row["model"])
+    rows["unstructured 30% (yolov5 torch_utils.prune)"] = row
+
+    macs_before = recipes.conv_macs(base, imgsz)
+    with tempfile.TemporaryDirectory() as tmp:
+        runners = {}
+        for i, (name, row) in enumerate(rows.items()):
+            path = export_onnx(row["model"], Path(tmp) / f"m{i}.onnx", imgsz)
+            runners[name] = OrtRunner(path)
+            row["macs_ratio"] = recipes.conv_macs(row["model"], imgsz) / macs_before
+            row["params"] = count_params(row["model"])
+        images = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
+        timings = interleaved({k: (lambda r=r: r.run(images)) for k, r in runners.items()},
+                              runs=args.runs, warmup=3)
+    base_ms = timings["baseline (unpruned)"].median_ms
+    for name, row in rows.items():
+        row["latency_ms"] = timings[name].to_dict()
+        row["latency_ratio"] = timings[name].median_ms / base_ms
+        row.pop("model")
+    result = {"benchmark": "accuracy", "model": str(MODEL.relative_to(ROOT)), "imgsz": imgsz,
+              "val_images": len(val), "finetune": {"epochs": args.epochs,
+                                                   "train_images": args.train_images,
+                                                   "settings": dataclasses.asdict(budget)},
+              "latency": {"runtime": "onnxruntime CPU", "batch": 1, "precision": "fp32",
+                          "threads": default_threads(), "runs": args.runs},
+              "machine": machine_info(), "rows": rows}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "accuracy.json").write_text(json.dumps(result, indent=1) + "\n")
+    (RESULTS / "accuracy.md").write_text(render(result))
+    print(render(result))
+
+
+def render(result: dict) -> str:
+    base = result["rows"]["baseline (unpruned)"]["after"]["map50_95"]
+    ft = result["finetune"]
+    m = result["machine"]
+    lines = [
+        "# Accuracy after pruning and fine-tuning (synthetic shapes, embedded YOLOv5n)", "",
+        f"Val: {result['val_images']} synthetic images at {result['imgsz']} px, mAP by "
+        "pycocotools with val.py conventions (conf 0.001, IoU 0.6, 300 detections). Fine-tune "
+        f"budget, the same for every row: {ft['epochs']} epochs on {ft['train_images']} training "
+        "images, AdamW lr 0.0005, batch 16, EMA. Latency: ONNX Runtime CPU, fp32, batch 1, "
+        f"{result['latency']['threads']} threads, median of {result['latency']['runs']} "
+        f"interleaved runs, on {m['cpu']} ({m['cores_available']} cores).", "",
+        "| model | recipe | MACs kept | mAP@.5:.95 before FT | after FT | % of unpruned | "
+        "mAP@.5 after | latency ratio | fine-tune s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in result["rows"].items():
+        lines.append(
+            f"| {name} | {r.get('recipe', '-')} | {r['macs_ratio']:.3f} | "
+            f"{r['before']['map50_95']:.4f} | {r['after']['map50_95']:.4f} | "
+            f"{100 * r['after']['map50_95'] / base:.1f}% | {r['after']['map50']:.4f} | "
+            f"{r['latency_ratio']:.3f} | {r.get('finetune_s', '-')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Shared by the benchmarks: MAC counting and torch-pruning's default recipe as the reference."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import nn
+
+from compiler.planner import spatial_sizes
+
+
+def conv_macs(model: nn.Module, imgsz: int) -> int:
+    """Conv2d multiply-accumulates for one imgsz x imgsz image (the report's definition)."""
+    hw = spatial_sizes(model, imgsz)
+    return sum(
+        m.out_channels * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1] * hw[n]
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Conv2d)
+    )
+
+
+def torch_pruning_default(model: nn.Module, macs_target: float, imgsz: int):
+    """torch-pruning's default recipe (MetaPruner, GroupMagnitudeImportance(p=2), one uniform
+    ratio, head convs ignored), its ratio bisected so MACs kept ~ macs_target.
+    Returns (pruned model, ratio, MACs kept)."""
+    import torch_pruning as tp
+
+    macs_before = conv_macs(model, imgsz)
+
+    def prune(ratio: float) -> nn.Module:
+        candidate = copy.deepcopy(model).eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pruner = tp.pruner.MetaPruner(
+                candidate,
+                torch.zeros(1, 3, 64, 64),
+                importance=tp.importance.GroupMagnitudeImportance(p=2),
+                pruning_ratio=ratio,
+                ignored_layers=list(candidate.detect.m),
+            )
+            pruner.step()
+        return candidate
+
+    lo, hi, best = 0.0, 0.9, None
+    for _ in range(8):
+        ratio = (lo + hi) / 2
+        candidate = prune(ratio)
+        kept = conv_macs(candidate, imgsz) / macs_before
+        if best is None or abs(kept - macs_target) < abs(best[2] - macs_target):
+            best = (candidate, ratio, kept)
+        lo, hi = (ratio, hi) if kept > macs_target else (lo, ratio)
+    return best

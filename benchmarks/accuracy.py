@@ -23,13 +23,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import recipes  # noqa: E402
+
 from compiler.apply import apply_plan, count_params  # noqa: E402
 from compiler.data import read_data_yaml  # noqa: E402
 from compiler.evaluate import evaluate, torch_predictor, val_dataset  # noqa: E402
@@ -70,9 +70,17 @@ def main() -> None:
     val = val_dataset(data, imgsz)
     scratch = Path(tempfile.mkdtemp())
     train_data = subset(data, args.train_images, scratch)
-    budget = TrainSettings(epochs=args.epochs, batch=16, nominal_batch=16, imgsz=imgsz,
-                           optimizer="adamw", lr0=0.0005, momentum=0.9, warmup_epochs=0.5,
-                           eval_every=args.epochs)
+    budget = TrainSettings(
+        epochs=args.epochs,
+        batch=16,
+        nominal_batch=16,
+        imgsz=imgsz,
+        optimizer="adamw",
+        lr0=0.0005,
+        momentum=0.9,
+        warmup_epochs=0.5,
+        eval_every=args.epochs,
+    )
 
     def score(model):
         m = evaluate(torch_predictor(model), val, data.names, progress=False)
@@ -81,8 +89,14 @@ def main() -> None:
     def finetune(model, distill: float):
         start = time.perf_counter()
         settings = dataclasses.replace(budget, distill=distill)
-        result = train(model, prepared.info, train_data, settings,
-                       teacher=base if distill else None, progress=True)
+        result = train(
+            model,
+            prepared.info,
+            train_data,
+            settings,
+            teacher=base if distill else None,
+            progress=True,
+        )
         return result.model, round(time.perf_counter() - start, 1)
 
     rows = {"baseline (unpruned)": {"model": base, "before": score(base)}}
@@ -94,7 +108,7 @@ def main() -> None:
         row["model"], row["finetune_s"] = finetune(pruned, distill=1.0)
         row["after"] = score(row["model"])
         rows[f"yoloprune MACs {macs}"] = row
-    tp_model, tp_ratio, tp_macs = recipes.torch_pruning_default(base, 0.3, imgsz)
+    tp_model, tp_ratio, _ = recipes.torch_pruning_default(base, 0.3, imgsz)
     row = {"before": score(tp_model), "recipe": f"MetaPruner L2, ratio {tp_ratio:.3f}"}
     row["model"], row["finetune_s"] = finetune(tp_model, distill=0.0)
     row["after"] = score(row["model"])
@@ -116,20 +130,34 @@ def main() -> None:
             row["macs_ratio"] = recipes.conv_macs(row["model"], imgsz) / macs_before
             row["params"] = count_params(row["model"])
         images = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
-        timings = interleaved({k: (lambda r=r: r.run(images)) for k, r in runners.items()},
-                              runs=args.runs, warmup=3)
+        timings = interleaved(
+            {k: (lambda r=r: r.run(images)) for k, r in runners.items()}, runs=args.runs, warmup=3
+        )
     base_ms = timings["baseline (unpruned)"].median_ms
     for name, row in rows.items():
         row["latency_ms"] = timings[name].to_dict()
         row["latency_ratio"] = timings[name].median_ms / base_ms
         row.pop("model")
-    result = {"benchmark": "accuracy", "model": str(MODEL.relative_to(ROOT)), "imgsz": imgsz,
-              "val_images": len(val), "finetune": {"epochs": args.epochs,
-                                                   "train_images": args.train_images,
-                                                   "settings": dataclasses.asdict(budget)},
-              "latency": {"runtime": "onnxruntime CPU", "batch": 1, "precision": "fp32",
-                          "threads": default_threads(), "runs": args.runs},
-              "machine": machine_info(), "rows": rows}
+    result = {
+        "benchmark": "accuracy",
+        "model": str(MODEL.relative_to(ROOT)),
+        "imgsz": imgsz,
+        "val_images": len(val),
+        "finetune": {
+            "epochs": args.epochs,
+            "train_images": args.train_images,
+            "settings": dataclasses.asdict(budget),
+        },
+        "latency": {
+            "runtime": "onnxruntime CPU",
+            "batch": 1,
+            "precision": "fp32",
+            "threads": default_threads(),
+            "runs": args.runs,
+        },
+        "machine": machine_info(),
+        "rows": rows,
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "accuracy.json").write_text(json.dumps(result, indent=1) + "\n")
     (RESULTS / "accuracy.md").write_text(render(result))
@@ -141,13 +169,15 @@ def render(result: dict) -> str:
     ft = result["finetune"]
     m = result["machine"]
     lines = [
-        "# Accuracy after pruning and fine-tuning (synthetic shapes, embedded YOLOv5n)", "",
+        "# Accuracy after pruning and fine-tuning (synthetic shapes, embedded YOLOv5n)",
+        "",
         f"Val: {result['val_images']} synthetic images at {result['imgsz']} px, mAP by "
         "pycocotools with val.py conventions (conf 0.001, IoU 0.6, 300 detections). Fine-tune "
         f"budget, the same for every row: {ft['epochs']} epochs on {ft['train_images']} training "
         "images, AdamW lr 0.0005, batch 16, EMA. Latency: ONNX Runtime CPU, fp32, batch 1, "
         f"{result['latency']['threads']} threads, median of {result['latency']['runs']} "
-        f"interleaved runs, on {m['cpu']} ({m['cores_available']} cores).", "",
+        f"interleaved runs, on {m['cpu']} ({m['cores_available']} cores).",
+        "",
         "| model | recipe | MACs kept | mAP@.5:.95 before FT | after FT | % of unpruned | "
         "mAP@.5 after | latency ratio | fine-tune s |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",

@@ -163,6 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="initial learning rate (default 0.01 sgd, 0.001 adamw)",
     )
 
+    acc.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="iterative mode: prune in this many steps, fine-tuning --epochs/steps between "
+        "them (default 1)",
+    )
+
     g = sub.add_parser("graph", help="print the coupled channel groups of a model")
     _model_args(g)
     g.add_argument("--members", action="store_true", help="list every member of every group")

@@ -280,7 +280,7 @@ def train(
             record.update(map50_95=metrics.map50_95, map50=metrics.map50)
             if result.best is None or metrics.map50_95 > result.best["map50_95"]:
                 result.best = dict(record)
-                result.model = copy.deepcopy(current).cpu().eval()
+                result.model = _trainable_copy(current)
                 if save_dir is not None:
                     save_pruned(
                         result.model, info, Path(save_dir) / "best.pt", extra={"metrics": record}
@@ -297,10 +297,19 @@ def train(
                 Path(save_dir) / "last.pt", model, info, optimizer, ema, epoch + 1, result, settings
             )
     if result.best is None:
-        result.model = copy.deepcopy(ema.ema if ema is not None else _unwrap(model)).cpu().eval()
+        result.model = _trainable_copy(ema.ema if ema is not None else _unwrap(model))
     if world > 1 and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     result.seconds = round(time.perf_counter() - begin, 1)
+    return result
+
+
+def _trainable_copy(model: nn.Module) -> nn.Module:
+    """A CPU copy in eval mode with gradients enabled again (the EMA's are off), so the result
+    can be traced, pruned further or trained like any model."""
+    result = copy.deepcopy(model).cpu().eval()
+    for p in result.parameters():
+        p.requires_grad_(True)
     return result
 
 

@@ -60,6 +60,7 @@ class CompileOptions:
     distill: float | None = None
     optimizer: str | None = None
     lr0: float | None = None
+    steps: int | None = None  # iterative mode: prune in this many steps, fine-tuning between
 
     def target(self) -> Target:
         if self.ratio is not None and self.macs is not None:
@@ -228,10 +229,17 @@ def compile_model(options: CompileOptions) -> dict:
             )
         if data:
             accuracy["original"] = step("eval original", lambda: _eval(prepared.model, data, imgsz))
-        plan = step("score + plan", lambda: plan_for(prepared, options))
-        pruned = step("apply", lambda: apply_any(prepared.model, plan))
         training = None
-        if data:
+        if (options.steps or 1) > 1:
+            plan, pruned, training = step(
+                "iterative prune + fine-tune", lambda: _iterative(prepared, options, data, staging)
+            )
+            if data:
+                accuracy["finetuned"] = step("eval fine-tuned", lambda: _eval(pruned, data, imgsz))
+        else:
+            plan = step("score + plan", lambda: plan_for(prepared, options))
+            pruned = step("apply", lambda: apply_any(prepared.model, plan))
+        if data and (options.steps or 1) == 1:
             accuracy["pruned"] = step("eval pruned", lambda: _eval(pruned, data, imgsz))
             if options.epochs:
                 training = step(
@@ -348,6 +356,53 @@ def _finetune(pruned, prepared: Prepared, data, options: CompileOptions, staging
         return train(pruned, prepared.info, data, settings, teacher=teacher, save_dir=work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _iterative(prepared: Prepared, options: CompileOptions, data, staging: Path):
+    """Prune in ``options.steps`` equal steps (geometric in MACs or channels kept), scoring the
+    current model at each step and fine-tuning it between steps (epochs split evenly), with the
+    original as teacher. Returns the composed plan (against the original), model and training."""
+    import dataclasses
+    import math
+
+    if options.method != "structured" or options.plan is not None:
+        raise PlanError("--steps works with structured planning only (no --plan, no unstructured)")
+    if options.epochs and not data:
+        raise PlanError("--epochs needs --data data.yaml (what to fine-tune on)")
+    k = options.steps
+    target = options.target()
+    epochs = math.ceil(options.epochs / k) if options.epochs else None
+    current, composed, training = prepared, None, None
+    macs_original = None
+    for i in range(1, k + 1):
+        counter = MacCounter(
+            conv_channels(current.model, current.groups),
+            spatial_sizes(current.model, current.imgsz),
+        )
+        macs_now = counter.macs()
+        macs_original = macs_original or macs_now
+        if target.kind == "macs":
+            goal = target.value ** (i / k) * macs_original / macs_now
+            step_options = dataclasses.replace(options, macs=min(goal, 0.999), ratio=None)
+        else:
+            step_options = dataclasses.replace(options, ratio=1 - (1 - target.value) ** (1 / k))
+        plan = plan_for(current, step_options)
+        model = apply_plan(current.model, plan)
+        composed = plan if composed is None else composed.then(plan)
+        if epochs:
+            teacher_options = dataclasses.replace(options, epochs=epochs)
+            training = _finetune(model, prepared, data, teacher_options, staging)
+            model = training.model
+        graph = build_graph(model)
+        current = Prepared(
+            model, prepared.info, prepared.imgsz, channel_groups(model, graph), graph
+        )
+    composed = dataclasses.replace(
+        composed,
+        target={"kind": target.kind, "value": target.value, "steps": k},
+        macs_before=macs_original,
+    )
+    return composed, current.model, training
 
 
 def _keep_sparsity(model, plan: PruningPlan):

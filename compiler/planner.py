@@ -169,6 +169,8 @@ def make_plan(
     prunable = [g for g in groups if not g.protected]
     if allocation not in ("uniform", "global"):
         raise PlanError(f"unknown allocation {allocation!r}: use uniform (default) or --global")
+    if not prunable:
+        raise PlanError("the model has no prunable channel groups (only the protected head)")
     macs_before = counter.macs()
     total_channels = sum(g.size for g in prunable)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from graphs.errors import PlanError
@@ -66,6 +66,23 @@ class PruningPlan:
             raise PlanError(
                 f"{source}: malformed plan JSON ({exc}); regenerate it with `plan`"
             ) from exc
+
+    def then(self, later: PruningPlan) -> PruningPlan:
+        """The single plan, against this plan's model, that equals applying ``self`` then
+        ``later`` (made on the model ``self`` produced): kept indices compose."""
+        mine = {g.id: g for g in self.groups}
+        if {g.id for g in later.groups} != set(mine):
+            raise PlanError("plans to compose must come from the same network (same groups)")
+        groups = []
+        for g in later.groups:
+            first = mine[g.id]
+            if g.size != first.kept:
+                raise PlanError(
+                    f"group {g.id}: the later plan expects {g.size} channels, the "
+                    f"earlier one leaves {first.kept}"
+                )
+            groups.append(GroupPlan(g.id, first.size, tuple(first.keep[i] for i in g.keep)))
+        return replace(self, groups=tuple(groups), macs_after=later.macs_after)
 
     def save(self, path: Path) -> None:
         tmp = path.with_name(path.name + ".tmp")

@@ -115,3 +115,17 @@ def test_pruned_convs_are_plain_conv2d(tiny_model):
             assert m.weight.shape == (m.out_channels, m.in_channels // m.groups, *m.kernel_size)
         if isinstance(m, nn.BatchNorm2d):
             assert m.running_mean.shape == (m.num_features,)
+
+
+def test_composed_plans_equal_sequential_application(tiny_model):
+    first = plan_for(prepared_for(tiny_model, 64), CompileOptions("t", ratio=0.25))
+    once = apply_plan(tiny_model, first)
+    second = plan_for(prepared_for(once, 64), CompileOptions("t", ratio=0.25, importance="random"))
+    twice = apply_plan(once, second)
+    composed = first.then(second)
+    direct = apply_plan(tiny_model, composed)
+    x = images()
+    assert torch.equal(outputs(direct, x), outputs(twice, x))  # same channels, same weights
+    assert composed.macs_after == second.macs_after
+    with pytest.raises(PlanError, match="expects"):
+        second.then(first)

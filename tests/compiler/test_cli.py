@@ -353,3 +353,52 @@ def test_eval_command_pytorch_and_onnx_agree(tmp_path, tiny6_yaml, shapes_data, 
 def test_epochs_without_data_is_an_error(tmp_path, tiny_yaml, capsys):
     assert run_cli("compile", tiny_yaml, "--epochs", 2, "--out", tmp_path / "x") == 2
     assert "--epochs needs --data" in capsys.readouterr().err
+
+
+def test_iterative_mode_meets_the_target_with_a_replayable_plan(tmp_path, tiny6_yaml, shapes_data):
+    out = tmp_path / "iter"
+    assert (
+        run_cli(
+            "compile",
+            tiny6_yaml,
+            "--imgsz",
+            64,
+            "--macs",
+            0.4,
+            "--steps",
+            2,
+            "--data",
+            shapes_data,
+            "--epochs",
+            2,
+            "--batch",
+            8,
+            "--out",
+            out,
+            "--no-bench",
+        )
+        == 0
+    )
+    report = json.loads((out / "report.json").read_text())
+    assert abs(report["macs"]["ratio"] / 0.4 - 1) <= 0.03
+    assert report["plan"]["target"]["steps"] == 2
+    assert set(report["accuracy"]["map50_95"]) == {"original", "finetuned", "onnx"}
+    # the composed plan, replayed on the original, gives the same architecture
+    replay = tmp_path / "replay"
+    assert (
+        run_cli(
+            "compile",
+            tiny6_yaml,
+            "--imgsz",
+            64,
+            "--plan",
+            out / "tiny6-plan.json",
+            "--out",
+            replay,
+            "--no-bench",
+        )
+        == 0
+    )
+    a = torch.load(out / "tiny6-pruned.pt", weights_only=True)["state_dict"]
+    b = torch.load(replay / "tiny6-pruned.pt", weights_only=True)["state_dict"]
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}

@@ -72,6 +72,8 @@ def test_validation_and_resume(shapes, tmp_path):
     )
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
     assert all("map50_95" in h for h in resumed.history)
+    # the returned model (an EMA copy) can be traced and pruned again: gradients are on
+    assert all(p.requires_grad for p in resumed.model.parameters())
     best, _ = load_model(tmp_path / "best.pt")  # reloads without training code
     assert sum(p.numel() for p in best.parameters()) == sum(p.numel() for p in model.parameters())
 

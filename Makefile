@@ -4,7 +4,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-MODEL ?= yolov5s.yaml
+DEFAULT_MODEL := graphs/weights/yolov5n-shapes.pt
+SHAPES := runs/data/shapes/data.yaml
+MODEL ?= $(DEFAULT_MODEL)
+# The default model comes with its data (synthetic shapes, generated on first use), so the first
+# compile reports mAP as well as latency; other models get --data only if DATA is given.
+DATA ?= $(if $(filter $(DEFAULT_MODEL),$(MODEL)),$(SHAPES))
+EPOCHS ?=
 IMGSZ ?=
 RATIO ?=
 MACS ?= 0.5
@@ -15,7 +21,8 @@ ARGS ?=
 
 # "None means default": only pass flags the user set.
 COMPILE_FLAGS := $(if $(IMGSZ),--imgsz $(IMGSZ)) $(if $(RATIO),--ratio $(RATIO),$(if $(MACS),--macs $(MACS))) \
-	$(if $(IMPORTANCE),--importance $(IMPORTANCE)) $(if $(ROUND_TO),--round-to $(ROUND_TO)) --out $(OUT) $(ARGS)
+	$(if $(IMPORTANCE),--importance $(IMPORTANCE)) $(if $(ROUND_TO),--round-to $(ROUND_TO)) \
+	$(if $(DATA),--data $(DATA)) $(if $(EPOCHS),--epochs $(EPOCHS)) --out $(OUT) $(ARGS)
 
 .PHONY: install compile graph test lint format bench data eval clean
 
@@ -29,19 +36,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-compile: install
+compile: install $(if $(filter $(SHAPES),$(DATA)),$(SHAPES))
 	$(PY) -m compiler compile $(MODEL) $(COMPILE_FLAGS)
+
+$(SHAPES): | install
+	$(PY) -m compiler data --out $(dir $(SHAPES))
 
 graph: install
 	$(PY) -m compiler graph $(MODEL) $(if $(IMGSZ),--imgsz $(IMGSZ))
 
-DATA ?= runs/data/shapes/data.yaml
-
 data: install
-	$(PY) -m compiler data
+	$(PY) -m compiler data --out $(dir $(SHAPES))
 
-eval: install
-	$(PY) -m compiler eval $(MODEL) --data $(DATA) $(if $(IMGSZ),--imgsz $(IMGSZ)) $(ARGS)
+eval: install $(if $(filter $(SHAPES),$(DATA)),$(SHAPES))
+	$(PY) -m compiler eval $(MODEL) --data $(or $(DATA),$(SHAPES)) $(if $(IMGSZ),--imgsz $(IMGSZ)) $(ARGS)
 
 test: install
 	$(PY) -m pytest -q

@@ -1,0 +1,140 @@
+"""Accuracy checks that need a trained detector: the embedded default model (synthetic shapes)."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from compiler.apply import apply_plan
+from compiler.data import image_files, read_data_yaml
+from compiler.evaluate import evaluate, onnx_predictor, torch_predictor, val_dataset
+from compiler.export import export_onnx
+from compiler.finetune import TrainSettings, train
+from compiler.pipeline import CompileOptions, plan_for, prepare
+from compiler.synthetic import SyntheticSpec, generate
+
+ROOT = Path(__file__).resolve().parents[2]
+WEIGHTS = ROOT / "graphs" / "weights" / "yolov5n-shapes.pt"
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """A fresh synthetic set (another seed than the one the model was trained on)."""
+    root = tmp_path_factory.mktemp("acc") / "shapes"
+    return read_data_yaml(
+        generate(root, SyntheticSpec(train=320, val=60, imgsz=256, seed=11), progress=False)
+    )
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return prepare(str(WEIGHTS))
+
+
+def test_embedded_model_detects(embedded, shapes):
+    metrics = evaluate(
+        torch_predictor(embedded.model), val_dataset(shapes, 256), shapes.names, progress=False
+    )
+    assert metrics.map50_95 > 0.5 and metrics.map50 > 0.8
+
+
+@pytest.mark.slow
+def test_onnx_and_pytorch_map_agree(embedded, shapes, tmp_path):
+    # light pruning, no fine-tune: the model still detects, so agreement means something
+    plan = plan_for(embedded, CompileOptions(str(WEIGHTS), macs=0.85))
+    pruned = apply_plan(embedded.model, plan)
+    path = export_onnx(pruned, tmp_path / "p.onnx", 256)
+    dataset = val_dataset(shapes, 256)
+    by_torch = evaluate(torch_predictor(pruned), dataset, shapes.names, progress=False)
+    by_onnx = evaluate(
+        onnx_predictor(path), dataset, shapes.names, runtime="onnxruntime", progress=False
+    )
+    assert by_torch.map50_95 > 0.05  # a real detector, so agreement means something
+    assert abs(by_torch.map50_95 - by_onnx.map50_95) <= 0.002
+    assert abs(by_torch.map50 - by_onnx.map50) <= 0.002
+
+
+@pytest.mark.slow
+def test_fine_tuning_recovers_accuracy(embedded, shapes):
+    plan = plan_for(embedded, CompileOptions(str(WEIGHTS), macs=0.5))
+    pruned = apply_plan(embedded.model, plan)
+    dataset = val_dataset(shapes, 256)
+    before = evaluate(torch_predictor(pruned), dataset, shapes.names, progress=False)
+    settings = TrainSettings(
+        epochs=2,
+        batch=16,
+        nominal_batch=16,
+        imgsz=256,
+        optimizer="adamw",
+        lr0=0.0005,
+        momentum=0.9,
+        warmup_epochs=0.2,
+        distill=1.0,
+    )
+    tuned = train(
+        pruned,
+        embedded.info,
+        dataclasses.replace(shapes, val=()),
+        settings,
+        teacher=embedded.model,
+        progress=False,
+    ).model
+    after = evaluate(torch_predictor(tuned), dataset, shapes.names, progress=False)
+    assert after.map50_95 > before.map50_95 + 0.05
+
+
+@pytest.mark.slow
+def test_distributed_data_parallel_on_cpu(tmp_path, shapes):
+    """torchrun with two CPU processes (Gloo): both ranks train, rank 0 writes the results."""
+    files = image_files(shapes.train)[:32]
+    listing = tmp_path / "train.txt"
+    listing.write_text("".join(f"{f}\n" for f in files))
+    script = tmp_path / "ddp.py"
+    script.write_text(f"""
+import dataclasses, json, os, sys
+sys.path.insert(0, {str(ROOT)!r})
+from pathlib import Path
+import torch
+from compiler.data import read_data_yaml
+from compiler.finetune import TrainSettings, train
+from graphs.checkpoint import load_model
+torch.set_num_threads(1)
+data = dataclasses.replace(read_data_yaml({str(shapes.root / "data.yaml")!r}),
+                           train=(Path({str(listing)!r}),), val=())
+model, info = load_model({str(WEIGHTS)!r})
+settings = TrainSettings(epochs=1, batch=8, nominal_batch=16, imgsz=128, optimizer="adamw",
+                         lr0=0.0005, momentum=0.9, augment=False, ema=False)
+result = train(model, info, data, settings, progress=False)
+rank = int(os.environ["RANK"])
+Path({str(tmp_path)!r}, f"rank{{rank}}.json").write_text(json.dumps(
+    {{"world": int(os.environ["WORLD_SIZE"]), "epochs": len(result.history),
+     "checksum": float(sum(p.double().sum() for p in model.parameters()))}}))
+""")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29531",
+            str(script),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    import json
+
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["world"] == 2 for r in ranks)
+    assert ranks[0]["epochs"] == 1  # rank 0 records history
+    # DDP keeps replicas identical: both ranks end with the same weights
+    assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-6)

@@ -132,7 +132,8 @@ def render(result: dict) -> str:
         "",
         f"Machine: {m['cpu']}, {m['cores_available']} cores; torch {m['torch']}, onnxruntime "
         f"{m['onnxruntime']}. Runtime: ONNX Runtime CPUExecutionProvider (ORT_ENABLE_ALL), "
-        f"fp32, batch 1, {result['threads']} intra-op threads, image {IMGSZ}x{IMGSZ}; latency is "
+        f"fp32, batch 1, {result['threads']} intra-op threads (spinning off), "
+        f"image {IMGSZ}x{IMGSZ}; latency is "
         f"the median of {result['runs']} runs per model after 3 warm-up runs, the models "
         "interleaved (A B C A B C...). Weights are random init (architecture from YAML): latency"
         " does not depend on weight values. MACs: Conv2d multiply-accumulates, head included.",

@@ -227,8 +227,19 @@ def cmd_compile(args) -> int:
             f"({latency['ratio']:.3f})"
         )
     print(f"parity {report['parity']['max_abs_diff']:.2e} <= {report['parity']['tolerance']:g}")
-    for stage, value in report.get("accuracy", {}).get("map50_95", {}).items():
+    accuracy = report.get("accuracy", {}).get("map50_95", {})
+    for stage, value in accuracy.items():
         print(f"mAP@.5:.95 {stage:<10} {value:.4f}")
+    if (
+        "pruned" in accuracy
+        and "finetuned" not in accuracy
+        and accuracy["pruned"] < 0.5 * accuracy.get("original", 0)
+    ):
+        print(
+            "note: pruning without fine-tuning lost most of the accuracy; fine-tune to recover "
+            "it, e.g. --epochs 8 --distill 1 --optimizer adamw --lr0 0.001 (make compile "
+            "EPOCHS=8 ARGS='--distill 1 --optimizer adamw --lr0 0.001')"
+        )
     print(
         f"wrote {out}/: " + ", ".join(sorted(report["files"].values())) + ", report.json, report.md"
     )

@@ -110,37 +110,27 @@ def main() -> None:
         return result.model, round(time.perf_counter() - start, 1)
 
     start_all = time.perf_counter()
-    rows = {"baseline (unpruned)": {"model": base, "before": score(base)}}
-    rows["baseline (unpruned)"]["after"] = rows["baseline (unpruned)"]["before"]
-    for macs in (0.5, 0.3):
-        plan = plan_for(prepared, CompileOptions(str(MODEL), macs=macs))
-        pruned = apply_plan(base, plan)
-        row = {"before": score(pruned), "recipe": "uniform L2, round_to 8, distill 1.0"}
-        row["model"], row["finetune_s"] = finetune(pruned, distill=1.0)
-        row["after"] = score(row["model"])
-        rows[f"yoloprune MACs {macs}"] = row
-    tp_model, tp_ratio, _ = recipes.torch_pruning_default(base, 0.3, imgsz)
-    row = {"before": score(tp_model), "recipe": f"MetaPruner L2, ratio {tp_ratio:.3f}"}
-    row["model"], row["finetune_s"] = finetune(tp_model, distill=0.0)
-    row["after"] = score(row["model"])
-    rows["torch-pruning default MACs 0.3"] = row
-    sparse = sparsify(base, 0.3)  # not fine-tuned: it keeps every channel, so no MACs to win back
-    row = {"before": score(sparse), "recipe": "L1 unstructured 30% per conv, no fine-tune"}
-    row["model"], row["after"], row["sparsity"] = sparse, row["before"], sparsity(sparse)
-    rows["unstructured 30% (yolov5 torch_utils.prune)"] = row
+    models = architectures(prepared, imgsz)
+    rows = {}
+    for name, (model, recipe) in models.items():
+        row = {"before": score(model), "recipe": recipe}
+        if name.startswith("yoloprune") or name.startswith("torch-pruning"):
+            # ours distils from the original; torch-pruning's default recipe does not
+            distill = 1.0 if name.startswith("yoloprune") else 0.0
+            model, row["finetune_s"] = finetune(model, distill=distill)
+            row["after"] = score(model)
+        else:  # the baseline, and unstructured sparsity (no channel removed: nothing to win back)
+            row["after"] = row["before"]
+        if name.startswith("unstructured"):
+            row["sparsity"] = sparsity(model)
+        row["model"] = model
+        rows[name] = row
 
     macs_before = recipes.conv_macs(base, imgsz)
-    with tempfile.TemporaryDirectory() as tmp:
-        runners = {}
-        for i, (name, row) in enumerate(rows.items()):
-            path = export_onnx(row["model"], Path(tmp) / f"m{i}.onnx", imgsz)
-            runners[name] = OrtRunner(path)
-            row["macs_ratio"] = recipes.conv_macs(row["model"], imgsz) / macs_before
-            row["params"] = count_params(row["model"])
-        images = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
-        timings = interleaved(
-            {k: (lambda r=r: r.run(images)) for k, r in runners.items()}, runs=args.runs, warmup=3
-        )
+    for row in rows.values():
+        row["macs_ratio"] = recipes.conv_macs(row["model"], imgsz) / macs_before
+        row["params"] = count_params(row["model"])
+    timings = measure_latency({k: r["model"] for k, r in rows.items()}, imgsz, args.runs)
     base_ms = timings["baseline (unpruned)"].median_ms
     for name, row in rows.items():
         row["latency_ms"] = timings[name].to_dict()
@@ -174,13 +164,21 @@ def main() -> None:
 
 
 def architectures(prepared, imgsz: int) -> dict:
+    """Every row's model before fine-tuning, with its recipe: {name: (model, recipe)}."""
     base = prepared.model
-    models = {"baseline (unpruned)": base}
+    models = {"baseline (unpruned)": (base, "-")}
     for macs in (0.5, 0.3):
         plan = plan_for(prepared, CompileOptions(str(MODEL), macs=macs))
-        models[f"yoloprune MACs {macs}"] = apply_plan(base, plan)
-    models["torch-pruning default MACs 0.3"] = recipes.torch_pruning_default(base, 0.3, imgsz)[0]
-    models["unstructured 30% (yolov5 torch_utils.prune)"] = sparsify(base, 0.3)
+        models[f"yoloprune MACs {macs}"] = (
+            apply_plan(base, plan),
+            "uniform L2, round_to 8, distill 1.0",
+        )
+    tp_model, tp_ratio, _ = recipes.torch_pruning_default(base, 0.3, imgsz)
+    models["torch-pruning default MACs 0.3"] = (tp_model, f"MetaPruner L2, ratio {tp_ratio:.3f}")
+    models["unstructured 30% (yolov5 torch_utils.prune)"] = (
+        sparsify(base, 0.3),
+        "L1 unstructured 30% per conv, no fine-tune",
+    )
     return models
 
 
@@ -199,7 +197,8 @@ def measure_latency(models: dict, imgsz: int, runs: int) -> dict:
 def remeasure_latency(runs: int) -> None:
     result = json.loads((RESULTS / "accuracy.json").read_text())
     prepared = prepare(str(MODEL))
-    timings = measure_latency(architectures(prepared, prepared.imgsz), prepared.imgsz, runs)
+    models = {k: m for k, (m, _) in architectures(prepared, prepared.imgsz).items()}
+    timings = measure_latency(models, prepared.imgsz, runs)
     base_ms = timings["baseline (unpruned)"].median_ms
     for name, row in result["rows"].items():
         row["latency_ms"] = timings[name].to_dict()

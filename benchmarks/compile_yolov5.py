@@ -40,16 +40,6 @@ IMGSZ = 640
 MACS = 0.5
 
 
-def conv_macs(model: nn.Module) -> int:
-    return recipes.conv_macs(model, IMGSZ)
-
-
-def torch_pruning_default(model: nn.Module, macs_before: int) -> tuple[nn.Module, float]:
-    del macs_before  # the recipe measures it itself
-    candidate, ratio, _ = recipes.torch_pruning_default(model, MACS, IMGSZ)
-    return candidate, ratio
-
-
 def compile_seconds(model: str, repeats: int) -> list[float]:
     times = []
     for _ in range(repeats):
@@ -81,8 +71,8 @@ def bench_model(name: str, runs: int, compile_repeats: int) -> dict:
     base = prepared.model
     plan = plan_for(prepared, CompileOptions(name, macs=MACS))
     plan16 = plan_for(prepared, CompileOptions(name, macs=MACS, round_to=16))
-    macs_before = conv_macs(base)
-    tp_model, tp_ratio = torch_pruning_default(base, macs_before)
+    macs_before = recipes.conv_macs(base, IMGSZ)
+    tp_model, tp_ratio, _ = recipes.torch_pruning_default(base, MACS, IMGSZ)
     models = {
         "baseline": base,
         "yoloprune": apply_plan(base, plan),
@@ -97,7 +87,7 @@ def bench_model(name: str, runs: int, compile_repeats: int) -> dict:
             runners[key] = OrtRunner(path)
             row["recipes"][key] = {
                 "params": count_params(model),
-                "macs": conv_macs(model),
+                "macs": recipes.conv_macs(model, IMGSZ),
                 "onnx_bytes": path.stat().st_size,
             }
         images = np.random.default_rng(0).random((1, 3, IMGSZ, IMGSZ), dtype=np.float32)

@@ -7,7 +7,6 @@ out-of-range coordinates or unknown classes, drops the sample; duplicate rows ar
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -306,7 +305,3 @@ def loader(
         generator=generator,
         drop_last=False,
     )
-
-
-def steps_per_epoch(dataset: YoloDataset, batch: int) -> int:
-    return math.ceil(len(dataset) / batch)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from compiler.data import DataConfig, YoloDataset, collate
-from compiler.evaluate import EvalSettings, Metrics, evaluate, torch_predictor
+from compiler.evaluate import EvalSettings, evaluate, torch_predictor
 from compiler.loss import YoloV5Loss
 from graphs.checkpoint import ModelInfo, load_model, save_pruned
 from graphs.errors import YoloPruneError
@@ -358,6 +358,3 @@ def _resume(path: Path, model, optimizer, ema, result, device):
 
 def with_overrides(settings: TrainSettings, **changes) -> TrainSettings:
     return replace(settings, **{k: v for k, v in changes.items() if v is not None})
-
-
-__all__ = ["Metrics", "ModelEMA", "TrainResult", "TrainSettings", "train", "with_overrides"]

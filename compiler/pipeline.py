@@ -105,12 +105,16 @@ def prepare(model_spec: str, imgsz: int | None = None) -> Prepared:
     return Prepared(model, info, size, channel_groups(model, graph), graph)
 
 
-def plan_for(prepared: Prepared, options: CompileOptions) -> PruningPlan:
-    """Score and plan (or replay a plan file after checking it fits this model)."""
-    counter = MacCounter(
+def mac_counter(prepared: Prepared) -> MacCounter:
+    return MacCounter(
         conv_channels(prepared.model, prepared.groups),
         spatial_sizes(prepared.model, prepared.imgsz),
     )
+
+
+def plan_for(prepared: Prepared, options: CompileOptions) -> PruningPlan:
+    """Score and plan (or replay a plan file after checking it fits this model)."""
+    counter = mac_counter(prepared)
     if options.plan is not None:
         plan = PruningPlan.load(options.plan)
         if plan.imgsz != prepared.imgsz:
@@ -196,9 +200,13 @@ def compile_model(options: CompileOptions) -> dict:
     """Run the whole job; return the report dict. Outputs land in ``options.out``."""
     out = Path(options.out or DEFAULT_OUT)
     data = _data_for(options)
-    steps = ["load + graph", "score + plan", "apply", "save", "export", "parity"]
-    steps += ["eval original", "eval pruned", "eval onnx"] if data else []
-    steps += ["fine-tune", "eval fine-tuned"] if data and options.epochs else []
+    iterative = (options.steps or 1) > 1
+    steps = ["load + graph", "save", "export", "parity"]
+    steps += ["iterative prune + fine-tune"] if iterative else ["score + plan", "apply"]
+    steps += ["eval original", "eval onnx"] if data else []
+    steps += ["eval pruned"] if data and not iterative else []
+    steps += ["fine-tune"] if data and options.epochs and not iterative else []
+    steps += ["eval fine-tuned"] if data and (options.epochs or iterative) else []
     steps += ["bench"] if options.bench else []
     seconds: dict[str, float] = {}
     with (
@@ -227,26 +235,27 @@ def compile_model(options: CompileOptions) -> dict:
                 f"{options.data}: {data.nc} classes but {options.model} has {info.nc}; evaluate "
                 "a model on the data it was trained for"
             )
+        val = _val_dataset(data, imgsz)
         if data:
-            accuracy["original"] = step("eval original", lambda: _eval(prepared.model, data, imgsz))
+            accuracy["original"] = step("eval original", lambda: _eval(prepared.model, val, data))
         training = None
-        if (options.steps or 1) > 1:
+        if iterative:
             plan, pruned, training = step(
                 "iterative prune + fine-tune", lambda: _iterative(prepared, options, data, staging)
             )
             if data:
-                accuracy["finetuned"] = step("eval fine-tuned", lambda: _eval(pruned, data, imgsz))
+                accuracy["finetuned"] = step("eval fine-tuned", lambda: _eval(pruned, val, data))
         else:
             plan = step("score + plan", lambda: plan_for(prepared, options))
             pruned = step("apply", lambda: apply_any(prepared.model, plan))
-        if data and (options.steps or 1) == 1:
-            accuracy["pruned"] = step("eval pruned", lambda: _eval(pruned, data, imgsz))
+        if data and not iterative:
+            accuracy["pruned"] = step("eval pruned", lambda: _eval(pruned, val, data))
             if options.epochs:
                 training = step(
                     "fine-tune", lambda: _finetune(pruned, prepared, data, options, staging)
                 )
                 pruned = _keep_sparsity(training.model, plan)
-                accuracy["finetuned"] = step("eval fine-tuned", lambda: _eval(pruned, data, imgsz))
+                accuracy["finetuned"] = step("eval fine-tuned", lambda: _eval(pruned, val, data))
         name = info.name.removesuffix("-pruned")
         paths = {
             "checkpoint": staging / f"{name}-pruned.pt",
@@ -280,7 +289,7 @@ def compile_model(options: CompileOptions) -> dict:
             )
         if data:
             accuracy["onnx"] = step(
-                "eval onnx", lambda: _eval_onnx(paths["onnx"], data, imgsz, options)
+                "eval onnx", lambda: _eval_onnx(paths["onnx"], val, data, options)
             )
         latency = None
         if options.bench:
@@ -320,18 +329,25 @@ def _data_for(options: CompileOptions):
     return read_data_yaml(options.data)
 
 
-def _eval(model, data, imgsz: int):
-    from compiler.evaluate import evaluate, torch_predictor, val_dataset
+def _val_dataset(data, imgsz: int):
+    """Read and check the validation split once; every evaluation of the job shares it."""
+    from compiler.evaluate import val_dataset
 
-    return evaluate(torch_predictor(model), val_dataset(data, imgsz), data.names, progress=False)
+    return val_dataset(data, imgsz) if data else None
 
 
-def _eval_onnx(path: Path, data, imgsz: int, options: CompileOptions):
-    from compiler.evaluate import evaluate, onnx_predictor, val_dataset
+def _eval(model, val, data):
+    from compiler.evaluate import evaluate, torch_predictor
+
+    return evaluate(torch_predictor(model), val, data.names, progress=False)
+
+
+def _eval_onnx(path: Path, val, data, options: CompileOptions):
+    from compiler.evaluate import evaluate, onnx_predictor
 
     return evaluate(
         onnx_predictor(path, options.threads),
-        val_dataset(data, imgsz),
+        val,
         data.names,
         runtime="onnxruntime",
         progress=False,
@@ -367,19 +383,13 @@ def _iterative(prepared: Prepared, options: CompileOptions, data, staging: Path)
 
     if options.method != "structured" or options.plan is not None:
         raise PlanError("--steps works with structured planning only (no --plan, no unstructured)")
-    if options.epochs and not data:
-        raise PlanError("--epochs needs --data data.yaml (what to fine-tune on)")
     k = options.steps
     target = options.target()
     epochs = math.ceil(options.epochs / k) if options.epochs else None
     current, composed, training = prepared, None, None
     macs_original = None
     for i in range(1, k + 1):
-        counter = MacCounter(
-            conv_channels(current.model, current.groups),
-            spatial_sizes(current.model, current.imgsz),
-        )
-        macs_now = counter.macs()
+        macs_now = mac_counter(current).macs()
         macs_original = macs_original or macs_now
         if target.kind == "macs":
             goal = target.value ** (i / k) * macs_original / macs_now

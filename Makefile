@@ -18,13 +18,16 @@ OUT ?= runs/compile
 IMPORTANCE ?=
 ROUND_TO ?=
 ARGS ?=
+RUNTIME ?= ort
+BATCH ?=
+PRUNED ?= $(OUT)/$(basename $(notdir $(MODEL)))-pruned.pt
 
 # "None means default": only pass flags the user set.
 COMPILE_FLAGS := $(if $(IMGSZ),--imgsz $(IMGSZ)) $(if $(RATIO),--ratio $(RATIO),$(if $(MACS),--macs $(MACS))) \
 	$(if $(IMPORTANCE),--importance $(IMPORTANCE)) $(if $(ROUND_TO),--round-to $(ROUND_TO)) \
 	$(if $(DATA),--data $(DATA)) $(if $(EPOCHS),--epochs $(EPOCHS)) --out $(OUT) $(ARGS)
 
-.PHONY: install compile graph test lint format bench data eval clean
+.PHONY: install compile graph test lint format bench benchmarks data eval clean
 
 install: $(STAMP)
 
@@ -62,8 +65,15 @@ format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# Baseline vs the compiled model, interleaved: make bench [MODEL=..] [PRUNED=..] [RUNTIME=ort|torch|tensorrt]
 bench: install
+	$(PY) -m compiler bench $(MODEL) $(wildcard $(PRUNED)) --runtime $(RUNTIME) $(if $(BATCH),--batch $(BATCH)) \
+		$(if $(IMGSZ),--imgsz $(IMGSZ)) --out $(OUT)/bench.json $(ARGS)
+
+# The reproducible benchmark scripts; each writes benchmarks/results/*.json and *.md.
+benchmarks: install
 	$(PY) benchmarks/compile_yolov5.py
+	$(PY) benchmarks/latency.py
 
 clean:
 	rm -rf runs .pytest_cache

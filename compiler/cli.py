@@ -46,6 +46,33 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="fraction of MACs to keep, in (0, 1), met within ±3%% (default 0.5)",
     )
+    target.add_argument(
+        "--speedup",
+        type=float,
+        default=None,
+        help="latency-aware: be this many times faster (e.g. 2.0), measured on the latency "
+        "runtime; plans from a per-layer latency table, then checks and corrects by measuring",
+    )
+    target.add_argument(
+        "--latency-ms",
+        type=float,
+        default=None,
+        help="latency-aware: a latency budget in milliseconds on the latency runtime",
+    )
+    p.add_argument(
+        "--latency-runtime",
+        choices=["ort", "torch"],
+        default=None,
+        help="where --speedup/--latency-ms are measured: ort (ONNX Runtime CPU, default) or "
+        "torch (PyTorch CUDA fp16; needs a GPU)",
+    )
+    p.add_argument(
+        "--latency-table",
+        type=Path,
+        default=None,
+        help="latency table JSON to use and extend (default: ~/.cache/yoloprune/latency/, one "
+        "file per runtime, device, precision, batch and threads)",
+    )
     p.add_argument(
         "--importance",
         choices=["l1", "l2", "bn", "random"],
@@ -71,6 +98,28 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
         help="most any one group may lose, in (0, 1) (default 0.8)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of --importance random")
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=["fp16", "fp32", "int8"], default="fp16")
+    p.add_argument("--max-batch", type=int, default=32, help="optimization profile maximum")
+    p.add_argument("--opt-batch", type=int, default=1, help="batch TensorRT tunes for")
+    p.add_argument("--workspace", type=float, default=4.0, help="workspace limit, GiB")
+    p.add_argument(
+        "--timing-cache", type=Path, default=None, help="TensorRT timing cache file (reused)"
+    )
+    p.add_argument(
+        "--calib-images", type=Path, default=None, help="int8: folder of calibration images"
+    )
+    p.add_argument(
+        "--calib-cache", type=Path, default=None, help="int8: calibration cache (reused)"
+    )
+    p.add_argument(
+        "--triton",
+        type=Path,
+        default=None,
+        help="also write a Triton model repository here (model.plan + config.pbtxt)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,6 +245,43 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--val", type=int, default=300)
     d.add_argument("--imgsz", type=int, default=256)
     d.add_argument("--seed", type=int, default=0)
+
+    b = sub.add_parser(
+        "bench",
+        help="latency of models on a runtime (ORT CPU, PyTorch CUDA/CPU, TensorRT), interleaved",
+    )
+    b.add_argument(
+        "models",
+        metavar="MODEL",
+        nargs="+",
+        help="models to time A B A B ...; ratios are against the first (.pt, .yaml, .onnx; "
+        ".engine for tensorrt)",
+    )
+    b.add_argument("--runtime", choices=["ort", "torch", "tensorrt"], default="ort")
+    b.add_argument("--device", default=None, help="torch: cuda (default) or cpu")
+    b.add_argument(
+        "--precision",
+        choices=["fp32", "fp16", "int8"],
+        default=None,
+        help="default: fp32 on CPU, fp16 on GPU (int8: tensorrt only)",
+    )
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--imgsz", "--img", type=int, default=None, help="default: the first model's")
+    b.add_argument("--threads", type=int, default=None, help="ORT intra-op threads")
+    b.add_argument("--runs", type=int, default=50, help="timed runs per model (median reported)")
+    b.add_argument("--warmup", type=int, default=10)
+    b.add_argument("--cuda-graph", action="store_true", help="torch on CUDA: replay a CUDA graph")
+    b.add_argument("--out", type=Path, default=None, help="also write the result as JSON here")
+
+    t = sub.add_parser(
+        "build",
+        help="TensorRT engine from an ONNX file (needs TensorRT and a GPU), with metadata JSON",
+    )
+    t.add_argument("onnx", metavar="ONNX", type=Path, help="exported model (e.g. from compile)")
+    _engine_args(t)
+    t.add_argument(
+        "--out", type=Path, default=None, help="engine path (default: ONNX with .engine)"
+    )
 
     pl = sub.add_parser("plan", help="write a pruning plan JSON without applying it")
     _model_args(pl)
@@ -325,6 +411,74 @@ def _onnx_imgsz(path: Path) -> int:
     return int(dims[2].dim_value)
 
 
+def cmd_bench(args) -> int:
+    import json
+
+    from compiler.bench import BenchSettings, bench, render
+
+    settings = BenchSettings(
+        runtime=args.runtime,
+        batch=args.batch,
+        imgsz=args.imgsz,
+        precision=args.precision,
+        device=args.device,
+        threads=args.threads,
+        runs=args.runs,
+        warmup=args.warmup,
+        cuda_graph=args.cuda_graph,
+    )
+    result = bench(args.models, settings)
+    print(render(result))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_name(args.out.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        tmp.replace(args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_build(args) -> int:
+    from kernels.tensorrt import BuildSettings, build_engine, write_triton_repository
+
+    if not args.onnx.is_file():
+        raise YoloPruneError(f"{args.onnx}: ONNX file not found; export one with compile")
+    settings = BuildSettings(
+        precision=args.precision,
+        opt_batch=min(args.opt_batch, args.max_batch),
+        max_batch=args.max_batch,
+        workspace_gib=args.workspace,
+        timing_cache=args.timing_cache,
+        calibration_images=args.calib_images,
+        calibration_cache=args.calib_cache,
+    )
+    engine = args.out or args.onnx.with_suffix(".engine")
+    built = build_engine(args.onnx, engine, settings, _engine_extras(args.onnx))
+    print(f"wrote {built.engine} and {built.metadata}")
+    if args.triton is not None:
+        folder = write_triton_repository(
+            built.engine, built.metadata, args.triton, args.onnx.stem.replace(".", "_")
+        )
+        print(f"wrote Triton model {folder}")
+    return 0
+
+
+def _engine_extras(onnx_path: Path) -> dict:
+    """Class names, anchors and the pruning summary of a compile output, when beside it."""
+    import json
+
+    report = onnx_path.parent / "report.json"
+    if not report.is_file():
+        return {}
+    data = json.loads(report.read_text())
+    return {
+        "names": data["model"].get("names"),
+        "anchors": data["model"].get("anchors"),
+        "stride": data["model"].get("stride"),
+        "pruning": {"plan": data["plan"], "macs": data["macs"], "params": data["params"]},
+    }
+
+
 def cmd_data(args) -> int:
     from compiler.synthetic import SyntheticSpec, generate
 
@@ -341,6 +495,8 @@ COMMANDS = {
     "plan": cmd_plan,
     "eval": cmd_eval,
     "data": cmd_data,
+    "bench": cmd_bench,
+    "build": cmd_build,
 }
 
 

@@ -61,13 +61,28 @@ class CompileOptions:
     optimizer: str | None = None
     lr0: float | None = None
     steps: int | None = None  # iterative mode: prune in this many steps, fine-tuning between
+    speedup: float | None = None  # latency-aware: measured baseline / pruned latency
+    latency_ms: float | None = None  # latency-aware: a budget in milliseconds
+    latency_runtime: str | None = None  # the runtime the latency table is measured on (ort)
+    latency_table: Path | None = None  # the table file (default: per-device cache)
 
     def target(self) -> Target:
-        if self.ratio is not None and self.macs is not None:
-            raise PlanError("give either --ratio or --macs, not both")
-        if self.ratio is not None:
-            return Target("ratio", self.ratio)
-        return Target("macs", DEFAULT_MACS if self.macs is None else self.macs)
+        given = [
+            (kind, value)
+            for kind, value in (
+                ("ratio", self.ratio),
+                ("macs", self.macs),
+                ("speedup", self.speedup),
+                ("latency_ms", self.latency_ms),
+            )
+            if value is not None
+        ]
+        if len(given) > 1:
+            names = " and ".join("--" + k.replace("_", "-") for k, _ in given)
+            raise PlanError(f"give one target, not {names}")
+        if given:
+            return Target(*given[0])
+        return Target("macs", DEFAULT_MACS)
 
     def constraints(self) -> Constraints:
         defaults = Constraints()
@@ -131,6 +146,17 @@ def plan_for(prepared: Prepared, options: CompileOptions) -> PruningPlan:
         raise PlanError(f"--importance {importance}: use one of {', '.join(IMPORTANCES)}")
     target, constraints = options.target(), options.constraints()
     scores = score_groups(prepared.model, prepared.graph, prepared.groups, importance, options.seed)
+    if target.latency:
+        from compiler.latency_planner import LatencySettings, plan_latency
+
+        settings = LatencySettings(
+            runtime=options.latency_runtime or "ort",
+            threads=options.threads,
+            table=options.latency_table,
+        )
+        return plan_latency(
+            prepared, scores, counter, target, constraints, importance, options.seed, settings
+        )
     return make_plan(
         prepared.info.name,
         prepared.imgsz,
@@ -383,6 +409,8 @@ def _iterative(prepared: Prepared, options: CompileOptions, data, staging: Path)
 
     if options.method != "structured" or options.plan is not None:
         raise PlanError("--steps works with structured planning only (no --plan, no unstructured)")
+    if options.target().latency:
+        raise PlanError("--steps takes --macs or --ratio; latency targets plan in one step")
     k = options.steps
     target = options.target()
     epochs = math.ceil(options.epochs / k) if options.epochs else None

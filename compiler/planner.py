@@ -17,15 +17,34 @@ MACS_TOLERANCE = 0.03  # relative: a MACs target is met when |kept/target - 1| <
 
 @dataclass(frozen=True)
 class Target:
-    """``ratio``: fraction of channels removed per group; ``macs``: fraction of MACs kept."""
+    """``ratio``: fraction of channels removed per group; ``macs``: fraction of MACs kept;
+    ``speedup``: measured baseline latency / pruned latency; ``latency_ms``: a budget."""
+
+    @property
+    def latency(self) -> bool:
+        return self.kind in ("speedup", "latency_ms")
 
     kind: str
     value: float
 
     def __post_init__(self) -> None:
-        if self.kind not in ("ratio", "macs"):
-            raise PlanError(f"unknown target {self.kind!r}: use --ratio or --macs")
-        if not (0.0 < self.value < 1.0) or math.isnan(self.value):
+        if self.kind not in ("ratio", "macs", "speedup", "latency_ms"):
+            raise PlanError(
+                f"unknown target {self.kind!r}: use --ratio, --macs, --speedup or --latency-ms"
+            )
+        if math.isnan(self.value):
+            raise PlanError(f"--{self.kind} is not a number")
+        if self.kind == "speedup":
+            if self.value <= 1.0:
+                raise PlanError(
+                    f"--speedup {self.value:g} must be greater than 1 (2.0 = twice as fast)"
+                )
+            return
+        if self.kind == "latency_ms":
+            if self.value <= 0:
+                raise PlanError(f"--latency-ms {self.value:g} must be positive (milliseconds)")
+            return
+        if not (0.0 < self.value < 1.0):
             what = "channels removed per group" if self.kind == "ratio" else "MACs kept"
             raise PlanError(
                 f"--{self.kind} {self.value:g} is out of range: it is the fraction of {what}, "
@@ -166,6 +185,8 @@ def make_plan(
 ) -> PruningPlan:
     """Decide kept channels per group so the target is met; raise PlanError when it cannot be."""
     c = constraints or Constraints()
+    if target.latency:
+        raise PlanError("latency targets are planned by compiler.latency_planner.plan_latency")
     prunable = [g for g in groups if not g.protected]
     if allocation not in ("uniform", "global"):
         raise PlanError(f"unknown allocation {allocation!r}: use uniform (default) or --global")
@@ -213,6 +234,37 @@ def make_plan(
             f"{macs_after / macs_before:.3f}) with --round-to {c.round_to} and --max-ratio "
             f"{c.max_ratio:g}; raise --max-ratio, lower --round-to or ask for more MACs"
         )
+    return plan_from_counts(
+        model_name,
+        imgsz,
+        prunable,
+        scores,
+        counts,
+        counter,
+        target,
+        c,
+        allocation=allocation,
+        importance=importance,
+        seed=seed,
+    )
+
+
+def plan_from_counts(
+    model_name: str,
+    imgsz: int,
+    prunable: list[ChannelGroup],
+    scores: dict[str, torch.Tensor],
+    counts: dict[str, int],
+    counter: MacCounter,
+    target: Target,
+    c: Constraints,
+    *,
+    allocation: str,
+    importance: str,
+    seed: int = 0,
+    latency: dict | None = None,
+) -> PruningPlan:
+    """The plan keeping, in each group, its ``counts[id]`` highest-scored channels."""
     plans = []
     for g in prunable:
         order = torch.argsort(scores[g.id], descending=True, stable=True)
@@ -226,8 +278,9 @@ def make_plan(
         target={"kind": target.kind, "value": target.value},
         round_to=c.round_to,
         max_ratio=c.max_ratio,
-        macs_before=macs_before,
-        macs_after=macs_after,
+        macs_before=counter.macs(),
+        macs_after=counter.macs(counts),
         groups=tuple(plans),
         seed=seed,
+        latency=latency,
     )

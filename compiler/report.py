@@ -56,6 +56,7 @@ def build_report(
             "family": info.family,
             "pretrained": info.pretrained,
             "nc": info.nc,
+            "names": list(info.names),
             "stride": list(info.stride),
             "anchors": [list(a) for a in info.anchors],
             "imgsz": imgsz,
@@ -67,6 +68,7 @@ def build_report(
             "target": plan.target,
             "round_to": plan.round_to,
             "max_ratio": plan.max_ratio,
+            "latency": plan.latency,
         },
         "params": {"before": params[0], "after": params[1], "ratio": params[1] / params[0]},
         "macs": {
@@ -124,6 +126,7 @@ def render_markdown(report: dict) -> str:
         ]
     else:
         lines += ["", "Latency not measured (--no-bench)."]
+    lines += _latency_plan_lines(plan.get("latency"), latency)
     parity = report["parity"]
     lines += [
         "",
@@ -157,6 +160,26 @@ def render_markdown(report: dict) -> str:
         note = "protected" if g["protected"] else ("" if g["kept"] < g["total"] else "unpruned")
         lines.append(f"| `{g['id']}` | {g['kept']} / {g['total']} | {g['members']} | {note} |")
     return "\n".join(lines) + "\n"
+
+
+def _latency_plan_lines(planned: dict | None, bench: dict | None) -> list[str]:
+    """Latency-aware plans: the goal, what the table predicted, what was measured."""
+    if not planned:
+        return []
+    lines = [
+        "",
+        f"Latency-aware plan on {planned['runtime']} (table {Path(planned['table']).name}, "
+        f"{planned['table_entries']} conv shapes, {planned['measured_now']} measured now): "
+        f"goal {planned['goal_ms']:.2f} ms, predicted {planned['predicted_ms']:.2f} ms, "
+        f"measured {planned['measured_ms']:.2f} ms (speed-up {planned['measured_speedup']:.3f}) "
+        f"after {len(planned['rounds'])} round(s) of plan, measure, correct.",
+    ]
+    if bench:
+        lines.append(
+            f"Re-measured by the bench step: speed-up {1 / bench['ratio']:.3f} "
+            f"({bench['runtime']})."
+        )
+    return lines
 
 
 STAGES = {

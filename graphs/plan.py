@@ -33,8 +33,8 @@ class PruningPlan:
     model: str
     imgsz: int
     importance: str
-    allocation: str  # "uniform" | "global"
-    target: dict  # {"kind": "ratio" | "macs", "value": float}
+    allocation: str  # "uniform" | "global" | "latency"
+    target: dict  # {"kind": "ratio" | "macs" | "speedup" | "latency_ms", "value": float}
     round_to: int
     max_ratio: float
     macs_before: int
@@ -42,6 +42,7 @@ class PruningPlan:
     groups: tuple[GroupPlan, ...]
     seed: int = 0
     method: str = "structured"  # or "unstructured": no channel removed, weights zeroed
+    latency: dict | None = None  # latency-aware plans: runtime, predicted and measured ms
     format: str = field(default=PLAN_FORMAT)
 
     @property

@@ -1,4 +1,10 @@
-"""The one timing primitive every runtime uses: warm-up, synchronise, median / p90 / min."""
+"""The one timing primitive every runtime uses: warm-up, synchronise, median / p90 / min.
+
+Every runtime (ONNX Runtime, PyTorch CPU/CUDA, TensorRT) times through :func:`interleaved`. A
+runtime whose work is asynchronous passes ``sync`` (wait for the device) and may pass a
+``clock``: the default reads the host's perf counter around the synchronised call, while
+:class:`CudaEventClock` reads CUDA events recorded on the stream, which excludes host jitter.
+"""
 
 from __future__ import annotations
 
@@ -26,14 +32,46 @@ def _summarise(samples_ms: list[float], warmup: int) -> Timing:
     return Timing(statistics.median(ordered), p90, ordered[0], len(ordered), warmup)
 
 
+class HostClock:
+    """Wall time on the host from ``start`` to ``stop`` (which synchronises first)."""
+
+    def start(self) -> None:
+        self._start = time.perf_counter()
+
+    def stop(self, sync: Callable[[], None]) -> float:
+        sync()
+        return (time.perf_counter() - self._start) * 1e3
+
+
+class CudaEventClock:
+    """Time between two CUDA events recorded on ``stream`` (default: the current stream)."""
+
+    def __init__(self, stream=None) -> None:
+        import torch
+
+        self._stream = stream  # None: the current stream
+        self._begin = torch.cuda.Event(enable_timing=True)
+        self._end = torch.cuda.Event(enable_timing=True)
+
+    def start(self) -> None:
+        self._begin.record(self._stream)
+
+    def stop(self, sync: Callable[[], None]) -> float:
+        self._end.record(self._stream)
+        sync()
+        self._end.synchronize()
+        return float(self._begin.elapsed_time(self._end))
+
+
 def measure(
     fn: Callable[[], object],
     runs: int = 20,
     warmup: int = 3,
     sync: Callable[[], None] | None = None,
+    clock: HostClock | CudaEventClock | None = None,
 ) -> Timing:
     """Time ``fn`` ``runs`` times after ``warmup`` calls; ``sync`` waits for async devices."""
-    return interleaved({"_": fn}, runs=runs, warmup=warmup, sync=sync)["_"]
+    return interleaved({"_": fn}, runs=runs, warmup=warmup, sync=sync, clock=clock)["_"]
 
 
 def interleaved(
@@ -41,11 +79,13 @@ def interleaved(
     runs: int = 20,
     warmup: int = 3,
     sync: Callable[[], None] | None = None,
+    clock: HostClock | CudaEventClock | None = None,
 ) -> dict[str, Timing]:
     """Time several callables A B A B ... so machine noise hits them alike."""
     if runs < 1 or warmup < 0:
         raise ValueError("runs must be >= 1 and warmup >= 0")
     sync = sync or (lambda: None)
+    clock = clock or HostClock()
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -54,8 +94,7 @@ def interleaved(
     for _ in range(runs):
         for name, fn in fns.items():
             sync()
-            start = time.perf_counter()
+            clock.start()
             fn()
-            sync()
-            samples[name].append((time.perf_counter() - start) * 1e3)
+            samples[name].append(clock.stop(sync))
     return {name: _summarise(values, warmup) for name, values in samples.items()}

@@ -33,3 +33,26 @@ def test_machine_info_names_cpu_and_versions():
     info = machine_info()
     assert info["cores_available"] == default_threads() >= 1
     assert info["cpu"] and info["onnxruntime"] and info["torch"]
+
+
+def test_host_clock_synchronises_before_reading():
+    synced = []
+    timing = measure(
+        lambda: None, runs=3, warmup=0, sync=lambda: (synced.append(1), time.sleep(0.01))
+    )
+    # sync is part of the timed region (it is what waits for asynchronous devices)
+    assert timing.min_ms >= 9.0
+    assert len(synced) == 1 + 2 * 3  # after warm-up, then before each start and in each stop
+
+
+@pytest.mark.gpu
+def test_cuda_event_clock_times_gpu_work():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU here")
+    from kernels.timing import CudaEventClock
+
+    a = torch.rand(4096, 4096, device="cuda")
+    small = measure(lambda: a[:256, :256] @ a[:256, :256], runs=10, clock=CudaEventClock())
+    large = measure(lambda: a @ a, runs=10, clock=CudaEventClock())
+    assert large.median_ms > small.median_ms > 0

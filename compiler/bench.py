@@ -1,0 +1,235 @@
+"""Bench pass: latency of one or more models on one runtime, interleaved, with ratios.
+
+Runtimes: ``ort`` (ONNX Runtime CPU), ``torch`` (PyTorch; CUDA fp16 by default, CPU fp32 with
+``--device cpu``) and ``tensorrt`` (an engine file, or an ONNX/PyTorch model built on the fly;
+needs TensorRT and a GPU). Every result names its runtime, device, batch, size, precision and
+threads, so no number is quoted without what produced it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from graphs.errors import YoloPruneError
+
+RUNTIMES = ("ort", "torch", "tensorrt")
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    runtime: str = "ort"
+    batch: int = 1
+    imgsz: int | None = None
+    precision: str | None = None  # ort: fp32; torch: fp16 on cuda, fp32 on cpu; tensorrt: fp16
+    device: str | None = None  # torch: cuda (default) or cpu
+    threads: int | None = None  # ort intra-op threads (default: all available cores)
+    runs: int = 50
+    warmup: int = 10
+    cuda_graph: bool = False
+
+    def __post_init__(self) -> None:
+        if self.runtime not in RUNTIMES:
+            raise YoloPruneError(f"--runtime {self.runtime}: use one of {', '.join(RUNTIMES)}")
+        if self.batch < 1 or self.runs < 1 or self.warmup < 0:
+            raise YoloPruneError("--batch and --runs must be positive, --warmup non-negative")
+        if self.runtime == "ort" and self.precision not in (None, "fp32"):
+            raise YoloPruneError("ONNX Runtime CPU benchmarks run fp32: drop --precision")
+
+    def resolved_precision(self) -> str:
+        if self.precision:
+            return self.precision
+        if self.runtime == "torch":
+            return "fp32" if self.resolved_device() == "cpu" else "fp16"
+        return "fp16" if self.runtime == "tensorrt" else "fp32"
+
+    def resolved_device(self) -> str:
+        if self.runtime == "ort":
+            return "cpu"
+        return self.device or "cuda"
+
+
+def _load(spec: str):
+    from graphs.checkpoint import load_model
+
+    return load_model(spec)
+
+
+def _model_imgsz(spec: str, settings: BenchSettings) -> int:
+    if settings.imgsz:
+        return settings.imgsz
+    if spec.endswith(".onnx"):
+        import onnx
+
+        dims = onnx.load(spec, load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+        return int(dims[2].dim_value)
+    return _load(spec)[1].imgsz
+
+
+def _ort_callable(spec: str, settings: BenchSettings, imgsz: int, scratch: Path, index: int):
+    from compiler.export import export_onnx
+    from kernels.ort import OrtRunner
+
+    path = Path(spec)
+    if path.suffix != ".onnx":
+        model, _ = _load(spec)
+        path = export_onnx(model, scratch / f"model{index}.onnx", imgsz, dynamic=True)
+    runner = OrtRunner(path, settings.threads)
+    images = np.random.default_rng(0).random((settings.batch, 3, imgsz, imgsz), dtype=np.float32)
+    return (lambda: runner.run(images)), None, None, {"threads": runner.threads}
+
+
+def _torch_callable(spec: str, settings: BenchSettings, imgsz: int):
+    from kernels.torch_runtime import TorchRunner, TorchSettings
+
+    if spec.endswith(".onnx"):
+        raise YoloPruneError(f"{spec}: --runtime torch needs a PyTorch model (.pt or .yaml)")
+    model, _ = _load(spec)
+    try:
+        torch_settings = TorchSettings(
+            device=settings.resolved_device(),
+            precision=settings.resolved_precision(),
+            cuda_graph=settings.cuda_graph,
+        )
+    except (RuntimeError, ValueError) as exc:
+        raise YoloPruneError(str(exc)) from exc
+    runner = TorchRunner(model, settings.batch, imgsz, torch_settings)
+    extra = {"channels_last": True, "cudnn_benchmark": True, "cuda_graph": settings.cuda_graph}
+    return runner.run, runner.sync, runner.clock(), extra
+
+
+def _tensorrt_callable(spec: str, settings: BenchSettings, imgsz: int, scratch: Path, index: int):
+    from kernels.tensorrt import BuildSettings, EngineRunner, build_engine
+
+    path = Path(spec)
+    if path.suffix not in (".engine", ".plan"):
+        onnx_path = path
+        if path.suffix != ".onnx":
+            from compiler.export import export_onnx
+
+            model, _ = _load(spec)
+            onnx_path = export_onnx(model, scratch / f"model{index}.onnx", imgsz, dynamic=True)
+        build = BuildSettings(
+            precision=settings.resolved_precision(),
+            min_batch=1,
+            opt_batch=settings.batch,
+            max_batch=settings.batch,
+        )
+        path = build_engine(onnx_path, scratch / f"model{index}.engine", build).engine
+    runner = EngineRunner(path)
+    runner.set_batch(settings.batch)
+    return runner.run, runner.sync, runner.clock(), {"tensorrt": runner.version}
+
+
+def time_models(models: dict, settings: BenchSettings, imgsz: int) -> dict:
+    """Time in-memory PyTorch models A B A B on ``settings.runtime`` (ort or torch):
+    {name: Timing}."""
+    from compiler.export import export_onnx
+    from kernels.ort import OrtRunner
+    from kernels.timing import interleaved
+    from kernels.torch_runtime import TorchRunner, TorchSettings
+
+    if settings.runtime == "ort":
+        with tempfile.TemporaryDirectory() as tmp:
+            runners = {
+                name: OrtRunner(
+                    export_onnx(model, Path(tmp) / f"m{i}.onnx", imgsz, dynamic=True),
+                    settings.threads,
+                )
+                for i, (name, model) in enumerate(models.items())
+            }
+        shape = (settings.batch, 3, imgsz, imgsz)
+        images = np.random.default_rng(0).random(shape, dtype=np.float32)
+        fns = {name: (lambda r=r: r.run(images)) for name, r in runners.items()}
+        return interleaved(fns, runs=settings.runs, warmup=settings.warmup)
+    if settings.runtime != "torch":
+        raise YoloPruneError(f"in-memory models are timed on ort or torch, not {settings.runtime}")
+    torch_settings = TorchSettings(
+        device=settings.resolved_device(),
+        precision=settings.resolved_precision(),
+        cuda_graph=settings.cuda_graph,
+    )
+    runners = {
+        name: TorchRunner(model, settings.batch, imgsz, torch_settings)
+        for name, model in models.items()
+    }
+    first = next(iter(runners.values()))
+    return interleaved(
+        {name: r.run for name, r in runners.items()},
+        runs=settings.runs,
+        warmup=settings.warmup,
+        sync=first.sync,
+        clock=first.clock(),
+    )
+
+
+def bench(models: list[str], settings: BenchSettings) -> dict:
+    """Time every model A B A B ...; ratios are against the first."""
+    from kernels.ort import machine_info
+    from kernels.timing import interleaved
+
+    if not models:
+        raise YoloPruneError("bench needs at least one MODEL")
+    for spec in models:
+        if spec.endswith((".onnx", ".engine", ".plan")) and not Path(spec).is_file():
+            raise YoloPruneError(f"{spec}: file not found; check the path")
+    imgsz = _model_imgsz(models[0], settings)
+    fns, sync, clock, extra = {}, None, None, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, spec in enumerate(models):
+            if settings.runtime == "ort":
+                fn, sync, clock, extra = _ort_callable(spec, settings, imgsz, Path(tmp), i)
+            elif settings.runtime == "torch":
+                fn, sync, clock, extra = _torch_callable(spec, settings, imgsz)
+            else:
+                fn, sync, clock, extra = _tensorrt_callable(spec, settings, imgsz, Path(tmp), i)
+            fns[f"{i}:{spec}"] = fn
+        timings = interleaved(
+            fns, runs=settings.runs, warmup=settings.warmup, sync=sync, clock=clock
+        )
+    first = next(iter(timings.values())).median_ms
+    rows = [
+        {
+            "model": key.split(":", 1)[1],
+            **timing.to_dict(),
+            "ratio": timing.median_ms / first,
+            "images_per_s": settings.batch * 1e3 / timing.median_ms,
+        }
+        for key, timing in timings.items()
+    ]
+    machine = machine_info()
+    if settings.resolved_device().startswith("cuda"):
+        from kernels.torch_runtime import gpu_info
+
+        machine.update(gpu_info())
+    return {
+        "runtime": settings.runtime,
+        "device": settings.resolved_device(),
+        "precision": settings.resolved_precision(),
+        "batch": settings.batch,
+        "imgsz": imgsz,
+        "runs": settings.runs,
+        "warmup": settings.warmup,
+        **extra,
+        "machine": machine,
+        "rows": rows,
+    }
+
+
+def render(result: dict) -> str:
+    threads = f", {result['threads']} threads" if "threads" in result else ""
+    lines = [
+        f"{result['runtime']} on {result['device']} ({result['precision']}, batch "
+        f"{result['batch']}, {result['imgsz']} px{threads}; median of {result['runs']} "
+        f"interleaved runs after {result['warmup']} warm-up)",
+        f"{'model':<48} {'median ms':>10} {'p90 ms':>8} {'min ms':>8} {'ratio':>6} {'img/s':>8}",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"{r['model'][-48:]:<48} {r['median_ms']:>10.2f} {r['p90_ms']:>8.2f} "
+            f"{r['min_ms']:>8.2f} {r['ratio']:>6.3f} {r['images_per_s']:>8.1f}"
+        )
+    return "\n".join(lines)

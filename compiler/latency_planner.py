@@ -1,0 +1,343 @@
+"""Latency-aware planning: keep the most importance under a latency budget (HALP-style).
+
+A :class:`LatencyModel` predicts a network's latency for any assignment of kept channels per
+group, from a per-layer table measured on the target runtime: each conv's time is interpolated
+(bilinear in input and output channels) between measured grid points, and the sum is scaled
+by the measured whole-model latency over the table's sum for the unpruned network (the time
+spent outside convs, and the gap between isolated and in-network layers).
+
+:func:`latency_counts` is a greedy knapsack: starting from every channel kept, it repeatedly
+removes ``round_to`` channels from the group whose next removal costs the least importance per
+millisecond saved, until the predicted latency fits the budget.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from graphs.dependency import ChannelGroup, ConvChannels
+from graphs.errors import PlanError
+from kernels.latency_table import ConvShape, LatencyTable
+
+DEFAULT_GRID = (0.25, 0.5, 0.75, 1.0)
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    channels: ConvChannels
+    kernel: int
+    stride: int
+    padding: int
+    height: int
+    width: int
+
+
+def conv_geometry(model: nn.Module, convs: list[ConvChannels], imgsz: int) -> list[ConvGeometry]:
+    """Kernel, stride and input size of every conv at imgsz x imgsz (one forward pass)."""
+    sizes, hooks = {}, []
+    modules = dict(model.named_modules())
+    for conv in convs:
+        module = modules[conv.name]
+        hooks.append(
+            module.register_forward_hook(
+                lambda _m, inputs, _o, name=conv.name: sizes.__setitem__(
+                    name, tuple(inputs[0].shape[-2:])
+                )
+            )
+        )
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, imgsz, imgsz))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    geometry = []
+    for conv in convs:
+        module = modules[conv.name]
+        square = {
+            "kernel": module.kernel_size[0] == module.kernel_size[1],
+            "stride": module.stride[0] == module.stride[1],
+            "padding": isinstance(module.padding, tuple) and module.padding[0] == module.padding[1],
+        }
+        if not all(square.values()):
+            raise PlanError(f"{conv.name}: latency tables cover square convs only ({square})")
+        height, width = sizes[conv.name]
+        geometry.append(
+            ConvGeometry(
+                conv, module.kernel_size[0], module.stride[0], module.padding[0], height, width
+            )
+        )
+    return geometry
+
+
+def _grid(full: int, fractions: tuple[float, ...], round_to: int, varies: bool) -> list[int]:
+    if not varies:
+        return [full]
+    points = {full}
+    for f in fractions:
+        points.add(min(full, max(round_to, round(full * f / round_to) * round_to)))
+    return sorted(points)
+
+
+def _interp(xs: list[int], x: float) -> tuple[int, int, float]:
+    """Indices (i, j) and weight t with x ~ xs[i] + t (xs[j] - xs[i]); extrapolates linearly."""
+    if len(xs) == 1:
+        return 0, 0, 0.0
+    j = min(max(bisect.bisect_left(xs, x), 1), len(xs) - 1)
+    i = j - 1
+    return i, j, (x - xs[i]) / (xs[j] - xs[i])
+
+
+class LatencyModel:
+    """Predicted latency (ms) of the network for kept channel counts per group."""
+
+    def __init__(
+        self,
+        geometry: list[ConvGeometry],
+        table: LatencyTable,
+        round_to: int = 8,
+        grid: tuple[float, ...] = DEFAULT_GRID,
+        progress: bool = True,
+    ):
+        self.table = table
+        self._layers = []
+        shapes = []
+        for g in geometry:
+            c = g.channels
+            cin_varies = any(gid is not None for gid, _, _ in c.in_slices)
+            full_in = sum(n for _, n, _ in c.in_slices)  # n spans every copy of a group
+            if c.groups != 1:
+                cin_varies = False  # grouped convs: timed at full size (yolov5 has none)
+            xs = _grid(full_in, grid, round_to, cin_varies)
+            ys = _grid(c.out_channels, grid, round_to, c.out_group is not None and c.groups == 1)
+            layer_shapes = [
+                [
+                    ConvShape(x, y, g.kernel, g.stride, c.groups, g.height, g.width, g.padding)
+                    for y in ys
+                ]
+                for x in xs
+            ]
+            shapes += [s for row in layer_shapes for s in row]
+            self._layers.append((c, xs, ys, layer_shapes))
+        table.ensure(shapes, progress=progress)
+        self._times = [
+            (c, xs, ys, [[table[s] for s in row] for row in rows])
+            for c, xs, ys, rows in self._layers
+        ]
+        self.scale = 1.0
+        self.by_group: dict[str, list[int]] = {}
+        for index, (c, *_rest) in enumerate(self._times):
+            touched = {c.out_group} | {gid for gid, _, _ in c.in_slices}
+            for gid in touched - {None}:
+                self.by_group.setdefault(gid, []).append(index)
+
+    def conv_ms(self, index: int, kept: dict[str, int]) -> float:
+        c, xs, ys, times = self._times[index]
+        cin = sum(kept[gid] * copies if gid in kept else n for gid, n, copies in c.in_slices)
+        cout = kept.get(c.out_group, c.out_channels) if c.out_group else c.out_channels
+        i0, i1, tx = _interp(xs, cin)
+        j0, j1, ty = _interp(ys, cout)
+        low = times[i0][j0] + (times[i0][j1] - times[i0][j0]) * ty
+        high = times[i1][j0] + (times[i1][j1] - times[i1][j0]) * ty
+        return max(0.0, low + (high - low) * tx)
+
+    def layers_ms(self, kept: dict[str, int] | None = None) -> float:
+        kept = kept or {}
+        return sum(self.conv_ms(i, kept) for i in range(len(self._times)))
+
+    def predict(self, kept: dict[str, int] | None = None) -> float:
+        return self.scale * self.layers_ms(kept)
+
+    def calibrate(self, measured_full_ms: float) -> None:
+        """Scale predictions so the unpruned network predicts its measured latency."""
+        self.scale = measured_full_ms / self.layers_ms()
+
+    def group_ms(self, gid: str, kept: dict[str, int]) -> float:
+        return self.scale * sum(self.conv_ms(i, kept) for i in self.by_group.get(gid, ()))
+
+
+def _next_count(size: int, current: int, round_to: int, floor: int) -> int | None:
+    """The next smaller aligned count, or None when the group cannot shrink further."""
+    if size <= round_to:
+        return None
+    step = (current - 1) // round_to * round_to
+    return step if step >= max(floor, round_to) else None
+
+
+def latency_counts(
+    groups: list[ChannelGroup],
+    scores: dict[str, torch.Tensor],
+    model: LatencyModel,
+    budget_ms: float,
+    round_to: int,
+    max_ratio: float,
+) -> tuple[dict[str, int], float]:
+    """Greedy knapsack: counts per prunable group with predicted latency <= budget_ms."""
+    prunable = [g for g in groups if not g.protected]
+    counts = {g.id: g.size for g in prunable}
+    ascending = {g.id: torch.sort(scores[g.id]).values for g in prunable}
+    floors = {g.id: math.ceil(g.size * (1 - max_ratio) / round_to) * round_to for g in prunable}
+    total = model.predict(counts)
+    version = dict.fromkeys(counts, 0)
+    convs_of = {gid: set(indices) for gid, indices in model.by_group.items()}
+    neighbours = {  # groups sharing a conv: their next step's saving changes with ours
+        g.id: {other for other, c in convs_of.items() if c & convs_of.get(g.id, set())}
+        for g in prunable
+    }
+
+    def candidate(gid: str):
+        size = len(ascending[gid])
+        nxt = _next_count(size, counts[gid], round_to, floors[gid])
+        if nxt is None:
+            return None
+        cost = float(ascending[gid][size - counts[gid] : size - nxt].sum())  # the next lowest
+        before = model.group_ms(gid, counts)
+        after = model.group_ms(gid, {**counts, gid: nxt})
+        saved = before - after
+        if saved <= 1e-9:
+            return (math.inf, gid, nxt, saved)
+        return (cost / saved, gid, nxt, saved)
+
+    heap = []
+    for gid in counts:
+        item = candidate(gid)
+        if item is not None:
+            heapq.heappush(heap, (item[0], version[gid], gid, item[2], item[3]))
+    while total > budget_ms and heap:
+        priority, ver, gid, nxt, saved = heapq.heappop(heap)
+        if ver != version[gid]:
+            continue
+        if math.isinf(priority):
+            break
+        counts[gid] = nxt
+        total -= saved
+        for other in neighbours[gid] | {gid}:
+            if other not in counts:
+                continue
+            version[other] += 1
+            item = candidate(other)
+            if item is not None:
+                heapq.heappush(heap, (item[0], version[other], other, item[2], item[3]))
+    total = model.predict(counts)
+    if total > budget_ms * 1.0001:
+        raise PlanError(
+            f"latency budget {budget_ms:.2f} ms cannot be met (best predicted {total:.2f} ms) "
+            f"with --round-to {round_to} and --max-ratio {max_ratio:g}; ask for less speed-up "
+            "or raise --max-ratio"
+        )
+    return counts, total
+
+
+@dataclass(frozen=True)
+class LatencySettings:
+    runtime: str = "ort"  # the runtime the table is measured on and the plan is checked on
+    batch: int = 1
+    threads: int | None = None
+    device: str | None = None  # torch: cuda (default) or cpu
+    precision: str | None = None
+    table: object = None  # a path; None: the per-device cache
+    grid: tuple[float, ...] = DEFAULT_GRID
+    runs: int = 30
+    rounds: int = 3  # closed-loop re-plans when measured latency misses the goal
+    tolerance: float = 0.03  # relative; the loop stops once measured is this close
+
+
+def plan_latency(prepared, scores, counter, target, constraints, importance, seed, settings):
+    """Plan under ``--speedup`` / ``--latency-ms``: predict with the table, then check on the
+    runtime itself (baseline and candidate interleaved) and re-plan with a corrected budget
+    until the measured latency is within ``settings.tolerance`` of the goal (at most
+    ``settings.rounds`` rounds). Every round is recorded in ``plan.latency``."""
+    from compiler.apply import apply_plan
+    from compiler.bench import BenchSettings, time_models
+    from compiler.planner import plan_from_counts
+    from graphs.dependency import conv_channels
+    from kernels.latency_table import open_table
+
+    table = open_table(
+        settings.runtime,
+        settings.batch,
+        settings.threads,
+        settings.precision,
+        settings.device,
+        settings.table,
+    )
+    geometry = conv_geometry(
+        prepared.model, conv_channels(prepared.model, prepared.groups), prepared.imgsz
+    )
+    model = LatencyModel(geometry, table, constraints.round_to, settings.grid)
+    bench = BenchSettings(
+        runtime=settings.runtime,
+        batch=settings.batch,
+        threads=settings.threads,
+        device=settings.device,
+        precision=settings.precision,
+        runs=settings.runs,
+        warmup=3,
+    )
+    base_ms = time_models({"base": prepared.model}, bench, prepared.imgsz)["base"].median_ms
+    model.calibrate(base_ms)
+    goal = base_ms / target.value if target.kind == "speedup" else target.value
+    prunable = [g for g in prepared.groups if not g.protected]
+    budget, rounds, best = goal, [], None
+    for _ in range(settings.rounds):
+        counts, predicted = latency_counts(
+            prepared.groups, scores, model, budget, constraints.round_to, constraints.max_ratio
+        )
+        plan = plan_from_counts(
+            prepared.info.name,
+            prepared.imgsz,
+            prunable,
+            scores,
+            counts,
+            counter,
+            target,
+            constraints,
+            allocation="latency",
+            importance=importance,
+            seed=seed,
+        )
+        timings = time_models(
+            {"base": prepared.model, "pruned": apply_plan(prepared.model, plan)},
+            bench,
+            prepared.imgsz,
+        )
+        ratio = timings["pruned"].median_ms / timings["base"].median_ms
+        measured = base_ms * ratio  # against the calibrated baseline, noise-cancelled by A/B
+        rounds.append(
+            {
+                "budget_ms": budget,
+                "predicted_ms": predicted,
+                "measured_ms": measured,
+                "measured_speedup": 1 / ratio,
+                "baseline_ms_this_round": timings["base"].median_ms,
+            }
+        )
+        if best is None or abs(measured / goal - 1) < abs(best[1] / goal - 1):
+            best = (plan, measured, predicted, counts)
+        if abs(measured / goal - 1) <= settings.tolerance:
+            break
+        budget *= goal / measured
+    plan, measured, predicted, counts = best
+    import dataclasses
+
+    latency = {
+        "runtime": settings.runtime,
+        "table": str(table.path),
+        "table_key": table.key.__dict__,
+        "table_entries": len(table.entries),
+        "measured_now": table.measured,
+        "baseline_ms": base_ms,
+        "goal_ms": goal,
+        "predicted_ms": predicted,
+        "measured_ms": measured,
+        "measured_speedup": base_ms / measured,
+        "rounds": rounds,
+        "scale": model.scale,
+    }
+    return dataclasses.replace(plan, latency=latency)

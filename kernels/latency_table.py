@@ -1,0 +1,225 @@
+"""Per-layer latency tables: conv shape -> measured time on one runtime, cached per device.
+
+A table is measured on the runtime a model deploys to (ONNX Runtime CPU here; PyTorch CUDA
+fp16 on a GPU): each entry is one Conv2d + SiLU (what a yolov5 ``Conv`` becomes once BN is
+folded) of a given shape, timed alone with the shared timing primitive. Tables are JSON files,
+one per (runtime, device, precision, batch, threads), under ``~/.cache/yoloprune/latency`` by
+default; missing entries are measured on demand and saved atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kernels.timing import measure
+
+TABLE_FORMAT = "yoloprune.latency-table.v1"
+DEFAULT_CACHE = Path(os.environ.get("YOLOPRUNE_CACHE", Path.home() / ".cache" / "yoloprune"))
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    cin: int
+    cout: int
+    kernel: int
+    stride: int
+    groups: int
+    height: int  # input spatial size
+    width: int
+    padding: int | None = None  # None: kernel // 2 (yolov5's autopad)
+
+    @property
+    def pad(self) -> int:
+        return self.kernel // 2 if self.padding is None else self.padding
+
+    def key(self) -> str:
+        return (
+            f"c{self.cin}-o{self.cout}-k{self.kernel}-s{self.stride}-p{self.pad}-g{self.groups}-"
+            f"{self.height}x{self.width}"
+        )
+
+    def module(self) -> nn.Module:
+        conv = nn.Conv2d(
+            self.cin,
+            self.cout,
+            self.kernel,
+            self.stride,
+            self.pad,
+            groups=self.groups,
+            bias=True,
+        )
+        return nn.Sequential(conv, nn.SiLU()).eval()
+
+
+@dataclass(frozen=True)
+class TableKey:
+    runtime: str  # "ort" or "torch"
+    device: str  # CPU model or GPU name
+    precision: str
+    batch: int
+    threads: int
+
+    def filename(self) -> str:
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", self.device).strip("-").lower()
+        return f"{self.runtime}-{slug}-{self.precision}-b{self.batch}-t{self.threads}.json"
+
+
+class LatencyTable:
+    """Measured milliseconds per conv shape for one runtime on one device."""
+
+    def __init__(self, key: TableKey, path: Path, measurer: Callable[[ConvShape], float]):
+        self.key, self.path, self._measurer = key, Path(path), measurer
+        self.entries: dict[str, float] = {}
+        self.measured = 0  # entries measured by this object (the rest came from the cache)
+        if self.path.is_file():
+            self._load()
+
+    def _load(self) -> None:
+        data = json.loads(self.path.read_text())
+        if data.get("format") != TABLE_FORMAT or data.get("key") != self.key.__dict__:
+            raise ValueError(
+                f"{self.path}: latency table for {data.get('key')}, not {self.key.__dict__}; "
+                "delete it or pass another --latency-table"
+            )
+        self.entries = {k: float(v) for k, v in data["entries"].items()}
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"format": TABLE_FORMAT, "key": self.key.__dict__, "entries": self.entries}
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
+        with os.fdopen(fd, "w") as handle:
+            json.dump(payload, handle, indent=0, sort_keys=True)
+        os.replace(tmp, self.path)
+
+    def lookup(self, shape: ConvShape) -> float | None:
+        return self.entries.get(shape.key())
+
+    def ensure(self, shapes: Iterable[ConvShape], progress: bool = True) -> None:
+        """Measure every shape not yet in the table, then save it."""
+        from tqdm import tqdm
+
+        missing = sorted({s for s in shapes if s.key() not in self.entries}, key=ConvShape.key)
+        if not missing:
+            return
+        for shape in tqdm(
+            missing, desc="latency table", unit="conv", leave=False, disable=not progress or None
+        ):
+            self.entries[shape.key()] = self._measurer(shape)
+            self.measured += 1
+        self.save()
+
+    def __getitem__(self, shape: ConvShape) -> float:
+        value = self.lookup(shape)
+        if value is None:
+            self.ensure([shape], progress=False)
+            value = self.entries[shape.key()]
+        return value
+
+
+def conv_onnx(shape: ConvShape, batch: int):
+    """A one-node-pair ONNX model: Conv (with bias) then SiLU as Sigmoid * x, as a folded
+    yolov5 ``Conv`` exports. Built directly (milliseconds), not through the exporter."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal(
+        (shape.cout, shape.cin // shape.groups, shape.kernel, shape.kernel), dtype=np.float32
+    )
+    bias = rng.standard_normal(shape.cout, dtype=np.float32)
+    pad = shape.pad
+    nodes = [
+        helper.make_node(
+            "Conv",
+            ["x", "w", "b"],
+            ["y"],
+            kernel_shape=[shape.kernel, shape.kernel],
+            strides=[shape.stride, shape.stride],
+            pads=[pad] * 4,
+            group=shape.groups,
+        ),
+        helper.make_node("Sigmoid", ["y"], ["s"]),
+        helper.make_node("Mul", ["y", "s"], ["out"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "conv",
+        [
+            helper.make_tensor_value_info(
+                "x", TensorProto.FLOAT, [batch, shape.cin, shape.height, shape.width]
+            )
+        ],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # what opset 17 needs; newer onnx defaults exceed older runtimes
+    return model
+
+
+def ort_measurer(batch: int, threads: int, runs: int = 15, warmup: int = 3):
+    """Time one conv shape on ONNX Runtime CPU (fp32), with the session options of the model
+    runs (:class:`kernels.ort.OrtRunner`)."""
+    import numpy as np
+
+    from kernels.ort import OrtRunner
+
+    def measure_shape(shape: ConvShape) -> float:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "conv.onnx"
+            path.write_bytes(conv_onnx(shape, batch).SerializeToString())
+            runner = OrtRunner(path, threads)
+        x = np.random.default_rng(0).random(
+            (batch, shape.cin, shape.height, shape.width), dtype=np.float32
+        )
+        return measure(lambda: runner.run(x), runs=runs, warmup=warmup).median_ms
+
+    return measure_shape
+
+
+def torch_measurer(batch: int, device: str, precision: str, runs: int = 30, warmup: int = 5):
+    """Time one conv shape through the PyTorch runtime (CUDA fp16 channels_last by default)."""
+    from kernels.torch_runtime import TorchRunner, TorchSettings
+
+    settings = TorchSettings(device=device, precision=precision, channels_last=True)
+
+    def measure_shape(shape: ConvShape) -> float:
+        runner = TorchRunner(shape.module(), batch, shape.height, settings, channels=shape.cin)
+        return runner.time(runs=runs, warmup=warmup).median_ms
+
+    return measure_shape
+
+
+def open_table(
+    runtime: str = "ort",
+    batch: int = 1,
+    threads: int | None = None,
+    precision: str | None = None,
+    device: str | None = None,
+    path: Path | None = None,
+) -> LatencyTable:
+    """The cached table of this runtime on this machine (created empty if new)."""
+    from kernels.ort import default_threads, machine_info
+
+    if runtime == "ort":
+        threads = threads or default_threads()
+        key = TableKey("ort", machine_info()["cpu"], "fp32", batch, threads)
+        measurer = ort_measurer(batch, threads)
+    elif runtime == "torch":
+        device = device or "cuda"
+        precision = precision or ("fp16" if device.startswith("cuda") else "fp32")
+        name = torch.cuda.get_device_name(0) if device.startswith("cuda") else machine_info()["cpu"]
+        key = TableKey("torch", name, precision, batch, torch.get_num_threads())
+        measurer = torch_measurer(batch, device, precision)
+    else:
+        raise ValueError(f"latency tables are measured on ort or torch, not {runtime!r}")
+    return LatencyTable(key, path or DEFAULT_CACHE / "latency" / key.filename(), measurer)

@@ -1,0 +1,113 @@
+"""PyTorch runtime: how GPU latency is measured where TensorRT is absent (and CPU for tests).
+
+On CUDA: fp16 (default), channels_last memory format, ``cudnn.benchmark`` (cuDNN picks the
+fastest algorithm per conv shape during warm-up), timing by CUDA events after warm-up, and
+optionally the whole forward captured once as a CUDA graph and replayed (no launch overhead).
+On CPU: fp32, the same interface, so the code path is testable on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kernels.timing import CudaEventClock, Timing, measure
+
+PRECISIONS = ("fp32", "fp16")
+
+
+@dataclass(frozen=True)
+class TorchSettings:
+    device: str = "cuda"
+    precision: str = "fp16"
+    channels_last: bool = True
+    cudnn_benchmark: bool = True
+    cuda_graph: bool = False
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(
+                "the PyTorch CUDA runtime needs a CUDA GPU and a CUDA build of torch; none is "
+                "available here: use --runtime ort (CPU) or --device cpu"
+            )
+        if not self.device.startswith("cuda") and (self.precision == "fp16" or self.cuda_graph):
+            raise ValueError("fp16 and CUDA graphs need --device cuda; use fp32 on the CPU")
+
+
+class TorchRunner:
+    """Runs ``model`` on fixed-shape inputs; ``run()`` returns the decoded predictions."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batch: int,
+        imgsz: int,
+        settings: TorchSettings,
+        channels: int = 3,
+    ):
+        self.settings = settings
+        self.device = torch.device(settings.device)
+        self.dtype = torch.float16 if settings.precision == "fp16" else torch.float32
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = settings.cudnn_benchmark
+        memory = torch.channels_last if settings.channels_last else torch.contiguous_format
+        self.model = copy.deepcopy(model).eval().to(self.device, self.dtype, memory_format=memory)
+        self.images = torch.rand(batch, channels, imgsz, imgsz, device=self.device).to(
+            self.dtype, memory_format=memory
+        )
+        self._graph = None
+        if settings.cuda_graph:
+            self._capture()
+
+    @torch.no_grad()
+    def _forward(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.model(images)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def _capture(self) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up on a side stream, as capture requires
+            for _ in range(3):
+                self._forward(self.images)
+        torch.cuda.current_stream().wait_stream(stream)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._static_out = self._forward(self.images)
+
+    def run(self, images: torch.Tensor | None = None) -> torch.Tensor:
+        if images is not None:
+            self.images.copy_(images)
+        if self._graph is not None:
+            self._graph.replay()
+            return self._static_out
+        return self._forward(self.images)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def clock(self):
+        return CudaEventClock() if self.device.type == "cuda" else None
+
+    def time(self, runs: int = 50, warmup: int = 10) -> Timing:
+        return measure(self.run, runs=runs, warmup=warmup, sync=self.sync, clock=self.clock())
+
+
+def gpu_info() -> dict:
+    """GPU name, driver-visible CUDA version and cuDNN version, for every GPU number."""
+    if not torch.cuda.is_available():
+        return {"gpu": None}
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "gpu": props.name,
+        "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "torch": torch.__version__,
+    }

@@ -1,0 +1,100 @@
+import json
+
+import pytest
+import yaml
+
+from compiler.bench import BenchSettings, bench, time_models
+from compiler.cli import main
+from graphs.errors import YoloPruneError
+from tests.helpers import tiny_cfg
+
+
+@pytest.fixture
+def two_models(tmp_path):
+    small = tiny_cfg()
+    large = dict(small, width_multiple=0.5)
+    paths = []
+    for name, cfg in (("small.yaml", small), ("large.yaml", large)):
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(cfg))
+        paths.append(str(path))
+    return paths
+
+
+def test_bench_ort_orders_models_and_states_conditions(two_models):
+    settings = BenchSettings(runtime="ort", batch=2, imgsz=96, runs=9, warmup=2, threads=1)
+    result = bench([two_models[1], two_models[0]], settings)
+    assert [r["model"] for r in result["rows"]] == [two_models[1], two_models[0]]
+    large, small = result["rows"]
+    assert large["ratio"] == 1.0 and small["ratio"] < 1.0  # 4x fewer MACs is faster
+    assert small["images_per_s"] == pytest.approx(2e3 / small["median_ms"])
+    assert (result["runtime"], result["device"], result["precision"]) == ("ort", "cpu", "fp32")
+    assert result["batch"] == 2 and result["imgsz"] == 96 and result["threads"] == 1
+    assert result["machine"]["cpu"]
+
+
+def test_bench_torch_cpu_and_time_models(two_models, tiny_model):
+    settings = BenchSettings(runtime="torch", device="cpu", imgsz=64, runs=3, warmup=1)
+    result = bench(two_models, settings)
+    assert result["precision"] == "fp32" and len(result["rows"]) == 2
+    timings = time_models({"a": tiny_model}, BenchSettings(runs=3, warmup=1, threads=1), 64)
+    assert timings["a"].runs == 3 and timings["a"].median_ms > 0
+
+
+def test_bench_cli_writes_json(tmp_path, two_models, capsys):
+    out = tmp_path / "bench" / "result.json"
+    code = main(
+        ["bench", *two_models, "--imgsz", "64", "--runs", "5", "--warmup", "1", "--out", str(out)]
+    )
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert len(result["rows"]) == 2 and result["runs"] == 5
+    assert "median ms" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["missing.onnx"], "file not found"),
+        (["m.yaml", "--runtime", "ort", "--precision", "fp16"], "run fp32"),
+        (["m.yaml", "--batch", "0"], "must be positive"),
+    ],
+)
+def test_bench_bad_input(tmp_path, argv, message, capsys):
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(tiny_cfg()))
+    argv = [str(tmp_path / a) if a.endswith((".yaml", ".onnx")) else a for a in argv]
+    assert main(["bench", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_tensorrt_runtime_without_tensorrt_is_a_clear_error(two_models, capsys):
+    pytest.importorskip("onnx")
+    from kernels.tensorrt import available
+
+    if available()[0]:
+        pytest.skip("TensorRT is present")
+    assert main(["bench", two_models[0], "--runtime", "tensorrt", "--imgsz", "64"]) == 2
+    assert "TensorRT" in capsys.readouterr().err
+
+
+def test_settings_defaults():
+    assert BenchSettings(runtime="torch").resolved_precision() == "fp16"
+    assert BenchSettings(runtime="torch", device="cpu").resolved_precision() == "fp32"
+    assert BenchSettings(runtime="tensorrt").resolved_precision() == "fp16"
+    with pytest.raises(YoloPruneError, match="--runtime"):
+        BenchSettings(runtime="openvino")
+
+
+def test_build_without_tensorrt_fails_cleanly(tmp_path, tiny_model, capsys):
+    from compiler.export import export_onnx
+    from kernels.tensorrt import available
+
+    if available()[0]:
+        pytest.skip("TensorRT is present")
+    onnx_path = export_onnx(tiny_model, tmp_path / "m.onnx", 64)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["build", str(onnx_path), "--triton", str(tmp_path / "repo")]) == 2
+    assert "TensorRT is not installed" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing half-written
+    assert main(["build", str(tmp_path / "none.onnx")]) == 2
+    assert "ONNX file not found" in capsys.readouterr().err

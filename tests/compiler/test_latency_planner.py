@@ -1,0 +1,129 @@
+import random
+
+import pytest
+import torch
+
+from compiler.latency_planner import (
+    LatencyModel,
+    LatencySettings,
+    conv_geometry,
+    latency_counts,
+    plan_latency,
+)
+from compiler.pipeline import CompileOptions, Prepared, mac_counter, plan_for, prepare
+from compiler.planner import Constraints, Target
+from compiler.score import score_groups
+from graphs.dependency import build_graph, channel_groups, conv_channels
+from graphs.errors import PlanError
+from kernels.latency_table import LatencyTable, TableKey
+
+KEY = TableKey("test", "macs", "fp32", 1, 1)
+IMGSZ = 64
+
+
+def macs_measurer(shape):
+    """A 'runtime' whose conv time is its MACs: bilinear in (cin, cout), so interpolation
+    between grid points is exact and the model must reproduce the MAC counter exactly."""
+    out_h = (shape.height + 2 * shape.pad - shape.kernel) // shape.stride + 1
+    out_w = (shape.width + 2 * shape.pad - shape.kernel) // shape.stride + 1
+    return shape.cin // shape.groups * shape.cout * shape.kernel**2 * out_h * out_w
+
+
+def randomized_tiny(folder, imgsz: int) -> Prepared:
+    """The tiny model with random BN (so channel scores differ), traced afresh."""
+    import yaml
+
+    from tests.helpers import randomized, tiny_cfg
+
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_cfg()))
+    p = prepare(str(path), imgsz)
+    model = randomized(p.model)
+    graph = build_graph(model)
+    return Prepared(model, p.info, imgsz, channel_groups(model, graph), graph)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    return randomized_tiny(tmp_path_factory.mktemp("m"), IMGSZ)
+
+
+@pytest.fixture(scope="module")
+def macs_model(prepared, tmp_path_factory):
+    table = LatencyTable(KEY, tmp_path_factory.mktemp("t") / "t.json", macs_measurer)
+    geometry = conv_geometry(prepared.model, conv_channels(prepared.model, prepared.groups), IMGSZ)
+    return LatencyModel(geometry, table, round_to=8, progress=False)
+
+
+def test_prediction_equals_mac_count_for_any_plan(prepared, macs_model):
+    counter = mac_counter(prepared)
+    assert macs_model.predict() == pytest.approx(counter.macs())
+    rng = random.Random(0)
+    prunable = [g for g in prepared.groups if not g.protected]
+    for _ in range(5):
+        kept = {g.id: rng.randrange(1, g.size + 1) for g in prunable}
+        assert macs_model.predict(kept) == pytest.approx(counter.macs(kept), rel=1e-9)
+
+
+def test_calibration_scales_to_the_measured_whole_model(macs_model):
+    full = macs_model.layers_ms()
+    macs_model.calibrate(2 * full)
+    try:
+        assert macs_model.predict() == pytest.approx(2 * full)
+    finally:
+        macs_model.calibrate(full)
+
+
+def test_greedy_meets_budget_keeps_importance_and_alignment(prepared, macs_model):
+    scores = score_groups(prepared.model, prepared.graph, prepared.groups, "l2")
+    budget = 0.5 * macs_model.predict()
+    counts, predicted = latency_counts(prepared.groups, scores, macs_model, budget, 8, 0.8)
+    assert predicted <= budget
+    assert predicted == pytest.approx(macs_model.predict(counts))
+    assert predicted > 0.4 * macs_model.predict()  # stops soon after the budget is met
+    for g in prepared.groups:
+        if g.protected:
+            assert g.id not in counts
+        elif counts[g.id] < g.size:
+            assert counts[g.id] % 8 == 0 and counts[g.id] >= 0.2 * g.size
+    looser, _ = latency_counts(prepared.groups, scores, macs_model, 0.75 * budget * 2, 8, 0.8)
+    assert sum(looser.values()) >= sum(counts.values())
+
+
+def test_impossible_budget_is_a_plan_error(prepared, macs_model):
+    scores = score_groups(prepared.model, prepared.graph, prepared.groups, "l2")
+    with pytest.raises(PlanError, match="cannot be met"):
+        latency_counts(prepared.groups, scores, macs_model, 0.01 * macs_model.predict(), 8, 0.8)
+
+
+def test_latency_targets_validate():
+    with pytest.raises(PlanError, match="greater than 1"):
+        Target("speedup", 0.9)
+    with pytest.raises(PlanError, match="positive"):
+        Target("latency_ms", 0)
+    with pytest.raises(PlanError, match="give one target"):
+        CompileOptions("m", macs=0.5, speedup=2.0).target()
+
+
+@pytest.mark.slow
+def test_closed_loop_meets_the_budget_on_ort_cpu(tmp_path):
+    """On the real runtime (ONNX Runtime CPU, one thread): the plan's measured latency lands
+    within 10% of the goal, and the pruned model is measured faster than the original."""
+    p = randomized_tiny(tmp_path, 160)
+    scores = score_groups(p.model, p.graph, p.groups, "l2")
+    settings = LatencySettings(
+        runtime="ort", threads=1, table=tmp_path / "table.json", grid=(0.5, 1.0), runs=25
+    )
+    plan = plan_latency(
+        p, scores, mac_counter(p), Target("speedup", 1.3), Constraints(), "l2", 0, settings
+    )
+    lat = plan.latency
+    assert plan.allocation == "latency" and plan.target == {"kind": "speedup", "value": 1.3}
+    assert lat["measured_speedup"] == pytest.approx(1.3, rel=0.10)
+    assert 1 <= len(lat["rounds"]) <= settings.rounds
+    assert (tmp_path / "table.json").is_file() and lat["table_entries"] > 0
+    assert torch.isfinite(torch.tensor(lat["predicted_ms"])) and lat["predicted_ms"] > 0
+    saved = tmp_path / "plan.json"
+    plan.save(saved)
+    replayed = plan_for(p, CompileOptions("tiny.yaml", plan=saved))
+    assert replayed == plan  # the latency record round-trips with the plan

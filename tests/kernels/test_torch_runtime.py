@@ -1,0 +1,48 @@
+import pytest
+import torch
+
+from kernels.torch_runtime import TorchRunner, TorchSettings, gpu_info
+
+
+def test_cpu_runner_reproduces_the_model(tiny_model):
+    runner = TorchRunner(tiny_model, 2, 64, TorchSettings(device="cpu", precision="fp32"))
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        want = tiny_model(images)[0]
+    got = runner.run(images.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+    timing = runner.time(runs=3, warmup=1)
+    assert timing.runs == 3 and timing.median_ms > 0
+
+
+def test_fp16_and_graphs_need_cuda():
+    with pytest.raises(ValueError, match="need --device cuda"):
+        TorchSettings(device="cpu", precision="fp16")
+    with pytest.raises(ValueError, match="precision"):
+        TorchSettings(device="cpu", precision="bf8")
+
+
+def test_cuda_missing_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        TorchSettings(device="cuda")
+    assert gpu_info() == {"gpu": None}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_cuda_fp16_runner_matches_fp32(tiny_model, cuda_graph):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU here")
+    settings = TorchSettings(device="cuda", precision="fp16", cuda_graph=cuda_graph)
+    runner = TorchRunner(tiny_model, 2, 64, settings)
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        want = tiny_model(images)[0]
+    got = runner.run(images.cuda().half()).float().cpu()
+    # fp16: scores to ~1e-2, boxes (pixels) to ~0.5 px
+    torch.testing.assert_close(got[..., 4:], want[..., 4:], rtol=0, atol=2e-2)
+    torch.testing.assert_close(got[..., :4], want[..., :4], rtol=1e-2, atol=0.5)
+    assert runner.time(runs=10, warmup=3).median_ms > 0
+    assert gpu_info()["gpu"]

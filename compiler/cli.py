@@ -89,7 +89,8 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
         "--round-to",
         type=int,
         default=None,
-        help="kept channel counts are multiples of this (default 8; 32 for INT8)",
+        help="kept channel counts are multiples of this (default 8; 16 measured faster on "
+        "AVX-512 CPUs, see benchmarks/latency.md; 32 for INT8)",
     )
     p.add_argument(
         "--max-ratio",

@@ -17,6 +17,7 @@ import bisect
 import heapq
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -241,7 +242,7 @@ class LatencySettings:
     threads: int | None = None
     device: str | None = None  # torch: cuda (default) or cpu
     precision: str | None = None
-    table: object = None  # a path; None: the per-device cache
+    table: Path | None = None  # None: the per-device cache
     grid: tuple[float, ...] = DEFAULT_GRID
     runs: int = 30
     rounds: int = 3  # closed-loop re-plans when measured latency misses the goal
@@ -286,9 +287,14 @@ def plan_latency(prepared, scores, counter, target, constraints, importance, see
     prunable = [g for g in prepared.groups if not g.protected]
     budget, rounds, best = goal, [], None
     for _ in range(settings.rounds):
-        counts, predicted = latency_counts(
-            prepared.groups, scores, model, budget, constraints.round_to, constraints.max_ratio
-        )
+        try:
+            counts, predicted = latency_counts(
+                prepared.groups, scores, model, budget, constraints.round_to, constraints.max_ratio
+            )
+        except PlanError:
+            if best is None:
+                raise
+            break  # a corrected budget the table cannot meet: keep the closest plan so far
         plan = plan_from_counts(
             prepared.info.name,
             prepared.imgsz,

@@ -33,7 +33,7 @@ class Target:
                 f"unknown target {self.kind!r}: use --ratio, --macs, --speedup or --latency-ms"
             )
         if math.isnan(self.value):
-            raise PlanError(f"--{self.kind} is not a number")
+            raise PlanError(f"--{self.kind} nan is out of range: give a number")
         if self.kind == "speedup":
             if self.value <= 1.0:
                 raise PlanError(

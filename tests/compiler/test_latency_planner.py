@@ -127,3 +127,32 @@ def test_closed_loop_meets_the_budget_on_ort_cpu(tmp_path):
     plan.save(saved)
     replayed = plan_for(p, CompileOptions("tiny.yaml", plan=saved))
     assert replayed == plan  # the latency record round-trips with the plan
+
+
+def test_plan_command_with_a_speedup_target_records_the_latency(tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from compiler.cli import main
+    from tests.helpers import tiny_cfg
+
+    model = tmp_path / "tiny.yaml"
+    model.write_text(yaml.safe_dump(tiny_cfg()))
+    table = tmp_path / "table.json"
+    out = tmp_path / "plan.json"
+    argv = ["plan", str(model), "--imgsz", "128", "--speedup", "1.1", "--latency-table", str(table)]
+    assert main([*argv, "--out", str(out)]) == 0
+    plan = json.loads(out.read_text())
+    assert plan["allocation"] == "latency" and plan["target"]["kind"] == "speedup"
+    latency = plan["latency"]
+    assert latency["runtime"] == "ort" and latency["table"] == str(table)
+    assert latency["predicted_ms"] > 0 and latency["measured_ms"] > 0 and latency["rounds"]
+    assert plan["macs_after"] < plan["macs_before"]
+    entries = len(json.loads(table.read_text())["entries"])
+    assert entries == latency["table_entries"] > 0
+    # a second plan reuses the cached table: nothing new to measure
+    assert main([*argv, "--out", str(tmp_path / "again.json")]) == 0
+    assert json.loads((tmp_path / "again.json").read_text())["latency"]["measured_now"] == 0
+    assert main([*argv[:-4], "--speedup", "0.5", "--out", str(out)]) == 2
+    assert "greater than 1" in capsys.readouterr().err

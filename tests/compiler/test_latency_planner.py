@@ -156,3 +156,26 @@ def test_plan_command_with_a_speedup_target_records_the_latency(tmp_path, capsys
     assert json.loads((tmp_path / "again.json").read_text())["latency"]["measured_now"] == 0
     assert main([*argv[:-4], "--speedup", "0.5", "--out", str(out)]) == 2
     assert "greater than 1" in capsys.readouterr().err
+
+
+def test_compile_with_a_latency_budget_reports_predicted_and_measured(tmp_path):
+    import json
+
+    import yaml
+
+    from compiler.cli import main
+    from tests.helpers import tiny_cfg
+
+    model = tmp_path / "tiny.yaml"
+    model.write_text(yaml.safe_dump(tiny_cfg()))
+    out = tmp_path / "out"
+    argv = ["compile", str(model), "--imgsz", "128", "--out", str(out), "--bench-runs", "5"]
+    argv += ["--latency-ms", "1000", "--latency-table", str(tmp_path / "t.json")]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    planned = report["plan"]["latency"]
+    assert report["plan"]["target"] == {"kind": "latency_ms", "value": 1000.0}
+    assert planned["goal_ms"] == 1000.0 and planned["measured_ms"] <= 1000.0
+    assert "onnxruntime_cpu" in report["latency_ms"]  # re-measured by the bench step
+    text = (out / "report.md").read_text()
+    assert "Latency-aware plan on ort" in text and "Re-measured by the bench step" in text

@@ -27,7 +27,7 @@ COMPILE_FLAGS := $(if $(IMGSZ),--imgsz $(IMGSZ)) $(if $(RATIO),--ratio $(RATIO),
 	$(if $(IMPORTANCE),--importance $(IMPORTANCE)) $(if $(ROUND_TO),--round-to $(ROUND_TO)) \
 	$(if $(DATA),--data $(DATA)) $(if $(EPOCHS),--epochs $(EPOCHS)) --out $(OUT) $(ARGS)
 
-.PHONY: install compile graph test lint format bench benchmarks data eval clean
+.PHONY: install install-ultralytics compile graph test lint format bench benchmarks data eval clean
 
 install: $(STAMP)
 
@@ -54,7 +54,19 @@ data: install
 eval: install $(if $(filter $(SHAPES),$(DATA)),$(SHAPES))
 	$(PY) -m compiler eval $(MODEL) --data $(or $(DATA),$(SHAPES)) $(if $(IMGSZ),--imgsz $(IMGSZ)) $(ARGS)
 
-test: install
+# The optional ultralytics extra (AGPL-3.0) for YOLOv8 models: not part of `make install`.
+# ultralytics and torchvision go in with --no-deps: torchvision's only wheel here is a CUDA build
+# (never imported; ultralytics reads its version at import), and its deps would pull CUDA.
+UL_STAMP := $(VENV)/.ultralytics
+install-ultralytics: $(UL_STAMP)
+
+$(UL_STAMP): $(STAMP)
+	$(PY) -m pip install -q opencv-python-headless
+	$(PY) -m pip install -q --no-deps ultralytics==8.4.190 torchvision==0.28.0
+	touch $(UL_STAMP)
+
+# Tests run with the extra so the ultralytics tests run (they skip, with the reason, without it).
+test: install install-ultralytics
 	$(PY) -m pytest -q
 
 lint: install

@@ -7,6 +7,7 @@ bisected to the same MACs, head convs ignored) on the same model, and times
 
 Writes benchmarks/results/compile_yolov5.json and .md. Usage:
     python benchmarks/compile_yolov5.py [--models yolov5s.yaml yolov5x.yaml] [--runs 20]
+    python benchmarks/compile_yolov5.py --models yolov8s.yaml --stem compile_ultralytics
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ def bench_model(name: str, runs: int, compile_repeats: int) -> dict:
 def render(result: dict) -> str:
     m = result["machine"]
     lines = [
-        "# YOLOv5 compile benchmark (MACs kept 0.5)",
+        f"# Compile benchmark: {', '.join(r['model'] for r in result['rows'])} (MACs kept 0.5)",
         "",
         f"Machine: {m['cpu']}, {m['cores_available']} cores; torch {m['torch']}, onnxruntime "
         f"{m['onnxruntime']}. Runtime: ONNX Runtime CPUExecutionProvider (ORT_ENABLE_ALL), "
@@ -161,6 +162,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["yolov5s.yaml", "yolov5x.yaml"])
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--compile-repeats", type=int, default=2)
+    parser.add_argument(
+        "--stem", default="compile_yolov5", help="result file name (e.g. compile_ultralytics)"
+    )
     args = parser.parse_args()
     rows = [bench_model(name, args.runs, args.compile_repeats) for name in args.models]
     result = {
@@ -174,8 +178,8 @@ def main() -> None:
         "rows": rows,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "compile_yolov5.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / "compile_yolov5.md").write_text(render(result))
+    (RESULTS / f"{args.stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (RESULTS / f"{args.stem}.md").write_text(render(result))
     print(render(result))
 
 

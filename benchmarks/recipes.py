@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from compiler.planner import spatial_sizes
+from graphs.dependency import head_convs
 
 
 def conv_macs(model: nn.Module, imgsz: int) -> int:
@@ -38,7 +39,7 @@ def torch_pruning_default(model: nn.Module, macs_target: float, imgsz: int):
                 torch.zeros(1, 3, 64, 64),
                 importance=tp.importance.GroupMagnitudeImportance(p=2),
                 pruning_ratio=ratio,
-                ignored_layers=list(candidate.detect.m),
+                ignored_layers=head_convs(candidate),
             )
             pruner.step()
         return candidate

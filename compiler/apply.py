@@ -8,7 +8,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from graphs.dependency import build_graph
+from graphs.dependency import build_graph, head_convs
 from graphs.errors import PlanError
 from graphs.plan import PruningPlan
 
@@ -16,7 +16,7 @@ from graphs.plan import PruningPlan
 def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
     """Return a pruned copy of ``model``; the input model is left untouched."""
     pruned = copy.deepcopy(model).eval()
-    head_before = [conv.out_channels for conv in pruned.detect.m]
+    head_before = [conv.out_channels for conv in head_convs(pruned)]
     graph = build_graph(pruned)
     modules = dict(pruned.named_modules())
     for group in plan.groups:
@@ -46,7 +46,7 @@ def _check_invariants(model: nn.Module, plan: PruningPlan, head_before: list[int
             raise PlanError(
                 f"internal error: {group.id} kept {kept} channels, plan says {group.kept}"
             )
-    if [conv.out_channels for conv in model.detect.m] != head_before:
+    if [conv.out_channels for conv in head_convs(model)] != head_before:
         raise PlanError("internal error: the detection head's outputs changed")
     for name, module in model.named_modules():
         if isinstance(module, nn.BatchNorm2d) and module.weight.shape[0] != module.num_features:

@@ -38,9 +38,31 @@ class Parity:
 
 
 def _export_model(model: nn.Module) -> nn.Module:
+    from graphs import ultralytics_family
+
     exported = copy.deepcopy(model).float().eval()
+    if ultralytics_family.is_ultralytics_model(exported):
+        head = ultralytics_family.detect_head(exported)
+        head.export, head.format = True, "onnx"  # output0: (batch, 4 + nc, anchors), as theirs
+        return exported
     exported.detect.export = True  # output0 only: (batch, anchors, 5 + nc), as yolov5 exports
     return exported
+
+
+def _box_last(output: np.ndarray, model: nn.Module) -> np.ndarray:
+    """output0 with the box/score values on the last axis (ultralytics puts them on axis 1)."""
+    from graphs import ultralytics_family
+
+    if ultralytics_family.is_ultralytics_model(model):
+        return np.swapaxes(output, 1, 2)
+    return output
+
+
+def _class_names(model: nn.Module) -> list[str]:
+    names = model.names
+    if isinstance(names, dict):
+        return [str(names[k]) for k in sorted(names)]
+    return [str(n) for n in names]
 
 
 def export_onnx(
@@ -82,8 +104,8 @@ def export_onnx(
             proto = _simplify(proto)
         onnx.checker.check_model(proto, full_check=True)
         meta = {
-            "stride": str(int(max(model.detect.stride))),
-            "names": json.dumps({i: n for i, n in enumerate(names or model.names)}),
+            "stride": str(int(max(model.stride))),
+            "names": json.dumps({i: n for i, n in enumerate(names or _class_names(model))}),
             "imgsz": json.dumps([imgsz, imgsz]),
             "producer": "yoloprune",
         }
@@ -128,6 +150,7 @@ def check_parity(
     actual = OrtRunner(onnx_path, threads).run(images.numpy())[0]
     if actual.shape != expected.shape:
         raise ExportError(f"{onnx_path}: output0 shape {actual.shape} != PyTorch {expected.shape}")
+    actual, expected = _box_last(actual, model), _box_last(expected, model)
     diff = np.abs(actual.astype(np.float64) - expected.astype(np.float64))
     pixels = float(diff[..., :4].max())
     diff[..., :4] /= imgsz

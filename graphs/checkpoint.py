@@ -177,6 +177,30 @@ def describe(
     )
 
 
+def describe_ultralytics(
+    model: nn.Module,
+    source: str,
+    *,
+    pretrained: bool,
+    imgsz: int | None = None,
+    meta: dict | None = None,
+) -> ModelInfo:
+    from graphs.ultralytics_family import class_names, detect_head
+
+    head = detect_head(model)
+    return ModelInfo(
+        family="ultralytics",
+        source=source,
+        nc=int(head.nc),
+        names=class_names(model),
+        stride=tuple(float(s) for s in head.stride),
+        anchors=(),  # anchor-free
+        imgsz=imgsz or DEFAULT_IMGSZ,
+        pretrained=pretrained,
+        meta=dict(meta or {}),
+    )
+
+
 def resolve_source(spec: str | Path) -> Path:
     """A path on disk, or the name of a YAML we ship (``yolov5s.yaml``)."""
     path = Path(spec)
@@ -200,6 +224,11 @@ def resolve_source(spec: str | Path) -> Path:
 
 def load_model(spec: str | Path) -> tuple[DetectionModel, ModelInfo]:
     """Load MODEL (a yolov5 release .pt, a yoloprune .pt or a .yaml), fp32, eval mode."""
+    from graphs import ultralytics_family
+
+    if ultralytics_family.is_ultralytics_name(spec):
+        model, _ = ultralytics_family.build(str(spec))
+        return model, describe_ultralytics(model, str(spec), pretrained=False)
     path = resolve_source(spec)
     if path.suffix in (".yaml", ".yml"):
         try:
@@ -353,6 +382,7 @@ def save_pruned(
     """
     payload = {
         "format": PRUNED_FORMAT,
+        "family": info.family,
         "yaml": model.yaml,
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "bn_eps": {n: m.eps for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)},
@@ -361,7 +391,7 @@ def save_pruned(
             for n, m in model.named_modules()
             if f"nn.{type(m).__name__}" in ACTIVATIONS and not isinstance(m, nn.Identity)
         },
-        "names": list(model.names),
+        "names": list(info.names),
         "imgsz": info.imgsz,
         "source": info.source,
         "pretrained": info.pretrained,
@@ -375,6 +405,8 @@ def save_pruned(
 
 
 def _load_pruned(ckpt: dict, path: Path, source: str) -> tuple[DetectionModel, ModelInfo]:
+    if ckpt.get("family") == "ultralytics":
+        return _load_pruned_ultralytics(ckpt, path, source)
     model = DetectionModel(ckpt["yaml"])
     state = ckpt["state_dict"]
     shrink_to_state(model, state)
@@ -398,6 +430,29 @@ def _load_pruned(ckpt: dict, path: Path, source: str) -> tuple[DetectionModel, M
         meta={"pruned": True, **ckpt.get("extra", {})},
     )
     return model, info
+
+
+def _load_pruned_ultralytics(ckpt: dict, path: Path, source: str):
+    from graphs.ultralytics_family import rebuild
+
+    model = rebuild(ckpt["yaml"])
+    state = ckpt["state_dict"]
+    shrink_to_state(model, state)
+    for name, eps in ckpt.get("bn_eps", {}).items():
+        model.get_submodule(name).eps = eps
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: pruned checkpoint does not fit its YAML ({exc})") from exc
+    model.names = dict(enumerate(ckpt.get("names") or ()))
+    info = describe_ultralytics(
+        model,
+        source,
+        pretrained=bool(ckpt.get("pretrained", True)),
+        imgsz=ckpt.get("imgsz"),
+        meta={"pruned": True, **ckpt.get("extra", {})},
+    )
+    return model.float().eval(), info
 
 
 def shrink_to_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -133,19 +133,34 @@ class ConvChannels:
 
 def head_convs(model: nn.Module) -> list[nn.Conv2d]:
     """The detection head's output convs: their outputs are the model interface."""
+    from graphs import ultralytics_family
+
+    if ultralytics_family.is_ultralytics_model(model):
+        return ultralytics_family.head_convs(model)
     return list(model.detect.m)
+
+
+def model_stride(model: nn.Module) -> int:
+    return int(max(model.stride))
+
+
+def _trace_output(out):
+    """What to back-propagate through when tracing: yolov5's raw head list; ultralytics'
+    decoded tensor (eval mode returns (decoded, raw dict))."""
+    raw = out[1]
+    return out[0] if isinstance(raw, dict) else raw
 
 
 def build_graph(model: nn.Module, imgsz: int | None = None) -> CoupledGraph:
     """Trace the model (eval mode, raw head outputs) into a CoupledGraph."""
-    stride = int(max(model.detect.stride))
+    stride = model_stride(model)
     size = imgsz or 2 * stride
     example = torch.zeros(1, 3, size, size)
     was_training = model.training
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         graph = CoupledGraph().build_dependency(
-            model, example, output_transform=lambda out: out[1], verbose=False
+            model, example, output_transform=_trace_output, verbose=False
         )
     model.train(was_training)
     return graph
@@ -191,7 +206,9 @@ def channel_groups(model: nn.Module, graph: CoupledGraph | None = None) -> list[
         name = graph._module2name[conv]
         members = (Member(name, "out", 0, head_size[id(conv)], head_size[id(conv)]),)
         groups.append(
-            ChannelGroup(name, conv.out_channels, members, True, "detection head output na*(nc+5)")
+            ChannelGroup(
+                name, conv.out_channels, members, True, "detection head output (model interface)"
+            )
         )
     _check_disjoint(groups)
     return sorted(groups, key=lambda g: order[g.id])

@@ -1,0 +1,183 @@
+"""Ultralytics detectors (YOLOv8 first; YOLO11/YOLO26 next) through the optional extra.
+
+The ``ultralytics`` package is AGPL-3.0, so it is an optional extra and imported lazily: without
+it, naming an ultralytics model gives one line saying how to install it. Models are built
+offline from the package's YAMLs (``yolov8n.yaml`` ...), seeded, then **canonicalised** before
+tracing: every C2f-style block's ``cv1(x).chunk(2, 1)`` becomes two convs (``cv1a``, ``cv1b``),
+exactly (their weights are the two halves of ``cv1``'s), because torch-pruning 1.6.1 infers
+wrong chunk offsets and cannot model one chunk piece feeding two consumers.
+
+Scope today: YOLOv8 (C2f, SPPF, Detect with DFL). Models with attention blocks (YOLO11's C2PSA,
+YOLO26's attention C3k2) are refused with a clear message until their inner convs are
+protected (issue 5).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from graphs.errors import ModelError, YoloPruneError
+
+EXTRA_HINT = (
+    "it needs the optional 'ultralytics' extra (AGPL-3.0): run `make install-ultralytics` "
+    "(pip install --no-deps ultralytics opencv-python-headless, plus torchvision --no-deps, "
+    "whose metadata ultralytics reads at import; torchvision itself is never imported)"
+)
+# Names of the package's detection YAMLs (scale letter optional): yolov8n.yaml, yolo11s.yaml ...
+NAME_PATTERN = re.compile(
+    r"^(yolov8|yolov9|yolov10|yolo11|yolo12|yolo26)[nsmlxtcbe]?(-\w+)?\.ya?ml$"
+)
+CSP_SPLIT_BLOCKS = ("C2f", "C3k2")  # blocks whose forward is C2f's chunk-then-extend
+ATTENTION_BLOCKS = ("C2PSA", "PSABlock", "Attention", "A2C2f", "AAttn", "C2fAttn", "C2fPSA")
+
+
+class UltralyticsMissing(YoloPruneError):
+    pass
+
+
+def require_ultralytics(spec: str = "this model"):
+    """The ``ultralytics`` module, or a one-line error naming the extra."""
+    try:
+        import ultralytics
+        from ultralytics.nn import tasks  # noqa: F401  (fails where its metadata checks fail)
+    except ImportError as exc:
+        raise UltralyticsMissing(f"{spec}: an ultralytics model; {EXTRA_HINT}") from exc
+    except Exception as exc:  # e.g. PackageNotFoundError for torchvision's metadata
+        raise UltralyticsMissing(
+            f"{spec}: the ultralytics package failed to import ({type(exc).__name__}: {exc}); "
+            f"{EXTRA_HINT}"
+        ) from exc
+    return ultralytics
+
+
+def is_ultralytics_name(spec: str | Path) -> bool:
+    path = Path(spec)
+    return len(path.parts) == 1 and not path.exists() and bool(NAME_PATTERN.match(path.name))
+
+
+def is_ultralytics_model(model: nn.Module) -> bool:
+    return type(model).__module__.startswith("ultralytics.")
+
+
+class SplitCSP(nn.Module):
+    """A C2f/C3k2 block with ``cv1`` split in two convs: same outputs, no chunk."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.cv1a, self.cv1b = _split_conv(block.cv1, block.c)
+        self.m = block.m
+        self.cv2 = block.cv2
+        self.c = block.c
+        for attr in ("f", "i", "type", "np"):  # ultralytics' layer bookkeeping
+            if hasattr(block, attr):
+                setattr(self, attr, getattr(block, attr))
+        self.source_type = type(block).__name__
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = [self.cv1a(x), self.cv1b(x)]
+        y.extend(m(y[-1]) for m in self.m)
+        return self.cv2(torch.cat(y, 1))
+
+
+def _split_conv(conv: nn.Module, first: int) -> tuple[nn.Module, nn.Module]:
+    """Two copies of an ultralytics ``Conv`` (conv + BN + act) keeping output channels
+    [0, first) and [first, out) of the original."""
+    import copy
+
+    halves = []
+    total = conv.conv.out_channels
+    for start, stop in ((0, first), (first, total)):
+        part = copy.deepcopy(conv)
+        keep = slice(start, stop)
+        with torch.no_grad():
+            part.conv.weight = nn.Parameter(conv.conv.weight[keep].clone())
+            if conv.conv.bias is not None:
+                part.conv.bias = nn.Parameter(conv.conv.bias[keep].clone())
+            part.conv.out_channels = stop - start
+            bn = part.bn
+            bn.weight = nn.Parameter(conv.bn.weight[keep].clone())
+            bn.bias = nn.Parameter(conv.bn.bias[keep].clone())
+            bn.running_mean = conv.bn.running_mean[keep].clone()
+            bn.running_var = conv.bn.running_var[keep].clone()
+            bn.num_features = stop - start
+        halves.append(part)
+    return halves[0], halves[1]
+
+
+def canonicalize(model: nn.Module) -> nn.Module:
+    """Rewrite, in place, every chunk-based CSP block into :class:`SplitCSP` (exact)."""
+    from ultralytics.nn.modules.block import C2f
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child).__name__ in CSP_SPLIT_BLOCKS and type(child).forward is C2f.forward:
+                setattr(parent, name, SplitCSP(child))
+    return model
+
+
+def check_supported(model: nn.Module, spec: str) -> None:
+    found = sorted({type(m).__name__ for m in model.modules()} & set(ATTENTION_BLOCKS))
+    if found:
+        raise ModelError(
+            f"{spec}: has attention blocks ({', '.join(found)}), which yoloprune does not prune "
+            "yet (YOLO11/YOLO26 support is in progress); YOLOv8 models are supported"
+        )
+
+
+def build(spec: str, imgsz: int = 640) -> tuple[nn.Module, dict]:
+    """Build an ultralytics model from its package YAML, seeded, canonicalised, eval mode."""
+    require_ultralytics(spec)
+    from ultralytics.nn.tasks import DetectionModel
+
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = DetectionModel(spec, verbose=False)
+    except FileNotFoundError as exc:
+        raise ModelError(f"{spec}: not a model YAML of the ultralytics package") from exc
+    check_supported(model, spec)
+    canonicalize(model)
+    return model.float().eval(), model.yaml
+
+
+def rebuild(cfg: dict) -> nn.Module:
+    """The canonical architecture of a saved model's YAML dict (weights to be loaded)."""
+    require_ultralytics("a pruned ultralytics checkpoint")
+    from ultralytics.nn.tasks import DetectionModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = DetectionModel(cfg, verbose=False)
+    return canonicalize(model).float().eval()
+
+
+def detect_head(model: nn.Module) -> nn.Module:
+    return model.model[-1]
+
+
+def head_convs(model: nn.Module) -> list[nn.Conv2d]:
+    """Convs whose outputs are the model's interface: the last conv of every box and class
+    branch (one-to-many and one-to-one) and the DFL conv."""
+    head = detect_head(model)
+    convs = []
+    for attr in ("cv2", "cv3", "one2one_cv2", "one2one_cv3"):
+        branches = getattr(head, attr, None)
+        if branches is None:
+            continue
+        for branch in branches:
+            convs.append(branch[-1])
+    dfl = getattr(head, "dfl", None)
+    if dfl is not None and hasattr(dfl, "conv"):
+        convs.append(dfl.conv)
+    return convs
+
+
+def class_names(model: nn.Module) -> tuple[str, ...]:
+    names = getattr(model, "names", None) or {}
+    if isinstance(names, dict):
+        return tuple(str(names[k]) for k in sorted(names))
+    return tuple(str(n) for n in names)

@@ -333,10 +333,12 @@ class EngineRunner:
             ).dtype
             self.buffers[name] = torch.zeros(shape, dtype=dtype, device="cuda")
             self.context.set_tensor_address(name, self.buffers[name].data_ptr())
+        self.stream.wait_stream(torch.cuda.current_stream())  # buffers exist before first use
 
     def run(self, images=None):
         if images is not None:
-            self.buffers[self.inputs[0]].copy_(images)
+            with self._torch.cuda.stream(self.stream):  # ordered before the engine's work
+                self.buffers[self.inputs[0]].copy_(images, non_blocking=True)
         self.context.execute_async_v3(self.stream.cuda_stream)
         return self.buffers[self.outputs[0]]
 

@@ -124,8 +124,9 @@ def test_engine_matches_onnxruntime(tmp_path, tiny_model, precision):
     images = np.random.default_rng(0).random((2, 3, 64, 64), dtype=np.float32)
     import torch
 
-    got = runner.run(torch.from_numpy(images).cuda()).float().cpu().numpy()
-    runner.sync()
+    output = runner.run(torch.from_numpy(images).cuda())
+    runner.sync()  # the engine runs on its own stream
+    got = output.float().cpu().numpy()
     want = OrtRunner(onnx_path).run(images)[0]
     scale = np.array([64, 64, 64, 64] + [1] * (want.shape[-1] - 4), dtype=np.float32)
     atol = 1e-3 if precision == "fp32" else 2e-2

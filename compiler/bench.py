@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from torch import nn
 
 from graphs.errors import YoloPruneError
 
@@ -69,25 +70,31 @@ def _model_imgsz(spec: str, settings: BenchSettings) -> int:
     return _load(spec)[1].imgsz
 
 
-def _ort_callable(spec: str, settings: BenchSettings, imgsz: int, scratch: Path, index: int):
+def _onnx_path(source, imgsz: int, scratch: Path, index: int) -> Path:
+    """An ONNX file for ``source``: itself if it is one, else exported (dynamic batch) from the
+    model or the model file."""
     from compiler.export import export_onnx
+
+    if isinstance(source, str) and source.endswith(".onnx"):
+        return Path(source)
+    model = source if isinstance(source, nn.Module) else _load(source)[0]
+    return export_onnx(model, scratch / f"model{index}.onnx", imgsz, dynamic=True)
+
+
+def _ort_callable(onnx_path: Path, settings: BenchSettings, imgsz: int):
     from kernels.ort import OrtRunner
 
-    path = Path(spec)
-    if path.suffix != ".onnx":
-        model, _ = _load(spec)
-        path = export_onnx(model, scratch / f"model{index}.onnx", imgsz, dynamic=True)
-    runner = OrtRunner(path, settings.threads)
+    runner = OrtRunner(onnx_path, settings.threads)
     images = np.random.default_rng(0).random((settings.batch, 3, imgsz, imgsz), dtype=np.float32)
     return (lambda: runner.run(images)), None, None, {"threads": runner.threads}
 
 
-def _torch_callable(spec: str, settings: BenchSettings, imgsz: int):
+def _torch_callable(source, settings: BenchSettings, imgsz: int):
     from kernels.torch_runtime import TorchRunner, TorchSettings
 
-    if spec.endswith(".onnx"):
-        raise YoloPruneError(f"{spec}: --runtime torch needs a PyTorch model (.pt or .yaml)")
-    model, _ = _load(spec)
+    if isinstance(source, str) and source.endswith(".onnx"):
+        raise YoloPruneError(f"{source}: --runtime torch needs a PyTorch model (.pt or .yaml)")
+    model = source if isinstance(source, nn.Module) else _load(source)[0]
     try:
         torch_settings = TorchSettings(
             device=settings.resolved_device(),
@@ -106,70 +113,51 @@ def _tensorrt_callable(spec: str, settings: BenchSettings, imgsz: int, scratch: 
 
     path = Path(spec)
     if path.suffix not in (".engine", ".plan"):
-        onnx_path = path
-        if path.suffix != ".onnx":
-            from compiler.export import export_onnx
-
-            model, _ = _load(spec)
-            onnx_path = export_onnx(model, scratch / f"model{index}.onnx", imgsz, dynamic=True)
         build = BuildSettings(
             precision=settings.resolved_precision(),
             min_batch=1,
             opt_batch=settings.batch,
             max_batch=settings.batch,
         )
+        onnx_path = _onnx_path(spec, imgsz, scratch, index)
         path = build_engine(onnx_path, scratch / f"model{index}.engine", build).engine
     runner = EngineRunner(path)
     runner.set_batch(settings.batch)
     return runner.run, runner.sync, runner.clock(), {"tensorrt": runner.version}
 
 
+def _time_sources(sources: dict, settings: BenchSettings, imgsz: int):
+    """Build a runner for each source (a model file name or an in-memory model) on
+    ``settings.runtime`` and time them A B A B: ({name: Timing}, runtime extras)."""
+    from kernels.timing import interleaved
+
+    fns, sync, clock, extra = {}, None, None, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (name, source) in enumerate(sources.items()):
+            if settings.runtime == "ort":
+                built = _ort_callable(_onnx_path(source, imgsz, Path(tmp), i), settings, imgsz)
+            elif settings.runtime == "torch":
+                built = _torch_callable(source, settings, imgsz)
+            else:
+                built = _tensorrt_callable(source, settings, imgsz, Path(tmp), i)
+            fns[name], sync, clock, extra = built
+        timings = interleaved(
+            fns, runs=settings.runs, warmup=settings.warmup, sync=sync, clock=clock
+        )
+    return timings, extra
+
+
 def time_models(models: dict, settings: BenchSettings, imgsz: int) -> dict:
     """Time in-memory PyTorch models A B A B on ``settings.runtime`` (ort or torch):
     {name: Timing}."""
-    from compiler.export import export_onnx
-    from kernels.ort import OrtRunner
-    from kernels.timing import interleaved
-    from kernels.torch_runtime import TorchRunner, TorchSettings
-
-    if settings.runtime == "ort":
-        with tempfile.TemporaryDirectory() as tmp:
-            runners = {
-                name: OrtRunner(
-                    export_onnx(model, Path(tmp) / f"m{i}.onnx", imgsz, dynamic=True),
-                    settings.threads,
-                )
-                for i, (name, model) in enumerate(models.items())
-            }
-        shape = (settings.batch, 3, imgsz, imgsz)
-        images = np.random.default_rng(0).random(shape, dtype=np.float32)
-        fns = {name: (lambda r=r: r.run(images)) for name, r in runners.items()}
-        return interleaved(fns, runs=settings.runs, warmup=settings.warmup)
-    if settings.runtime != "torch":
+    if settings.runtime not in ("ort", "torch"):
         raise YoloPruneError(f"in-memory models are timed on ort or torch, not {settings.runtime}")
-    torch_settings = TorchSettings(
-        device=settings.resolved_device(),
-        precision=settings.resolved_precision(),
-        cuda_graph=settings.cuda_graph,
-    )
-    runners = {
-        name: TorchRunner(model, settings.batch, imgsz, torch_settings)
-        for name, model in models.items()
-    }
-    first = next(iter(runners.values()))
-    return interleaved(
-        {name: r.run for name, r in runners.items()},
-        runs=settings.runs,
-        warmup=settings.warmup,
-        sync=first.sync,
-        clock=first.clock(),
-    )
+    return _time_sources(models, settings, imgsz)[0]
 
 
 def bench(models: list[str], settings: BenchSettings) -> dict:
     """Time every model A B A B ...; ratios are against the first."""
     from kernels.ort import machine_info
-    from kernels.timing import interleaved
 
     if not models:
         raise YoloPruneError("bench needs at least one MODEL")
@@ -177,19 +165,8 @@ def bench(models: list[str], settings: BenchSettings) -> dict:
         if spec.endswith((".onnx", ".engine", ".plan")) and not Path(spec).is_file():
             raise YoloPruneError(f"{spec}: file not found; check the path")
     imgsz = _model_imgsz(models[0], settings)
-    fns, sync, clock, extra = {}, None, None, {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for i, spec in enumerate(models):
-            if settings.runtime == "ort":
-                fn, sync, clock, extra = _ort_callable(spec, settings, imgsz, Path(tmp), i)
-            elif settings.runtime == "torch":
-                fn, sync, clock, extra = _torch_callable(spec, settings, imgsz)
-            else:
-                fn, sync, clock, extra = _tensorrt_callable(spec, settings, imgsz, Path(tmp), i)
-            fns[f"{i}:{spec}"] = fn
-        timings = interleaved(
-            fns, runs=settings.runs, warmup=settings.warmup, sync=sync, clock=clock
-        )
+    sources = {f"{i}:{spec}": spec for i, spec in enumerate(models)}
+    timings, extra = _time_sources(sources, settings, imgsz)
     first = next(iter(timings.values())).median_ms
     rows = [
         {

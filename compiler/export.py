@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from graphs.checkpoint import class_names
 from graphs.errors import ExportError
 
 DEFAULT_OPSET = 17
@@ -58,13 +59,6 @@ def _box_last(output: np.ndarray, model: nn.Module) -> np.ndarray:
     return output
 
 
-def _class_names(model: nn.Module) -> list[str]:
-    names = model.names
-    if isinstance(names, dict):
-        return [str(names[k]) for k in sorted(names)]
-    return [str(n) for n in names]
-
-
 def export_onnx(
     model: nn.Module,
     path: Path,
@@ -105,7 +99,7 @@ def export_onnx(
         onnx.checker.check_model(proto, full_check=True)
         meta = {
             "stride": str(int(max(model.stride))),
-            "names": json.dumps({i: n for i, n in enumerate(names or _class_names(model))}),
+            "names": json.dumps({i: n for i, n in enumerate(names or class_names(model))}),
             "imgsz": json.dumps([imgsz, imgsz]),
             "producer": "yoloprune",
         }

@@ -16,15 +16,16 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from graphs.dependency import ChannelGroup, ConvChannels
+from compiler.planner import conv_io_sizes, plan_from_counts
+from graphs.dependency import ChannelGroup, ConvChannels, conv_channels
 from graphs.errors import PlanError
-from kernels.latency_table import ConvShape, LatencyTable
+from kernels.latency_table import ConvShape, LatencyTable, open_table
 
 DEFAULT_GRID = (0.25, 0.5, 0.75, 1.0)
 
@@ -41,23 +42,8 @@ class ConvGeometry:
 
 def conv_geometry(model: nn.Module, convs: list[ConvChannels], imgsz: int) -> list[ConvGeometry]:
     """Kernel, stride and input size of every conv at imgsz x imgsz (one forward pass)."""
-    sizes, hooks = {}, []
+    sizes = conv_io_sizes(model, imgsz)
     modules = dict(model.named_modules())
-    for conv in convs:
-        module = modules[conv.name]
-        hooks.append(
-            module.register_forward_hook(
-                lambda _m, inputs, _o, name=conv.name: sizes.__setitem__(
-                    name, tuple(inputs[0].shape[-2:])
-                )
-            )
-        )
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, 3, imgsz, imgsz))
-    finally:
-        for hook in hooks:
-            hook.remove()
     geometry = []
     for conv in convs:
         module = modules[conv.name]
@@ -68,7 +54,7 @@ def conv_geometry(model: nn.Module, convs: list[ConvChannels], imgsz: int) -> li
         }
         if not all(square.values()):
             raise PlanError(f"{conv.name}: latency tables cover square convs only ({square})")
-        height, width = sizes[conv.name]
+        height, width = sizes[conv.name][0]
         geometry.append(
             ConvGeometry(
                 conv, module.kernel_size[0], module.stride[0], module.padding[0], height, width
@@ -107,8 +93,7 @@ class LatencyModel:
         progress: bool = True,
     ):
         self.table = table
-        self._layers = []
-        shapes = []
+        layers, shapes = [], []
         for g in geometry:
             c = g.channels
             cin_varies = any(gid is not None for gid, _, _ in c.in_slices)
@@ -125,11 +110,10 @@ class LatencyModel:
                 for x in xs
             ]
             shapes += [s for row in layer_shapes for s in row]
-            self._layers.append((c, xs, ys, layer_shapes))
+            layers.append((c, xs, ys, layer_shapes))
         table.ensure(shapes, progress=progress)
         self._times = [
-            (c, xs, ys, [[table[s] for s in row] for row in rows])
-            for c, xs, ys, rows in self._layers
+            (c, xs, ys, [[table[s] for s in row] for row in rows]) for c, xs, ys, rows in layers
         ]
         self.scale = 1.0
         self.by_group: dict[str, list[int]] = {}
@@ -256,9 +240,6 @@ def plan_latency(prepared, scores, counter, target, constraints, importance, see
     ``settings.rounds`` rounds). Every round is recorded in ``plan.latency``."""
     from compiler.apply import apply_plan
     from compiler.bench import BenchSettings, time_models
-    from compiler.planner import plan_from_counts
-    from graphs.dependency import conv_channels
-    from kernels.latency_table import open_table
 
     table = open_table(
         settings.runtime,
@@ -330,8 +311,6 @@ def plan_latency(prepared, scores, counter, target, constraints, importance, see
             break
         budget *= goal / measured
     plan, measured, predicted, counts = best
-    import dataclasses
-
     latency = {
         "runtime": settings.runtime,
         "table": str(table.path),
@@ -346,4 +325,4 @@ def plan_latency(prepared, scores, counter, target, constraints, importance, see
         "rounds": rounds,
         "scale": model.scale,
     }
-    return dataclasses.replace(plan, latency=latency)
+    return replace(plan, latency=latency)

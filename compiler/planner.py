@@ -64,15 +64,17 @@ class Constraints:
             raise PlanError(f"--max-ratio {self.max_ratio:g} must be strictly between 0 and 1")
 
 
-def spatial_sizes(model: nn.Module, imgsz: int) -> dict[str, int]:
-    """Output H*W of every Conv2d at imgsz x imgsz (one forward pass with hooks)."""
+def conv_io_sizes(
+    model: nn.Module, imgsz: int
+) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
+    """(input (H, W), output (H, W)) of every Conv2d at imgsz x imgsz (one forward pass)."""
     sizes, hooks = {}, []
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d):
             hooks.append(
                 module.register_forward_hook(
-                    lambda _m, _i, out, name=name: sizes.__setitem__(
-                        name, out.shape[-2] * out.shape[-1]
+                    lambda _m, inputs, out, name=name: sizes.__setitem__(
+                        name, (tuple(inputs[0].shape[-2:]), tuple(out.shape[-2:]))
                     )
                 )
             )
@@ -83,6 +85,11 @@ def spatial_sizes(model: nn.Module, imgsz: int) -> dict[str, int]:
         for hook in hooks:
             hook.remove()
     return sizes
+
+
+def spatial_sizes(model: nn.Module, imgsz: int) -> dict[str, int]:
+    """Output H*W of every Conv2d at imgsz x imgsz."""
+    return {name: out[0] * out[1] for name, (_, out) in conv_io_sizes(model, imgsz).items()}
 
 
 class MacCounter:

@@ -154,30 +154,15 @@ class ModelInfo:
         return Path(self.source).name.rsplit(".", 1)[0]
 
 
+def class_names(model: nn.Module) -> tuple[str, ...]:
+    """A model's class names in class order, whether a list (yolov5) or a dict (ultralytics)."""
+    names = getattr(model, "names", None) or ()
+    if isinstance(names, dict):
+        return tuple(str(names[k]) for k in sorted(names))
+    return tuple(str(n) for n in names)
+
+
 def describe(
-    model: DetectionModel,
-    source: str,
-    *,
-    pretrained: bool,
-    imgsz: int | None = None,
-    meta: dict | None = None,
-) -> ModelInfo:
-    detect = model.detect
-    pixel_anchors = (detect.anchors * detect.stride.view(-1, 1, 1)).view(detect.nl, -1)
-    return ModelInfo(
-        family="yolov5",
-        source=source,
-        nc=detect.nc,
-        names=tuple(str(n) for n in model.names),
-        stride=tuple(float(s) for s in detect.stride),
-        anchors=tuple(tuple(round(float(v), 4) for v in row) for row in pixel_anchors),
-        imgsz=imgsz or DEFAULT_IMGSZ,
-        pretrained=pretrained,
-        meta=dict(meta or {}),
-    )
-
-
-def describe_ultralytics(
     model: nn.Module,
     source: str,
     *,
@@ -185,16 +170,24 @@ def describe_ultralytics(
     imgsz: int | None = None,
     meta: dict | None = None,
 ) -> ModelInfo:
-    from graphs.ultralytics_family import class_names, detect_head
+    """What the report and the exports need to know about a yolov5 or ultralytics model."""
+    from graphs import ultralytics_family
 
-    head = detect_head(model)
+    if ultralytics_family.is_ultralytics_model(model):
+        head = ultralytics_family.detect_head(model)
+        family, anchors = "ultralytics", ()  # anchor-free
+    else:
+        head = model.detect
+        pixel_anchors = (head.anchors * head.stride.view(-1, 1, 1)).view(head.nl, -1)
+        family = "yolov5"
+        anchors = tuple(tuple(round(float(v), 4) for v in row) for row in pixel_anchors)
     return ModelInfo(
-        family="ultralytics",
+        family=family,
         source=source,
         nc=int(head.nc),
         names=class_names(model),
         stride=tuple(float(s) for s in head.stride),
-        anchors=(),  # anchor-free
+        anchors=anchors,
         imgsz=imgsz or DEFAULT_IMGSZ,
         pretrained=pretrained,
         meta=dict(meta or {}),
@@ -228,7 +221,7 @@ def load_model(spec: str | Path) -> tuple[DetectionModel, ModelInfo]:
 
     if ultralytics_family.is_ultralytics_name(spec):
         model, _ = ultralytics_family.build(str(spec))
-        return model, describe_ultralytics(model, str(spec), pretrained=False)
+        return model, describe(model, str(spec), pretrained=False)
     path = resolve_source(spec)
     if path.suffix in (".yaml", ".yml"):
         try:
@@ -405,9 +398,13 @@ def save_pruned(
 
 
 def _load_pruned(ckpt: dict, path: Path, source: str) -> tuple[DetectionModel, ModelInfo]:
-    if ckpt.get("family") == "ultralytics":
-        return _load_pruned_ultralytics(ckpt, path, source)
-    model = DetectionModel(ckpt["yaml"])
+    ultralytics = ckpt.get("family") == "ultralytics"
+    if ultralytics:
+        from graphs.ultralytics_family import rebuild
+
+        model = rebuild(ckpt["yaml"])
+    else:
+        model = DetectionModel(ckpt["yaml"])
     state = ckpt["state_dict"]
     shrink_to_state(model, state)
     for name, (kind, slope) in ckpt.get("activations", {}).items():
@@ -420,8 +417,12 @@ def _load_pruned(ckpt: dict, path: Path, source: str) -> tuple[DetectionModel, M
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: pruned checkpoint does not fit its YAML ({exc})") from exc
-    model.names = list(ckpt.get("names") or model.names)
-    model.stride = model.detect.stride
+    names = list(ckpt.get("names") or ())
+    if ultralytics:
+        model.names = dict(enumerate(names))
+    else:
+        model.names = names or model.names
+        model.stride = model.detect.stride
     info = describe(
         model,
         source,
@@ -430,29 +431,6 @@ def _load_pruned(ckpt: dict, path: Path, source: str) -> tuple[DetectionModel, M
         meta={"pruned": True, **ckpt.get("extra", {})},
     )
     return model, info
-
-
-def _load_pruned_ultralytics(ckpt: dict, path: Path, source: str):
-    from graphs.ultralytics_family import rebuild
-
-    model = rebuild(ckpt["yaml"])
-    state = ckpt["state_dict"]
-    shrink_to_state(model, state)
-    for name, eps in ckpt.get("bn_eps", {}).items():
-        model.get_submodule(name).eps = eps
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: pruned checkpoint does not fit its YAML ({exc})") from exc
-    model.names = dict(enumerate(ckpt.get("names") or ()))
-    info = describe_ultralytics(
-        model,
-        source,
-        pretrained=bool(ckpt.get("pretrained", True)),
-        imgsz=ckpt.get("imgsz"),
-        meta={"pruned": True, **ckpt.get("extra", {})},
-    )
-    return model.float().eval(), info
 
 
 def shrink_to_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

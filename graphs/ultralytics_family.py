@@ -174,10 +174,3 @@ def head_convs(model: nn.Module) -> list[nn.Conv2d]:
     if dfl is not None and hasattr(dfl, "conv"):
         convs.append(dfl.conv)
     return convs
-
-
-def class_names(model: nn.Module) -> tuple[str, ...]:
-    names = getattr(model, "names", None) or {}
-    if isinstance(names, dict):
-        return tuple(str(names[k]) for k in sorted(names))
-    return tuple(str(n) for n in names)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from compiler.planner import spatial_sizes
-from graphs.dependency import head_convs
+from graphs.dependency import protected_convs
 
 
 def conv_macs(model: nn.Module, imgsz: int) -> int:
@@ -39,7 +39,7 @@ def torch_pruning_default(model: nn.Module, macs_target: float, imgsz: int):
                 torch.zeros(1, 3, 64, 64),
                 importance=tp.importance.GroupMagnitudeImportance(p=2),
                 pruning_ratio=ratio,
-                ignored_layers=head_convs(candidate),
+                ignored_layers=list(protected_convs(candidate)),
             )
             pruner.step()
         return candidate

@@ -30,6 +30,18 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="inference size in pixels, square (default: 640, or the checkpoint's)",
     )
+    p.add_argument(
+        "--group-seconds",
+        type=float,
+        default=None,
+        help="stop tracing/group building past this many seconds (default 120)",
+    )
+    p.add_argument(
+        "--group-memory-gib",
+        type=float,
+        default=None,
+        help="stop tracing/group building past this much extra memory, GiB (default 4)",
+    )
 
 
 def _plan_args(p: argparse.ArgumentParser) -> None:
@@ -152,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-bench", dest="bench", action="store_false", help="skip the latency measurement"
     )
     c.add_argument("--dynamic", action="store_true", help="ONNX with a dynamic batch axis")
+    c.add_argument(
+        "--export-mode",
+        choices=["raw", "end2end"],
+        default=None,
+        help="raw: decoded boxes and scores before NMS; end2end: NMS-free top-k (x1, y1, x2, y2, "
+        "score, class), for heads with a one-to-one branch (YOLO26, where it is the default)",
+    )
     c.add_argument("--no-simplify", dest="simplify", action="store_false", help="skip onnxsim")
     c.add_argument(
         "--parity-tol",
@@ -334,9 +353,12 @@ def cmd_compile(args) -> int:
 
 
 def cmd_graph(args) -> int:
-    from compiler.pipeline import prepare
+    from compiler.pipeline import CompileOptions, prepare
 
-    prepared = prepare(args.model, args.imgsz)
+    options = CompileOptions(
+        args.model, group_seconds=args.group_seconds, group_memory_gib=args.group_memory_gib
+    )
+    prepared = prepare(args.model, args.imgsz, options.grouping_limits())
     groups = prepared.groups
     width = max(len(g.id) for g in groups)
     print(f"{'group (root conv)':<{width}}  channels  members  status")
@@ -359,7 +381,7 @@ def cmd_plan(args) -> int:
 
     fields = CompileOptions.__dataclass_fields__
     options = CompileOptions(**{k: v for k, v in vars(args).items() if k in fields and k != "out"})
-    prepared = prepare(args.model, args.imgsz)
+    prepared = prepare(args.model, args.imgsz, options.grouping_limits())
     plan = plan_for(prepared, options)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     plan.save(args.out)

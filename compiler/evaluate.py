@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from compiler.data import DataConfig, YoloDataset, loader
-from compiler.nms import non_max_suppression
+from compiler.nms import detections as to_detections
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,17 @@ class EvalSettings:
     iou: float = 0.6
     max_det: int = 300
     batch: int = 16
+
+
+@dataclass(frozen=True)
+class Predictor:
+    """Maps a batch of letterboxed images to output0 in ``layout`` (see nms.detections)."""
+
+    run: Callable[[torch.Tensor], torch.Tensor]
+    layout: str = "yolov5"
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.run(images)
 
 
 @dataclass(frozen=True)
@@ -111,10 +122,12 @@ def evaluate(
     runtime: str = "pytorch",
     progress: bool = True,
 ) -> Metrics:
-    """``predict`` maps a batch of letterboxed images to decoded (B, N, 5+nc) outputs."""
+    """``predict`` maps a batch of letterboxed images to output0: a :class:`Predictor` names its
+    layout; a plain function gives yolov5's decoded (B, N, 5+nc)."""
     from tqdm import tqdm
 
     settings = settings or EvalSettings()
+    layout = predict.layout if isinstance(predict, Predictor) else "yolov5"
     detections, image_id, start = [], 0, time.perf_counter()
     batches = loader(dataset, settings.batch)
     for images, _, metas in tqdm(
@@ -122,8 +135,8 @@ def evaluate(
     ):
         with torch.no_grad():
             outputs = predict(images)
-        results = non_max_suppression(
-            outputs.float(), settings.conf, settings.iou, settings.max_det
+        results = to_detections(
+            outputs.float(), layout, settings.conf, settings.iou, settings.max_det
         )
         for det, meta in zip(results, metas, strict=True):
             det = _to_original(det, meta)
@@ -151,22 +164,25 @@ def evaluate(
     )
 
 
-def torch_predictor(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    model = model.eval()
+def torch_predictor(model: torch.nn.Module, mode: str | None = None) -> Predictor:
+    """The PyTorch model as it would be exported in ``mode`` (default: the model's own, so
+    YOLO26 is evaluated end to end, as deployed)."""
+    from compiler.export import deployed_model, export_mode, output_layout
 
-    def predict(images: torch.Tensor) -> torch.Tensor:
-        return model(images)[0]
+    mode = export_mode(model, mode)
+    deployed = deployed_model(model, mode)
+    device = next(model.parameters()).device
+    deployed.to(device)
+    return Predictor(lambda images: deployed(images.to(device)).cpu(), output_layout(model, mode))
 
-    return predict
 
-
-def onnx_predictor(
-    path: Path, threads: int | None = None
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The deployed artifact itself; a static-batch file is fed one image at a time."""
+def onnx_predictor(path: Path, threads: int | None = None) -> Predictor:
+    """The deployed artifact itself, read in the layout its metadata records (yoloprune's
+    exports; yolov5's own when absent); a static-batch file is fed a batch at a time."""
     from kernels.ort import OrtRunner
 
     runner = OrtRunner(path, threads)
+    layout = runner.metadata().get("layout", "yolov5")
     static_batch = runner.session.get_inputs()[0].shape[0]
 
     def predict(images: torch.Tensor) -> torch.Tensor:
@@ -179,7 +195,7 @@ def onnx_predictor(
             return torch.from_numpy(np.concatenate(chunks))
         return torch.from_numpy(runner.run(array)[0])
 
-    return predict
+    return Predictor(predict, layout)
 
 
 def val_dataset(config: DataConfig, imgsz: int) -> YoloDataset:

@@ -1,4 +1,11 @@
-"""Export pass: ONNX (static or dynamic batch) -> onnxsim -> onnx.checker -> parity vs PyTorch."""
+"""Export pass: ONNX (static or dynamic batch) -> onnxsim -> onnx.checker -> parity vs PyTorch.
+
+Two export modes. ``raw`` is the decoded head before NMS: yolov5's (batch, anchors, 5 + nc),
+ultralytics' (batch, 4 + nc, anchors). ``end2end`` is for heads with a one-to-one (NMS-free)
+branch, as YOLO26's: (batch, max_det, 6) rows of x1, y1, x2, y2, score, class, top-k inside the
+graph; it is the default for such models, as in ultralytics. The mode and the output layout are
+written into the ONNX metadata (``layout``) so evaluation and parity read the file as it is.
+"""
 
 from __future__ import annotations
 
@@ -16,10 +23,23 @@ from graphs.checkpoint import class_names
 from graphs.errors import ExportError
 
 DEFAULT_OPSET = 17
-# Parity is measured on output0 with box columns (xywh, pixels) divided by the image size, so
-# every column is O(1): 1e-3 is 0.64 px at 640 and 0.001 of a score.
+# Parity is measured on output0 with box columns (pixels) divided by the image size, or by the
+# value itself where a box lies far outside the image, so every column is O(1): 1e-3 is 0.64 px
+# at 640 and 0.001 of a score.
 DEFAULT_PARITY_TOLERANCE = 1e-3
-PARITY_METRIC = "max |ORT - PyTorch| over output0, xywh divided by imgsz, scores as is; fp32"
+PARITY_METRIC = (
+    "max |ORT - PyTorch| over output0, boxes divided by max(imgsz, |PyTorch value|), scores as "
+    "is; fp32"
+)
+END2END_PARITY_METRIC = (
+    "end2end: max |ORT - PyTorch| of the sorted top-k scores, and of the boxes (divided by "
+    "max(imgsz, |PyTorch value|)) and classes of every detection whose score is unambiguous "
+    "(further than the tolerance from its neighbours); fp32"
+)
+EXPORT_MODES = ("raw", "end2end")
+# output0's layout per family and mode; evaluation decodes by it.
+LAYOUTS = {"yolov5": "(batch, anchors, 5 + nc)", "anchor_free": "(batch, 4 + nc, anchors)"}
+LAYOUTS["end2end"] = "(batch, max_det, 6): x1, y1, x2, y2, score, class"
 
 
 @dataclass(frozen=True)
@@ -38,25 +58,52 @@ class Parity:
         return {**asdict(self), "ok": self.ok}
 
 
-def _export_model(model: nn.Module) -> nn.Module:
+def export_mode(model: nn.Module, requested: str | None = None) -> str:
+    """The export mode: ``requested`` checked against the head, or the model's default."""
+    from graphs import ultralytics_family
+
+    end2end_capable = ultralytics_family.is_ultralytics_model(
+        model
+    ) and ultralytics_family.has_one2one(model)
+    if requested is None:
+        return "end2end" if end2end_capable else "raw"
+    if requested not in EXPORT_MODES:
+        raise ExportError(f"--export-mode {requested}: use one of {', '.join(EXPORT_MODES)}")
+    if requested == "end2end" and not end2end_capable:
+        raise ExportError(
+            "--export-mode end2end needs a head with a one-to-one (NMS-free) branch, as "
+            "YOLO26's; export this model with --export-mode raw"
+        )
+    return requested
+
+
+def output_layout(model: nn.Module, mode: str) -> str:
+    """``yolov5``, ``anchor_free`` or ``end2end``: how output0 is laid out (see LAYOUTS)."""
+    from graphs import ultralytics_family
+
+    if mode == "end2end":
+        return "end2end"
+    return "anchor_free" if ultralytics_family.is_ultralytics_model(model) else "yolov5"
+
+
+def deployed_model(model: nn.Module, mode: str) -> nn.Module:
+    """A copy that returns output0 only, as exported in ``mode`` (eval mode, fp32)."""
     from graphs import ultralytics_family
 
     exported = copy.deepcopy(model).float().eval()
     if ultralytics_family.is_ultralytics_model(exported):
         head = ultralytics_family.detect_head(exported)
-        head.export, head.format = True, "onnx"  # output0: (batch, 4 + nc, anchors), as theirs
+        head.export, head.format = True, "onnx"
+        if ultralytics_family.has_one2one(exported):
+            head.end2end = mode == "end2end"
         return exported
     exported.detect.export = True  # output0 only: (batch, anchors, 5 + nc), as yolov5 exports
     return exported
 
 
-def _box_last(output: np.ndarray, model: nn.Module) -> np.ndarray:
-    """output0 with the box/score values on the last axis (ultralytics puts them on axis 1)."""
-    from graphs import ultralytics_family
-
-    if ultralytics_family.is_ultralytics_model(model):
-        return np.swapaxes(output, 1, 2)
-    return output
+def _rows_last(output: np.ndarray, layout: str) -> np.ndarray:
+    """output0 with one row per box (ultralytics' raw layout puts boxes on the last axis)."""
+    return np.swapaxes(output, 1, 2) if layout == "anchor_free" else output
 
 
 def export_onnx(
@@ -68,13 +115,15 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     simplify: bool = True,
     names=None,
+    mode: str | None = None,
 ) -> Path:
     """Write ``path`` (via a temporary file); input ``images``, output ``output0``."""
     import onnx
 
     if opset < 17:
         raise ExportError(f"--opset {opset}: yoloprune exports opset 17 or newer")
-    exported = _export_model(model)
+    mode = export_mode(model, mode)
+    exported = deployed_model(model, mode)
     example = torch.zeros(1, 3, imgsz, imgsz)
     tmp = path.with_name(path.name + ".tmp")
     axes = {"images": {0: "batch"}, "output0": {0: "batch"}} if dynamic else None
@@ -102,6 +151,8 @@ def export_onnx(
             "names": json.dumps({i: n for i, n in enumerate(names or class_names(model))}),
             "imgsz": json.dumps([imgsz, imgsz]),
             "producer": "yoloprune",
+            "export_mode": mode,
+            "layout": output_layout(model, mode),
         }
         for key, value in meta.items():
             proto.metadata_props.add(key=key, value=value)
@@ -134,18 +185,53 @@ def check_parity(
     tolerance: float = DEFAULT_PARITY_TOLERANCE,
     threads: int | None = None,
 ) -> Parity:
-    """Run PyTorch and ONNX Runtime on the same fixed input and compare output0."""
+    """Run PyTorch and ONNX Runtime on the same fixed input and compare output0, in the
+    export mode the file records."""
     from kernels.ort import OrtRunner
 
+    runner = OrtRunner(onnx_path, threads)
+    mode = runner.metadata().get("export_mode", "raw")
+    layout = output_layout(model, export_mode(model, mode))
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(batch, 3, imgsz, imgsz, generator=generator)
     with torch.no_grad():
-        expected = _export_model(model)(images).numpy()
-    actual = OrtRunner(onnx_path, threads).run(images.numpy())[0]
+        expected = deployed_model(model, mode)(images).numpy().astype(np.float64)
+    actual = runner.run(images.numpy())[0].astype(np.float64)
     if actual.shape != expected.shape:
         raise ExportError(f"{onnx_path}: output0 shape {actual.shape} != PyTorch {expected.shape}")
-    actual, expected = _box_last(actual, model), _box_last(expected, model)
-    diff = np.abs(actual.astype(np.float64) - expected.astype(np.float64))
+    if layout == "end2end":
+        worst, pixels = _end2end_diff(actual, expected, imgsz, tolerance)
+        return Parity(worst, pixels, tolerance, END2END_PARITY_METRIC)
+    actual, expected = _rows_last(actual, layout), _rows_last(expected, layout)
+    diff = np.abs(actual - expected)
     pixels = float(diff[..., :4].max())
-    diff[..., :4] /= imgsz
+    diff[..., :4] /= np.maximum(imgsz, np.abs(expected[..., :4]))
     return Parity(float(diff.max()), pixels, tolerance)
+
+
+def _end2end_diff(actual, expected, imgsz: int, tolerance: float) -> tuple[float, float]:
+    """(worst normalised difference, worst box difference in pixels) of two top-k outputs,
+    compared as sets: top-k may order near-equal scores either way.
+
+    Each detection of one output is matched to the nearest detection of the other, the distance
+    being the largest of the score difference, the box difference (divided by max(imgsz,
+    |value|)) and 1 for another class; detections within ``tolerance`` of the k-th score may
+    fall out of either top-k, so they need no match.
+    """
+    worst, pixels = 0.0, 0.0
+    for got, want in zip(actual, expected, strict=True):
+        for one, other in ((want, got), (got, want)):
+            boundary = min(one[:, 4].min(initial=np.inf), other[:, 4].min(initial=np.inf))
+            rows = one[one[:, 4] > boundary + tolerance]
+            if not len(rows):
+                continue
+            box = np.abs(rows[:, None, :4] - other[None, :, :4])
+            scale = np.maximum(imgsz, np.abs(rows[:, None, :4]))
+            distance = np.maximum(
+                np.abs(rows[:, None, 4] - other[None, :, 4]), (box / scale).max(axis=2)
+            )
+            distance[rows[:, None, 5] != other[None, :, 5]] = 1.0
+            nearest = distance.argmin(axis=1)
+            worst = max(worst, float(distance[np.arange(len(rows)), nearest].max()))
+            pixels = max(pixels, float(box[np.arange(len(rows)), nearest].max()))
+    return worst, pixels

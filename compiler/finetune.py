@@ -21,7 +21,7 @@ from torch import nn
 
 from compiler.data import DataConfig, YoloDataset, collate
 from compiler.evaluate import EvalSettings, evaluate, torch_predictor
-from compiler.loss import YoloV5Loss
+from compiler.objective import objective_for
 from graphs.checkpoint import ModelInfo, load_model, save_pruned
 from graphs.errors import YoloPruneError
 
@@ -120,15 +120,6 @@ def _lr_factor(settings: TrainSettings):
     return lambda x: (1 - x / settings.epochs) * (1.0 - settings.lrf) + settings.lrf
 
 
-def distillation_loss(student_raw, teacher_raw) -> torch.Tensor:
-    """Output-level distillation: MSE between sigmoid outputs of every head level."""
-    terms = [
-        (s.sigmoid() - t.sigmoid()).pow(2).mean()
-        for s, t in zip(student_raw, teacher_raw, strict=True)
-    ]
-    return torch.stack(terms).mean()
-
-
 def _distributed() -> tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
@@ -200,7 +191,8 @@ def train(
     )
     use_amp = settings.amp if settings.amp is not None else device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and device.type == "cuda")
-    loss_fn = YoloV5Loss(_unwrap(model).detect, imgsz)
+    objective = objective_for(_unwrap(model), imgsz, settings.epochs)
+    names = (*objective.part_names, "kd")
     start_epoch, result, begin = 0, TrainResult(model), time.perf_counter()
     if resume is not None:
         start_epoch, result = _resume(resume, model, optimizer, ema, result, device)
@@ -222,7 +214,7 @@ def train(
             leave=False,
             disable=(not progress or rank != 0) or None,
         )
-        running = torch.zeros(4)
+        running = torch.zeros(len(names))
         for i, (images, targets, _) in enumerate(bar):
             step = i + len(batches) * epoch
             if step <= warmup_iters:
@@ -230,12 +222,12 @@ def train(
             images = images.to(device, non_blocking=True)
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
                 raw = model(images)
-                loss, parts = loss_fn(raw, targets.to(device))
+                loss, parts = objective(raw, targets.to(device))
                 kd = torch.zeros((), device=device)
                 if teacher is not None:
                     with torch.no_grad():
-                        teacher_raw = teacher(images)[1]
-                    kd = distillation_loss(raw, teacher_raw) * settings.distill * images.shape[0]
+                        teacher_out = teacher(images)
+                    kd = objective.distill(raw, teacher_out) * settings.distill * images.shape[0]
                     loss = loss + kd
             if world > 1:
                 loss = loss * world
@@ -251,22 +243,14 @@ def train(
             running = (running * i + torch.cat((parts.cpu(), kd.detach().cpu().view(1)))) / (i + 1)
             if rank == 0 and bar is not None and hasattr(bar, "set_postfix"):
                 bar.set_postfix(
-                    box=f"{running[0]:.3f}",
-                    obj=f"{running[1]:.3f}",
-                    cls=f"{running[2]:.3f}",
-                    kd=f"{running[3]:.3f}",
+                    {n: f"{v:.3f}" for n, v in zip(names, running.tolist(), strict=True)}
                 )
         scheduler.step()
+        objective.end_epoch()
         if rank != 0:
             continue
-        record = {
-            "epoch": epoch + 1,
-            "box": float(running[0]),
-            "obj": float(running[1]),
-            "cls": float(running[2]),
-            "kd": float(running[3]),
-            "lr": optimizer.param_groups[0]["lr"],
-        }
+        record = {"epoch": epoch + 1, **dict(zip(names, map(float, running), strict=True))}
+        record["lr"] = optimizer.param_groups[0]["lr"]
         current = ema.ema if ema is not None else _unwrap(model)
         last_epoch = epoch + 1 == settings.epochs
         if val_set is not None and ((epoch + 1) % settings.eval_every == 0 or last_epoch):
@@ -287,9 +271,9 @@ def train(
                     )
         result.history.append(record)
         if progress:
+            losses = " ".join(f"{n} {record[n]:.4f}" for n in names)
             tqdm.write(
-                f"epoch {epoch + 1}/{settings.epochs}: box {record['box']:.4f} obj "
-                f"{record['obj']:.4f} cls {record['cls']:.4f} kd {record['kd']:.4f}"
+                f"epoch {epoch + 1}/{settings.epochs}: {losses}"
                 + (f" mAP@.5:.95 {record['map50_95']:.4f}" if "map50_95" in record else "")
             )
         if save_dir is not None:

@@ -1,4 +1,5 @@
-"""Non-maximum suppression for YOLOv5 outputs (ours: torchvision's ops do not load here)."""
+"""Non-maximum suppression (ours: torchvision's ops do not load here), and the step from each
+output layout to per-image detections."""
 
 from __future__ import annotations
 
@@ -79,3 +80,30 @@ def non_max_suppression(
         keep = greedy_nms(shifted, det[:, 4], iou_thres, max_det)
         output.append(det[keep])
     return output
+
+
+def detections(
+    outputs: torch.Tensor,
+    layout: str,
+    conf_thres: float = 0.001,
+    iou_thres: float = 0.6,
+    max_det: int = 300,
+) -> list[torch.Tensor]:
+    """Per image (n, 6) rows of (x0, y0, x1, y1, score, class) from output0 in ``layout``:
+
+    - ``yolov5``: (B, anchors, 5 + nc), objectness times class probability, then NMS;
+    - ``anchor_free``: (B, 4 + nc, anchors) of ultralytics, class probabilities alone (an
+      objectness of 1), then the same NMS;
+    - ``end2end``: (B, max_det, 6) already NMS-free top-k (YOLO26); only ``conf_thres`` and
+      ``max_det`` apply.
+    """
+    if layout == "yolov5":
+        return non_max_suppression(outputs, conf_thres, iou_thres, max_det)
+    if layout == "anchor_free":
+        rows = outputs.transpose(1, 2)
+        ones = torch.ones_like(rows[..., :1])
+        with_objectness = torch.cat((rows[..., :4], ones, rows[..., 4:]), -1)
+        return non_max_suppression(with_objectness, conf_thres, iou_thres, max_det)
+    if layout == "end2end":
+        return [image[image[:, 4] > conf_thres][:max_det] for image in outputs]
+    raise ValueError(f"unknown output layout {layout!r}: use yolov5, anchor_free or end2end")

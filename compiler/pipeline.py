@@ -17,13 +17,20 @@ from pathlib import Path
 from tqdm import tqdm
 
 from compiler.apply import apply_plan, count_params
-from compiler.export import DEFAULT_PARITY_TOLERANCE, check_parity, export_onnx
+from compiler.export import (
+    DEFAULT_PARITY_TOLERANCE,
+    LAYOUTS,
+    check_parity,
+    export_mode,
+    export_onnx,
+    output_layout,
+)
 from compiler.planner import Constraints, MacCounter, Target, make_plan, spatial_sizes
 from compiler.report import build_report, write_report
 from compiler.score import IMPORTANCES, score_groups
 from compiler.unstructured import sparsify, sparsity
 from graphs.checkpoint import ModelInfo, load_model, save_pruned
-from graphs.dependency import build_graph, channel_groups, conv_channels
+from graphs.dependency import GroupingLimits, build_graph, channel_groups, conv_channels
 from graphs.errors import ExportError, PlanError
 from graphs.plan import GroupPlan, PruningPlan
 
@@ -65,6 +72,9 @@ class CompileOptions:
     latency_ms: float | None = None  # latency-aware: a budget in milliseconds
     latency_runtime: str | None = None  # the runtime the latency table is measured on (ort)
     latency_table: Path | None = None  # the table file (default: per-device cache)
+    export_mode: str | None = None  # raw | end2end (default: end2end where the head has it)
+    group_seconds: float | None = None  # guard on tracing/group building
+    group_memory_gib: float | None = None
 
     def target(self) -> Target:
         given = [
@@ -83,6 +93,13 @@ class CompileOptions:
         if given:
             return Target(*given[0])
         return Target("macs", DEFAULT_MACS)
+
+    def grouping_limits(self) -> GroupingLimits:
+        defaults = GroupingLimits()
+        return GroupingLimits(
+            defaults.seconds if self.group_seconds is None else self.group_seconds,
+            defaults.memory_gib if self.group_memory_gib is None else self.group_memory_gib,
+        )
 
     def constraints(self) -> Constraints:
         defaults = Constraints()
@@ -112,12 +129,14 @@ def check_imgsz(imgsz: int, info: ModelInfo) -> int:
     return imgsz
 
 
-def prepare(model_spec: str, imgsz: int | None = None) -> Prepared:
-    """Load a model and trace its channel groups."""
+def prepare(
+    model_spec: str, imgsz: int | None = None, limits: GroupingLimits | None = None
+) -> Prepared:
+    """Load a model and trace its channel groups (under ``limits``)."""
     model, info = load_model(model_spec)
     size = check_imgsz(imgsz or info.imgsz, info)
-    graph = build_graph(model)
-    return Prepared(model, info, size, channel_groups(model, graph), graph)
+    graph = build_graph(model, limits=limits)
+    return Prepared(model, info, size, channel_groups(model, graph, limits), graph)
 
 
 def mac_counter(prepared: Prepared) -> MacCounter:
@@ -248,7 +267,9 @@ def compile_model(options: CompileOptions) -> dict:
             bar.update()
             return result
 
-        prepared = step("load + graph", lambda: prepare(options.model, options.imgsz))
+        prepared = step(
+            "load + graph", lambda: prepare(options.model, options.imgsz, options.grouping_limits())
+        )
         info, imgsz = prepared.info, prepared.imgsz
         if not info.pretrained:
             tqdm.write(
@@ -263,25 +284,33 @@ def compile_model(options: CompileOptions) -> dict:
             )
         val = _val_dataset(data, imgsz)
         if data:
-            accuracy["original"] = step("eval original", lambda: _eval(prepared.model, val, data))
+            accuracy["original"] = step(
+                "eval original", lambda: _eval(prepared.model, val, data, options.export_mode)
+            )
         training = None
         if iterative:
             plan, pruned, training = step(
                 "iterative prune + fine-tune", lambda: _iterative(prepared, options, data, staging)
             )
             if data:
-                accuracy["finetuned"] = step("eval fine-tuned", lambda: _eval(pruned, val, data))
+                accuracy["finetuned"] = step(
+                    "eval fine-tuned", lambda: _eval(pruned, val, data, options.export_mode)
+                )
         else:
             plan = step("score + plan", lambda: plan_for(prepared, options))
             pruned = step("apply", lambda: apply_any(prepared.model, plan))
         if data and not iterative:
-            accuracy["pruned"] = step("eval pruned", lambda: _eval(pruned, val, data))
+            accuracy["pruned"] = step(
+                "eval pruned", lambda: _eval(pruned, val, data, options.export_mode)
+            )
             if options.epochs:
                 training = step(
                     "fine-tune", lambda: _finetune(pruned, prepared, data, options, staging)
                 )
                 pruned = _keep_sparsity(training.model, plan)
-                accuracy["finetuned"] = step("eval fine-tuned", lambda: _eval(pruned, val, data))
+                accuracy["finetuned"] = step(
+                    "eval fine-tuned", lambda: _eval(pruned, val, data, options.export_mode)
+                )
         name = info.name.removesuffix("-pruned")
         paths = {
             "checkpoint": staging / f"{name}-pruned.pt",
@@ -297,7 +326,12 @@ def compile_model(options: CompileOptions) -> dict:
         step(
             "export",
             lambda: export_onnx(
-                pruned, paths["onnx"], imgsz, dynamic=options.dynamic, simplify=options.simplify
+                pruned,
+                paths["onnx"],
+                imgsz,
+                dynamic=options.dynamic,
+                simplify=options.simplify,
+                mode=options.export_mode,
             ),
         )
         tolerance = options.parity_tolerance or DEFAULT_PARITY_TOLERANCE
@@ -334,6 +368,9 @@ def compile_model(options: CompileOptions) -> dict:
             files={k: p.name for k, p in paths.items()},
         )
         report["accuracy"] = _accuracy_section(accuracy, training, data)
+        mode = export_mode(pruned, options.export_mode)
+        layout = output_layout(pruned, mode)
+        report["export"] = {"mode": mode, "layout": layout, "output0": LAYOUTS[layout]}
         if plan.method == "unstructured":
             report["sparsity"] = {
                 "conv_weights_zero": sparsity(pruned),
@@ -362,10 +399,11 @@ def _val_dataset(data, imgsz: int):
     return val_dataset(data, imgsz) if data else None
 
 
-def _eval(model, val, data):
+def _eval(model, val, data, mode: str | None = None):
+    """PyTorch mAP of ``model`` as it is exported in ``mode`` (so it compares with ONNX's)."""
     from compiler.evaluate import evaluate, torch_predictor
 
-    return evaluate(torch_predictor(model), val, data.names, progress=False)
+    return evaluate(torch_predictor(model, mode), val, data.names, progress=False)
 
 
 def _eval_onnx(path: Path, val, data, options: CompileOptions):

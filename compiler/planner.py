@@ -198,7 +198,7 @@ def make_plan(
     if allocation not in ("uniform", "global"):
         raise PlanError(f"unknown allocation {allocation!r}: use uniform (default) or --global")
     if not prunable:
-        raise PlanError("the model has no prunable channel groups (only the protected head)")
+        raise PlanError("the model has no prunable channel groups (every group is protected)")
     macs_before = counter.macs()
     total_channels = sum(g.size for g in prunable)
 

@@ -222,7 +222,7 @@ def plot_groups(report: dict, path: Path) -> None:
     ax.bar(range(len(rows)), [r["kept"] / r["total"] for r in rows], color=colours)
     ax.axhline(report["macs"]["ratio"], color="#d62728", lw=1, ls="--", label="MACs kept")
     ax.set_ylim(0, 1.05)
-    ax.set_xlabel("channel group (network order; grey = protected head)")
+    ax.set_xlabel("channel group (network order; grey = protected: head, attention)")
     ax.set_ylabel("channels kept")
     ax.set_title(f"{Path(report['model']['source']).name}: kept channels per group")
     ax.legend(loc="lower right")

@@ -7,8 +7,13 @@ named by its root conv (the first conv whose outputs the group holds).
 
 from __future__ import annotations
 
+import _thread
+import os
+import threading
+import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +96,71 @@ def _piece_index(consumer_grad_fn, split_grad_fn) -> int:
 
 
 @dataclass(frozen=True)
+class GroupingLimits:
+    """How long, and how much extra resident memory, tracing and group building may take.
+
+    torch-pruning's index mapping can grow without bound on layers it cannot map (an
+    unprotected attention block took > 20 GB); the guard stops it with a clear error instead.
+    Real YOLO models need well under a second and a few hundred MB.
+    """
+
+    seconds: float = 120.0
+    memory_gib: float = 4.0
+
+
+def _resident_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux: the peak is a conservative stand-in
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@contextmanager
+def grouping_guard(limits: GroupingLimits, what: str) -> Iterator[None]:
+    """Run the body under ``limits``; past either, interrupt it and raise ModelError."""
+    start_bytes, start_time = _resident_bytes(), time.monotonic()
+    tripped: list[str] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.05):
+            grown = (_resident_bytes() - start_bytes) / 2**30
+            elapsed = time.monotonic() - start_time
+            if grown > limits.memory_gib:
+                tripped.append(f"memory grew by {grown:.1f} GiB (limit {limits.memory_gib:g})")
+            elif elapsed > limits.seconds:
+                tripped.append(f"it ran {elapsed:.0f} s (limit {limits.seconds:g})")
+            if tripped:
+                _thread.interrupt_main()
+                return
+
+    watcher = threading.Thread(target=watch, name="grouping-guard", daemon=True)
+    watcher.start()
+    try:
+        yield
+    except KeyboardInterrupt:
+        if not tripped:
+            raise
+        raise ModelError(
+            f"{what}: channel-group building stopped, {tripped[0]}; the usual cause is a layer "
+            "torch-pruning cannot map (e.g. attention reshaping channels into heads): protect "
+            "its convs, or raise the limit (--group-seconds, --group-memory-gib)"
+        ) from None
+    finally:
+        done.set()
+        try:
+            watcher.join()
+            if tripped:
+                time.sleep(0.01)  # let an interrupt sent as the body finished arrive here
+        except KeyboardInterrupt:
+            if not tripped:
+                raise
+
+
+@dataclass(frozen=True)
 class Member:
     """One pruning operation of a group: a layer and which of its channels it touches."""
 
@@ -140,24 +210,39 @@ def head_convs(model: nn.Module) -> list[nn.Conv2d]:
     return list(model.detect.m)
 
 
+def protected_convs(model: nn.Module) -> dict[nn.Conv2d, str]:
+    """Convs whose output channels are never pruned, with the reason: the head's output convs
+    (the model interface) and, for ultralytics models, the convs inside attention blocks."""
+    from graphs import ultralytics_family
+
+    protected = {conv: "detection head output (model interface)" for conv in head_convs(model)}
+    if ultralytics_family.is_ultralytics_model(model):
+        for conv in ultralytics_family.attention_convs(model):
+            protected[conv] = "inside an attention block (channels reshaped into heads)"
+    return protected
+
+
 def model_stride(model: nn.Module) -> int:
     return int(max(model.stride))
 
 
 def _trace_output(out):
-    """What to back-propagate through when tracing: yolov5's raw head list; ultralytics'
-    decoded tensor (eval mode returns (decoded, raw dict))."""
-    raw = out[1]
-    return out[0] if isinstance(raw, dict) else raw
+    """What to back-propagate through when tracing: yolov5's raw head list; the raw box and
+    score tensors of every ultralytics head branch."""
+    from graphs import ultralytics_family
+
+    return ultralytics_family.trace_outputs(out) if isinstance(out[1], dict) else out[1]
 
 
-def build_graph(model: nn.Module, imgsz: int | None = None) -> CoupledGraph:
+def build_graph(
+    model: nn.Module, imgsz: int | None = None, limits: GroupingLimits | None = None
+) -> CoupledGraph:
     """Trace the model (eval mode, raw head outputs) into a CoupledGraph."""
     stride = model_stride(model)
     size = imgsz or 2 * stride
     example = torch.zeros(1, 3, size, size)
     was_training = model.training
-    with warnings.catch_warnings():
+    with grouping_guard(limits or GroupingLimits(), "tracing"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         graph = CoupledGraph().build_dependency(
             model, example, output_transform=_trace_output, verbose=False
@@ -185,13 +270,20 @@ def _members(graph: CoupledGraph, group) -> tuple[Member, ...]:
     return tuple(unique.values())
 
 
-def channel_groups(model: nn.Module, graph: CoupledGraph | None = None) -> list[ChannelGroup]:
-    """All channel groups of a YOLOv5 model, head outputs included (as protected)."""
-    graph = graph or build_graph(model)
-    protected = head_convs(model)
+def channel_groups(
+    model: nn.Module, graph: CoupledGraph | None = None, limits: GroupingLimits | None = None
+) -> list[ChannelGroup]:
+    """All channel groups of a model, protected convs (head outputs, attention) included."""
+    limits = limits or GroupingLimits()
+    graph = graph or build_graph(model, limits=limits)
+    protected = protected_convs(model)
+    with grouping_guard(limits, "grouping"):
+        found = list(
+            graph.get_all_groups(root_module_types=[nn.Conv2d], ignored_layers=list(protected))
+        )
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     groups = []
-    for group in graph.get_all_groups(root_module_types=[nn.Conv2d], ignored_layers=protected):
+    for group in found:
         root = group[0].dep.target.module
         members = sorted(_members(graph, group), key=lambda m: (order[m.layer], m.kind, m.start))
         # Name the group by its first producer conv in execution order (readable, stable).
@@ -201,15 +293,10 @@ def channel_groups(model: nn.Module, graph: CoupledGraph | None = None) -> list[
             if m.kind == "out" and isinstance(model.get_submodule(m.layer), nn.Conv2d)
         ]
         groups.append(ChannelGroup(producers[0], root.out_channels, tuple(members)))
-    head_size = {id(c): c.out_channels for c in protected}
-    for conv in protected:
+    for conv, reason in protected.items():
         name = graph._module2name[conv]
-        members = (Member(name, "out", 0, head_size[id(conv)], head_size[id(conv)]),)
-        groups.append(
-            ChannelGroup(
-                name, conv.out_channels, members, True, "detection head output (model interface)"
-            )
-        )
+        members = (Member(name, "out", 0, conv.out_channels, conv.out_channels),)
+        groups.append(ChannelGroup(name, conv.out_channels, members, True, reason))
     _check_disjoint(groups)
     return sorted(groups, key=lambda g: order[g.id])
 

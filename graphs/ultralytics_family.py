@@ -1,4 +1,4 @@
-"""Ultralytics detectors (YOLOv8 first; YOLO11/YOLO26 next) through the optional extra.
+"""Ultralytics detectors (YOLOv8, YOLO11, YOLO26) through the optional extra.
 
 The ``ultralytics`` package is AGPL-3.0, so it is an optional extra and imported lazily: without
 it, naming an ultralytics model gives one line saying how to install it. Models are built
@@ -7,9 +7,14 @@ tracing: every C2f-style block's ``cv1(x).chunk(2, 1)`` becomes two convs (``cv1
 exactly (their weights are the two halves of ``cv1``'s), because torch-pruning 1.6.1 infers
 wrong chunk offsets and cannot model one chunk piece feeding two consumers.
 
-Scope today: YOLOv8 (C2f, SPPF, Detect with DFL). Models with attention blocks (YOLO11's C2PSA,
-YOLO26's attention C3k2) are refused with a clear message until their inner convs are
-protected (issue 5).
+Attention blocks (C2PSA's and YOLO26's PSABlock, YOLO12's area attention) are **protected** by
+their inner convs (qkv, proj, pe): their channels are reshaped into heads, which torch-pruning
+cannot map (tracing them unprotected grows group building past 20 GB), so every group touching
+them is left whole. The residual stream around them is therefore kept; the rest of each block
+(its split halves, the feed-forward hidden layer) is pruned as usual.
+
+Detect keeps its interface: the last box/class convs of both branches (one-to-many and YOLO26's
+one-to-one) and the DFL conv are protected, and tracing follows both branches.
 """
 
 from __future__ import annotations
@@ -32,7 +37,10 @@ NAME_PATTERN = re.compile(
     r"^(yolov8|yolov9|yolov10|yolo11|yolo12|yolo26)[nsmlxtcbe]?(-\w+)?\.ya?ml$"
 )
 CSP_SPLIT_BLOCKS = ("C2f", "C3k2")  # blocks whose forward is C2f's chunk-then-extend
-ATTENTION_BLOCKS = ("C2PSA", "PSABlock", "Attention", "A2C2f", "AAttn", "C2fAttn", "C2fPSA")
+# Modules whose inner convs feed head-reshaped attention; protected, never pruned.
+ATTENTION_MODULES = ("Attention", "AAttn")
+# Attention-style blocks yoloprune has not been checked on: refused rather than mis-pruned.
+UNSUPPORTED_BLOCKS = ("C2fAttn", "ImagePoolingAttn", "MaxSigmoidAttnBlock", "BNContrastiveHead")
 
 
 class UltralyticsMissing(YoloPruneError):
@@ -83,6 +91,25 @@ class SplitCSP(nn.Module):
         return self.cv2(torch.cat(y, 1))
 
 
+class SplitPSA(nn.Module):
+    """A C2PSA block with ``cv1`` split in two convs: the half that bypasses attention then
+    prunes on its own, while the attention half stays whole (protected)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.cv1a, self.cv1b = _split_conv(block.cv1, block.c)
+        self.m = block.m
+        self.cv2 = block.cv2
+        self.c = block.c
+        for attr in ("f", "i", "type", "np"):
+            if hasattr(block, attr):
+                setattr(self, attr, getattr(block, attr))
+        self.source_type = type(block).__name__
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cv2(torch.cat((self.cv1a(x), self.m(self.cv1b(x))), 1))
+
+
 def _split_conv(conv: nn.Module, first: int) -> tuple[nn.Module, nn.Module]:
     """Two copies of an ultralytics ``Conv`` (conv + BN + act) keeping output channels
     [0, first) and [first, out) of the original."""
@@ -109,34 +136,47 @@ def _split_conv(conv: nn.Module, first: int) -> tuple[nn.Module, nn.Module]:
 
 
 def canonicalize(model: nn.Module) -> nn.Module:
-    """Rewrite, in place, every chunk-based CSP block into :class:`SplitCSP` (exact)."""
-    from ultralytics.nn.modules.block import C2f
+    """Rewrite, in place, every chunk-based CSP block into :class:`SplitCSP` and every C2PSA
+    into :class:`SplitPSA` (both exact)."""
+    from ultralytics.nn.modules.block import C2PSA, C2f
 
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child).__name__ in CSP_SPLIT_BLOCKS and type(child).forward is C2f.forward:
+            kind = type(child)
+            if kind.__name__ in CSP_SPLIT_BLOCKS and kind.forward is C2f.forward:
                 setattr(parent, name, SplitCSP(child))
+            elif kind is C2PSA:
+                setattr(parent, name, SplitPSA(child))
     return model
 
 
 def check_supported(model: nn.Module, spec: str) -> None:
-    found = sorted({type(m).__name__ for m in model.modules()} & set(ATTENTION_BLOCKS))
+    from ultralytics.nn.modules.head import Detect
+
+    found = sorted({type(m).__name__ for m in model.modules()} & set(UNSUPPORTED_BLOCKS))
     if found:
         raise ModelError(
-            f"{spec}: has attention blocks ({', '.join(found)}), which yoloprune does not prune "
-            "yet (YOLO11/YOLO26 support is in progress); YOLOv8 models are supported"
+            f"{spec}: has blocks yoloprune does not prune ({', '.join(found)}); "
+            "supported: YOLOv8, YOLO11 and YOLO26 detection models"
+        )
+    head = detect_head(model)
+    if type(head) is not Detect:
+        raise ModelError(
+            f"{spec}: its head is {type(head).__name__}; yoloprune prunes detection models "
+            "(Detect head) only"
         )
 
 
-def build(spec: str, imgsz: int = 640) -> tuple[nn.Module, dict]:
-    """Build an ultralytics model from its package YAML, seeded, canonicalised, eval mode."""
+def build(spec: str, nc: int | None = None) -> tuple[nn.Module, dict]:
+    """Build an ultralytics model from its package YAML (``nc`` classes, default the YAML's),
+    seeded, canonicalised, eval mode."""
     require_ultralytics(spec)
     from ultralytics.nn.tasks import DetectionModel
 
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model = DetectionModel(spec, verbose=False)
+            model = DetectionModel(spec, nc=nc, verbose=False)
     except FileNotFoundError as exc:
         raise ModelError(f"{spec}: not a model YAML of the ultralytics package") from exc
     check_supported(model, spec)
@@ -157,6 +197,28 @@ def rebuild(cfg: dict) -> nn.Module:
 
 def detect_head(model: nn.Module) -> nn.Module:
     return model.model[-1]
+
+
+def attention_convs(model: nn.Module) -> list[nn.Conv2d]:
+    """Every conv inside an attention module (qkv, proj, pe), in module order."""
+    convs = []
+    for module in model.modules():
+        if type(module).__name__ in ATTENTION_MODULES:
+            convs.extend(m for m in module.modules() if isinstance(m, nn.Conv2d))
+    return convs
+
+
+def has_one2one(model: nn.Module) -> bool:
+    """Whether the head has YOLO26's NMS-free one-to-one branch (end-to-end capable)."""
+    return getattr(detect_head(model), "one2one_cv2", None) is not None
+
+
+def trace_outputs(out) -> list[torch.Tensor]:
+    """The raw box and score tensors of every head branch (eval mode returns (decoded, raw)):
+    tracing them covers the one-to-one branch even where inference decodes only one."""
+    raw = out[1]
+    branches = [raw[k] for k in ("one2many", "one2one") if k in raw] or [raw]
+    return [branch[key] for branch in branches for key in ("boxes", "scores")]
 
 
 def head_convs(model: nn.Module) -> list[nn.Conv2d]:

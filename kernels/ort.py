@@ -40,6 +40,10 @@ class OrtRunner:
     def run(self, images: np.ndarray) -> list[np.ndarray]:
         return self.session.run(self.output_names, {self.input_name: images})
 
+    def metadata(self) -> dict[str, str]:
+        """The model's metadata_props (yoloprune writes stride, names, layout, export_mode)."""
+        return dict(self.session.get_modelmeta().custom_metadata_map)
+
 
 def default_threads() -> int:
     return max(

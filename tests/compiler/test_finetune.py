@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from compiler.data import read_data_yaml
-from compiler.finetune import ModelEMA, TrainSettings, distillation_loss, train
+from compiler.finetune import ModelEMA, TrainSettings, train
+from compiler.objective import YoloV5Objective
 from compiler.synthetic import SyntheticSpec, generate
 from graphs.checkpoint import describe, load_model
 from graphs.errors import YoloPruneError
@@ -82,7 +83,9 @@ def test_distillation_is_used_and_zero_for_identical_outputs(shapes):
     model, info = tiny(shapes)
     teacher, _ = tiny(shapes)
     outputs = [torch.randn(1, 3, 4, 4, 8)]
-    assert distillation_loss(outputs, outputs).item() == 0.0
+    objective = YoloV5Objective(model, 64)
+    assert objective.distill(outputs, (None, outputs)).item() == 0.0
+    assert objective.distill(outputs, (None, [o + 1 for o in outputs])).item() > 0
     settings = dataclasses.replace(FAST, epochs=1, distill=1.0)
     result = train(
         model, info, dataclasses.replace(shapes, val=()), settings, teacher=teacher, progress=False

@@ -1,5 +1,5 @@
-"""YOLOv8 through the optional ultralytics extra. Tests needing the extra skip with the reason
-where it is absent (`make test` installs it)."""
+"""YOLOv8, YOLO11 and YOLO26 through the optional ultralytics extra. Tests needing the extra
+skip with the reason where it is absent (`make test` installs it)."""
 
 import copy
 import sys
@@ -36,13 +36,24 @@ def decoded(model, images):
         return model.eval()(images)[0]
 
 
-@pytest.fixture(scope="module")
-def yolov8n():
+FAMILIES = ["yolov8n.yaml", "yolo11n.yaml", "yolo26n.yaml"]
+_MODELS: dict = {}
+
+
+def calibrated(spec):
+    """The model built from YAML, BN randomised and calibrated on noise (cached per module)."""
     from graphs.checkpoint import load_model
     from tests.helpers import randomized
 
-    model, info = load_model("yolov8n.yaml")
-    return randomized(model), info
+    if spec not in _MODELS:
+        model, info = load_model(spec)
+        _MODELS[spec] = randomized(model), info
+    return _MODELS[spec]
+
+
+@pytest.fixture(scope="module")
+def yolov8n():
+    return calibrated("yolov8n.yaml")
 
 
 @needs_extra
@@ -62,31 +73,105 @@ def test_c2f_rewrite_is_exact():
     assert (got - want).abs().max() <= 1e-6 * max(1.0, float(want.abs().max()))
 
 
+def all_branches(model, images):
+    """Every head output the model has: one-to-many decoded, and for YOLO26 the one-to-one
+    branch decoded as deployed (end-to-end: top-k boxes, scores, classes)."""
+    from graphs.ultralytics_family import detect_head, has_one2one
+
+    outputs = [decoded(model, images)]
+    if has_one2one(model):
+        head = detect_head(model)
+        head.end2end = True
+        try:
+            with torch.no_grad():
+                raw = model.eval()(images)[1]["one2one"]
+            outputs += [raw["boxes"], raw["scores"]]
+        finally:
+            head.end2end = False
+    return outputs
+
+
 @needs_extra
-def test_exact_surgery_with_negative_control(yolov8n):
+@pytest.mark.parametrize("spec", ["yolo11n.yaml", "yolo26n.yaml"])
+def test_c3k2_and_c2psa_rewrites_are_exact(spec):
+    from ultralytics.nn.tasks import DetectionModel
+
+    from graphs.ultralytics_family import SplitCSP, SplitPSA, canonicalize
+    from tests.helpers import randomized
+
+    original = randomized(DetectionModel(spec, verbose=False))
+    rewritten = canonicalize(copy.deepcopy(original))
+    kinds = {type(m).__name__ for m in rewritten.modules()}
+    assert not kinds & {"C2PSA", "C3k2", "C2f"} and "PSABlock" in kinds
+    assert sum(isinstance(m, SplitPSA) for m in rewritten.modules()) == 1
+    assert sum(isinstance(m, SplitCSP) for m in rewritten.modules()) == 8
+    images = torch.rand(2, 3, IMGSZ, IMGSZ, generator=torch.Generator().manual_seed(0))
+    want, got = decoded(original, images), decoded(rewritten, images)
+    assert (got - want).abs().max() <= 1e-6 * max(1.0, float(want.abs().max()))
+
+
+@needs_extra
+@pytest.mark.parametrize("spec", FAMILIES)
+def test_exact_surgery_with_negative_control(spec):
     from compiler.apply import apply_plan
     from compiler.pipeline import CompileOptions, Prepared, plan_for
-    from graphs.dependency import build_graph, channel_groups
-    from graphs.plan import GroupPlan
+    from graphs.dependency import build_graph, channel_groups, head_convs
+    from graphs.ultralytics_family import attention_convs
     from tests.helpers import zero_removed_channels
 
-    model, info = yolov8n
+    model, info = calibrated(spec)
     graph = build_graph(model)
     prepared = Prepared(model, info, IMGSZ, channel_groups(model, graph), graph)
-    plan = plan_for(prepared, CompileOptions("yolov8n.yaml", macs=0.5))
+    plan = plan_for(prepared, CompileOptions(spec, macs=0.5))
     assert 0.485 <= plan.macs_ratio <= 0.515
     pruned = apply_plan(model, plan)
     images = torch.rand(2, 3, IMGSZ, IMGSZ, generator=torch.Generator().manual_seed(1))
-    reference = decoded(zero_removed_channels(model, plan), images)
-    out = decoded(pruned, images)
-    scale = reference.abs().amax(dim=(0, 2), keepdim=True).clamp(min=1.0)
-    assert ((out - reference).abs() / scale).max() <= 1e-5
-    # negative control: prune channels that carry signal in the unzeroed model
-    live = decoded(model, images)
-    assert ((out - live).abs() / scale).max() > 1e-3
-    head = {c.out_channels for c in __import__("graphs.dependency").dependency.head_convs(pruned)}
-    assert head == {64, 80, 1}  # box (4 x reg_max), classes, DFL untouched
-    assert all(isinstance(g, GroupPlan) for g in plan.groups)
+    references = all_branches(zero_removed_channels(model, plan), images)
+    outputs, live = all_branches(pruned, images), all_branches(model, images)
+    assert len(outputs) == (3 if "26" in spec else 1)
+    worst_exact, worst_live = 0.0, 0.0
+    for out, reference, original in zip(outputs, references, live, strict=True):
+        scale = reference.abs().amax(dim=(0, 2), keepdim=True).clamp(min=1.0)
+        worst_exact = max(worst_exact, float(((out - reference).abs() / scale).max()))
+        worst_live = max(worst_live, float(((out - original).abs() / scale).max()))
+    assert worst_exact <= 1e-5
+    assert worst_live > 1e-3  # negative control: pruned channels carried signal unzeroed
+    reg_max = 1 if "26" in spec else 16
+    head = {c.out_channels for c in head_convs(pruned)}
+    assert head == {4 * reg_max, 80} | ({1} if reg_max > 1 else set())  # box, cls, DFL kept
+    attention = [c.out_channels for c in attention_convs(pruned)]
+    assert attention == [c.out_channels for c in attention_convs(model)]
+    assert len(attention) == {"yolov8n.yaml": 0, "yolo11n.yaml": 3, "yolo26n.yaml": 6}[spec]
+
+
+@needs_extra
+def test_yolo26_traces_both_head_branches():
+    from graphs.dependency import channel_groups
+
+    model, _ = calibrated("yolo26n.yaml")
+    groups = channel_groups(model)
+    members = {m.layer for g in groups for m in g.members}
+    one2one = {n for n, _ in model.named_modules() if ".one2one_cv" in n}
+    assert any(layer.startswith("model.23.one2one_cv3.0.0.0") for layer in members)
+    pruned_inputs = {
+        m.layer for g in groups if not g.protected for m in g.members if m.kind == "in"
+    }
+    assert pruned_inputs & one2one  # the one-to-one branch reads prunable features
+
+
+@needs_extra
+def test_attention_blocks_are_protected_and_the_rest_of_the_block_is_pruned():
+    from graphs.dependency import channel_groups
+
+    model, _ = calibrated("yolo11n.yaml")
+    groups = channel_groups(model)
+    protected = {g.id: g.reason for g in groups if g.protected}
+    inner = [n for n, _ in model.named_modules() if ".attn." in n and n.endswith(".conv")]
+    assert inner and all("attention" in protected[name] for name in inner)
+    prunable = {g.id for g in groups if not g.protected}
+    assert "model.10.m.0.ffn.0.conv" in prunable  # the PSA feed-forward hidden layer
+    assert "model.10.cv1a.conv" in prunable  # C2PSA's split: the half bypassing attention
+    assert "model.10.cv1b.conv" not in prunable  # the residual stream through attention
 
 
 @needs_extra
@@ -121,8 +206,21 @@ def test_compile_end_to_end_and_reload_without_torch_pruning(tmp_path, yolov8n):
 
 
 @needs_extra
-def test_attention_models_are_refused_clearly():
+def test_unsupported_heads_are_refused_clearly():
     from graphs.checkpoint import load_model
 
-    with pytest.raises(ModelError, match="attention blocks"):
-        load_model("yolo11n.yaml")
+    with pytest.raises(ModelError, match="Detect head"):
+        load_model("yolov8n-seg.yaml")
+
+
+@needs_extra
+def test_group_building_guard_stops_an_unprotected_attention_block(monkeypatch):
+    from graphs import dependency, ultralytics_family
+
+    model, _ = calibrated("yolo11n.yaml")
+    monkeypatch.setattr(ultralytics_family, "attention_convs", lambda m: [])
+    limits = dependency.GroupingLimits(seconds=60, memory_gib=0.25)
+    with pytest.raises(ModelError, match="group building stopped, memory grew"):
+        dependency.channel_groups(model, limits=limits)
+    with pytest.raises(ModelError, match=r"group building stopped, it ran \d+ s"):
+        dependency.channel_groups(model, limits=dependency.GroupingLimits(seconds=0.01))

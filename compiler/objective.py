@@ -1,0 +1,93 @@
+"""Training objectives per family: the detection loss, output-level distillation, loss names.
+
+YOLOv5 models train with the project's own YOLOv5 loss (compiler/loss.py). Ultralytics models
+(YOLOv8/11/26) train with the anchor-free loss of the ``ultralytics`` extra itself: task-aligned
+assignment, CIoU + DFL box loss, class BCE, and for YOLO26's NMS-free head the one-to-many plus
+one-to-one sum with ultralytics' decaying weights. The model object is trained as it is, never
+rebuilt from YAML, so pruned shapes stay (the known trap of driving ultralytics' trainer).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compiler.loss import YoloV5Loss
+
+# ultralytics' default.yaml gains for the anchor-free loss.
+ANCHOR_FREE_GAINS = {"box": 7.5, "cls": 0.5, "dfl": 1.5}
+
+
+class YoloV5Objective:
+    part_names = ("box", "obj", "cls")
+
+    def __init__(self, model: nn.Module, imgsz: int):
+        self.loss = YoloV5Loss(model.detect, imgsz)
+
+    def __call__(self, raw, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.loss(raw, targets)
+
+    def distill(self, student_raw, teacher_out) -> torch.Tensor:
+        """MSE between the sigmoid outputs of every head level (yolov5 decodes via sigmoid)."""
+        terms = [
+            (s.sigmoid() - t.sigmoid()).pow(2).mean()
+            for s, t in zip(student_raw, teacher_out[1], strict=True)
+        ]
+        return torch.stack(terms).mean()
+
+    def end_epoch(self) -> None:
+        """The YOLOv5 loss has no schedule."""
+
+
+class AnchorFreeObjective:
+    """Ultralytics' own detection loss on our batches; ``model.args`` carries its gains."""
+
+    def __init__(self, model: nn.Module, epochs: int):
+        model.args = SimpleNamespace(**ANCHOR_FREE_GAINS, epochs=epochs)
+        self.criterion = model.init_criterion()
+        self.reg_max = model.model[-1].reg_max
+        single = getattr(self.criterion, "one2one", self.criterion)
+        self._item_names = tuple(single.loss_names)
+        self.part_names = tuple(n.removesuffix("_loss") for n in self._item_names)
+
+    def __call__(self, raw, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = {"batch_idx": targets[:, 0], "cls": targets[:, 1:2], "bboxes": targets[:, 2:6]}
+        loss, items = self.criterion(raw, batch)  # items: the one-to-one branch's, if any
+        return loss.sum(), torch.stack([items[n] for n in self._item_names]).detach()
+
+    def distill(self, student_raw: dict, teacher_out) -> torch.Tensor:
+        """Per head branch: MSE of class probabilities, plus MSE of the DFL bin
+        distributions (reg_max > 1) or smooth L1 of the box distances (reg_max 1)."""
+        student, teacher = _branches(student_raw), _branches(teacher_out[1])
+        terms = []
+        for s, t in zip(student, teacher, strict=True):
+            terms.append((s["scores"].sigmoid() - t["scores"].sigmoid()).pow(2).mean())
+            terms.append(self._box_term(s["boxes"], t["boxes"]))
+        return torch.stack(terms).mean()
+
+    def _box_term(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        if self.reg_max == 1:
+            return F.smooth_l1_loss(student, teacher)
+        batch, _, anchors = student.shape
+        bins = (batch, 4, self.reg_max, anchors)
+        return (student.view(bins).softmax(2) - teacher.view(bins).softmax(2)).pow(2).mean()
+
+    def end_epoch(self) -> None:
+        """YOLO26's one-to-many weight decays per epoch, as in ultralytics' trainer."""
+        if hasattr(self.criterion, "update"):
+            self.criterion.update()
+
+
+def _branches(raw: dict) -> list[dict]:
+    return [raw[k] for k in ("one2many", "one2one") if k in raw] or [raw]
+
+
+def objective_for(model: nn.Module, imgsz: int, epochs: int):
+    from graphs import ultralytics_family
+
+    if ultralytics_family.is_ultralytics_model(model):
+        return AnchorFreeObjective(model, epochs)
+    return YoloV5Objective(model, imgsz)

@@ -271,6 +271,7 @@ def compile_model(options: CompileOptions) -> dict:
             "load + graph", lambda: prepare(options.model, options.imgsz, options.grouping_limits())
         )
         info, imgsz = prepared.info, prepared.imgsz
+        export_mode(prepared.model, options.export_mode)  # a wrong mode fails before pruning
         if not info.pretrained:
             tqdm.write(
                 f"WARNING: {options.model} is an architecture (YAML), not trained weights: "
@@ -318,9 +319,19 @@ def compile_model(options: CompileOptions) -> dict:
             "plan": staging / f"{name}-plan.json",
         }
 
+        if info.family == "ultralytics":
+            paths["ultralytics"] = staging / f"{name}-pruned-ultralytics.pt"
+        rewritten: list[str] = []
+
         def save():
             plan.save(paths["plan"])
             save_pruned(pruned, info, paths["checkpoint"], extra={"plan": paths["plan"].name})
+            if "ultralytics" in paths:
+                from graphs.ultralytics_family import save_for_ultralytics
+
+                rewritten.extend(
+                    save_for_ultralytics(pruned, info.names, imgsz, paths["ultralytics"])
+                )
 
         step("save", save)
         step(
@@ -371,6 +382,11 @@ def compile_model(options: CompileOptions) -> dict:
         mode = export_mode(pruned, options.export_mode)
         layout = output_layout(pruned, mode)
         report["export"] = {"mode": mode, "layout": layout, "output0": LAYOUTS[layout]}
+        if "ultralytics" in paths:
+            report["export"]["ultralytics_checkpoint"] = {
+                "file": paths["ultralytics"].name,
+                "blocks_kept_as_yoloprune_classes": rewritten,
+            }
         if plan.method == "unstructured":
             report["sparsity"] = {
                 "conv_weights_zero": sparsity(pruned),

@@ -134,8 +134,18 @@ def render_markdown(report: dict) -> str:
         "",
         f"ONNX parity: {parity['max_abs_diff']:.2e} (tolerance {parity['tolerance']:g}; "
         f"{parity['metric']}; {parity['max_abs_diff_pixels']:.3g} px before normalising). "
-        f"ONNX file: {report['onnx_bytes'] / 1e6:.1f} MB.",
+        f"ONNX file: {report['onnx_bytes'] / 1e6:.1f} MB"
+        + (
+            f", export mode {report['export']['mode']}, output0 {report['export']['output0']}."
+            if report.get("export")
+            else "."
+        ),
         "",
+    ]
+    lines += _ultralytics_checkpoint_lines(
+        (report.get("export") or {}).get("ultralytics_checkpoint")
+    )
+    lines += [
         f"Alignment: every pruned group keeps a multiple of {report['alignment']['round_to']}: "
         f"{'yes' if report['alignment']['all_pruned_groups_aligned'] else 'NO'}.",
         "",
@@ -235,6 +245,19 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def _ultralytics_checkpoint_lines(saved: dict | None) -> list[str]:
+    if not saved:
+        return []
+    kept = saved["blocks_kept_as_yoloprune_classes"]
+    where = (
+        f"blocks {', '.join(kept)} keep their halves' different widths as yoloprune classes, so "
+        "the file loads where yoloprune is installed"
+        if kept
+        else "every block is ultralytics' own class"
+    )
+    return [f"Ultralytics checkpoint: {saved['file']} (`YOLO(path)` loads it; {where}).", ""]
 
 
 def write_report(report: dict, folder: Path) -> None:

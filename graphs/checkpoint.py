@@ -43,6 +43,32 @@ _YOLOV5_CLASSES = {
         "Concat",
     ),
 }
+# Ultralytics checkpoints (yolov8*.pt, yolo11*.pt, yolo26*.pt, yolov5*u.pt) pickle their modules;
+# read as inert stand-ins, the YAML and tensors extracted, and the network rebuilt by the extra.
+_ULTRALYTICS_BLOCKS = (
+    "Attention",
+    "Bottleneck",
+    "C2f",
+    "C2PSA",
+    "C3",
+    "C3k",
+    "C3k2",
+    "DFL",
+    "PSABlock",
+    "SPPF",
+    "SPP",
+    "A2C2f",
+    "ABlock",
+    "AAttn",
+)
+_ULTRALYTICS_CONVS = ("Conv", "DWConv", "Concat", "Focus", "RepConv", "Conv2", "LightConv")
+_ULTRALYTICS_CLASSES = {
+    "ultralytics.nn.tasks": ("DetectionModel",),
+    "ultralytics.nn.modules.block": _ULTRALYTICS_BLOCKS,
+    "ultralytics.nn.modules.conv": _ULTRALYTICS_CONVS,
+    "ultralytics.nn.modules.head": ("Detect",),
+    "ultralytics.utils": ("IterableSimpleNamespace",),
+}
 _TORCH_CLASSES = {
     "torch.nn.modules.conv": ("Conv2d",),
     "torch.nn.modules.batchnorm": ("BatchNorm2d",),
@@ -102,7 +128,7 @@ def _stand_in(qualname: str) -> type[PickledObject]:
 
 def _allow_list() -> list[tuple[Any, str]]:
     entries: list[tuple[Any, str]] = []
-    for table in (_YOLOV5_CLASSES, _TORCH_CLASSES, _NUMPY_CLASSES):
+    for table in (_YOLOV5_CLASSES, _ULTRALYTICS_CLASSES, _TORCH_CLASSES, _NUMPY_CLASSES):
         for module, names in table.items():
             entries += [(_stand_in(f"{module}.{n}"), f"{module}.{n}") for n in names]
     opaque_value = _stand_in("numpy.opaque")
@@ -125,7 +151,8 @@ def safe_torch_load(path: Path) -> Any:
         what = f"names {match.group(1)}" if match else "holds an object"
         raise CheckpointError(
             f"{path}: refused to load: the pickle {what}, which is not on yoloprune's allow-list "
-            "of YOLOv5/torch classes; only load checkpoints you trust, re-saved by yolov5"
+            "of YOLOv5/ultralytics/torch classes; only load checkpoints you trust, re-saved by "
+            "yolov5 or ultralytics"
         ) from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -261,11 +288,19 @@ def _load_checkpoint(path: Path, source: str) -> tuple[DetectionModel, ModelInfo
         "Model",
     ):
         raise CheckpointError(
-            f"{path}: not a YOLOv5 checkpoint (expected a dict whose 'model' is a yolov5 "
-            "DetectionModel, or a yoloprune pruned checkpoint); pass a yolov5 .pt or a .yaml"
+            f"{path}: not a YOLO checkpoint (expected a dict whose 'model' is a yolov5 or "
+            "ultralytics DetectionModel, or a yoloprune pruned checkpoint); pass a .pt or a .yaml"
         )
+    meta = {k: ckpt[k] for k in ("epoch", "date", "version") if isinstance(ckpt.get(k), (int, str))}
+    if pickled.qualname.startswith("ultralytics."):
+        from graphs import ultralytics_family
+
+        model = ultralytics_family.rebuild_release(pickled, _pickled_state(pickled), str(path))
+        train_args = ckpt.get("train_args") if isinstance(ckpt.get("train_args"), dict) else {}
+        imgsz = train_args.get("imgsz")
+        imgsz = imgsz if isinstance(imgsz, int) else None
+        return model, describe(model, source, pretrained=True, imgsz=imgsz, meta=meta)
     model = rebuild_release_model(pickled, path)
-    meta = {k: ckpt[k] for k in ("epoch", "date") if isinstance(ckpt.get(k), (int, str))}
     return model, describe(model, source, pretrained=True, meta=meta)
 
 

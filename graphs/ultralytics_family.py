@@ -195,6 +195,127 @@ def rebuild(cfg: dict) -> nn.Module:
     return canonicalize(model).float().eval()
 
 
+def native(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """A copy with every rewritten block turned back into ultralytics' own class where its two
+    halves keep equal channel counts (as chunk/split require), and the names of the blocks
+    left rewritten (their halves differ: they load where yoloprune is importable)."""
+    import copy
+
+    result = copy.deepcopy(model)
+    kept = []
+    for parent_name, parent in list(result.named_modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, SplitCSP | SplitPSA):
+                continue
+            if child.cv1a.conv.out_channels == child.cv1b.conv.out_channels:
+                setattr(parent, name, _merged(child))
+            else:
+                kept.append(f"{parent_name}.{name}" if parent_name else name)
+    return result, kept
+
+
+def _merged(block: nn.Module) -> nn.Module:
+    from ultralytics.nn.modules import block as blocks
+
+    kind = getattr(blocks, block.source_type)
+    merged = kind.__new__(kind)
+    nn.Module.__init__(merged)
+    merged.c = block.cv1a.conv.out_channels
+    merged.cv1 = _concat_convs(block.cv1a, block.cv1b)
+    merged.cv2, merged.m = block.cv2, block.m
+    for attr in ("f", "i", "type", "np"):
+        if hasattr(block, attr):
+            setattr(merged, attr, getattr(block, attr))
+    return merged
+
+
+def _concat_convs(first: nn.Module, second: nn.Module) -> nn.Module:
+    """One ultralytics Conv whose outputs are ``first``'s then ``second``'s (the inverse of
+    _split_conv)."""
+    import copy
+
+    joined = copy.deepcopy(first)
+    with torch.no_grad():
+        joined.conv.weight = nn.Parameter(torch.cat((first.conv.weight, second.conv.weight)))
+        if first.conv.bias is not None:
+            joined.conv.bias = nn.Parameter(torch.cat((first.conv.bias, second.conv.bias)))
+        joined.conv.out_channels = joined.conv.weight.shape[0]
+        for attr in ("weight", "bias"):
+            value = torch.cat((getattr(first.bn, attr), getattr(second.bn, attr)))
+            setattr(joined.bn, attr, nn.Parameter(value))
+        joined.bn.running_mean = torch.cat((first.bn.running_mean, second.bn.running_mean))
+        joined.bn.running_var = torch.cat((first.bn.running_var, second.bn.running_var))
+        joined.bn.num_features = joined.conv.out_channels
+    return joined
+
+
+def save_for_ultralytics(model: nn.Module, names, imgsz: int, path: Path) -> list[str]:
+    """Write ``path`` as ultralytics writes a released checkpoint (the model pickled whole, fp16,
+    strip_optimizer's fields), so ``YOLO(path)`` loads, validates and exports it. Returns the
+    blocks left as yoloprune classes (see :func:`native`). Written via a temporary file."""
+    from datetime import datetime
+
+    ultralytics = require_ultralytics(str(path))
+    from ultralytics.cfg import DEFAULT_CFG_DICT
+
+    exported, kept = native(model)
+    exported = exported.float().eval()
+    exported.names = dict(enumerate(names))
+    exported.args = {**DEFAULT_CFG_DICT, "imgsz": imgsz, "task": "detect"}
+    for p in exported.parameters():
+        p.requires_grad_(False)
+    checkpoint = {
+        "date": datetime.now().astimezone().isoformat(),
+        "version": ultralytics.__version__,
+        "license": "AGPL-3.0 (https://ultralytics.com/license)",
+        "docs": "https://docs.ultralytics.com",
+        "epoch": -1,
+        "best_fitness": None,
+        "model": exported.half(),
+        "ema": None,
+        "updates": None,
+        "optimizer": None,
+        "train_args": dict(exported.args),
+        "train_metrics": {},
+        "train_results": {},
+        "producer": "yoloprune",
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(checkpoint, tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return kept
+
+
+def rebuild_release(pickled, state: dict[str, torch.Tensor], path: str) -> nn.Module:
+    """Rebuild an ultralytics checkpoint's model from its stand-in record (read without
+    executing pickle code): its YAML through the extra, its tensors loaded strictly, its class
+    names kept; then checked and canonicalised like a YAML model."""
+    require_ultralytics(path)
+    from ultralytics.nn.tasks import DetectionModel
+
+    cfg = getattr(pickled, "yaml", None)
+    if not isinstance(cfg, dict):
+        raise ModelError(f"{path}: the pickled model carries no 'yaml' dict; re-save it")
+    with torch.random.fork_rng(devices=[]):
+        model = DetectionModel(cfg, verbose=False)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ModelError(
+            f"{path}: tensors do not fit the architecture in its own YAML ({first}); is it an "
+            f"unmodified ultralytics detection checkpoint?"
+        ) from exc
+    names = getattr(pickled, "names", None)
+    if isinstance(names, dict | list | tuple) and names:
+        model.names = dict(enumerate(names)) if not isinstance(names, dict) else dict(names)
+    check_supported(model, path)
+    return canonicalize(model).float().eval()
+
+
 def detect_head(model: nn.Module) -> nn.Module:
     return model.model[-1]
 

@@ -145,7 +145,7 @@ def _bad_files(tmp_path: Path) -> dict[str, Path]:
         ("missing", [], "file not found; nothing is downloaded"),
         ("truncated", [], "truncated or corrupt"),
         ("foreign", [], "refused to load"),
-        ("non_yolo", [], "not a YOLOv5 checkpoint"),
+        ("non_yolo", [], "not a YOLO checkpoint"),
         ("unknown", [], "unknown module 'MagicBlock'"),
         ("tiny", ["--ratio", "1.5"], "--ratio 1.5 is out of range"),
         ("tiny", ["--macs", "0"], "--macs 0 is out of range"),

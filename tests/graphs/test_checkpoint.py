@@ -193,7 +193,7 @@ def test_truncated_file(tmp_path, yolov5_modules):
 
 def test_non_yolo_checkpoint(tmp_path):
     torch.save({"state_dict": nn.Conv2d(3, 4, 1).state_dict()}, tmp_path / "resnet.pt")
-    with pytest.raises(CheckpointError, match="not a YOLOv5 checkpoint"):
+    with pytest.raises(CheckpointError, match="not a YOLO checkpoint"):
         load_model(tmp_path / "resnet.pt")
 
 

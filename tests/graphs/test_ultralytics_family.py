@@ -188,6 +188,12 @@ def test_compile_end_to_end_and_reload_without_torch_pruning(tmp_path, yolov8n):
     assert report["model"]["family"] == "ultralytics" and report["model"]["nc"] == 80
     assert report["parity"]["ok"] and 0.485 <= report["macs"]["ratio"] <= 0.515
     assert report["alignment"]["all_pruned_groups_aligned"]
+    saved = report["export"]["ultralytics_checkpoint"]
+    assert saved == {
+        "file": "yolov8n-pruned-ultralytics.pt",
+        "blocks_kept_as_yoloprune_classes": [],
+    }
+    assert (out / saved["file"]).exists() and report["export"]["mode"] == "raw"
     payload = torch.load(out / "yolov8n-pruned.pt", weights_only=True)  # plain data only
     assert payload["family"] == "ultralytics"
     reloaded, info = load_model(out / "yolov8n-pruned.pt")
@@ -224,3 +230,86 @@ def test_group_building_guard_stops_an_unprotected_attention_block(monkeypatch):
         dependency.channel_groups(model, limits=limits)
     with pytest.raises(ModelError, match=r"group building stopped, it ran \d+ s"):
         dependency.channel_groups(model, limits=dependency.GroupingLimits(seconds=0.01))
+
+
+def write_release_checkpoint(spec, path, nc=3):
+    """A checkpoint laid out as ultralytics writes one (strip_optimizer's fields, the model
+    pickled whole in fp16), made here with ultralytics' own classes: the real pickle format."""
+    from datetime import datetime
+
+    import ultralytics
+    from ultralytics.cfg import DEFAULT_CFG_DICT
+    from ultralytics.nn.tasks import DetectionModel
+
+    torch.manual_seed(1)
+    model = DetectionModel(spec, nc=nc, verbose=False)
+    model.names = {i: f"class{i}" for i in range(nc)}
+    model.args = {**DEFAULT_CFG_DICT, "imgsz": 320}
+    checkpoint = {
+        "date": datetime(2026, 1, 1).isoformat(),
+        "version": ultralytics.__version__,
+        "license": "AGPL-3.0 (https://ultralytics.com/license)",
+        "epoch": -1,
+        "best_fitness": None,
+        "model": copy.deepcopy(model).half(),
+        "ema": None,
+        "updates": None,
+        "optimizer": None,
+        "train_args": dict(model.args),
+        "train_metrics": {"metrics/mAP50-95(B)": 0.5},
+    }
+    torch.save(checkpoint, path)
+    return model.half().float().eval()
+
+
+@needs_extra
+@pytest.mark.parametrize("spec", FAMILIES)
+def test_ultralytics_checkpoint_loads_without_pickle_code_and_reproduces_outputs(tmp_path, spec):
+    from graphs.checkpoint import load_model
+
+    path = tmp_path / "release.pt"
+    original = write_release_checkpoint(spec, path)
+    model, info = load_model(path)
+    assert info.family == "ultralytics" and info.pretrained and info.imgsz == 320
+    assert info.names == ("class0", "class1", "class2") and info.nc == 3
+    images = torch.rand(2, 3, IMGSZ, IMGSZ, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(decoded(model, images), decoded(original, images))
+
+
+@needs_extra
+def test_ultralytics_checkpoint_with_foreign_code_is_refused(tmp_path):
+    from graphs.checkpoint import load_model
+    from graphs.errors import CheckpointError
+
+    path = tmp_path / "evil.pt"
+    torch.save({"model": copy.deepcopy, "ema": None}, path)  # names a function to call
+    with pytest.raises(CheckpointError, match=r"refused to load.*copy\.deepcopy"):
+        load_model(path)
+
+
+@needs_extra
+@pytest.mark.parametrize(("spec", "kept"), [("yolov8n.yaml", []), ("yolo26n.yaml", ["model.10"])])
+def test_pruned_model_saved_for_ultralytics_loads_in_ultralytics(tmp_path, spec, kept):
+    from ultralytics import YOLO
+
+    from compiler.apply import apply_plan
+    from compiler.pipeline import CompileOptions, Prepared, plan_for
+    from graphs.dependency import build_graph, channel_groups
+    from graphs.ultralytics_family import save_for_ultralytics
+
+    model, info = calibrated(spec)
+    graph = build_graph(model)
+    prepared = Prepared(model, info, IMGSZ, channel_groups(model, graph), graph)
+    pruned = apply_plan(model, plan_for(prepared, CompileOptions(spec, macs=0.5)))
+    path = tmp_path / "pruned-ultralytics.pt"
+    assert save_for_ultralytics(pruned, info.names, IMGSZ, path)[: len(kept)] == kept
+    loaded = YOLO(str(path)).model.float().eval()  # ultralytics' own loader
+    assert type(loaded).__module__ == "ultralytics.nn.tasks"
+    kinds = {type(m).__name__ for m in loaded.modules()}
+    assert ("C2f" if "v8" in spec else "C3k2") in kinds  # native blocks restored
+    assert ("SplitPSA" in kinds) == bool(kept)
+    images = torch.rand(2, 3, IMGSZ, IMGSZ, generator=torch.Generator().manual_seed(0))
+    want = decoded(copy.deepcopy(pruned).half().float(), images)  # the file is fp16
+    got = decoded(loaded, images)
+    scale = want.abs().amax(dim=(0, 2), keepdim=True).clamp(min=1.0)
+    assert ((got - want).abs() / scale).max() <= 1e-5

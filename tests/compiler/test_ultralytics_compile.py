@@ -1,0 +1,86 @@
+"""The compile job on a trained YOLO26 (NMS-free head): both export modes, parity, and mAP
+measured on PyTorch and on the exported ONNX file."""
+
+import dataclasses
+import json
+import sys
+
+import pytest
+
+from compiler.cli import main
+from compiler.data import read_data_yaml
+from compiler.finetune import TrainSettings, train
+from compiler.synthetic import SyntheticSpec, generate
+from graphs.checkpoint import describe, save_pruned
+from graphs.ultralytics_family import UltralyticsMissing, require_ultralytics
+
+try:
+    require_ultralytics()
+    MISSING = None
+except UltralyticsMissing as exc:
+    MISSING = str(exc)
+
+pytestmark = pytest.mark.skipif(MISSING is not None, reason=f"ultralytics extra: {MISSING}")
+IMGSZ = 128
+MAP_AGREEMENT = 0.002  # ONNX-evaluated vs PyTorch-evaluated mAP@.5:.95
+
+
+@pytest.fixture(scope="module")
+def trained_yolo26(tmp_path_factory):
+    """yolo26n trained briefly on the synthetic shapes (~35 s on 2 cores): spread-out scores
+    make the top-k parity meaningful and the mAP non-zero."""
+    from graphs.ultralytics_family import build
+
+    root = tmp_path_factory.mktemp("yolo26")
+    data_yaml = generate(root / "data", SyntheticSpec(train=128, val=16, imgsz=IMGSZ), False)
+    data = read_data_yaml(data_yaml)
+    model, _ = build("yolo26n.yaml", nc=data.nc)
+    info = describe(model, "yolo26n.yaml", pretrained=True, imgsz=IMGSZ)
+    settings = TrainSettings(
+        epochs=15,
+        batch=8,
+        nominal_batch=8,
+        imgsz=IMGSZ,
+        optimizer="adamw",
+        lr0=0.003,
+        warmup_epochs=0.5,
+        augment=False,
+        eval_every=15,
+    )
+    result = train(model, info, data, settings, progress=False)
+    assert result.best["map50_95"] > 0.03  # learnt something: the figures below are not 0 vs 0
+    path = root / "yolo26n-shapes.pt"
+    save_pruned(result.model, dataclasses.replace(info, names=data.names), path)
+    return path, data_yaml
+
+
+@pytest.mark.parametrize(("mode", "dims"), [(None, [1, 300, 6]), ("raw", [1, 10, 336])])
+def test_yolo26_compiles_in_both_export_modes_with_parity_and_map(
+    trained_yolo26, tmp_path, mode, dims
+):
+    import onnx
+
+    checkpoint, data_yaml = trained_yolo26
+    out = tmp_path / "out"
+    argv = ["compile", str(checkpoint), "--macs", "0.7", "--out", str(out), "--no-bench"]
+    argv += ["--data", str(data_yaml), "--epochs", "1", "--batch", "8"]
+    argv += ["--export-mode", mode] if mode else []
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["export"]["mode"] == (mode or "end2end")
+    assert report["parity"]["ok"] and report["parity"]["max_abs_diff"] <= 1e-3
+    graph = onnx.load(str(out / "yolo26n-shapes-pruned.onnx")).graph
+    assert [d.dim_value for d in graph.output[0].type.tensor_type.shape.dim] == dims
+    accuracy = report["accuracy"]["map50_95"]
+    assert set(accuracy) == {"original", "pruned", "finetuned", "onnx"}
+    assert accuracy["original"] > 0.03
+    assert abs(accuracy["onnx"] - accuracy["finetuned"]) <= MAP_AGREEMENT
+    assert "torchvision" not in sys.modules
+
+
+def test_end2end_export_needs_a_one_to_one_head(tmp_path, capsys):
+    argv = ["compile", "yolov8n.yaml", "--imgsz", "64", "--no-bench", "--out", str(tmp_path)]
+    assert main([*argv, "--export-mode", "end2end"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "one-to-one" in err and "--export-mode raw" in err
+    assert not any(tmp_path.iterdir())  # nothing half-written

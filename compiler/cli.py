@@ -98,6 +98,12 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
         help="rank channels across all groups (default: the same ratio per group)",
     )
     p.add_argument(
+        "--latency-aware",
+        action="store_true",
+        help="with --macs: remove channels in order of importance lost per millisecond saved "
+        "(per-layer latency table of --latency-runtime), so the MACs removed are the slow ones",
+    )
+    p.add_argument(
         "--round-to",
         type=int,
         default=None,

@@ -162,8 +162,11 @@ def latency_counts(
     budget_ms: float,
     round_to: int,
     max_ratio: float,
+    macs_goal: tuple | None = None,
 ) -> tuple[dict[str, int], float]:
-    """Greedy knapsack: counts per prunable group with predicted latency <= budget_ms."""
+    """Greedy knapsack: counts per prunable group with predicted latency <= budget_ms, or,
+    with ``macs_goal`` = (MacCounter, MACs to reach), until the plan's MACs reach that goal
+    (latency-aware allocation under a MACs target)."""
     prunable = [g for g in groups if not g.protected]
     counts = {g.id: g.size for g in prunable}
     ascending = {g.id: torch.sort(scores[g.id]).values for g in prunable}
@@ -194,7 +197,13 @@ def latency_counts(
         item = candidate(gid)
         if item is not None:
             heapq.heappush(heap, (item[0], version[gid], gid, item[2], item[3]))
-    while total > budget_ms and heap:
+
+    def done() -> bool:
+        if macs_goal is not None:
+            return macs_goal[0].macs(counts) <= macs_goal[1]
+        return total <= budget_ms
+
+    while not done() and heap:
         priority, ver, gid, nxt, saved = heapq.heappop(heap)
         if ver != version[gid]:
             continue
@@ -210,7 +219,12 @@ def latency_counts(
             if item is not None:
                 heapq.heappush(heap, (item[0], version[other], other, item[2], item[3]))
     total = model.predict(counts)
-    if total > budget_ms * 1.0001:
+    if macs_goal is not None and not done():
+        raise PlanError(
+            f"--macs {macs_goal[1] / macs_goal[0].macs():.3g} cannot be reached latency-aware "
+            f"with --round-to {round_to} and --max-ratio {max_ratio:g}; raise --max-ratio"
+        )
+    if macs_goal is None and total > budget_ms * 1.0001:
         raise PlanError(
             f"latency budget {budget_ms:.2f} ms cannot be met (best predicted {total:.2f} ms) "
             f"with --round-to {round_to} and --max-ratio {max_ratio:g}; ask for less speed-up "
@@ -231,6 +245,59 @@ class LatencySettings:
     runs: int = 30
     rounds: int = 3  # closed-loop re-plans when measured latency misses the goal
     tolerance: float = 0.03  # relative; the loop stops once measured is this close
+
+
+def plan_macs_latency_aware(
+    prepared, scores, counter, target, constraints, importance, seed, settings
+):
+    """Plan under ``--macs`` with ``--latency-aware``: the same knapsack as :func:`plan_latency`
+    (importance lost per predicted millisecond saved, from the per-layer latency table) removes
+    channels until the MACs target is met, so the MACs go where they cost the most time."""
+    table = open_table(
+        settings.runtime,
+        settings.batch,
+        settings.threads,
+        settings.precision,
+        settings.device,
+        settings.table,
+    )
+    geometry = conv_geometry(
+        prepared.model, conv_channels(prepared.model, prepared.groups), prepared.imgsz
+    )
+    model = LatencyModel(geometry, table, constraints.round_to, settings.grid)
+    goal = counter.macs() * target.value
+    counts, predicted = latency_counts(
+        prepared.groups,
+        scores,
+        model,
+        0.0,
+        constraints.round_to,
+        constraints.max_ratio,
+        macs_goal=(counter, goal),
+    )
+    plan = plan_from_counts(
+        prepared.info.name,
+        prepared.imgsz,
+        [g for g in prepared.groups if not g.protected],
+        scores,
+        counts,
+        counter,
+        target,
+        constraints,
+        allocation="latency",
+        importance=importance,
+        seed=seed,
+    )
+    latency = {
+        "runtime": settings.runtime,
+        "table": str(table.path),
+        "table_key": table.key.__dict__,
+        "table_entries": len(table.entries),
+        "measured_now": table.measured,
+        "predicted_ms_uncalibrated": predicted,
+        "baseline_ms_uncalibrated": model.predict(),
+    }
+    return replace(plan, latency=latency)
 
 
 def plan_latency(prepared, scores, counter, target, constraints, importance, seed, settings):

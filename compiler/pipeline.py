@@ -49,6 +49,7 @@ class CompileOptions:
     macs: float | None = None
     importance: str | None = None
     global_allocation: bool = False
+    latency_aware: bool = False  # --macs/--ratio allocated by importance per millisecond saved
     round_to: int | None = None
     max_ratio: float | None = None
     out: Path | None = None
@@ -165,15 +166,25 @@ def plan_for(prepared: Prepared, options: CompileOptions) -> PruningPlan:
         raise PlanError(f"--importance {importance}: use one of {', '.join(IMPORTANCES)}")
     target, constraints = options.target(), options.constraints()
     scores = score_groups(prepared.model, prepared.graph, prepared.groups, importance, options.seed)
-    if target.latency:
-        from compiler.latency_planner import LatencySettings, plan_latency
+    if target.latency or options.latency_aware:
+        from compiler.latency_planner import (
+            LatencySettings,
+            plan_latency,
+            plan_macs_latency_aware,
+        )
 
         settings = LatencySettings(
             runtime=options.latency_runtime or "ort",
             threads=options.threads,
             table=options.latency_table,
         )
-        return plan_latency(
+        if target.latency:
+            plan = plan_latency
+        elif target.kind == "macs" and not options.global_allocation:
+            plan = plan_macs_latency_aware
+        else:
+            raise PlanError("--latency-aware plans a --macs target (without --global)")
+        return plan(
             prepared, scores, counter, target, constraints, importance, options.seed, settings
         )
     return make_plan(

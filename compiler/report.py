@@ -176,6 +176,14 @@ def _latency_plan_lines(planned: dict | None, bench: dict | None) -> list[str]:
     """Latency-aware plans: the goal, what the table predicted, what was measured."""
     if not planned:
         return []
+    if "goal_ms" not in planned:  # --macs --latency-aware: the table only ranks removals
+        predicted = planned["predicted_ms_uncalibrated"] / planned["baseline_ms_uncalibrated"]
+        return [
+            "",
+            f"Latency-aware allocation under the MACs target on {planned['runtime']} (table "
+            f"{Path(planned['table']).name}, {planned['table_entries']} conv shapes): the "
+            f"table predicts a latency ratio of {predicted:.3f} for the convolutions.",
+        ]
     lines = [
         "",
         f"Latency-aware plan on {planned['runtime']} (table {Path(planned['table']).name}, "

@@ -179,3 +179,28 @@ def test_compile_with_a_latency_budget_reports_predicted_and_measured(tmp_path):
     assert "onnxruntime_cpu" in report["latency_ms"]  # re-measured by the bench step
     text = (out / "report.md").read_text()
     assert "Latency-aware plan on ort" in text and "Re-measured by the bench step" in text
+
+
+def test_latency_aware_allocation_stops_at_the_macs_target(prepared, macs_model):
+    scores = score_groups(prepared.model, prepared.graph, prepared.groups, "l2")
+    counter = mac_counter(prepared)
+    goal = 0.5 * counter.macs()
+    counts, _ = latency_counts(
+        prepared.groups, scores, macs_model, 0.0, 8, 0.8, macs_goal=(counter, goal)
+    )
+    assert 0.97 * goal <= counter.macs(counts) <= goal  # stops at the first step under it
+    sizes = {g.id: g.size for g in prepared.groups}
+    assert all(n % 8 == 0 or n == sizes[gid] for gid, n in counts.items())
+
+
+def test_compile_option_latency_aware_plans_a_macs_target(tmp_path):
+    p = randomized_tiny(tmp_path, IMGSZ)
+    options = CompileOptions(
+        "tiny.yaml", macs=0.6, latency_aware=True, threads=1, latency_table=tmp_path / "t.json"
+    )
+    plan = plan_for(p, options)
+    assert plan.allocation == "latency" and plan.target == {"kind": "macs", "value": 0.6}
+    assert plan.macs_ratio == pytest.approx(0.6, rel=0.03)
+    assert plan.latency["predicted_ms_uncalibrated"] < plan.latency["baseline_ms_uncalibrated"]
+    with pytest.raises(PlanError, match="--latency-aware plans a --macs target"):
+        plan_for(p, CompileOptions("tiny.yaml", ratio=0.3, latency_aware=True))

@@ -247,12 +247,8 @@ class LatencySettings:
     tolerance: float = 0.03  # relative; the loop stops once measured is this close
 
 
-def plan_macs_latency_aware(
-    prepared, scores, counter, target, constraints, importance, seed, settings
-):
-    """Plan under ``--macs`` with ``--latency-aware``: the same knapsack as :func:`plan_latency`
-    (importance lost per predicted millisecond saved, from the per-layer latency table) removes
-    channels until the MACs target is met, so the MACs go where they cost the most time."""
+def _latency_model(prepared, constraints, settings) -> tuple:
+    """The latency table of ``settings`` and the model predicting this network's convs."""
     table = open_table(
         settings.runtime,
         settings.batch,
@@ -264,7 +260,27 @@ def plan_macs_latency_aware(
     geometry = conv_geometry(
         prepared.model, conv_channels(prepared.model, prepared.groups), prepared.imgsz
     )
-    model = LatencyModel(geometry, table, constraints.round_to, settings.grid)
+    return table, LatencyModel(geometry, table, constraints.round_to, settings.grid)
+
+
+def _table_record(table, settings) -> dict:
+    """Which table a plan came from, for ``plan.latency``."""
+    return {
+        "runtime": settings.runtime,
+        "table": str(table.path),
+        "table_key": table.key.__dict__,
+        "table_entries": len(table.entries),
+        "measured_now": table.measured,
+    }
+
+
+def plan_macs_latency_aware(
+    prepared, scores, counter, target, constraints, importance, seed, settings
+):
+    """Plan under ``--macs`` with ``--latency-aware``: the same knapsack as :func:`plan_latency`
+    (importance lost per predicted millisecond saved, from the per-layer latency table) removes
+    channels until the MACs target is met, so the MACs go where they cost the most time."""
+    table, model = _latency_model(prepared, constraints, settings)
     goal = counter.macs() * target.value
     counts, predicted = latency_counts(
         prepared.groups,
@@ -289,11 +305,7 @@ def plan_macs_latency_aware(
         seed=seed,
     )
     latency = {
-        "runtime": settings.runtime,
-        "table": str(table.path),
-        "table_key": table.key.__dict__,
-        "table_entries": len(table.entries),
-        "measured_now": table.measured,
+        **_table_record(table, settings),
         "predicted_ms_uncalibrated": predicted,
         "baseline_ms_uncalibrated": model.predict(),
     }
@@ -308,18 +320,7 @@ def plan_latency(prepared, scores, counter, target, constraints, importance, see
     from compiler.apply import apply_plan
     from compiler.bench import BenchSettings, time_models
 
-    table = open_table(
-        settings.runtime,
-        settings.batch,
-        settings.threads,
-        settings.precision,
-        settings.device,
-        settings.table,
-    )
-    geometry = conv_geometry(
-        prepared.model, conv_channels(prepared.model, prepared.groups), prepared.imgsz
-    )
-    model = LatencyModel(geometry, table, constraints.round_to, settings.grid)
+    table, model = _latency_model(prepared, constraints, settings)
     bench = BenchSettings(
         runtime=settings.runtime,
         batch=settings.batch,
@@ -379,11 +380,7 @@ def plan_latency(prepared, scores, counter, target, constraints, importance, see
         budget *= goal / measured
     plan, measured, predicted, counts = best
     latency = {
-        "runtime": settings.runtime,
-        "table": str(table.path),
-        "table_key": table.key.__dict__,
-        "table_entries": len(table.entries),
-        "measured_now": table.measured,
+        **_table_record(table, settings),
         "baseline_ms": base_ms,
         "goal_ms": goal,
         "predicted_ms": predicted,

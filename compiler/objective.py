@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compiler.loss import YoloV5Loss
+from graphs.ultralytics_family import head_branches, is_ultralytics_model
 
 # ultralytics' default.yaml gains for the anchor-free loss.
 ANCHOR_FREE_GAINS = {"box": 7.5, "cls": 0.5, "dfl": 1.5}
@@ -61,7 +62,7 @@ class AnchorFreeObjective:
     def distill(self, student_raw: dict, teacher_out) -> torch.Tensor:
         """Per head branch: MSE of class probabilities, plus MSE of the DFL bin
         distributions (reg_max > 1) or smooth L1 of the box distances (reg_max 1)."""
-        student, teacher = _branches(student_raw), _branches(teacher_out[1])
+        student, teacher = head_branches(student_raw), head_branches(teacher_out[1])
         terms = []
         for s, t in zip(student, teacher, strict=True):
             terms.append((s["scores"].sigmoid() - t["scores"].sigmoid()).pow(2).mean())
@@ -81,13 +82,7 @@ class AnchorFreeObjective:
             self.criterion.update()
 
 
-def _branches(raw: dict) -> list[dict]:
-    return [raw[k] for k in ("one2many", "one2one") if k in raw] or [raw]
-
-
 def objective_for(model: nn.Module, imgsz: int, epochs: int):
-    from graphs import ultralytics_family
-
-    if ultralytics_family.is_ultralytics_model(model):
+    if is_ultralytics_model(model):
         return AnchorFreeObjective(model, epochs)
     return YoloV5Objective(model, imgsz)

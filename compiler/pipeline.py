@@ -282,7 +282,7 @@ def compile_model(options: CompileOptions) -> dict:
             "load + graph", lambda: prepare(options.model, options.imgsz, options.grouping_limits())
         )
         info, imgsz = prepared.info, prepared.imgsz
-        export_mode(prepared.model, options.export_mode)  # a wrong mode fails before pruning
+        mode = export_mode(prepared.model, options.export_mode)  # a wrong one fails before pruning
         if not info.pretrained:
             tqdm.write(
                 f"WARNING: {options.model} is an architecture (YAML), not trained weights: "
@@ -297,7 +297,7 @@ def compile_model(options: CompileOptions) -> dict:
         val = _val_dataset(data, imgsz)
         if data:
             accuracy["original"] = step(
-                "eval original", lambda: _eval(prepared.model, val, data, options.export_mode)
+                "eval original", lambda: _eval(prepared.model, val, data, mode)
             )
         training = None
         if iterative:
@@ -306,22 +306,20 @@ def compile_model(options: CompileOptions) -> dict:
             )
             if data:
                 accuracy["finetuned"] = step(
-                    "eval fine-tuned", lambda: _eval(pruned, val, data, options.export_mode)
+                    "eval fine-tuned", lambda: _eval(pruned, val, data, mode)
                 )
         else:
             plan = step("score + plan", lambda: plan_for(prepared, options))
             pruned = step("apply", lambda: apply_any(prepared.model, plan))
         if data and not iterative:
-            accuracy["pruned"] = step(
-                "eval pruned", lambda: _eval(pruned, val, data, options.export_mode)
-            )
+            accuracy["pruned"] = step("eval pruned", lambda: _eval(pruned, val, data, mode))
             if options.epochs:
                 training = step(
                     "fine-tune", lambda: _finetune(pruned, prepared, data, options, staging)
                 )
                 pruned = _keep_sparsity(training.model, plan)
                 accuracy["finetuned"] = step(
-                    "eval fine-tuned", lambda: _eval(pruned, val, data, options.export_mode)
+                    "eval fine-tuned", lambda: _eval(pruned, val, data, mode)
                 )
         name = info.name.removesuffix("-pruned")
         paths = {
@@ -353,7 +351,7 @@ def compile_model(options: CompileOptions) -> dict:
                 imgsz,
                 dynamic=options.dynamic,
                 simplify=options.simplify,
-                mode=options.export_mode,
+                mode=mode,
             ),
         )
         tolerance = options.parity_tolerance or DEFAULT_PARITY_TOLERANCE
@@ -390,7 +388,6 @@ def compile_model(options: CompileOptions) -> dict:
             files={k: p.name for k, p in paths.items()},
         )
         report["accuracy"] = _accuracy_section(accuracy, training, data)
-        mode = export_mode(pruned, options.export_mode)
         layout = output_layout(pruned, mode)
         report["export"] = {"mode": mode, "layout": layout, "output0": LAYOUTS[layout]}
         if "ultralytics" in paths:

@@ -71,8 +71,17 @@ def is_ultralytics_model(model: nn.Module) -> bool:
     return type(model).__module__.startswith("ultralytics.")
 
 
-class SplitCSP(nn.Module):
-    """A C2f/C3k2 block with ``cv1`` split in two convs: same outputs, no chunk."""
+LAYER_BOOKKEEPING = ("f", "i", "type", "np")  # ultralytics' per-layer attributes
+
+
+def _copy_bookkeeping(source: nn.Module, target: nn.Module) -> None:
+    for attr in LAYER_BOOKKEEPING:
+        if hasattr(source, attr):
+            setattr(target, attr, getattr(source, attr))
+
+
+class _SplitBlock(nn.Module):
+    """A block whose ``cv1`` output is split in two, held as two convs ``cv1a``/``cv1b``."""
 
     def __init__(self, block: nn.Module):
         super().__init__()
@@ -80,10 +89,12 @@ class SplitCSP(nn.Module):
         self.m = block.m
         self.cv2 = block.cv2
         self.c = block.c
-        for attr in ("f", "i", "type", "np"):  # ultralytics' layer bookkeeping
-            if hasattr(block, attr):
-                setattr(self, attr, getattr(block, attr))
+        _copy_bookkeeping(block, self)
         self.source_type = type(block).__name__
+
+
+class SplitCSP(_SplitBlock):
+    """A C2f/C3k2 block with ``cv1`` split in two convs: same outputs, no chunk."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = [self.cv1a(x), self.cv1b(x)]
@@ -91,48 +102,46 @@ class SplitCSP(nn.Module):
         return self.cv2(torch.cat(y, 1))
 
 
-class SplitPSA(nn.Module):
+class SplitPSA(_SplitBlock):
     """A C2PSA block with ``cv1`` split in two convs: the half that bypasses attention then
     prunes on its own, while the attention half stays whole (protected)."""
-
-    def __init__(self, block: nn.Module):
-        super().__init__()
-        self.cv1a, self.cv1b = _split_conv(block.cv1, block.c)
-        self.m = block.m
-        self.cv2 = block.cv2
-        self.c = block.c
-        for attr in ("f", "i", "type", "np"):
-            if hasattr(block, attr):
-                setattr(self, attr, getattr(block, attr))
-        self.source_type = type(block).__name__
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.cv2(torch.cat((self.cv1a(x), self.m(self.cv1b(x))), 1))
 
 
-def _split_conv(conv: nn.Module, first: int) -> tuple[nn.Module, nn.Module]:
-    """Two copies of an ultralytics ``Conv`` (conv + BN + act) keeping output channels
-    [0, first) and [first, out) of the original."""
+def _with_channels(template: nn.Module, channels) -> nn.Module:
+    """A copy of an ultralytics ``Conv`` (conv + BN + act) whose every per-output-channel
+    tensor is ``channels(getter)``, ``getter`` reading that tensor off a source Conv."""
     import copy
 
-    halves = []
-    total = conv.conv.out_channels
-    for start, stop in ((0, first), (first, total)):
-        part = copy.deepcopy(conv)
-        keep = slice(start, stop)
-        with torch.no_grad():
-            part.conv.weight = nn.Parameter(conv.conv.weight[keep].clone())
-            if conv.conv.bias is not None:
-                part.conv.bias = nn.Parameter(conv.conv.bias[keep].clone())
-            part.conv.out_channels = stop - start
-            bn = part.bn
-            bn.weight = nn.Parameter(conv.bn.weight[keep].clone())
-            bn.bias = nn.Parameter(conv.bn.bias[keep].clone())
-            bn.running_mean = conv.bn.running_mean[keep].clone()
-            bn.running_var = conv.bn.running_var[keep].clone()
-            bn.num_features = stop - start
-        halves.append(part)
-    return halves[0], halves[1]
+    result = copy.deepcopy(template)
+    with torch.no_grad():
+        result.conv.weight = nn.Parameter(channels(lambda c: c.conv.weight))
+        if template.conv.bias is not None:
+            result.conv.bias = nn.Parameter(channels(lambda c: c.conv.bias))
+        result.conv.out_channels = result.conv.weight.shape[0]
+        result.bn.weight = nn.Parameter(channels(lambda c: c.bn.weight))
+        result.bn.bias = nn.Parameter(channels(lambda c: c.bn.bias))
+        result.bn.running_mean = channels(lambda c: c.bn.running_mean)
+        result.bn.running_var = channels(lambda c: c.bn.running_var)
+        result.bn.num_features = result.conv.out_channels
+    return result
+
+
+def _split_conv(conv: nn.Module, first: int) -> tuple[nn.Module, nn.Module]:
+    """Two copies of an ultralytics ``Conv`` keeping output channels [0, first) and
+    [first, out) of the original."""
+    return (
+        _with_channels(conv, lambda get: get(conv)[:first].clone()),
+        _with_channels(conv, lambda get: get(conv)[first:].clone()),
+    )
+
+
+def _concat_convs(first: nn.Module, second: nn.Module) -> nn.Module:
+    """One ultralytics Conv whose outputs are ``first``'s then ``second``'s (the inverse of
+    _split_conv)."""
+    return _with_channels(first, lambda get: torch.cat((get(first), get(second))))
 
 
 def canonicalize(model: nn.Module) -> nn.Module:
@@ -223,30 +232,8 @@ def _merged(block: nn.Module) -> nn.Module:
     merged.c = block.cv1a.conv.out_channels
     merged.cv1 = _concat_convs(block.cv1a, block.cv1b)
     merged.cv2, merged.m = block.cv2, block.m
-    for attr in ("f", "i", "type", "np"):
-        if hasattr(block, attr):
-            setattr(merged, attr, getattr(block, attr))
+    _copy_bookkeeping(block, merged)
     return merged
-
-
-def _concat_convs(first: nn.Module, second: nn.Module) -> nn.Module:
-    """One ultralytics Conv whose outputs are ``first``'s then ``second``'s (the inverse of
-    _split_conv)."""
-    import copy
-
-    joined = copy.deepcopy(first)
-    with torch.no_grad():
-        joined.conv.weight = nn.Parameter(torch.cat((first.conv.weight, second.conv.weight)))
-        if first.conv.bias is not None:
-            joined.conv.bias = nn.Parameter(torch.cat((first.conv.bias, second.conv.bias)))
-        joined.conv.out_channels = joined.conv.weight.shape[0]
-        for attr in ("weight", "bias"):
-            value = torch.cat((getattr(first.bn, attr), getattr(second.bn, attr)))
-            setattr(joined.bn, attr, nn.Parameter(value))
-        joined.bn.running_mean = torch.cat((first.bn.running_mean, second.bn.running_mean))
-        joined.bn.running_var = torch.cat((first.bn.running_var, second.bn.running_var))
-        joined.bn.num_features = joined.conv.out_channels
-    return joined
 
 
 def save_for_ultralytics(model: nn.Module, names, imgsz: int, path: Path) -> list[str]:
@@ -334,12 +321,16 @@ def has_one2one(model: nn.Module) -> bool:
     return getattr(detect_head(model), "one2one_cv2", None) is not None
 
 
+def head_branches(raw: dict) -> list[dict]:
+    """The raw outputs (boxes, scores, feats) of each head branch: one-to-many, then YOLO26's
+    one-to-one where present."""
+    return [raw[k] for k in ("one2many", "one2one") if k in raw] or [raw]
+
+
 def trace_outputs(out) -> list[torch.Tensor]:
     """The raw box and score tensors of every head branch (eval mode returns (decoded, raw)):
     tracing them covers the one-to-one branch even where inference decodes only one."""
-    raw = out[1]
-    branches = [raw[k] for k in ("one2many", "one2one") if k in raw] or [raw]
-    return [branch[key] for branch in branches for key in ("boxes", "scores")]
+    return [branch[key] for branch in head_branches(out[1]) for key in ("boxes", "scores")]
 
 
 def head_convs(model: nn.Module) -> list[nn.Conv2d]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch_pruning as tp
 import yaml
@@ -12,6 +13,7 @@ from torch import nn
 from graphs.checkpoint import CFG_DIR
 from graphs.dependency import build_graph
 from graphs.plan import PruningPlan
+from graphs.ultralytics_family import UltralyticsMissing, require_ultralytics
 from graphs.yolov5 import DetectionModel
 
 IMGSZ = 64
@@ -126,3 +128,18 @@ def head_outputs(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, 
 
 def images(batch: int = 2, imgsz: int = IMGSZ, seed: int = 1) -> torch.Tensor:
     return torch.rand(batch, 3, imgsz, imgsz, generator=torch.Generator().manual_seed(seed))
+
+
+def _ultralytics_missing() -> str | None:
+    try:
+        require_ultralytics()
+    except UltralyticsMissing as exc:
+        return str(exc)
+    return None
+
+
+ULTRALYTICS_MISSING = _ultralytics_missing()
+# Tests that need the optional ultralytics extra skip, with the reason, where it is absent.
+needs_ultralytics = pytest.mark.skipif(
+    ULTRALYTICS_MISSING is not None, reason=f"ultralytics extra: {ULTRALYTICS_MISSING}"
+)

@@ -9,15 +9,8 @@ from compiler.data import read_data_yaml
 from compiler.finetune import TrainSettings, train
 from compiler.synthetic import SyntheticSpec, generate
 from graphs.checkpoint import describe
-from graphs.ultralytics_family import UltralyticsMissing, require_ultralytics
+from tests.helpers import needs_ultralytics
 
-try:
-    require_ultralytics()
-    MISSING = None
-except UltralyticsMissing as exc:
-    MISSING = str(exc)
-
-needs_extra = pytest.mark.skipif(MISSING is not None, reason=f"ultralytics extra: {MISSING}")
 FAST = TrainSettings(
     epochs=12,
     batch=8,
@@ -43,7 +36,7 @@ def ultralytics_model(spec, nc):
     return model, describe(model, spec, pretrained=False, imgsz=64)
 
 
-@needs_extra
+@needs_ultralytics
 @pytest.mark.parametrize(
     ("spec", "parts"),
     [("yolov8n.yaml", ("box", "cls", "dfl")), ("yolo26n.yaml", ("box", "cls", "l1"))],
@@ -60,7 +53,7 @@ def test_anchor_free_loss_decreases_in_our_loop(shapes, spec, parts):
     )  # trained as it is, never rebuilt from YAML
 
 
-@needs_extra
+@needs_ultralytics
 def test_anchor_free_distillation_is_zero_for_identical_outputs_and_used(shapes):
     from compiler.objective import AnchorFreeObjective
 

@@ -12,15 +12,9 @@ from compiler.data import read_data_yaml
 from compiler.finetune import TrainSettings, train
 from compiler.synthetic import SyntheticSpec, generate
 from graphs.checkpoint import describe, save_pruned
-from graphs.ultralytics_family import UltralyticsMissing, require_ultralytics
+from tests.helpers import needs_ultralytics
 
-try:
-    require_ultralytics()
-    MISSING = None
-except UltralyticsMissing as exc:
-    MISSING = str(exc)
-
-pytestmark = pytest.mark.skipif(MISSING is not None, reason=f"ultralytics extra: {MISSING}")
+pytestmark = needs_ultralytics
 IMGSZ = 128
 MAP_AGREEMENT = 0.002  # ONNX-evaluated vs PyTorch-evaluated mAP@.5:.95
 

@@ -9,14 +9,8 @@ import torch
 
 from graphs.errors import ModelError
 from graphs.ultralytics_family import UltralyticsMissing, require_ultralytics
+from tests.helpers import needs_ultralytics
 
-try:
-    require_ultralytics()
-    MISSING = None
-except UltralyticsMissing as exc:
-    MISSING = str(exc)
-
-needs_extra = pytest.mark.skipif(MISSING is not None, reason=f"ultralytics extra: {MISSING}")
 IMGSZ = 128
 
 
@@ -56,7 +50,7 @@ def yolov8n():
     return calibrated("yolov8n.yaml")
 
 
-@needs_extra
+@needs_ultralytics
 def test_c2f_rewrite_is_exact():
     from ultralytics.nn.tasks import DetectionModel
 
@@ -91,7 +85,7 @@ def all_branches(model, images):
     return outputs
 
 
-@needs_extra
+@needs_ultralytics
 @pytest.mark.parametrize("spec", ["yolo11n.yaml", "yolo26n.yaml"])
 def test_c3k2_and_c2psa_rewrites_are_exact(spec):
     from ultralytics.nn.tasks import DetectionModel
@@ -110,7 +104,7 @@ def test_c3k2_and_c2psa_rewrites_are_exact(spec):
     assert (got - want).abs().max() <= 1e-6 * max(1.0, float(want.abs().max()))
 
 
-@needs_extra
+@needs_ultralytics
 @pytest.mark.parametrize("spec", FAMILIES)
 def test_exact_surgery_with_negative_control(spec):
     from compiler.apply import apply_plan
@@ -144,7 +138,7 @@ def test_exact_surgery_with_negative_control(spec):
     assert len(attention) == {"yolov8n.yaml": 0, "yolo11n.yaml": 3, "yolo26n.yaml": 6}[spec]
 
 
-@needs_extra
+@needs_ultralytics
 def test_yolo26_traces_both_head_branches():
     from graphs.dependency import channel_groups
 
@@ -159,7 +153,7 @@ def test_yolo26_traces_both_head_branches():
     assert pruned_inputs & one2one  # the one-to-one branch reads prunable features
 
 
-@needs_extra
+@needs_ultralytics
 def test_attention_blocks_are_protected_and_the_rest_of_the_block_is_pruned():
     from graphs.dependency import channel_groups
 
@@ -174,7 +168,7 @@ def test_attention_blocks_are_protected_and_the_rest_of_the_block_is_pruned():
     assert "model.10.cv1b.conv" not in prunable  # the residual stream through attention
 
 
-@needs_extra
+@needs_ultralytics
 def test_compile_end_to_end_and_reload_without_torch_pruning(tmp_path, yolov8n):
     import json
 
@@ -211,7 +205,7 @@ def test_compile_end_to_end_and_reload_without_torch_pruning(tmp_path, yolov8n):
     assert "torchvision" not in sys.modules  # its CUDA build is never imported
 
 
-@needs_extra
+@needs_ultralytics
 def test_unsupported_heads_are_refused_clearly():
     from graphs.checkpoint import load_model
 
@@ -219,7 +213,7 @@ def test_unsupported_heads_are_refused_clearly():
         load_model("yolov8n-seg.yaml")
 
 
-@needs_extra
+@needs_ultralytics
 def test_group_building_guard_stops_an_unprotected_attention_block(monkeypatch):
     from graphs import dependency, ultralytics_family
 
@@ -262,7 +256,7 @@ def write_release_checkpoint(spec, path, nc=3):
     return model.half().float().eval()
 
 
-@needs_extra
+@needs_ultralytics
 @pytest.mark.parametrize("spec", FAMILIES)
 def test_ultralytics_checkpoint_loads_without_pickle_code_and_reproduces_outputs(tmp_path, spec):
     from graphs.checkpoint import load_model
@@ -276,7 +270,7 @@ def test_ultralytics_checkpoint_loads_without_pickle_code_and_reproduces_outputs
     assert torch.equal(decoded(model, images), decoded(original, images))
 
 
-@needs_extra
+@needs_ultralytics
 def test_ultralytics_checkpoint_with_foreign_code_is_refused(tmp_path):
     from graphs.checkpoint import load_model
     from graphs.errors import CheckpointError
@@ -287,7 +281,7 @@ def test_ultralytics_checkpoint_with_foreign_code_is_refused(tmp_path):
         load_model(path)
 
 
-@needs_extra
+@needs_ultralytics
 @pytest.mark.parametrize(("spec", "kept"), [("yolov8n.yaml", []), ("yolo26n.yaml", ["model.10"])])
 def test_pruned_model_saved_for_ultralytics_loads_in_ultralytics(tmp_path, spec, kept):
     from ultralytics import YOLO

@@ -1,7 +1,8 @@
 """Accuracy benchmark: mAP and latency of pruned + fine-tuned models, side by side.
 
 The embedded model (YOLOv5n trained on the synthetic shapes) on the synthetic val set:
-- yoloprune at MACs kept 0.5 and 0.3 (uniform L2, round_to 8), fine-tuned with distillation;
+- yoloprune at MACs kept 0.5 and 0.3 (uniform L2, round_to 8), and at 0.3 with Taylor
+  importance (loss gradients on training images), fine-tuned with distillation;
 - torch-pruning's default recipe at MACs 0.3 (MetaPruner, L2, uniform), same fine-tune budget
   (no distillation: its default);
 - the unstructured 30% baseline (yolov5's torch_utils.prune), fine-tuned the same, zeros re-applied.
@@ -9,6 +10,8 @@ Every row: mAP@.5:.95 / mAP@.5 before and after fine-tuning (PyTorch), MACs, par
 ONNX Runtime CPU latency (batch 1, fp32, interleaved with the baseline).
 
     python benchmarks/accuracy.py [--epochs 4] [--train-images 1000]
+    python benchmarks/accuracy.py --rows "yoloprune MACs 0.3 Taylor"   # one row, merged
+    python benchmarks/accuracy.py --latency-only                        # latency column only
 Writes benchmarks/results/accuracy.{json,md}.
 """
 
@@ -38,8 +41,7 @@ from compiler.finetune import TrainSettings, train  # noqa: E402
 from compiler.pipeline import CompileOptions, plan_for, prepare  # noqa: E402
 from compiler.synthetic import SyntheticSpec, generate  # noqa: E402
 from compiler.unstructured import sparsify, sparsity  # noqa: E402
-from kernels.ort import OrtRunner, default_threads, machine_info  # noqa: E402
-from kernels.timing import interleaved  # noqa: E402
+from kernels.ort import OrtRunner, default_threads, machine_info, order_text, time_runners  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 MODEL = ROOT / "graphs" / "weights" / "yolov5n-shapes.pt"
@@ -68,13 +70,21 @@ def main() -> None:
         "depends on the architecture only, which every recipe rebuilds "
         "deterministically without fine-tuning)",
     )
+    parser.add_argument(
+        "--rows",
+        nargs="+",
+        default=None,
+        help="fine-tune and score only these rows, merged into the existing accuracy.json "
+        "(same budget); then the latency of every row is re-measured",
+    )
     args = parser.parse_args()
+    data_yaml = args.data / "data.yaml"
     if args.latency_only:
-        remeasure_latency(args.runs)
+        remeasure_latency(args.runs, data_yaml)
         return
-    if not (args.data / "data.yaml").exists():
+    if not data_yaml.exists():
         generate(args.data, SyntheticSpec())
-    data = read_data_yaml(args.data / "data.yaml")
+    data = read_data_yaml(data_yaml)
     prepared = prepare(str(MODEL))
     base, imgsz = prepared.model, prepared.imgsz
     val = val_dataset(data, imgsz)
@@ -110,7 +120,12 @@ def main() -> None:
         return result.model, round(time.perf_counter() - start, 1)
 
     start_all = time.perf_counter()
-    models = architectures(prepared, imgsz)
+    models = architectures(prepared, imgsz, data_yaml)
+    if args.rows:
+        unknown = set(args.rows) - set(models)
+        if unknown:
+            raise SystemExit(f"--rows: no row named {sorted(unknown)}; rows: {list(models)}")
+        models = {k: v for k, v in models.items() if k in args.rows}
     rows = {}
     for name, (model, recipe) in models.items():
         row = {"before": score(model), "recipe": recipe}
@@ -126,6 +141,9 @@ def main() -> None:
         row["model"] = model
         rows[name] = row
 
+    if args.rows:
+        merge_rows(rows, base, imgsz, args, data_yaml, time.perf_counter() - start_all)
+        return
     macs_before = recipes.conv_macs(base, imgsz)
     for row in rows.values():
         row["macs_ratio"] = recipes.conv_macs(row["model"], imgsz) / macs_before
@@ -152,6 +170,8 @@ def main() -> None:
             "precision": "fp32",
             "threads": default_threads(),
             "runs": args.runs,
+            "spinning": "off (session.intra_op.allow_spinning=0)",
+            "order": order_text(spinning=False),
         },
         "machine": machine_info(),
         "rows": rows,
@@ -163,7 +183,25 @@ def main() -> None:
     print(render(result))
 
 
-def architectures(prepared, imgsz: int) -> dict:
+def merge_rows(rows: dict, base, imgsz: int, args, data_yaml: Path, seconds: float) -> None:
+    """Put freshly fine-tuned ``rows`` into the committed accuracy.json (in architectures()
+    order), then re-measure every row's latency so all ratios come from one run."""
+    result = json.loads((RESULTS / "accuracy.json").read_text())
+    if result["finetune"]["epochs"] != args.epochs:
+        raise SystemExit("--rows: use the committed results' fine-tune budget (--epochs)")
+    macs_before = recipes.conv_macs(base, imgsz)
+    for row in rows.values():
+        row["macs_ratio"] = recipes.conv_macs(row["model"], imgsz) / macs_before
+        row["params"] = count_params(row.pop("model"))
+        row["added"] = f"--rows run, {seconds:.0f} s"
+    merged = {**result["rows"], **rows}
+    order = list(architectures(prepare(str(MODEL)), imgsz, data_yaml))
+    result["rows"] = {k: merged[k] for k in order if k in merged}
+    (RESULTS / "accuracy.json").write_text(json.dumps(result, indent=1) + "\n")
+    remeasure_latency(args.runs, data_yaml)
+
+
+def architectures(prepared, imgsz: int, data_yaml: Path) -> dict:
     """Every row's model before fine-tuning, with its recipe: {name: (model, recipe)}."""
     base = prepared.model
     models = {"baseline (unpruned)": (base, "-")}
@@ -173,6 +211,11 @@ def architectures(prepared, imgsz: int) -> dict:
             apply_plan(base, plan),
             "uniform L2, round_to 8, distill 1.0",
         )
+    taylor = CompileOptions(str(MODEL), macs=0.3, importance="taylor", data=data_yaml)
+    models["yoloprune MACs 0.3 Taylor"] = (
+        apply_plan(base, plan_for(prepared, taylor)),
+        "uniform Taylor (8 batches of 16 train images), round_to 8, distill 1.0",
+    )
     tp_model, tp_ratio, _ = recipes.torch_pruning_default(base, 0.3, imgsz)
     models["torch-pruning default MACs 0.3"] = (tp_model, f"MetaPruner L2, ratio {tp_ratio:.3f}")
     models["unstructured 30% (yolov5 torch_utils.prune)"] = (
@@ -189,15 +232,14 @@ def measure_latency(models: dict, imgsz: int, runs: int) -> dict:
             for i, (name, m) in enumerate(models.items())
         }
         images = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
-        return interleaved(
-            {k: (lambda r=r: r.run(images)) for k, r in runners.items()}, runs=runs, warmup=5
-        )
+        return time_runners(runners, images, runs, warmup=5)
 
 
-def remeasure_latency(runs: int) -> None:
+def remeasure_latency(runs: int, data_yaml: Path) -> None:
     result = json.loads((RESULTS / "accuracy.json").read_text())
     prepared = prepare(str(MODEL))
-    models = {k: m for k, (m, _) in architectures(prepared, prepared.imgsz).items()}
+    built = architectures(prepared, prepared.imgsz, data_yaml)
+    models = {k: m for k, (m, _) in built.items() if k in result["rows"]}
     timings = measure_latency(models, prepared.imgsz, runs)
     base_ms = timings["baseline (unpruned)"].median_ms
     for name, row in result["rows"].items():
@@ -206,6 +248,7 @@ def remeasure_latency(runs: int) -> None:
     result["latency"].update(
         runs=runs,
         spinning="off (session.intra_op.allow_spinning=0)",
+        order=order_text(spinning=False),
         remeasured="latency only, architectures rebuilt without fine-tuning",
     )
     (RESULTS / "accuracy.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -217,6 +260,7 @@ def render(result: dict) -> str:
     base = result["rows"]["baseline (unpruned)"]["after"]["map50_95"]
     ft = result["finetune"]
     m = result["machine"]
+    order = result["latency"].get("order", "interleaved A B A B, intra-op spinning off")
     lines = [
         "# Accuracy after pruning and fine-tuning (synthetic shapes, embedded YOLOv5n)",
         "",
@@ -224,9 +268,9 @@ def render(result: dict) -> str:
         "pycocotools with val.py conventions (conf 0.001, IoU 0.6, 300 detections). Fine-tune "
         f"budget, the same for every pruned row: {ft['epochs']} epochs on {ft['train_images']} "
         "training images, AdamW lr 0.001, batch 16, EMA. Latency: ONNX Runtime CPU, fp32, batch 1, "
-        f"{result['latency']['threads']} threads (intra-op spinning off), median of "
-        f"{result['latency']['runs']} interleaved runs, on {m['cpu']} ({m['cores_available']} "
-        "cores); latency depends on the architecture only.",
+        f"{result['latency']['threads']} threads, median of {result['latency']['runs']} runs "
+        f"({order}), on {m['cpu']} ({m['cores_available']} cores); latency depends on the "
+        "architecture only.",
         "",
         "| model | recipe | MACs kept | mAP@.5:.95 before FT | after FT | % of unpruned | "
         "mAP@.5 after | latency ratio | fine-tune s |",

@@ -33,8 +33,7 @@ import recipes  # noqa: E402
 from compiler.apply import apply_plan, count_params  # noqa: E402
 from compiler.export import export_onnx  # noqa: E402
 from compiler.pipeline import CompileOptions, plan_for, prepare  # noqa: E402
-from kernels.ort import OrtRunner, default_threads, machine_info  # noqa: E402
-from kernels.timing import interleaved  # noqa: E402
+from kernels.ort import OrtRunner, default_threads, machine_info, time_runners  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 IMGSZ = 640
@@ -67,7 +66,31 @@ def compile_seconds(model: str, repeats: int) -> list[float]:
     return times
 
 
-def bench_model(name: str, runs: int, compile_repeats: int) -> dict:
+def timed_passes(paths: dict, runs: int, passes: int) -> dict:
+    """``passes`` timing passes over all models, each with intra-op spinning off and on (ONNX
+    Runtime's default), alternating which goes first: {spinning: [{key: Timing}, ...]}."""
+    images = np.random.default_rng(0).random((1, 3, IMGSZ, IMGSZ), dtype=np.float32)
+    result: dict = {True: [], False: []}
+    for index in range(passes):
+        for spin in (True, False) if index % 2 == 0 else (False, True):
+            runners = {k: OrtRunner(p, spinning=spin) for k, p in paths.items()}
+            result[spin].append(time_runners(runners, images, runs, 3))
+            del runners
+    return result
+
+
+def summarise(passes: list[dict], key: str) -> dict:
+    """Median over passes of a model's median ms and of its ratio to the baseline."""
+    ratios = [p[key].median_ms / p["baseline"].median_ms for p in passes]
+    return {
+        "median_ms": statistics.median(p[key].median_ms for p in passes),
+        "ratio": statistics.median(ratios),
+        "ratio_per_pass": [round(r, 4) for r in ratios],
+        "passes": [p[key].to_dict() for p in passes],
+    }
+
+
+def bench_model(name: str, runs: int, compile_repeats: int, passes: int) -> dict:
     prepared = prepare(name, IMGSZ)
     base = prepared.model
     plan = plan_for(prepared, CompileOptions(name, macs=MACS))
@@ -85,25 +108,22 @@ def bench_model(name: str, runs: int, compile_repeats: int) -> dict:
     }
     row: dict = {"model": name, "imgsz": IMGSZ, "macs_target": MACS, "recipes": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        runners = {}
+        paths = {}
         for key, model in models.items():
-            path = export_onnx(model, Path(tmp) / f"{key.replace(' ', '_')}.onnx", IMGSZ)
-            runners[key] = OrtRunner(path)
+            paths[key] = export_onnx(model, Path(tmp) / f"{key.replace(' ', '_')}.onnx", IMGSZ)
             row["recipes"][key] = {
                 "params": count_params(model),
                 "macs": recipes.conv_macs(model, IMGSZ),
-                "onnx_bytes": path.stat().st_size,
+                "onnx_bytes": paths[key].stat().st_size,
             }
-        images = np.random.default_rng(0).random((1, 3, IMGSZ, IMGSZ), dtype=np.float32)
-        timings = interleaved(
-            {k: (lambda r=r: r.run(images)) for k, r in runners.items()}, runs=runs, warmup=3
-        )
-    base_ms = timings["baseline"].median_ms
+        timings = timed_passes(paths, runs, passes)
     for key, recipe in row["recipes"].items():
-        recipe["latency_ms"] = timings[key].to_dict()
+        recipe["latency"] = summarise(timings[False], key)
+        recipe["latency_spinning_on"] = summarise(timings[True], key)
         recipe["macs_ratio"] = recipe["macs"] / macs_before
         recipe["params_ratio"] = recipe["params"] / row["recipes"]["baseline"]["params"]
-        recipe["latency_ratio"] = timings[key].median_ms / base_ms
+        recipe["latency_ratio"] = recipe["latency"]["ratio"]
+        recipe["latency_ratio_spinning_on"] = recipe["latency_spinning_on"]["ratio"]
         recipe["latency_efficiency"] = recipe["macs_ratio"] / recipe["latency_ratio"]
         convs = [m for m in models[key].modules() if isinstance(m, nn.Conv2d)]
         recipe["convs_out_multiple_of_8"] = sum(c.out_channels % 8 == 0 for c in convs)
@@ -119,6 +139,11 @@ def bench_model(name: str, runs: int, compile_repeats: int) -> dict:
     return row
 
 
+def _span(summary: dict) -> str:
+    ratios = summary["ratio_per_pass"]
+    return f"{min(ratios):.3f}-{max(ratios):.3f}"
+
+
 def render(result: dict) -> str:
     m = result["machine"]
     lines = [
@@ -126,11 +151,18 @@ def render(result: dict) -> str:
         "",
         f"Machine: {m['cpu']}, {m['cores_available']} cores; torch {m['torch']}, onnxruntime "
         f"{m['onnxruntime']}. Runtime: ONNX Runtime CPUExecutionProvider (ORT_ENABLE_ALL), "
-        f"fp32, batch 1, {result['threads']} intra-op threads (spinning off), "
-        f"image {IMGSZ}x{IMGSZ}; latency is "
-        f"the median of {result['runs']} runs per model after 3 warm-up runs, the models "
-        "interleaved (A B C A B C...). Weights are random init (architecture from YAML): latency"
-        " does not depend on weight values. MACs: Conv2d multiply-accumulates, head included.",
+        f"fp32, batch 1, {result['threads']} intra-op threads, image {IMGSZ}x{IMGSZ}. Each of "
+        f"{result['passes']} timing passes takes the median of {result['runs']} runs per model "
+        "after 3 warm-up runs; the table gives the median over passes of those medians and of "
+        "the ratio to the baseline, with the range of the per-pass ratios in brackets. Main "
+        "columns: intra-op thread spinning off (`session.intra_op.allow_spinning=0`, "
+        "yoloprune's default), models interleaved A B C A B C. `spinning on` columns: ONNX "
+        "Runtime's own default, as a deployed session runs, the models taking turns in blocks "
+        "of 5 timed runs, each after 2 untimed runs; on 2 shared cores these are less stable "
+        "(a spinning thread holds a core another thread needs). Weights are "
+        "random init (architecture from YAML): latency does not depend on weight values. MACs: "
+        "Conv2d multiply-accumulates, head included. ultralytics heads are exported with the "
+        "DFL softmax on the last axis (`LastAxisDFL`, same values; baseline and pruned alike).",
         "yoloprune rows use the default recipe (uniform L2, `--macs 0.5`); the `--round-to 16` "
         "row aligns to the 16-channel blocks ONNX Runtime's CPU convolutions use on AVX-512; "
         "`--latency-aware` removes channels by importance lost per millisecond saved (per-layer "
@@ -138,19 +170,24 @@ def render(result: dict) -> str:
         "(YOLO26) are timed as exported by default: end to end, top-k inside the graph. In "
         "YOLO11/YOLO26 the attention blocks' channels are protected (never pruned), so the "
         "rest of the network is pruned harder to reach the MACs target.",
-        "Noise: on this shared 2-core machine, repeated runs of the same pair move the latency "
-        "ratio by about ±0.02; compare rows of one run, not across runs.",
+        "Noise: on this shared 2-core machine, single passes of the same pair move the latency "
+        "ratio by about ±0.03 (see the ranges); compare rows of one run, not across runs.",
         "",
         "| model | recipe | MACs kept | params kept | latency ms (median) | latency ratio | "
-        "MACs/latency efficiency | convs with out % 8 == 0 | % 16 == 0 |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "MACs/latency efficiency | ms, spinning on | ratio, spinning on | "
+        "convs with out % 8 == 0 | % 16 == 0 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["rows"]:
         for key, r in row["recipes"].items():
             lines.append(
                 f"| {row['model']} | {key} | {r['macs_ratio']:.3f} | {r['params_ratio']:.3f} | "
-                f"{r['latency_ms']['median_ms']:.1f} | {r['latency_ratio']:.3f} | "
-                f"{r['latency_efficiency']:.2f} | {r['convs_out_multiple_of_8']}/{r['convs']} | "
+                f"{r['latency']['median_ms']:.1f} | {r['latency_ratio']:.3f} "
+                f"({_span(r['latency'])}) | "
+                f"{r['latency_efficiency']:.2f} | "
+                f"{r['latency_spinning_on']['median_ms']:.1f} | "
+                f"{r['latency_ratio_spinning_on']:.3f} ({_span(r['latency_spinning_on'])}) | "
+                f"{r['convs_out_multiple_of_8']}/{r['convs']} | "
                 f"{r['convs_out_multiple_of_16']}/{r['convs']} |"
             )
     lines += [
@@ -170,15 +207,17 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["yolov5s.yaml", "yolov5x.yaml"])
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--compile-repeats", type=int, default=2)
+    parser.add_argument("--passes", type=int, default=3, help="timing passes (median reported)")
     parser.add_argument(
         "--stem", default="compile_yolov5", help="result file name (e.g. compile_ultralytics)"
     )
     args = parser.parse_args()
-    rows = [bench_model(name, args.runs, args.compile_repeats) for name in args.models]
+    rows = [bench_model(name, args.runs, args.compile_repeats, args.passes) for name in args.models]
     result = {
         "benchmark": "compile_yolov5",
         "machine": machine_info(),
         "runs": args.runs,
+        "passes": args.passes,
         "threads": default_threads(),
         "precision": "fp32",
         "batch": 1,

@@ -28,6 +28,7 @@ class BenchSettings:
     precision: str | None = None  # ort: fp32; torch: fp16 on cuda, fp32 on cpu; tensorrt: fp16
     device: str | None = None  # torch: cuda (default) or cpu
     threads: int | None = None  # ort intra-op threads (default: all available cores)
+    spinning: bool = False  # ort: idle intra-op threads spin-wait (ONNX Runtime's default: on)
     runs: int = 50
     warmup: int = 10
     cuda_graph: bool = False
@@ -84,9 +85,10 @@ def _onnx_path(source, imgsz: int, scratch: Path, index: int) -> Path:
 def _ort_callable(onnx_path: Path, settings: BenchSettings, imgsz: int):
     from kernels.ort import OrtRunner
 
-    runner = OrtRunner(onnx_path, settings.threads)
+    runner = OrtRunner(onnx_path, settings.threads, settings.spinning)
     images = np.random.default_rng(0).random((settings.batch, 3, imgsz, imgsz), dtype=np.float32)
-    return (lambda: runner.run(images)), None, None, {"threads": runner.threads}
+    extra = {"threads": runner.threads, "spinning": runner.spinning, "order": runner.order_text()}
+    return (lambda: runner.run(images)), None, None, extra
 
 
 def _torch_callable(source, settings: BenchSettings, imgsz: int):
@@ -129,20 +131,22 @@ def _tensorrt_callable(spec: str, settings: BenchSettings, imgsz: int, scratch: 
 def _time_sources(sources: dict, settings: BenchSettings, imgsz: int):
     """Build a runner for each source (a model file name or an in-memory model) on
     ``settings.runtime`` and time them A B A B: ({name: Timing}, runtime extras)."""
+    from kernels.ort import SPINNING_BLOCK
     from kernels.timing import interleaved
 
-    fns, sync, clock, extra = {}, None, None, {}
+    fns, sync, clock, extra, order = {}, None, None, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, source) in enumerate(sources.items()):
             if settings.runtime == "ort":
                 built = _ort_callable(_onnx_path(source, imgsz, Path(tmp), i), settings, imgsz)
+                order = SPINNING_BLOCK if settings.spinning else {}
             elif settings.runtime == "torch":
                 built = _torch_callable(source, settings, imgsz)
             else:
                 built = _tensorrt_callable(source, settings, imgsz, Path(tmp), i)
             fns[name], sync, clock, extra = built
         timings = interleaved(
-            fns, runs=settings.runs, warmup=settings.warmup, sync=sync, clock=clock
+            fns, runs=settings.runs, warmup=settings.warmup, sync=sync, clock=clock, **order
         )
     return timings, extra
 
@@ -198,10 +202,11 @@ def bench(models: list[str], settings: BenchSettings) -> dict:
 
 def render(result: dict) -> str:
     threads = f", {result['threads']} threads" if "threads" in result else ""
+    order = result.get("order", "interleaved runs")
     lines = [
         f"{result['runtime']} on {result['device']} ({result['precision']}, batch "
-        f"{result['batch']}, {result['imgsz']} px{threads}; median of {result['runs']} "
-        f"interleaved runs after {result['warmup']} warm-up)",
+        f"{result['batch']}, {result['imgsz']} px{threads}; median of {result['runs']} runs, "
+        f"{order}, {result['warmup']} warm-up)",
         f"{'model':<48} {'median ms':>10} {'p90 ms':>8} {'min ms':>8} {'ratio':>6} {'img/s':>8}",
     ]
     for r in result["rows"]:

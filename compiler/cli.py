@@ -87,9 +87,11 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--importance",
-        choices=["l1", "l2", "bn", "random"],
+        choices=["l1", "l2", "bn", "taylor", "random"],
         default=None,
-        help="channel score: weight L1/L2 norm over the group, BN scale, or random (default l2)",
+        help="channel score: weight L1/L2 norm over the group, BN scale, first-order Taylor "
+        "(|weight x loss gradient| on 8 batches of --data's training images), or random "
+        "(default l2)",
     )
     p.add_argument(
         "--global",
@@ -190,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="ONNX Runtime intra-op threads (default: all available cores)",
+    )
+    c.add_argument(
+        "--spinning",
+        action="store_true",
+        help="time ONNX Runtime with intra-op spinning on (its own default; here off by default: "
+        "spinning sessions time unstably on few shared cores)",
     )
     c.add_argument(
         "--bench-runs",
@@ -294,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=int, default=1)
     b.add_argument("--imgsz", "--img", type=int, default=None, help="default: the first model's")
     b.add_argument("--threads", type=int, default=None, help="ORT intra-op threads")
+    b.add_argument(
+        "--spinning",
+        action="store_true",
+        help="ORT: intra-op spinning on (ONNX Runtime's default; off unless given, for stable "
+        "timings on few shared cores)",
+    )
     b.add_argument("--runs", type=int, default=50, help="timed runs per model (median reported)")
     b.add_argument("--warmup", type=int, default=10)
     b.add_argument("--cuda-graph", action="store_true", help="torch on CUDA: replay a CUDA graph")
@@ -313,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(pl)
     _plan_args(pl)
     pl.add_argument("--out", type=Path, required=True, help="plan JSON path to write")
+    pl.add_argument(
+        "--data", type=Path, default=None, help="data YAML: training images for --importance taylor"
+    )
     return parser
 
 
@@ -334,7 +351,8 @@ def cmd_compile(args) -> int:
     )
     if latency:
         print(
-            f"ORT CPU latency (batch 1, {latency['threads']} threads, median ms) "
+            f"ORT CPU latency (batch 1, {latency['threads']} threads, spinning "
+            f"{'on' if latency.get('spinning') else 'off'}, median ms) "
             f"{latency['before']['median_ms']:.1f} -> {latency['after']['median_ms']:.1f} "
             f"({latency['ratio']:.3f})"
         )
@@ -452,6 +470,7 @@ def cmd_bench(args) -> int:
         precision=args.precision,
         device=args.device,
         threads=args.threads,
+        spinning=args.spinning,
         runs=args.runs,
         warmup=args.warmup,
         cuda_graph=args.cuda_graph,

@@ -170,7 +170,7 @@ def torch_predictor(model: torch.nn.Module, mode: str | None = None) -> Predicto
     from compiler.export import deployed_model, export_mode, output_layout
 
     mode = export_mode(model, mode)
-    deployed = deployed_model(model, mode)
+    deployed = deployed_model(model, mode, runtime_forms=False)
     device = next(model.parameters()).device
     deployed.to(device)
     return Predictor(lambda images: deployed(images.to(device)).cpu(), output_layout(model, mode))

@@ -86,12 +86,16 @@ def output_layout(model: nn.Module, mode: str) -> str:
     return "anchor_free" if ultralytics_family.is_ultralytics_model(model) else "yolov5"
 
 
-def deployed_model(model: nn.Module, mode: str) -> nn.Module:
-    """A copy that returns output0 only, as exported in ``mode`` (eval mode, fp32)."""
+def deployed_model(model: nn.Module, mode: str, runtime_forms: bool = True) -> nn.Module:
+    """A copy that returns output0 only, as exported in ``mode`` (eval mode, fp32). With
+    ``runtime_forms`` the head's DFL takes its deployment form (same values, faster on ONNX
+    Runtime); without, the model's own modules run (the reference parity is checked against)."""
     from graphs import ultralytics_family
 
     exported = copy.deepcopy(model).float().eval()
     if ultralytics_family.is_ultralytics_model(exported):
+        if runtime_forms:
+            ultralytics_family.for_deployment(exported)
         head = ultralytics_family.detect_head(exported)
         head.export, head.format = True, "onnx"
         if ultralytics_family.has_one2one(exported):
@@ -195,7 +199,9 @@ def check_parity(
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(batch, 3, imgsz, imgsz, generator=generator)
     with torch.no_grad():
-        expected = deployed_model(model, mode)(images).numpy().astype(np.float64)
+        expected = (
+            deployed_model(model, mode, runtime_forms=False)(images).numpy().astype(np.float64)
+        )
     actual = runner.run(images.numpy())[0].astype(np.float64)
     if actual.shape != expected.shape:
         raise ExportError(f"{onnx_path}: output0 shape {actual.shape} != PyTorch {expected.shape}")

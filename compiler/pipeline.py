@@ -27,7 +27,7 @@ from compiler.export import (
 )
 from compiler.planner import Constraints, MacCounter, Target, make_plan, spatial_sizes
 from compiler.report import build_report, write_report
-from compiler.score import IMPORTANCES, score_groups
+from compiler.score import IMPORTANCES, loss_gradients, score_groups
 from compiler.unstructured import sparsify, sparsity
 from graphs.checkpoint import ModelInfo, load_model, save_pruned
 from graphs.dependency import GroupingLimits, build_graph, channel_groups, conv_channels
@@ -59,6 +59,7 @@ class CompileOptions:
     plan: Path | None = None
     parity_tolerance: float | None = None
     threads: int | None = None
+    spinning: bool = False  # ONNX Runtime intra-op thread spinning when timing (see kernels.ort)
     bench_runs: int | None = None
     seed: int = 0
     method: str = "structured"
@@ -165,7 +166,19 @@ def plan_for(prepared: Prepared, options: CompileOptions) -> PruningPlan:
     if importance not in IMPORTANCES:
         raise PlanError(f"--importance {importance}: use one of {', '.join(IMPORTANCES)}")
     target, constraints = options.target(), options.constraints()
-    scores = score_groups(prepared.model, prepared.graph, prepared.groups, importance, options.seed)
+    if importance == "taylor":
+        if options.data is None:
+            raise PlanError(
+                "--importance taylor needs --data data.yaml (it scores channels by the "
+                "detection loss's gradients on training images)"
+            )
+        loss_gradients(prepared.model, options.data, prepared.imgsz)
+    try:
+        scores = score_groups(
+            prepared.model, prepared.graph, prepared.groups, importance, options.seed
+        )
+    finally:
+        prepared.model.zero_grad(set_to_none=True)
     if target.latency or options.latency_aware:
         from compiler.latency_planner import (
             LatencySettings,
@@ -176,6 +189,7 @@ def plan_for(prepared: Prepared, options: CompileOptions) -> PruningPlan:
         settings = LatencySettings(
             runtime=options.latency_runtime or "ort",
             threads=options.threads,
+            spinning=options.spinning,
             table=options.latency_table,
         )
         if target.latency:
@@ -534,22 +548,17 @@ def _bench(original, pruned_onnx: Path, imgsz: int, options: CompileOptions) -> 
     """ONNX Runtime CPU latency, batch 1, baseline and pruned interleaved (A B A B)."""
     import numpy as np
 
-    from kernels.ort import OrtRunner, machine_info
-    from kernels.timing import interleaved
+    from kernels.ort import OrtRunner, machine_info, time_runners
 
     with tempfile.TemporaryDirectory() as tmp:
         baseline_onnx = export_onnx(
             original, Path(tmp) / "baseline.onnx", imgsz, simplify=options.simplify
         )
-        before = OrtRunner(baseline_onnx, options.threads)
-        after = OrtRunner(pruned_onnx, options.threads)
+        before = OrtRunner(baseline_onnx, options.threads, options.spinning)
+        after = OrtRunner(pruned_onnx, options.threads, options.spinning)
         images = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
         runs = options.bench_runs or 20
-        timings = interleaved(
-            {"before": lambda: before.run(images), "after": lambda: after.run(images)},
-            runs=runs,
-            warmup=3,
-        )
+        timings = time_runners({"before": before, "after": after}, images, runs, warmup=3)
         baseline_bytes = baseline_onnx.stat().st_size
     return {
         "runtime": "onnxruntime (CPUExecutionProvider, ORT_ENABLE_ALL)",
@@ -557,7 +566,8 @@ def _bench(original, pruned_onnx: Path, imgsz: int, options: CompileOptions) -> 
         "imgsz": imgsz,
         "precision": "fp32",
         "threads": after.threads,
-        "order": "interleaved A B A B after warm-up",
+        "spinning": after.spinning,
+        "order": after.order_text(),
         "before": timings["before"].to_dict(),
         "after": timings["after"].to_dict(),
         "ratio": timings["after"].median_ms / timings["before"].median_ms,

@@ -11,7 +11,8 @@ from torch import nn
 from graphs.dependency import ChannelGroup, CoupledGraph
 from graphs.errors import PlanError
 
-IMPORTANCES = ("l1", "l2", "bn", "random")
+IMPORTANCES = ("l1", "l2", "bn", "taylor", "random")
+TAYLOR_BATCHES = 8  # training batches of 16 images whose loss gradients Taylor scores read
 
 
 def _importance(name: str):
@@ -21,6 +22,8 @@ def _importance(name: str):
         return tp.importance.GroupMagnitudeImportance(p=2)
     if name == "bn":
         return tp.importance.BNScaleImportance()
+    if name == "taylor":
+        return tp.importance.GroupTaylorImportance()
     raise PlanError(f"unknown importance {name!r}: use one of {', '.join(IMPORTANCES)}")
 
 
@@ -30,6 +33,39 @@ def _seeded_random(group_id: str, size: int, seed: int) -> torch.Tensor:
     return torch.rand(size, generator=generator)
 
 
+def loss_gradients(
+    model: nn.Module, data_yaml, imgsz: int, batches: int = TAYLOR_BATCHES, batch: int = 16
+) -> int:
+    """Accumulate the detection loss's gradients over ``batches`` training batches (no
+    augmentation, fixed order) into every weight's ``.grad``, for first-order Taylor scores
+    (|weight x gradient|). BatchNorm runs on its running statistics, which stay untouched;
+    weights do not change. Returns the number of images seen."""
+    from compiler.data import YoloDataset, loader, read_data_yaml
+    from compiler.objective import objective_for
+
+    data = read_data_yaml(data_yaml)
+    if not data.train:
+        raise PlanError(f"{data_yaml}: --importance taylor needs a 'train' split")
+    dataset = YoloDataset(data.train, data.nc, imgsz)
+    objective = objective_for(model, imgsz, epochs=1)
+    model.zero_grad(set_to_none=True)
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+    seen = 0
+    try:
+        for i, (images, targets, _) in enumerate(loader(dataset, batch, shuffle=True)):
+            if i == batches:
+                break
+            loss, _ = objective(model(images), targets)
+            loss.backward()
+            seen += len(images)
+    finally:
+        model.eval()
+    return seen
+
+
 def score_groups(
     model: nn.Module,
     graph: CoupledGraph,
@@ -37,7 +73,8 @@ def score_groups(
     importance: str = "l2",
     seed: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """Per-channel importance of each unprotected group, normalised within the group (mean 1)."""
+    """Per-channel importance of each unprotected group, normalised within the group (mean 1).
+    ``taylor`` reads the gradients :func:`loss_gradients` left in the weights."""
     scorer = None if importance == "random" else _importance(importance)
     scores = {}
     for group in groups:

@@ -348,3 +348,34 @@ def head_convs(model: nn.Module) -> list[nn.Conv2d]:
     if dfl is not None and hasattr(dfl, "conv"):
         convs.append(dfl.conv)
     return convs
+
+
+class LastAxisDFL(nn.Module):
+    """Deployment form of ultralytics' ``DFL`` (same result, up to float rounding): the
+    softmax runs over the last axis and the expectation is a matmul with the bin weights.
+
+    DFL's own form, ``conv(x.view(b, 4, c1, a).transpose(2, 1).softmax(1))``, exports a Softmax
+    over axis 1 of a 4-D tensor, which ONNX Runtime's CPU provider runs by transposing around
+    it: 3.5 ms of an 80 ms yolov8s at 640 on 2 cores, the same in the pruned model, which
+    pruning cannot shrink. This form takes about 0.5 ms."""
+
+    def __init__(self, dfl: nn.Module):
+        super().__init__()
+        self.c1 = dfl.c1
+        self.register_buffer("bins", dfl.conv.weight.detach().reshape(self.c1, 1).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, a = x.shape
+        probabilities = x.view(b, 4, self.c1, a).transpose(2, 3).softmax(-1)
+        return (probabilities @ self.bins).view(b, 4, a)
+
+
+def for_deployment(model: nn.Module) -> nn.Module:
+    """Swap, in place, the head's DFL for :class:`LastAxisDFL` (a no-op where the head has no
+    DFL, e.g. YOLO26's reg_max 1). For exported and evaluated copies only: the checkpoint
+    keeps ultralytics' own module."""
+    head = detect_head(model)
+    dfl = getattr(head, "dfl", None)
+    if dfl is not None and type(dfl).__name__ == "DFL":
+        head.dfl = LastAxisDFL(dfl)
+    return model

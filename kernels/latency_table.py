@@ -67,10 +67,12 @@ class TableKey:
     precision: str
     batch: int
     threads: int
+    spinning: bool | None = None  # ort: intra-op thread spinning; None for torch
 
     def filename(self) -> str:
         slug = re.sub(r"[^A-Za-z0-9]+", "-", self.device).strip("-").lower()
-        return f"{self.runtime}-{slug}-{self.precision}-b{self.batch}-t{self.threads}.json"
+        spin = {None: "", True: "-spin", False: "-nospin"}[self.spinning]
+        return f"{self.runtime}-{slug}-{self.precision}-b{self.batch}-t{self.threads}{spin}.json"
 
 
 class LatencyTable:
@@ -166,7 +168,7 @@ def conv_onnx(shape: ConvShape, batch: int):
     return model
 
 
-def ort_measurer(batch: int, threads: int, runs: int = 15, warmup: int = 3):
+def ort_measurer(batch: int, threads: int, spinning: bool = False, runs: int = 15, warmup: int = 3):
     """Time one conv shape on ONNX Runtime CPU (fp32), with the session options of the model
     runs (:class:`kernels.ort.OrtRunner`)."""
     import numpy as np
@@ -177,7 +179,7 @@ def ort_measurer(batch: int, threads: int, runs: int = 15, warmup: int = 3):
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "conv.onnx"
             path.write_bytes(conv_onnx(shape, batch).SerializeToString())
-            runner = OrtRunner(path, threads)
+            runner = OrtRunner(path, threads, spinning)
         x = np.random.default_rng(0).random(
             (batch, shape.cin, shape.height, shape.width), dtype=np.float32
         )
@@ -206,14 +208,15 @@ def open_table(
     precision: str | None = None,
     device: str | None = None,
     path: Path | None = None,
+    spinning: bool = False,
 ) -> LatencyTable:
     """The cached table of this runtime on this machine (created empty if new)."""
     from kernels.ort import default_threads, machine_info
 
     if runtime == "ort":
         threads = threads or default_threads()
-        key = TableKey("ort", machine_info()["cpu"], "fp32", batch, threads)
-        measurer = ort_measurer(batch, threads)
+        key = TableKey("ort", machine_info()["cpu"], "fp32", batch, threads, spinning)
+        measurer = ort_measurer(batch, threads, spinning)
     elif runtime == "torch":
         device = device or "cuda"
         precision = precision or ("fp16" if device.startswith("cuda") else "fp32")

@@ -17,25 +17,43 @@ def _onnxruntime():
     return onnxruntime
 
 
-class OrtRunner:
-    """One InferenceSession on the CPU execution provider; ``threads`` intra-op threads."""
+# How ONNX Runtime sessions are timed against each other (see :meth:`OrtRunner.timing_order`).
+SPINNING_BLOCK = {"block": 5, "rewarm": 2}
 
-    def __init__(self, path: str | Path, threads: int | None = None):
+
+class OrtRunner:
+    """One InferenceSession on the CPU execution provider; ``threads`` intra-op threads.
+
+    Intra-op thread spinning is off unless ``spinning``. ONNX Runtime's own default is on: idle
+    threads spin-wait instead of sleeping, which saves each parallel operator a thread wake-up
+    (about 0.1 ms per operator on 2 cores). But on few, shared cores a spinning thread holds a
+    core another thread needs: timings turn bimodal (measured here: a 3 ms yolov5n read 2-8 ms,
+    the same file 3.5 or 6.3 ms in one run), while without spinning they repeat within 1%.
+    Spinning sessions are timed in blocks (see :meth:`timing_order`)."""
+
+    def __init__(self, path: str | Path, threads: int | None = None, spinning: bool = False):
         ort = _onnxruntime()
         self.threads = threads or default_threads()
+        self.spinning = spinning
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
-        # Idle intra-op threads spin-wait by default; with several sessions timed A B A B on few
-        # cores, one session's spinning threads steal the CPU from the next (measured here: a
-        # 3 ms model read 2-16 ms depending on its neighbours). Without spinning the timings
-        # are stable and fair between sessions.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.intra_op.allow_spinning", str(int(spinning)))
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def timing_order(self) -> dict:
+        """Arguments for :func:`kernels.timing.interleaved`. A spinning session's threads keep
+        spinning for a while after it returns and would steal the cores from the next session
+        timed (measured here: a 3 ms model read 2-16 ms depending on its neighbours), so such
+        sessions are timed in blocks of consecutive runs, each after untimed re-warm runs."""
+        return dict(SPINNING_BLOCK) if self.spinning else {"block": 1, "rewarm": 0}
+
+    def order_text(self) -> str:
+        return order_text(self.spinning)
 
     def run(self, images: np.ndarray) -> list[np.ndarray]:
         return self.session.run(self.output_names, {self.input_name: images})
@@ -43,6 +61,30 @@ class OrtRunner:
     def metadata(self) -> dict[str, str]:
         """The model's metadata_props (yoloprune writes stride, names, layout, export_mode)."""
         return dict(self.session.get_modelmeta().custom_metadata_map)
+
+
+def time_runners(runners: dict, images: np.ndarray, runs: int, warmup: int) -> dict:
+    """Time ONNX Runtime sessions against each other on the same input ({name: Timing}), in
+    the order their spinning setting needs (:meth:`OrtRunner.timing_order`)."""
+    from kernels.timing import interleaved
+
+    orders = {str(sorted(r.timing_order().items())) for r in runners.values()}
+    if len(orders) != 1:
+        raise ValueError("time sessions with the same spinning setting together")
+    order = next(iter(runners.values())).timing_order()
+    fns = {name: (lambda r=r: r.run(images)) for name, r in runners.items()}
+    return interleaved(fns, runs=runs, warmup=warmup, **order)
+
+
+def order_text(spinning: bool) -> str:
+    """How :func:`time_runners` orders the runs of sessions with this spinning, for reports."""
+    order = SPINNING_BLOCK if spinning else {"block": 1}
+    if order["block"] == 1:
+        return "interleaved A B A B after warm-up (intra-op spinning off)"
+    return (
+        f"interleaved in blocks of {order['block']} timed runs, each after {order['rewarm']} "
+        "untimed runs, after warm-up (intra-op spinning on, ONNX Runtime's default)"
+    )
 
 
 def default_threads() -> int:

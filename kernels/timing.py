@@ -80,10 +80,14 @@ def interleaved(
     warmup: int = 3,
     sync: Callable[[], None] | None = None,
     clock: HostClock | CudaEventClock | None = None,
+    block: int = 1,
+    rewarm: int = 0,
 ) -> dict[str, Timing]:
-    """Time several callables A B A B ... so machine noise hits them alike."""
-    if runs < 1 or warmup < 0:
-        raise ValueError("runs must be >= 1 and warmup >= 0")
+    """Time several callables A B A B ... so machine noise hits them alike: ``runs`` timed
+    calls each, taken in turns of ``block`` consecutive calls, every turn after ``rewarm``
+    untimed calls (for runtimes whose idle threads spin on and would slow the next one)."""
+    if runs < 1 or warmup < 0 or block < 1 or rewarm < 0:
+        raise ValueError("runs and block must be >= 1, warmup and rewarm >= 0")
     sync = sync or (lambda: None)
     clock = clock or HostClock()
     for fn in fns.values():
@@ -91,10 +95,13 @@ def interleaved(
             fn()
         sync()
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(runs):
+    while len(next(iter(samples.values()))) < runs:
         for name, fn in fns.items():
-            sync()
-            clock.start()
-            fn()
-            samples[name].append(clock.stop(sync))
+            for _ in range(rewarm):
+                fn()
+            for _ in range(min(block, runs - len(samples[name]))):
+                sync()
+                clock.start()
+                fn()
+                samples[name].append(clock.stop(sync))
     return {name: _summarise(values, warmup) for name, values in samples.items()}

@@ -30,6 +30,7 @@ def test_bench_ort_orders_models_and_states_conditions(two_models):
     assert small["images_per_s"] == pytest.approx(2e3 / small["median_ms"])
     assert (result["runtime"], result["device"], result["precision"]) == ("ort", "cpu", "fp32")
     assert result["batch"] == 2 and result["imgsz"] == 96 and result["threads"] == 1
+    assert result["spinning"] is False and "A B A B" in result["order"]
     assert result["machine"]["cpu"]
 
 
@@ -50,6 +51,8 @@ def test_bench_cli_writes_json(tmp_path, two_models, capsys):
     result = json.loads(out.read_text())
     assert len(result["rows"]) == 2 and result["runs"] == 5
     assert "median ms" in capsys.readouterr().out
+    code = main(["bench", *two_models, "--imgsz", "64", "--runs", "6", "--spinning"])
+    assert code == 0 and "blocks of 5" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -64,6 +64,7 @@ def test_compile_end_to_end(tmp_path, tiny_yaml, capsys):
     latency = report["latency_ms"]["onnxruntime_cpu"]
     assert latency["batch"] == 1 and latency["threads"] == 1 and latency["after"]["runs"] == 3
     assert latency["before"]["median_ms"] > 0 and "cpu" in latency["machine"]
+    assert latency["spinning"] is False and "A B A B" in latency["order"]
     assert report["alignment"]["all_pruned_groups_aligned"]
     assert report["warnings"] and "random init" in report["warnings"][0]
     assert {g["id"] for g in report["groups"]} >= {"model.0.conv", "model.24.m.0"}

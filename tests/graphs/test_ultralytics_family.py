@@ -307,3 +307,29 @@ def test_pruned_model_saved_for_ultralytics_loads_in_ultralytics(tmp_path, spec,
     got = decoded(loaded, images)
     scale = want.abs().amax(dim=(0, 2), keepdim=True).clamp(min=1.0)
     assert ((got - want).abs() / scale).max() <= 1e-5
+
+
+@needs_ultralytics
+def test_deployment_dfl_matches_ultralytics_dfl_and_exports_a_last_axis_softmax(tmp_path):
+    import onnx
+    from ultralytics.nn.modules.block import DFL
+
+    from compiler.export import check_parity, deployed_model, export_onnx
+    from graphs.ultralytics_family import LastAxisDFL, detect_head
+
+    dfl = DFL(16)
+    logits = 6 * torch.randn(2, 64, 300, generator=torch.Generator().manual_seed(0))
+    want, got = dfl(logits), LastAxisDFL(dfl)(logits)
+    assert got.shape == want.shape == (2, 4, 300)
+    assert (got - want).abs().max() <= 1e-5 * 15  # distances in bins, 0..15
+    assert (LastAxisDFL(dfl)(logits.flip(1)) - want).abs().max() > 0.1  # negative control
+
+    model, _ = calibrated("yolov8n.yaml")
+    assert type(detect_head(deployed_model(model, "raw")).dfl) is LastAxisDFL
+    assert type(detect_head(model).dfl) is DFL  # the model itself keeps ultralytics' module
+    path = export_onnx(model, tmp_path / "v8n.onnx", IMGSZ)
+    parity = check_parity(model, path, IMGSZ)  # against the model's own (ultralytics') DFL
+    assert parity.ok, parity
+    softmax = [n for n in onnx.load(str(path)).graph.node if n.op_type == "Softmax"]
+    axes = [a.i for n in softmax for a in n.attribute if a.name == "axis"]
+    assert len(softmax) == 1 and axes in ([-1], [3], [])

@@ -47,6 +47,10 @@ def test_table_of_another_device_is_refused(tmp_path):
 
 def test_file_name_names_runtime_device_precision_batch_threads():
     assert KEY.filename() == "ort-test-cpu-1ghz-fp32-b1-t2.json"
+    # ORT tables measured with and without thread spinning never share a file
+    spin, nospin = (TableKey("ort", "Test CPU", "fp32", 1, 2, s) for s in (True, False))
+    assert spin.filename() == "ort-test-cpu-fp32-b1-t2-spin.json"
+    assert nospin.filename() == "ort-test-cpu-fp32-b1-t2-nospin.json"
 
 
 @pytest.mark.parametrize("kernel,stride", [(1, 1), (3, 1), (3, 2), (6, 2)])

@@ -24,6 +24,17 @@ def test_interleaved_runs_alternately_and_separates_durations():
     assert result["long"].median_ms > result["short"].median_ms + 5
 
 
+def test_interleaved_blocks_with_untimed_rewarm_calls():
+    calls = []
+    fns = {tag: (lambda tag=tag: calls.append(tag)) for tag in ("a", "b")}
+    result = interleaved(fns, runs=5, warmup=0, block=2, rewarm=1)
+    # turns: a (1 untimed + 2 timed), b (same), a, b, then each one's last timed call
+    assert calls == ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3 + ["a"] * 2 + ["b"] * 2
+    assert result["a"].runs == result["b"].runs == 5
+    with pytest.raises(ValueError):
+        interleaved(fns, runs=1, block=0)
+
+
 def test_invalid_counts():
     with pytest.raises(ValueError):
         measure(lambda: None, runs=0)

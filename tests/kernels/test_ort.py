@@ -1,0 +1,37 @@
+import numpy as np
+import pytest
+import torch
+
+from kernels.ort import OrtRunner, order_text, time_runners
+
+SPIN_KEY = "session.intra_op.allow_spinning"
+
+
+@pytest.fixture(scope="module")
+def conv_onnx_file(tmp_path_factory):
+    from kernels.latency_table import ConvShape, conv_onnx
+
+    path = tmp_path_factory.mktemp("ort") / "conv.onnx"
+    path.write_bytes(conv_onnx(ConvShape(8, 16, 3, 1, 1, 32, 32), 1).SerializeToString())
+    return path
+
+
+def test_spinning_is_off_unless_asked_for(conv_onnx_file):
+    spinning, quiet = OrtRunner(conv_onnx_file, 1, spinning=True), OrtRunner(conv_onnx_file, 1)
+    assert spinning.session.get_session_options().get_session_config_entry(SPIN_KEY) == "1"
+    assert quiet.session.get_session_options().get_session_config_entry(SPIN_KEY) == "0"
+    assert spinning.timing_order() == {"block": 5, "rewarm": 2}
+    assert quiet.timing_order() == {"block": 1, "rewarm": 0}
+    assert "spinning on" in spinning.order_text() and "spinning off" in quiet.order_text()
+    assert order_text(True) == spinning.order_text()
+
+
+def test_time_runners_times_each_session_and_refuses_mixed_spinning(conv_onnx_file):
+    torch.manual_seed(0)
+    images = np.random.default_rng(0).random((1, 8, 32, 32), dtype=np.float32)
+    runners = {"a": OrtRunner(conv_onnx_file, 1, True), "b": OrtRunner(conv_onnx_file, 1, True)}
+    timings = time_runners(runners, images, runs=7, warmup=1)
+    assert timings["a"].runs == timings["b"].runs == 7 and timings["a"].median_ms > 0
+    mixed = {"a": runners["a"], "b": OrtRunner(conv_onnx_file, 1)}
+    with pytest.raises(ValueError, match="same spinning"):
+        time_runners(mixed, images, runs=2, warmup=0)

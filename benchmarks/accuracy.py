@@ -80,7 +80,9 @@ def main() -> None:
     args = parser.parse_args()
     data_yaml = args.data / "data.yaml"
     if args.latency_only:
-        remeasure_latency(args.runs, data_yaml)
+        prepared = prepare(str(MODEL))
+        built = architectures(prepared, prepared.imgsz, data_yaml)
+        remeasure_latency(args.runs, built, prepared.imgsz)
         return
     if not data_yaml.exists():
         generate(args.data, SyntheticSpec())
@@ -120,12 +122,13 @@ def main() -> None:
         return result.model, round(time.perf_counter() - start, 1)
 
     start_all = time.perf_counter()
-    models = architectures(prepared, imgsz, data_yaml)
+    built = architectures(prepared, imgsz, data_yaml)
+    models = built
     if args.rows:
-        unknown = set(args.rows) - set(models)
+        unknown = set(args.rows) - set(built)
         if unknown:
-            raise SystemExit(f"--rows: no row named {sorted(unknown)}; rows: {list(models)}")
-        models = {k: v for k, v in models.items() if k in args.rows}
+            raise SystemExit(f"--rows: no row named {sorted(unknown)}; rows: {list(built)}")
+        models = {k: v for k, v in built.items() if k in args.rows}
     rows = {}
     for name, (model, recipe) in models.items():
         row = {"before": score(model), "recipe": recipe}
@@ -142,7 +145,7 @@ def main() -> None:
         rows[name] = row
 
     if args.rows:
-        merge_rows(rows, base, imgsz, args, data_yaml, time.perf_counter() - start_all)
+        merge_rows(rows, built, imgsz, args, time.perf_counter() - start_all)
         return
     macs_before = recipes.conv_macs(base, imgsz)
     for row in rows.values():
@@ -183,22 +186,22 @@ def main() -> None:
     print(render(result))
 
 
-def merge_rows(rows: dict, base, imgsz: int, args, data_yaml: Path, seconds: float) -> None:
-    """Put freshly fine-tuned ``rows`` into the committed accuracy.json (in architectures()
-    order), then re-measure every row's latency so all ratios come from one run."""
+def merge_rows(rows: dict, built: dict, imgsz: int, args, seconds: float) -> None:
+    """Put freshly fine-tuned ``rows`` into the committed accuracy.json (in the order of
+    ``built``, architectures()' result), then re-measure every row's latency so all ratios come
+    from one run."""
     result = json.loads((RESULTS / "accuracy.json").read_text())
     if result["finetune"]["epochs"] != args.epochs:
         raise SystemExit("--rows: use the committed results' fine-tune budget (--epochs)")
-    macs_before = recipes.conv_macs(base, imgsz)
+    macs_before = recipes.conv_macs(built["baseline (unpruned)"][0], imgsz)
     for row in rows.values():
         row["macs_ratio"] = recipes.conv_macs(row["model"], imgsz) / macs_before
         row["params"] = count_params(row.pop("model"))
         row["added"] = f"--rows run, {seconds:.0f} s"
     merged = {**result["rows"], **rows}
-    order = list(architectures(prepare(str(MODEL)), imgsz, data_yaml))
-    result["rows"] = {k: merged[k] for k in order if k in merged}
+    result["rows"] = {k: merged[k] for k in built if k in merged}
     (RESULTS / "accuracy.json").write_text(json.dumps(result, indent=1) + "\n")
-    remeasure_latency(args.runs, data_yaml)
+    remeasure_latency(args.runs, built, imgsz)
 
 
 def architectures(prepared, imgsz: int, data_yaml: Path) -> dict:
@@ -235,12 +238,12 @@ def measure_latency(models: dict, imgsz: int, runs: int) -> dict:
         return time_runners(runners, images, runs, warmup=5)
 
 
-def remeasure_latency(runs: int, data_yaml: Path) -> None:
+def remeasure_latency(runs: int, built: dict, imgsz: int) -> None:
+    """Re-time every row of accuracy.json on ``built`` (architectures()' models: latency
+    depends on the architecture only)."""
     result = json.loads((RESULTS / "accuracy.json").read_text())
-    prepared = prepare(str(MODEL))
-    built = architectures(prepared, prepared.imgsz, data_yaml)
     models = {k: m for k, (m, _) in built.items() if k in result["rows"]}
-    timings = measure_latency(models, prepared.imgsz, runs)
+    timings = measure_latency(models, imgsz, runs)
     base_ms = timings["baseline (unpruned)"].median_ms
     for name, row in result["rows"].items():
         row["latency_ms"] = timings[name].to_dict()

@@ -88,7 +88,7 @@ def _ort_callable(onnx_path: Path, settings: BenchSettings, imgsz: int):
     runner = OrtRunner(onnx_path, settings.threads, settings.spinning)
     images = np.random.default_rng(0).random((settings.batch, 3, imgsz, imgsz), dtype=np.float32)
     extra = {"threads": runner.threads, "spinning": runner.spinning, "order": runner.order_text()}
-    return (lambda: runner.run(images)), None, None, extra
+    return (lambda: runner.run(images)), None, None, extra, runner.timing_order()
 
 
 def _torch_callable(source, settings: BenchSettings, imgsz: int):
@@ -107,7 +107,7 @@ def _torch_callable(source, settings: BenchSettings, imgsz: int):
         raise YoloPruneError(str(exc)) from exc
     runner = TorchRunner(model, settings.batch, imgsz, torch_settings)
     extra = {"channels_last": True, "cudnn_benchmark": True, "cuda_graph": settings.cuda_graph}
-    return runner.run, runner.sync, runner.clock(), extra
+    return runner.run, runner.sync, runner.clock(), extra, {}
 
 
 def _tensorrt_callable(spec: str, settings: BenchSettings, imgsz: int, scratch: Path, index: int):
@@ -125,13 +125,13 @@ def _tensorrt_callable(spec: str, settings: BenchSettings, imgsz: int, scratch: 
         path = build_engine(onnx_path, scratch / f"model{index}.engine", build).engine
     runner = EngineRunner(path)
     runner.set_batch(settings.batch)
-    return runner.run, runner.sync, runner.clock(), {"tensorrt": runner.version}
+    return runner.run, runner.sync, runner.clock(), {"tensorrt": runner.version}, {}
 
 
 def _time_sources(sources: dict, settings: BenchSettings, imgsz: int):
     """Build a runner for each source (a model file name or an in-memory model) on
-    ``settings.runtime`` and time them A B A B: ({name: Timing}, runtime extras)."""
-    from kernels.ort import SPINNING_BLOCK
+    ``settings.runtime`` and time them A B A B (or in the turns the runtime needs):
+    ({name: Timing}, runtime extras)."""
     from kernels.timing import interleaved
 
     fns, sync, clock, extra, order = {}, None, None, {}, {}
@@ -139,12 +139,11 @@ def _time_sources(sources: dict, settings: BenchSettings, imgsz: int):
         for i, (name, source) in enumerate(sources.items()):
             if settings.runtime == "ort":
                 built = _ort_callable(_onnx_path(source, imgsz, Path(tmp), i), settings, imgsz)
-                order = SPINNING_BLOCK if settings.spinning else {}
             elif settings.runtime == "torch":
                 built = _torch_callable(source, settings, imgsz)
             else:
                 built = _tensorrt_callable(source, settings, imgsz, Path(tmp), i)
-            fns[name], sync, clock, extra = built
+            fns[name], sync, clock, extra, order = built
         timings = interleaved(
             fns, runs=settings.runs, warmup=settings.warmup, sync=sync, clock=clock, **order
         )

@@ -249,14 +249,8 @@ class LatencySettings:
 
 
 def _latency_model(prepared, constraints, settings) -> tuple:
-    """The latency table of ``settings`` and the model predicting this network's convs.
-
-    ONNX Runtime tables are measured with intra-op spinning on, whatever the timing setting:
-    each conv is timed alone (no other session to disturb), and the table should hold what
-    channel counts change. With spinning off every entry also carries a thread wake-up, a
-    constant per operator that no plan changes, which makes small convs look dearer per
-    channel than they are (one benchmark run each: such plans reached MACs 0.5 at latency ratios
-    0.556 and 0.564 on yolo11s and yolo26s, against 0.543 and 0.542 from the spinning table)."""
+    """The latency table of ``settings`` (ORT: measured with spinning on, see
+    :func:`kernels.latency_table.open_table`) and the model predicting this network's convs."""
     table = open_table(
         settings.runtime,
         settings.batch,
@@ -264,7 +258,6 @@ def _latency_model(prepared, constraints, settings) -> tuple:
         settings.precision,
         settings.device,
         settings.table,
-        spinning=True,
     )
     geometry = conv_geometry(
         prepared.model, conv_channels(prepared.model, prepared.groups), prepared.imgsz
@@ -281,6 +274,23 @@ def _table_record(table, settings) -> dict:
         "table_entries": len(table.entries),
         "measured_now": table.measured,
     }
+
+
+def _counts_plan(prepared, scores, counts, counter, target, constraints, importance, seed):
+    """The plan keeping ``counts`` channels per prunable group (allocation ``latency``)."""
+    return plan_from_counts(
+        prepared.info.name,
+        prepared.imgsz,
+        [g for g in prepared.groups if not g.protected],
+        scores,
+        counts,
+        counter,
+        target,
+        constraints,
+        allocation="latency",
+        importance=importance,
+        seed=seed,
+    )
 
 
 def plan_macs_latency_aware(
@@ -300,19 +310,7 @@ def plan_macs_latency_aware(
         constraints.max_ratio,
         macs_goal=(counter, goal),
     )
-    plan = plan_from_counts(
-        prepared.info.name,
-        prepared.imgsz,
-        [g for g in prepared.groups if not g.protected],
-        scores,
-        counts,
-        counter,
-        target,
-        constraints,
-        allocation="latency",
-        importance=importance,
-        seed=seed,
-    )
+    plan = _counts_plan(prepared, scores, counts, counter, target, constraints, importance, seed)
     latency = {
         **_table_record(table, settings),
         "predicted_ms_uncalibrated": predicted,
@@ -356,18 +354,8 @@ def plan_latency(prepared, scores, counter, target, constraints, importance, see
             break  # a corrected budget the table cannot meet: keep the closest plan so far
         if best is not None and all(counts[g.id] == g.size for g in prunable):
             break  # a corrected budget that prunes nothing: any speed-up it measured is noise
-        plan = plan_from_counts(
-            prepared.info.name,
-            prepared.imgsz,
-            prunable,
-            scores,
-            counts,
-            counter,
-            target,
-            constraints,
-            allocation="latency",
-            importance=importance,
-            seed=seed,
+        plan = _counts_plan(
+            prepared, scores, counts, counter, target, constraints, importance, seed
         )
         timings = time_models(
             {"base": prepared.model, "pruned": apply_plan(prepared.model, plan)},

@@ -168,7 +168,7 @@ def conv_onnx(shape: ConvShape, batch: int):
     return model
 
 
-def ort_measurer(batch: int, threads: int, spinning: bool = False, runs: int = 15, warmup: int = 3):
+def ort_measurer(batch: int, threads: int, spinning: bool = True, runs: int = 15, warmup: int = 3):
     """Time one conv shape on ONNX Runtime CPU (fp32), with the session options of the model
     runs (:class:`kernels.ort.OrtRunner`)."""
     import numpy as np
@@ -208,9 +208,17 @@ def open_table(
     precision: str | None = None,
     device: str | None = None,
     path: Path | None = None,
-    spinning: bool = False,
+    spinning: bool = True,
 ) -> LatencyTable:
-    """The cached table of this runtime on this machine (created empty if new)."""
+    """The cached table of this runtime on this machine (created empty if new).
+
+    ONNX Runtime tables are measured with intra-op spinning on by default, whatever setting the
+    models are timed with: each conv is timed alone (no other session to disturb), and the table
+    should hold what channel counts change. With spinning off every entry also carries a thread
+    wake-up, a constant per operator that no plan changes, which makes small convs look dearer
+    per channel than they are (one benchmark run each: latency-aware plans from such a table
+    reached MACs 0.5 at latency ratios 0.556 and 0.564 on yolo11s and yolo26s, against 0.543
+    and 0.542 from the spinning table)."""
     from kernels.ort import default_threads, machine_info
 
     if runtime == "ort":

@@ -17,7 +17,7 @@ def _onnxruntime():
     return onnxruntime
 
 
-# How ONNX Runtime sessions are timed against each other (see :meth:`OrtRunner.timing_order`).
+# How spinning ONNX Runtime sessions are timed against each other (see :func:`timing_order`).
 SPINNING_BLOCK = {"block": 5, "rewarm": 2}
 
 
@@ -46,11 +46,7 @@ class OrtRunner:
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def timing_order(self) -> dict:
-        """Arguments for :func:`kernels.timing.interleaved`. A spinning session's threads keep
-        spinning for a while after it returns and would steal the cores from the next session
-        timed (measured here: a 3 ms model read 2-16 ms depending on its neighbours), so such
-        sessions are timed in blocks of consecutive runs, each after untimed re-warm runs."""
-        return dict(SPINNING_BLOCK) if self.spinning else {"block": 1, "rewarm": 0}
+        return timing_order(self.spinning)
 
     def order_text(self) -> str:
         return order_text(self.spinning)
@@ -68,17 +64,24 @@ def time_runners(runners: dict, images: np.ndarray, runs: int, warmup: int) -> d
     the order their spinning setting needs (:meth:`OrtRunner.timing_order`)."""
     from kernels.timing import interleaved
 
-    orders = {str(sorted(r.timing_order().items())) for r in runners.values()}
-    if len(orders) != 1:
+    spinning = {r.spinning for r in runners.values()}
+    if len(spinning) != 1:
         raise ValueError("time sessions with the same spinning setting together")
-    order = next(iter(runners.values())).timing_order()
     fns = {name: (lambda r=r: r.run(images)) for name, r in runners.items()}
-    return interleaved(fns, runs=runs, warmup=warmup, **order)
+    return interleaved(fns, runs=runs, warmup=warmup, **timing_order(spinning.pop()))
+
+
+def timing_order(spinning: bool) -> dict:
+    """Arguments for :func:`kernels.timing.interleaved`. A spinning session's threads keep
+    spinning for a while after it returns and would steal the cores from the next session
+    timed (measured here: a 3 ms model read 2-16 ms depending on its neighbours), so such
+    sessions are timed in blocks of consecutive runs, each after untimed re-warm runs."""
+    return dict(SPINNING_BLOCK) if spinning else {"block": 1, "rewarm": 0}
 
 
 def order_text(spinning: bool) -> str:
     """How :func:`time_runners` orders the runs of sessions with this spinning, for reports."""
-    order = SPINNING_BLOCK if spinning else {"block": 1}
+    order = timing_order(spinning)
     if order["block"] == 1:
         return "interleaved A B A B after warm-up (intra-op spinning off)"
     return (

@@ -162,7 +162,8 @@ def render(result: dict) -> str:
         "(a spinning thread holds a core another thread needs). Weights are "
         "random init (architecture from YAML): latency does not depend on weight values. MACs: "
         "Conv2d multiply-accumulates, head included. ultralytics heads are exported with the "
-        "DFL softmax on the last axis (`LastAxisDFL`, same values; baseline and pruned alike).",
+        "DFL in its deployment form (`DeploymentDFL`, same values, no Softmax; baseline and "
+        "pruned alike).",
         "yoloprune rows use the default recipe (uniform L2, `--macs 0.5`); the `--round-to 16` "
         "row aligns to the 16-channel blocks ONNX Runtime's CPU convolutions use on AVX-512; "
         "`--latency-aware` removes channels by importance lost per millisecond saved (per-layer "

@@ -72,6 +72,22 @@ def _grid(full: int, fractions: tuple[float, ...], round_to: int, varies: bool) 
     return sorted(points)
 
 
+def _is_depthwise(c: ConvChannels, full_in: int) -> bool:
+    """A depthwise conv (one filter per channel, as in YOLO11/YOLO26 heads): its inputs and
+    outputs are the same channels, so pruning its group shrinks both, and its groups with them.
+    """
+    return c.groups > 1 and c.groups == c.out_channels == full_in
+
+
+def _shape(g: ConvGeometry, cin: int, cout: int, depthwise: bool) -> ConvShape:
+    """The table entry timing conv ``g`` with ``cin`` inputs and ``cout`` outputs (a depthwise
+    conv with ``cout`` channels in and out)."""
+    if depthwise:
+        return ConvShape(cout, cout, g.kernel, g.stride, cout, g.height, g.width, g.padding)
+    groups = g.channels.groups
+    return ConvShape(cin, cout, g.kernel, g.stride, groups, g.height, g.width, g.padding)
+
+
 def _interp(xs: list[int], x: float) -> tuple[int, int, float]:
     """Indices (i, j) and weight t with x ~ xs[i] + t (xs[j] - xs[i]); extrapolates linearly."""
     if len(xs) == 1:
@@ -98,17 +114,17 @@ class LatencyModel:
             c = g.channels
             cin_varies = any(gid is not None for gid, _, _ in c.in_slices)
             full_in = sum(n for _, n, _ in c.in_slices)  # n spans every copy of a group
+            depthwise = _is_depthwise(c, full_in)
             if c.groups != 1:
-                cin_varies = False  # grouped convs: timed at full size (yolov5 has none)
+                cin_varies = False  # other grouped convs: timed at full size
             xs = _grid(full_in, grid, round_to, cin_varies)
-            ys = _grid(c.out_channels, grid, round_to, c.out_group is not None and c.groups == 1)
-            layer_shapes = [
-                [
-                    ConvShape(x, y, g.kernel, g.stride, c.groups, g.height, g.width, g.padding)
-                    for y in ys
-                ]
-                for x in xs
-            ]
+            ys = _grid(
+                c.out_channels,
+                grid,
+                round_to,
+                c.out_group is not None and (c.groups == 1 or depthwise),
+            )
+            layer_shapes = [[_shape(g, x, y, depthwise) for y in ys] for x in xs]
             shapes += [s for row in layer_shapes for s in row]
             layers.append((c, xs, ys, layer_shapes))
         table.ensure(shapes, progress=progress)

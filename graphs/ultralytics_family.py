@@ -350,32 +350,37 @@ def head_convs(model: nn.Module) -> list[nn.Conv2d]:
     return convs
 
 
-class LastAxisDFL(nn.Module):
+class DeploymentDFL(nn.Module):
     """Deployment form of ultralytics' ``DFL`` (same result, up to float rounding): the
-    softmax runs over the last axis and the expectation is a matmul with the bin weights.
+    expectation over the bins as two weighted sums of max-shifted exponentials, taken on the
+    bins' own axis, with no Softmax and no Transpose.
 
     DFL's own form, ``conv(x.view(b, 4, c1, a).transpose(2, 1).softmax(1))``, exports a Softmax
     over axis 1 of a 4-D tensor, which ONNX Runtime's CPU provider runs by transposing around
     it: 3.5 ms of an 80 ms yolov8s at 640 on 2 cores, the same in the pruned model, which
-    pruning cannot shrink. This form takes about 0.5 ms."""
+    pruning cannot shrink. A last-axis softmax (a transpose, then a matmul with the bins) took
+    0.66 ms on 8400 anchors; this form takes 0.28 ms."""
 
     def __init__(self, dfl: nn.Module):
         super().__init__()
         self.c1 = dfl.c1
-        self.register_buffer("bins", dfl.conv.weight.detach().reshape(self.c1, 1).clone())
+        bins = dfl.conv.weight.detach().reshape(1, self.c1)
+        self.register_buffer("weights", torch.cat((bins, torch.ones_like(bins))).clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, a = x.shape
-        probabilities = x.view(b, 4, self.c1, a).transpose(2, 3).softmax(-1)
-        return (probabilities @ self.bins).view(b, 4, a)
+        x = x.view(b, 4, self.c1, a)
+        exps = (x - x.amax(2, keepdim=True)).exp()
+        sums = self.weights @ exps  # (2, c1) @ (b, 4, c1, a): numerator and normaliser
+        return sums[:, :, 0] / sums[:, :, 1]
 
 
 def for_deployment(model: nn.Module) -> nn.Module:
-    """Swap, in place, the head's DFL for :class:`LastAxisDFL` (a no-op where the head has no
+    """Swap, in place, the head's DFL for :class:`DeploymentDFL` (a no-op where the head has no
     DFL, e.g. YOLO26's reg_max 1). For exported and evaluated copies only: the checkpoint
     keeps ultralytics' own module."""
     head = detect_head(model)
     dfl = getattr(head, "dfl", None)
     if dfl is not None and type(dfl).__name__ == "DFL":
-        head.dfl = LastAxisDFL(dfl)
+        head.dfl = DeploymentDFL(dfl)
     return model

@@ -16,6 +16,7 @@ from compiler.score import score_groups
 from graphs.dependency import build_graph, channel_groups, conv_channels
 from graphs.errors import PlanError
 from kernels.latency_table import LatencyTable, TableKey
+from tests.helpers import needs_ultralytics
 
 KEY = TableKey("test", "macs", "fp32", 1, 1)
 IMGSZ = 64
@@ -204,3 +205,22 @@ def test_compile_option_latency_aware_plans_a_macs_target(tmp_path):
     assert plan.latency["predicted_ms_uncalibrated"] < plan.latency["baseline_ms_uncalibrated"]
     with pytest.raises(PlanError, match="--latency-aware plans a --macs target"):
         plan_for(p, CompileOptions("tiny.yaml", ratio=0.3, latency_aware=True))
+
+
+@needs_ultralytics
+def test_prediction_follows_depthwise_convs_as_their_group_shrinks(tmp_path):
+    """YOLO11's head has depthwise convs: pruning their group shrinks their inputs, outputs and
+    groups together, and the model must time them smaller (MACs-as-time stays exact)."""
+    p = prepare("yolo11n.yaml", IMGSZ)
+    convs = conv_channels(p.model, p.groups)
+    depthwise = [c for c in convs if c.groups > 1 and c.out_group is not None]
+    protected = {g.id for g in p.groups if g.protected}
+    assert any(c.out_group not in protected for c in depthwise)
+    table = LatencyTable(KEY, tmp_path / "t.json", macs_measurer)
+    model = LatencyModel(conv_geometry(p.model, convs, IMGSZ), table, 8, progress=False)
+    counter = mac_counter(p)
+    rng = random.Random(0)
+    prunable = [g for g in p.groups if not g.protected]
+    for _ in range(3):  # counts a plan can hold: multiples of round_to, or the whole group
+        kept = {g.id: rng.choice([*range(8, g.size, 8), g.size]) for g in prunable}
+        assert model.predict(kept) == pytest.approx(counter.macs(kept), rel=1e-9)

@@ -49,7 +49,7 @@ class CompileOptions:
     macs: float | None = None
     importance: str | None = None
     global_allocation: bool = False
-    latency_aware: bool = False  # --macs/--ratio allocated by importance per millisecond saved
+    latency_aware: bool = False  # --macs allocated by importance per millisecond saved
     round_to: int | None = None
     max_ratio: float | None = None
     out: Path | None = None

@@ -365,7 +365,7 @@ class DeploymentDFL(nn.Module):
         super().__init__()
         self.c1 = dfl.c1
         bins = dfl.conv.weight.detach().reshape(1, self.c1)
-        self.register_buffer("weights", torch.cat((bins, torch.ones_like(bins))).clone())
+        self.register_buffer("weights", torch.cat((bins, torch.ones_like(bins))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, a = x.shape

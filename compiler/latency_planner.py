@@ -196,23 +196,32 @@ def latency_counts(
     }
 
     def candidate(gid: str):
+        """(priority, next count, ms saved). Steps saving predicted time rank first, by
+        importance lost per ms; under a MACs goal, steps the table says save nothing (flat or
+        noisy measurements) still rank after them, by importance lost per MAC saved."""
         size = len(ascending[gid])
         nxt = _next_count(size, counts[gid], round_to, floors[gid])
         if nxt is None:
             return None
         cost = float(ascending[gid][size - counts[gid] : size - nxt].sum())  # the next lowest
-        before = model.group_ms(gid, counts)
-        after = model.group_ms(gid, {**counts, gid: nxt})
-        saved = before - after
-        if saved <= 1e-9:
-            return (math.inf, gid, nxt, saved)
-        return (cost / saved, gid, nxt, saved)
+        smaller = {**counts, gid: nxt}
+        saved = model.group_ms(gid, counts) - model.group_ms(gid, smaller)
+        if saved > 1e-9:
+            return ((0, cost / saved), nxt, saved)
+        if macs_goal is None:
+            return ((1, math.inf), nxt, saved)
+        macs_saved = macs_goal[0].macs(counts) - macs_goal[0].macs(smaller)
+        return ((1, cost / macs_saved if macs_saved > 0 else math.inf), nxt, saved)
 
     heap = []
-    for gid in counts:
+
+    def push(gid: str) -> None:
         item = candidate(gid)
         if item is not None:
-            heapq.heappush(heap, (item[0], version[gid], gid, item[2], item[3]))
+            heapq.heappush(heap, (item[0], version[gid], gid, item[1], item[2]))
+
+    for gid in counts:
+        push(gid)
 
     def done() -> bool:
         if macs_goal is not None:
@@ -223,17 +232,14 @@ def latency_counts(
         priority, ver, gid, nxt, saved = heapq.heappop(heap)
         if ver != version[gid]:
             continue
-        if math.isinf(priority):
+        if math.isinf(priority[1]):
             break
         counts[gid] = nxt
         total -= saved
         for other in neighbours[gid] | {gid}:
-            if other not in counts:
-                continue
-            version[other] += 1
-            item = candidate(other)
-            if item is not None:
-                heapq.heappush(heap, (item[0], version[other], other, item[2], item[3]))
+            if other in counts:
+                version[other] += 1
+                push(other)
     total = model.predict(counts)
     if macs_goal is not None and not done():
         raise PlanError(

@@ -194,6 +194,25 @@ def test_latency_aware_allocation_stops_at_the_macs_target(prepared, macs_model)
     assert all(n % 8 == 0 or n == sizes[gid] for gid, n in counts.items())
 
 
+def test_latency_aware_macs_target_is_reached_where_the_table_shows_no_saving(prepared, tmp_path):
+    """A measured table can be flat or noisy (a step that saves no predicted time): under a
+    MACs target such steps must still be taken, cheapest importance per MAC first, after every
+    step that saves time. Here every conv times the same whatever its channels."""
+    table = LatencyTable(KEY, tmp_path / "flat.json", lambda shape: 1.0)
+    geometry = conv_geometry(prepared.model, conv_channels(prepared.model, prepared.groups), IMGSZ)
+    flat = LatencyModel(geometry, table, round_to=8, progress=False)
+    scores = score_groups(prepared.model, prepared.graph, prepared.groups, "l2")
+    counter = mac_counter(prepared)
+    goal = 0.6 * counter.macs()
+    counts, predicted = latency_counts(
+        prepared.groups, scores, flat, 0.0, 8, 0.8, macs_goal=(counter, goal)
+    )
+    assert counter.macs(counts) <= goal
+    assert predicted == pytest.approx(flat.predict())  # nothing saved, as the table says
+    with pytest.raises(PlanError, match="cannot be met"):  # a time budget stays impossible
+        latency_counts(prepared.groups, scores, flat, 0.5 * flat.predict(), 8, 0.8)
+
+
 def test_compile_option_latency_aware_plans_a_macs_target(tmp_path):
     p = randomized_tiny(tmp_path, IMGSZ)
     options = CompileOptions(
@@ -201,8 +220,12 @@ def test_compile_option_latency_aware_plans_a_macs_target(tmp_path):
     )
     plan = plan_for(p, options)
     assert plan.allocation == "latency" and plan.target == {"kind": "macs", "value": 0.6}
-    assert plan.macs_ratio == pytest.approx(0.6, rel=0.03)
-    assert plan.latency["predicted_ms_uncalibrated"] < plan.latency["baseline_ms_uncalibrated"]
+    # the table is measured here, so which step lands last varies; one step of this tiny model
+    # removes at most ~8% of its MACs (the stem: 8 of 16 channels)
+    assert 0.52 <= plan.macs_ratio <= 0.6
+    assert plan.latency["table"] == str(tmp_path / "t.json") and (tmp_path / "t.json").exists()
+    assert plan.latency["predicted_ms_uncalibrated"] > 0
+    assert plan.latency["baseline_ms_uncalibrated"] > 0
     with pytest.raises(PlanError, match="--latency-aware plans a --macs target"):
         plan_for(p, CompileOptions("tiny.yaml", ratio=0.3, latency_aware=True))
 

@@ -7,7 +7,7 @@ named by its root conv (the first conv whose outputs the group holds).
 
 from __future__ import annotations
 
-import _thread
+import ctypes
 import os
 import threading
 import time
@@ -118,15 +118,32 @@ def _resident_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+class _GuardTripped(BaseException):
+    """Raised inside the guarded thread when a limit is passed (BaseException, so that an
+    ``except Exception`` in traced code cannot swallow it)."""
+
+
+def _raise_in_thread(thread_id: int, exception: type[BaseException] | None) -> None:
+    """Make ``thread_id`` raise ``exception`` at its next bytecode (None: cancel a pending one).
+
+    Unlike ``_thread.interrupt_main`` this needs no SIGINT handler: a process started in the
+    background or under nohup ignores SIGINT, and the guard must still stop the body there.
+    """
+    payload = ctypes.py_object(exception) if exception is not None else None
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), payload)
+
+
 @contextmanager
 def grouping_guard(limits: GroupingLimits, what: str) -> Iterator[None]:
     """Run the body under ``limits``; past either, interrupt it and raise ModelError."""
     start_bytes, start_time = _resident_bytes(), time.monotonic()
+    guarded = threading.get_ident()
     tripped: list[str] = []
-    done = threading.Event()
+    finished = threading.Event()  # set under ``lock`` once the body is over: never raise after
+    lock = threading.Lock()
 
     def watch() -> None:
-        while not done.wait(0.05):
+        while not finished.wait(0.05):
             grown = (_resident_bytes() - start_bytes) / 2**30
             elapsed = time.monotonic() - start_time
             if grown > limits.memory_gib:
@@ -134,30 +151,28 @@ def grouping_guard(limits: GroupingLimits, what: str) -> Iterator[None]:
             elif elapsed > limits.seconds:
                 tripped.append(f"it ran {elapsed:.0f} s (limit {limits.seconds:g})")
             if tripped:
-                _thread.interrupt_main()
+                with lock:
+                    if not finished.is_set():
+                        _raise_in_thread(guarded, _GuardTripped)
                 return
 
     watcher = threading.Thread(target=watch, name="grouping-guard", daemon=True)
     watcher.start()
     try:
-        yield
-    except KeyboardInterrupt:
-        if not tripped:
-            raise
+        try:
+            yield
+        finally:
+            with lock:
+                finished.set()
+                _raise_in_thread(guarded, None)  # one sent as the body finished: drop it
+    except _GuardTripped:
         raise ModelError(
             f"{what}: channel-group building stopped, {tripped[0]}; the usual cause is a layer "
             "torch-pruning cannot map (e.g. attention reshaping channels into heads): protect "
             "its convs, or raise the limit (--group-seconds, --group-memory-gib)"
         ) from None
     finally:
-        done.set()
-        try:
-            watcher.join()
-            if tripped:
-                time.sleep(0.01)  # let an interrupt sent as the body finished arrive here
-        except KeyboardInterrupt:
-            if not tripped:
-                raise
+        watcher.join()
 
 
 @dataclass(frozen=True)

@@ -1,3 +1,4 @@
+import contextlib
 import warnings
 
 import pytest
@@ -131,3 +132,64 @@ def test_conv_channels_account_for_every_input(tiny_model):
         module = tiny_model.get_submodule(conv.name)
         assert sum(n for _, n, _ in conv.in_slices) == module.in_channels
         assert conv.out_group is not None
+
+
+@pytest.fixture
+def sigint_ignored():
+    """As in a process started in the background or under nohup: SIGINT is ignored, so a guard
+    that relied on interrupt_main (a simulated SIGINT) would never stop its body."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def _spin(seconds: float) -> int:
+    import time
+
+    end, count = time.monotonic() + seconds, 0
+    while time.monotonic() < end:
+        count += 1
+    return count
+
+
+def test_guard_stops_a_body_past_its_time_even_with_sigint_ignored(sigint_ignored):
+    import time
+
+    from graphs.dependency import GroupingLimits, grouping_guard
+
+    start = time.monotonic()
+    stopped = pytest.raises(ModelError, match=r"grouping: channel-group building stopped, it ran")
+    limit = grouping_guard(GroupingLimits(seconds=0.2), "grouping")
+    swallowing = contextlib.suppress(Exception)  # traced code swallowing errors can't swallow it
+    with stopped, limit, swallowing:
+        _spin(20)
+    assert time.monotonic() - start < 5
+
+
+def test_guard_stops_a_body_whose_memory_grows_even_with_sigint_ignored(sigint_ignored):
+    from graphs.dependency import GroupingLimits, grouping_guard
+
+    hoard = []
+    stopped = pytest.raises(ModelError, match="stopped, memory grew by")
+    with stopped, grouping_guard(GroupingLimits(seconds=60, memory_gib=0.1), "tracing"):
+        for _ in range(2000):  # up to 2 GiB, touched page by page
+            hoard.append(bytearray(2**20))
+            hoard[-1][::4096] = b"\1" * len(hoard[-1][::4096])
+    assert len(hoard) < 1000  # stopped well before the loop's end
+    hoard.clear()
+
+
+def test_guard_leaves_a_body_under_its_limits_alone():
+    import time
+
+    from graphs.dependency import GroupingLimits, grouping_guard
+
+    with grouping_guard(GroupingLimits(seconds=0.3), "grouping"):
+        count = _spin(0.05)
+    assert count > 0
+    time.sleep(0.5)  # past the limit now: nothing may be raised after the body is over
+    ctrl_c = pytest.raises(KeyboardInterrupt)  # a user's Ctrl-C stays a KeyboardInterrupt
+    with ctrl_c, grouping_guard(GroupingLimits(), "grouping"):
+        raise KeyboardInterrupt

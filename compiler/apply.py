@@ -8,6 +8,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from graphs.blocks import drop_blocks
 from graphs.dependency import build_graph, head_convs
 from graphs.errors import PlanError
 from graphs.plan import PruningPlan
@@ -17,9 +18,12 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
     """Return a pruned copy of ``model``; the input model is left untouched."""
     pruned = copy.deepcopy(model).eval()
     head_before = [conv.out_channels for conv in head_convs(pruned)]
+    _drop(pruned, plan)
     graph = build_graph(pruned)
     modules = dict(pruned.named_modules())
     for group in plan.groups:
+        if group.kept == 0:  # a dropped block's hidden group: gone with its block
+            continue
         root = modules.get(group.id)
         if not isinstance(root, nn.Conv2d) or root.out_channels != group.size:
             found = getattr(root, "out_channels", "no such conv")
@@ -39,8 +43,27 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
     return pruned
 
 
+def _drop(model: nn.Module, plan: PruningPlan) -> None:
+    """Remove the plan's dropped blocks (before tracing the rest); each must be the block whose
+    hidden group the plan empties, and every emptied group must belong to a dropped block."""
+    emptied = {g.id for g in plan.groups if g.kept == 0}
+    expected = {f"{block}.cv1.conv" for block in plan.drop_blocks}
+    if emptied != expected:
+        raise PlanError(
+            "plan does not match the model: groups kept at 0 channels "
+            f"({sorted(emptied)}) must be exactly the hidden groups of drop_blocks "
+            f"({sorted(plan.drop_blocks)}); regenerate the plan with `plan`"
+        )
+    try:
+        drop_blocks(model, plan.drop_blocks)
+    except (AttributeError, ValueError) as exc:
+        raise PlanError(f"plan does not match the model: {exc}") from exc
+
+
 def _check_invariants(model: nn.Module, plan: PruningPlan, head_before: list[int]) -> None:
     for group in plan.groups:
+        if group.kept == 0:
+            continue
         kept = model.get_submodule(group.id).out_channels
         if kept != group.kept:
             raise PlanError(

@@ -118,6 +118,14 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="most any one group may lose, in (0, 1) (default 0.8)",
     )
+    p.add_argument(
+        "--drop-blocks",
+        action="store_true",
+        help="latency-aware plans (--speedup, --latency-ms, --macs with --latency-aware) may "
+        "also remove whole residual bottlenecks, keeping their shortcut, where that saves more "
+        "time per importance lost than any channel step (depth pruning; fixed per-layer costs "
+        "go with the block)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of --importance random")
 
 

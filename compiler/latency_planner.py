@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from compiler.planner import conv_io_sizes, plan_from_counts
+from graphs.blocks import droppable_blocks
 from graphs.dependency import ChannelGroup, ConvChannels, conv_channels
 from graphs.errors import PlanError
 from kernels.latency_table import ConvShape, LatencyTable, open_table
@@ -142,6 +143,8 @@ class LatencyModel:
         c, xs, ys, times = self._times[index]
         cin = sum(kept[gid] * copies if gid in kept else n for gid, n, copies in c.in_slices)
         cout = kept.get(c.out_group, c.out_channels) if c.out_group else c.out_channels
+        if cin == 0 or cout == 0:  # inside a dropped block (graphs.blocks): no conv left
+            return 0.0
         i0, i1, tx = _interp(xs, cin)
         j0, j1, ty = _interp(ys, cout)
         low = times[i0][j0] + (times[i0][j1] - times[i0][j0]) * ty
@@ -179,10 +182,15 @@ def latency_counts(
     round_to: int,
     max_ratio: float,
     macs_goal: tuple | None = None,
+    droppable: dict[str, str] | None = None,
 ) -> tuple[dict[str, int], float]:
     """Greedy knapsack: counts per prunable group with predicted latency <= budget_ms, or,
     with ``macs_goal`` = (MacCounter, MACs to reach), until the plan's MACs reach that goal
-    (latency-aware allocation under a MACs target)."""
+    (latency-aware allocation under a MACs target). Groups in ``droppable`` (hidden groups of
+    residual blocks, :func:`graphs.blocks.droppable_blocks`) have one more step past their
+    floor: 0 channels, the block removed (its remaining importance lost, its convs' time
+    saved)."""
+    droppable = droppable or {}
     prunable = [g for g in groups if not g.protected]
     counts = {g.id: g.size for g in prunable}
     ascending = {g.id: torch.sort(scores[g.id]).values for g in prunable}
@@ -201,6 +209,8 @@ def latency_counts(
         noisy measurements) still rank after them, by importance lost per MAC saved."""
         size = len(ascending[gid])
         nxt = _next_count(size, counts[gid], round_to, floors[gid])
+        if nxt is None and gid in droppable and counts[gid] > 0:
+            nxt = 0
         if nxt is None:
             return None
         cost = float(ascending[gid][size - counts[gid] : size - nxt].sum())  # the next lowest
@@ -245,6 +255,7 @@ def latency_counts(
         raise PlanError(
             f"--macs {macs_goal[1] / macs_goal[0].macs():.3g} cannot be reached latency-aware "
             f"with --round-to {round_to} and --max-ratio {max_ratio:g}; raise --max-ratio"
+            + ("" if droppable else " or allow --drop-blocks")
         )
     if macs_goal is None and total > budget_ms * 1.0001:
         raise PlanError(
@@ -298,9 +309,19 @@ def _table_record(table, settings) -> dict:
     }
 
 
+def _droppable(prepared, constraints) -> dict[str, str]:
+    """{hidden group: residual block} the knapsack may empty, where --drop-blocks allows."""
+    if not constraints.drop_blocks:
+        return {}
+    return droppable_blocks(prepared.model, prepared.groups)
+
+
 def _counts_plan(prepared, scores, counts, counter, target, constraints, importance, seed):
-    """The plan keeping ``counts`` channels per prunable group (allocation ``latency``)."""
-    return plan_from_counts(
+    """The plan keeping ``counts`` channels per prunable group (allocation ``latency``); groups
+    at 0 channels are residual blocks removed whole (``drop_blocks``)."""
+    emptied = sorted(gid for gid, n in counts.items() if n == 0)
+    blocks = droppable_blocks(prepared.model, prepared.groups) if emptied else {}
+    plan = plan_from_counts(
         prepared.info.name,
         prepared.imgsz,
         [g for g in prepared.groups if not g.protected],
@@ -313,6 +334,7 @@ def _counts_plan(prepared, scores, counts, counter, target, constraints, importa
         importance=importance,
         seed=seed,
     )
+    return replace(plan, drop_blocks=tuple(sorted(blocks[gid] for gid in emptied)))
 
 
 def plan_macs_latency_aware(
@@ -331,6 +353,7 @@ def plan_macs_latency_aware(
         constraints.round_to,
         constraints.max_ratio,
         macs_goal=(counter, goal),
+        droppable=_droppable(prepared, constraints),
     )
     plan = _counts_plan(prepared, scores, counts, counter, target, constraints, importance, seed)
     latency = {
@@ -364,11 +387,18 @@ def plan_latency(prepared, scores, counter, target, constraints, importance, see
     model.calibrate(base_ms)
     goal = base_ms / target.value if target.kind == "speedup" else target.value
     prunable = [g for g in prepared.groups if not g.protected]
+    droppable = _droppable(prepared, constraints)
     budget, rounds, best = goal, [], None
     for _ in range(settings.rounds):
         try:
             counts, predicted = latency_counts(
-                prepared.groups, scores, model, budget, constraints.round_to, constraints.max_ratio
+                prepared.groups,
+                scores,
+                model,
+                budget,
+                constraints.round_to,
+                constraints.max_ratio,
+                droppable=droppable,
             )
         except PlanError:
             if best is None:

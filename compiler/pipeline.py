@@ -52,6 +52,7 @@ class CompileOptions:
     latency_aware: bool = False  # --macs allocated by importance per millisecond saved
     round_to: int | None = None
     max_ratio: float | None = None
+    drop_blocks: bool = False  # latency-aware: residual blocks may be removed whole
     out: Path | None = None
     bench: bool = True
     dynamic: bool = False
@@ -108,6 +109,7 @@ class CompileOptions:
         return Constraints(
             round_to=defaults.round_to if self.round_to is None else self.round_to,
             max_ratio=defaults.max_ratio if self.max_ratio is None else self.max_ratio,
+            drop_blocks=self.drop_blocks,
         )
 
 
@@ -179,6 +181,11 @@ def plan_for(prepared: Prepared, options: CompileOptions) -> PruningPlan:
         )
     finally:
         prepared.model.zero_grad(set_to_none=True)
+    if constraints.drop_blocks and not (target.latency or options.latency_aware):
+        raise PlanError(
+            "--drop-blocks needs a latency-aware plan: --speedup, --latency-ms, or --macs with "
+            "--latency-aware (blocks are removed where that saves the most time)"
+        )
     if target.latency or options.latency_aware:
         from compiler.latency_planner import (
             LatencySettings,

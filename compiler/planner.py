@@ -56,6 +56,8 @@ class Target:
 class Constraints:
     round_to: int = 8  # kept channel counts are multiples of this (hardware alignment)
     max_ratio: float = 0.8  # no group loses more than this fraction of its channels
+    # latency-aware plans may remove whole residual blocks past that floor (graphs.blocks)
+    drop_blocks: bool = False
 
     def __post_init__(self) -> None:
         if self.round_to < 1:

@@ -68,6 +68,7 @@ def build_report(
             "target": plan.target,
             "round_to": plan.round_to,
             "max_ratio": plan.max_ratio,
+            "drop_blocks": list(plan.drop_blocks),
             "latency": plan.latency,
         },
         "params": {"before": params[0], "after": params[1], "ratio": params[1] / params[0]},
@@ -105,6 +106,15 @@ def render_markdown(report: dict) -> str:
         f"{plan['importance']}, {plan['allocation']} allocation, round_to {plan['round_to']}, "
         f"max ratio {plan['max_ratio']:g}, image {m['imgsz']}x{m['imgsz']}.",
         "",
+    ]
+    if plan.get("drop_blocks"):
+        lines += [
+            f"Residual blocks removed whole ({len(plan['drop_blocks'])}, shortcut kept): "
+            + ", ".join(f"`{b}`" for b in plan["drop_blocks"])
+            + ".",
+            "",
+        ]
+    lines += [
         "| | before | after | after / before |",
         "|---|---:|---:|---:|",
         f"| params | {_fmt_count(p['before'])} | {_fmt_count(p['after'])} | {p['ratio']:.3f} |",

@@ -22,6 +22,7 @@ import torch
 import yaml
 from torch import nn
 
+from graphs.blocks import drop_blocks, dropped_blocks
 from graphs.errors import CheckpointError, ModelError
 from graphs.yolov5 import ACTIVATIONS, DetectionModel
 
@@ -420,6 +421,7 @@ def save_pruned(
             if f"nn.{type(m).__name__}" in ACTIVATIONS and not isinstance(m, nn.Identity)
         },
         "names": list(info.names),
+        "dropped_blocks": list(dropped_blocks(model)),  # residual blocks removed whole
         "imgsz": info.imgsz,
         "source": info.source,
         "pretrained": info.pretrained,
@@ -441,6 +443,10 @@ def _load_pruned(ckpt: dict, path: Path, source: str) -> tuple[DetectionModel, M
     else:
         model = DetectionModel(ckpt["yaml"])
     state = ckpt["state_dict"]
+    try:
+        drop_blocks(model, tuple(ckpt.get("dropped_blocks", ())))
+    except (AttributeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: pruned checkpoint does not fit its YAML ({exc})") from exc
     shrink_to_state(model, state)
     for name, (kind, slope) in ckpt.get("activations", {}).items():
         parent_name, _, attr = name.rpartition(".")

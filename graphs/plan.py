@@ -43,6 +43,8 @@ class PruningPlan:
     seed: int = 0
     method: str = "structured"  # or "unstructured": no channel removed, weights zeroed
     latency: dict | None = None  # latency-aware plans: runtime, predicted and measured ms
+    # residual blocks removed whole (graphs.blocks): their hidden groups keep 0 channels
+    drop_blocks: tuple[str, ...] = ()
     format: str = field(default=PLAN_FORMAT)
 
     @property
@@ -62,6 +64,7 @@ class PruningPlan:
                 GroupPlan(g["id"], int(g["size"]), tuple(int(i) for i in g["keep"]))
                 for g in data["groups"]
             )
+            data["drop_blocks"] = tuple(str(b) for b in data.get("drop_blocks", ()))
             return cls(**data)
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise PlanError(
@@ -72,9 +75,10 @@ class PruningPlan:
         """The single plan, against this plan's model, that equals applying ``self`` then
         ``later`` (made on the model ``self`` produced): kept indices compose."""
         mine = {g.id: g for g in self.groups}
-        if {g.id for g in later.groups} != set(mine):
+        gone = [g for g in self.groups if g.kept == 0]  # hidden groups of dropped blocks
+        if {g.id for g in later.groups} != set(mine) - {g.id for g in gone}:
             raise PlanError("plans to compose must come from the same network (same groups)")
-        groups = []
+        groups = list(gone)
         for g in later.groups:
             first = mine[g.id]
             if g.size != first.kept:
@@ -83,7 +87,10 @@ class PruningPlan:
                     f"earlier one leaves {first.kept}"
                 )
             groups.append(GroupPlan(g.id, first.size, tuple(first.keep[i] for i in g.keep)))
-        return replace(self, groups=tuple(groups), macs_after=later.macs_after)
+        order = {g.id: i for i, g in enumerate(self.groups)}
+        groups.sort(key=lambda g: order[g.id])
+        drop = tuple(sorted({*self.drop_blocks, *later.drop_blocks}))
+        return replace(self, groups=tuple(groups), macs_after=later.macs_after, drop_blocks=drop)
 
     def save(self, path: Path) -> None:
         tmp = path.with_name(path.name + ".tmp")

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +98,7 @@ def bench_model(name: str, runs: int, compile_repeats: int, passes: int) -> dict
     plan16 = plan_for(prepared, CompileOptions(name, macs=MACS, round_to=16))
     aware = CompileOptions(name, macs=MACS, round_to=16, latency_aware=True)
     plan_aware = plan_for(prepared, aware)
+    plan_drop = plan_for(prepared, replace(aware, drop_blocks=True))
     macs_before = recipes.conv_macs(base, IMGSZ)
     tp_model, tp_ratio, _ = recipes.torch_pruning_default(base, MACS, IMGSZ)
     models = {
@@ -104,6 +106,7 @@ def bench_model(name: str, runs: int, compile_repeats: int, passes: int) -> dict
         "yoloprune": apply_plan(base, plan),
         "yoloprune --round-to 16": apply_plan(base, plan16),
         "yoloprune --round-to 16 --latency-aware": apply_plan(base, plan_aware),
+        "yoloprune --round-to 16 --latency-aware --drop-blocks": apply_plan(base, plan_drop),
         "torch-pruning default": tp_model,
     }
     row: dict = {"model": name, "imgsz": IMGSZ, "macs_target": MACS, "recipes": {}}
@@ -135,6 +138,9 @@ def bench_model(name: str, runs: int, compile_repeats: int, passes: int) -> dict
         "allocation": plan.allocation,
         "round_to": plan.round_to,
     }
+    row["recipes"]["yoloprune --round-to 16 --latency-aware --drop-blocks"]["drop_blocks"] = list(
+        plan_drop.drop_blocks
+    )
     row["compile_no_bench_seconds"] = compile_seconds(name, compile_repeats)
     return row
 
@@ -167,7 +173,9 @@ def render(result: dict) -> str:
         "yoloprune rows use the default recipe (uniform L2, `--macs 0.5`); the `--round-to 16` "
         "row aligns to the 16-channel blocks ONNX Runtime's CPU convolutions use on AVX-512; "
         "`--latency-aware` removes channels by importance lost per millisecond saved (per-layer "
-        "ORT latency table) until the MACs target is met. Models with a one-to-one head "
+        "ORT latency table) until the MACs target is met; `--drop-blocks` lets that knapsack "
+        "also remove whole residual bottlenecks (shortcut kept; the blocks removed are listed "
+        "below the table). Models with a one-to-one head "
         "(YOLO26) are timed as exported by default: end to end, top-k inside the graph. In "
         "YOLO11/YOLO26 the attention blocks' channels are protected (never pruned), so the "
         "rest of the network is pruned harder to reach the MACs target.",
@@ -191,6 +199,12 @@ def render(result: dict) -> str:
                 f"{r['convs_out_multiple_of_8']}/{r['convs']} | "
                 f"{r['convs_out_multiple_of_16']}/{r['convs']} |"
             )
+    lines += ["", "Blocks removed by `--drop-blocks`:", ""]
+    for row in result["rows"]:
+        for r in row["recipes"].values():
+            if "drop_blocks" in r:
+                blocks = ", ".join(f"`{b}`" for b in r["drop_blocks"]) or "none"
+                lines.append(f"- {row['model']}: {blocks}")
     lines += [
         "",
         "`python -m compiler compile MODEL --macs 0.5 --no-bench` wall time (s, whole "

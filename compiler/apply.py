@@ -8,7 +8,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from graphs.blocks import drop_blocks
+from graphs.blocks import drop_blocks, hidden_group
 from graphs.dependency import build_graph, head_convs
 from graphs.errors import PlanError
 from graphs.plan import PruningPlan
@@ -47,7 +47,7 @@ def _drop(model: nn.Module, plan: PruningPlan) -> None:
     """Remove the plan's dropped blocks (before tracing the rest); each must be the block whose
     hidden group the plan empties, and every emptied group must belong to a dropped block."""
     emptied = {g.id for g in plan.groups if g.kept == 0}
-    expected = {f"{block}.cv1.conv" for block in plan.drop_blocks}
+    expected = {hidden_group(block) for block in plan.drop_blocks}
     if emptied != expected:
         raise PlanError(
             "plan does not match the model: groups kept at 0 channels "

@@ -316,11 +316,12 @@ def _droppable(prepared, constraints) -> dict[str, str]:
     return droppable_blocks(prepared.model, prepared.groups)
 
 
-def _counts_plan(prepared, scores, counts, counter, target, constraints, importance, seed):
+def _counts_plan(
+    prepared, scores, counts, counter, target, constraints, importance, seed, droppable
+):
     """The plan keeping ``counts`` channels per prunable group (allocation ``latency``); groups
-    at 0 channels are residual blocks removed whole (``drop_blocks``)."""
-    emptied = sorted(gid for gid, n in counts.items() if n == 0)
-    blocks = droppable_blocks(prepared.model, prepared.groups) if emptied else {}
+    at 0 channels are the hidden groups of residual blocks removed whole (``droppable`` maps
+    them to their blocks, listed as ``drop_blocks``)."""
     plan = plan_from_counts(
         prepared.info.name,
         prepared.imgsz,
@@ -334,7 +335,8 @@ def _counts_plan(prepared, scores, counts, counter, target, constraints, importa
         importance=importance,
         seed=seed,
     )
-    return replace(plan, drop_blocks=tuple(sorted(blocks[gid] for gid in emptied)))
+    emptied = [gid for gid, n in counts.items() if n == 0]
+    return replace(plan, drop_blocks=tuple(sorted(droppable[gid] for gid in emptied)))
 
 
 def plan_macs_latency_aware(
@@ -344,6 +346,7 @@ def plan_macs_latency_aware(
     (importance lost per predicted millisecond saved, from the per-layer latency table) removes
     channels until the MACs target is met, so the MACs go where they cost the most time."""
     table, model = _latency_model(prepared, constraints, settings)
+    droppable = _droppable(prepared, constraints)
     goal = counter.macs() * target.value
     counts, predicted = latency_counts(
         prepared.groups,
@@ -353,9 +356,11 @@ def plan_macs_latency_aware(
         constraints.round_to,
         constraints.max_ratio,
         macs_goal=(counter, goal),
-        droppable=_droppable(prepared, constraints),
+        droppable=droppable,
     )
-    plan = _counts_plan(prepared, scores, counts, counter, target, constraints, importance, seed)
+    plan = _counts_plan(
+        prepared, scores, counts, counter, target, constraints, importance, seed, droppable
+    )
     latency = {
         **_table_record(table, settings),
         "predicted_ms_uncalibrated": predicted,
@@ -407,7 +412,7 @@ def plan_latency(prepared, scores, counter, target, constraints, importance, see
         if best is not None and all(counts[g.id] == g.size for g in prunable):
             break  # a corrected budget that prunes nothing: any speed-up it measured is noise
         plan = _counts_plan(
-            prepared, scores, counts, counter, target, constraints, importance, seed
+            prepared, scores, counts, counter, target, constraints, importance, seed, droppable
         )
         timings = time_models(
             {"base": prepared.model, "pruned": apply_plan(prepared.model, plan)},

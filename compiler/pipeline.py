@@ -168,6 +168,11 @@ def plan_for(prepared: Prepared, options: CompileOptions) -> PruningPlan:
     if importance not in IMPORTANCES:
         raise PlanError(f"--importance {importance}: use one of {', '.join(IMPORTANCES)}")
     target, constraints = options.target(), options.constraints()
+    if constraints.drop_blocks and not (target.latency or options.latency_aware):
+        raise PlanError(
+            "--drop-blocks needs a latency-aware plan: --speedup, --latency-ms, or --macs with "
+            "--latency-aware (blocks are removed where that saves the most time)"
+        )
     if importance == "taylor":
         if options.data is None:
             raise PlanError(
@@ -181,11 +186,6 @@ def plan_for(prepared: Prepared, options: CompileOptions) -> PruningPlan:
         )
     finally:
         prepared.model.zero_grad(set_to_none=True)
-    if constraints.drop_blocks and not (target.latency or options.latency_aware):
-        raise PlanError(
-            "--drop-blocks needs a latency-aware plan: --speedup, --latency-ms, or --macs with "
-            "--latency-aware (blocks are removed where that saves the most time)"
-        )
     if target.latency or options.latency_aware:
         from compiler.latency_planner import (
             LatencySettings,

@@ -34,6 +34,11 @@ def is_residual_block(module: nn.Module) -> bool:
     )
 
 
+def hidden_group(block: str) -> str:
+    """The id of a residual block's hidden group (rooted at its cv1's conv)."""
+    return f"{block}.cv1.conv"
+
+
 def droppable_blocks(model: nn.Module, groups: list[ChannelGroup]) -> dict[str, str]:
     """{hidden group id: block name} for every residual block whose hidden channels form an
     unprotected group touching only the block's own layers."""
@@ -42,7 +47,7 @@ def droppable_blocks(model: nn.Module, groups: list[ChannelGroup]) -> dict[str, 
     for name, module in model.named_modules():
         if not name or not is_residual_block(module):
             continue
-        group = by_id.get(f"{name}.cv1.conv")
+        group = by_id.get(hidden_group(name))
         if group is None or group.protected:
             continue
         if all(m.layer.startswith(f"{name}.") for m in group.members):

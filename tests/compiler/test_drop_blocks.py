@@ -8,11 +8,16 @@ import pytest
 import torch
 
 from compiler.apply import apply_plan
-from compiler.latency_planner import LatencyModel, conv_geometry, latency_counts
+from compiler.latency_planner import (
+    LatencyModel,
+    _counts_plan,
+    conv_geometry,
+    latency_counts,
+)
 from compiler.pipeline import CompileOptions, mac_counter, plan_for
-from compiler.planner import Constraints, Target, plan_from_counts
+from compiler.planner import Constraints, Target
 from compiler.score import score_groups
-from graphs.blocks import droppable_blocks, dropped_blocks
+from graphs.blocks import droppable_blocks, dropped_blocks, hidden_group
 from graphs.checkpoint import load_model, save_pruned
 from graphs.dependency import conv_channels
 from graphs.errors import PlanError
@@ -66,21 +71,8 @@ def test_knapsack_drops_blocks_only_where_allowed(prepared, macs_model):
 def dropping_plan(prepared, macs_model) -> PruningPlan:
     droppable = droppable_blocks(prepared.model, prepared.groups)
     scores, counter, (counts, _) = deep_counts(prepared, macs_model, droppable)
-    prunable = [g for g in prepared.groups if not g.protected]
-    plan = plan_from_counts(
-        "m.yaml",
-        IMGSZ,
-        prunable,
-        scores,
-        counts,
-        counter,
-        Target("macs", 0.10),
-        Constraints(drop_blocks=True),
-        allocation="latency",
-        importance="l2",
-    )
-    blocks = tuple(sorted(droppable[g] for g, n in counts.items() if n == 0))
-    return replace(plan, drop_blocks=blocks)
+    target, constraints = Target("macs", 0.10), Constraints(drop_blocks=True)
+    return _counts_plan(prepared, scores, counts, counter, target, constraints, "l2", 0, droppable)
 
 
 def test_exact_surgery_with_blocks_dropped(prepared, macs_model):
@@ -154,7 +146,7 @@ def test_cli_plan_with_drop_blocks_records_them(tmp_path):
     assert main([*argv, "--drop-blocks"]) == 0
     plan = PruningPlan.load(out)
     assert plan.drop_blocks and plan.macs_ratio <= 0.25
-    assert {g.id for g in plan.groups if g.kept == 0} == {f"{b}.cv1.conv" for b in plan.drop_blocks}
+    assert {g.id for g in plan.groups if g.kept == 0} == {hidden_group(b) for b in plan.drop_blocks}
 
 
 def test_compile_with_drop_blocks_exports_reports_and_reloads(tmp_path):

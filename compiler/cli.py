@@ -229,6 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="data YAML (yolov5 format): mAP before/after pruning is reported",
     )
     acc.add_argument(
+        "--no-recalibrate",
+        dest="recalibrate",
+        action="store_false",
+        help="keep the original BatchNorm statistics after pruning (default: re-estimate them "
+        "on 20 batches of --data's training images, which restores much of the accuracy "
+        "pruning costs before any fine-tuning)",
+    )
+    acc.add_argument(
         "--epochs",
         type=int,
         default=None,

@@ -70,6 +70,7 @@ class CompileOptions:
     distill: float | None = None
     optimizer: str | None = None
     lr0: float | None = None
+    recalibrate: bool = True  # with --data: re-estimate BatchNorm statistics after pruning
     steps: int | None = None  # iterative mode: prune in this many steps, fine-tuning between
     speedup: float | None = None  # latency-aware: measured baseline / pruned latency
     latency_ms: float | None = None  # latency-aware: a budget in milliseconds
@@ -280,6 +281,7 @@ def compile_model(options: CompileOptions) -> dict:
     iterative = (options.steps or 1) > 1
     steps = ["load + graph", "save", "export", "parity"]
     steps += ["iterative prune + fine-tune"] if iterative else ["score + plan", "apply"]
+    steps += ["recalibrate"] if _recalibrates(options, data) and not iterative else []
     steps += ["eval original", "eval onnx"] if data else []
     steps += ["eval pruned"] if data and not iterative else []
     steps += ["fine-tune"] if data and options.epochs and not iterative else []
@@ -320,7 +322,7 @@ def compile_model(options: CompileOptions) -> dict:
             accuracy["original"] = step(
                 "eval original", lambda: _eval(prepared.model, val, data, mode)
             )
-        training = None
+        training, recalibrated = None, 0
         if iterative:
             plan, pruned, training = step(
                 "iterative prune + fine-tune", lambda: _iterative(prepared, options, data, staging)
@@ -332,6 +334,8 @@ def compile_model(options: CompileOptions) -> dict:
         else:
             plan = step("score + plan", lambda: plan_for(prepared, options))
             pruned = step("apply", lambda: apply_any(prepared.model, plan))
+            if _recalibrates(options, data):
+                recalibrated = step("recalibrate", lambda: _recalibrate(pruned, options, imgsz))
         if data and not iterative:
             accuracy["pruned"] = step("eval pruned", lambda: _eval(pruned, val, data, mode))
             if options.epochs:
@@ -408,7 +412,7 @@ def compile_model(options: CompileOptions) -> dict:
             options=options,
             files={k: p.name for k, p in paths.items()},
         )
-        report["accuracy"] = _accuracy_section(accuracy, training, data)
+        report["accuracy"] = _accuracy_section(accuracy, training, data, recalibrated)
         layout = output_layout(pruned, mode)
         report["export"] = {"mode": mode, "layout": layout, "output0": LAYOUTS[layout]}
         if "ultralytics" in paths:
@@ -435,6 +439,18 @@ def _data_for(options: CompileOptions):
             raise PlanError("--epochs needs --data data.yaml (what to fine-tune on)")
         return None
     return read_data_yaml(options.data)
+
+
+def _recalibrates(options: CompileOptions, data) -> bool:
+    """BatchNorm statistics are re-estimated after structured pruning when training images are
+    at hand; the unstructured baseline stays as yolov5's torch_utils.prune leaves it."""
+    return bool(data and data.train) and options.recalibrate and options.method == "structured"
+
+
+def _recalibrate(model, options: CompileOptions, imgsz: int) -> int:
+    from compiler.recalibrate import recalibrate_on_data
+
+    return recalibrate_on_data(model, options.data, imgsz, seed=options.seed)
 
 
 def _val_dataset(data, imgsz: int):
@@ -509,6 +525,8 @@ def _iterative(prepared: Prepared, options: CompileOptions, data, staging: Path)
             step_options = dataclasses.replace(options, ratio=1 - (1 - target.value) ** (1 / k))
         plan = plan_for(current, step_options)
         model = apply_plan(current.model, plan)
+        if _recalibrates(options, data):
+            _recalibrate(model, options, prepared.imgsz)
         composed = plan if composed is None else composed.then(plan)
         if epochs:
             teacher_options = dataclasses.replace(options, epochs=epochs)
@@ -534,7 +552,7 @@ def _keep_sparsity(model, plan: PruningPlan):
     return sparsify(model, plan.target["value"])
 
 
-def _accuracy_section(accuracy: dict, training, data) -> dict:
+def _accuracy_section(accuracy: dict, training, data, recalibrated: int = 0) -> dict:
     if not accuracy:
         return {}
     section = {
@@ -545,6 +563,7 @@ def _accuracy_section(accuracy: dict, training, data) -> dict:
         "per_class": {k: m.per_class for k, m in accuracy.items()},
         "images": next(iter(accuracy.values())).images,
         "data_check": next(iter(accuracy.values())).data_check,
+        "batchnorm_recalibrated_on": recalibrated,  # training images; 0: original statistics
     }
     if training is not None:
         section["finetune"] = {"history": training.history, "seconds": training.seconds}

@@ -234,6 +234,13 @@ def _accuracy_lines(accuracy: dict) -> list[str]:
         lines.append(
             f"| {STAGES.get(stage, stage)} | {value:.4f} | {accuracy['map50'][stage]:.4f} |"
         )
+    if accuracy.get("batchnorm_recalibrated_on") and "pruned" in accuracy["map50_95"]:
+        lines += [
+            "",
+            f"The pruned model's BatchNorm statistics were re-estimated on "
+            f"{accuracy['batchnorm_recalibrated_on']} training images before it was evaluated "
+            "(no weight changed; `--no-recalibrate` keeps the original statistics).",
+        ]
     return [*lines, ""]
 
 

@@ -269,6 +269,31 @@ def test_compile_with_data_reports_accuracy_at_every_stage(tmp_path, tiny6_yaml,
     assert abs(accuracy["map50_95"]["onnx"] - accuracy["map50_95"]["finetuned"]) <= 0.002
     assert "## Accuracy" in (out / "report.md").read_text()
     assert not (out / "finetune").exists()  # training scratch files do not land in OUT
+    assert accuracy["batchnorm_recalibrated_on"] == 16  # the whole (tiny) training split
+    assert "re-estimated on 16 training images" in (out / "report.md").read_text()
+
+
+def test_no_recalibrate_keeps_the_pruned_batchnorm_statistics(tmp_path, tiny6_yaml, shapes_data):
+    from graphs.checkpoint import load_model
+
+    states = {}
+    for flag in ([], ["--no-recalibrate"]):
+        out = tmp_path / ("off" if flag else "on")
+        argv = ["compile", tiny6_yaml, "--imgsz", 64, "--macs", 0.5, "--out", out, "--no-bench"]
+        assert run_cli(*argv, "--data", shapes_data, *flag) == 0
+        report = json.loads((out / "report.json").read_text())
+        assert report["accuracy"]["batchnorm_recalibrated_on"] == (0 if flag else 16)
+        model, _ = load_model(str(out / "tiny6-pruned.pt"))
+        states["off" if flag else "on"] = model.state_dict()
+    on, off = states["on"], states["off"]
+    assert on.keys() == off.keys()
+    for key in on:
+        if "running_" in key:
+            continue
+        if key.endswith("num_batches_tracked"):
+            continue
+        assert torch.equal(on[key], off[key]), key  # the same weights: only statistics differ
+    assert any(not torch.equal(on[k], off[k]) for k in on if k.endswith("running_var"))
 
 
 def test_unstructured_baseline_keeps_every_channel(tmp_path, tiny_yaml):

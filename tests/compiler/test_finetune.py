@@ -93,6 +93,36 @@ def test_distillation_is_used_and_zero_for_identical_outputs(shapes):
     assert result.history[0]["kd"] > 0
 
 
+def test_distillation_keeps_its_pull_where_student_logits_saturate(shapes):
+    """A squared error of sigmoids stops pulling a confidently wrong student (its gradient
+    carries sigmoid'(logit), 2e-9 at -20); the Bernoulli KL does not."""
+    objective = YoloV5Objective(tiny(shapes)[0], 64)
+    teacher = torch.zeros(1, 3, 4, 4, 8)
+    teacher[..., 4] = 4.0  # the teacher sees objects everywhere
+    pulls = []
+    for logit in (-2.0, -20.0):
+        student = torch.zeros_like(teacher)
+        student[..., 4] = logit
+        student.requires_grad_(True)
+        objective.distill([student], (None, [teacher])).backward()
+        pulls.append(student.grad[..., 4].abs().mean().item())
+    assert pulls[1] >= 0.9 * pulls[0] > 0
+
+
+def test_distillation_weighs_box_and_class_by_teacher_objectness(shapes):
+    objective = YoloV5Objective(tiny(shapes)[0], 64)
+    teacher = torch.zeros(1, 3, 4, 4, 8)
+    teacher[..., 4] = -10.0
+    teacher[0, 0, 1, 1, 4] = 10.0  # one anchor holds an object
+    misses = {}
+    for name, anchor in (("object", (0, 0, 1, 1)), ("background", (0, 1, 2, 2))):
+        student = teacher.clone()
+        student[(*anchor, slice(None, 4))] += 2.0  # box off
+        student[(*anchor, slice(5, None))] += 5.0  # classes off
+        misses[name] = objective.distill([student], (None, [teacher])).item()
+    assert misses["object"] > 100 * misses["background"] > 0
+
+
 def test_ema_follows_its_formula():
     model = torch.nn.Linear(2, 1, bias=False)
     torch.nn.init.zeros_(model.weight)

@@ -167,3 +167,44 @@ def test_compile_with_drop_blocks_exports_reports_and_reloads(tmp_path):
     assert "Residual blocks removed whole" in (out / "report.md").read_text()
     reloaded, _ = load_model(out / "tiny-pruned.pt")
     assert list(dropped_blocks(reloaded)) == blocks
+
+
+def test_iterative_compile_with_drop_blocks_composes_the_dropped_blocks(tmp_path):
+    """--steps with --drop-blocks: each step may drop blocks of the current model; the composed
+    plan lists all of them, replays on the original, and the checkpoint re-applies them."""
+    import yaml
+
+    from compiler.cli import main
+    from tests.helpers import tiny_cfg
+
+    model = tmp_path / "tiny.yaml"
+    model.write_text(yaml.safe_dump(tiny_cfg()))
+    out = tmp_path / "out"
+    argv = ["compile", str(model), "--imgsz", "64", "--macs", "0.25", "--latency-aware"]
+    argv += ["--max-ratio", "0.5", "--drop-blocks", "--latency-table", str(tmp_path / "t.json")]
+    assert main([*argv, "--steps", "2", "--out", str(out), "--no-bench"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    blocks = report["plan"]["drop_blocks"]
+    assert blocks and report["parity"]["ok"] and report["plan"]["target"]["steps"] == 2
+    reloaded, _ = load_model(out / "tiny-pruned.pt")
+    assert list(dropped_blocks(reloaded)) == blocks
+    replayed = tmp_path / "replayed"
+    assert (
+        main(
+            [
+                "compile",
+                str(model),
+                "--imgsz",
+                "64",
+                "--plan",
+                str(out / "tiny-plan.json"),
+                "--out",
+                str(replayed),
+                "--no-bench",
+            ]
+        )
+        == 0
+    )
+    again = json.loads((replayed / "report.json").read_text())
+    assert again["plan"]["drop_blocks"] == blocks
+    assert again["params"]["after"] == report["params"]["after"]

@@ -334,3 +334,25 @@ def test_deployment_dfl_matches_ultralytics_dfl_and_exports_no_softmax(tmp_path)
     assert parity.ok, parity
     ops = {n.op_type for n in onnx.load(str(path)).graph.node}
     assert "Softmax" not in ops and {"Exp", "ReduceMax", "MatMul"} <= ops
+
+
+@needs_ultralytics
+def test_model_with_dropped_blocks_saved_for_ultralytics_loads_in_ultralytics(tmp_path):
+    from ultralytics import YOLO
+
+    from graphs.blocks import drop_blocks
+    from graphs.ultralytics_family import save_for_ultralytics
+
+    model, info = calibrated("yolov8n.yaml")
+    dropped = copy.deepcopy(model)
+    drop_blocks(dropped, ["model.2.m.0", "model.4.m.1"])
+    path = tmp_path / "dropped-ultralytics.pt"
+    save_for_ultralytics(dropped, info.names, IMGSZ, path)
+    loaded = YOLO(str(path)).model.float().eval()
+    assert type(loaded.model[2].m[0]) is torch.nn.Identity
+    images = torch.rand(2, 3, IMGSZ, IMGSZ, generator=torch.Generator().manual_seed(0))
+    want = decoded(copy.deepcopy(dropped).half().float(), images)  # the file is fp16
+    got = decoded(loaded, images)
+    scale = want.abs().amax(dim=(0, 2), keepdim=True).clamp(min=1.0)
+    assert ((got - want).abs() / scale).max() <= 1e-5
+    assert ((decoded(model, images) - want).abs() / scale).max() > 1e-3  # the drop shows

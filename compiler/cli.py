@@ -383,8 +383,8 @@ def cmd_compile(args) -> int:
     ):
         print(
             "note: pruning without fine-tuning lost most of the accuracy; fine-tune to recover "
-            "it, e.g. --epochs 8 --distill 1 --optimizer adamw --lr0 0.001 (make compile "
-            "EPOCHS=8 ARGS='--distill 1 --optimizer adamw --lr0 0.001')"
+            "it, e.g. --epochs 8 --distill 1 --optimizer adamw --lr0 0.003 (make compile "
+            "EPOCHS=8 ARGS='--distill 1 --optimizer adamw --lr0 0.003')"
         )
     print(
         f"wrote {out}/: " + ", ".join(sorted(report["files"].values())) + ", report.json, report.md"

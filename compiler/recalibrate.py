@@ -34,6 +34,7 @@ def recalibrate_batchnorm(model: nn.Module, batches) -> int:
     them in train mode. The model is left in eval mode. Returns the number of images seen."""
     norms = batchnorms(model)
     momenta = [m.momentum for m in norms]
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the batches, not an exponential one
@@ -44,12 +45,16 @@ def recalibrate_batchnorm(model: nn.Module, batches) -> int:
             images = item[0] if isinstance(item, (tuple, list)) else item
             model(images)
             seen += len(images)
+        if norms and not seen:
+            raise PlanError("BatchNorm recalibration saw no images: the training split is empty")
+    except BaseException:
+        for m, state in zip(norms, before, strict=True):
+            m.load_state_dict(state)  # a failed recalibration leaves the statistics as they were
+        raise
     finally:
         for m, momentum in zip(norms, momenta, strict=True):
             m.momentum = momentum
         model.eval()
-    if norms and not seen:
-        raise PlanError("BatchNorm recalibration saw no images: the training split is empty")
     return seen
 
 

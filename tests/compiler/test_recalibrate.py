@@ -62,9 +62,22 @@ def test_recalibrated_model_normalises_what_it_sees():
     torch.testing.assert_close(fresh.var((0, 2, 3)), torch.ones(8), atol=2e-3, rtol=0)
 
 
-def test_no_images_is_an_error():
+def test_no_images_is_an_error_that_leaves_the_statistics_as_they_were():
+    net = small_net()
+    recalibrate_batchnorm(net, [torch.randn(8, 3, 8, 8) + 1])
+    before = {k: v.clone() for k, v in net.state_dict().items()}
     with pytest.raises(PlanError, match="saw no images"):
-        recalibrate_batchnorm(small_net(), [])
+        recalibrate_batchnorm(net, [])
+
+    def failing():
+        yield torch.randn(4, 3, 8, 8)
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        recalibrate_batchnorm(net, failing())
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not net.training and all(bn.momentum == 0.03 for bn in batchnorms(net))
 
 
 def test_recalibrate_on_data_reads_training_images(tmp_path):

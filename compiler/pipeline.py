@@ -324,7 +324,7 @@ def compile_model(options: CompileOptions) -> dict:
             )
         training, recalibrated = None, 0
         if iterative:
-            plan, pruned, training = step(
+            plan, pruned, training, recalibrated = step(
                 "iterative prune + fine-tune", lambda: _iterative(prepared, options, data, staging)
             )
             if data:
@@ -502,7 +502,9 @@ def _finetune(pruned, prepared: Prepared, data, options: CompileOptions, staging
 def _iterative(prepared: Prepared, options: CompileOptions, data, staging: Path):
     """Prune in ``options.steps`` equal steps (geometric in MACs or channels kept), scoring the
     current model at each step and fine-tuning it between steps (epochs split evenly), with the
-    original as teacher. Returns the composed plan (against the original), model and training."""
+    original as teacher; BatchNorm statistics are re-estimated after each step's surgery. Returns
+    the composed plan (against the original), the model, the last training and the images each
+    recalibration saw (0: none)."""
     import dataclasses
     import math
 
@@ -513,7 +515,7 @@ def _iterative(prepared: Prepared, options: CompileOptions, data, staging: Path)
     k = options.steps
     target = options.target()
     epochs = math.ceil(options.epochs / k) if options.epochs else None
-    current, composed, training = prepared, None, None
+    current, composed, training, recalibrated = prepared, None, None, 0
     macs_original = None
     for i in range(1, k + 1):
         macs_now = mac_counter(current).macs()
@@ -526,7 +528,7 @@ def _iterative(prepared: Prepared, options: CompileOptions, data, staging: Path)
         plan = plan_for(current, step_options)
         model = apply_plan(current.model, plan)
         if _recalibrates(options, data):
-            _recalibrate(model, options, prepared.imgsz)
+            recalibrated = _recalibrate(model, options, prepared.imgsz)
         composed = plan if composed is None else composed.then(plan)
         if epochs:
             teacher_options = dataclasses.replace(options, epochs=epochs)
@@ -541,7 +543,7 @@ def _iterative(prepared: Prepared, options: CompileOptions, data, staging: Path)
         target={"kind": target.kind, "value": target.value, "steps": k},
         macs_before=macs_original,
     )
-    return composed, current.model, training
+    return composed, current.model, training, recalibrated
 
 
 def _keep_sparsity(model, plan: PruningPlan):
@@ -563,7 +565,8 @@ def _accuracy_section(accuracy: dict, training, data, recalibrated: int = 0) -> 
         "per_class": {k: m.per_class for k, m in accuracy.items()},
         "images": next(iter(accuracy.values())).images,
         "data_check": next(iter(accuracy.values())).data_check,
-        "batchnorm_recalibrated_on": recalibrated,  # training images; 0: original statistics
+        # training images (per step in iterative mode); 0: the original statistics were kept
+        "batchnorm_recalibrated_on": recalibrated,
     }
     if training is not None:
         section["finetune"] = {"history": training.history, "seconds": training.seconds}

@@ -409,6 +409,7 @@ def test_iterative_mode_meets_the_target_with_a_replayable_plan(tmp_path, tiny6_
     assert abs(report["macs"]["ratio"] / 0.4 - 1) <= 0.03
     assert report["plan"]["target"]["steps"] == 2
     assert set(report["accuracy"]["map50_95"]) == {"original", "finetuned", "onnx"}
+    assert report["accuracy"]["batchnorm_recalibrated_on"] == 16  # after each step's surgery
     # the composed plan, replayed on the original, gives the same architecture
     replay = tmp_path / "replay"
     assert (

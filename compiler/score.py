@@ -8,6 +8,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from compiler.recalibrate import batchnorms
 from graphs.dependency import ChannelGroup, CoupledGraph
 from graphs.errors import PlanError
 
@@ -50,9 +51,8 @@ def loss_gradients(
     objective = objective_for(model, imgsz, epochs=1)
     model.zero_grad(set_to_none=True)
     model.train()
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.eval()
+    for module in batchnorms(model):
+        module.eval()
     seen = 0
     try:
         for i, (images, targets, _) in enumerate(loader(dataset, batch, shuffle=True)):

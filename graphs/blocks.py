@@ -59,12 +59,9 @@ def drop_blocks(model: nn.Module, names: tuple[str, ...] | list[str]) -> nn.Modu
     """Replace each named residual block by its shortcut (``nn.Identity``), in place; the model
     remembers what it dropped (saved with it, so a checkpoint reloads). Returns ``model``."""
     for name in names:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        block = getattr(parent, attr, None)
-        if not is_residual_block(block):
+        if not is_residual_block(model.get_submodule(name)):
             raise ValueError(f"{name}: not a residual block of this model; cannot drop it")
-        setattr(parent, attr, nn.Identity())
+        model.set_submodule(name, nn.Identity())
     dropped = (*dropped_blocks(model), *names)
     setattr(model, DROPPED_ATTR, tuple(sorted(set(dropped))))
     return model

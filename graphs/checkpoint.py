@@ -382,8 +382,7 @@ def _copy_module_settings(model: nn.Module, by_path: dict[str, PickledObject]) -
         activation = f"nn.{record.type_name}"
         if activation in ACTIVATIONS and type(module).__name__ != record.type_name:
             args = [record.negative_slope] if hasattr(record, "negative_slope") else []
-            parent_name, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), attr, ACTIVATIONS[activation](*args))
+            model.set_submodule(name, ACTIVATIONS[activation](*args))
 
 
 def _class_names(names: Any, nc: int) -> list[str]:
@@ -449,9 +448,8 @@ def _load_pruned(ckpt: dict, path: Path, source: str) -> tuple[DetectionModel, M
         raise CheckpointError(f"{path}: pruned checkpoint does not fit its YAML ({exc})") from exc
     shrink_to_state(model, state)
     for name, (kind, slope) in ckpt.get("activations", {}).items():
-        parent_name, _, attr = name.rpartition(".")
         args = [slope] if slope is not None else []
-        setattr(model.get_submodule(parent_name), attr, ACTIVATIONS[f"nn.{kind}"](*args))
+        model.set_submodule(name, ACTIVATIONS[f"nn.{kind}"](*args))
     for name, eps in ckpt.get("bn_eps", {}).items():
         model.get_submodule(name).eps = eps
     try:

@@ -27,7 +27,8 @@ COMPILE_FLAGS := $(if $(IMGSZ),--imgsz $(IMGSZ)) $(if $(RATIO),--ratio $(RATIO),
 	$(if $(IMPORTANCE),--importance $(IMPORTANCE)) $(if $(ROUND_TO),--round-to $(ROUND_TO)) \
 	$(if $(DATA),--data $(DATA)) $(if $(EPOCHS),--epochs $(EPOCHS)) --out $(OUT) $(ARGS)
 
-.PHONY: install install-ultralytics compile graph test lint format bench benchmarks data eval clean
+.PHONY: install install-ultralytics compile graph test lint format bench benchmarks \
+	benchmarks-accuracy data eval clean
 
 install: $(STAMP)
 
@@ -86,6 +87,11 @@ bench: install
 benchmarks: install
 	$(PY) benchmarks/compile_yolov5.py
 	$(PY) benchmarks/latency.py
+
+# The accuracy benchmarks: they fine-tune (about 50 and 40 min on 2 CPU cores).
+benchmarks-accuracy: install $(SHAPES)
+	$(PY) benchmarks/accuracy.py
+	$(PY) benchmarks/budget.py
 
 clean:
 	rm -rf runs .pytest_cache

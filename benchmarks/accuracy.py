@@ -304,6 +304,11 @@ def render(result: dict) -> str:
             f"{100 * r['after']['map50_95'] / base:.1f}% | {r['after']['map50']:.4f} | "
             f"{r['latency_ratio']:.3f} | {r.get('finetune_s', '-')} |"
         )
+    lines += [
+        "",
+        "How the MACs 0.3 comparison with torch-pruning depends on the fine-tune budget (1 to 8 "
+        "epochs, two seeds): budget.md (benchmarks/budget.py).",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -43,7 +43,7 @@ def recalibrate_batchnorm(model: nn.Module, batches) -> int:
     try:
         for item in batches:
             images = item[0] if isinstance(item, (tuple, list)) else item
-            model(images)
+            _forward(model, images)
             seen += len(images)
         if norms and not seen:
             raise PlanError("BatchNorm recalibration saw no images: the training split is empty")
@@ -56,6 +56,19 @@ def recalibrate_batchnorm(model: nn.Module, batches) -> int:
             m.momentum = momentum
         model.eval()
     return seen
+
+
+def _forward(model: nn.Module, images: torch.Tensor) -> None:
+    try:
+        model(images)
+    except ValueError as err:  # BatchNorm in train mode on a single value per channel
+        if "more than 1 value per channel" not in str(err):
+            raise
+        raise PlanError(
+            f"BatchNorm recalibration got a batch of {len(images)} image(s) whose smallest "
+            "feature map has one value per channel: recalibrate on more images (a larger "
+            "training split), a larger --imgsz, or pass --no-recalibrate"
+        ) from err
 
 
 def recalibrate_on_data(
@@ -75,4 +88,7 @@ def recalibrate_on_data(
         raise PlanError(f"{data_yaml}: BatchNorm recalibration needs a 'train' split")
     dataset = YoloDataset(data.train, data.nc, imgsz, augment=True, seed=seed)
     source = loader(dataset, batch, shuffle=True, seed=seed)
-    return recalibrate_batchnorm(model, itertools.islice(source, batches))
+    try:
+        return recalibrate_batchnorm(model, itertools.islice(source, batches))
+    except PlanError as err:
+        raise PlanError(f"{data_yaml}: {err}") from err

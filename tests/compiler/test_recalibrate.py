@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -78,6 +80,26 @@ def test_no_images_is_an_error_that_leaves_the_statistics_as_they_were():
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert not net.training and all(bn.momentum == 0.03 for bn in batchnorms(net))
+
+
+def test_one_value_per_channel_is_a_clear_error_that_leaves_the_statistics():
+    net = small_net()
+    recalibrate_batchnorm(net, [torch.randn(8, 3, 8, 8) + 1])
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(PlanError, match=r"one value per channel.*--no-recalibrate"):
+        recalibrate_batchnorm(net, [torch.randn(4, 3, 2, 2), torch.randn(1, 3, 1, 1)])
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert recalibrate_batchnorm(net, [torch.randn(2, 3, 1, 1)]) == 2  # two values: fine
+
+
+def test_recalibrate_on_data_names_the_file_in_its_errors(tmp_path):
+    data_yaml = generate(tmp_path / "d", SyntheticSpec(train=1, val=1, imgsz=32), progress=False)
+    cfg = tiny_cfg()
+    cfg["nc"] = read_data_yaml(data_yaml).nc
+    model = DetectionModel(cfg).eval()
+    with pytest.raises(PlanError, match=f"^{re.escape(str(data_yaml))}: .*one value per channel"):
+        recalibrate_on_data(model, data_yaml, 32, batches=1, batch=4)
 
 
 def test_recalibrate_on_data_reads_training_images(tmp_path):

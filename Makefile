@@ -88,7 +88,7 @@ benchmarks: install
 	$(PY) benchmarks/compile_yolov5.py
 	$(PY) benchmarks/latency.py
 
-# The accuracy benchmarks: they fine-tune (about 50 and 40 min on 2 CPU cores).
+# The accuracy benchmarks: they fine-tune (about 50 and 60 min on 2 CPU cores).
 benchmarks-accuracy: install $(SHAPES)
 	$(PY) benchmarks/accuracy.py
 	$(PY) benchmarks/budget.py

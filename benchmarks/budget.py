@@ -1,5 +1,5 @@
 """Accuracy against fine-tune budget at MACs kept 0.3: yoloprune's best recipe and
-torch-pruning's default recipe, each fine-tuned for 1, 2, 4 and 8 epochs, several seeds.
+torch-pruning's default recipe, each fine-tuned for 1, 2, 4 and 8 epochs, three seeds.
 
 accuracy.py compares the recipes at one budget (8 epochs). This sweep shows how the gap
 between them depends on how long the user fine-tunes: both recipes start from a pruned model
@@ -15,7 +15,7 @@ Same fine-tune for both at each budget: the training images, AdamW, lr, batch, E
 Each (recipe, budget, seed) cell is saved as it finishes; a rerun skips the cells already in
 budget.json for the same settings (delete the file to start over).
 
-    python benchmarks/budget.py [--epochs 1 2 4 8] [--seeds 0 1]
+    python benchmarks/budget.py [--epochs 1 2 4 8] [--seeds 0 1 2]
 Writes benchmarks/results/budget.{json,md,png}.
 """
 
@@ -69,7 +69,7 @@ def build(prepared, data_yaml: Path, macs: float) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--macs", type=float, default=0.3)
     parser.add_argument("--train-images", type=int, default=2000)
     parser.add_argument("--lr0", type=float, default=0.003)

@@ -50,6 +50,30 @@ MODEL = ROOT / "graphs" / "weights" / "yolov5n-shapes.pt"
 OURS_AFTER_PLAN = "BN recalibrated (20 x 32 train images), distill 1.0 (objectness-weighted KL)"
 
 
+def finetune_settings(epochs: int, imgsz: int, lr0: float, **changes) -> TrainSettings:
+    """The fine-tune every pruned row gets: AdamW, batch 16, half an epoch of warm-up, EMA,
+    validated once at the end."""
+    return TrainSettings(
+        epochs=epochs,
+        batch=16,
+        nominal_batch=16,
+        imgsz=imgsz,
+        optimizer="adamw",
+        lr0=lr0,
+        momentum=0.9,
+        warmup_epochs=0.5,
+        eval_every=epochs,
+        **changes,
+    )
+
+
+def pruned_like_compile(prepared, options: CompileOptions, data_yaml: Path):
+    """As compile does it: apply the plan, then re-estimate BatchNorm statistics."""
+    pruned = apply_plan(prepared.model, plan_for(prepared, options))
+    recalibrate_on_data(pruned, data_yaml, prepared.imgsz)
+    return pruned
+
+
 def subset(data, count: int, folder: Path):
     """The first ``count`` training images, as a list file (yolov5's .txt source format)."""
     from compiler.data import image_files
@@ -102,17 +126,7 @@ def main() -> None:
     val = val_dataset(data, imgsz)
     scratch = Path(tempfile.mkdtemp())
     train_data = subset(data, args.train_images, scratch)
-    budget = TrainSettings(
-        epochs=args.epochs,
-        batch=16,
-        nominal_batch=16,
-        imgsz=imgsz,
-        optimizer="adamw",
-        lr0=args.lr0,
-        momentum=0.9,
-        warmup_epochs=0.5,
-        eval_every=args.epochs,
-    )
+    budget = finetune_settings(args.epochs, imgsz, args.lr0)
 
     def score(model):
         m = evaluate(torch_predictor(model), val, data.names, progress=False)
@@ -221,10 +235,7 @@ def architectures(prepared, imgsz: int, data_yaml: Path) -> dict:
     models = {"baseline (unpruned)": (base, "-")}
 
     def ours(options: CompileOptions):
-        """As compile does it: apply the plan, then re-estimate BatchNorm statistics."""
-        pruned = apply_plan(base, plan_for(prepared, options))
-        recalibrate_on_data(pruned, data_yaml, imgsz)
-        return pruned
+        return pruned_like_compile(prepared, options, data_yaml)
 
     for macs in (0.5, 0.3):
         models[f"yoloprune MACs {macs}"] = (

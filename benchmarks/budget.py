@@ -37,14 +37,19 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import recipes  # noqa: E402
-from accuracy import MODEL, OURS_AFTER_PLAN, subset  # noqa: E402
+from accuracy import (  # noqa: E402
+    MODEL,
+    OURS_AFTER_PLAN,
+    finetune_settings,
+    pruned_like_compile,
+    subset,
+)
 
-from compiler.apply import apply_plan  # noqa: E402
 from compiler.data import read_data_yaml  # noqa: E402
 from compiler.evaluate import evaluate, torch_predictor, val_dataset  # noqa: E402
-from compiler.finetune import TrainSettings, train  # noqa: E402
-from compiler.pipeline import CompileOptions, plan_for, prepare  # noqa: E402
-from compiler.recalibrate import recalibrate_on_data  # noqa: E402
+from compiler.finetune import train  # noqa: E402
+from compiler.pipeline import CompileOptions, prepare  # noqa: E402
+from compiler.report import write_text_atomic  # noqa: E402
 from compiler.synthetic import SyntheticSpec, generate  # noqa: E402
 from kernels.ort import machine_info  # noqa: E402
 
@@ -57,8 +62,7 @@ def build(prepared, data_yaml: Path, macs: float) -> dict:
     """The two pruned models before fine-tuning: {name: (model, recipe, distill weight)}."""
     base, imgsz = prepared.model, prepared.imgsz
     options = CompileOptions(str(MODEL), macs=macs, importance="taylor", data=data_yaml)
-    ours = apply_plan(base, plan_for(prepared, options))
-    recalibrate_on_data(ours, data_yaml, imgsz)
+    ours = pruned_like_compile(prepared, options, data_yaml)
     theirs, ratio, _ = recipes.torch_pruning_default(base, macs, imgsz)
     return {
         OURS: (ours, f"uniform Taylor, round_to 8, {OURS_AFTER_PLAN}", 1.0),
@@ -109,19 +113,7 @@ def main() -> None:
             for name, (model, _, distill) in models.items():
                 if (name, epochs, seed) in done:
                     continue
-                budget = TrainSettings(
-                    epochs=epochs,
-                    batch=16,
-                    nominal_batch=16,
-                    imgsz=imgsz,
-                    optimizer="adamw",
-                    lr0=args.lr0,
-                    momentum=0.9,
-                    warmup_epochs=0.5,
-                    eval_every=epochs,
-                    distill=distill,
-                    seed=seed,
-                )
+                budget = finetune_settings(epochs, imgsz, args.lr0, distill=distill, seed=seed)
                 start = time.perf_counter()
                 tuned = train(
                     copy.deepcopy(model),
@@ -148,12 +140,6 @@ def load_previous(settings: dict) -> dict | None:
         return None
     previous = json.loads(path.read_text())
     return previous if previous.get("settings") == settings else None
-
-
-def write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 def summary(result: dict) -> list[dict]:
@@ -193,8 +179,8 @@ def summary(result: dict) -> list[dict]:
 def save(result: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     result["summary"] = summary(result)
-    write_atomic(RESULTS / "budget.json", json.dumps(result, indent=1) + "\n")
-    write_atomic(RESULTS / "budget.md", render(result))
+    write_text_atomic(RESULTS / "budget.json", json.dumps(result, indent=1) + "\n")
+    write_text_atomic(RESULTS / "budget.md", render(result))
     if result["summary"]:
         plot(result, RESULTS / "budget.png")
 

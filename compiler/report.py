@@ -266,7 +266,8 @@ def plot_groups(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
@@ -289,5 +290,5 @@ def write_report(report: dict, folder: Path) -> None:
     plot = folder / "groups.png"
     plot_groups(report, plot)
     report["files"]["plot"] = plot.name
-    _atomic_write(folder / "report.json", json.dumps(report, indent=1) + "\n")
-    _atomic_write(folder / "report.md", render_markdown(report))
+    write_text_atomic(folder / "report.json", json.dumps(report, indent=1) + "\n")
+    write_text_atomic(folder / "report.md", render_markdown(report))

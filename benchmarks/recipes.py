@@ -8,18 +8,8 @@ import warnings
 import torch
 from torch import nn
 
-from compiler.planner import spatial_sizes
+from compiler.planner import conv_macs
 from graphs.dependency import protected_convs
-
-
-def conv_macs(model: nn.Module, imgsz: int) -> int:
-    """Conv2d multiply-accumulates for one imgsz x imgsz image (the report's definition)."""
-    hw = spatial_sizes(model, imgsz)
-    return sum(
-        m.out_channels * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1] * hw[n]
-        for n, m in model.named_modules()
-        if isinstance(m, nn.Conv2d)
-    )
 
 
 def torch_pruning_default(model: nn.Module, macs_target: float, imgsz: int):

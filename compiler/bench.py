@@ -97,14 +97,11 @@ def _torch_callable(source, settings: BenchSettings, imgsz: int):
     if isinstance(source, str) and source.endswith(".onnx"):
         raise YoloPruneError(f"{source}: --runtime torch needs a PyTorch model (.pt or .yaml)")
     model = source if isinstance(source, nn.Module) else _load(source)[0]
-    try:
-        torch_settings = TorchSettings(
-            device=settings.resolved_device(),
-            precision=settings.resolved_precision(),
-            cuda_graph=settings.cuda_graph,
-        )
-    except (RuntimeError, ValueError) as exc:
-        raise YoloPruneError(str(exc)) from exc
+    torch_settings = TorchSettings(
+        device=settings.resolved_device(),
+        precision=settings.resolved_precision(),
+        cuda_graph=settings.cuda_graph,
+    )
     runner = TorchRunner(model, settings.batch, imgsz, torch_settings)
     extra = {"channels_last": True, "cudnn_benchmark": True, "cuda_graph": settings.cuda_graph}
     return runner.run, runner.sync, runner.clock(), extra, {}

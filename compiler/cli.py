@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import math
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from graphs.errors import YoloPruneError
@@ -16,6 +19,50 @@ EXAMPLES = """examples:
 """
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (no usage block) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}; see --help\n")
+
+
+def int_in(low: int, high: int):
+    """An argparse type: an integer in [low, high]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not in [{low}, {high}]")
+        return value
+
+    return parse
+
+
+def float_in(low: float, high: float, open_low: bool = True):
+    """An argparse type: a finite number in (low, high] (or [low, high])."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or not (
+            (low < value if open_low else low <= value) and value <= high
+        ):
+            bound = "(" if open_low else "["
+            raise argparse.ArgumentTypeError(f"{value:g} is not in {bound}{low:g}, {high:g}]")
+        return value
+
+    return parse
+
+
+IMGSZ = int_in(32, 4096)
+COUNT = int_in(1, 100_000)
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "model",
@@ -26,7 +73,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--imgsz",
         "--img",
-        type=int,
+        type=IMGSZ,
         default=None,
         help="inference size in pixels, square (default: 640, or the checkpoint's)",
     )
@@ -131,9 +178,11 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["fp16", "fp32", "int8"], default="fp16")
-    p.add_argument("--max-batch", type=int, default=32, help="optimization profile maximum")
-    p.add_argument("--opt-batch", type=int, default=1, help="batch TensorRT tunes for")
-    p.add_argument("--workspace", type=float, default=4.0, help="workspace limit, GiB")
+    p.add_argument(
+        "--max-batch", type=int_in(1, 4096), default=32, help="optimization profile maximum"
+    )
+    p.add_argument("--opt-batch", type=int_in(1, 4096), default=1, help="batch TensorRT tunes for")
+    p.add_argument("--workspace", type=float_in(0, 1024), default=4.0, help="workspace limit, GiB")
     p.add_argument(
         "--timing-cache", type=Path, default=None, help="TensorRT timing cache file (reused)"
     )
@@ -152,7 +201,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m compiler",
         description="yoloprune: structured channel pruning for YOLO detectors; the result is a "
         "smaller dense model, an ONNX file checked against PyTorch, and a report.",
@@ -283,17 +332,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="evaluate this ONNX file through ONNX Runtime instead of PyTorch",
     )
-    e.add_argument("--batch", type=int, default=16)
-    e.add_argument("--conf", type=float, default=0.001, help="confidence threshold (val.py)")
-    e.add_argument("--iou", type=float, default=0.6, help="NMS IoU threshold (val.py)")
-    e.add_argument("--max-det", type=int, default=300)
-    e.add_argument("--threads", type=int, default=None)
+    e.add_argument("--batch", type=int_in(1, 4096), default=16)
+    e.add_argument(
+        "--conf",
+        type=float_in(0, 1, open_low=False),
+        default=0.001,
+        help="confidence threshold (val.py)",
+    )
+    e.add_argument("--iou", type=float_in(0, 1), default=0.6, help="NMS IoU threshold (val.py)")
+    e.add_argument("--max-det", type=COUNT, default=300)
+    e.add_argument("--threads", type=int_in(1, 1024), default=None)
 
     d = sub.add_parser("data", help="generate the synthetic shapes dataset (YOLO format)")
     d.add_argument("--out", type=Path, default=Path("runs/data/shapes"))
-    d.add_argument("--train", type=int, default=2000)
-    d.add_argument("--val", type=int, default=300)
-    d.add_argument("--imgsz", type=int, default=256)
+    d.add_argument("--train", type=int_in(0, 1_000_000), default=2000)
+    d.add_argument("--val", type=int_in(1, 1_000_000), default=300)
+    d.add_argument("--imgsz", type=IMGSZ, default=256)
     d.add_argument("--seed", type=int, default=0)
 
     b = sub.add_parser(
@@ -315,17 +369,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="default: fp32 on CPU, fp16 on GPU (int8: tensorrt only)",
     )
-    b.add_argument("--batch", type=int, default=1)
-    b.add_argument("--imgsz", "--img", type=int, default=None, help="default: the first model's")
-    b.add_argument("--threads", type=int, default=None, help="ORT intra-op threads")
+    b.add_argument("--batch", type=int_in(1, 4096), default=1)
+    b.add_argument("--imgsz", "--img", type=IMGSZ, default=None, help="default: the first model's")
+    b.add_argument("--threads", type=int_in(1, 1024), default=None, help="ORT intra-op threads")
     b.add_argument(
         "--spinning",
         action="store_true",
         help="ORT: intra-op spinning on (ONNX Runtime's default; off unless given, for stable "
         "timings on few shared cores)",
     )
-    b.add_argument("--runs", type=int, default=50, help="timed runs per model (median reported)")
-    b.add_argument("--warmup", type=int, default=10)
+    b.add_argument("--runs", type=COUNT, default=50, help="timed runs per model (median reported)")
+    b.add_argument("--warmup", type=int_in(0, 100_000), default=10)
     b.add_argument("--cuda-graph", action="store_true", help="torch on CUDA: replay a CUDA graph")
     b.add_argument("--out", type=Path, default=None, help="also write the result as JSON here")
 
@@ -421,10 +475,15 @@ def cmd_plan(args) -> int:
 
     fields = CompileOptions.__dataclass_fields__
     options = CompileOptions(**{k: v for k, v in vars(args).items() if k in fields and k != "out"})
+    if args.out.is_dir():
+        raise YoloPruneError(f"--out {args.out}: is a folder; give the plan's JSON file path")
     prepared = prepare(args.model, args.imgsz, options.grouping_limits())
     plan = plan_for(prepared, options)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    plan.save(args.out)
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        plan.save(args.out)
+    except OSError as exc:
+        raise YoloPruneError(f"--out {args.out}: cannot write the plan ({exc.strerror})") from exc
     print(
         f"MACs kept {plan.macs_ratio:.3f}; {sum(g.pruned for g in plan.groups)} of "
         f"{len(plan.groups)} groups pruned; wrote {args.out}"
@@ -494,10 +553,10 @@ def cmd_bench(args) -> int:
     result = bench(args.models, settings)
     print(render(result))
     if args.out is not None:
+        from graphs.files import write_text_atomic
+
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        tmp.replace(args.out)
+        write_text_atomic(args.out, json.dumps(result, indent=1) + "\n")
         print(f"wrote {args.out}")
     return 0
 
@@ -564,13 +623,28 @@ COMMANDS = {
 }
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a `timeout`, a CI cancel), unwound like Ctrl-C so nothing partial is left."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a bad flag (one line already printed by Parser)
+        return exc.code
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         return COMMANDS[args.command](args)
     except YoloPruneError as exc:
-        print(f"yoloprune: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split())  # one line, whatever the message held
+        print(f"yoloprune: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("yoloprune: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        print(f"yoloprune: {what}; nothing was written", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130

@@ -16,7 +16,9 @@ import torch
 import yaml
 
 from graphs.errors import YoloPruneError
+from graphs.model_yaml import MAX_CLASSES
 
+MAX_DATA_YAML_BYTES = 1 << 20
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
 
@@ -43,27 +45,45 @@ def read_data_yaml(path: str | Path) -> DataConfig:
             f"{path}: data YAML not found; pass --data path/to/data.yaml (make data "
             "writes a synthetic one)"
         )
+    if path.stat().st_size > MAX_DATA_YAML_BYTES:
+        raise DataError(f"{path}: {path.stat().st_size:,} bytes is too large for a data YAML")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
     if not isinstance(raw, dict) or "names" not in raw or "val" not in raw:
         raise DataError(f"{path}: a data YAML needs 'val' and 'names' (and 'train' to fine-tune)")
-    root = Path(raw.get("path") or path.parent)
+    folder = raw.get("path")
+    if folder is not None and type(folder) is not str:
+        raise DataError(f"{path}: 'path' must be a folder name, not {folder!r:.40}")
+    root = Path(folder or path.parent)
     if not root.is_absolute():
         root = (path.parent / root).resolve()
-    names = raw["names"]
-    if isinstance(names, dict):
-        names = [names[k] for k in sorted(names)]
+    names = _class_names(raw["names"], path)
 
     def sources(key: str) -> tuple[Path, ...]:
         value = raw.get(key)
         if value is None:
             return ()
         items = value if isinstance(value, list) else [value]
+        if not all(type(item) is str and item for item in items):
+            raise DataError(f"{path}: '{key}' must be a folder or list file, or a list of them")
         return tuple(p if p.is_absolute() else root / p for p in map(Path, items))
 
-    return DataConfig(root, sources("train"), sources("val"), tuple(str(n) for n in names))
+    return DataConfig(root, sources("train"), sources("val"), names)
+
+
+def _class_names(names, path: Path) -> tuple[str, ...]:
+    """Class names from a list, or from a dict keyed 0..nc-1 (yolov5 and ultralytics forms)."""
+    if isinstance(names, dict):
+        if sorted(names) != list(range(len(names))) or not all(type(k) is int for k in names):
+            raise DataError(f"{path}: 'names' as a mapping must be keyed 0, 1, ... nc-1")
+        names = [names[k] for k in range(len(names))]
+    if not isinstance(names, list) or not 0 < len(names) <= MAX_CLASSES:
+        raise DataError(f"{path}: 'names' must list 1 to {MAX_CLASSES} class names")
+    if not all(type(n) in (str, int, float) for n in names):
+        raise DataError(f"{path}: every class name must be a plain string")
+    return tuple(str(n) for n in names)
 
 
 def image_files(sources: tuple[Path, ...]) -> list[Path]:

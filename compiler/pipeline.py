@@ -7,8 +7,14 @@ a staging folder inside OUT and moved into place at the end, so a failed run lea
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
+import math
+import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,18 +31,27 @@ from compiler.export import (
     export_onnx,
     output_layout,
 )
-from compiler.planner import Constraints, MacCounter, Target, make_plan, spatial_sizes
+from compiler.planner import (
+    Constraints,
+    MacCounter,
+    Target,
+    conv_macs,
+    make_plan,
+    spatial_sizes,
+)
 from compiler.report import build_report, write_report
 from compiler.score import IMPORTANCES, loss_gradients, score_groups
 from compiler.unstructured import sparsify, sparsity
-from graphs.checkpoint import ModelInfo, load_model, save_pruned
+from graphs.checkpoint import MAX_IMGSZ, MIN_IMGSZ, ModelInfo, load_model, save_pruned
 from graphs.dependency import GroupingLimits, build_graph, channel_groups, conv_channels
-from graphs.errors import ExportError, PlanError
+from graphs.errors import ExportError, PlanError, YoloPruneError
 from graphs.plan import GroupPlan, PruningPlan
 
 DEFAULT_MACS = 0.5
 DEFAULT_IMPORTANCE = "l2"
 DEFAULT_OUT = Path("runs/compile")
+DEFAULT_LATENCY_RUNTIME = "ort"
+DEFAULT_BENCH_RUNS = 20
 
 
 @dataclass(frozen=True)
@@ -80,6 +95,47 @@ class CompileOptions:
     group_seconds: float | None = None  # guard on tracing/group building
     group_memory_gib: float | None = None
 
+    def __post_init__(self) -> None:
+        """Every value is honoured or refused here, before any work (never replaced)."""
+        self.target(), self.constraints(), self.grouping_limits()
+        for name, low, high in _INT_RANGES:
+            value = getattr(self, name)
+            if value is not None and (type(value) is not int or not low <= value <= high):
+                raise PlanError(f"--{_flag(name)} {value}: must be an integer in [{low}, {high}]")
+        for name, low, high, open_low in _FLOAT_RANGES:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not (isinstance(value, int | float) and math.isfinite(value)) or not (
+                (low < value if open_low else low <= value) and value <= high
+            ):
+                bound = "(" if open_low else "["
+                raise PlanError(f"--{_flag(name)} {value}: must be in {bound}{low:g}, {high:g}]")
+        for name, choices in _CHOICES:
+            value = getattr(self, name)
+            if value is not None and value not in choices:
+                raise PlanError(f"--{_flag(name)} {value}: use one of {', '.join(choices)}")
+        if self.latency_runtime == "torch":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise PlanError(
+                    "--latency-runtime torch measures on a CUDA GPU and none is available here: "
+                    "use --latency-runtime ort (ONNX Runtime CPU) or run on a GPU machine"
+                )
+        self._check_paths()
+
+    def _check_paths(self) -> None:
+        if self.out is not None and Path(self.out).exists() and not Path(self.out).is_dir():
+            raise PlanError(f"--out {self.out}: is a file; OUT must be a folder (new or existing)")
+        if self.plan is not None and not Path(self.plan).is_file():
+            raise PlanError(f"--plan {self.plan}: plan file not found; write one with `plan`")
+        if self.latency_table is not None and Path(self.latency_table).is_dir():
+            raise PlanError(
+                f"--latency-table {self.latency_table}: is a folder; give a JSON file path "
+                "(it is created if missing)"
+            )
+
     def target(self) -> Target:
         given = [
             (kind, value)
@@ -114,6 +170,35 @@ class CompileOptions:
         )
 
 
+# (field, lowest, highest) of the integer options; floats add whether the low end is open.
+_INT_RANGES = (
+    ("imgsz", MIN_IMGSZ, MAX_IMGSZ),
+    ("threads", 1, 1024),
+    ("bench_runs", 1, 100_000),
+    ("epochs", 0, 10_000),
+    ("batch", 1, 4096),
+    ("steps", 1, 100),
+)
+_FLOAT_RANGES = (
+    ("parity_tolerance", 0.0, 1e6, True),
+    ("distill", 0.0, 1e6, False),
+    ("lr0", 0.0, 10.0, True),
+    ("group_seconds", 0.0, 86_400.0, True),
+    ("group_memory_gib", 0.0, 1024.0, True),
+)
+_CHOICES = (
+    ("importance", tuple(IMPORTANCES)),
+    ("method", ("structured", "unstructured")),
+    ("latency_runtime", ("ort", "torch")),
+    ("export_mode", ("raw", "end2end")),
+    ("optimizer", ("sgd", "adamw")),
+)
+
+
+def _flag(name: str) -> str:
+    return {"parity_tolerance": "parity-tol"}.get(name, name.replace("_", "-"))
+
+
 @dataclass
 class Prepared:
     model: object
@@ -139,7 +224,7 @@ def prepare(
 ) -> Prepared:
     """Load a model and trace its channel groups (under ``limits``)."""
     model, info = load_model(model_spec)
-    size = check_imgsz(imgsz or info.imgsz, info)
+    size = check_imgsz(info.imgsz if imgsz is None else imgsz, info)
     graph = build_graph(model, limits=limits)
     return Prepared(model, info, size, channel_groups(model, graph, limits), graph)
 
@@ -155,19 +240,12 @@ def plan_for(prepared: Prepared, options: CompileOptions) -> PruningPlan:
     """Score and plan (or replay a plan file after checking it fits this model)."""
     counter = mac_counter(prepared)
     if options.plan is not None:
-        plan = PruningPlan.load(options.plan)
-        if plan.imgsz != prepared.imgsz:
-            raise PlanError(
-                f"{options.plan}: plan was made at imgsz {plan.imgsz}, not {prepared.imgsz}"
-            )
-        return plan
+        return fitted_plan(PruningPlan.load(options.plan), prepared, str(options.plan))
     if options.method == "unstructured":
         return _unstructured_plan(prepared, options, counter)
     if options.method != "structured":
         raise PlanError(f"--method {options.method}: use structured (default) or unstructured")
-    importance = options.importance or DEFAULT_IMPORTANCE
-    if importance not in IMPORTANCES:
-        raise PlanError(f"--importance {importance}: use one of {', '.join(IMPORTANCES)}")
+    importance = DEFAULT_IMPORTANCE if options.importance is None else options.importance
     target, constraints = options.target(), options.constraints()
     if constraints.drop_blocks and not (target.latency or options.latency_aware):
         raise PlanError(
@@ -195,7 +273,9 @@ def plan_for(prepared: Prepared, options: CompileOptions) -> PruningPlan:
         )
 
         settings = LatencySettings(
-            runtime=options.latency_runtime or "ort",
+            runtime=DEFAULT_LATENCY_RUNTIME
+            if options.latency_runtime is None
+            else options.latency_runtime,
             threads=options.threads,
             spinning=options.spinning,
             table=options.latency_table,
@@ -220,6 +300,40 @@ def plan_for(prepared: Prepared, options: CompileOptions) -> PruningPlan:
         allocation="global" if options.global_allocation else "uniform",
         importance=importance,
         seed=options.seed,
+    )
+
+
+def fitted_plan(plan: PruningPlan, prepared: Prepared, source: str) -> PruningPlan:
+    """A plan read from a file, checked against the model it is replayed on: every group it
+    names is a prunable group of this model with the same size, and every prunable group it
+    leaves out is listed as kept whole. Its MAC figures are recounted after surgery
+    (:func:`counted`), never taken from the file."""
+    if plan.imgsz != prepared.imgsz:
+        raise PlanError(f"{source}: plan was made at imgsz {plan.imgsz}, not {prepared.imgsz}")
+    prunable = {g.id: g for g in prepared.groups if not g.protected}
+    named = {g.id: g for g in plan.groups}
+    if len(named) != len(plan.groups):
+        raise PlanError(f"{source}: a group is listed twice; regenerate the plan with `plan`")
+    for group in plan.groups:
+        own = prunable.get(group.id)
+        if own is None or own.size != group.size:
+            found = f"{own.size} channels" if own else "no prunable group of that name"
+            raise PlanError(
+                f"{source}: group {group.id} ({group.size} channels in the plan) does not fit "
+                f"this model ({found}); make the plan for this model with `plan`"
+            )
+    groups = tuple(
+        named.get(g.id) or GroupPlan(g.id, g.size, tuple(range(g.size)))
+        for g in prepared.groups
+        if not g.protected
+    )
+    return dataclasses.replace(plan, groups=groups)
+
+
+def counted(plan: PruningPlan, original, pruned, imgsz: int) -> PruningPlan:
+    """``plan`` with its MACs counted on the original and the pruned model themselves."""
+    return dataclasses.replace(
+        plan, macs_before=conv_macs(original, imgsz), macs_after=conv_macs(pruned, imgsz)
     )
 
 
@@ -258,27 +372,90 @@ def apply_any(model, plan: PruningPlan):
     return apply_plan(model, plan)
 
 
+STAGING_PREFIX = ".staging-"
+REPORT_FILES = ("report.json", "report.md")
+
+
 @contextlib.contextmanager
 def staged_output(out: Path) -> Iterator[Path]:
-    """A staging folder inside ``out``; its files move into ``out`` only if the block succeeds."""
+    """A staging folder inside ``out``; its files move into ``out`` only if the block succeeds,
+    replacing the results of an earlier compile there (never mixing two models' files).
+
+    Staging folders left by a compile that was killed outright (SIGKILL, a power cut) are
+    removed by the next compile into the same ``out``.
+    """
     created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _remove_stale_staging(out)
+        staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=out))
+    except OSError as exc:
+        raise YoloPruneError(
+            f"--out {out}: cannot write there ({exc.strerror or exc}); choose a writable folder"
+        ) from exc
     try:
         yield staging
-        for item in sorted(staging.iterdir()):
-            item.replace(out / item.name)
+        with _signals_held():  # an interrupt now would leave old and new results mixed
+            _remove_previous_results(out)
+            for item in sorted(staging.iterdir()):
+                item.replace(out / item.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        if created and not any(out.iterdir()):
+        if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
+
+
+def _remove_stale_staging(out: Path) -> None:
+    """Staging folders of compiles that are no longer running (named ``.staging-<pid>-*``)."""
+    for folder in out.glob(f"{STAGING_PREFIX}*"):
+        pid = folder.name[len(STAGING_PREFIX) :].split("-", 1)[0]
+        if folder.is_dir() and not (pid.isdigit() and _alive(int(pid))):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_previous_results(out: Path) -> None:
+    """The files an earlier compile wrote into ``out`` (listed in its report.json)."""
+    report = out / "report.json"
+    try:
+        files = json.loads(report.read_text()).get("files", {})
+    except (OSError, ValueError, AttributeError):
+        return  # no earlier compile here (or not one of ours): nothing to replace
+    names = [*files.values(), *REPORT_FILES] if isinstance(files, dict) else list(REPORT_FILES)
+    for name in names:
+        path = out / str(name)
+        if isinstance(name, str) and path.parent == out and path.is_file():
+            path.unlink()
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Defer SIGINT/SIGTERM (main thread only) for a few renames."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def compile_model(options: CompileOptions) -> dict:
     """Run the whole job; return the report dict. Outputs land in ``options.out``."""
-    out = Path(options.out or DEFAULT_OUT)
+    out = DEFAULT_OUT if options.out is None else Path(options.out)
     data = _data_for(options)
-    iterative = (options.steps or 1) > 1
+    iterative = options.steps is not None and options.steps > 1
     steps = ["load + graph", "save", "export", "parity"]
     steps += ["iterative prune + fine-tune"] if iterative else ["score + plan", "apply"]
     steps += ["recalibrate"] if _recalibrates(options, data) and not iterative else []
@@ -346,6 +523,7 @@ def compile_model(options: CompileOptions) -> dict:
                 accuracy["finetuned"] = step(
                     "eval fine-tuned", lambda: _eval(pruned, val, data, mode)
                 )
+        plan = counted(plan, prepared.model, pruned, imgsz)
         name = info.name.removesuffix("-pruned")
         paths = {
             "checkpoint": staging / f"{name}-pruned.pt",
@@ -379,7 +557,11 @@ def compile_model(options: CompileOptions) -> dict:
                 mode=mode,
             ),
         )
-        tolerance = options.parity_tolerance or DEFAULT_PARITY_TOLERANCE
+        tolerance = (
+            DEFAULT_PARITY_TOLERANCE
+            if options.parity_tolerance is None
+            else options.parity_tolerance
+        )
         parity = step(
             "parity",
             lambda: check_parity(
@@ -505,9 +687,6 @@ def _iterative(prepared: Prepared, options: CompileOptions, data, staging: Path)
     original as teacher; BatchNorm statistics are re-estimated after each step's surgery. Returns
     the composed plan (against the original), the model, the last training and the images each
     recalibration saw (0: none)."""
-    import dataclasses
-    import math
-
     if options.method != "structured" or options.plan is not None:
         raise PlanError("--steps works with structured planning only (no --plan, no unstructured)")
     if options.target().latency:
@@ -586,7 +765,7 @@ def _bench(original, pruned_onnx: Path, imgsz: int, options: CompileOptions) -> 
         before = OrtRunner(baseline_onnx, options.threads, options.spinning)
         after = OrtRunner(pruned_onnx, options.threads, options.spinning)
         images = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
-        runs = options.bench_runs or 20
+        runs = DEFAULT_BENCH_RUNS if options.bench_runs is None else options.bench_runs
         timings = time_runners({"before": before, "after": after}, images, runs, warmup=3)
         baseline_bytes = baseline_onnx.stat().st_size
     return {

@@ -94,6 +94,17 @@ def spatial_sizes(model: nn.Module, imgsz: int) -> dict[str, int]:
     return {name: out[0] * out[1] for name, (_, out) in conv_io_sizes(model, imgsz).items()}
 
 
+def conv_macs(model: nn.Module, imgsz: int) -> int:
+    """Conv2d multiply-accumulates of ``model`` for one imgsz x imgsz image, counted on the
+    model itself (the report's definition; :class:`MacCounter` predicts the same number)."""
+    hw = spatial_sizes(model, imgsz)
+    return sum(
+        m.out_channels * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1] * hw[n]
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Conv2d)
+    )
+
+
 class MacCounter:
     """MACs of Conv2d layers for any assignment of kept channels per group (no pruning needed)."""
 

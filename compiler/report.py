@@ -7,6 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from graphs.checkpoint import ModelInfo
+from graphs.files import write_text_atomic
 from graphs.plan import PruningPlan
 
 MACS_COUNTED = (
@@ -264,13 +265,6 @@ def plot_groups(report: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _ultralytics_checkpoint_lines(saved: dict | None) -> list[str]:

@@ -10,6 +10,8 @@ outside the allow-list stops the load with a one-line error.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import pickle
 import re
 import zipfile
@@ -23,13 +25,16 @@ import yaml
 from torch import nn
 
 from graphs.blocks import drop_blocks, dropped_blocks
-from graphs.errors import CheckpointError, ModelError
-from graphs.yolov5 import ACTIVATIONS, DetectionModel
+from graphs.errors import CheckpointError, ModelError, first_line
+from graphs.files import atomic_path
+from graphs.model_yaml import ACTIVATIONS, FAMILIES
+from graphs.yolov5 import DetectionModel
 
 CFG_DIR = Path(__file__).parent / "cfg"
 WEIGHTS_DIR = Path(__file__).parent / "weights"  # trained models shipped with the package
 PRUNED_FORMAT = "yoloprune.v1"
 DEFAULT_IMGSZ = 640
+MIN_IMGSZ, MAX_IMGSZ = 32, 4096  # image sizes a checkpoint or the user may ask for
 
 _YOLOV5_CLASSES = {
     "models.yolo": ("DetectionModel", "Model", "Detect"),
@@ -142,8 +147,12 @@ def _allow_list() -> list[tuple[Any, str]]:
     return entries
 
 
+MAX_INFLATION = 64  # a compressed entry may declare at most this many times its stored size
+
+
 def safe_torch_load(path: Path) -> Any:
     """``torch.load`` with weights_only and yolov5 stand-ins; errors become CheckpointError."""
+    _check_declared_sizes(path)
     try:
         with torch.serialization.safe_globals(_allow_list()):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -155,12 +164,30 @@ def safe_torch_load(path: Path) -> Any:
             "of YOLOv5/ultralytics/torch classes; only load checkpoints you trust, re-saved by "
             "yolov5 or ultralytics"
         ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except Exception as exc:  # anything else torch.load meets in a damaged file: one line
         raise CheckpointError(
-            f"{path}: cannot read checkpoint ({first_line}); the file is truncated or corrupt, "
-            "download or copy it again"
+            f"{path}: cannot read checkpoint ({type(exc).__name__}: {first_line(exc)}); the file "
+            "is truncated or corrupt, download or copy it again"
         ) from exc
+
+
+def _check_declared_sizes(path: Path) -> None:
+    """Refuse a zip checkpoint whose entries declare far more bytes than they store, before
+    anything is inflated (torch.save writes entries uncompressed; a deflate bomb does not)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return  # not a zip (a legacy torch.save file): torch.load reads it or says why
+    for entry in entries:
+        if entry.compress_type != zipfile.ZIP_STORED and entry.file_size > MAX_INFLATION * max(
+            entry.compress_size, 1
+        ):
+            raise CheckpointError(
+                f"{path}: refused to load: entry {entry.filename!r:.80} declares "
+                f"{entry.file_size:,} bytes from {entry.compress_size:,} compressed (a "
+                "decompression bomb?); torch.save never writes that: re-save the checkpoint"
+            )
 
 
 @dataclass(frozen=True)
@@ -252,20 +279,36 @@ def load_model(spec: str | Path) -> tuple[DetectionModel, ModelInfo]:
         return model, describe(model, str(spec), pretrained=False)
     path = resolve_source(spec)
     if path.suffix in (".yaml", ".yml"):
-        try:
+        with _errors_named(path):
+            cfg = read_yaml(path)
             # Random init, but the same every time: plans and reports must be reproducible.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
-                model = DetectionModel(read_yaml(path))
-        except ModelError as exc:
-            raise ModelError(f"{path}: {exc}; fix the YAML or use a shipped one") from exc
+                model = DetectionModel(cfg)
         info = describe(model, str(spec), pretrained=False)
     else:
-        model, info = _load_checkpoint(path, str(spec))
+        with _errors_named(path):
+            model, info = _load_checkpoint(path, str(spec))
     return model.float().eval(), info
 
 
+@contextlib.contextmanager
+def _errors_named(path: Path) -> Iterator[None]:
+    """Every error of loading ``path`` names it, once."""
+    try:
+        yield
+    except (CheckpointError, ModelError) as exc:
+        if str(exc).startswith(str(path)):
+            raise
+        raise type(exc)(f"{path}: {exc}") from exc
+
+
+MAX_YAML_BYTES = 1 << 20  # model definitions are a few kB
+
+
 def read_yaml(path: Path) -> dict:
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise ModelError(f"{path}: {path.stat().st_size:,} bytes is too large for a model YAML")
     try:
         cfg = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
@@ -305,11 +348,28 @@ def _load_checkpoint(path: Path, source: str) -> tuple[DetectionModel, ModelInfo
     return model, describe(model, source, pretrained=True, meta=meta)
 
 
-def _pickled_modules(obj: PickledObject, prefix: str = "") -> Iterator[tuple[str, PickledObject]]:
+MAX_MODULE_DEPTH = 32  # nesting of pickled modules; real models nest fewer than 10 deep
+
+
+def _pickled_modules(
+    obj: PickledObject, prefix: str = "", depth: int = 0
+) -> Iterator[tuple[str, PickledObject]]:
+    """Every module record under ``obj`` with its path; a pickle whose modules nest too deep
+    (or in a cycle, which a pickle can express) is refused."""
+    if depth > MAX_MODULE_DEPTH:
+        raise CheckpointError(
+            f"the pickled model nests modules more than {MAX_MODULE_DEPTH} deep (at {prefix!r:.80})"
+            "; not a YOLO checkpoint"
+        )
     yield prefix, obj
-    for name, child in (getattr(obj, "_modules", None) or {}).items():
+    children = getattr(obj, "_modules", None) or {}
+    if not isinstance(children, dict):
+        raise CheckpointError(f"the pickled module {prefix!r:.80} has malformed children")
+    for name, child in children.items():
+        if not isinstance(child, PickledObject | type(None)) or type(name) is not str:
+            raise CheckpointError(f"the pickled module {prefix!r:.80} holds a non-module child")
         if child is not None:
-            yield from _pickled_modules(child, f"{prefix}.{name}" if prefix else name)
+            yield from _pickled_modules(child, f"{prefix}.{name}" if prefix else name, depth + 1)
 
 
 def _pickled_state(pickled: PickledObject) -> dict[str, torch.Tensor]:
@@ -325,8 +385,11 @@ def _pickled_state(pickled: PickledObject) -> dict[str, torch.Tensor]:
             }
         )
         for name, tensor in tensors.items():
-            if tensor is not None:
-                state[f"{path}.{name}" if path else name] = tensor.detach().float()
+            if tensor is None:
+                continue
+            if not isinstance(tensor, torch.Tensor):
+                raise CheckpointError(f"the pickled {path}.{name} is not a tensor")
+            state[f"{path}.{name}" if path else name] = tensor.detach().float()
     return state
 
 
@@ -342,7 +405,10 @@ def rebuild_release_model(pickled: PickledObject, path: Path) -> DetectionModel:
     except ModelError as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
     by_path = dict(_pickled_modules(pickled))
-    _copy_module_settings(model, by_path)
+    try:
+        _copy_module_settings(model, by_path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     state = _pickled_state(pickled)
     detect_path = f"model.{len(model.model) - 1}"
     detect_stride = getattr(by_path.get(detect_path), "stride", None)
@@ -378,11 +444,18 @@ def _copy_module_settings(model: nn.Module, by_path: dict[str, PickledObject]) -
         if record is None:
             continue
         if isinstance(module, nn.BatchNorm2d) and hasattr(record, "eps"):
-            module.eps = float(record.eps)
+            module.eps = _setting(record.eps, f"{name}.eps")
         activation = f"nn.{record.type_name}"
         if activation in ACTIVATIONS and type(module).__name__ != record.type_name:
-            args = [record.negative_slope] if hasattr(record, "negative_slope") else []
+            slope = getattr(record, "negative_slope", None)
+            args = [_setting(slope, f"{name}.negative_slope")] if slope is not None else []
             model.set_submodule(name, ACTIVATIONS[activation](*args))
+
+
+def _setting(value: Any, where: str) -> float:
+    if type(value) not in (int, float) or not math.isfinite(value):
+        raise CheckpointError(f"the pickled model's {where} is {value!r:.40}, not a number")
+    return float(value)
 
 
 def _class_names(names: Any, nc: int) -> list[str]:
@@ -428,35 +501,42 @@ def save_pruned(
     }
     if train_state is not None:  # optimizer/EMA state of a resumable fine-tune (last.pt)
         payload["train_state"] = train_state
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def _load_pruned(ckpt: dict, path: Path, source: str) -> tuple[DetectionModel, ModelInfo]:
-    ultralytics = ckpt.get("family") == "ultralytics"
+    ckpt = _checked_pruned(ckpt, path)
+    ultralytics = ckpt["family"] == "ultralytics"
     if ultralytics:
         from graphs.ultralytics_family import rebuild
 
-        model = rebuild(ckpt["yaml"])
+        model = rebuild(ckpt["yaml"], str(path))
     else:
-        model = DetectionModel(ckpt["yaml"])
+        try:
+            model = DetectionModel(ckpt["yaml"])
+        except ModelError as exc:
+            raise CheckpointError(f"{path}: {exc}") from exc
     state = ckpt["state_dict"]
+    misfit = f"{path}: pruned checkpoint does not fit its YAML"
     try:
-        drop_blocks(model, tuple(ckpt.get("dropped_blocks", ())))
-    except (AttributeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: pruned checkpoint does not fit its YAML ({exc})") from exc
-    shrink_to_state(model, state)
-    for name, (kind, slope) in ckpt.get("activations", {}).items():
-        args = [slope] if slope is not None else []
-        model.set_submodule(name, ACTIVATIONS[f"nn.{kind}"](*args))
-    for name, eps in ckpt.get("bn_eps", {}).items():
-        model.get_submodule(name).eps = eps
-    try:
+        drop_blocks(model, tuple(ckpt["dropped_blocks"]))
+        shrink_to_state(model, state)
+        for name, (kind, slope) in ckpt["activations"].items():
+            args = [slope] if slope is not None else []
+            model.get_submodule(name)  # the module must exist before it is replaced
+            model.set_submodule(name, ACTIVATIONS[f"nn.{kind}"](*args))
+        for name, eps in ckpt["bn_eps"].items():
+            module = model.get_submodule(name)
+            if not isinstance(module, nn.BatchNorm2d):
+                raise ValueError(f"{name} is not a BatchNorm2d")
+            module.eps = eps
         model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: pruned checkpoint does not fit its YAML ({exc})") from exc
-    names = list(ckpt.get("names") or ())
+        with torch.no_grad():  # channel counts must agree from layer to layer
+            model.float().eval()(torch.zeros(1, 3, 64, 64))
+    except (AttributeError, ValueError, RuntimeError, IndexError) as exc:
+        raise CheckpointError(f"{misfit} ({first_line(exc)})") from exc
+    names = ckpt["names"]
     if ultralytics:
         model.names = dict(enumerate(names))
     else:
@@ -465,17 +545,83 @@ def _load_pruned(ckpt: dict, path: Path, source: str) -> tuple[DetectionModel, M
     info = describe(
         model,
         source,
-        pretrained=bool(ckpt.get("pretrained", True)),
-        imgsz=ckpt.get("imgsz"),
-        meta={"pruned": True, **ckpt.get("extra", {})},
+        pretrained=ckpt["pretrained"],
+        imgsz=ckpt["imgsz"],
+        meta={"pruned": True, **ckpt["extra"]},
     )
     return model, info
+
+
+def _checked_pruned(ckpt: dict, path: Path) -> dict:
+    """The fields of a pruned checkpoint, each checked for its type (defaults where optional);
+    the YAML is validated by the model's constructor, the tensors by loading them."""
+
+    def fail(key: str, expected: str):
+        raise CheckpointError(
+            f"{path}: pruned checkpoint key {key!r}: expected {expected}; re-create it with "
+            "`compile` (the file is damaged or was not written by yoloprune)"
+        )
+
+    def mapping(key: str, check, expected: str, required: bool = False) -> dict:
+        value = ckpt.get(key, None if required else {})
+        if type(value) is not dict or not all(
+            type(k) is str and check(v) for k, v in value.items()
+        ):
+            fail(key, expected)
+        return value
+
+    def number(v) -> bool:
+        return type(v) in (int, float) and math.isfinite(v)
+
+    family = ckpt.get("family", "yolov5")  # files written before the key existed are yolov5
+    if family not in FAMILIES:
+        fail("family", f"one of {', '.join(FAMILIES)}")
+    if type(ckpt.get("yaml")) is not dict:
+        fail("yaml", "the model definition (a mapping)")
+    checked = {
+        "family": family,
+        "yaml": ckpt["yaml"],
+        "state_dict": mapping(
+            "state_dict", lambda v: isinstance(v, torch.Tensor), "tensors by name", True
+        ),
+        "bn_eps": mapping("bn_eps", lambda v: number(v) and 0 < v < 1, "eps in (0, 1) by name"),
+        "activations": mapping(
+            "activations",
+            lambda v: (
+                type(v) in (list, tuple)
+                and len(v) == 2
+                and f"nn.{v[0]}" in ACTIVATIONS
+                and (v[1] is None or number(v[1]))
+            ),
+            f"[activation, slope] by module name, activations among {', '.join(ACTIVATIONS)}",
+        ),
+        "extra": mapping("extra", lambda v: True, "a mapping"),
+    }
+    for key, kind, default in (
+        ("names", list, []),
+        ("dropped_blocks", list, []),
+        ("pretrained", bool, True),
+        ("source", str, ""),
+    ):
+        value = ckpt.get(key, default)
+        if type(value) is not kind or (kind is list and not all(type(v) is str for v in value)):
+            fail(key, f"a {kind.__name__}" + (" of strings" if kind is list else ""))
+        checked[key] = value
+    imgsz = ckpt.get("imgsz")
+    if imgsz is not None and (type(imgsz) is not int or not MIN_IMGSZ <= imgsz <= MAX_IMGSZ):
+        fail("imgsz", f"an image size in [{MIN_IMGSZ}, {MAX_IMGSZ}]")
+    checked["imgsz"] = imgsz
+    return checked
 
 
 def shrink_to_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Resize convs and BNs in place so their shapes match ``state`` (a pruned state dict)."""
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
+        if isinstance(module, nn.Conv2d | nn.BatchNorm2d) and f"{prefix}weight" in state:
+            dims = 4 if isinstance(module, nn.Conv2d) else 1
+            if state[f"{prefix}weight"].dim() != dims:
+                raise ValueError(f"{prefix}weight must have {dims} dimensions")
         if isinstance(module, nn.Conv2d) and f"{prefix}weight" in state:
             weight = state[f"{prefix}weight"]
             module.out_channels = weight.shape[0]

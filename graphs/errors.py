@@ -19,3 +19,17 @@ class PlanError(YoloPruneError):
 
 class ExportError(YoloPruneError):
     """ONNX export, simplification, checking or parity failed."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (library errors can span many)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+class RuntimeSetupError(YoloPruneError):
+    """A runtime (ONNX Runtime, PyTorch CUDA, TensorRT) is missing or cannot do what is asked."""
+
+
+class LatencyTableError(YoloPruneError):
+    """A latency table file is unreadable, malformed, or measured for another setting."""

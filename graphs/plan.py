@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from graphs.errors import PlanError
+from graphs.errors import PlanError, first_line
+from graphs.files import write_text_atomic
 
 PLAN_FORMAT = "yoloprune.plan.v1"
+MAX_PLAN_BYTES = 64 << 20  # a plan lists kept channel indices: a few MB for the largest models
 
 
 @dataclass(frozen=True)
@@ -56,20 +59,38 @@ class PruningPlan:
 
     @classmethod
     def from_json(cls, text: str, source: str = "plan") -> PruningPlan:
+        """A plan read back from JSON, every field checked for its type and sense (keep
+        indices distinct ascending integers in range, counts on the plan's own round_to)."""
         try:
             data = json.loads(text)
-            if data.get("format") != PLAN_FORMAT:
-                raise PlanError(f"{source}: not a yoloprune plan (format {data.get('format')!r})")
-            data["groups"] = tuple(
-                GroupPlan(g["id"], int(g["size"]), tuple(int(i) for i in g["keep"]))
-                for g in data["groups"]
-            )
-            data["drop_blocks"] = tuple(str(b) for b in data.get("drop_blocks", ()))
-            return cls(**data)
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
             raise PlanError(
                 f"{source}: malformed plan JSON ({exc}); regenerate it with `plan`"
             ) from exc
+        if type(data) is not dict or data.get("format") != PLAN_FORMAT:
+            found = data.get("format") if type(data) is dict else type(data).__name__
+            raise PlanError(f"{source}: not a yoloprune plan (format {found!r:.40})")
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise PlanError(f"{source}: unknown plan key {unknown[0]!r:.40}; regenerate it")
+        try:
+            fields_ = {k: _checked_field(k, v) for k, v in data.items()}
+            plan = cls(**fields_)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PlanError(
+                f"{source}: malformed plan ({first_line(exc)}); regenerate it with `plan`"
+            ) from exc
+        plan.check_alignment(source)
+        return plan
+
+    def check_alignment(self, source: str = "plan") -> None:
+        """Every pruned group keeps a multiple of ``round_to`` (0 for dropped blocks)."""
+        for group in self.groups:
+            if group.pruned and group.kept % self.round_to:
+                raise PlanError(
+                    f"{source}: group {group.id} keeps {group.kept} channels, not a multiple of "
+                    f"the plan's round_to {self.round_to}; regenerate it with `plan`"
+                )
 
     def then(self, later: PruningPlan) -> PruningPlan:
         """The single plan, against this plan's model, that equals applying ``self`` then
@@ -93,10 +114,71 @@ class PruningPlan:
         return replace(self, groups=tuple(groups), macs_after=later.macs_after, drop_blocks=drop)
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_json())
-        tmp.replace(path)
+        write_text_atomic(path, self.to_json())
 
     @classmethod
     def load(cls, path: Path) -> PruningPlan:
-        return cls.from_json(Path(path).read_text(), str(path))
+        path = Path(path)
+        if not path.is_file():
+            raise PlanError(f"{path}: plan file not found; write one with `plan --out {path}`")
+        if path.stat().st_size > MAX_PLAN_BYTES:
+            raise PlanError(f"{path}: {path.stat().st_size:,} bytes is too large for a plan")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError) as exc:
+            raise PlanError(f"{path}: not a text plan file ({first_line(exc)})") from exc
+        return cls.from_json(text, str(path))
+
+
+_SCALARS = {
+    "model": str,
+    "imgsz": int,
+    "importance": str,
+    "allocation": str,
+    "round_to": int,
+    "max_ratio": float,
+    "macs_before": int,
+    "macs_after": int,
+    "seed": int,
+    "method": str,
+    "format": str,
+}
+
+
+def _checked_field(key: str, value):
+    """One plan field, of the type the plan writes (``ValueError``/``TypeError`` otherwise)."""
+    if key in _SCALARS:
+        kind = _SCALARS[key]
+        if kind is float and type(value) is int:
+            value = float(value)
+        if type(value) is not kind or (kind is float and not math.isfinite(value)):
+            raise TypeError(f"{key} must be a {kind.__name__}, not {value!r:.40}")
+        if kind is int and key != "seed" and value < (1 if key != "macs_after" else 0):
+            raise ValueError(f"{key} {value} is out of range")
+        return value
+    if key == "groups":
+        if type(value) is not list:
+            raise TypeError("groups must be a list")
+        return tuple(_checked_group(g) for g in value)
+    if key == "drop_blocks":
+        if type(value) is not list or not all(type(b) is str for b in value):
+            raise TypeError("drop_blocks must be a list of module names")
+        return tuple(value)
+    if key in ("target", "latency"):
+        if not (type(value) is dict or (key == "latency" and value is None)):
+            raise TypeError(f"{key} must be a mapping")
+        return value
+    raise KeyError(key)
+
+
+def _checked_group(group) -> GroupPlan:
+    if type(group) is not dict or set(group) != {"id", "size", "keep"}:
+        raise TypeError("each group must be {id, size, keep}")
+    gid, size, keep = group["id"], group["size"], group["keep"]
+    if type(gid) is not str or type(size) is not int or size < 1 or type(keep) is not list:
+        raise TypeError(f"group {gid!r:.60}: id must be a string, size a positive integer")
+    if not all(type(i) is int for i in keep):
+        raise TypeError(f"group {gid}: keep must list integer channel indices")
+    if keep != sorted(set(keep)) or (keep and not 0 <= keep[0] <= keep[-1] < size):
+        raise ValueError(f"group {gid}: keep must be distinct ascending indices in [0, {size})")
+    return GroupPlan(gid, size, tuple(keep))

@@ -19,13 +19,17 @@ one-to-one) and the DFL conv are protected, and tracing follows both branches.
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from graphs.errors import ModelError, YoloPruneError
+from graphs.errors import ModelError, YoloPruneError, first_line
+from graphs.files import atomic_path
+from graphs.model_yaml import parse_activation, validate_model_yaml
 
 EXTRA_HINT = (
     "it needs the optional 'ultralytics' extra (AGPL-3.0): run `make install-ultralytics` "
@@ -180,28 +184,77 @@ def build(spec: str, nc: int | None = None) -> tuple[nn.Module, dict]:
     """Build an ultralytics model from its package YAML (``nc`` classes, default the YAML's),
     seeded, canonicalised, eval mode."""
     require_ultralytics(spec)
-    from ultralytics.nn.tasks import DetectionModel
+    from ultralytics.nn.tasks import yaml_model_load
 
     try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = DetectionModel(spec, nc=nc, verbose=False)
+        cfg = yaml_model_load(spec)  # the package's own YAML, read with yaml's safe loader
     except FileNotFoundError as exc:
         raise ModelError(f"{spec}: not a model YAML of the ultralytics package") from exc
+    if nc is not None:
+        cfg["nc"] = nc
+    model = construct(cfg, spec)
     check_supported(model, spec)
     canonicalize(model)
     return model.float().eval(), model.yaml
 
 
-def rebuild(cfg: dict) -> nn.Module:
+def rebuild(cfg: dict, source: str = "a pruned ultralytics checkpoint") -> nn.Module:
     """The canonical architecture of a saved model's YAML dict (weights to be loaded)."""
-    require_ultralytics("a pruned ultralytics checkpoint")
+    return canonicalize(construct(cfg, source)).float().eval()
+
+
+def construct(cfg: dict, source: str) -> nn.Module:
+    """ultralytics' ``DetectionModel`` of a model definition, built only after
+    :func:`graphs.model_yaml.validate_model_yaml` accepted it, seeded (random init).
+
+    The parser never sees the YAML's ``activation`` string (it would ``eval`` it): our own
+    parser turns it into a module that is set as ``Conv.default_act`` while the model is built,
+    and the canonical spec is put back into ``model.yaml`` afterwards. Where ultralytics offers
+    its restricted (no-eval, known-layer) parsing, it is switched on too, as a second wall.
+    """
+    try:
+        checked = validate_model_yaml(cfg, "ultralytics")
+    except ModelError as exc:
+        raise ModelError(f"{source}: {exc}") from None
+    require_ultralytics(source)
+    from ultralytics.nn.modules.conv import Conv
     from ultralytics.nn.tasks import DetectionModel
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = DetectionModel(cfg, verbose=False)
-    return canonicalize(model).float().eval()
+    activation = checked.pop("activation", None)
+    previous = Conv.default_act
+    Conv.default_act = parse_activation(activation) if activation else previous
+    try:
+        with _restricted_parsing(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = DetectionModel(checked, verbose=False)
+    except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError) as exc:
+        raise ModelError(
+            f"{source}: the model definition does not build ({first_line(exc)})"
+        ) from exc
+    finally:
+        Conv.default_act = previous
+    if activation:
+        model.yaml["activation"] = activation
+    return model
+
+
+@contextlib.contextmanager
+def _restricted_parsing() -> Iterator[None]:
+    """ultralytics' own restricted model parsing (no eval, model layers only) for this thread,
+    where the installed version has it (8.4.x: ``_SafeLoad``); a no-op elsewhere."""
+    from ultralytics.nn import tasks
+
+    safe_load = getattr(tasks, "_SafeLoad", None)
+    local = getattr(safe_load, "_local", None)
+    if local is None or not getattr(safe_load, "SUPPORTED", False):
+        yield
+        return
+    was_active = getattr(local, "active", False)
+    local.active = True
+    try:
+        yield
+    finally:
+        local.active = was_active
 
 
 def native(model: nn.Module) -> tuple[nn.Module, list[str]]:
@@ -267,12 +320,8 @@ def save_for_ultralytics(model: nn.Module, names, imgsz: int, path: Path) -> lis
         "train_results": {},
         "producer": "yoloprune",
     }
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(checkpoint, tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return kept
 
 
@@ -280,18 +329,14 @@ def rebuild_release(pickled, state: dict[str, torch.Tensor], path: str) -> nn.Mo
     """Rebuild an ultralytics checkpoint's model from its stand-in record (read without
     executing pickle code): its YAML through the extra, its tensors loaded strictly, its class
     names kept; then checked and canonicalised like a YAML model."""
-    require_ultralytics(path)
-    from ultralytics.nn.tasks import DetectionModel
-
     cfg = getattr(pickled, "yaml", None)
     if not isinstance(cfg, dict):
         raise ModelError(f"{path}: the pickled model carries no 'yaml' dict; re-save it")
-    with torch.random.fork_rng(devices=[]):
-        model = DetectionModel(cfg, verbose=False)
+    model = construct(cfg, path)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
+        first = first_line(exc)
         raise ModelError(
             f"{path}: tensors do not fit the architecture in its own YAML ({first}); is it an "
             f"unmodified ultralytics detection checkpoint?"

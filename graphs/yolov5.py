@@ -7,10 +7,8 @@ by their state-dict keys. Nothing here imports yolov5 code.
 
 from __future__ import annotations
 
-import ast
 import copy
 import math
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +16,9 @@ import torch
 from torch import nn
 
 from graphs.errors import ModelError
+from graphs.model_yaml import ACTIVATIONS, parse_activation, validate_model_yaml
+
+__all__ = ["ACTIVATIONS", "DetectionModel", "parse_activation"]
 
 
 def autopad(kernel: int | Sequence[int], padding: int | None = None, dilation: int = 1):
@@ -230,29 +231,6 @@ MODULES: dict[str, Any] = {
     "nn.BatchNorm2d": nn.BatchNorm2d,
 }
 
-ACTIVATIONS = {
-    "nn.SiLU": nn.SiLU,
-    "nn.ReLU": nn.ReLU,
-    "nn.LeakyReLU": nn.LeakyReLU,
-    "nn.Hardswish": nn.Hardswish,
-    "nn.ReLU6": nn.ReLU6,
-    "nn.Mish": nn.Mish,
-    "nn.GELU": nn.GELU,
-    "nn.Identity": nn.Identity,
-}
-
-
-def parse_activation(text: str) -> nn.Module:
-    """Turn a YAML ``activation:`` string like ``nn.LeakyReLU(0.1)`` into a module, without eval."""
-    match = re.fullmatch(r"\s*(nn\.\w+)\s*\((.*)\)\s*", text)
-    if not match or match.group(1) not in ACTIVATIONS:
-        raise ModelError(
-            f"unsupported activation {text!r}: use one of "
-            + ", ".join(f"{name}()" for name in ACTIVATIONS)
-        )
-    args = ast.literal_eval(f"[{match.group(2)}]") if match.group(2).strip() else []
-    return ACTIVATIONS[match.group(1)](*args)
-
 
 def make_divisible(x: float, divisor: int) -> int:
     return math.ceil(x / divisor) * divisor
@@ -273,9 +251,9 @@ class DetectionModel(nn.Module):
 
     def __init__(self, cfg: dict, ch: int = 3, nc: int | None = None):
         super().__init__()
-        self.yaml = copy.deepcopy(cfg)
+        self.yaml = validate_model_yaml(cfg, "yolov5")  # before the parser sees any of it
         if nc is not None and nc != self.yaml.get("nc"):
-            self.yaml["nc"] = nc
+            self.yaml["nc"] = validate_model_yaml({**self.yaml, "nc": nc}, "yolov5")["nc"]
         self.model, self.save = parse_model(self.yaml, ch=[ch])
         self.nc = int(self.yaml["nc"])
         self.names = [str(i) for i in range(self.nc)]
@@ -289,9 +267,14 @@ class DetectionModel(nn.Module):
         probe = 256
         was_training = self.training
         self.train()
-        with torch.no_grad():
-            outs = self.forward(torch.zeros(1, ch, probe, probe))
-        self.train(was_training)
+        try:
+            with torch.no_grad():
+                outs = self.forward(torch.zeros(1, ch, probe, probe))
+        except RuntimeError as exc:  # e.g. a Concat of maps of different sizes
+            first = str(exc).strip().splitlines()[0]
+            raise ModelError(f"the layers do not fit together ({first})") from exc
+        finally:
+            self.train(was_training)
         detect.stride = torch.tensor([probe / x.shape[-2] for x in outs])
         detect.anchors /= detect.stride.view(-1, 1, 1)
         _check_anchor_order(detect)

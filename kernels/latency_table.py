@@ -10,6 +10,7 @@ default; missing entries are measured on demand and saved atomically.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -20,9 +21,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from graphs.errors import LatencyTableError, first_line
+from graphs.files import write_text_atomic
 from kernels.timing import measure
 
 TABLE_FORMAT = "yoloprune.latency-table.v1"
+MAX_TABLE_BYTES = 64 << 20
+_KEY = re.compile(r"c\d+-o\d+-k\d+-s\d+-p\d+-g\d+-\d+x\d+")
 DEFAULT_CACHE = Path(os.environ.get("YOLOPRUNE_CACHE", Path.home() / ".cache" / "yoloprune"))
 
 
@@ -82,25 +87,56 @@ class LatencyTable:
         self.key, self.path, self._measurer = key, Path(path), measurer
         self.entries: dict[str, float] = {}
         self.measured = 0  # entries measured by this object (the rest came from the cache)
-        if self.path.is_file():
+        if self.path.is_dir():
+            raise LatencyTableError(
+                f"{self.path}: is a folder; a latency table is a JSON file (created if missing)"
+            )
+        if self.path.exists():
             self._load()
 
     def _load(self) -> None:
-        data = json.loads(self.path.read_text())
-        if data.get("format") != TABLE_FORMAT or data.get("key") != self.key.__dict__:
-            raise ValueError(
-                f"{self.path}: latency table for {data.get('key')}, not {self.key.__dict__}; "
-                "delete it or pass another --latency-table"
+        """Read the table file; anything but a table of this key, with a finite positive time
+        for every well-formed conv key, is refused."""
+        fix = "delete it or pass another --latency-table"
+        try:
+            if self.path.stat().st_size > MAX_TABLE_BYTES:
+                raise LatencyTableError(f"{self.path}: too large for a latency table; {fix}")
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise LatencyTableError(
+                f"{self.path}: not a readable latency table ({first_line(exc)}); {fix}"
+            ) from exc
+        if type(data) is not dict or data.get("format") != TABLE_FORMAT:
+            raise LatencyTableError(f"{self.path}: not a yoloprune latency table; {fix}")
+        if data.get("key") != self.key.__dict__:
+            raise LatencyTableError(
+                f"{self.path}: latency table for {data.get('key')!r:.200}, not "
+                f"{self.key.__dict__}; {fix}"
             )
-        self.entries = {k: float(v) for k, v in data["entries"].items()}
+        entries = data.get("entries")
+        if type(entries) is not dict or not all(
+            type(k) is str
+            and _KEY.fullmatch(k)
+            and type(v) in (int, float)
+            and math.isfinite(v)
+            and v > 0
+            for k, v in entries.items()
+        ):
+            raise LatencyTableError(
+                f"{self.path}: malformed entries (conv keys with positive milliseconds); {fix}"
+            )
+        self.entries = {k: float(v) for k, v in entries.items()}
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"format": TABLE_FORMAT, "key": self.key.__dict__, "entries": self.entries}
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=0, sort_keys=True)
-        os.replace(tmp, self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.path, json.dumps(payload, indent=0, sort_keys=True))
+        except OSError as exc:
+            raise LatencyTableError(
+                f"{self.path}: cannot write the latency table ({exc.strerror or exc}); pass a "
+                "writable --latency-table"
+            ) from exc
 
     def lookup(self, shape: ConvShape) -> float | None:
         return self.entries.get(shape.key())
@@ -232,5 +268,5 @@ def open_table(
         key = TableKey("torch", name, precision, batch, torch.get_num_threads())
         measurer = torch_measurer(batch, device, precision)
     else:
-        raise ValueError(f"latency tables are measured on ort or torch, not {runtime!r}")
+        raise LatencyTableError(f"latency tables are measured on ort or torch, not {runtime!r}")
     return LatencyTable(key, path or DEFAULT_CACHE / "latency" / key.filename(), measurer)

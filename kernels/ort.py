@@ -8,12 +8,14 @@ from pathlib import Path
 
 import numpy as np
 
+from graphs.errors import RuntimeSetupError
+
 
 def _onnxruntime():
     try:
         import onnxruntime
     except ImportError as exc:  # pragma: no cover - a core dependency, but say how to fix it
-        raise ImportError("onnxruntime is missing: pip install onnxruntime") from exc
+        raise RuntimeSetupError("onnxruntime is missing: pip install onnxruntime") from exc
     return onnxruntime
 
 

@@ -18,13 +18,13 @@ TensorRT; its tests skip with that reason where it is absent (see README, "What 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from graphs.errors import YoloPruneError
+from graphs.files import write_bytes_atomic
 
 PRECISIONS = ("fp32", "fp16", "int8")
 INPUT_NAME, OUTPUT_NAME = "images", "output0"
@@ -164,9 +164,7 @@ def _entropy_calibrator(trt, batches, batch: int, cache_path: Path | None):
 
 def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, data)
 
 
 def build_engine(

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from graphs.errors import RuntimeSetupError
 from kernels.timing import CudaEventClock, Timing, measure
 
 PRECISIONS = ("fp32", "fp16")
@@ -29,14 +30,16 @@ class TorchSettings:
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
+            raise RuntimeSetupError(
+                f"precision {self.precision!r}: use one of {', '.join(PRECISIONS)}"
+            )
         if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise RuntimeError(
+            raise RuntimeSetupError(
                 "the PyTorch CUDA runtime needs a CUDA GPU and a CUDA build of torch; none is "
                 "available here: use --runtime ort (CPU) or --device cpu"
             )
         if not self.device.startswith("cuda") and (self.precision == "fp16" or self.cuda_graph):
-            raise ValueError("fp16 and CUDA graphs need --device cuda; use fp32 on the CPU")
+            raise RuntimeSetupError("fp16 and CUDA graphs need --device cuda; use fp32 on the CPU")
 
 
 class TorchRunner:
@@ -57,8 +60,11 @@ class TorchRunner:
             torch.backends.cudnn.benchmark = settings.cudnn_benchmark
         memory = torch.channels_last if settings.channels_last else torch.contiguous_format
         self.model = copy.deepcopy(model).eval().to(self.device, self.dtype, memory_format=memory)
-        self.images = torch.rand(batch, channels, imgsz, imgsz, device=self.device).to(
-            self.dtype, memory_format=memory
+        seeded = torch.Generator().manual_seed(0)  # the same timing input every run
+        self.images = (
+            torch.rand(batch, channels, imgsz, imgsz, generator=seeded)
+            .to(self.device, self.dtype)
+            .contiguous(memory_format=memory)
         )
         self._graph = None
         if settings.cuda_graph:

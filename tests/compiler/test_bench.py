@@ -60,7 +60,7 @@ def test_bench_cli_writes_json(tmp_path, two_models, capsys):
     [
         (["missing.onnx"], "file not found"),
         (["m.yaml", "--runtime", "ort", "--precision", "fp16"], "run fp32"),
-        (["m.yaml", "--batch", "0"], "must be positive"),
+        (["m.yaml", "--batch", "0"], "argument --batch: 0 is not in [1, 4096]"),
     ],
 )
 def test_bench_bad_input(tmp_path, argv, message, capsys):

@@ -147,7 +147,7 @@ def _bad_files(tmp_path: Path) -> dict[str, Path]:
         ("truncated", [], "truncated or corrupt"),
         ("foreign", [], "refused to load"),
         ("non_yolo", [], "not a YOLO checkpoint"),
-        ("unknown", [], "unknown module 'MagicBlock'"),
+        ("unknown", [], "module 'MagicBlock' is not a yolov5 block"),
         ("tiny", ["--ratio", "1.5"], "--ratio 1.5 is out of range"),
         ("tiny", ["--macs", "0"], "--macs 0 is out of range"),
         ("tiny", ["--imgsz", "100"], "must be a positive multiple of 32"),

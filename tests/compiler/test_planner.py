@@ -3,11 +3,10 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from compiler.apply import apply_plan
 from compiler.pipeline import CompileOptions, Prepared, plan_for
-from compiler.planner import Constraints, Target, spatial_sizes
+from compiler.planner import Constraints, Target, conv_macs
 from graphs.checkpoint import describe, load_model
 from graphs.dependency import build_graph, channel_groups
 from graphs.errors import PlanError
@@ -24,15 +23,6 @@ def prepared_for(model, imgsz: int) -> Prepared:
 def yolov5s():
     model, _ = load_model("yolov5s.yaml")
     return prepared_for(model, 640)
-
-
-def conv_macs(model: nn.Module, imgsz: int) -> int:
-    hw = spatial_sizes(model, imgsz)
-    return sum(
-        m.out_channels * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1] * hw[n]
-        for n, m in model.named_modules()
-        if isinstance(m, nn.Conv2d)
-    )
 
 
 @pytest.mark.parametrize(

@@ -62,7 +62,7 @@ def test_activation_parsing_never_evaluates():
 def test_unknown_module_is_a_clear_error():
     cfg = tiny_cfg()
     cfg["backbone"][2] = [-1, 1, "Transformer", [128]]
-    with pytest.raises(ModelError, match="layer 2: unknown module 'Transformer'"):
+    with pytest.raises(ModelError, match="layer 2: module 'Transformer' is not a yolov5 block"):
         DetectionModel(cfg)
 
 

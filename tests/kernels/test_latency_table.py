@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from graphs.errors import LatencyTableError
 from kernels.latency_table import ConvShape, LatencyTable, TableKey, conv_onnx, ort_measurer
 
 KEY = TableKey("ort", "Test CPU @ 1GHz", "fp32", 1, 2)
@@ -41,7 +42,7 @@ def test_table_of_another_device_is_refused(tmp_path):
     path = tmp_path / "table.json"
     LatencyTable(KEY, path, fake_measurer([])).ensure([ConvShape(8, 8, 1, 1, 1, 4, 4)], False)
     other = TableKey("ort", "Other CPU", "fp32", 1, 2)
-    with pytest.raises(ValueError, match="latency table for"):
+    with pytest.raises(LatencyTableError, match="latency table for"):
         LatencyTable(other, path, fake_measurer([]))
 
 

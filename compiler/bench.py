@@ -64,10 +64,9 @@ def _model_imgsz(spec: str, settings: BenchSettings) -> int:
     if settings.imgsz:
         return settings.imgsz
     if spec.endswith(".onnx"):
-        import onnx
+        from compiler.export import onnx_input_size
 
-        dims = onnx.load(spec, load_external_data=False).graph.input[0].type.tensor_type.shape.dim
-        return int(dims[2].dim_value)
+        return onnx_input_size(Path(spec))
     return _load(spec)[1].imgsz
 
 

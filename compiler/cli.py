@@ -23,7 +23,7 @@ class Parser(argparse.ArgumentParser):
     """argparse with its errors on one line (no usage block) and exit status 2."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}; see --help\n")
+        self.exit(2, f"yoloprune: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
 def int_in(low: int, high: int):
@@ -507,7 +507,9 @@ def cmd_eval(args) -> int:
     if args.onnx is not None:
         if not args.onnx.is_file():
             raise YoloPruneError(f"{args.onnx}: ONNX file not found")
-        imgsz = args.imgsz or _onnx_imgsz(args.onnx)
+        from compiler.export import onnx_input_size
+
+        imgsz = args.imgsz or onnx_input_size(args.onnx)
         predict, runtime = onnx_predictor(args.onnx, args.threads), "onnxruntime"
     else:
         model, info = load_model(args.model)
@@ -524,13 +526,6 @@ def cmd_eval(args) -> int:
     for name, ap in metrics.per_class.items():
         print(f"  {name:<20} {ap:.4f}")
     return 0
-
-
-def _onnx_imgsz(path: Path) -> int:
-    import onnx
-
-    dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
-    return int(dims[2].dim_value)
 
 
 def cmd_bench(args) -> int:
@@ -593,13 +588,19 @@ def _engine_extras(onnx_path: Path) -> dict:
     report = onnx_path.parent / "report.json"
     if not report.is_file():
         return {}
-    data = json.loads(report.read_text())
-    return {
-        "names": data["model"].get("names"),
-        "anchors": data["model"].get("anchors"),
-        "stride": data["model"].get("stride"),
-        "pruning": {"plan": data["plan"], "macs": data["macs"], "params": data["params"]},
-    }
+    try:
+        data = json.loads(report.read_text())
+        return {
+            "names": data["model"].get("names"),
+            "anchors": data["model"].get("anchors"),
+            "stride": data["model"].get("stride"),
+            "pruning": {"plan": data["plan"], "macs": data["macs"], "params": data["params"]},
+        }
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise YoloPruneError(
+            f"{report}: not a compile report ({type(exc).__name__}); move it away from the ONNX "
+            "file or compile again"
+        ) from exc
 
 
 def cmd_data(args) -> int:

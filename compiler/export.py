@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from graphs.checkpoint import class_names
-from graphs.errors import ExportError
+from graphs.errors import ExportError, first_line
 
 DEFAULT_OPSET = 17
 # Parity is measured on output0 with box columns (pixels) divided by the image size, or by the
@@ -241,3 +241,17 @@ def _end2end_diff(actual, expected, imgsz: int, tolerance: float) -> tuple[float
             worst = max(worst, float(distance[np.arange(len(rows)), nearest].max()))
             pixels = max(pixels, float(box[np.arange(len(rows)), nearest].max()))
     return worst, pixels
+
+
+def onnx_input_size(path: Path) -> int:
+    """The square image size of an exported model's input ``images`` (batch, 3, size, size)."""
+    import onnx
+
+    try:
+        dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type
+        size = int(dims.shape.dim[2].dim_value)
+    except Exception as exc:  # protobuf's DecodeError, a graph without inputs, ...
+        raise ExportError(f"{path}: not a readable ONNX model ({first_line(exc)})") from exc
+    if size <= 0:
+        raise ExportError(f"{path}: its input has no fixed image size; pass --imgsz")
+    return size

@@ -110,7 +110,8 @@ class CompileOptions:
                 (low < value if open_low else low <= value) and value <= high
             ):
                 bound = "(" if open_low else "["
-                raise PlanError(f"--{_flag(name)} {value}: must be in {bound}{low:g}, {high:g}]")
+                shown = f"{value:g}" if isinstance(value, int | float) else repr(value)
+                raise PlanError(f"--{_flag(name)} {shown}: must be in {bound}{low:g}, {high:g}]")
         for name, choices in _CHOICES:
             value = getattr(self, name)
             if value is not None and value not in choices:

@@ -342,7 +342,12 @@ def _load_checkpoint(path: Path, source: str) -> tuple[DetectionModel, ModelInfo
         model = ultralytics_family.rebuild_release(pickled, _pickled_state(pickled), str(path))
         train_args = ckpt.get("train_args") if isinstance(ckpt.get("train_args"), dict) else {}
         imgsz = train_args.get("imgsz")
-        imgsz = imgsz if isinstance(imgsz, int) else None
+        if type(imgsz) is not int:
+            imgsz = None  # a list or missing: the default size
+        elif not MIN_IMGSZ <= imgsz <= MAX_IMGSZ:
+            raise CheckpointError(
+                f"{path}: its train_args imgsz {imgsz} is not in [{MIN_IMGSZ}, {MAX_IMGSZ}]"
+            )
         return model, describe(model, source, pretrained=True, imgsz=imgsz, meta=meta)
     model = rebuild_release_model(pickled, path)
     return model, describe(model, source, pretrained=True, meta=meta)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from graphs.errors import RuntimeSetupError
+from graphs.errors import RuntimeSetupError, first_line
 
 
 def _onnxruntime():
@@ -43,7 +43,14 @@ class OrtRunner:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
         options.add_session_config_entry("session.intra_op.allow_spinning", str(int(spinning)))
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(
+                str(path), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # ORT's own error types (InvalidProtobuf, Fail, ...)
+            raise RuntimeSetupError(
+                f"{path}: ONNX Runtime cannot load it ({first_line(exc)}); export it again"
+            ) from exc
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
 

@@ -41,19 +41,19 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 compile: install $(if $(filter $(SHAPES),$(DATA)),$(SHAPES))
-	$(PY) -m compiler compile $(MODEL) $(COMPILE_FLAGS)
+	$(PY) -m yoloprune compile $(MODEL) $(COMPILE_FLAGS)
 
 $(SHAPES): | install
-	$(PY) -m compiler data --out $(dir $(SHAPES))
+	$(PY) -m yoloprune data --out $(dir $(SHAPES))
 
 graph: install
-	$(PY) -m compiler graph $(MODEL) $(if $(IMGSZ),--imgsz $(IMGSZ))
+	$(PY) -m yoloprune graph $(MODEL) $(if $(IMGSZ),--imgsz $(IMGSZ))
 
 data: install
-	$(PY) -m compiler data --out $(dir $(SHAPES))
+	$(PY) -m yoloprune data --out $(dir $(SHAPES))
 
 eval: install $(if $(filter $(SHAPES),$(DATA)),$(SHAPES))
-	$(PY) -m compiler eval $(MODEL) --data $(or $(DATA),$(SHAPES)) $(if $(IMGSZ),--imgsz $(IMGSZ)) $(ARGS)
+	$(PY) -m yoloprune eval $(MODEL) --data $(or $(DATA),$(SHAPES)) $(if $(IMGSZ),--imgsz $(IMGSZ)) $(ARGS)
 
 # The optional ultralytics extra (AGPL-3.0) for YOLOv8 models: not part of `make install`.
 # ultralytics and torchvision go in with --no-deps: torchvision's only wheel here is a CUDA build
@@ -80,7 +80,7 @@ format: install
 
 # Baseline vs the compiled model, interleaved: make bench [MODEL=..] [PRUNED=..] [RUNTIME=ort|torch|tensorrt]
 bench: install
-	$(PY) -m compiler bench $(MODEL) $(wildcard $(PRUNED)) --runtime $(RUNTIME) $(if $(BATCH),--batch $(BATCH)) \
+	$(PY) -m yoloprune bench $(MODEL) $(wildcard $(PRUNED)) --runtime $(RUNTIME) $(if $(BATCH),--batch $(BATCH)) \
 		$(if $(IMGSZ),--imgsz $(IMGSZ)) --out $(OUT)/bench.json $(ARGS)
 
 # The reproducible benchmark scripts; each writes benchmarks/results/*.json and *.md.

@@ -34,16 +34,16 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import recipes  # noqa: E402
 
-from compiler.apply import apply_plan, count_params  # noqa: E402
-from compiler.data import read_data_yaml  # noqa: E402
-from compiler.evaluate import evaluate, torch_predictor, val_dataset  # noqa: E402
-from compiler.export import export_onnx  # noqa: E402
-from compiler.finetune import TrainSettings, train  # noqa: E402
-from compiler.pipeline import CompileOptions, plan_for, prepare  # noqa: E402
-from compiler.recalibrate import recalibrate_on_data  # noqa: E402
-from compiler.synthetic import SyntheticSpec, generate  # noqa: E402
-from compiler.unstructured import sparsify, sparsity  # noqa: E402
-from kernels.ort import OrtRunner, default_threads, machine_info, order_text, time_runners  # noqa: E402
+from yoloprune.compiler.apply import apply_plan, count_params  # noqa: E402
+from yoloprune.compiler.data import read_data_yaml  # noqa: E402
+from yoloprune.compiler.evaluate import evaluate, torch_predictor, val_dataset  # noqa: E402
+from yoloprune.compiler.export import export_onnx  # noqa: E402
+from yoloprune.compiler.finetune import TrainSettings, train  # noqa: E402
+from yoloprune.compiler.pipeline import CompileOptions, plan_for, prepare  # noqa: E402
+from yoloprune.compiler.recalibrate import recalibrate_on_data  # noqa: E402
+from yoloprune.compiler.synthetic import SyntheticSpec, generate  # noqa: E402
+from yoloprune.compiler.unstructured import sparsify, sparsity  # noqa: E402
+from yoloprune.kernels.ort import OrtRunner, default_threads, machine_info, order_text, time_runners  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 MODEL = ROOT / "graphs" / "weights" / "yolov5n-shapes.pt"
@@ -76,7 +76,7 @@ def pruned_like_compile(prepared, options: CompileOptions, data_yaml: Path):
 
 def subset(data, count: int, folder: Path):
     """The first ``count`` training images, as a list file (yolov5's .txt source format)."""
-    from compiler.data import image_files
+    from yoloprune.compiler.data import image_files
 
     files = image_files(data.train)[:count]
     listing = folder / "train_subset.txt"

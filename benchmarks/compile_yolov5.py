@@ -3,7 +3,7 @@
 Compares yoloprune's default plan (uniform L2, round_to 8, MACs solved within ±3%) with
 torch-pruning's default recipe (MetaPruner, GroupMagnitudeImportance(p=2), one uniform ratio
 bisected to the same MACs, head convs ignored) on the same model, and times
-`python -m compiler compile MODEL --macs 0.5 --no-bench` end to end.
+`python -m yoloprune compile MODEL --macs 0.5 --no-bench` end to end.
 
 Writes benchmarks/results/compile_yolov5.json and .md. Usage:
     python benchmarks/compile_yolov5.py [--models yolov5s.yaml yolov5x.yaml] [--runs 20]
@@ -31,10 +31,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import recipes  # noqa: E402
 
-from compiler.apply import apply_plan, count_params  # noqa: E402
-from compiler.export import export_onnx  # noqa: E402
-from compiler.pipeline import CompileOptions, plan_for, prepare  # noqa: E402
-from kernels.ort import OrtRunner, default_threads, machine_info, time_runners  # noqa: E402
+from yoloprune.compiler.apply import apply_plan, count_params  # noqa: E402
+from yoloprune.compiler.export import export_onnx  # noqa: E402
+from yoloprune.compiler.pipeline import CompileOptions, plan_for, prepare  # noqa: E402
+from yoloprune.kernels.ort import OrtRunner, default_threads, machine_info, time_runners  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 IMGSZ = 640
@@ -50,7 +50,7 @@ def compile_seconds(model: str, repeats: int) -> list[float]:
                 [
                     sys.executable,
                     "-m",
-                    "compiler",
+                    "yoloprune",
                     "compile",
                     model,
                     "--macs",
@@ -207,7 +207,7 @@ def render(result: dict) -> str:
                 lines.append(f"- {row['model']}: {blocks}")
     lines += [
         "",
-        "`python -m compiler compile MODEL --macs 0.5 --no-bench` wall time (s, whole "
+        "`python -m yoloprune compile MODEL --macs 0.5 --no-bench` wall time (s, whole "
         "process: load, graph, plan, apply, save, ONNX export + onnxsim + parity):",
         "",
     ]

@@ -25,11 +25,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from compiler.apply import apply_plan  # noqa: E402
-from compiler.bench import BenchSettings, time_models  # noqa: E402
-from compiler.pipeline import CompileOptions, plan_for, prepare  # noqa: E402
-from graphs.errors import PlanError  # noqa: E402
-from kernels.ort import machine_info  # noqa: E402
+from yoloprune.compiler.apply import apply_plan  # noqa: E402
+from yoloprune.compiler.bench import BenchSettings, time_models  # noqa: E402
+from yoloprune.compiler.pipeline import CompileOptions, plan_for, prepare  # noqa: E402
+from yoloprune.graphs.errors import PlanError  # noqa: E402
+from yoloprune.kernels.ort import machine_info  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 MACS = (0.75, 0.5, 0.3)
@@ -126,7 +126,7 @@ def main() -> None:
         result.setdefault("infeasible", {})[name] = infeasible
     machine = machine_info()
     if args.runtime == "torch":
-        from kernels.torch_runtime import gpu_info
+        from yoloprune.kernels.torch_runtime import gpu_info
 
         machine.update(gpu_info())
     result["machine"] = machine

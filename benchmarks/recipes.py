@@ -8,8 +8,8 @@ import warnings
 import torch
 from torch import nn
 
-from compiler.planner import conv_macs
-from graphs.dependency import protected_convs
+from yoloprune.compiler.planner import conv_macs
+from yoloprune.graphs.dependency import protected_convs
 
 
 def torch_pruning_default(model: nn.Module, macs_target: float, imgsz: int):

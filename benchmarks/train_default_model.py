@@ -20,13 +20,13 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from compiler.data import read_data_yaml  # noqa: E402
-from compiler.evaluate import evaluate, torch_predictor, val_dataset  # noqa: E402
-from compiler.finetune import TrainSettings, train  # noqa: E402
-from compiler.synthetic import SyntheticSpec, generate  # noqa: E402
-from graphs.checkpoint import CFG_DIR, describe, save_pruned  # noqa: E402
-from graphs.yolov5 import DetectionModel  # noqa: E402
-from kernels.ort import machine_info  # noqa: E402
+from yoloprune.compiler.data import read_data_yaml  # noqa: E402
+from yoloprune.compiler.evaluate import evaluate, torch_predictor, val_dataset  # noqa: E402
+from yoloprune.compiler.finetune import TrainSettings, train  # noqa: E402
+from yoloprune.compiler.synthetic import SyntheticSpec, generate  # noqa: E402
+from yoloprune.graphs.checkpoint import CFG_DIR, describe, save_pruned  # noqa: E402
+from yoloprune.graphs.yolov5 import DetectionModel  # noqa: E402
+from yoloprune.kernels.ort import machine_info  # noqa: E402
 
 WEIGHTS = ROOT / "graphs" / "weights" / "yolov5n-shapes.pt"
 RESULTS = ROOT / "benchmarks" / "results"

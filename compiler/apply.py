@@ -8,10 +8,10 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from graphs.blocks import drop_blocks, hidden_group
-from graphs.dependency import build_graph, head_convs
-from graphs.errors import PlanError
-from graphs.plan import PruningPlan
+from yoloprune.graphs.blocks import drop_blocks, hidden_group
+from yoloprune.graphs.dependency import build_graph, head_convs
+from yoloprune.graphs.errors import PlanError
+from yoloprune.graphs.plan import PruningPlan
 
 
 def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from graphs.errors import YoloPruneError
+from yoloprune.graphs.errors import YoloPruneError
 
 RUNTIMES = ("ort", "torch", "tensorrt")
 
@@ -55,7 +55,7 @@ class BenchSettings:
 
 
 def _load(spec: str):
-    from graphs.checkpoint import load_model
+    from yoloprune.graphs.checkpoint import load_model
 
     return load_model(spec)
 
@@ -64,7 +64,7 @@ def _model_imgsz(spec: str, settings: BenchSettings) -> int:
     if settings.imgsz:
         return settings.imgsz
     if spec.endswith(".onnx"):
-        from compiler.export import onnx_input_size
+        from yoloprune.compiler.export import onnx_input_size
 
         return onnx_input_size(Path(spec))
     return _load(spec)[1].imgsz
@@ -73,7 +73,7 @@ def _model_imgsz(spec: str, settings: BenchSettings) -> int:
 def _onnx_path(source, imgsz: int, scratch: Path, index: int) -> Path:
     """An ONNX file for ``source``: itself if it is one, else exported (dynamic batch) from the
     model or the model file."""
-    from compiler.export import export_onnx
+    from yoloprune.compiler.export import export_onnx
 
     if isinstance(source, str) and source.endswith(".onnx"):
         return Path(source)
@@ -82,7 +82,7 @@ def _onnx_path(source, imgsz: int, scratch: Path, index: int) -> Path:
 
 
 def _ort_callable(onnx_path: Path, settings: BenchSettings, imgsz: int):
-    from kernels.ort import OrtRunner
+    from yoloprune.kernels.ort import OrtRunner
 
     runner = OrtRunner(onnx_path, settings.threads, settings.spinning)
     images = np.random.default_rng(0).random((settings.batch, 3, imgsz, imgsz), dtype=np.float32)
@@ -91,7 +91,7 @@ def _ort_callable(onnx_path: Path, settings: BenchSettings, imgsz: int):
 
 
 def _torch_callable(source, settings: BenchSettings, imgsz: int):
-    from kernels.torch_runtime import TorchRunner, TorchSettings
+    from yoloprune.kernels.torch_runtime import TorchRunner, TorchSettings
 
     if isinstance(source, str) and source.endswith(".onnx"):
         raise YoloPruneError(f"{source}: --runtime torch needs a PyTorch model (.pt or .yaml)")
@@ -107,7 +107,7 @@ def _torch_callable(source, settings: BenchSettings, imgsz: int):
 
 
 def _tensorrt_callable(spec: str, settings: BenchSettings, imgsz: int, scratch: Path, index: int):
-    from kernels.tensorrt import BuildSettings, EngineRunner, build_engine
+    from yoloprune.kernels.tensorrt import BuildSettings, EngineRunner, build_engine
 
     path = Path(spec)
     if path.suffix not in (".engine", ".plan"):
@@ -128,7 +128,7 @@ def _time_sources(sources: dict, settings: BenchSettings, imgsz: int):
     """Build a runner for each source (a model file name or an in-memory model) on
     ``settings.runtime`` and time them A B A B (or in the turns the runtime needs):
     ({name: Timing}, runtime extras)."""
-    from kernels.timing import interleaved
+    from yoloprune.kernels.timing import interleaved
 
     fns, sync, clock, extra, order = {}, None, None, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -156,7 +156,7 @@ def time_models(models: dict, settings: BenchSettings, imgsz: int) -> dict:
 
 def bench(models: list[str], settings: BenchSettings) -> dict:
     """Time every model A B A B ...; ratios are against the first."""
-    from kernels.ort import machine_info
+    from yoloprune.kernels.ort import machine_info
 
     if not models:
         raise YoloPruneError("bench needs at least one MODEL")
@@ -178,7 +178,7 @@ def bench(models: list[str], settings: BenchSettings) -> dict:
     ]
     machine = machine_info()
     if settings.resolved_device().startswith("cuda"):
-        from kernels.torch_runtime import gpu_info
+        from yoloprune.kernels.torch_runtime import gpu_info
 
         machine.update(gpu_info())
     return {

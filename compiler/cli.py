@@ -1,4 +1,4 @@
-"""``python -m compiler <command>``: thin wrappers over the passes. Flags default to None."""
+"""``python -m yoloprune <command>``: thin wrappers over the passes. Flags default to None."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import sys
 import threading
 from pathlib import Path
 
-from graphs.errors import YoloPruneError
+from yoloprune.graphs.errors import YoloPruneError
 
 EXAMPLES = """examples:
-  python -m compiler compile yolov5x.pt --macs 0.5            # keep half the MACs
-  python -m compiler compile yolov5s.pt --ratio 0.3 --global  # 30%% of channels, global ranking
-  python -m compiler compile yolov5s.yaml --no-bench          # architecture only (random init)
-  python -m compiler graph yolov5s.pt                          # show coupled channel groups
+  python -m yoloprune compile yolov5x.pt --macs 0.5            # keep half the MACs
+  python -m yoloprune compile yolov5s.pt --ratio 0.3 --global  # 30%% of channels, global ranking
+  python -m yoloprune compile yolov5s.yaml --no-bench          # architecture only (random init)
+  python -m yoloprune graph yolov5s.pt                          # show coupled channel groups
 """
 
 
@@ -174,6 +174,17 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
         "go with the block)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of --importance random")
+    _custom_modules_arg(p)
+
+
+def _custom_modules_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-custom-modules",
+        action="store_true",
+        help="ultralytics models: let the two halves of a C2f/C3k2/C2PSA block keep different "
+        "channel counts (by default they stay equal, so the -pruned-ultralytics.pt loads with "
+        "stock ultralytics; with this flag the report names the blocks that then need yoloprune)",
+    )
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -202,7 +213,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
-        prog="python -m compiler",
+        prog="yoloprune",
         description="yoloprune: structured channel pruning for YOLO detectors; the result is a "
         "smaller dense model, an ONNX file checked against PyTorch, and a report.",
         epilog=EXAMPLES,
@@ -322,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("graph", help="print the coupled channel groups of a model")
     _model_args(g)
     g.add_argument("--members", action="store_true", help="list every member of every group")
+    _custom_modules_arg(g)
 
     e = sub.add_parser("eval", help="mAP of a model (or its exported ONNX) on a data YAML")
     _model_args(e)
@@ -393,6 +405,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=None, help="engine path (default: ONNX with .engine)"
     )
 
+    x = sub.add_parser(
+        "export",
+        help="ONNX of any model the compiler accepts (a release, YAML or pruned model), exactly "
+        "as compile exports its result, with parity checked: the unpruned baseline, say",
+    )
+    _model_args(x)
+    x.add_argument(
+        "--out", type=Path, default=None, help="ONNX file to write (default runs/export/NAME.onnx)"
+    )
+    x.add_argument("--dynamic", action="store_true", help="ONNX with a dynamic batch axis")
+    x.add_argument("--no-simplify", dest="simplify", action="store_false", help="skip onnxsim")
+    x.add_argument("--export-mode", choices=["raw", "end2end"], default=None)
+    x.add_argument(
+        "--parity-tol",
+        type=float_in(0, 1e6),
+        default=None,
+        help="max allowed ORT-vs-PyTorch difference (default 1e-3)",
+    )
+    x.add_argument("--threads", type=int_in(1, 1024), default=None)
+
     pl = sub.add_parser("plan", help="write a pruning plan JSON without applying it")
     _model_args(pl)
     _plan_args(pl)
@@ -404,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_compile(args) -> int:
-    from compiler.pipeline import CompileOptions, compile_model
+    from yoloprune.compiler.pipeline import CompileOptions, compile_model
 
     fields = CompileOptions.__dataclass_fields__
     options = CompileOptions(**{k: v for k, v in vars(args).items() if k in fields})
@@ -447,12 +479,12 @@ def cmd_compile(args) -> int:
 
 
 def cmd_graph(args) -> int:
-    from compiler.pipeline import CompileOptions, prepare
+    from yoloprune.compiler.pipeline import CompileOptions, prepare
 
     options = CompileOptions(
         args.model, group_seconds=args.group_seconds, group_memory_gib=args.group_memory_gib
     )
-    prepared = prepare(args.model, args.imgsz, options.grouping_limits())
+    prepared = prepare(args.model, args.imgsz, options.grouping_limits(), args.allow_custom_modules)
     groups = prepared.groups
     width = max(len(g.id) for g in groups)
     print(f"{'group (root conv)':<{width}}  channels  members  status")
@@ -471,13 +503,15 @@ def cmd_graph(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from compiler.pipeline import CompileOptions, plan_for, prepare
+    from yoloprune.compiler.pipeline import CompileOptions, plan_for, prepare
 
     fields = CompileOptions.__dataclass_fields__
     options = CompileOptions(**{k: v for k, v in vars(args).items() if k in fields and k != "out"})
     if args.out.is_dir():
         raise YoloPruneError(f"--out {args.out}: is a folder; give the plan's JSON file path")
-    prepared = prepare(args.model, args.imgsz, options.grouping_limits())
+    prepared = prepare(
+        args.model, args.imgsz, options.grouping_limits(), options.allow_custom_modules
+    )
     plan = plan_for(prepared, options)
     try:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -491,23 +525,56 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from yoloprune.compiler.export import DEFAULT_PARITY_TOLERANCE, export_checked, export_mode
+    from yoloprune.compiler.pipeline import check_imgsz
+    from yoloprune.graphs.checkpoint import load_model
+
+    model, info = load_model(args.model)
+    out = args.out or Path("runs/export") / f"{info.name}.onnx"
+    if out.is_dir():
+        raise YoloPruneError(f"--out {out}: is a folder; give the ONNX file path to write")
+    imgsz = check_imgsz(info.imgsz if args.imgsz is None else args.imgsz, info)
+    mode = export_mode(model, args.export_mode)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise YoloPruneError(f"--out {out}: cannot write there ({exc.strerror})") from exc
+    tolerance = DEFAULT_PARITY_TOLERANCE if args.parity_tol is None else args.parity_tol
+    parity = export_checked(
+        model,
+        out,
+        imgsz,
+        dynamic=args.dynamic,
+        simplify=args.simplify,
+        mode=mode,
+        tolerance=tolerance,
+        threads=args.threads,
+    )
+    print(
+        f"{info.family} model at {imgsz} px, {mode} output; parity "
+        f"{parity.max_abs_diff:.2e} <= {parity.tolerance:g}; wrote {out}"
+    )
+    return 0
+
+
 def cmd_eval(args) -> int:
-    from compiler.data import read_data_yaml
-    from compiler.evaluate import (
+    from yoloprune.compiler.data import read_data_yaml
+    from yoloprune.compiler.evaluate import (
         EvalSettings,
         evaluate,
         onnx_predictor,
         torch_predictor,
         val_dataset,
     )
-    from graphs.checkpoint import load_model
+    from yoloprune.graphs.checkpoint import load_model
 
     data = read_data_yaml(args.data)
     settings = EvalSettings(conf=args.conf, iou=args.iou, max_det=args.max_det, batch=args.batch)
     if args.onnx is not None:
         if not args.onnx.is_file():
             raise YoloPruneError(f"{args.onnx}: ONNX file not found")
-        from compiler.export import onnx_input_size
+        from yoloprune.compiler.export import onnx_input_size
 
         imgsz = args.imgsz or onnx_input_size(args.onnx)
         predict, runtime = onnx_predictor(args.onnx, args.threads), "onnxruntime"
@@ -531,7 +598,7 @@ def cmd_eval(args) -> int:
 def cmd_bench(args) -> int:
     import json
 
-    from compiler.bench import BenchSettings, bench, render
+    from yoloprune.compiler.bench import BenchSettings, bench, render
 
     settings = BenchSettings(
         runtime=args.runtime,
@@ -548,7 +615,7 @@ def cmd_bench(args) -> int:
     result = bench(args.models, settings)
     print(render(result))
     if args.out is not None:
-        from graphs.files import write_text_atomic
+        from yoloprune.graphs.files import write_text_atomic
 
         args.out.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(args.out, json.dumps(result, indent=1) + "\n")
@@ -557,7 +624,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_build(args) -> int:
-    from kernels.tensorrt import BuildSettings, build_engine, write_triton_repository
+    from yoloprune.kernels.tensorrt import BuildSettings, build_engine, write_triton_repository
 
     if not args.onnx.is_file():
         raise YoloPruneError(f"{args.onnx}: ONNX file not found; export one with compile")
@@ -604,7 +671,7 @@ def _engine_extras(onnx_path: Path) -> dict:
 
 
 def cmd_data(args) -> int:
-    from compiler.synthetic import SyntheticSpec, generate
+    from yoloprune.compiler.synthetic import SyntheticSpec, generate
 
     path = generate(
         args.out, SyntheticSpec(train=args.train, val=args.val, imgsz=args.imgsz, seed=args.seed)
@@ -617,6 +684,7 @@ COMMANDS = {
     "compile": cmd_compile,
     "graph": cmd_graph,
     "plan": cmd_plan,
+    "export": cmd_export,
     "eval": cmd_eval,
     "data": cmd_data,
     "bench": cmd_bench,

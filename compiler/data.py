@@ -15,11 +15,11 @@ import numpy as np
 import torch
 import yaml
 
-from graphs.errors import YoloPruneError
-from graphs.model_yaml import MAX_CLASSES
+from yoloprune.graphs.errors import YoloPruneError
+from yoloprune.graphs.model_yaml import MAX_CLASSES
+from yoloprune.kernels.preprocess import IMAGE_SUFFIXES, letterbox
 
 MAX_DATA_YAML_BYTES = 1 << 20
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 class DataError(YoloPruneError):
@@ -179,22 +179,6 @@ def _check_image(path: Path, check: SampleCheck) -> tuple[int, int] | None:
         check.messages.append(f"{path}: ignoring image smaller than 10 px ({width}x{height})")
         return None
     return height, width
-
-
-def letterbox(image: np.ndarray, size: int, color: int = 114):
-    """Resize keeping aspect ratio and pad to size x size; returns (image, ratio, (padw, padh))."""
-    from PIL import Image
-
-    h, w = image.shape[:2]
-    ratio = min(size / h, size / w)
-    new_w, new_h = round(w * ratio), round(h * ratio)
-    if (new_w, new_h) != (w, h):
-        image = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
-    pad_w, pad_h = (size - new_w) / 2, (size - new_h) / 2
-    top, left = round(pad_h - 0.1), round(pad_w - 0.1)
-    out = np.full((size, size, 3), color, dtype=np.uint8)
-    out[top : top + new_h, left : left + new_w] = image
-    return out, ratio, (left, top)
 
 
 class YoloDataset(torch.utils.data.Dataset):

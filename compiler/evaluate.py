@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compiler.data import DataConfig, YoloDataset, loader
-from compiler.nms import detections as to_detections
+from yoloprune.compiler.data import DataConfig, YoloDataset, loader
+from yoloprune.compiler.nms import detections as to_detections
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,7 @@ def evaluate(
 def torch_predictor(model: torch.nn.Module, mode: str | None = None) -> Predictor:
     """The PyTorch model as it would be exported in ``mode`` (default: the model's own, so
     YOLO26 is evaluated end to end, as deployed)."""
-    from compiler.export import deployed_model, export_mode, output_layout
+    from yoloprune.compiler.export import deployed_model, export_mode, output_layout
 
     mode = export_mode(model, mode)
     deployed = deployed_model(model, mode, runtime_forms=False)
@@ -179,7 +179,7 @@ def torch_predictor(model: torch.nn.Module, mode: str | None = None) -> Predicto
 def onnx_predictor(path: Path, threads: int | None = None) -> Predictor:
     """The deployed artifact itself, read in the layout its metadata records (yoloprune's
     exports; yolov5's own when absent); a static-batch file is fed a batch at a time."""
-    from kernels.ort import OrtRunner
+    from yoloprune.kernels.ort import OrtRunner
 
     runner = OrtRunner(path, threads)
     layout = runner.metadata().get("layout", "yolov5")

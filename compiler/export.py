@@ -10,7 +10,6 @@ written into the ONNX metadata (``layout``) so evaluation and parity read the fi
 from __future__ import annotations
 
 import copy
-import json
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from graphs.checkpoint import class_names
-from graphs.errors import ExportError, first_line
+from yoloprune.graphs.checkpoint import class_names
+from yoloprune.graphs.errors import ExportError, first_line
 
 DEFAULT_OPSET = 17
 # Parity is measured on output0 with box columns (pixels) divided by the image size, or by the
@@ -60,7 +59,7 @@ class Parity:
 
 def export_mode(model: nn.Module, requested: str | None = None) -> str:
     """The export mode: ``requested`` checked against the head, or the model's default."""
-    from graphs import ultralytics_family
+    from yoloprune.graphs import ultralytics_family
 
     end2end_capable = ultralytics_family.is_ultralytics_model(
         model
@@ -79,7 +78,7 @@ def export_mode(model: nn.Module, requested: str | None = None) -> str:
 
 def output_layout(model: nn.Module, mode: str) -> str:
     """``yolov5``, ``anchor_free`` or ``end2end``: how output0 is laid out (see LAYOUTS)."""
-    from graphs import ultralytics_family
+    from yoloprune.graphs import ultralytics_family
 
     if mode == "end2end":
         return "end2end"
@@ -90,7 +89,7 @@ def deployed_model(model: nn.Module, mode: str, runtime_forms: bool = True) -> n
     """A copy that returns output0 only, as exported in ``mode`` (eval mode, fp32). With
     ``runtime_forms`` the head's DFL takes its deployment form (same values, faster on ONNX
     Runtime); without, the model's own modules run (the reference parity is checked against)."""
-    from graphs import ultralytics_family
+    from yoloprune.graphs import ultralytics_family
 
     exported = copy.deepcopy(model).float().eval()
     if ultralytics_family.is_ultralytics_model(exported):
@@ -108,6 +107,42 @@ def deployed_model(model: nn.Module, mode: str, runtime_forms: bool = True) -> n
 def _rows_last(output: np.ndarray, layout: str) -> np.ndarray:
     """output0 with one row per box (ultralytics' raw layout puts boxes on the last axis)."""
     return np.swapaxes(output, 1, 2) if layout == "anchor_free" else output
+
+
+def onnx_metadata(model: nn.Module, imgsz: int, mode: str, names=None, dynamic=False) -> dict:
+    """ONNX metadata as the family's own exporter writes it, so its loaders read our files:
+    yolov5's ``DetectMultiBackend`` (detect.py, val.py) takes ``stride`` as an int and ``names``
+    through ``ast.literal_eval`` then indexes ``names[0]`` (a Python literal with int keys);
+    ultralytics' ``AutoBackend`` also reads ``imgsz``, ``batch``, ``task``, ``channels`` and
+    ``end2end`` (True: output0 is already (batch, k, 6) boxes, no NMS). yoloprune adds
+    ``producer``, ``export_mode`` and ``layout`` (read by our own evaluation)."""
+    from yoloprune.graphs import ultralytics_family
+
+    labels = {i: str(n) for i, n in enumerate(names or class_names(model))}
+    meta = {"stride": str(int(max(model.stride))), "names": str(labels)}
+    if ultralytics_family.is_ultralytics_model(model):
+        import ultralytics
+
+        meta = {
+            "description": "yoloprune pruned Ultralytics YOLO model",
+            "author": "yoloprune",
+            "version": ultralytics.__version__,
+            "license": "AGPL-3.0 (https://ultralytics.com/license)",
+            **meta,
+            "task": "detect",
+            "batch": "1" if not dynamic else "-1",
+            "imgsz": str([imgsz, imgsz]),
+            "channels": "3",
+            "end2end": str(mode == "end2end"),
+        }
+    else:
+        meta["imgsz"] = str([imgsz, imgsz])
+    return {
+        **meta,
+        "producer": "yoloprune",
+        "export_mode": mode,
+        "layout": output_layout(model, mode),
+    }
 
 
 def export_onnx(
@@ -150,14 +185,7 @@ def export_onnx(
         if simplify:
             proto = _simplify(proto)
         onnx.checker.check_model(proto, full_check=True)
-        meta = {
-            "stride": str(int(max(model.stride))),
-            "names": json.dumps({i: n for i, n in enumerate(names or class_names(model))}),
-            "imgsz": json.dumps([imgsz, imgsz]),
-            "producer": "yoloprune",
-            "export_mode": mode,
-            "layout": output_layout(model, mode),
-        }
+        meta = onnx_metadata(model, imgsz, mode, names, dynamic)
         for key, value in meta.items():
             proto.metadata_props.add(key=key, value=value)
         onnx.save(proto, str(tmp))
@@ -180,6 +208,32 @@ def _simplify(proto):
     return simplified
 
 
+def export_checked(
+    model: nn.Module,
+    path: Path,
+    imgsz: int,
+    *,
+    dynamic: bool = False,
+    simplify: bool = True,
+    mode: str | None = None,
+    tolerance: float = DEFAULT_PARITY_TOLERANCE,
+    threads: int | None = None,
+) -> Parity:
+    """Export ``model`` to ``path`` as compile does and check ONNX Runtime against PyTorch;
+    ``path`` appears only if parity holds."""
+    from yoloprune.graphs.files import atomic_path
+
+    with atomic_path(path) as staged:
+        export_onnx(model, staged, imgsz, dynamic=dynamic, simplify=simplify, mode=mode)
+        parity = check_parity(model, staged, imgsz, tolerance=tolerance, threads=threads)
+        if not parity.ok:
+            raise ExportError(
+                f"{path.name}: ONNX Runtime differs from PyTorch by {parity.max_abs_diff:.3g} > "
+                f"tolerance {parity.tolerance:g} ({parity.metric}); nothing was written"
+            )
+    return parity
+
+
 def check_parity(
     model: nn.Module,
     onnx_path: Path,
@@ -191,7 +245,7 @@ def check_parity(
 ) -> Parity:
     """Run PyTorch and ONNX Runtime on the same fixed input and compare output0, in the
     export mode the file records."""
-    from kernels.ort import OrtRunner
+    from yoloprune.kernels.ort import OrtRunner
 
     runner = OrtRunner(onnx_path, threads)
     mode = runner.metadata().get("export_mode", "raw")

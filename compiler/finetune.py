@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compiler.data import DataConfig, YoloDataset, collate
-from compiler.evaluate import EvalSettings, evaluate, torch_predictor
-from compiler.objective import objective_for
-from graphs.checkpoint import ModelInfo, load_model, save_pruned
-from graphs.errors import YoloPruneError
+from yoloprune.compiler.data import DataConfig, YoloDataset, collate
+from yoloprune.compiler.evaluate import EvalSettings, evaluate, torch_predictor
+from yoloprune.compiler.objective import objective_for
+from yoloprune.graphs.checkpoint import ModelInfo, load_model, save_pruned
+from yoloprune.graphs.errors import YoloPruneError
 
 
 @dataclass(frozen=True)

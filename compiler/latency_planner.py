@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compiler.planner import conv_io_sizes, plan_from_counts
-from graphs.blocks import droppable_blocks
-from graphs.dependency import ChannelGroup, ConvChannels, conv_channels
-from graphs.errors import PlanError
-from kernels.latency_table import ConvShape, LatencyTable, open_table
+from yoloprune.compiler.planner import conv_io_sizes, plan_from_counts
+from yoloprune.graphs.blocks import droppable_blocks
+from yoloprune.graphs.dependency import ChannelGroup, ConvChannels, conv_channels
+from yoloprune.graphs.errors import PlanError
+from yoloprune.kernels.latency_table import ConvShape, LatencyTable, open_table
 
 DEFAULT_GRID = (0.25, 0.5, 0.75, 1.0)
 
@@ -374,8 +374,8 @@ def plan_latency(prepared, scores, counter, target, constraints, importance, see
     runtime itself (baseline and candidate interleaved) and re-plan with a corrected budget
     until the measured latency is within ``settings.tolerance`` of the goal (at most
     ``settings.rounds`` rounds). Every round is recorded in ``plan.latency``."""
-    from compiler.apply import apply_plan
-    from compiler.bench import BenchSettings, time_models
+    from yoloprune.compiler.apply import apply_plan
+    from yoloprune.compiler.bench import BenchSettings, time_models
 
     table, model = _latency_model(prepared, constraints, settings)
     bench = BenchSettings(

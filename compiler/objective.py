@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compiler.loss import YoloV5Loss
-from graphs.ultralytics_family import head_branches, is_ultralytics_model
+from yoloprune.compiler.loss import YoloV5Loss
+from yoloprune.graphs.ultralytics_family import head_branches, is_ultralytics_model
 
 # ultralytics' default.yaml gains for the anchor-free loss.
 ANCHOR_FREE_GAINS = {"box": 7.5, "cls": 0.5, "dfl": 1.5}

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from compiler.apply import apply_plan, count_params
-from compiler.export import (
+from yoloprune.compiler.apply import apply_plan, count_params
+from yoloprune.compiler.export import (
     DEFAULT_PARITY_TOLERANCE,
     LAYOUTS,
     check_parity,
@@ -31,7 +31,7 @@ from compiler.export import (
     export_onnx,
     output_layout,
 )
-from compiler.planner import (
+from yoloprune.compiler.planner import (
     Constraints,
     MacCounter,
     Target,
@@ -39,13 +39,13 @@ from compiler.planner import (
     make_plan,
     spatial_sizes,
 )
-from compiler.report import build_report, write_report
-from compiler.score import IMPORTANCES, loss_gradients, score_groups
-from compiler.unstructured import sparsify, sparsity
-from graphs.checkpoint import MAX_IMGSZ, MIN_IMGSZ, ModelInfo, load_model, save_pruned
-from graphs.dependency import GroupingLimits, build_graph, channel_groups, conv_channels
-from graphs.errors import ExportError, PlanError, YoloPruneError
-from graphs.plan import GroupPlan, PruningPlan
+from yoloprune.compiler.report import build_report, write_report
+from yoloprune.compiler.score import IMPORTANCES, loss_gradients, score_groups
+from yoloprune.compiler.unstructured import sparsify, sparsity
+from yoloprune.graphs.checkpoint import MAX_IMGSZ, MIN_IMGSZ, ModelInfo, load_model, save_pruned
+from yoloprune.graphs.dependency import GroupingLimits, build_graph, channel_groups, conv_channels
+from yoloprune.graphs.errors import ExportError, PlanError, YoloPruneError
+from yoloprune.graphs.plan import GroupPlan, PruningPlan
 
 DEFAULT_MACS = 0.5
 DEFAULT_IMPORTANCE = "l2"
@@ -94,6 +94,8 @@ class CompileOptions:
     export_mode: str | None = None  # raw | end2end (default: end2end where the head has it)
     group_seconds: float | None = None  # guard on tracing/group building
     group_memory_gib: float | None = None
+    # ultralytics: let split blocks' halves differ (the pruned file then needs yoloprune)
+    allow_custom_modules: bool = False
 
     def __post_init__(self) -> None:
         """Every value is honoured or refused here, before any work (never replaced)."""
@@ -221,13 +223,18 @@ def check_imgsz(imgsz: int, info: ModelInfo) -> int:
 
 
 def prepare(
-    model_spec: str, imgsz: int | None = None, limits: GroupingLimits | None = None
+    model_spec: str,
+    imgsz: int | None = None,
+    limits: GroupingLimits | None = None,
+    custom_modules: bool = False,
 ) -> Prepared:
-    """Load a model and trace its channel groups (under ``limits``)."""
+    """Load a model and trace its channel groups (under ``limits``; split blocks' halves tied
+    unless ``custom_modules``)."""
     model, info = load_model(model_spec)
     size = check_imgsz(info.imgsz if imgsz is None else imgsz, info)
     graph = build_graph(model, limits=limits)
-    return Prepared(model, info, size, channel_groups(model, graph, limits), graph)
+    groups = channel_groups(model, graph, limits, custom_modules)
+    return Prepared(model, info, size, groups, graph)
 
 
 def mac_counter(prepared: Prepared) -> MacCounter:
@@ -267,7 +274,7 @@ def plan_for(prepared: Prepared, options: CompileOptions) -> PruningPlan:
     finally:
         prepared.model.zero_grad(set_to_none=True)
     if target.latency or options.latency_aware:
-        from compiler.latency_planner import (
+        from yoloprune.compiler.latency_planner import (
             LatencySettings,
             plan_latency,
             plan_macs_latency_aware,
@@ -480,7 +487,13 @@ def compile_model(options: CompileOptions) -> dict:
             return result
 
         prepared = step(
-            "load + graph", lambda: prepare(options.model, options.imgsz, options.grouping_limits())
+            "load + graph",
+            lambda: prepare(
+                options.model,
+                options.imgsz,
+                options.grouping_limits(),
+                options.allow_custom_modules,
+            ),
         )
         info, imgsz = prepared.info, prepared.imgsz
         mode = export_mode(prepared.model, options.export_mode)  # a wrong one fails before pruning
@@ -540,7 +553,7 @@ def compile_model(options: CompileOptions) -> dict:
             plan.save(paths["plan"])
             save_pruned(pruned, info, paths["checkpoint"], extra={"plan": paths["plan"].name})
             if "ultralytics" in paths:
-                from graphs.ultralytics_family import save_for_ultralytics
+                from yoloprune.graphs.ultralytics_family import save_for_ultralytics
 
                 rewritten.extend(
                     save_for_ultralytics(pruned, info.names, imgsz, paths["ultralytics"])
@@ -615,7 +628,7 @@ def compile_model(options: CompileOptions) -> dict:
 
 
 def _data_for(options: CompileOptions):
-    from compiler.data import read_data_yaml
+    from yoloprune.compiler.data import read_data_yaml
 
     if options.data is None:
         if options.epochs:
@@ -631,27 +644,27 @@ def _recalibrates(options: CompileOptions, data) -> bool:
 
 
 def _recalibrate(model, options: CompileOptions, imgsz: int) -> int:
-    from compiler.recalibrate import recalibrate_on_data
+    from yoloprune.compiler.recalibrate import recalibrate_on_data
 
     return recalibrate_on_data(model, options.data, imgsz, seed=options.seed)
 
 
 def _val_dataset(data, imgsz: int):
     """Read and check the validation split once; every evaluation of the job shares it."""
-    from compiler.evaluate import val_dataset
+    from yoloprune.compiler.evaluate import val_dataset
 
     return val_dataset(data, imgsz) if data else None
 
 
 def _eval(model, val, data, mode: str | None = None):
     """PyTorch mAP of ``model`` as it is exported in ``mode`` (so it compares with ONNX's)."""
-    from compiler.evaluate import evaluate, torch_predictor
+    from yoloprune.compiler.evaluate import evaluate, torch_predictor
 
     return evaluate(torch_predictor(model, mode), val, data.names, progress=False)
 
 
 def _eval_onnx(path: Path, val, data, options: CompileOptions):
-    from compiler.evaluate import evaluate, onnx_predictor
+    from yoloprune.compiler.evaluate import evaluate, onnx_predictor
 
     return evaluate(
         onnx_predictor(path, options.threads),
@@ -663,7 +676,7 @@ def _eval_onnx(path: Path, val, data, options: CompileOptions):
 
 
 def _finetune(pruned, prepared: Prepared, data, options: CompileOptions, staging: Path):
-    from compiler.finetune import TrainSettings, train, with_overrides
+    from yoloprune.compiler.finetune import TrainSettings, train, with_overrides
 
     settings = with_overrides(
         TrainSettings(imgsz=prepared.imgsz),
@@ -716,7 +729,11 @@ def _iterative(prepared: Prepared, options: CompileOptions, data, staging: Path)
             model = training.model
         graph = build_graph(model)
         current = Prepared(
-            model, prepared.info, prepared.imgsz, channel_groups(model, graph), graph
+            model,
+            prepared.info,
+            prepared.imgsz,
+            channel_groups(model, graph, custom_modules=options.allow_custom_modules),
+            graph,
         )
     composed = dataclasses.replace(
         composed,
@@ -757,7 +774,7 @@ def _bench(original, pruned_onnx: Path, imgsz: int, options: CompileOptions) -> 
     """ONNX Runtime CPU latency, batch 1, baseline and pruned interleaved (A B A B)."""
     import numpy as np
 
-    from kernels.ort import OrtRunner, machine_info, time_runners
+    from yoloprune.kernels.ort import OrtRunner, machine_info, time_runners
 
     with tempfile.TemporaryDirectory() as tmp:
         baseline_onnx = export_onnx(

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from graphs.dependency import ChannelGroup, ConvChannels
-from graphs.errors import PlanError
-from graphs.plan import GroupPlan, PruningPlan
+from yoloprune.graphs.dependency import ChannelGroup, ConvChannels
+from yoloprune.graphs.errors import PlanError
+from yoloprune.graphs.plan import GroupPlan, PruningPlan
 
 MACS_TOLERANCE = 0.03  # relative: a MACs target is met when |kept/target - 1| <= 3%
 
@@ -135,6 +136,28 @@ def _floor(size: int, c: Constraints) -> int:
     return math.ceil(size * (1 - c.max_ratio) / c.round_to) * c.round_to
 
 
+def tied(groups) -> Callable[[dict[str, int]], dict[str, int]]:
+    """A function raising every tied group (same ``tie`` label) to the largest count of its
+    tie: tied groups are the halves of a split block, which keep equal counts."""
+    ties: dict[str, list[str]] = {}
+    for g in groups:
+        if g.tie:
+            ties.setdefault(g.tie, []).append(g.id)
+    sets = [ids for ids in ties.values() if len(ids) > 1]
+
+    def apply(counts: dict[str, int]) -> dict[str, int]:
+        if not sets:
+            return counts
+        counts = dict(counts)
+        for ids in sets:
+            top = max(counts[i] for i in ids)
+            for i in ids:
+                counts[i] = top
+        return counts
+
+    return apply
+
+
 def _uniform_counts(groups, ratio: float, c: Constraints) -> dict[str, int]:
     ratio = min(ratio, c.max_ratio)
     return {
@@ -146,6 +169,7 @@ def _closest_rounding(groups, ratio: float, c: Constraints, objective, goal: flo
     """Same fraction kept everywhere; each group rounds down or up to round_to, chosen in order
     of largest remainder so that the objective lands closest to the goal."""
     ratio = min(ratio, c.max_ratio)
+    tie = tied(groups)
     exact = {g.id: g.size * (1 - ratio) for g in groups}
     floors = {
         g.id: aligned(
@@ -153,13 +177,14 @@ def _closest_rounding(groups, ratio: float, c: Constraints, objective, goal: flo
         )
         for g in groups
     }
-    counts = dict(floors)
+    counts = tie(floors)
     best = (dict(counts), objective(counts))
     by_remainder = sorted(groups, key=lambda g: (-(exact[g.id] - floors[g.id]), g.id))
     for g in by_remainder:
         if counts[g.id] >= g.size:
             continue
         counts[g.id] = min(g.size, counts[g.id] + c.round_to)
+        counts = tie(counts)
         value = objective(counts)
         if abs(value - goal) < abs(best[1] - goal):
             best = (dict(counts), value)
@@ -221,12 +246,13 @@ def make_plan(
     def macs_fraction(counts):
         return counter.macs(counts) / macs_before
 
+    tie = tied(prunable)
     if allocation == "uniform":
         if target.kind == "ratio":
-            counts = _uniform_counts(prunable, target.value, c)
+            counts = tie(_uniform_counts(prunable, target.value, c))
         else:
             counts, value = _solve(
-                lambda r: _uniform_counts(prunable, r, c),
+                lambda r: tie(_uniform_counts(prunable, r, c)),
                 0.0,
                 c.max_ratio,
                 macs_fraction,
@@ -241,7 +267,7 @@ def make_plan(
     else:
         all_scores = torch.cat([scores[g.id] for g in prunable])
         lo, hi = float(all_scores.min()) - 1.0, float(all_scores.max())
-        count_fn = lambda t: _global_counts(prunable, scores, t, c)  # noqa: E731
+        count_fn = lambda t: tie(_global_counts(prunable, scores, t, c))  # noqa: E731
         if target.kind == "ratio":
             counts, _ = _solve(count_fn, lo, hi, kept_fraction, 1 - target.value)
         else:
@@ -284,7 +310,9 @@ def plan_from_counts(
     seed: int = 0,
     latency: dict | None = None,
 ) -> PruningPlan:
-    """The plan keeping, in each group, its ``counts[id]`` highest-scored channels."""
+    """The plan keeping, in each group, its ``counts[id]`` highest-scored channels (tied groups
+    at their tie's largest count)."""
+    counts = tied(prunable)(counts)
     plans = []
     for g in prunable:
         order = torch.argsort(scores[g.id], descending=True, stable=True)

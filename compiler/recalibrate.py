@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from graphs.errors import PlanError
+from yoloprune.graphs.errors import PlanError
 
 RECALIBRATE_BATCHES = 20  # training batches of RECALIBRATE_BATCH images
 RECALIBRATE_BATCH = 32
@@ -81,7 +81,7 @@ def recalibrate_on_data(
 ) -> int:
     """:func:`recalibrate_batchnorm` on ``batches`` shuffled, augmented training batches of the
     data YAML (augmented as fine-tuning sees them; the order is fixed by ``seed``)."""
-    from compiler.data import YoloDataset, loader, read_data_yaml
+    from yoloprune.compiler.data import YoloDataset, loader, read_data_yaml
 
     data = read_data_yaml(data_yaml)
     if not data.train:

@@ -6,9 +6,9 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from graphs.checkpoint import ModelInfo
-from graphs.files import write_text_atomic
-from graphs.plan import PruningPlan
+from yoloprune.graphs.checkpoint import ModelInfo
+from yoloprune.graphs.files import write_text_atomic
+from yoloprune.graphs.plan import PruningPlan
 
 MACS_COUNTED = (
     "multiply-accumulates of every Conv2d (detection head included) for one "

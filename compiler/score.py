@@ -8,9 +8,9 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from compiler.recalibrate import batchnorms
-from graphs.dependency import ChannelGroup, CoupledGraph
-from graphs.errors import PlanError
+from yoloprune.compiler.recalibrate import batchnorms
+from yoloprune.graphs.dependency import ChannelGroup, CoupledGraph
+from yoloprune.graphs.errors import PlanError
 
 IMPORTANCES = ("l1", "l2", "bn", "taylor", "random")
 TAYLOR_BATCHES = 8  # training batches of 16 images whose loss gradients Taylor scores read
@@ -41,8 +41,8 @@ def loss_gradients(
     augmentation, fixed order) into every weight's ``.grad``, for first-order Taylor scores
     (|weight x gradient|). BatchNorm runs on its running statistics, which stay untouched;
     weights do not change. Returns the number of images seen."""
-    from compiler.data import YoloDataset, loader, read_data_yaml
-    from compiler.objective import objective_for
+    from yoloprune.compiler.data import YoloDataset, loader, read_data_yaml
+    from yoloprune.compiler.objective import objective_for
 
     data = read_data_yaml(data_yaml)
     if not data.train:

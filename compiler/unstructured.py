@@ -11,7 +11,7 @@ import copy
 
 from torch import nn
 
-from graphs.errors import PlanError
+from yoloprune.graphs.errors import PlanError
 
 
 def sparsify(model: nn.Module, amount: float) -> nn.Module:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 if TYPE_CHECKING:  # graphs.dependency imports torch-pruning; checkpoints load without it
-    from graphs.dependency import ChannelGroup
+    from yoloprune.graphs.dependency import ChannelGroup
 
 DROPPED_ATTR = "yoloprune_dropped_blocks"  # on a model: the blocks already replaced by Identity
 

@@ -24,11 +24,11 @@ import torch
 import yaml
 from torch import nn
 
-from graphs.blocks import drop_blocks, dropped_blocks
-from graphs.errors import CheckpointError, ModelError, first_line
-from graphs.files import atomic_path
-from graphs.model_yaml import ACTIVATIONS, FAMILIES
-from graphs.yolov5 import DetectionModel
+from yoloprune.graphs.blocks import drop_blocks, dropped_blocks
+from yoloprune.graphs.errors import CheckpointError, ModelError, first_line
+from yoloprune.graphs.files import atomic_path
+from yoloprune.graphs.model_yaml import ACTIVATIONS, FAMILIES
+from yoloprune.graphs.yolov5 import DetectionModel
 
 CFG_DIR = Path(__file__).parent / "cfg"
 WEIGHTS_DIR = Path(__file__).parent / "weights"  # trained models shipped with the package
@@ -226,7 +226,7 @@ def describe(
     meta: dict | None = None,
 ) -> ModelInfo:
     """What the report and the exports need to know about a yolov5 or ultralytics model."""
-    from graphs import ultralytics_family
+    from yoloprune.graphs import ultralytics_family
 
     if ultralytics_family.is_ultralytics_model(model):
         head = ultralytics_family.detect_head(model)
@@ -272,7 +272,7 @@ def resolve_source(spec: str | Path) -> Path:
 
 def load_model(spec: str | Path) -> tuple[DetectionModel, ModelInfo]:
     """Load MODEL (a yolov5 release .pt, a yoloprune .pt or a .yaml), fp32, eval mode."""
-    from graphs import ultralytics_family
+    from yoloprune.graphs import ultralytics_family
 
     if ultralytics_family.is_ultralytics_name(spec):
         model, _ = ultralytics_family.build(str(spec))
@@ -337,7 +337,7 @@ def _load_checkpoint(path: Path, source: str) -> tuple[DetectionModel, ModelInfo
         )
     meta = {k: ckpt[k] for k in ("epoch", "date", "version") if isinstance(ckpt.get(k), (int, str))}
     if pickled.qualname.startswith("ultralytics."):
-        from graphs import ultralytics_family
+        from yoloprune.graphs import ultralytics_family
 
         model = ultralytics_family.rebuild_release(pickled, _pickled_state(pickled), str(path))
         train_args = ckpt.get("train_args") if isinstance(ckpt.get("train_args"), dict) else {}
@@ -514,7 +514,7 @@ def _load_pruned(ckpt: dict, path: Path, source: str) -> tuple[DetectionModel, M
     ckpt = _checked_pruned(ckpt, path)
     ultralytics = ckpt["family"] == "ultralytics"
     if ultralytics:
-        from graphs.ultralytics_family import rebuild
+        from yoloprune.graphs.ultralytics_family import rebuild
 
         model = rebuild(ckpt["yaml"], str(path))
     else:
@@ -629,6 +629,10 @@ def shrink_to_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
                 raise ValueError(f"{prefix}weight must have {dims} dimensions")
         if isinstance(module, nn.Conv2d) and f"{prefix}weight" in state:
             weight = state[f"{prefix}weight"]
+            if module.groups > 1 and module.groups == module.in_channels:
+                # depthwise (YOLO11/YOLO26 heads): pruning shrinks its groups with its channels
+                multiplier = module.out_channels // module.groups
+                module.groups = max(weight.shape[0] // multiplier, 1)
             module.out_channels = weight.shape[0]
             module.in_channels = weight.shape[1] * module.groups
             module.weight = nn.Parameter(torch.empty_like(weight))

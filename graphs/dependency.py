@@ -14,13 +14,13 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
-from graphs.errors import ModelError
+from yoloprune.graphs.errors import ModelError
 
 
 class _PerOutputRanges(Sequence):
@@ -202,6 +202,9 @@ class ChannelGroup:
     members: tuple[Member, ...]
     protected: bool = False
     reason: str = ""
+    # groups sharing a tie keep equal counts (the two halves of a split block, so the family's
+    # own class can express the pruned block); "" when free
+    tie: str = ""
 
 
 @dataclass(frozen=True)
@@ -218,7 +221,7 @@ class ConvChannels:
 
 def head_convs(model: nn.Module) -> list[nn.Conv2d]:
     """The detection head's output convs: their outputs are the model interface."""
-    from graphs import ultralytics_family
+    from yoloprune.graphs import ultralytics_family
 
     if ultralytics_family.is_ultralytics_model(model):
         return ultralytics_family.head_convs(model)
@@ -228,7 +231,7 @@ def head_convs(model: nn.Module) -> list[nn.Conv2d]:
 def protected_convs(model: nn.Module) -> dict[nn.Conv2d, str]:
     """Convs whose output channels are never pruned, with the reason: the head's output convs
     (the model interface) and, for ultralytics models, the convs inside attention blocks."""
-    from graphs import ultralytics_family
+    from yoloprune.graphs import ultralytics_family
 
     protected = {conv: "detection head output (model interface)" for conv in head_convs(model)}
     if ultralytics_family.is_ultralytics_model(model):
@@ -244,7 +247,7 @@ def model_stride(model: nn.Module) -> int:
 def _trace_output(out):
     """What to back-propagate through when tracing: yolov5's raw head list; the raw box and
     score tensors of every ultralytics head branch."""
-    from graphs import ultralytics_family
+    from yoloprune.graphs import ultralytics_family
 
     return ultralytics_family.trace_outputs(out) if isinstance(out[1], dict) else out[1]
 
@@ -286,9 +289,15 @@ def _members(graph: CoupledGraph, group) -> tuple[Member, ...]:
 
 
 def channel_groups(
-    model: nn.Module, graph: CoupledGraph | None = None, limits: GroupingLimits | None = None
+    model: nn.Module,
+    graph: CoupledGraph | None = None,
+    limits: GroupingLimits | None = None,
+    custom_modules: bool = False,
 ) -> list[ChannelGroup]:
-    """All channel groups of a model, protected convs (head outputs, attention) included."""
+    """All channel groups of a model, protected convs (head outputs, attention) included.
+
+    Unless ``custom_modules``, the two halves of every split block are tied (see
+    :func:`tie_split_halves`), so the pruned model loads with its family's own classes."""
     limits = limits or GroupingLimits()
     graph = graph or build_graph(model, limits=limits)
     protected = protected_convs(model)
@@ -313,7 +322,42 @@ def channel_groups(
         members = (Member(name, "out", 0, conv.out_channels, conv.out_channels),)
         groups.append(ChannelGroup(name, conv.out_channels, members, True, reason))
     _check_disjoint(groups)
-    return sorted(groups, key=lambda g: order[g.id])
+    groups = sorted(groups, key=lambda g: order[g.id])
+    return groups if custom_modules else tie_split_halves(model, groups)
+
+
+def tie_split_halves(model: nn.Module, groups: list[ChannelGroup]) -> list[ChannelGroup]:
+    """Tie the groups of each split block's two halves (ultralytics' C2f/C3k2 ``cv1`` chunks and
+    C2PSA's halves, held as ``cv1a``/``cv1b``): ultralytics' classes split ``cv1`` into equal
+    halves, so a pruned block is expressible by them only if both halves keep equal counts.
+    Tied groups share a ``tie`` label; a half whose partner cannot be pruned (C2PSA's attention
+    half) is kept whole (protected, with the reason)."""
+    from yoloprune.graphs import ultralytics_family
+
+    halves = ultralytics_family.split_halves(model)
+    if not halves:
+        return groups
+    owner = {m.layer: g.id for g in groups for m in g.members if m.kind == "out"}
+    by_id = {g.id: g for g in groups}
+    for block, kind, pair in halves:
+        owners = [by_id.get(owner.get(conv, "")) for conv in pair]
+        free = [g for g in owners if g is not None and not g.protected]
+        if len(free) < 2 or free[0].size != free[1].size:
+            reason = (
+                f"kept whole: ultralytics' {kind} ({block}) needs equal halves and its other half "
+                "is not pruned (--allow-custom-modules prunes it)"
+            )
+            for g in free:
+                by_id[g.id] = replace(by_id[g.id], protected=True, reason=reason, tie="")
+            continue
+        labels = {by_id[g.id].tie for g in free} - {""}
+        label = min(labels | {block})
+        for g in list(by_id.values()):  # merge ties that share a group
+            if g.tie in labels:
+                by_id[g.id] = replace(g, tie=label)
+        for g in free:
+            by_id[g.id] = replace(by_id[g.id], tie=label)
+    return [by_id[g.id] for g in groups]
 
 
 def _check_disjoint(groups: list[ChannelGroup]) -> None:

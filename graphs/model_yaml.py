@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import nn
 
-from graphs.errors import ModelError
+from yoloprune.graphs.errors import ModelError
 
 FAMILIES = ("yolov5", "ultralytics")
 

@@ -7,8 +7,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from graphs.errors import PlanError, first_line
-from graphs.files import write_text_atomic
+from yoloprune.graphs.errors import PlanError, first_line
+from yoloprune.graphs.files import write_text_atomic
 
 PLAN_FORMAT = "yoloprune.plan.v1"
 MAX_PLAN_BYTES = 64 << 20  # a plan lists kept channel indices: a few MB for the largest models

@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from graphs.errors import ModelError, YoloPruneError, first_line
-from graphs.files import atomic_path
-from graphs.model_yaml import parse_activation, validate_model_yaml
+from yoloprune.graphs.errors import ModelError, YoloPruneError, first_line
+from yoloprune.graphs.files import atomic_path
+from yoloprune.graphs.model_yaml import parse_activation, validate_model_yaml
 
 EXTRA_HINT = (
     "it needs the optional 'ultralytics' extra (AGPL-3.0): run `make install-ultralytics` "
@@ -255,6 +255,16 @@ def _restricted_parsing() -> Iterator[None]:
         yield
     finally:
         local.active = was_active
+
+
+def split_halves(model: nn.Module) -> list[tuple[str, str, tuple[str, str]]]:
+    """(block name, ultralytics class, (cv1a conv, cv1b conv)) of every split block: the two
+    halves ultralytics' class holds as one ``cv1`` split in equal parts."""
+    return [
+        (name, block.source_type, (f"{name}.cv1a.conv", f"{name}.cv1b.conv"))
+        for name, block in model.named_modules()
+        if isinstance(block, _SplitBlock)
+    ]
 
 
 def native(model: nn.Module) -> tuple[nn.Module, list[str]]:

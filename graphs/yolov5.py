@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from graphs.errors import ModelError
-from graphs.model_yaml import ACTIVATIONS, parse_activation, validate_model_yaml
+from yoloprune.graphs.errors import ModelError
+from yoloprune.graphs.model_yaml import ACTIVATIONS, parse_activation, validate_model_yaml
 
 __all__ = ["ACTIVATIONS", "DetectionModel", "parse_activation"]
 

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from graphs.errors import LatencyTableError, first_line
-from graphs.files import write_text_atomic
-from kernels.timing import measure
+from yoloprune.graphs.errors import LatencyTableError, first_line
+from yoloprune.graphs.files import write_text_atomic
+from yoloprune.kernels.timing import measure
 
 TABLE_FORMAT = "yoloprune.latency-table.v1"
 MAX_TABLE_BYTES = 64 << 20
@@ -209,7 +209,7 @@ def ort_measurer(batch: int, threads: int, spinning: bool = True, runs: int = 15
     runs (:class:`kernels.ort.OrtRunner`)."""
     import numpy as np
 
-    from kernels.ort import OrtRunner
+    from yoloprune.kernels.ort import OrtRunner
 
     def measure_shape(shape: ConvShape) -> float:
         with tempfile.TemporaryDirectory() as tmp:
@@ -226,7 +226,7 @@ def ort_measurer(batch: int, threads: int, spinning: bool = True, runs: int = 15
 
 def torch_measurer(batch: int, device: str, precision: str, runs: int = 30, warmup: int = 5):
     """Time one conv shape through the PyTorch runtime (CUDA fp16 channels_last by default)."""
-    from kernels.torch_runtime import TorchRunner, TorchSettings
+    from yoloprune.kernels.torch_runtime import TorchRunner, TorchSettings
 
     settings = TorchSettings(device=device, precision=precision, channels_last=True)
 
@@ -255,7 +255,7 @@ def open_table(
     per channel than they are (one benchmark run each: latency-aware plans from such a table
     reached MACs 0.5 at latency ratios 0.556 and 0.564 on yolo11s and yolo26s, against 0.543
     and 0.542 from the spinning table)."""
-    from kernels.ort import default_threads, machine_info
+    from yoloprune.kernels.ort import default_threads, machine_info
 
     if runtime == "ort":
         threads = threads or default_threads()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from graphs.errors import RuntimeSetupError, first_line
+from yoloprune.graphs.errors import RuntimeSetupError, first_line
 
 
 def _onnxruntime():
@@ -71,7 +71,7 @@ class OrtRunner:
 def time_runners(runners: dict, images: np.ndarray, runs: int, warmup: int) -> dict:
     """Time ONNX Runtime sessions against each other on the same input ({name: Timing}), in
     the order their spinning setting needs (:meth:`OrtRunner.timing_order`)."""
-    from kernels.timing import interleaved
+    from yoloprune.kernels.timing import interleaved
 
     spinning = {r.spinning for r in runners.values()}
     if len(spinning) != 1:

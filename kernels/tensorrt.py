@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from graphs.errors import YoloPruneError
-from graphs.files import write_bytes_atomic
+from yoloprune.graphs.errors import YoloPruneError
+from yoloprune.graphs.files import write_bytes_atomic
 
 PRECISIONS = ("fp32", "fp16", "int8")
 INPUT_NAME, OUTPUT_NAME = "images", "output0"
@@ -108,7 +108,7 @@ def calibration_batches(folder: Path, imgsz: int, batch: int, count: int):
     the deployed pipeline feeds them; at most ``count`` batches."""
     from PIL import Image
 
-    from compiler.data import IMAGE_SUFFIXES, letterbox
+    from yoloprune.kernels.preprocess import IMAGE_SUFFIXES, letterbox
 
     files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
@@ -344,7 +344,7 @@ class EngineRunner:
         self.stream.synchronize()
 
     def clock(self):
-        from kernels.timing import CudaEventClock
+        from yoloprune.kernels.timing import CudaEventClock
 
         return CudaEventClock(self.stream)
 

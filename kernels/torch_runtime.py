@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from graphs.errors import RuntimeSetupError
-from kernels.timing import CudaEventClock, Timing, measure
+from yoloprune.graphs.errors import RuntimeSetupError
+from yoloprune.kernels.timing import CudaEventClock, Timing, measure
 
 PRECISIONS = ("fp32", "fp16")
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from graphs.yolov5 import DetectionModel
 from tests.helpers import V50_TINY, randomized, tiny_cfg
+from yoloprune.graphs.yolov5 import DetectionModel
 
 
 @pytest.fixture(autouse=True)

@@ -10,11 +10,11 @@ import torch_pruning as tp
 import yaml
 from torch import nn
 
-from graphs.checkpoint import CFG_DIR
-from graphs.dependency import build_graph
-from graphs.plan import PruningPlan
-from graphs.ultralytics_family import UltralyticsMissing, require_ultralytics
-from graphs.yolov5 import DetectionModel
+from yoloprune.graphs.checkpoint import CFG_DIR
+from yoloprune.graphs.dependency import build_graph
+from yoloprune.graphs.plan import PruningPlan
+from yoloprune.graphs.ultralytics_family import UltralyticsMissing, require_ultralytics
+from yoloprune.graphs.yolov5 import DetectionModel
 
 IMGSZ = 64
 

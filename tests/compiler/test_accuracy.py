@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from compiler.apply import apply_plan
-from compiler.data import image_files, read_data_yaml
-from compiler.evaluate import evaluate, onnx_predictor, torch_predictor, val_dataset
-from compiler.export import export_onnx
-from compiler.finetune import TrainSettings, train
-from compiler.pipeline import CompileOptions, plan_for, prepare
-from compiler.synthetic import SyntheticSpec, generate
+from yoloprune.compiler.apply import apply_plan
+from yoloprune.compiler.data import image_files, read_data_yaml
+from yoloprune.compiler.evaluate import evaluate, onnx_predictor, torch_predictor, val_dataset
+from yoloprune.compiler.export import export_onnx
+from yoloprune.compiler.finetune import TrainSettings, train
+from yoloprune.compiler.pipeline import CompileOptions, plan_for, prepare
+from yoloprune.compiler.synthetic import SyntheticSpec, generate
 
 ROOT = Path(__file__).resolve().parents[2]
 WEIGHTS = ROOT / "graphs" / "weights" / "yolov5n-shapes.pt"
@@ -98,9 +98,9 @@ import dataclasses, json, os, sys
 sys.path.insert(0, {str(ROOT)!r})
 from pathlib import Path
 import torch
-from compiler.data import read_data_yaml
-from compiler.finetune import TrainSettings, train
-from graphs.checkpoint import load_model
+from yoloprune.compiler.data import read_data_yaml
+from yoloprune.compiler.finetune import TrainSettings, train
+from yoloprune.graphs.checkpoint import load_model
 torch.set_num_threads(1)
 data = dataclasses.replace(read_data_yaml({str(shapes.root / "data.yaml")!r}),
                            train=(Path({str(listing)!r}),), val=())

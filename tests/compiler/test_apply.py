@@ -4,13 +4,13 @@ import pytest
 import torch
 from torch import nn
 
-from compiler.apply import apply_plan
-from compiler.pipeline import CompileOptions, plan_for
-from graphs.checkpoint import load_model
-from graphs.errors import PlanError
-from graphs.plan import GroupPlan, PruningPlan
 from tests.compiler.test_planner import prepared_for
 from tests.helpers import head_outputs, images, outputs, randomized, zero_removed_channels
+from yoloprune.compiler.apply import apply_plan
+from yoloprune.compiler.pipeline import CompileOptions, plan_for
+from yoloprune.graphs.checkpoint import load_model
+from yoloprune.graphs.errors import PlanError
+from yoloprune.graphs.plan import GroupPlan, PruningPlan
 
 
 def check_exact_surgery(model, options, imgsz=64, batch=2):
@@ -70,7 +70,7 @@ def test_interface_is_unchanged(tiny_model):
     assert pruned.names == tiny_model.names
     # A plain dense model: ordinary modules, no masks, hooks or torch-pruning objects left.
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in pruned.modules())
-    assert {type(m).__module__.split(".")[0] for m in pruned.modules()} <= {"graphs", "torch"}
+    assert {type(m).__module__.split(".")[0] for m in pruned.modules()} <= {"yoloprune", "torch"}
     assert sum(p.numel() for p in pruned.parameters()) < sum(
         p.numel() for p in tiny_model.parameters()
     )

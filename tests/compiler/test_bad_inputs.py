@@ -21,12 +21,12 @@ import pytest
 import torch
 import yaml
 
-from compiler.cli import main
-from compiler.pipeline import CompileOptions
-from compiler.planner import conv_macs
-from graphs.checkpoint import load_model
-from graphs.errors import PlanError
 from tests.helpers import tiny_cfg
+from yoloprune.compiler.cli import main
+from yoloprune.compiler.pipeline import CompileOptions
+from yoloprune.compiler.planner import conv_macs
+from yoloprune.graphs.checkpoint import load_model
+from yoloprune.graphs.errors import PlanError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -228,8 +228,8 @@ def test_a_bad_latency_table_is_one_line_and_leaves_nothing(
 
 
 def test_latency_table_entries_are_checked(tmp_path):
-    from graphs.errors import LatencyTableError
-    from kernels.latency_table import TABLE_FORMAT, LatencyTable, TableKey
+    from yoloprune.graphs.errors import LatencyTableError
+    from yoloprune.kernels.latency_table import TABLE_FORMAT, LatencyTable, TableKey
 
     key = TableKey("ort", "Test CPU", "fp32", 1, 2, True)
     path = tmp_path / "t.json"
@@ -357,7 +357,7 @@ def test_sigterm_unwinds_like_ctrl_c(tmp_path):
     temp.mkdir()
     command = ["compile", "yolov5s.yaml", "--imgsz", "320", "--out", str(out), "--bench-runs", "50"]
     process = subprocess.Popen(
-        [sys.executable, "-m", "compiler", *command],
+        [sys.executable, "-m", "yoloprune", *command],
         cwd=ROOT,
         env={**os.environ, "TMPDIR": str(temp)},
         stdout=subprocess.DEVNULL,

@@ -3,10 +3,10 @@ import json
 import pytest
 import yaml
 
-from compiler.bench import BenchSettings, bench, time_models
-from compiler.cli import main
-from graphs.errors import YoloPruneError
 from tests.helpers import tiny_cfg
+from yoloprune.compiler.bench import BenchSettings, bench, time_models
+from yoloprune.compiler.cli import main
+from yoloprune.graphs.errors import YoloPruneError
 
 
 @pytest.fixture
@@ -72,7 +72,7 @@ def test_bench_bad_input(tmp_path, argv, message, capsys):
 
 def test_tensorrt_runtime_without_tensorrt_is_a_clear_error(two_models, capsys):
     pytest.importorskip("onnx")
-    from kernels.tensorrt import available
+    from yoloprune.kernels.tensorrt import available
 
     if available()[0]:
         pytest.skip("TensorRT is present")
@@ -89,8 +89,8 @@ def test_settings_defaults():
 
 
 def test_build_without_tensorrt_fails_cleanly(tmp_path, tiny_model, capsys):
-    from compiler.export import export_onnx
-    from kernels.tensorrt import available
+    from yoloprune.compiler.export import export_onnx
+    from yoloprune.kernels.tensorrt import available
 
     if available()[0]:
         pytest.skip("TensorRT is present")

@@ -10,8 +10,8 @@ import pytest
 import torch
 import yaml
 
-from compiler.cli import main
 from tests.helpers import tiny_cfg
+from yoloprune.compiler.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -178,7 +178,7 @@ def test_python_dash_m_compiler_runs(tmp_path, tiny_yaml):
         [
             sys.executable,
             "-m",
-            "compiler",
+            "yoloprune",
             "compile",
             str(tiny_yaml),
             "--imgsz",
@@ -195,7 +195,7 @@ def test_python_dash_m_compiler_runs(tmp_path, tiny_yaml):
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "o" / "tiny-pruned.onnx").exists()
     bad = subprocess.run(
-        [sys.executable, "-m", "compiler", "compile", "nope.pt"],
+        [sys.executable, "-m", "yoloprune", "compile", "nope.pt"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -221,7 +221,7 @@ def test_p6_model_compiles_with_parity(tmp_path):
 
 @pytest.fixture(scope="module")
 def shapes_data(tmp_path_factory):
-    from compiler.synthetic import SyntheticSpec, generate
+    from yoloprune.compiler.synthetic import SyntheticSpec, generate
 
     root = tmp_path_factory.mktemp("cli-shapes") / "shapes"
     return generate(root, SyntheticSpec(train=16, val=8, imgsz=64), progress=False)
@@ -274,7 +274,7 @@ def test_compile_with_data_reports_accuracy_at_every_stage(tmp_path, tiny6_yaml,
 
 
 def test_no_recalibrate_keeps_the_pruned_batchnorm_statistics(tmp_path, tiny6_yaml, shapes_data):
-    from graphs.checkpoint import load_model
+    from yoloprune.graphs.checkpoint import load_model
 
     states = {}
     for flag in ([], ["--no-recalibrate"]):

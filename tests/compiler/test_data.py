@@ -4,8 +4,15 @@ import torch
 import yaml
 from PIL import Image
 
-from compiler.data import DataError, YoloDataset, collate, label_path, letterbox, read_data_yaml
-from compiler.synthetic import SyntheticSpec, generate, render
+from yoloprune.compiler.data import (
+    DataError,
+    YoloDataset,
+    collate,
+    label_path,
+    letterbox,
+    read_data_yaml,
+)
+from yoloprune.compiler.synthetic import SyntheticSpec, generate, render
 
 
 def write_image(path, size=(64, 48), color=(200, 30, 30)):

@@ -7,26 +7,26 @@ from dataclasses import replace
 import pytest
 import torch
 
-from compiler.apply import apply_plan
-from compiler.latency_planner import (
+from tests.compiler.test_latency_planner import KEY, macs_measurer
+from tests.compiler.test_planner import prepared_for
+from tests.graphs.test_blocks import silence_branch
+from tests.helpers import images, outputs, zero_removed_channels
+from yoloprune.compiler.apply import apply_plan
+from yoloprune.compiler.latency_planner import (
     LatencyModel,
     _counts_plan,
     conv_geometry,
     latency_counts,
 )
-from compiler.pipeline import CompileOptions, mac_counter, plan_for
-from compiler.planner import Constraints, Target
-from compiler.score import score_groups
-from graphs.blocks import droppable_blocks, dropped_blocks, hidden_group
-from graphs.checkpoint import load_model, save_pruned
-from graphs.dependency import conv_channels
-from graphs.errors import PlanError
-from graphs.plan import PruningPlan
-from kernels.latency_table import LatencyTable
-from tests.compiler.test_latency_planner import KEY, macs_measurer
-from tests.compiler.test_planner import prepared_for
-from tests.graphs.test_blocks import silence_branch
-from tests.helpers import images, outputs, zero_removed_channels
+from yoloprune.compiler.pipeline import CompileOptions, mac_counter, plan_for
+from yoloprune.compiler.planner import Constraints, Target
+from yoloprune.compiler.score import score_groups
+from yoloprune.graphs.blocks import droppable_blocks, dropped_blocks, hidden_group
+from yoloprune.graphs.checkpoint import load_model, save_pruned
+from yoloprune.graphs.dependency import conv_channels
+from yoloprune.graphs.errors import PlanError
+from yoloprune.graphs.plan import PruningPlan
+from yoloprune.kernels.latency_table import LatencyTable
 
 IMGSZ = 64
 
@@ -134,8 +134,8 @@ def test_cli_plan_with_drop_blocks_records_them(tmp_path):
     alone cannot reach (max ratio 0.5) is met by removing blocks, and the plan lists them."""
     import yaml
 
-    from compiler.cli import main
     from tests.helpers import tiny_cfg
+    from yoloprune.compiler.cli import main
 
     model = tmp_path / "tiny.yaml"
     model.write_text(yaml.safe_dump(tiny_cfg()))
@@ -152,8 +152,8 @@ def test_cli_plan_with_drop_blocks_records_them(tmp_path):
 def test_compile_with_drop_blocks_exports_reports_and_reloads(tmp_path):
     import yaml
 
-    from compiler.cli import main
     from tests.helpers import tiny_cfg
+    from yoloprune.compiler.cli import main
 
     model = tmp_path / "tiny.yaml"
     model.write_text(yaml.safe_dump(tiny_cfg()))
@@ -174,8 +174,8 @@ def test_iterative_compile_with_drop_blocks_composes_the_dropped_blocks(tmp_path
     plan lists all of them, replays on the original, and the checkpoint re-applies them."""
     import yaml
 
-    from compiler.cli import main
     from tests.helpers import tiny_cfg
+    from yoloprune.compiler.cli import main
 
     model = tmp_path / "tiny.yaml"
     model.write_text(yaml.safe_dump(tiny_cfg()))

@@ -1,16 +1,20 @@
-import json
+import ast
+import types
 
 import numpy as np
 import onnx
 import pytest
 import torch
+import yaml
 
-from compiler.apply import apply_plan
-from compiler.export import Parity, check_parity, export_onnx
-from compiler.pipeline import CompileOptions, plan_for
-from graphs.errors import ExportError
-from kernels.ort import OrtRunner
 from tests.compiler.test_planner import prepared_for
+from tests.helpers import needs_ultralytics, tiny_cfg
+from yoloprune.compiler.apply import apply_plan
+from yoloprune.compiler.cli import main
+from yoloprune.compiler.export import Parity, check_parity, export_onnx
+from yoloprune.compiler.pipeline import CompileOptions, plan_for
+from yoloprune.graphs.errors import ExportError
+from yoloprune.kernels.ort import OrtRunner
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +33,9 @@ def test_static_export_names_shapes_and_parity(tmp_path, pruned):
     dims = [d.dim_value for d in proto.graph.output[0].type.tensor_type.shape.dim]
     assert dims == [1, 3 * (64 + 16 + 4), 8]
     meta = {p.key: p.value for p in proto.metadata_props}
-    assert meta["stride"] == "32" and json.loads(meta["names"]) == {"0": "0", "1": "1", "2": "2"}
+    # read as yolov5's DetectMultiBackend reads it (detect.py / val.py)
+    stride, names = int(meta["stride"]), ast.literal_eval(meta["names"])
+    assert stride == 32 and names[0] == "0" and names == {0: "0", 1: "1", 2: "2"}
     parity = check_parity(pruned, path, 64)
     assert parity.ok and parity.max_abs_diff < 1e-4
     assert not list(tmp_path.glob("*.tmp"))
@@ -66,4 +72,62 @@ def test_parity_ok_is_the_tolerance_comparison():
 def test_old_opsets_are_refused(tmp_path, pruned):
     with pytest.raises(ExportError, match="opset 17 or newer"):
         export_onnx(pruned, tmp_path / "o.onnx", 64, opset=12)
+    assert not list(tmp_path.iterdir())
+
+
+@needs_ultralytics
+@pytest.mark.parametrize("spec,mode", [("yolov8n.yaml", "raw"), ("yolo26n.yaml", "end2end")])
+def test_ultralytics_metadata_reads_as_autobackend_reads_it(tmp_path, spec, mode):
+    """Parsed by ultralytics' own reader (BaseBackend.apply_metadata, used by AutoBackend)."""
+    from ultralytics.nn.backends.base import BaseBackend
+
+    from yoloprune.graphs.checkpoint import load_model
+
+    model, _ = load_model(spec)
+    path = export_onnx(model, tmp_path / "m.onnx", 64, mode=mode)
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    backend = types.SimpleNamespace(dynamic=False)
+    BaseBackend.apply_metadata(backend, meta)
+    assert backend.stride == 32 and backend.batch == 1 and backend.channels == 3
+    assert backend.imgsz == [64, 64] and backend.task == "detect"
+    assert backend.names[0] == "0" and len(backend.names) == 80
+    assert backend.end2end is (mode == "end2end")
+
+
+def test_export_command_writes_what_compile_writes(tmp_path, capsys):
+    """`export` of a compile's pruned checkpoint gives compile's ONNX graph, node for node and
+    weight for weight; the unpruned model exports the same way (the baseline)."""
+    model = tmp_path / "tiny.yaml"
+    model.write_text(yaml.safe_dump(tiny_cfg()))
+    out = tmp_path / "out"
+    assert main(["compile", str(model), "--imgsz", "64", "--out", str(out), "--no-bench"]) == 0
+    again = tmp_path / "again.onnx"
+    assert main(["export", str(out / "tiny-pruned.pt"), "--imgsz", "64", "--out", str(again)]) == 0
+    compiled, exported = (onnx.load(str(p)) for p in (out / "tiny-pruned.onnx", again))
+    assert compiled.graph.SerializeToString() == exported.graph.SerializeToString()
+    assert {p.key: p.value for p in compiled.metadata_props} == {
+        p.key: p.value for p in exported.metadata_props
+    }
+    baseline = tmp_path / "baseline.onnx"
+    assert main(["export", str(model), "--imgsz", "64", "--out", str(baseline)]) == 0
+    assert "parity" in capsys.readouterr().out
+    assert baseline.stat().st_size > again.stat().st_size
+
+
+def test_export_command_writes_nothing_when_parity_fails(tmp_path, capsys):
+    target = tmp_path / "m.onnx"
+    argv = [
+        "export",
+        "yolov5n.yaml",
+        "--imgsz",
+        "64",
+        "--out",
+        str(target),
+        "--parity-tol",
+        "1e-12",
+    ]
+    from yoloprune.compiler.cli import main
+
+    assert main(argv) == 2
+    assert "nothing was written" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())

@@ -4,14 +4,14 @@ import math
 import pytest
 import torch
 
-from compiler.data import read_data_yaml
-from compiler.finetune import ModelEMA, TrainSettings, train
-from compiler.objective import YoloV5Objective
-from compiler.synthetic import SyntheticSpec, generate
-from graphs.checkpoint import describe, load_model
-from graphs.errors import YoloPruneError
-from graphs.yolov5 import DetectionModel
 from tests.helpers import tiny_cfg
+from yoloprune.compiler.data import read_data_yaml
+from yoloprune.compiler.finetune import ModelEMA, TrainSettings, train
+from yoloprune.compiler.objective import YoloV5Objective
+from yoloprune.compiler.synthetic import SyntheticSpec, generate
+from yoloprune.graphs.checkpoint import describe, load_model
+from yoloprune.graphs.errors import YoloPruneError
+from yoloprune.graphs.yolov5 import DetectionModel
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ named as modules; absurd sizes) is put in a yoloprune pruned checkpoint, in a ch
 the way ultralytics (or yolov5) writes one, and in a YAML file. ``compile``, ``graph`` and
 ``plan`` run on each in a separate Python process, through the CLI's entry point, and every run
 must end with exit status 2, one line on stderr, no traceback, the marker file never created
-and nothing written. A few runs go through ``python -m compiler`` itself, to check the real
+and nothing written. A few runs go through ``python -m yoloprune`` itself, to check the real
 exit status and stderr.
 """
 
@@ -116,7 +116,7 @@ def yaml_file(cfg: dict, path: Path) -> Path:
 
 DRIVER = """
 import contextlib, io, json, sys, traceback
-from compiler.cli import main
+from yoloprune.compiler.cli import main
 
 results = []
 for argv in json.loads(sys.argv[1]):
@@ -210,7 +210,7 @@ def test_the_cli_process_itself_exits_2_with_one_line(tmp_path, command):
     model = pruned_checkpoint(cfg, "ultralytics", tmp_path / "evil.pt")
     argv = next(call for call in calls_for(model, tmp_path) if call[0] == command)
     done = subprocess.run(
-        [sys.executable, "-m", "compiler", *argv],
+        [sys.executable, "-m", "yoloprune", *argv],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -3,20 +3,20 @@ import random
 import pytest
 import torch
 
-from compiler.latency_planner import (
+from tests.helpers import needs_ultralytics
+from yoloprune.compiler.latency_planner import (
     LatencyModel,
     LatencySettings,
     conv_geometry,
     latency_counts,
     plan_latency,
 )
-from compiler.pipeline import CompileOptions, Prepared, mac_counter, plan_for, prepare
-from compiler.planner import Constraints, Target
-from compiler.score import score_groups
-from graphs.dependency import build_graph, channel_groups, conv_channels
-from graphs.errors import PlanError
-from kernels.latency_table import LatencyTable, TableKey
-from tests.helpers import needs_ultralytics
+from yoloprune.compiler.pipeline import CompileOptions, Prepared, mac_counter, plan_for, prepare
+from yoloprune.compiler.planner import Constraints, Target
+from yoloprune.compiler.score import score_groups
+from yoloprune.graphs.dependency import build_graph, channel_groups, conv_channels
+from yoloprune.graphs.errors import PlanError
+from yoloprune.kernels.latency_table import LatencyTable, TableKey
 
 KEY = TableKey("test", "macs", "fp32", 1, 1)
 IMGSZ = 64
@@ -135,8 +135,8 @@ def test_plan_command_with_a_speedup_target_records_the_latency(tmp_path, capsys
 
     import yaml
 
-    from compiler.cli import main
     from tests.helpers import tiny_cfg
+    from yoloprune.compiler.cli import main
 
     model = tmp_path / "tiny.yaml"
     model.write_text(yaml.safe_dump(tiny_cfg()))
@@ -164,8 +164,8 @@ def test_compile_with_a_latency_budget_reports_predicted_and_measured(tmp_path):
 
     import yaml
 
-    from compiler.cli import main
     from tests.helpers import tiny_cfg
+    from yoloprune.compiler.cli import main
 
     model = tmp_path / "tiny.yaml"
     model.write_text(yaml.safe_dump(tiny_cfg()))

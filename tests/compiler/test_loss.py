@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from compiler.loss import LossWeights, YoloV5Loss, ciou
-from graphs.yolov5 import DetectionModel
 from tests.helpers import tiny_cfg
+from yoloprune.compiler.loss import LossWeights, YoloV5Loss, ciou
+from yoloprune.graphs.yolov5 import DetectionModel
 
 
 def test_ciou_identical_overlapping_and_disjoint():

@@ -5,11 +5,11 @@ import dataclasses
 import pytest
 import torch
 
-from compiler.data import read_data_yaml
-from compiler.finetune import TrainSettings, train
-from compiler.synthetic import SyntheticSpec, generate
-from graphs.checkpoint import describe
 from tests.helpers import needs_ultralytics
+from yoloprune.compiler.data import read_data_yaml
+from yoloprune.compiler.finetune import TrainSettings, train
+from yoloprune.compiler.synthetic import SyntheticSpec, generate
+from yoloprune.graphs.checkpoint import describe
 
 FAST = TrainSettings(
     epochs=12,
@@ -30,7 +30,7 @@ def shapes(tmp_path_factory):
 
 
 def ultralytics_model(spec, nc):
-    from graphs.ultralytics_family import build
+    from yoloprune.graphs.ultralytics_family import build
 
     model, _ = build(spec, nc=nc)
     return model, describe(model, spec, pretrained=False, imgsz=64)
@@ -55,7 +55,7 @@ def test_anchor_free_loss_decreases_in_our_loop(shapes, spec, parts):
 
 @needs_ultralytics
 def test_anchor_free_distillation_is_zero_for_identical_outputs_and_used(shapes):
-    from compiler.objective import AnchorFreeObjective
+    from yoloprune.compiler.objective import AnchorFreeObjective
 
     for spec in ("yolov8n.yaml", "yolo26n.yaml"):
         model, info = ultralytics_model(spec, shapes.nc)

@@ -4,13 +4,13 @@ import math
 import pytest
 import torch
 
-from compiler.apply import apply_plan
-from compiler.pipeline import CompileOptions, Prepared, plan_for
-from compiler.planner import Constraints, Target, conv_macs
-from graphs.checkpoint import describe, load_model
-from graphs.dependency import build_graph, channel_groups
-from graphs.errors import PlanError
-from graphs.plan import PruningPlan
+from yoloprune.compiler.apply import apply_plan
+from yoloprune.compiler.pipeline import CompileOptions, Prepared, plan_for
+from yoloprune.compiler.planner import Constraints, Target, conv_macs
+from yoloprune.graphs.checkpoint import describe, load_model
+from yoloprune.graphs.dependency import build_graph, channel_groups
+from yoloprune.graphs.errors import PlanError
+from yoloprune.graphs.plan import PruningPlan
 
 
 def prepared_for(model, imgsz: int) -> Prepared:

@@ -4,12 +4,12 @@ import pytest
 import torch
 from torch import nn
 
-from compiler.data import read_data_yaml
-from compiler.recalibrate import batchnorms, recalibrate_batchnorm, recalibrate_on_data
-from compiler.synthetic import SyntheticSpec, generate
-from graphs.errors import PlanError
-from graphs.yolov5 import DetectionModel
 from tests.helpers import tiny_cfg
+from yoloprune.compiler.data import read_data_yaml
+from yoloprune.compiler.recalibrate import batchnorms, recalibrate_batchnorm, recalibrate_on_data
+from yoloprune.compiler.synthetic import SyntheticSpec, generate
+from yoloprune.graphs.errors import PlanError
+from yoloprune.graphs.yolov5 import DetectionModel
 
 
 def small_net() -> nn.Sequential:

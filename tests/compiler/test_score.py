@@ -3,13 +3,13 @@ import copy
 import pytest
 import torch
 
-from compiler.pipeline import CompileOptions, plan_for
-from compiler.score import loss_gradients
-from compiler.synthetic import SyntheticSpec, generate
-from graphs.errors import PlanError
-from graphs.yolov5 import DetectionModel
 from tests.compiler.test_planner import prepared_for
 from tests.helpers import tiny_cfg
+from yoloprune.compiler.pipeline import CompileOptions, plan_for
+from yoloprune.compiler.score import loss_gradients
+from yoloprune.compiler.synthetic import SyntheticSpec, generate
+from yoloprune.graphs.errors import PlanError
+from yoloprune.graphs.yolov5 import DetectionModel
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def shapes_yaml(tmp_path_factory):
 
 @pytest.fixture
 def model(shapes_yaml):
-    from compiler.data import read_data_yaml
+    from yoloprune.compiler.data import read_data_yaml
 
     cfg = tiny_cfg()
     cfg["nc"] = read_data_yaml(shapes_yaml).nc

@@ -7,12 +7,12 @@ import sys
 
 import pytest
 
-from compiler.cli import main
-from compiler.data import read_data_yaml
-from compiler.finetune import TrainSettings, train
-from compiler.synthetic import SyntheticSpec, generate
-from graphs.checkpoint import describe, save_pruned
 from tests.helpers import needs_ultralytics
+from yoloprune.compiler.cli import main
+from yoloprune.compiler.data import read_data_yaml
+from yoloprune.compiler.finetune import TrainSettings, train
+from yoloprune.compiler.synthetic import SyntheticSpec, generate
+from yoloprune.graphs.checkpoint import describe, save_pruned
 
 pytestmark = needs_ultralytics
 IMGSZ = 128
@@ -23,7 +23,7 @@ MAP_AGREEMENT = 0.002  # ONNX-evaluated vs PyTorch-evaluated mAP@.5:.95
 def trained_yolo26(tmp_path_factory):
     """yolo26n trained briefly on the synthetic shapes (~35 s on 2 cores): spread-out scores
     make the top-k parity meaningful and the mAP non-zero."""
-    from graphs.ultralytics_family import build
+    from yoloprune.graphs.ultralytics_family import build
 
     root = tmp_path_factory.mktemp("yolo26")
     data_yaml = generate(root / "data", SyntheticSpec(train=128, val=16, imgsz=IMGSZ), False)

@@ -2,9 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from compiler.unstructured import sparsify, sparsity
-from graphs.errors import PlanError
 from tests.helpers import images, outputs
+from yoloprune.compiler.unstructured import sparsify, sparsity
+from yoloprune.graphs.errors import PlanError
 
 
 def test_sparsify_zeroes_the_smallest_weights_and_keeps_shapes(tiny_model):

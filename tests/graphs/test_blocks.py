@@ -6,15 +6,15 @@ import copy
 import pytest
 import torch
 
-from graphs.blocks import (
+from tests.helpers import images, needs_ultralytics, outputs
+from yoloprune.graphs.blocks import (
     drop_blocks,
     droppable_blocks,
     dropped_blocks,
     hidden_group,
     is_residual_block,
 )
-from graphs.dependency import build_graph, channel_groups
-from tests.helpers import images, needs_ultralytics, outputs
+from yoloprune.graphs.dependency import build_graph, channel_groups
 
 
 def silence_branch(model, block: str):

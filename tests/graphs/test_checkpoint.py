@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-import graphs.yolov5 as ours
-from graphs.checkpoint import describe, load_model, save_pruned
-from graphs.errors import CheckpointError
-from graphs.yolov5 import DetectionModel
+import yoloprune.graphs.yolov5 as ours
 from tests.helpers import V50_TINY, images, randomized, tiny_cfg
+from yoloprune.graphs.checkpoint import describe, load_model, save_pruned
+from yoloprune.graphs.errors import CheckpointError
+from yoloprune.graphs.yolov5 import DetectionModel
 
 YOLOV5_CLASSES = {
     "models.common": [
@@ -198,9 +198,9 @@ def test_non_yolo_checkpoint(tmp_path):
 
 
 def test_pruned_checkpoint_round_trips_with_weights_only(tmp_path, tiny_model):
-    from compiler.apply import apply_plan
-    from compiler.pipeline import CompileOptions, Prepared, plan_for
-    from graphs.dependency import build_graph, channel_groups
+    from yoloprune.compiler.apply import apply_plan
+    from yoloprune.compiler.pipeline import CompileOptions, Prepared, plan_for
+    from yoloprune.graphs.dependency import build_graph, channel_groups
 
     graph = build_graph(tiny_model)
     prepared = Prepared(

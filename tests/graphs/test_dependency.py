@@ -6,8 +6,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from graphs.dependency import CoupledGraph, channel_groups, conv_channels
-from graphs.errors import ModelError
+from yoloprune.graphs.dependency import CoupledGraph, channel_groups, conv_channels
+from yoloprune.graphs.errors import ModelError
 
 
 class ChunkNet(nn.Module):
@@ -157,7 +157,7 @@ def _spin(seconds: float) -> int:
 def test_guard_stops_a_body_past_its_time_even_with_sigint_ignored(sigint_ignored):
     import time
 
-    from graphs.dependency import GroupingLimits, grouping_guard
+    from yoloprune.graphs.dependency import GroupingLimits, grouping_guard
 
     start = time.monotonic()
     stopped = pytest.raises(ModelError, match=r"grouping: channel-group building stopped, it ran")
@@ -169,7 +169,7 @@ def test_guard_stops_a_body_past_its_time_even_with_sigint_ignored(sigint_ignore
 
 
 def test_guard_stops_a_body_whose_memory_grows_even_with_sigint_ignored(sigint_ignored):
-    from graphs.dependency import GroupingLimits, grouping_guard
+    from yoloprune.graphs.dependency import GroupingLimits, grouping_guard
 
     hoard = []
     stopped = pytest.raises(ModelError, match="stopped, memory grew by")
@@ -184,7 +184,7 @@ def test_guard_stops_a_body_whose_memory_grows_even_with_sigint_ignored(sigint_i
 def test_guard_leaves_a_body_under_its_limits_alone():
     import time
 
-    from graphs.dependency import GroupingLimits, grouping_guard
+    from yoloprune.graphs.dependency import GroupingLimits, grouping_guard
 
     with grouping_guard(GroupingLimits(seconds=0.3), "grouping"):
         count = _spin(0.05)

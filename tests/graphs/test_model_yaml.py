@@ -7,11 +7,11 @@ import copy
 import pytest
 from torch import nn
 
-from graphs import ultralytics_family
-from graphs.checkpoint import CFG_DIR
-from graphs.errors import ModelError
-from graphs.model_yaml import canonical_activation, parse_activation, validate_model_yaml
 from tests.helpers import V50_TINY, needs_ultralytics, shipped_cfg, tiny_cfg
+from yoloprune.graphs import ultralytics_family
+from yoloprune.graphs.checkpoint import CFG_DIR
+from yoloprune.graphs.errors import ModelError
+from yoloprune.graphs.model_yaml import canonical_activation, parse_activation, validate_model_yaml
 
 ULTRALYTICS_YAMLS = (
     "yolov8n.yaml",

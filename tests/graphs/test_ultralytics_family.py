@@ -2,20 +2,21 @@
 skip with the reason where it is absent (`make test` installs it)."""
 
 import copy
+import json
 import sys
 
 import pytest
 import torch
 
-from graphs.errors import ModelError
-from graphs.ultralytics_family import UltralyticsMissing, require_ultralytics
 from tests.helpers import needs_ultralytics
+from yoloprune.graphs.errors import ModelError
+from yoloprune.graphs.ultralytics_family import UltralyticsMissing, require_ultralytics
 
 IMGSZ = 128
 
 
 def test_missing_extra_is_a_clear_error(monkeypatch, capsys):
-    from compiler.cli import main
+    from yoloprune.compiler.cli import main
 
     monkeypatch.setitem(sys.modules, "ultralytics", None)  # import ultralytics -> ImportError
     with pytest.raises(UltralyticsMissing, match="optional 'ultralytics' extra"):
@@ -36,8 +37,8 @@ _MODELS: dict = {}
 
 def calibrated(spec):
     """The model built from YAML, BN randomised and calibrated on noise (cached per module)."""
-    from graphs.checkpoint import load_model
     from tests.helpers import randomized
+    from yoloprune.graphs.checkpoint import load_model
 
     if spec not in _MODELS:
         model, info = load_model(spec)
@@ -54,8 +55,8 @@ def yolov8n():
 def test_c2f_rewrite_is_exact():
     from ultralytics.nn.tasks import DetectionModel
 
-    from graphs.ultralytics_family import SplitCSP, canonicalize
     from tests.helpers import randomized
+    from yoloprune.graphs.ultralytics_family import SplitCSP, canonicalize
 
     original = randomized(DetectionModel("yolov8n.yaml", verbose=False))
     rewritten = canonicalize(copy.deepcopy(original))
@@ -70,7 +71,7 @@ def test_c2f_rewrite_is_exact():
 def all_branches(model, images):
     """Every head output the model has: one-to-many decoded, and for YOLO26 the one-to-one
     branch decoded as deployed (end-to-end: top-k boxes, scores, classes)."""
-    from graphs.ultralytics_family import detect_head, has_one2one
+    from yoloprune.graphs.ultralytics_family import detect_head, has_one2one
 
     outputs = [decoded(model, images)]
     if has_one2one(model):
@@ -90,8 +91,8 @@ def all_branches(model, images):
 def test_c3k2_and_c2psa_rewrites_are_exact(spec):
     from ultralytics.nn.tasks import DetectionModel
 
-    from graphs.ultralytics_family import SplitCSP, SplitPSA, canonicalize
     from tests.helpers import randomized
+    from yoloprune.graphs.ultralytics_family import SplitCSP, SplitPSA, canonicalize
 
     original = randomized(DetectionModel(spec, verbose=False))
     rewritten = canonicalize(copy.deepcopy(original))
@@ -107,11 +108,11 @@ def test_c3k2_and_c2psa_rewrites_are_exact(spec):
 @needs_ultralytics
 @pytest.mark.parametrize("spec", FAMILIES)
 def test_exact_surgery_with_negative_control(spec):
-    from compiler.apply import apply_plan
-    from compiler.pipeline import CompileOptions, Prepared, plan_for
-    from graphs.dependency import build_graph, channel_groups, head_convs
-    from graphs.ultralytics_family import attention_convs
     from tests.helpers import zero_removed_channels
+    from yoloprune.compiler.apply import apply_plan
+    from yoloprune.compiler.pipeline import CompileOptions, Prepared, plan_for
+    from yoloprune.graphs.dependency import build_graph, channel_groups, head_convs
+    from yoloprune.graphs.ultralytics_family import attention_convs
 
     model, info = calibrated(spec)
     graph = build_graph(model)
@@ -140,7 +141,7 @@ def test_exact_surgery_with_negative_control(spec):
 
 @needs_ultralytics
 def test_yolo26_traces_both_head_branches():
-    from graphs.dependency import channel_groups
+    from yoloprune.graphs.dependency import channel_groups
 
     model, _ = calibrated("yolo26n.yaml")
     groups = channel_groups(model)
@@ -155,7 +156,7 @@ def test_yolo26_traces_both_head_branches():
 
 @needs_ultralytics
 def test_attention_blocks_are_protected_and_the_rest_of_the_block_is_pruned():
-    from graphs.dependency import channel_groups
+    from yoloprune.graphs.dependency import channel_groups
 
     model, _ = calibrated("yolo11n.yaml")
     groups = channel_groups(model)
@@ -164,16 +165,22 @@ def test_attention_blocks_are_protected_and_the_rest_of_the_block_is_pruned():
     assert inner and all("attention" in protected[name] for name in inner)
     prunable = {g.id for g in groups if not g.protected}
     assert "model.10.m.0.ffn.0.conv" in prunable  # the PSA feed-forward hidden layer
-    assert "model.10.cv1a.conv" in prunable  # C2PSA's split: the half bypassing attention
     assert "model.10.cv1b.conv" not in prunable  # the residual stream through attention
+    # C2PSA's other half bypasses attention: prunable on its own, but ultralytics' C2PSA needs
+    # equal halves, so by default it is kept whole (and tied halves elsewhere keep equal counts)
+    assert "needs equal halves" in protected["model.10.cv1a.conv"]
+    free = channel_groups(model, custom_modules=True)
+    assert "model.10.cv1a.conv" in {g.id for g in free if not g.protected}
+    ties = {g.id: g.tie for g in groups if g.tie}
+    assert ties["model.2.cv1a.conv"] == ties["model.2.cv1b.conv"] != ""
 
 
 @needs_ultralytics
 def test_compile_end_to_end_and_reload_without_torch_pruning(tmp_path, yolov8n):
     import json
 
-    from compiler.cli import main
-    from graphs.checkpoint import load_model
+    from yoloprune.compiler.cli import main
+    from yoloprune.graphs.checkpoint import load_model
 
     out = tmp_path / "out"
     argv = ["compile", "yolov8n.yaml", "--imgsz", str(IMGSZ), "--out", str(out)]
@@ -194,7 +201,7 @@ def test_compile_end_to_end_and_reload_without_torch_pruning(tmp_path, yolov8n):
     assert (
         info.family == "ultralytics" and len(info.names) == 80
     )  # YAML builds name classes "0".."79"
-    from compiler.export import check_parity
+    from yoloprune.compiler.export import check_parity
 
     assert check_parity(reloaded, out / "yolov8n-pruned.onnx", IMGSZ).ok  # same weights
     import onnx
@@ -207,7 +214,7 @@ def test_compile_end_to_end_and_reload_without_torch_pruning(tmp_path, yolov8n):
 
 @needs_ultralytics
 def test_unsupported_heads_are_refused_clearly():
-    from graphs.checkpoint import load_model
+    from yoloprune.graphs.checkpoint import load_model
 
     with pytest.raises(ModelError, match="Detect head"):
         load_model("yolov8n-seg.yaml")
@@ -215,7 +222,7 @@ def test_unsupported_heads_are_refused_clearly():
 
 @needs_ultralytics
 def test_group_building_guard_stops_an_unprotected_attention_block(monkeypatch):
-    from graphs import dependency, ultralytics_family
+    from yoloprune.graphs import dependency, ultralytics_family
 
     model, _ = calibrated("yolo11n.yaml")
     monkeypatch.setattr(ultralytics_family, "attention_convs", lambda m: [])
@@ -259,7 +266,7 @@ def write_release_checkpoint(spec, path, nc=3):
 @needs_ultralytics
 @pytest.mark.parametrize("spec", FAMILIES)
 def test_ultralytics_checkpoint_loads_without_pickle_code_and_reproduces_outputs(tmp_path, spec):
-    from graphs.checkpoint import load_model
+    from yoloprune.graphs.checkpoint import load_model
 
     path = tmp_path / "release.pt"
     original = write_release_checkpoint(spec, path)
@@ -272,8 +279,8 @@ def test_ultralytics_checkpoint_loads_without_pickle_code_and_reproduces_outputs
 
 @needs_ultralytics
 def test_ultralytics_checkpoint_with_foreign_code_is_refused(tmp_path):
-    from graphs.checkpoint import load_model
-    from graphs.errors import CheckpointError
+    from yoloprune.graphs.checkpoint import load_model
+    from yoloprune.graphs.errors import CheckpointError
 
     path = tmp_path / "evil.pt"
     torch.save({"model": copy.deepcopy, "ema": None}, path)  # names a function to call
@@ -282,14 +289,14 @@ def test_ultralytics_checkpoint_with_foreign_code_is_refused(tmp_path):
 
 
 @needs_ultralytics
-@pytest.mark.parametrize(("spec", "kept"), [("yolov8n.yaml", []), ("yolo26n.yaml", ["model.10"])])
+@pytest.mark.parametrize(("spec", "kept"), [("yolov8n.yaml", []), ("yolo26n.yaml", [])])
 def test_pruned_model_saved_for_ultralytics_loads_in_ultralytics(tmp_path, spec, kept):
     from ultralytics import YOLO
 
-    from compiler.apply import apply_plan
-    from compiler.pipeline import CompileOptions, Prepared, plan_for
-    from graphs.dependency import build_graph, channel_groups
-    from graphs.ultralytics_family import save_for_ultralytics
+    from yoloprune.compiler.apply import apply_plan
+    from yoloprune.compiler.pipeline import CompileOptions, Prepared, plan_for
+    from yoloprune.graphs.dependency import build_graph, channel_groups
+    from yoloprune.graphs.ultralytics_family import save_for_ultralytics
 
     model, info = calibrated(spec)
     graph = build_graph(model)
@@ -314,8 +321,8 @@ def test_deployment_dfl_matches_ultralytics_dfl_and_exports_no_softmax(tmp_path)
     import onnx
     from ultralytics.nn.modules.block import DFL
 
-    from compiler.export import check_parity, deployed_model, export_onnx
-    from graphs.ultralytics_family import DeploymentDFL, detect_head
+    from yoloprune.compiler.export import check_parity, deployed_model, export_onnx
+    from yoloprune.graphs.ultralytics_family import DeploymentDFL, detect_head
 
     dfl = DFL(16)
     logits = 6 * torch.randn(2, 64, 300, generator=torch.Generator().manual_seed(0))
@@ -340,8 +347,8 @@ def test_deployment_dfl_matches_ultralytics_dfl_and_exports_no_softmax(tmp_path)
 def test_model_with_dropped_blocks_saved_for_ultralytics_loads_in_ultralytics(tmp_path):
     from ultralytics import YOLO
 
-    from graphs.blocks import drop_blocks
-    from graphs.ultralytics_family import save_for_ultralytics
+    from yoloprune.graphs.blocks import drop_blocks
+    from yoloprune.graphs.ultralytics_family import save_for_ultralytics
 
     model, info = calibrated("yolov8n.yaml")
     dropped = copy.deepcopy(model)
@@ -356,3 +363,91 @@ def test_model_with_dropped_blocks_saved_for_ultralytics_loads_in_ultralytics(tm
     scale = want.abs().amax(dim=(0, 2), keepdim=True).clamp(min=1.0)
     assert ((got - want).abs() / scale).max() <= 1e-5
     assert ((decoded(model, images) - want).abs() / scale).max() > 1e-3  # the drop shows
+
+
+STOCK_ULTRALYTICS = """
+import importlib.abc, json, sys
+
+class NoYoloprune(importlib.abc.MetaPathFinder):
+    # as in an environment with ultralytics but without yoloprune
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("yoloprune", "graphs", "compiler", "kernels", "tests"):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+
+sys.meta_path.insert(0, NoYoloprune())
+import numpy as np, torch
+from ultralytics import YOLO
+
+model = YOLO(sys.argv[1]).model.float().eval()
+size = int(sys.argv[3])
+images = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    np.save(sys.argv[2], model(images)[0].numpy())
+print(json.dumps(sorted({type(m).__module__.split(".")[0] for m in model.modules()})))
+"""
+
+
+@needs_ultralytics
+@pytest.mark.parametrize("spec", FAMILIES)
+def test_default_compile_loads_in_stock_ultralytics_without_yoloprune(tmp_path, spec):
+    """The -pruned-ultralytics.pt of a default compile loads where yoloprune cannot be
+    imported, with ultralytics' own classes only, and computes what our pruned model computes
+    (which compile checked against the ONNX file)."""
+    import subprocess
+
+    import numpy as np
+
+    from yoloprune.compiler.cli import main
+    from yoloprune.graphs.checkpoint import load_model, save_pruned
+
+    model, info = calibrated(spec)
+    source = tmp_path / f"{spec.split('.')[0]}.pt"
+    save_pruned(model, info, source)
+    out = tmp_path / "out"
+    argv = ["compile", str(source), "--imgsz", str(IMGSZ), "--out", str(out), "--no-bench"]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    saved = report["export"]["ultralytics_checkpoint"]
+    assert saved["blocks_kept_as_yoloprune_classes"] == []
+    assert report["parity"]["max_abs_diff"] <= report["parity"]["tolerance"]
+    assert report["macs"]["ratio"] == pytest.approx(0.5, abs=0.015)
+    result = tmp_path / "stock.npy"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            STOCK_ULTRALYTICS,
+            str(out / saved["file"]),
+            str(result),
+            str(IMGSZ),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == ["torch", "ultralytics"]
+    pruned, _ = load_model(out / f"{source.stem}-pruned.pt")
+    images = torch.rand(2, 3, IMGSZ, IMGSZ, generator=torch.Generator().manual_seed(0))
+    want = decoded(pruned.half().float(), images)  # the ultralytics file is fp16
+    got = torch.from_numpy(np.load(result))
+    scale = want.abs().amax(dim=(0, 2), keepdim=True).clamp(min=1.0)
+    assert ((got - want).abs() / scale).max() <= 1e-5
+
+
+@needs_ultralytics
+def test_allow_custom_modules_lets_halves_differ_and_says_so(tmp_path):
+    from yoloprune.compiler.cli import main
+    from yoloprune.graphs.checkpoint import save_pruned
+
+    model, info = calibrated("yolo26n.yaml")
+    source = tmp_path / "yolo26n.pt"
+    save_pruned(model, info, source)
+    out = tmp_path / "out"
+    argv = ["compile", str(source), "--imgsz", str(IMGSZ), "--out", str(out), "--no-bench"]
+    assert main([*argv, "--allow-custom-modules"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    kept = report["export"]["ultralytics_checkpoint"]["blocks_kept_as_yoloprune_classes"]
+    assert "model.10" in kept  # C2PSA: its bypass half pruned, its attention half whole
+    assert "yoloprune" in (out / "report.md").read_text()

@@ -2,10 +2,10 @@ import pytest
 import torch
 from torch import nn
 
-from graphs.checkpoint import load_model
-from graphs.errors import ModelError
-from graphs.yolov5 import DetectionModel, parse_activation
 from tests.helpers import V50_TINY, shipped_cfg, tiny_cfg
+from yoloprune.graphs.checkpoint import load_model
+from yoloprune.graphs.errors import ModelError
+from yoloprune.graphs.yolov5 import DetectionModel, parse_activation
 
 # Parameter counts printed by the ultralytics/yolov5 v7.0 model summaries (unfused).
 PUBLISHED_PARAMS = {

@@ -4,8 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from graphs.errors import LatencyTableError
-from kernels.latency_table import ConvShape, LatencyTable, TableKey, conv_onnx, ort_measurer
+from yoloprune.graphs.errors import LatencyTableError
+from yoloprune.kernels.latency_table import (
+    ConvShape,
+    LatencyTable,
+    TableKey,
+    conv_onnx,
+    ort_measurer,
+)
 
 KEY = TableKey("ort", "Test CPU @ 1GHz", "fp32", 1, 2)
 

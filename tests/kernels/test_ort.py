@@ -2,14 +2,14 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.ort import OrtRunner, order_text, time_runners
+from yoloprune.kernels.ort import OrtRunner, order_text, time_runners
 
 SPIN_KEY = "session.intra_op.allow_spinning"
 
 
 @pytest.fixture(scope="module")
 def conv_onnx_file(tmp_path_factory):
-    from kernels.latency_table import ConvShape, conv_onnx
+    from yoloprune.kernels.latency_table import ConvShape, conv_onnx
 
     path = tmp_path_factory.mktemp("ort") / "conv.onnx"
     path.write_bytes(conv_onnx(ConvShape(8, 16, 3, 1, 1, 32, 32), 1).SerializeToString())

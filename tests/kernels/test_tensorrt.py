@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from graphs.errors import YoloPruneError
-from kernels import tensorrt as trt_backend
-from kernels.tensorrt import (
+from yoloprune.graphs.errors import YoloPruneError
+from yoloprune.kernels import tensorrt as trt_backend
+from yoloprune.kernels.tensorrt import (
     BuildSettings,
     TensorRTUnavailable,
     calibration_batches,
@@ -107,9 +107,9 @@ needs_tensorrt = pytest.mark.skipif(
 @needs_tensorrt
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_engine_matches_onnxruntime(tmp_path, tiny_model, precision):
-    from compiler.export import export_onnx
-    from kernels.ort import OrtRunner
-    from kernels.tensorrt import EngineRunner, build_engine
+    from yoloprune.compiler.export import export_onnx
+    from yoloprune.kernels.ort import OrtRunner
+    from yoloprune.kernels.tensorrt import EngineRunner, build_engine
 
     onnx_path = export_onnx(tiny_model, tmp_path / "m.onnx", 64, dynamic=True)
     settings = BuildSettings(

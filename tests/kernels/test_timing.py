@@ -2,8 +2,8 @@ import time
 
 import pytest
 
-from kernels.ort import default_threads, machine_info
-from kernels.timing import interleaved, measure
+from yoloprune.kernels.ort import default_threads, machine_info
+from yoloprune.kernels.timing import interleaved, measure
 
 
 def test_measure_a_known_sleep():
@@ -61,7 +61,7 @@ def test_cuda_event_clock_times_gpu_work():
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU here")
-    from kernels.timing import CudaEventClock
+    from yoloprune.kernels.timing import CudaEventClock
 
     a = torch.rand(4096, 4096, device="cuda")
     small = measure(lambda: a[:256, :256] @ a[:256, :256], runs=10, clock=CudaEventClock())

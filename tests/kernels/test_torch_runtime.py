@@ -3,8 +3,8 @@ import copy
 import pytest
 import torch
 
-from graphs.errors import RuntimeSetupError
-from kernels.torch_runtime import TorchRunner, TorchSettings, gpu_info
+from yoloprune.graphs.errors import RuntimeSetupError
+from yoloprune.kernels.torch_runtime import TorchRunner, TorchSettings, gpu_info
 
 
 def test_cpu_runner_reproduces_the_model(tiny_model):

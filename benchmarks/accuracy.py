@@ -35,13 +35,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import recipes  # noqa: E402
 
 from yoloprune.compiler.apply import apply_plan, count_params  # noqa: E402
-from yoloprune.compiler.data import read_data_yaml  # noqa: E402
-from yoloprune.compiler.evaluate import evaluate, torch_predictor, val_dataset  # noqa: E402
+from yoloprune.compiler.evaluation.evaluate import evaluate, torch_predictor, val_dataset  # noqa: E402
 from yoloprune.compiler.export import export_onnx  # noqa: E402
-from yoloprune.compiler.finetune import TrainSettings, train  # noqa: E402
 from yoloprune.compiler.pipeline import CompileOptions, plan_for, prepare  # noqa: E402
-from yoloprune.compiler.recalibrate import recalibrate_on_data  # noqa: E402
-from yoloprune.compiler.synthetic import SyntheticSpec, generate  # noqa: E402
+from yoloprune.compiler.train.data import read_data_yaml  # noqa: E402
+from yoloprune.compiler.train.finetune import TrainSettings, train  # noqa: E402
+from yoloprune.compiler.train.recalibrate import recalibrate_on_data  # noqa: E402
+from yoloprune.compiler.train.synthetic import SyntheticSpec, generate  # noqa: E402
 from yoloprune.compiler.unstructured import sparsify, sparsity  # noqa: E402
 from yoloprune.kernels.ort import OrtRunner, default_threads, machine_info, order_text, time_runners  # noqa: E402
 
@@ -76,7 +76,7 @@ def pruned_like_compile(prepared, options: CompileOptions, data_yaml: Path):
 
 def subset(data, count: int, folder: Path):
     """The first ``count`` training images, as a list file (yolov5's .txt source format)."""
-    from yoloprune.compiler.data import image_files
+    from yoloprune.compiler.train.data import image_files
 
     files = image_files(data.train)[:count]
     listing = folder / "train_subset.txt"

@@ -45,11 +45,11 @@ from accuracy import (  # noqa: E402
     subset,
 )
 
-from yoloprune.compiler.data import read_data_yaml  # noqa: E402
-from yoloprune.compiler.evaluate import evaluate, torch_predictor, val_dataset  # noqa: E402
-from yoloprune.compiler.finetune import train  # noqa: E402
+from yoloprune.compiler.evaluation.evaluate import evaluate, torch_predictor, val_dataset  # noqa: E402
 from yoloprune.compiler.pipeline import CompileOptions, prepare  # noqa: E402
-from yoloprune.compiler.synthetic import SyntheticSpec, generate  # noqa: E402
+from yoloprune.compiler.train.data import read_data_yaml  # noqa: E402
+from yoloprune.compiler.train.finetune import train  # noqa: E402
+from yoloprune.compiler.train.synthetic import SyntheticSpec, generate  # noqa: E402
 from yoloprune.graphs.files import write_text_atomic  # noqa: E402
 from yoloprune.kernels.ort import machine_info  # noqa: E402
 

@@ -20,10 +20,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from yoloprune.compiler.data import read_data_yaml  # noqa: E402
-from yoloprune.compiler.evaluate import evaluate, torch_predictor, val_dataset  # noqa: E402
-from yoloprune.compiler.finetune import TrainSettings, train  # noqa: E402
-from yoloprune.compiler.synthetic import SyntheticSpec, generate  # noqa: E402
+from yoloprune.compiler.evaluation.evaluate import evaluate, torch_predictor, val_dataset  # noqa: E402
+from yoloprune.compiler.train.data import read_data_yaml  # noqa: E402
+from yoloprune.compiler.train.finetune import TrainSettings, train  # noqa: E402
+from yoloprune.compiler.train.synthetic import SyntheticSpec, generate  # noqa: E402
 from yoloprune.graphs.checkpoint import CFG_DIR, describe, save_pruned  # noqa: E402
 from yoloprune.graphs.yolov5 import DetectionModel  # noqa: E402
 from yoloprune.kernels.ort import machine_info  # noqa: E402

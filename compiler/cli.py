@@ -559,14 +559,14 @@ def cmd_export(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from yoloprune.compiler.data import read_data_yaml
-    from yoloprune.compiler.evaluate import (
+    from yoloprune.compiler.evaluation.evaluate import (
         EvalSettings,
         evaluate,
         onnx_predictor,
         torch_predictor,
         val_dataset,
     )
+    from yoloprune.compiler.train.data import read_data_yaml
     from yoloprune.graphs.checkpoint import load_model
 
     data = read_data_yaml(args.data)
@@ -671,7 +671,7 @@ def _engine_extras(onnx_path: Path) -> dict:
 
 
 def cmd_data(args) -> int:
-    from yoloprune.compiler.synthetic import SyntheticSpec, generate
+    from yoloprune.compiler.train.synthetic import SyntheticSpec, generate
 
     path = generate(
         args.out, SyntheticSpec(train=args.train, val=args.val, imgsz=args.imgsz, seed=args.seed)

@@ -628,7 +628,7 @@ def compile_model(options: CompileOptions) -> dict:
 
 
 def _data_for(options: CompileOptions):
-    from yoloprune.compiler.data import read_data_yaml
+    from yoloprune.compiler.train.data import read_data_yaml
 
     if options.data is None:
         if options.epochs:
@@ -644,27 +644,27 @@ def _recalibrates(options: CompileOptions, data) -> bool:
 
 
 def _recalibrate(model, options: CompileOptions, imgsz: int) -> int:
-    from yoloprune.compiler.recalibrate import recalibrate_on_data
+    from yoloprune.compiler.train.recalibrate import recalibrate_on_data
 
     return recalibrate_on_data(model, options.data, imgsz, seed=options.seed)
 
 
 def _val_dataset(data, imgsz: int):
     """Read and check the validation split once; every evaluation of the job shares it."""
-    from yoloprune.compiler.evaluate import val_dataset
+    from yoloprune.compiler.evaluation.evaluate import val_dataset
 
     return val_dataset(data, imgsz) if data else None
 
 
 def _eval(model, val, data, mode: str | None = None):
     """PyTorch mAP of ``model`` as it is exported in ``mode`` (so it compares with ONNX's)."""
-    from yoloprune.compiler.evaluate import evaluate, torch_predictor
+    from yoloprune.compiler.evaluation.evaluate import evaluate, torch_predictor
 
     return evaluate(torch_predictor(model, mode), val, data.names, progress=False)
 
 
 def _eval_onnx(path: Path, val, data, options: CompileOptions):
-    from yoloprune.compiler.evaluate import evaluate, onnx_predictor
+    from yoloprune.compiler.evaluation.evaluate import evaluate, onnx_predictor
 
     return evaluate(
         onnx_predictor(path, options.threads),
@@ -676,7 +676,7 @@ def _eval_onnx(path: Path, val, data, options: CompileOptions):
 
 
 def _finetune(pruned, prepared: Prepared, data, options: CompileOptions, staging: Path):
-    from yoloprune.compiler.finetune import TrainSettings, train, with_overrides
+    from yoloprune.compiler.train.finetune import TrainSettings, train, with_overrides
 
     settings = with_overrides(
         TrainSettings(imgsz=prepared.imgsz),

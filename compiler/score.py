@@ -8,7 +8,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from yoloprune.compiler.recalibrate import batchnorms
+from yoloprune.compiler.train.recalibrate import batchnorms
 from yoloprune.graphs.dependency import ChannelGroup, CoupledGraph
 from yoloprune.graphs.errors import PlanError
 
@@ -41,8 +41,8 @@ def loss_gradients(
     augmentation, fixed order) into every weight's ``.grad``, for first-order Taylor scores
     (|weight x gradient|). BatchNorm runs on its running statistics, which stay untouched;
     weights do not change. Returns the number of images seen."""
-    from yoloprune.compiler.data import YoloDataset, loader, read_data_yaml
-    from yoloprune.compiler.objective import objective_for
+    from yoloprune.compiler.train.data import YoloDataset, loader, read_data_yaml
+    from yoloprune.compiler.train.objective import objective_for
 
     data = read_data_yaml(data_yaml)
     if not data.train:

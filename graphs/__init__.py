@@ -1,0 +1,1 @@
+"""Models: families, safe loading, YAML validation, the coupled-channel graph and pruning plans."""

@@ -27,7 +27,7 @@ from torch import nn
 from yoloprune.graphs.blocks import drop_blocks, dropped_blocks
 from yoloprune.graphs.errors import CheckpointError, ModelError, first_line
 from yoloprune.graphs.files import atomic_path
-from yoloprune.graphs.model_yaml import ACTIVATIONS, FAMILIES
+from yoloprune.graphs.model_yaml import ACTIVATIONS, FAMILIES, YOLOV5_COMMON
 from yoloprune.graphs.yolov5 import DetectionModel
 
 CFG_DIR = Path(__file__).parent / "cfg"
@@ -38,16 +38,7 @@ MIN_IMGSZ, MAX_IMGSZ = 32, 4096  # image sizes a checkpoint or the user may ask 
 
 _YOLOV5_CLASSES = {
     "models.yolo": ("DetectionModel", "Model", "Detect"),
-    "models.common": (
-        "Conv",
-        "Focus",
-        "Bottleneck",
-        "BottleneckCSP",
-        "C3",
-        "SPP",
-        "SPPF",
-        "Concat",
-    ),
+    "models.common": YOLOV5_COMMON,
 }
 # Ultralytics checkpoints (yolov8*.pt, yolo11*.pt, yolo26*.pt, yolov5*u.pt) pickle their modules;
 # read as inert stand-ins, the YAML and tensors extracted, and the network rebuilt by the extra.

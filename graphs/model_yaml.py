@@ -30,23 +30,11 @@ from yoloprune.graphs.errors import ModelError
 
 FAMILIES = ("yolov5", "ultralytics")
 
+# yolov5's blocks of models/common.py (also the classes its checkpoints pickle from there).
+YOLOV5_COMMON = ("Conv", "Focus", "Bottleneck", "BottleneckCSP", "C3", "SPP", "SPPF", "Concat")
 # Block classes a YAML layer may name, per family. Everything else is refused.
 MODULES = {
-    "yolov5": frozenset(
-        {
-            "Conv",
-            "Focus",
-            "Bottleneck",
-            "BottleneckCSP",
-            "C3",
-            "SPP",
-            "SPPF",
-            "Concat",
-            "Detect",
-            "nn.Upsample",
-            "nn.BatchNorm2d",
-        }
-    ),
+    "yolov5": frozenset({*YOLOV5_COMMON, "Detect", "nn.Upsample", "nn.BatchNorm2d"}),
     "ultralytics": frozenset(
         {
             "Conv",

@@ -1,0 +1,1 @@
+"""Runtimes (ONNX Runtime, PyTorch CUDA, TensorRT), the timing primitive and latency tables."""

@@ -1,5 +1,8 @@
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
 from tests.helpers import V50_TINY, randomized, tiny_cfg
 from yoloprune.graphs.yolov5 import DetectionModel
@@ -20,3 +23,11 @@ def tiny_model() -> DetectionModel:
 def tiny_v50_model() -> DetectionModel:
     """A tiny v5.0-style YOLOv5: Focus, BottleneckCSP, SPP and LeakyReLU."""
     return randomized(DetectionModel(V50_TINY).eval(), seed=1)
+
+
+@pytest.fixture
+def tiny_yaml(tmp_path) -> Path:
+    """The tiny YOLOv5's YAML, as a MODEL file for the CLI."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_cfg()))
+    return path

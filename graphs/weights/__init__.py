@@ -1,0 +1,1 @@
+"""Trained weights shipped with yoloprune (the embedded default model)."""

@@ -9,12 +9,17 @@ from pathlib import Path
 import pytest
 
 from yoloprune.compiler.apply import apply_plan
-from yoloprune.compiler.data import image_files, read_data_yaml
-from yoloprune.compiler.evaluate import evaluate, onnx_predictor, torch_predictor, val_dataset
+from yoloprune.compiler.evaluation.evaluate import (
+    evaluate,
+    onnx_predictor,
+    torch_predictor,
+    val_dataset,
+)
 from yoloprune.compiler.export import export_onnx
-from yoloprune.compiler.finetune import TrainSettings, train
 from yoloprune.compiler.pipeline import CompileOptions, plan_for, prepare
-from yoloprune.compiler.synthetic import SyntheticSpec, generate
+from yoloprune.compiler.train.data import image_files, read_data_yaml
+from yoloprune.compiler.train.finetune import TrainSettings, train
+from yoloprune.compiler.train.synthetic import SyntheticSpec, generate
 
 ROOT = Path(__file__).resolve().parents[2]
 WEIGHTS = ROOT / "graphs" / "weights" / "yolov5n-shapes.pt"
@@ -98,8 +103,8 @@ import dataclasses, json, os, sys
 sys.path.insert(0, {str(ROOT)!r})
 from pathlib import Path
 import torch
-from yoloprune.compiler.data import read_data_yaml
-from yoloprune.compiler.finetune import TrainSettings, train
+from yoloprune.compiler.train.data import read_data_yaml
+from yoloprune.compiler.train.finetune import TrainSettings, train
 from yoloprune.graphs.checkpoint import load_model
 torch.set_num_threads(1)
 data = dataclasses.replace(read_data_yaml({str(shapes.root / "data.yaml")!r}),

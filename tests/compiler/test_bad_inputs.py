@@ -32,13 +32,6 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def tiny_yaml(tmp_path) -> Path:
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(tiny_cfg()))
-    return path
-
-
-@pytest.fixture
 def tiny_plan(tmp_path, tiny_yaml) -> dict:
     path = tmp_path / "made-plan.json"
     assert main(["plan", str(tiny_yaml), "--imgsz", "64", "--out", str(path)]) == 0

@@ -16,13 +16,6 @@ from yoloprune.compiler.cli import main
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def tiny_yaml(tmp_path) -> Path:
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(tiny_cfg()))
-    return path
-
-
 def run_cli(*argv) -> int:
     return main([str(a) for a in argv])
 
@@ -221,7 +214,7 @@ def test_p6_model_compiles_with_parity(tmp_path):
 
 @pytest.fixture(scope="module")
 def shapes_data(tmp_path_factory):
-    from yoloprune.compiler.synthetic import SyntheticSpec, generate
+    from yoloprune.compiler.train.synthetic import SyntheticSpec, generate
 
     root = tmp_path_factory.mktemp("cli-shapes") / "shapes"
     return generate(root, SyntheticSpec(train=16, val=8, imgsz=64), progress=False)

@@ -7,7 +7,7 @@ from tests.compiler.test_planner import prepared_for
 from tests.helpers import tiny_cfg
 from yoloprune.compiler.pipeline import CompileOptions, plan_for
 from yoloprune.compiler.score import loss_gradients
-from yoloprune.compiler.synthetic import SyntheticSpec, generate
+from yoloprune.compiler.train.synthetic import SyntheticSpec, generate
 from yoloprune.graphs.errors import PlanError
 from yoloprune.graphs.yolov5 import DetectionModel
 
@@ -20,7 +20,7 @@ def shapes_yaml(tmp_path_factory):
 
 @pytest.fixture
 def model(shapes_yaml):
-    from yoloprune.compiler.data import read_data_yaml
+    from yoloprune.compiler.train.data import read_data_yaml
 
     cfg = tiny_cfg()
     cfg["nc"] = read_data_yaml(shapes_yaml).nc

@@ -9,9 +9,9 @@ import pytest
 
 from tests.helpers import needs_ultralytics
 from yoloprune.compiler.cli import main
-from yoloprune.compiler.data import read_data_yaml
-from yoloprune.compiler.finetune import TrainSettings, train
-from yoloprune.compiler.synthetic import SyntheticSpec, generate
+from yoloprune.compiler.train.data import read_data_yaml
+from yoloprune.compiler.train.finetune import TrainSettings, train
+from yoloprune.compiler.train.synthetic import SyntheticSpec, generate
 from yoloprune.graphs.checkpoint import describe, save_pruned
 
 pytestmark = needs_ultralytics

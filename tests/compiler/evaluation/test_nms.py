@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from yoloprune.compiler.nms import box_iou, greedy_nms, non_max_suppression, xywh_to_xyxy
+from yoloprune.compiler.evaluation.nms import box_iou, greedy_nms, non_max_suppression, xywh_to_xyxy
 
 
 def brute_force_nms(boxes, scores, iou_thres):

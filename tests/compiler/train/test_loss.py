@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from tests.helpers import tiny_cfg
-from yoloprune.compiler.loss import LossWeights, YoloV5Loss, ciou
+from yoloprune.compiler.train.loss import LossWeights, YoloV5Loss, ciou
 from yoloprune.graphs.yolov5 import DetectionModel
 
 

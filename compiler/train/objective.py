@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from yoloprune.compiler.loss import YoloV5Loss
+from yoloprune.compiler.train.loss import YoloV5Loss
 from yoloprune.graphs.ultralytics_family import head_branches, is_ultralytics_model
 
 # ultralytics' default.yaml gains for the anchor-free loss.

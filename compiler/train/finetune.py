@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from yoloprune.compiler.data import DataConfig, YoloDataset, collate
-from yoloprune.compiler.evaluate import EvalSettings, evaluate, torch_predictor
-from yoloprune.compiler.objective import objective_for
+from yoloprune.compiler.evaluation.evaluate import EvalSettings, evaluate, torch_predictor
+from yoloprune.compiler.train.data import DataConfig, YoloDataset, collate
+from yoloprune.compiler.train.objective import objective_for
 from yoloprune.graphs.checkpoint import ModelInfo, load_model, save_pruned
 from yoloprune.graphs.errors import YoloPruneError
 

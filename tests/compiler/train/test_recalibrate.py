@@ -5,9 +5,13 @@ import torch
 from torch import nn
 
 from tests.helpers import tiny_cfg
-from yoloprune.compiler.data import read_data_yaml
-from yoloprune.compiler.recalibrate import batchnorms, recalibrate_batchnorm, recalibrate_on_data
-from yoloprune.compiler.synthetic import SyntheticSpec, generate
+from yoloprune.compiler.train.data import read_data_yaml
+from yoloprune.compiler.train.recalibrate import (
+    batchnorms,
+    recalibrate_batchnorm,
+    recalibrate_on_data,
+)
+from yoloprune.compiler.train.synthetic import SyntheticSpec, generate
 from yoloprune.graphs.errors import PlanError
 from yoloprune.graphs.yolov5 import DetectionModel
 

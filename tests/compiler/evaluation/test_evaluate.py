@@ -7,9 +7,9 @@ import torch
 import yaml
 from PIL import Image
 
-from yoloprune.compiler.data import YoloDataset, label_path, read_data_yaml
-from yoloprune.compiler.evaluate import EvalSettings, coco_ground_truth, evaluate
-from yoloprune.compiler.nms import xywh_to_xyxy
+from yoloprune.compiler.evaluation.evaluate import EvalSettings, coco_ground_truth, evaluate
+from yoloprune.compiler.evaluation.nms import xywh_to_xyxy
+from yoloprune.compiler.train.data import YoloDataset, label_path, read_data_yaml
 
 GT = {  # image name -> (width, height, [(cls, xc, yc, w, h) normalised])
     "a.png": (80, 40, [(0, 0.25, 0.5, 0.2, 0.4), (1, 0.7, 0.5, 0.3, 0.6)]),

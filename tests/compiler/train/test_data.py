@@ -4,7 +4,7 @@ import torch
 import yaml
 from PIL import Image
 
-from yoloprune.compiler.data import (
+from yoloprune.compiler.train.data import (
     DataError,
     YoloDataset,
     collate,
@@ -12,7 +12,7 @@ from yoloprune.compiler.data import (
     letterbox,
     read_data_yaml,
 )
-from yoloprune.compiler.synthetic import SyntheticSpec, generate, render
+from yoloprune.compiler.train.synthetic import SyntheticSpec, generate, render
 
 
 def write_image(path, size=(64, 48), color=(200, 30, 30)):

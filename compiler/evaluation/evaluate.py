@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from yoloprune.compiler.data import DataConfig, YoloDataset, loader
-from yoloprune.compiler.nms import detections as to_detections
+from yoloprune.compiler.evaluation.nms import detections as to_detections
+from yoloprune.compiler.train.data import DataConfig, YoloDataset, loader
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from tests.helpers import tiny_cfg
-from yoloprune.compiler.data import read_data_yaml
-from yoloprune.compiler.finetune import ModelEMA, TrainSettings, train
-from yoloprune.compiler.objective import YoloV5Objective
-from yoloprune.compiler.synthetic import SyntheticSpec, generate
+from yoloprune.compiler.train.data import read_data_yaml
+from yoloprune.compiler.train.finetune import ModelEMA, TrainSettings, train
+from yoloprune.compiler.train.objective import YoloV5Objective
+from yoloprune.compiler.train.synthetic import SyntheticSpec, generate
 from yoloprune.graphs.checkpoint import describe, load_model
 from yoloprune.graphs.errors import YoloPruneError
 from yoloprune.graphs.yolov5 import DetectionModel

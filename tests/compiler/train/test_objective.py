@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from tests.helpers import needs_ultralytics
-from yoloprune.compiler.data import read_data_yaml
-from yoloprune.compiler.finetune import TrainSettings, train
-from yoloprune.compiler.synthetic import SyntheticSpec, generate
+from yoloprune.compiler.train.data import read_data_yaml
+from yoloprune.compiler.train.finetune import TrainSettings, train
+from yoloprune.compiler.train.synthetic import SyntheticSpec, generate
 from yoloprune.graphs.checkpoint import describe
 
 FAST = TrainSettings(
@@ -55,7 +55,7 @@ def test_anchor_free_loss_decreases_in_our_loop(shapes, spec, parts):
 
 @needs_ultralytics
 def test_anchor_free_distillation_is_zero_for_identical_outputs_and_used(shapes):
-    from yoloprune.compiler.objective import AnchorFreeObjective
+    from yoloprune.compiler.train.objective import AnchorFreeObjective
 
     for spec in ("yolov8n.yaml", "yolo26n.yaml"):
         model, info = ultralytics_model(spec, shapes.nc)

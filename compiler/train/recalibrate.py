@@ -81,7 +81,7 @@ def recalibrate_on_data(
 ) -> int:
     """:func:`recalibrate_batchnorm` on ``batches`` shuffled, augmented training batches of the
     data YAML (augmented as fine-tuning sees them; the order is fixed by ``seed``)."""
-    from yoloprune.compiler.data import YoloDataset, loader, read_data_yaml
+    from yoloprune.compiler.train.data import YoloDataset, loader, read_data_yaml
 
     data = read_data_yaml(data_yaml)
     if not data.train:

@@ -57,7 +57,8 @@ def ciou(box1: torch.Tensor, box2: torch.Tensor, eps: float = 1e-7) -> torch.Ten
 
 class YoloV5Loss:
     """``loss(raw_outputs, targets) -> (total, parts)``; targets are (N, 6) = (image, class,
-    xc, yc, w, h) normalised to the input image, as :func:`compiler.data.collate` makes them."""
+    xc, yc, w, h) normalised to the input image, as :func:`~yoloprune.compiler.train.data.collate`
+    makes them."""
 
     def __init__(self, detect: nn.Module, imgsz: int, weights: LossWeights | None = None):
         self.detect = detect

@@ -436,12 +436,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_compile(args) -> int:
-    from yoloprune.compiler.pipeline import CompileOptions, compile_model
+    from yoloprune.compiler.pipeline import DEFAULT_OUT, CompileOptions, compile_model
 
     fields = CompileOptions.__dataclass_fields__
     options = CompileOptions(**{k: v for k, v in vars(args).items() if k in fields})
     report = compile_model(options)
-    out = options.out or Path("runs/compile")
+    out = DEFAULT_OUT if options.out is None else options.out
     latency = report["latency_ms"].get("onnxruntime_cpu")
     print(
         f"params {report['params']['before']:,} -> {report['params']['after']:,} "

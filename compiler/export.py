@@ -20,6 +20,7 @@ from torch import nn
 
 from yoloprune.graphs.checkpoint import class_names
 from yoloprune.graphs.errors import ExportError, first_line
+from yoloprune.graphs.files import signals_held
 
 DEFAULT_OPSET = 17
 # Parity is measured on output0 with box columns (pixels) divided by the image size, or by the
@@ -167,7 +168,7 @@ def export_onnx(
     tmp = path.with_name(path.name + ".tmp")
     axes = {"images": {0: "batch"}, "output0": {0: "batch"}} if dynamic else None
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), signals_held():  # see signals_held: native tracer
             # The head turns static grid sizes into ints on purpose (constant grids).
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             torch.onnx.export(
@@ -182,9 +183,10 @@ def export_onnx(
                 dynamo=False,
             )
         proto = onnx.load(str(tmp))
-        if simplify:
-            proto = _simplify(proto)
-        onnx.checker.check_model(proto, full_check=True)
+        with signals_held():  # onnxsim and the checker are native code too
+            if simplify:
+                proto = _simplify(proto)
+            onnx.checker.check_model(proto, full_check=True)
         meta = onnx_metadata(model, imgsz, mode, names, dynamic)
         for key, value in meta.items():
             proto.metadata_props.add(key=key, value=value)

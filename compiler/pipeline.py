@@ -12,9 +12,7 @@ import json
 import math
 import os
 import shutil
-import signal
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -45,6 +43,7 @@ from yoloprune.compiler.unstructured import sparsify, sparsity
 from yoloprune.graphs.checkpoint import MAX_IMGSZ, MIN_IMGSZ, ModelInfo, load_model, save_pruned
 from yoloprune.graphs.dependency import GroupingLimits, build_graph, channel_groups, conv_channels
 from yoloprune.graphs.errors import ExportError, PlanError, YoloPruneError
+from yoloprune.graphs.files import signals_held
 from yoloprune.graphs.plan import GroupPlan, PruningPlan
 
 DEFAULT_MACS = 0.5
@@ -403,7 +402,7 @@ def staged_output(out: Path) -> Iterator[Path]:
         ) from exc
     try:
         yield staging
-        with _signals_held():  # an interrupt now would leave old and new results mixed
+        with signals_held():  # an interrupt now would leave old and new results mixed
             _remove_previous_results(out)
             for item in sorted(staging.iterdir()):
                 item.replace(out / item.name)
@@ -443,20 +442,6 @@ def _remove_previous_results(out: Path) -> None:
         path = out / str(name)
         if isinstance(name, str) and path.parent == out and path.is_file():
             path.unlink()
-
-
-@contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """Defer SIGINT/SIGTERM (main thread only) for a few renames."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def compile_model(options: CompileOptions) -> dict:

@@ -428,7 +428,7 @@ def rebuild_release_model(pickled: PickledObject, path: Path) -> DetectionModel:
             "is it an unmodified yolov5 v5.0-v7.0 detection checkpoint?"
         )
     model.load_state_dict(state, strict=True)
-    model.names = _class_names(getattr(pickled, "names", None), model.nc)
+    model.names = checked_class_names(getattr(pickled, "names", None), model.nc)
     model.stride = model.detect.stride
     return model
 
@@ -454,10 +454,15 @@ def _setting(value: Any, where: str) -> float:
     return float(value)
 
 
-def _class_names(names: Any, nc: int) -> list[str]:
-    if isinstance(names, dict):
-        names = [names[k] for k in sorted(names)]
-    if isinstance(names, (list, tuple)) and len(names) == nc:
+def checked_class_names(names: Any, nc: int) -> list[str]:
+    """A checkpoint's class names as a list of ``nc`` strings: from a list, or a dict keyed
+    0..nc-1 (ultralytics); anything else (missing, wrong length, odd keys or values) gives the
+    numbered names a model built from its YAML has."""
+    numbered = isinstance(names, dict) and all(type(k) is int for k in names)
+    if numbered and set(names) == set(range(len(names))):
+        names = [names[k] for k in range(len(names))]
+    fits = isinstance(names, list | tuple) and len(names) == nc
+    if fits and all(type(n) in (str, int, float) for n in names):
         return [str(n) for n in names]
     return [str(i) for i in range(nc)]
 

@@ -1,9 +1,12 @@
-"""Atomic file writes: every file yoloprune writes appears whole or not at all."""
+"""Nothing partial: atomic file writes (every file appears whole or not at all), and holding
+SIGINT/SIGTERM over steps an interrupt must not cut in two."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,3 +36,20 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through :func:`atomic_path`."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Defer SIGINT and SIGTERM until the block ends (main thread only; elsewhere a no-op): for
+    a few renames that must happen together, and for native code that is not safe to unwind
+    through (the TorchScript exporter's tracer). A signal that arrives meanwhile is delivered,
+    and raises, as the block ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -351,9 +351,10 @@ def rebuild_release(pickled, state: dict[str, torch.Tensor], path: str) -> nn.Mo
             f"{path}: tensors do not fit the architecture in its own YAML ({first}); is it an "
             f"unmodified ultralytics detection checkpoint?"
         ) from exc
-    names = getattr(pickled, "names", None)
-    if isinstance(names, dict | list | tuple) and names:
-        model.names = dict(enumerate(names)) if not isinstance(names, dict) else dict(names)
+    from yoloprune.graphs.checkpoint import checked_class_names
+
+    names = checked_class_names(getattr(pickled, "names", None), len(model.names))
+    model.names = dict(enumerate(names))
     check_supported(model, path)
     return canonicalize(model).float().eval()
 

@@ -350,7 +350,7 @@ def test_sigterm_unwinds_like_ctrl_c(tmp_path):
     temp.mkdir()
     command = ["compile", "yolov5s.yaml", "--imgsz", "320", "--out", str(out), "--bench-runs", "50"]
     process = subprocess.Popen(
-        [sys.executable, "-m", "yoloprune", *command],
+        [sys.executable, "-X", "faulthandler", "-m", "yoloprune", *command],  # a crash: traced
         cwd=ROOT,
         env={**os.environ, "TMPDIR": str(temp)},
         stdout=subprocess.DEVNULL,

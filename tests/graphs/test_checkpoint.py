@@ -223,3 +223,13 @@ def test_pruned_checkpoint_round_trips_with_weights_only(tmp_path, tiny_model):
     assert [m.weight.shape for m in reloaded.modules() if isinstance(m, nn.Conv2d)] == [
         m.weight.shape for m in pruned.modules() if isinstance(m, nn.Conv2d)
     ]
+
+
+def test_class_names_from_a_checkpoint_are_checked():
+    from yoloprune.graphs.checkpoint import checked_class_names
+
+    many = {i: f"c{i}" for i in reversed(range(12))}
+    assert checked_class_names(many, 12) == [f"c{i}" for i in range(12)]
+    assert checked_class_names(["a", "b"], 2) == ["a", "b"]
+    for odd in ({0: "a", "x": "b"}, {0: "a", 2: "b"}, ["a"], "ab", None, [{"x": 1}, "b"]):
+        assert checked_class_names(odd, 2) == ["0", "1"]

@@ -401,10 +401,7 @@ def rebuild_release_model(pickled: PickledObject, path: Path) -> DetectionModel:
     except ModelError as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
     by_path = dict(_pickled_modules(pickled))
-    try:
-        _copy_module_settings(model, by_path)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{path}: {exc}") from None
+    _copy_module_settings(model, by_path)
     state = _pickled_state(pickled)
     detect_path = f"model.{len(model.model) - 1}"
     detect_stride = getattr(by_path.get(detect_path), "stride", None)

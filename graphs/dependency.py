@@ -348,7 +348,7 @@ def tie_split_halves(model: nn.Module, groups: list[ChannelGroup]) -> list[Chann
                 "is not pruned (--allow-custom-modules prunes it)"
             )
             for g in free:
-                by_id[g.id] = replace(by_id[g.id], protected=True, reason=reason, tie="")
+                by_id[g.id] = replace(by_id[g.id], protected=True, reason=reason)
             continue
         labels = {by_id[g.id].tie for g in free} - {""}
         label = min(labels | {block})
@@ -357,6 +357,11 @@ def tie_split_halves(model: nn.Module, groups: list[ChannelGroup]) -> list[Chann
                 by_id[g.id] = replace(g, tie=label)
         for g in free:
             by_id[g.id] = replace(by_id[g.id], tie=label)
+    # a tie with a member kept whole keeps every member whole (equal counts)
+    whole = {g.tie: g.reason for g in by_id.values() if g.tie and g.protected}
+    for g in list(by_id.values()):
+        if g.tie in whole:
+            by_id[g.id] = replace(g, protected=True, reason=whole[g.tie], tie="")
     return [by_id[g.id] for g in groups]
 
 

@@ -193,3 +193,26 @@ def test_guard_leaves_a_body_under_its_limits_alone():
     ctrl_c = pytest.raises(KeyboardInterrupt)  # a user's Ctrl-C stays a KeyboardInterrupt
     with ctrl_c, grouping_guard(GroupingLimits(), "grouping"):
         raise KeyboardInterrupt
+
+
+def test_split_halves_are_tied_and_a_whole_member_keeps_its_tie_whole(monkeypatch):
+    """Halves of split blocks keep equal counts; where one half cannot be pruned, its partner
+    is kept whole, and so is every group tied to that partner through another block."""
+    from yoloprune.graphs import ultralytics_family
+    from yoloprune.graphs.dependency import ChannelGroup, Member, tie_split_halves
+
+    def group(name, protected=False):
+        return ChannelGroup(name, 16, (Member(name, "out", 0, 16, 16),), protected, "")
+
+    groups = [group("a"), group("b"), group("c"), group("d"), group("e", protected=True)]
+    halves = [("blk1", "C3k2", ("a", "b")), ("blk2", "C2PSA", ("d", "e"))]
+    monkeypatch.setattr(ultralytics_family, "split_halves", lambda model: halves)
+    tied = {g.id: g for g in tie_split_halves(None, groups)}
+    assert tied["a"].tie == tied["b"].tie == "blk1" and not tied["a"].protected
+    assert tied["d"].protected and "needs equal halves" in tied["d"].reason
+    assert not tied["c"].protected and tied["c"].tie == ""
+    chained = [*halves, ("blk3", "C3k2", ("b", "d"))]  # b is also a half of d's block
+    monkeypatch.setattr(ultralytics_family, "split_halves", lambda model: chained)
+    tied = {g.id: g for g in tie_split_halves(None, groups)}
+    assert all(tied[n].protected for n in "abd")  # d is whole, so b, so a
+    assert not tied["c"].protected

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from yoloprune.compiler.planner import conv_io_sizes, plan_from_counts
+from yoloprune.compiler.planner import conv_io_sizes, plan_from_counts, tie_members
 from yoloprune.graphs.blocks import droppable_blocks
 from yoloprune.graphs.dependency import ChannelGroup, ConvChannels, conv_channels
 from yoloprune.graphs.errors import PlanError
@@ -189,10 +189,11 @@ def latency_counts(
     (latency-aware allocation under a MACs target). Groups in ``droppable`` (hidden groups of
     residual blocks, :func:`graphs.blocks.droppable_blocks`) have one more step past their
     floor: 0 channels, the block removed (its remaining importance lost, its convs' time
-    saved)."""
+    saved). Tied groups (a split block's halves, equal counts) step together, as one."""
     droppable = droppable or {}
     prunable = [g for g in groups if not g.protected]
     counts = {g.id: g.size for g in prunable}
+    members = tie_members(prunable)  # each group's tie (itself alone when untied)
     ascending = {g.id: torch.sort(scores[g.id]).values for g in prunable}
     floors = {g.id: math.ceil(g.size * (1 - max_ratio) / round_to) * round_to for g in prunable}
     total = model.predict(counts)
@@ -213,9 +214,14 @@ def latency_counts(
             nxt = 0
         if nxt is None:
             return None
-        cost = float(ascending[gid][size - counts[gid] : size - nxt].sum())  # the next lowest
-        smaller = {**counts, gid: nxt}
-        saved = model.group_ms(gid, counts) - model.group_ms(gid, smaller)
+        tie = members[gid]
+        # the next lowest scores of every member
+        cost = sum(float(ascending[m][size - counts[m] : size - nxt].sum()) for m in tie)
+        smaller = {**counts, **dict.fromkeys(tie, nxt)}
+        if len(tie) == 1:
+            saved = model.group_ms(gid, counts) - model.group_ms(gid, smaller)
+        else:  # members share convs (the block's cv2 reads both halves): count them once
+            saved = model.predict(counts) - model.predict(smaller)
         if saved > 1e-9:
             return ((0, cost / saved), nxt, saved)
         if macs_goal is None:
@@ -231,7 +237,8 @@ def latency_counts(
             heapq.heappush(heap, (item[0], version[gid], gid, item[1], item[2]))
 
     for gid in counts:
-        push(gid)
+        if members[gid][0] == gid:  # a tie is stepped through its first member
+            push(gid)
 
     def done() -> bool:
         if macs_goal is not None:
@@ -244,12 +251,13 @@ def latency_counts(
             continue
         if math.isinf(priority[1]):
             break
-        counts[gid] = nxt
+        for member in members[gid]:
+            counts[member] = nxt
         total -= saved
-        for other in neighbours[gid] | {gid}:
-            if other in counts:
-                version[other] += 1
-                push(other)
+        touched = set().union(*(neighbours[m] | {m} for m in members[gid]))
+        for leader in {members[other][0] for other in touched if other in counts}:
+            version[leader] += 1
+            push(leader)
     total = model.predict(counts)
     if macs_goal is not None and not done():
         raise PlanError(

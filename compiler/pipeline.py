@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -444,172 +444,307 @@ def _remove_previous_results(out: Path) -> None:
             path.unlink()
 
 
+@dataclass
+class Job:
+    """One compile: its options, data, staging folder, and the artifacts the stages add."""
+
+    options: CompileOptions
+    data: object  # DataConfig or None
+    staging: Path
+    artifacts: dict = field(default_factory=dict)
+    accuracy: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+
+    def __getitem__(self, name: str):
+        return self.artifacts[name]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A named step of the compile: ``run(job)`` returns the artifacts it makes. It runs only
+    where ``when(options, data)`` holds, after the artifacts it ``requires`` exist, and must
+    leave those it ``ensures``."""
+
+    name: str
+    run: Callable[[Job], dict]
+    requires: tuple[str, ...] = ()
+    ensures: tuple[str, ...] = ()
+    when: Callable[[CompileOptions, object], bool] = lambda options, data: True
+
+
+def _iterative_mode(options: CompileOptions, data) -> bool:
+    return options.steps is not None and options.steps > 1
+
+
+def _one_shot(options: CompileOptions, data) -> bool:
+    return not _iterative_mode(options, data)
+
+
+def _load_stage(job: Job) -> dict:
+    options, data = job.options, job.data
+    prepared = prepare(
+        options.model, options.imgsz, options.grouping_limits(), options.allow_custom_modules
+    )
+    info = prepared.info
+    mode = export_mode(prepared.model, options.export_mode)  # a wrong one fails before pruning
+    if not info.pretrained:
+        tqdm.write(
+            f"WARNING: {options.model} is an architecture (YAML), not trained weights: "
+            "random init. MACs and latency are real; accuracy is meaningless."
+        )
+    if data and data.nc != info.nc:
+        raise PlanError(
+            f"{options.data}: {data.nc} classes but {options.model} has {info.nc}; evaluate "
+            "a model on the data it was trained for"
+        )
+    return {
+        "prepared": prepared,
+        "original": prepared.model,
+        "mode": mode,
+        "val": _val_dataset(data, prepared.imgsz),
+    }
+
+
+def _evaluation(model_key: str, label: str) -> Callable[[Job], dict]:
+    def run(job: Job) -> dict:
+        job.accuracy[label] = _eval(job[model_key], job["val"], job.data, job["mode"])
+        return {}
+
+    return run
+
+
+def _iterative_stage(job: Job) -> dict:
+    plan, pruned, training, recalibrated = _iterative(
+        job["prepared"], job.options, job.data, job.staging
+    )
+    return {"plan": plan, "pruned": pruned, "training": training, "recalibrated": recalibrated}
+
+
+def _finetune_stage(job: Job) -> dict:
+    training = _finetune(job["pruned"], job["prepared"], job.data, job.options, job.staging)
+    return {"training": training, "pruned": _keep_sparsity(training.model, job["plan"])}
+
+
+def _save_stage(job: Job) -> dict:
+    """Plan (its MACs counted on the models), pruned checkpoint, and for ultralytics models the
+    checkpoint stock ultralytics loads."""
+    prepared, pruned = job["prepared"], job["pruned"]
+    info, imgsz = prepared.info, prepared.imgsz
+    plan = counted(job["plan"], prepared.model, pruned, imgsz)
+    name = info.name.removesuffix("-pruned")
+    paths = {
+        "checkpoint": job.staging / f"{name}-pruned.pt",
+        "onnx": job.staging / f"{name}-pruned.onnx",
+        "plan": job.staging / f"{name}-plan.json",
+    }
+    plan.save(paths["plan"])
+    save_pruned(pruned, info, paths["checkpoint"], extra={"plan": paths["plan"].name})
+    rewritten = None
+    if info.family == "ultralytics":
+        from yoloprune.graphs.ultralytics_family import save_for_ultralytics
+
+        paths["ultralytics"] = job.staging / f"{name}-pruned-ultralytics.pt"
+        rewritten = save_for_ultralytics(pruned, info.names, imgsz, paths["ultralytics"])
+    return {"plan": plan, "paths": paths, "rewritten": rewritten}
+
+
+def _export_stage(job: Job) -> dict:
+    options = job.options
+    export_onnx(
+        job["pruned"],
+        job["paths"]["onnx"],
+        job["prepared"].imgsz,
+        dynamic=options.dynamic,
+        simplify=options.simplify,
+        mode=job["mode"],
+    )
+    return {"onnx": job["paths"]["onnx"]}
+
+
+def _parity_stage(job: Job) -> dict:
+    options = job.options
+    tolerance = (
+        DEFAULT_PARITY_TOLERANCE if options.parity_tolerance is None else options.parity_tolerance
+    )
+    parity = check_parity(
+        job["pruned"],
+        job["onnx"],
+        job["prepared"].imgsz,
+        tolerance=tolerance,
+        threads=options.threads,
+    )
+    if not parity.ok:
+        raise ExportError(
+            f"{job['onnx'].name}: ONNX Runtime differs from PyTorch by "
+            f"{parity.max_abs_diff:.3g} > tolerance {parity.tolerance:g} "
+            f"({parity.metric}); nothing was written"
+        )
+    return {"parity": parity}
+
+
+def _eval_onnx_stage(job: Job) -> dict:
+    job.accuracy["onnx"] = _eval_onnx(job["onnx"], job["val"], job.data, job.options)
+    return {}
+
+
+def _bench_stage(job: Job) -> dict:
+    prepared = job["prepared"]
+    return {"latency": _bench(prepared.model, job["onnx"], prepared.imgsz, job.options)}
+
+
+def _report_stage(job: Job) -> dict:
+    prepared, pruned, plan, paths = job["prepared"], job["pruned"], job["plan"], job["paths"]
+    mode = job["mode"]
+    report = build_report(
+        info=prepared.info,
+        plan=plan,
+        groups=prepared.groups,
+        imgsz=prepared.imgsz,
+        params=(count_params(prepared.model), count_params(pruned)),
+        onnx_bytes=paths["onnx"].stat().st_size,
+        parity=job["parity"],
+        latency=job.artifacts.get("latency"),
+        seconds=dict(job.seconds),
+        options=job.options,
+        files={k: p.name for k, p in paths.items()},
+    )
+    report["accuracy"] = _accuracy_section(
+        job.accuracy,
+        job.artifacts.get("training"),
+        job.data,
+        job.artifacts.get("recalibrated", 0),
+    )
+    layout = output_layout(pruned, mode)
+    report["export"] = {"mode": mode, "layout": layout, "output0": LAYOUTS[layout]}
+    if "ultralytics" in paths:
+        report["export"]["ultralytics_checkpoint"] = {
+            "file": paths["ultralytics"].name,
+            "blocks_kept_as_yoloprune_classes": job["rewritten"],
+        }
+    if plan.method == "unstructured":
+        report["sparsity"] = {
+            "conv_weights_zero": sparsity(pruned),
+            "requested": plan.target["value"],
+        }
+    write_report(report, job.staging)
+    return {"report": report}
+
+
+# The compile, in order. Each stage names what it needs and what it leaves; compile_model runs
+# those whose condition holds (the progress bar counts them), and an error names its stage.
+STAGES: tuple[Stage, ...] = (
+    Stage("load + graph", _load_stage, ensures=("prepared", "original", "mode", "val")),
+    Stage(
+        "eval original",
+        _evaluation("original", "original"),
+        requires=("original", "val"),
+        when=lambda options, data: bool(data),
+    ),
+    Stage(
+        "iterative prune + fine-tune",
+        _iterative_stage,
+        requires=("prepared",),
+        ensures=("plan", "pruned"),
+        when=_iterative_mode,
+    ),
+    Stage(
+        "score + plan",
+        lambda job: {"plan": plan_for(job["prepared"], job.options)},
+        requires=("prepared",),
+        ensures=("plan",),
+        when=_one_shot,
+    ),
+    Stage(
+        "apply",
+        lambda job: {"pruned": apply_any(job["prepared"].model, job["plan"])},
+        requires=("prepared", "plan"),
+        ensures=("pruned",),
+        when=_one_shot,
+    ),
+    Stage(
+        "recalibrate",
+        lambda job: {
+            "recalibrated": _recalibrate(job["pruned"], job.options, job["prepared"].imgsz)
+        },
+        requires=("pruned",),
+        ensures=("recalibrated",),
+        when=lambda options, data: _one_shot(options, data) and _recalibrates(options, data),
+    ),
+    Stage(
+        "eval pruned",
+        _evaluation("pruned", "pruned"),
+        requires=("pruned", "val"),
+        when=lambda options, data: bool(data) and _one_shot(options, data),
+    ),
+    Stage(
+        "fine-tune",
+        _finetune_stage,
+        requires=("pruned", "plan"),
+        ensures=("training", "pruned"),
+        when=lambda options, data: bool(data and options.epochs) and _one_shot(options, data),
+    ),
+    Stage(
+        "eval fine-tuned",
+        _evaluation("pruned", "finetuned"),
+        requires=("pruned", "val"),
+        when=lambda options, data: (
+            bool(data) and (bool(options.epochs) or _iterative_mode(options, data))
+        ),
+    ),
+    Stage("save", _save_stage, requires=("plan", "pruned"), ensures=("plan", "paths")),
+    Stage("export", _export_stage, requires=("pruned", "paths"), ensures=("onnx",)),
+    Stage("parity", _parity_stage, requires=("pruned", "onnx"), ensures=("parity",)),
+    Stage(
+        "eval onnx",
+        _eval_onnx_stage,
+        requires=("onnx", "val"),
+        when=lambda options, data: bool(data),
+    ),
+    Stage(
+        "bench",
+        _bench_stage,
+        requires=("prepared", "onnx"),
+        ensures=("latency",),
+        when=lambda options, data: options.bench,
+    ),
+    Stage("report", _report_stage, requires=("plan", "parity", "paths"), ensures=("report",)),
+)
+
+
 def compile_model(options: CompileOptions) -> dict:
-    """Run the whole job; return the report dict. Outputs land in ``options.out``."""
+    """Run the whole job (:data:`STAGES`); return the report dict. Outputs land in
+    ``options.out``, all at once at the end."""
     out = DEFAULT_OUT if options.out is None else Path(options.out)
     data = _data_for(options)
-    iterative = options.steps is not None and options.steps > 1
-    steps = ["load + graph", "save", "export", "parity"]
-    steps += ["iterative prune + fine-tune"] if iterative else ["score + plan", "apply"]
-    steps += ["recalibrate"] if _recalibrates(options, data) and not iterative else []
-    steps += ["eval original", "eval onnx"] if data else []
-    steps += ["eval pruned"] if data and not iterative else []
-    steps += ["fine-tune"] if data and options.epochs and not iterative else []
-    steps += ["eval fine-tuned"] if data and (options.epochs or iterative) else []
-    steps += ["bench"] if options.bench else []
-    seconds: dict[str, float] = {}
+    stages = [stage for stage in STAGES if stage.when(options, data)]
     with (
         staged_output(out) as staging,
-        tqdm(total=len(steps) + 1, desc="compile", unit="step", leave=False, disable=None) as bar,
+        tqdm(total=len(stages), desc="compile", unit="stage", leave=False, disable=None) as bar,
     ):
-
-        def step(name: str, fn):
-            bar.set_description(name)
-            start = time.perf_counter()
-            result = fn()
-            seconds[name] = round(time.perf_counter() - start, 3)
+        job = Job(options, data, staging)
+        for stage in stages:
+            bar.set_description(stage.name)
+            run_stage(stage, job)
             bar.update()
-            return result
+    return job["report"]
 
-        prepared = step(
-            "load + graph",
-            lambda: prepare(
-                options.model,
-                options.imgsz,
-                options.grouping_limits(),
-                options.allow_custom_modules,
-            ),
-        )
-        info, imgsz = prepared.info, prepared.imgsz
-        mode = export_mode(prepared.model, options.export_mode)  # a wrong one fails before pruning
-        if not info.pretrained:
-            tqdm.write(
-                f"WARNING: {options.model} is an architecture (YAML), not trained weights: "
-                "random init. MACs and latency are real; accuracy is meaningless."
-            )
-        accuracy: dict = {}
-        if data and data.nc != info.nc:
-            raise PlanError(
-                f"{options.data}: {data.nc} classes but {options.model} has {info.nc}; evaluate "
-                "a model on the data it was trained for"
-            )
-        val = _val_dataset(data, imgsz)
-        if data:
-            accuracy["original"] = step(
-                "eval original", lambda: _eval(prepared.model, val, data, mode)
-            )
-        training, recalibrated = None, 0
-        if iterative:
-            plan, pruned, training, recalibrated = step(
-                "iterative prune + fine-tune", lambda: _iterative(prepared, options, data, staging)
-            )
-            if data:
-                accuracy["finetuned"] = step(
-                    "eval fine-tuned", lambda: _eval(pruned, val, data, mode)
-                )
-        else:
-            plan = step("score + plan", lambda: plan_for(prepared, options))
-            pruned = step("apply", lambda: apply_any(prepared.model, plan))
-            if _recalibrates(options, data):
-                recalibrated = step("recalibrate", lambda: _recalibrate(pruned, options, imgsz))
-        if data and not iterative:
-            accuracy["pruned"] = step("eval pruned", lambda: _eval(pruned, val, data, mode))
-            if options.epochs:
-                training = step(
-                    "fine-tune", lambda: _finetune(pruned, prepared, data, options, staging)
-                )
-                pruned = _keep_sparsity(training.model, plan)
-                accuracy["finetuned"] = step(
-                    "eval fine-tuned", lambda: _eval(pruned, val, data, mode)
-                )
-        plan = counted(plan, prepared.model, pruned, imgsz)
-        name = info.name.removesuffix("-pruned")
-        paths = {
-            "checkpoint": staging / f"{name}-pruned.pt",
-            "onnx": staging / f"{name}-pruned.onnx",
-            "plan": staging / f"{name}-plan.json",
-        }
 
-        if info.family == "ultralytics":
-            paths["ultralytics"] = staging / f"{name}-pruned-ultralytics.pt"
-        rewritten: list[str] = []
-
-        def save():
-            plan.save(paths["plan"])
-            save_pruned(pruned, info, paths["checkpoint"], extra={"plan": paths["plan"].name})
-            if "ultralytics" in paths:
-                from yoloprune.graphs.ultralytics_family import save_for_ultralytics
-
-                rewritten.extend(
-                    save_for_ultralytics(pruned, info.names, imgsz, paths["ultralytics"])
-                )
-
-        step("save", save)
-        step(
-            "export",
-            lambda: export_onnx(
-                pruned,
-                paths["onnx"],
-                imgsz,
-                dynamic=options.dynamic,
-                simplify=options.simplify,
-                mode=mode,
-            ),
-        )
-        tolerance = (
-            DEFAULT_PARITY_TOLERANCE
-            if options.parity_tolerance is None
-            else options.parity_tolerance
-        )
-        parity = step(
-            "parity",
-            lambda: check_parity(
-                pruned, paths["onnx"], imgsz, tolerance=tolerance, threads=options.threads
-            ),
-        )
-        if not parity.ok:
-            raise ExportError(
-                f"{paths['onnx'].name}: ONNX Runtime differs from PyTorch by "
-                f"{parity.max_abs_diff:.3g} > tolerance {parity.tolerance:g} "
-                f"({parity.metric}); nothing was written"
-            )
-        if data:
-            accuracy["onnx"] = step(
-                "eval onnx", lambda: _eval_onnx(paths["onnx"], val, data, options)
-            )
-        latency = None
-        if options.bench:
-            latency = step("bench", lambda: _bench(prepared.model, paths["onnx"], imgsz, options))
-        report = build_report(
-            info=info,
-            plan=plan,
-            groups=prepared.groups,
-            imgsz=imgsz,
-            params=(count_params(prepared.model), count_params(pruned)),
-            onnx_bytes=paths["onnx"].stat().st_size,
-            parity=parity,
-            latency=latency,
-            seconds=seconds,
-            options=options,
-            files={k: p.name for k, p in paths.items()},
-        )
-        report["accuracy"] = _accuracy_section(accuracy, training, data, recalibrated)
-        layout = output_layout(pruned, mode)
-        report["export"] = {"mode": mode, "layout": layout, "output0": LAYOUTS[layout]}
-        if "ultralytics" in paths:
-            report["export"]["ultralytics_checkpoint"] = {
-                "file": paths["ultralytics"].name,
-                "blocks_kept_as_yoloprune_classes": rewritten,
-            }
-        if plan.method == "unstructured":
-            report["sparsity"] = {
-                "conv_weights_zero": sparsity(pruned),
-                "requested": plan.target["value"],
-            }
-        bar.set_description("report")
-        write_report(report, staging)
-        bar.update()
-    return report
+def run_stage(stage: Stage, job: Job) -> None:
+    """Run one stage: check what it requires, time it (the report lists every stage but its
+    own), add its artifacts, check what it ensures. A user error names the stage."""
+    missing = [name for name in stage.requires if name not in job.artifacts]
+    if missing:
+        raise YoloPruneError(f"internal error: stage {stage.name!r} needs {missing}")
+    start = time.perf_counter()
+    try:
+        made = stage.run(job)
+    except YoloPruneError as exc:
+        raise type(exc)(f"{stage.name}: {exc}") from exc
+    job.seconds[stage.name] = round(time.perf_counter() - start, 3)
+    job.artifacts.update(made)
+    missing = [name for name in stage.ensures if name not in job.artifacts]
+    if missing:
+        raise YoloPruneError(f"internal error: stage {stage.name!r} did not make {missing}")
 
 
 def _data_for(options: CompileOptions):

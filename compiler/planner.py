@@ -136,14 +136,20 @@ def _floor(size: int, c: Constraints) -> int:
     return math.ceil(size * (1 - c.max_ratio) / c.round_to) * c.round_to
 
 
-def tied(groups) -> Callable[[dict[str, int]], dict[str, int]]:
-    """A function raising every tied group (same ``tie`` label) to the largest count of its
-    tie: tied groups are the halves of a split block, which keep equal counts."""
+def tie_members(groups) -> dict[str, list[str]]:
+    """For each group id, the ids of its tie (the groups sharing its ``tie`` label: the halves
+    of a split block, which keep equal counts), first member first; an untied group is its own
+    tie."""
     ties: dict[str, list[str]] = {}
     for g in groups:
         if g.tie:
             ties.setdefault(g.tie, []).append(g.id)
-    sets = [ids for ids in ties.values() if len(ids) > 1]
+    return {g.id: ties[g.tie] if g.tie else [g.id] for g in groups}
+
+
+def tied(groups) -> Callable[[dict[str, int]], dict[str, int]]:
+    """A function raising every tied group to the largest count of its tie."""
+    sets = [ids for gid, ids in tie_members(groups).items() if len(ids) > 1 and ids[0] == gid]
 
     def apply(counts: dict[str, int]) -> dict[str, int]:
         if not sets:

@@ -247,3 +247,25 @@ def test_prediction_follows_depthwise_convs_as_their_group_shrinks(tmp_path):
     for _ in range(3):  # counts a plan can hold: multiples of round_to, or the whole group
         kept = {g.id: rng.choice([*range(8, g.size, 8), g.size]) for g in prunable}
         assert model.predict(kept) == pytest.approx(counter.macs(kept), rel=1e-9)
+
+
+@needs_ultralytics
+@pytest.mark.parametrize("spec", ["yolo11n.yaml", "yolo26n.yaml"])
+def test_latency_aware_plans_keep_split_halves_tied_and_meet_the_macs_target(tmp_path, spec):
+    """A split block's halves step together in the knapsack (so stock ultralytics can load the
+    pruned block), and the MACs target is still met: raising one half after the fact would
+    overshoot it (0.60 and 0.54 of the MACs for yolo11s and yolo26s at --macs 0.5)."""
+    p = prepare(spec, IMGSZ)
+    table = LatencyTable(KEY, tmp_path / "t.json", macs_measurer)
+    model = LatencyModel(conv_geometry(p.model, conv_channels(p.model, p.groups), IMGSZ), table, 8)
+    scores = score_groups(p.model, p.graph, p.groups, "l2")
+    counter = mac_counter(p)
+    goal = 0.5 * counter.macs()
+    counts, _ = latency_counts(p.groups, scores, model, 0.0, 8, 0.8, macs_goal=(counter, goal))
+    assert 0.97 * goal <= counter.macs(counts) <= goal
+    ties: dict[str, set[int]] = {}
+    for g in p.groups:
+        if g.tie:
+            ties.setdefault(g.tie, set()).add(counts[g.id])
+    assert ties and all(len(kept) == 1 for kept in ties.values())
+    assert any(counts[g.id] < g.size for g in p.groups if g.tie)  # halves were pruned

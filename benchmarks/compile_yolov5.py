@@ -34,7 +34,13 @@ import recipes  # noqa: E402
 from yoloprune.compiler.apply import apply_plan, count_params  # noqa: E402
 from yoloprune.compiler.export import export_onnx  # noqa: E402
 from yoloprune.compiler.pipeline import CompileOptions, plan_for, prepare  # noqa: E402
-from yoloprune.kernels.ort import OrtRunner, default_threads, machine_info, time_runners  # noqa: E402
+from yoloprune.kernels.ort import (  # noqa: E402
+    OrtRunner,
+    default_threads,
+    machine_info,
+    machine_text,
+    time_runners,
+)
 
 RESULTS = ROOT / "benchmarks" / "results"
 IMGSZ = 640
@@ -155,7 +161,7 @@ def render(result: dict) -> str:
     lines = [
         f"# Compile benchmark: {', '.join(r['model'] for r in result['rows'])} (MACs kept 0.5)",
         "",
-        f"Machine: {m['cpu']}, {m['cores_available']} cores; torch {m['torch']}, onnxruntime "
+        f"Machine: {machine_text(m)}; torch {m['torch']}, onnxruntime "
         f"{m['onnxruntime']}. Runtime: ONNX Runtime CPUExecutionProvider (ORT_ENABLE_ALL), "
         f"fp32, batch 1, {result['threads']} intra-op threads, image {IMGSZ}x{IMGSZ}. Each of "
         f"{result['passes']} timing passes takes the median of {result['runs']} runs per model "

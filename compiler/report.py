@@ -9,6 +9,7 @@ from pathlib import Path
 from yoloprune.graphs.checkpoint import ModelInfo
 from yoloprune.graphs.files import write_text_atomic
 from yoloprune.graphs.plan import PruningPlan
+from yoloprune.kernels.ort import machine_text
 
 MACS_COUNTED = (
     "multiply-accumulates of every Conv2d (detection head included) for one "
@@ -132,7 +133,7 @@ def render_markdown(report: dict) -> str:
             "",
             f"Latency: {latency['runtime']}, batch {latency['batch']}, fp32, "
             f"{latency['threads']} threads, median of {latency['after']['runs']} runs "
-            f"({latency['order']}), on {latency['machine']['cpu']}. Latency efficiency "
+            f"({latency['order']}), on {machine_text(latency['machine'])}. Latency efficiency "
             f"(MACs ratio / latency ratio): {macs['ratio'] / latency['ratio']:.2f}.",
         ]
     else:

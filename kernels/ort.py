@@ -105,13 +105,21 @@ def default_threads() -> int:
     )
 
 
+SIMD_FLAGS = frozenset(
+    {"avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
+    | {"avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16", "asimd", "sve"}
+)
+
+
 def machine_info() -> dict:
     """CPU model, cores and library versions, for every reported number."""
-    cpu = platform.processor() or "unknown"
+    cpu, flags = platform.processor() or "unknown", []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = sorted(set(line.split(":", 1)[1].split()) & SIMD_FLAGS)
                 break
     except OSError:
         pass
@@ -120,9 +128,17 @@ def machine_info() -> dict:
 
     return {
         "cpu": cpu,
+        "cpu_flags": flags,  # the vector extensions kernels choose between
         "cores_available": default_threads(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "onnxruntime": ort.__version__,
     }
+
+
+def machine_text(machine: dict) -> str:
+    """``AMD EPYC (avx2, avx512f, ...), 2 cores``: the CPU and its vector extensions, which
+    decide which kernels a runtime picks (latency figures compare only within one machine)."""
+    flags = ", ".join(machine.get("cpu_flags") or []) or "flags not recorded"
+    return f"{machine['cpu']} ({flags}), {machine['cores_available']} cores"

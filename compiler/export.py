@@ -57,6 +57,14 @@ class Parity:
     def to_dict(self) -> dict:
         return {**asdict(self), "ok": self.ok}
 
+    def require(self, onnx_name: str) -> None:
+        """Raise the one-line ExportError of a file that misses the tolerance."""
+        if not self.ok:
+            raise ExportError(
+                f"{onnx_name}: ONNX Runtime differs from PyTorch by {self.max_abs_diff:.3g} > "
+                f"tolerance {self.tolerance:g} ({self.metric}); nothing was written"
+            )
+
 
 def export_mode(model: nn.Module, requested: str | None = None) -> str:
     """The export mode: ``requested`` checked against the head, or the model's default."""
@@ -228,11 +236,7 @@ def export_checked(
     with atomic_path(path) as staged:
         export_onnx(model, staged, imgsz, dynamic=dynamic, simplify=simplify, mode=mode)
         parity = check_parity(model, staged, imgsz, tolerance=tolerance, threads=threads)
-        if not parity.ok:
-            raise ExportError(
-                f"{path.name}: ONNX Runtime differs from PyTorch by {parity.max_abs_diff:.3g} > "
-                f"tolerance {parity.tolerance:g} ({parity.metric}); nothing was written"
-            )
+        parity.require(path.name)
     return parity
 
 

@@ -42,7 +42,7 @@ from yoloprune.compiler.score import IMPORTANCES, loss_gradients, score_groups
 from yoloprune.compiler.unstructured import sparsify, sparsity
 from yoloprune.graphs.checkpoint import MAX_IMGSZ, MIN_IMGSZ, ModelInfo, load_model, save_pruned
 from yoloprune.graphs.dependency import GroupingLimits, build_graph, channel_groups, conv_channels
-from yoloprune.graphs.errors import ExportError, PlanError, YoloPruneError
+from yoloprune.graphs.errors import PlanError, YoloPruneError
 from yoloprune.graphs.files import signals_held
 from yoloprune.graphs.plan import GroupPlan, PruningPlan
 
@@ -250,8 +250,6 @@ def plan_for(prepared: Prepared, options: CompileOptions) -> PruningPlan:
         return fitted_plan(PruningPlan.load(options.plan), prepared, str(options.plan))
     if options.method == "unstructured":
         return _unstructured_plan(prepared, options, counter)
-    if options.method != "structured":
-        raise PlanError(f"--method {options.method}: use structured (default) or unstructured")
     importance = DEFAULT_IMPORTANCE if options.importance is None else options.importance
     target, constraints = options.target(), options.constraints()
     if constraints.drop_blocks and not (target.latency or options.latency_aware):
@@ -573,12 +571,7 @@ def _parity_stage(job: Job) -> dict:
         tolerance=tolerance,
         threads=options.threads,
     )
-    if not parity.ok:
-        raise ExportError(
-            f"{job['onnx'].name}: ONNX Runtime differs from PyTorch by "
-            f"{parity.max_abs_diff:.3g} > tolerance {parity.tolerance:g} "
-            f"({parity.metric}); nothing was written"
-        )
+    parity.require(job["onnx"].name)
     return {"parity": parity}
 
 

@@ -316,9 +316,8 @@ def plan_from_counts(
     seed: int = 0,
     latency: dict | None = None,
 ) -> PruningPlan:
-    """The plan keeping, in each group, its ``counts[id]`` highest-scored channels (tied groups
-    at their tie's largest count)."""
-    counts = tied(prunable)(counts)
+    """The plan keeping, in each group, its ``counts[id]`` highest-scored channels (the
+    planners hand in counts whose tied groups are already equal)."""
     plans = []
     for g in prunable:
         order = torch.argsort(scores[g.id], descending=True, stable=True)

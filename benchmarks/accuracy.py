@@ -19,6 +19,7 @@ Writes benchmarks/results/accuracy.{json,md}.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -34,13 +35,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import recipes  # noqa: E402
 
-from yoloprune.compiler.apply import apply_plan, count_params  # noqa: E402
+from yoloprune.compiler.apply import count_params  # noqa: E402
 from yoloprune.compiler.evaluation.evaluate import evaluate, torch_predictor, val_dataset  # noqa: E402
 from yoloprune.compiler.export import export_onnx  # noqa: E402
-from yoloprune.compiler.pipeline import CompileOptions, plan_for, prepare  # noqa: E402
+from yoloprune.compiler.pipeline import CompileOptions, prepare, prune_in_memory  # noqa: E402
 from yoloprune.compiler.train.data import read_data_yaml  # noqa: E402
 from yoloprune.compiler.train.finetune import TrainSettings, train  # noqa: E402
-from yoloprune.compiler.train.recalibrate import recalibrate_on_data  # noqa: E402
 from yoloprune.compiler.train.synthetic import SyntheticSpec, generate  # noqa: E402
 from yoloprune.compiler.unstructured import sparsify, sparsity  # noqa: E402
 from yoloprune.kernels.ort import OrtRunner, default_threads, machine_info, order_text, time_runners  # noqa: E402
@@ -68,10 +68,9 @@ def finetune_settings(epochs: int, imgsz: int, lr0: float, **changes) -> TrainSe
 
 
 def pruned_like_compile(prepared, options: CompileOptions, data_yaml: Path):
-    """As compile does it: apply the plan, then re-estimate BatchNorm statistics."""
-    pruned = apply_plan(prepared.model, plan_for(prepared, options))
-    recalibrate_on_data(pruned, data_yaml, prepared.imgsz)
-    return pruned
+    """Compile's own stages (score + plan, apply, BatchNorm recalibration on ``data_yaml``)."""
+    options = dataclasses.replace(options, data=data_yaml)
+    return prune_in_memory(options, prepared)["pruned"]
 
 
 def subset(data, count: int, folder: Path):
@@ -257,9 +256,9 @@ def architectures(prepared, imgsz: int, data_yaml: Path) -> dict:
 
 
 def measure_latency(models: dict, imgsz: int, runs: int) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as active:
         runners = {
-            name: OrtRunner(export_onnx(m, Path(tmp) / f"m{i}.onnx", imgsz))
+            name: active.enter_context(OrtRunner(export_onnx(m, Path(tmp) / f"m{i}.onnx", imgsz)))
             for i, (name, m) in enumerate(models.items())
         }
         images = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)

@@ -25,7 +25,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -50,7 +49,7 @@ from yoloprune.compiler.pipeline import CompileOptions, prepare  # noqa: E402
 from yoloprune.compiler.train.data import read_data_yaml  # noqa: E402
 from yoloprune.compiler.train.finetune import train  # noqa: E402
 from yoloprune.compiler.train.synthetic import SyntheticSpec, generate  # noqa: E402
-from yoloprune.graphs.files import write_text_atomic  # noqa: E402
+from yoloprune.graphs.files import atomic_path, write_text_atomic  # noqa: E402
 from yoloprune.kernels.ort import machine_info  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -238,10 +237,9 @@ def plot(result: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    temporary = path.with_suffix(".tmp.png")
-    fig.savefig(temporary, dpi=120)
+    with atomic_path(path) as temporary:
+        fig.savefig(temporary, dpi=120, format="png")
     plt.close(fig)
-    os.replace(temporary, path)
 
 
 if __name__ == "__main__":

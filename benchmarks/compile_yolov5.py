@@ -13,6 +13,7 @@ Writes benchmarks/results/compile_yolov5.json and .md. Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -31,9 +32,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import recipes  # noqa: E402
 
-from yoloprune.compiler.apply import apply_plan, count_params  # noqa: E402
+from yoloprune.compiler.apply import count_params  # noqa: E402
 from yoloprune.compiler.export import export_onnx  # noqa: E402
-from yoloprune.compiler.pipeline import CompileOptions, plan_for, prepare  # noqa: E402
+from yoloprune.compiler.pipeline import CompileOptions, prepare, prune_in_memory  # noqa: E402
 from yoloprune.kernels.ort import (  # noqa: E402
     OrtRunner,
     default_threads,
@@ -80,9 +81,11 @@ def timed_passes(paths: dict, runs: int, passes: int) -> dict:
     result: dict = {True: [], False: []}
     for index in range(passes):
         for spin in (True, False) if index % 2 == 0 else (False, True):
-            runners = {k: OrtRunner(p, spinning=spin) for k, p in paths.items()}
-            result[spin].append(time_runners(runners, images, runs, 3))
-            del runners
+            with contextlib.ExitStack() as active:
+                runners = {
+                    k: active.enter_context(OrtRunner(p, spinning=spin)) for k, p in paths.items()
+                }
+                result[spin].append(time_runners(runners, images, runs, 3))
     return result
 
 
@@ -97,22 +100,30 @@ def summarise(passes: list[dict], key: str) -> dict:
     }
 
 
+DROP_ROW = "yoloprune --round-to 16 --latency-aware --drop-blocks"
+
+
 def bench_model(name: str, runs: int, compile_repeats: int, passes: int) -> dict:
     prepared = prepare(name, IMGSZ)
     base = prepared.model
-    plan = plan_for(prepared, CompileOptions(name, macs=MACS))
-    plan16 = plan_for(prepared, CompileOptions(name, macs=MACS, round_to=16))
     aware = CompileOptions(name, macs=MACS, round_to=16, latency_aware=True)
-    plan_aware = plan_for(prepared, aware)
-    plan_drop = plan_for(prepared, replace(aware, drop_blocks=True))
+    jobs = {  # compile's own stages (score + plan, apply), nothing written
+        key: prune_in_memory(options, prepared)
+        for key, options in {
+            "yoloprune": CompileOptions(name, macs=MACS),
+            "yoloprune --round-to 16": CompileOptions(name, macs=MACS, round_to=16),
+            "yoloprune --round-to 16 --latency-aware": aware,
+            "yoloprune --round-to 16 --latency-aware --drop-blocks": replace(
+                aware, drop_blocks=True
+            ),
+        }.items()
+    }
+    plan, plan_drop = jobs["yoloprune"]["plan"], jobs[DROP_ROW]["plan"]
     macs_before = recipes.conv_macs(base, IMGSZ)
     tp_model, tp_ratio, _ = recipes.torch_pruning_default(base, MACS, IMGSZ)
     models = {
         "baseline": base,
-        "yoloprune": apply_plan(base, plan),
-        "yoloprune --round-to 16": apply_plan(base, plan16),
-        "yoloprune --round-to 16 --latency-aware": apply_plan(base, plan_aware),
-        "yoloprune --round-to 16 --latency-aware --drop-blocks": apply_plan(base, plan_drop),
+        **{key: job["pruned"] for key, job in jobs.items()},
         "torch-pruning default": tp_model,
     }
     row: dict = {"model": name, "imgsz": IMGSZ, "macs_target": MACS, "recipes": {}}
@@ -144,9 +155,7 @@ def bench_model(name: str, runs: int, compile_repeats: int, passes: int) -> dict
         "allocation": plan.allocation,
         "round_to": plan.round_to,
     }
-    row["recipes"]["yoloprune --round-to 16 --latency-aware --drop-blocks"]["drop_blocks"] = list(
-        plan_drop.drop_blocks
-    )
+    row["recipes"][DROP_ROW]["drop_blocks"] = list(plan_drop.drop_blocks)
     row["compile_no_bench_seconds"] = compile_seconds(name, compile_repeats)
     return row
 

@@ -25,10 +25,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from yoloprune.compiler.apply import apply_plan  # noqa: E402
 from yoloprune.compiler.bench import BenchSettings, time_models  # noqa: E402
-from yoloprune.compiler.pipeline import CompileOptions, plan_for, prepare  # noqa: E402
+from yoloprune.compiler.pipeline import CompileOptions, prepare, prune_in_memory  # noqa: E402
 from yoloprune.graphs.errors import PlanError  # noqa: E402
+from yoloprune.graphs.files import atomic_path  # noqa: E402
 from yoloprune.kernels.ort import machine_info  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -37,27 +37,30 @@ ROUND_TO = (1, 8, 16, 32, 64)
 
 
 def recipes(spec: str, imgsz: int, runtime: str, table: Path | None) -> dict:
-    """{row name: (plan or None, description)} for one model."""
+    """{row name: (pruned model or None, description)} for one model, each built by
+    compile's own stages."""
     prepared = prepare(spec, imgsz)
-    rows = {"baseline": (None, {"recipe": "unpruned"})}
+    rows = {"baseline": (None, {"recipe": "unpruned", "macs_ratio": 1.0})}
     infeasible = {}
 
     def add(name, **options):
         start = time.perf_counter()
         try:
-            plan = plan_for(prepared, CompileOptions(spec, imgsz=imgsz, **options))
+            job = prune_in_memory(CompileOptions(spec, imgsz=imgsz, **options), prepared)
         except PlanError as exc:
             infeasible[name] = str(exc)
             print(f"  {name}: infeasible: {exc}", flush=True)
             return
+        plan = job["plan"]
         info = {"recipe": name, "plan_s": round(time.perf_counter() - start, 1), **options}
+        info["macs_ratio"] = plan.macs_ratio
         if plan.latency:
             info["planner"] = {
                 k: plan.latency[k]
                 for k in ("goal_ms", "predicted_ms", "measured_ms", "measured_speedup")
             }
             info["planner"]["rounds"] = len(plan.latency["rounds"])
-        rows[name] = (plan, info)
+        rows[name] = (job["pruned"], info)
         print(f"  planned {name}: MACs kept {plan.macs_ratio:.3f}", flush=True)
 
     latency_options = {"latency_runtime": runtime, "latency_table": table}
@@ -73,16 +76,14 @@ def recipes(spec: str, imgsz: int, runtime: str, table: Path | None) -> dict:
 
 def measure(prepared, rows: dict, settings: BenchSettings, imgsz: int) -> dict:
     models = {
-        name: prepared.model if plan is None else apply_plan(prepared.model, plan)
-        for name, (plan, _) in rows.items()
+        name: prepared.model if pruned is None else pruned for name, (pruned, _) in rows.items()
     }
     timings = time_models(models, settings, imgsz)
     base = timings["baseline"].median_ms
     out = {}
-    for name, (plan, info) in rows.items():
+    for name, (_, info) in rows.items():
         out[name] = {
             **info,
-            "macs_ratio": 1.0 if plan is None else plan.macs_ratio,
             "latency_ms": timings[name].to_dict(),
             "speedup": base / timings[name].median_ms,
         }
@@ -168,7 +169,8 @@ def plot(result: dict, path: Path) -> None:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as temporary:
+        fig.savefig(temporary, dpi=120, format="png")
     plt.close(fig)
 
 

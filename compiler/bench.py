@@ -8,6 +8,7 @@ threads, so no number is quoted without what produced it.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,8 @@ class BenchSettings:
     runtime: str = "ort"
     batch: int = 1
     imgsz: int | None = None
-    precision: str | None = None  # ort: fp32; torch: fp16 on cuda, fp32 on cpu; tensorrt: fp16
+    # ort: fp32; torch: fp16 on cuda, fp32 on cpu; tensorrt: fp32 (it must be the ONNX file's)
+    precision: str | None = None
     device: str | None = None  # torch: cuda (default) or cpu
     threads: int | None = None  # ort intra-op threads (default: all available cores)
     spinning: bool = False  # ort: idle intra-op threads spin-wait (ONNX Runtime's default: on)
@@ -46,7 +48,7 @@ class BenchSettings:
             return self.precision
         if self.runtime == "torch":
             return "fp32" if self.resolved_device() == "cpu" else "fp16"
-        return "fp16" if self.runtime == "tensorrt" else "fp32"
+        return "fp32"
 
     def resolved_device(self) -> str:
         if self.runtime == "ort":
@@ -81,16 +83,13 @@ def _onnx_path(source, imgsz: int, scratch: Path, index: int) -> Path:
     return export_onnx(model, scratch / f"model{index}.onnx", imgsz, dynamic=True)
 
 
-def _ort_callable(onnx_path: Path, settings: BenchSettings, imgsz: int):
+def _ort_runner(source, settings: BenchSettings, imgsz: int, scratch: Path, index: int):
     from yoloprune.kernels.ort import OrtRunner
 
-    runner = OrtRunner(onnx_path, settings.threads, settings.spinning)
-    images = np.random.default_rng(0).random((settings.batch, 3, imgsz, imgsz), dtype=np.float32)
-    extra = {"threads": runner.threads, "spinning": runner.spinning, "order": runner.order_text()}
-    return (lambda: runner.run(images)), None, None, extra, runner.timing_order()
+    return OrtRunner(_onnx_path(source, imgsz, scratch, index), settings.threads, settings.spinning)
 
 
-def _torch_callable(source, settings: BenchSettings, imgsz: int):
+def _torch_runner(source, settings: BenchSettings, imgsz: int, scratch: Path, index: int):
     from yoloprune.kernels.torch_runtime import TorchRunner, TorchSettings
 
     if isinstance(source, str) and source.endswith(".onnx"):
@@ -101,49 +100,60 @@ def _torch_callable(source, settings: BenchSettings, imgsz: int):
         precision=settings.resolved_precision(),
         cuda_graph=settings.cuda_graph,
     )
-    runner = TorchRunner(model, settings.batch, imgsz, torch_settings)
-    extra = {"channels_last": True, "cudnn_benchmark": True, "cuda_graph": settings.cuda_graph}
-    return runner.run, runner.sync, runner.clock(), extra, {}
+    return TorchRunner(model, settings.batch, imgsz, torch_settings)
 
 
-def _tensorrt_callable(spec: str, settings: BenchSettings, imgsz: int, scratch: Path, index: int):
-    from yoloprune.kernels.tensorrt import BuildSettings, EngineRunner, build_engine
+def _tensorrt_runner(spec: str, settings: BenchSettings, imgsz: int, scratch: Path, index: int):
+    from yoloprune.kernels.tensorrt import (
+        BuildSettings,
+        EngineRunner,
+        build_engine,
+        onnx_batch,
+        onnx_properties,
+    )
 
     path = Path(spec)
     if path.suffix not in (".engine", ".plan"):
-        build = BuildSettings(
-            precision=settings.resolved_precision(),
-            min_batch=1,
-            opt_batch=settings.batch,
-            max_batch=settings.batch,
-        )
         onnx_path = _onnx_path(spec, imgsz, scratch, index)
+        own = onnx_properties(onnx_path).get("precision", "fp32")
+        if settings.resolved_precision() != own:
+            raise YoloPruneError(
+                f"{spec}: is {own}, and TensorRT runs it at {own} (strongly typed: the "
+                f"precision is the ONNX file's): pass --precision {own}, or bench the "
+                f"{settings.resolved_precision()} ONNX file"
+            )
+        dynamic = onnx_batch(onnx_path) is None
+        build = (
+            BuildSettings(opt_batch=settings.batch, max_batch=settings.batch) if dynamic else None
+        )
         path = build_engine(onnx_path, scratch / f"model{index}.engine", build).engine
-    runner = EngineRunner(path)
-    runner.set_batch(settings.batch)
-    return runner.run, runner.sync, runner.clock(), {"tensorrt": runner.version}, {}
+    return EngineRunner(path, settings.batch)
+
+
+# runtime -> (source, settings, imgsz, scratch folder, index) -> an inactive Runner
+RUNNERS = {"ort": _ort_runner, "torch": _torch_runner, "tensorrt": _tensorrt_runner}
 
 
 def _time_sources(sources: dict, settings: BenchSettings, imgsz: int):
-    """Build a runner for each source (a model file name or an in-memory model) on
-    ``settings.runtime`` and time them A B A B (or in the turns the runtime needs):
-    ({name: Timing}, runtime extras)."""
-    from yoloprune.kernels.timing import interleaved
+    """Make a runner for each source (a model file name or an in-memory model) on
+    ``settings.runtime``, activate them all and time them A B A B (or in the turns the runtime
+    needs): ({name: Timing}, what the runtime's report states). ONNX Runtime is fed one
+    seeded batch; the GPU runtimes rerun the seeded batch they hold on the device."""
+    from yoloprune.kernels.runner import time_runners
 
-    fns, sync, clock, extra, order = {}, None, None, {}, {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for i, (name, source) in enumerate(sources.items()):
-            if settings.runtime == "ort":
-                built = _ort_callable(_onnx_path(source, imgsz, Path(tmp), i), settings, imgsz)
-            elif settings.runtime == "torch":
-                built = _torch_callable(source, settings, imgsz)
-            else:
-                built = _tensorrt_callable(source, settings, imgsz, Path(tmp), i)
-            fns[name], sync, clock, extra, order = built
-        timings = interleaved(
-            fns, runs=settings.runs, warmup=settings.warmup, sync=sync, clock=clock, **order
-        )
-    return timings, extra
+    images = None
+    if settings.runtime == "ort":
+        shape = (settings.batch, 3, imgsz, imgsz)
+        images = np.random.default_rng(0).random(shape, dtype=np.float32)
+    make = RUNNERS[settings.runtime]
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as active:
+        runners = {
+            name: active.enter_context(make(source, settings, imgsz, Path(tmp), i))
+            for i, (name, source) in enumerate(sources.items())
+        }
+        timings = time_runners(runners, images, runs=settings.runs, warmup=settings.warmup)
+        described = next(iter(runners.values())).describe()
+    return timings, described
 
 
 def time_models(models: dict, settings: BenchSettings, imgsz: int) -> dict:

@@ -188,20 +188,29 @@ def _custom_modules_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--precision", choices=["fp16", "fp32", "int8"], default="fp16")
     p.add_argument(
-        "--max-batch", type=int_in(1, 4096), default=32, help="optimization profile maximum"
+        "--precision",
+        choices=["fp16", "fp32", "int8"],
+        default=None,
+        help="which ONNX file to build: X.onnx is fp32, X.fp16.onnx and X.int8.onnx beside it "
+        "(the precision lives in the file: TensorRT builds strongly typed networks); default: "
+        "the given file's own",
     )
-    p.add_argument("--opt-batch", type=int_in(1, 4096), default=1, help="batch TensorRT tunes for")
+    p.add_argument(
+        "--max-batch",
+        type=int_in(1, 4096),
+        default=None,
+        help="dynamic-batch ONNX: optimization profile maximum (default 32)",
+    )
+    p.add_argument(
+        "--opt-batch",
+        type=int_in(1, 4096),
+        default=None,
+        help="dynamic-batch ONNX: batch TensorRT tunes for (default 1)",
+    )
     p.add_argument("--workspace", type=float_in(0, 1024), default=4.0, help="workspace limit, GiB")
     p.add_argument(
         "--timing-cache", type=Path, default=None, help="TensorRT timing cache file (reused)"
-    )
-    p.add_argument(
-        "--calib-images", type=Path, default=None, help="int8: folder of calibration images"
-    )
-    p.add_argument(
-        "--calib-cache", type=Path, default=None, help="int8: calibration cache (reused)"
     )
     p.add_argument(
         "--triton",
@@ -436,12 +445,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_compile(args) -> int:
-    from yoloprune.compiler.pipeline import DEFAULT_OUT, CompileOptions, compile_model
+    from yoloprune.compiler.pipeline import CompileOptions, compile_model
 
     fields = CompileOptions.__dataclass_fields__
     options = CompileOptions(**{k: v for k, v in vars(args).items() if k in fields})
     report = compile_model(options)
-    out = DEFAULT_OUT if options.out is None else options.out
+    out = options.settings.out
     latency = report["latency_ms"].get("onnxruntime_cpu")
     print(
         f"params {report['params']['before']:,} -> {report['params']['after']:,} "
@@ -484,7 +493,7 @@ def cmd_graph(args) -> int:
     options = CompileOptions(
         args.model, group_seconds=args.group_seconds, group_memory_gib=args.group_memory_gib
     )
-    prepared = prepare(args.model, args.imgsz, options.grouping_limits(), args.allow_custom_modules)
+    prepared = prepare(args.model, args.imgsz, options.settings.grouping, args.allow_custom_modules)
     groups = prepared.groups
     width = max(len(g.id) for g in groups)
     print(f"{'group (root conv)':<{width}}  channels  members  status")
@@ -510,7 +519,7 @@ def cmd_plan(args) -> int:
     if args.out.is_dir():
         raise YoloPruneError(f"--out {args.out}: is a folder; give the plan's JSON file path")
     prepared = prepare(
-        args.model, args.imgsz, options.grouping_limits(), options.allow_custom_modules
+        args.model, args.imgsz, options.settings.grouping, options.allow_custom_modules
     )
     plan = plan_for(prepared, options)
     try:
@@ -582,10 +591,11 @@ def cmd_eval(args) -> int:
         model, info = load_model(args.model)
         imgsz = args.imgsz or info.imgsz
         predict, runtime = torch_predictor(model), "pytorch"
-    dataset = val_dataset(data, imgsz)
-    for message in dataset.check.messages:
-        print(f"WARNING: {message}", file=sys.stderr)
-    metrics = evaluate(predict, dataset, data.names, settings, runtime=runtime)
+    with predict:  # an ONNX predictor holds its session until closed
+        dataset = val_dataset(data, imgsz)
+        for message in dataset.check.messages:
+            print(f"WARNING: {message}", file=sys.stderr)
+        metrics = evaluate(predict, dataset, data.names, settings, runtime=runtime)
     print(
         f"{runtime}: mAP@.5:.95 {metrics.map50_95:.4f}  mAP@.5 {metrics.map50:.4f}  "
         f"({metrics.images} images, {metrics.instances} objects; {metrics.data_check})"
@@ -626,19 +636,15 @@ def cmd_bench(args) -> int:
 def cmd_build(args) -> int:
     from yoloprune.kernels.tensorrt import BuildSettings, build_engine, write_triton_repository
 
-    if not args.onnx.is_file():
-        raise YoloPruneError(f"{args.onnx}: ONNX file not found; export one with compile")
+    onnx_path = onnx_at_precision(args.onnx, args.precision)
     settings = BuildSettings(
-        precision=args.precision,
-        opt_batch=min(args.opt_batch, args.max_batch),
+        opt_batch=args.opt_batch,
         max_batch=args.max_batch,
         workspace_gib=args.workspace,
         timing_cache=args.timing_cache,
-        calibration_images=args.calib_images,
-        calibration_cache=args.calib_cache,
     )
-    engine = args.out or args.onnx.with_suffix(".engine")
-    built = build_engine(args.onnx, engine, settings, _engine_extras(args.onnx))
+    engine = args.out or onnx_path.with_suffix(".engine")
+    built = build_engine(onnx_path, engine, settings, _engine_extras(args.onnx))
     print(f"wrote {built.engine} and {built.metadata}")
     if args.triton is not None:
         folder = write_triton_repository(
@@ -646,6 +652,32 @@ def cmd_build(args) -> int:
         )
         print(f"wrote Triton model {folder}")
     return 0
+
+
+def onnx_at_precision(onnx_path: Path, precision: str | None) -> Path:
+    """The ONNX file to build: ``onnx_path`` itself, or its sibling at ``precision``
+    (``X.onnx`` fp32, ``X.fp16.onnx``, ``X.int8.onnx``), which must exist and say so."""
+    from yoloprune.kernels.tensorrt import onnx_properties
+
+    if not onnx_path.is_file():
+        raise YoloPruneError(f"{onnx_path}: ONNX file not found; export one with compile")
+    own = onnx_properties(onnx_path).get("precision", "fp32")
+    if precision is None or precision == own:
+        return onnx_path
+    base = onnx_path.name.removesuffix(".onnx").removesuffix(f".{own}")
+    sibling = onnx_path.with_name(base + ("" if precision == "fp32" else f".{precision}") + ".onnx")
+    if not sibling.is_file():
+        raise YoloPruneError(
+            f"{onnx_path}: is {own}, and no {precision} file {sibling.name} is beside it; "
+            f"TensorRT takes the precision from the ONNX: write it with `export --precision "
+            f"{precision}` (or build this file without --precision)"
+        )
+    found = onnx_properties(sibling).get("precision", "fp32")
+    if found != precision:
+        raise YoloPruneError(
+            f"{sibling}: its metadata says {found}, not {precision}; export it again"
+        )
+    return sibling
 
 
 def _engine_extras(onnx_path: Path) -> dict:

@@ -20,7 +20,8 @@ from torch import nn
 
 from yoloprune.graphs.checkpoint import class_names
 from yoloprune.graphs.errors import ExportError, first_line
-from yoloprune.graphs.files import signals_held
+from yoloprune.graphs.family import family_of
+from yoloprune.graphs.files import atomic_path, import_native, signals_held
 
 DEFAULT_OPSET = 17
 # Parity is measured on output0 with box columns (pixels) divided by the image size, or by the
@@ -38,8 +39,6 @@ END2END_PARITY_METRIC = (
 )
 EXPORT_MODES = ("raw", "end2end")
 # output0's layout per family and mode; evaluation decodes by it.
-LAYOUTS = {"yolov5": "(batch, anchors, 5 + nc)", "anchor_free": "(batch, 4 + nc, anchors)"}
-LAYOUTS["end2end"] = "(batch, max_det, 6): x1, y1, x2, y2, score, class"
 
 
 @dataclass(frozen=True)
@@ -68,11 +67,7 @@ class Parity:
 
 def export_mode(model: nn.Module, requested: str | None = None) -> str:
     """The export mode: ``requested`` checked against the head, or the model's default."""
-    from yoloprune.graphs import ultralytics_family
-
-    end2end_capable = ultralytics_family.is_ultralytics_model(
-        model
-    ) and ultralytics_family.has_one2one(model)
+    end2end_capable = family_of(model).end2end_capable(model)
     if requested is None:
         return "end2end" if end2end_capable else "raw"
     if requested not in EXPORT_MODES:
@@ -86,31 +81,17 @@ def export_mode(model: nn.Module, requested: str | None = None) -> str:
 
 
 def output_layout(model: nn.Module, mode: str) -> str:
-    """``yolov5``, ``anchor_free`` or ``end2end``: how output0 is laid out (see LAYOUTS)."""
-    from yoloprune.graphs import ultralytics_family
-
-    if mode == "end2end":
-        return "end2end"
-    return "anchor_free" if ultralytics_family.is_ultralytics_model(model) else "yolov5"
+    """``yolov5``, ``anchor_free`` or ``end2end``: how output0 is laid out (see
+    graphs.family.OUTPUT_LAYOUTS)."""
+    return "end2end" if mode == "end2end" else family_of(model).raw_layout
 
 
 def deployed_model(model: nn.Module, mode: str, runtime_forms: bool = True) -> nn.Module:
     """A copy that returns output0 only, as exported in ``mode`` (eval mode, fp32). With
     ``runtime_forms`` the head's DFL takes its deployment form (same values, faster on ONNX
     Runtime); without, the model's own modules run (the reference parity is checked against)."""
-    from yoloprune.graphs import ultralytics_family
-
     exported = copy.deepcopy(model).float().eval()
-    if ultralytics_family.is_ultralytics_model(exported):
-        if runtime_forms:
-            ultralytics_family.for_deployment(exported)
-        head = ultralytics_family.detect_head(exported)
-        head.export, head.format = True, "onnx"
-        if ultralytics_family.has_one2one(exported):
-            head.end2end = mode == "end2end"
-        return exported
-    exported.detect.export = True  # output0 only: (batch, anchors, 5 + nc), as yolov5 exports
-    return exported
+    return family_of(model).deploy(exported, mode, runtime_forms)
 
 
 def _rows_last(output: np.ndarray, layout: str) -> np.ndarray:
@@ -125,27 +106,9 @@ def onnx_metadata(model: nn.Module, imgsz: int, mode: str, names=None, dynamic=F
     ultralytics' ``AutoBackend`` also reads ``imgsz``, ``batch``, ``task``, ``channels`` and
     ``end2end`` (True: output0 is already (batch, k, 6) boxes, no NMS). yoloprune adds
     ``producer``, ``export_mode`` and ``layout`` (read by our own evaluation)."""
-    from yoloprune.graphs import ultralytics_family
-
     labels = {i: str(n) for i, n in enumerate(names or class_names(model))}
-    meta = {"stride": str(int(max(model.stride))), "names": str(labels)}
-    if ultralytics_family.is_ultralytics_model(model):
-        import ultralytics
-
-        meta = {
-            "description": "yoloprune pruned Ultralytics YOLO model",
-            "author": "yoloprune",
-            "version": ultralytics.__version__,
-            "license": "AGPL-3.0 (https://ultralytics.com/license)",
-            **meta,
-            "task": "detect",
-            "batch": "1" if not dynamic else "-1",
-            "imgsz": str([imgsz, imgsz]),
-            "channels": "3",
-            "end2end": str(mode == "end2end"),
-        }
-    else:
-        meta["imgsz"] = str([imgsz, imgsz])
+    base = {"stride": str(int(max(model.stride))), "names": str(labels)}
+    meta = family_of(model).export_metadata(base, mode, imgsz, dynamic)
     return {
         **meta,
         "producer": "yoloprune",
@@ -166,51 +129,48 @@ def export_onnx(
     mode: str | None = None,
 ) -> Path:
     """Write ``path`` (via a temporary file); input ``images``, output ``output0``."""
-    import onnx
+    onnx = import_native("onnx")
 
     if opset < 17:
         raise ExportError(f"--opset {opset}: yoloprune exports opset 17 or newer")
     mode = export_mode(model, mode)
     exported = deployed_model(model, mode)
     example = torch.zeros(1, 3, imgsz, imgsz)
-    tmp = path.with_name(path.name + ".tmp")
     axes = {"images": {0: "batch"}, "output0": {0: "batch"}} if dynamic else None
     try:
-        with warnings.catch_warnings(), signals_held():  # see signals_held: native tracer
-            # The head turns static grid sizes into ints on purpose (constant grids).
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            torch.onnx.export(
-                exported,
-                example,
-                str(tmp),
-                opset_version=opset,
-                input_names=["images"],
-                output_names=["output0"],
-                dynamic_axes=axes,
-                do_constant_folding=True,
-                dynamo=False,
-            )
-        proto = onnx.load(str(tmp))
-        with signals_held():  # onnxsim and the checker are native code too
-            if simplify:
-                proto = _simplify(proto)
-            onnx.checker.check_model(proto, full_check=True)
-        meta = onnx_metadata(model, imgsz, mode, names, dynamic)
-        for key, value in meta.items():
-            proto.metadata_props.add(key=key, value=value)
-        onnx.save(proto, str(tmp))
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            with warnings.catch_warnings(), signals_held():  # see signals_held: native tracer
+                # The head turns static grid sizes into ints on purpose (constant grids).
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                torch.onnx.export(
+                    exported,
+                    example,
+                    str(tmp),
+                    opset_version=opset,
+                    input_names=["images"],
+                    output_names=["output0"],
+                    dynamic_axes=axes,
+                    do_constant_folding=True,
+                    dynamo=False,
+                )
+            proto = onnx.load(str(tmp))
+            with signals_held():  # onnxsim and the checker are native code too
+                if simplify:
+                    proto = _simplify(proto)
+                onnx.checker.check_model(proto, full_check=True)
+            meta = onnx_metadata(model, imgsz, mode, names, dynamic)
+            for key, value in meta.items():
+                proto.metadata_props.add(key=key, value=value)
+            onnx.save(proto, str(tmp))
     except ExportError:
-        tmp.unlink(missing_ok=True)
         raise
     except Exception as exc:
-        tmp.unlink(missing_ok=True)
         raise ExportError(f"{path}: ONNX export failed: {type(exc).__name__}: {exc}") from exc
     return path
 
 
 def _simplify(proto):
-    import onnxsim
+    onnxsim = import_native("onnxsim")
 
     simplified, ok = onnxsim.simplify(proto)
     if not ok:
@@ -253,16 +213,16 @@ def check_parity(
     export mode the file records."""
     from yoloprune.kernels.ort import OrtRunner
 
-    runner = OrtRunner(onnx_path, threads)
-    mode = runner.metadata().get("export_mode", "raw")
-    layout = output_layout(model, export_mode(model, mode))
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(batch, 3, imgsz, imgsz, generator=generator)
+    with OrtRunner(onnx_path, threads) as runner:
+        mode = runner.metadata().get("export_mode", "raw")
+        actual = runner.infer(images.numpy())[0].astype(np.float64)
+    layout = output_layout(model, export_mode(model, mode))
     with torch.no_grad():
         expected = (
             deployed_model(model, mode, runtime_forms=False)(images).numpy().astype(np.float64)
         )
-    actual = runner.run(images.numpy())[0].astype(np.float64)
     if actual.shape != expected.shape:
         raise ExportError(f"{onnx_path}: output0 shape {actual.shape} != PyTorch {expected.shape}")
     if layout == "end2end":
@@ -305,7 +265,7 @@ def _end2end_diff(actual, expected, imgsz: int, tolerance: float) -> tuple[float
 
 def onnx_input_size(path: Path) -> int:
     """The square image size of an exported model's input ``images`` (batch, 3, size, size)."""
-    import onnx
+    onnx = import_native("onnx")
 
     try:
         dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type

@@ -26,6 +26,7 @@ from yoloprune.compiler.planner import conv_io_sizes, plan_from_counts, tie_memb
 from yoloprune.graphs.blocks import droppable_blocks
 from yoloprune.graphs.dependency import ChannelGroup, ConvChannels, conv_channels
 from yoloprune.graphs.errors import PlanError
+from yoloprune.graphs.plan import PruningPlan
 from yoloprune.kernels.latency_table import ConvShape, LatencyTable, open_table
 
 DEFAULT_GRID = (0.25, 0.5, 0.75, 1.0)
@@ -289,7 +290,7 @@ class LatencySettings:
     tolerance: float = 0.03  # relative; the loop stops once measured is this close
 
 
-def _latency_model(prepared, constraints, settings) -> tuple:
+def _latency_model(request, constraints, settings) -> tuple:
     """The latency table of ``settings`` (ORT: measured with spinning on, see
     :func:`kernels.latency_table.open_table`) and the model predicting this network's convs."""
     table = open_table(
@@ -301,7 +302,7 @@ def _latency_model(prepared, constraints, settings) -> tuple:
         settings.table,
     )
     geometry = conv_geometry(
-        prepared.model, conv_channels(prepared.model, prepared.groups), prepared.imgsz
+        request.model, conv_channels(request.model, request.groups), request.imgsz
     )
     return table, LatencyModel(geometry, table, constraints.round_to, settings.grid)
 
@@ -317,48 +318,46 @@ def _table_record(table, settings) -> dict:
     }
 
 
-def _droppable(prepared, constraints) -> dict[str, str]:
+def _droppable(request, constraints) -> dict[str, str]:
     """{hidden group: residual block} the knapsack may empty, where --drop-blocks allows."""
     if not constraints.drop_blocks:
         return {}
-    return droppable_blocks(prepared.model, prepared.groups)
+    return droppable_blocks(request.model, request.groups)
 
 
-def _counts_plan(
-    prepared, scores, counts, counter, target, constraints, importance, seed, droppable
-):
+def _counts_plan(request, counts, droppable):
     """The plan keeping ``counts`` channels per prunable group (allocation ``latency``); groups
     at 0 channels are the hidden groups of residual blocks removed whole (``droppable`` maps
     them to their blocks, listed as ``drop_blocks``)."""
     plan = plan_from_counts(
-        prepared.info.name,
-        prepared.imgsz,
-        [g for g in prepared.groups if not g.protected],
-        scores,
+        request.name,
+        request.imgsz,
+        [g for g in request.groups if not g.protected],
+        request.scores,
         counts,
-        counter,
-        target,
-        constraints,
+        request.counter,
+        request.target,
+        request.constraints,
         allocation="latency",
-        importance=importance,
-        seed=seed,
+        importance=request.importance.name,
+        seed=request.seed,
     )
     emptied = [gid for gid, n in counts.items() if n == 0]
     return replace(plan, drop_blocks=tuple(sorted(droppable[gid] for gid in emptied)))
 
 
-def plan_macs_latency_aware(
-    prepared, scores, counter, target, constraints, importance, seed, settings
-):
+def plan_macs_latency_aware(request, settings: LatencySettings) -> PruningPlan:
     """Plan under ``--macs`` with ``--latency-aware``: the same knapsack as :func:`plan_latency`
     (importance lost per predicted millisecond saved, from the per-layer latency table) removes
     channels until the MACs target is met, so the MACs go where they cost the most time."""
-    table, model = _latency_model(prepared, constraints, settings)
-    droppable = _droppable(prepared, constraints)
-    goal = counter.macs() * target.value
+    constraints = request.constraints
+    table, model = _latency_model(request, constraints, settings)
+    droppable = _droppable(request, constraints)
+    counter = request.counter
+    goal = counter.macs() * request.target.value
     counts, predicted = latency_counts(
-        prepared.groups,
-        scores,
+        request.groups,
+        request.scores,
         model,
         0.0,
         constraints.round_to,
@@ -366,9 +365,7 @@ def plan_macs_latency_aware(
         macs_goal=(counter, goal),
         droppable=droppable,
     )
-    plan = _counts_plan(
-        prepared, scores, counts, counter, target, constraints, importance, seed, droppable
-    )
+    plan = _counts_plan(request, counts, droppable)
     latency = {
         **_table_record(table, settings),
         "predicted_ms_uncalibrated": predicted,
@@ -377,36 +374,25 @@ def plan_macs_latency_aware(
     return replace(plan, latency=latency)
 
 
-def plan_latency(prepared, scores, counter, target, constraints, importance, seed, settings):
+def plan_latency(request, settings: LatencySettings, measure) -> PruningPlan:
     """Plan under ``--speedup`` / ``--latency-ms``: predict with the table, then check on the
     runtime itself (baseline and candidate interleaved) and re-plan with a corrected budget
     until the measured latency is within ``settings.tolerance`` of the goal (at most
-    ``settings.rounds`` rounds). Every round is recorded in ``plan.latency``."""
-    from yoloprune.compiler.apply import apply_plan
-    from yoloprune.compiler.bench import BenchSettings, time_models
-
-    table, model = _latency_model(prepared, constraints, settings)
-    bench = BenchSettings(
-        runtime=settings.runtime,
-        batch=settings.batch,
-        threads=settings.threads,
-        spinning=settings.spinning,
-        device=settings.device,
-        precision=settings.precision,
-        runs=settings.runs,
-        warmup=3,
-    )
-    base_ms = time_models({"base": prepared.model}, bench, prepared.imgsz)["base"].median_ms
+    ``settings.rounds`` rounds). Every round is recorded in ``plan.latency``. ``measure`` times
+    plans on the runtime ({name: plan or None for the unpruned model} -> {name: median ms})."""
+    constraints, target = request.constraints, request.target
+    table, model = _latency_model(request, constraints, settings)
+    base_ms = measure({"base": None})["base"]
     model.calibrate(base_ms)
     goal = base_ms / target.value if target.kind == "speedup" else target.value
-    prunable = [g for g in prepared.groups if not g.protected]
-    droppable = _droppable(prepared, constraints)
+    prunable = [g for g in request.groups if not g.protected]
+    droppable = _droppable(request, constraints)
     budget, rounds, best = goal, [], None
     for _ in range(settings.rounds):
         try:
             counts, predicted = latency_counts(
-                prepared.groups,
-                scores,
+                request.groups,
+                request.scores,
                 model,
                 budget,
                 constraints.round_to,
@@ -419,15 +405,9 @@ def plan_latency(prepared, scores, counter, target, constraints, importance, see
             break  # a corrected budget the table cannot meet: keep the closest plan so far
         if best is not None and all(counts[g.id] == g.size for g in prunable):
             break  # a corrected budget that prunes nothing: any speed-up it measured is noise
-        plan = _counts_plan(
-            prepared, scores, counts, counter, target, constraints, importance, seed, droppable
-        )
-        timings = time_models(
-            {"base": prepared.model, "pruned": apply_plan(prepared.model, plan)},
-            bench,
-            prepared.imgsz,
-        )
-        ratio = timings["pruned"].median_ms / timings["base"].median_ms
+        plan = _counts_plan(request, counts, droppable)
+        timings = measure({"base": None, "pruned": plan})
+        ratio = timings["pruned"] / timings["base"]
         measured = base_ms * ratio  # against the calibrated baseline, noise-cancelled by A/B
         rounds.append(
             {
@@ -435,7 +415,7 @@ def plan_latency(prepared, scores, counter, target, constraints, importance, see
                 "predicted_ms": predicted,
                 "measured_ms": measured,
                 "measured_speedup": 1 / ratio,
-                "baseline_ms_this_round": timings["base"].median_ms,
+                "baseline_ms_this_round": timings["base"],
             }
         )
         if best is None or abs(measured / goal - 1) < abs(best[1] / goal - 1):

@@ -21,184 +21,29 @@ from pathlib import Path
 from tqdm import tqdm
 
 from yoloprune.compiler.apply import apply_plan, count_params
-from yoloprune.compiler.export import (
-    DEFAULT_PARITY_TOLERANCE,
-    LAYOUTS,
-    check_parity,
-    export_mode,
-    export_onnx,
-    output_layout,
-)
-from yoloprune.compiler.planner import (
-    Constraints,
-    MacCounter,
-    Target,
-    conv_macs,
-    make_plan,
-    spatial_sizes,
-)
+from yoloprune.compiler.export import check_parity, export_mode, export_onnx, output_layout
+from yoloprune.compiler.options import CompileOptions
+from yoloprune.compiler.planner import MacCounter, conv_macs, spatial_sizes
+from yoloprune.compiler.planners import Measure, PlanRequest, run_planner
 from yoloprune.compiler.report import build_report, write_report
-from yoloprune.compiler.score import IMPORTANCES, loss_gradients, score_groups
+from yoloprune.compiler.score import importance_named
 from yoloprune.compiler.unstructured import sparsify, sparsity
-from yoloprune.graphs.checkpoint import MAX_IMGSZ, MIN_IMGSZ, ModelInfo, load_model, save_pruned
+from yoloprune.graphs.checkpoint import ModelInfo, load_model, save_pruned
 from yoloprune.graphs.dependency import GroupingLimits, build_graph, channel_groups, conv_channels
 from yoloprune.graphs.errors import PlanError, YoloPruneError
+from yoloprune.graphs.family import OUTPUT_LAYOUTS, family_named
 from yoloprune.graphs.files import signals_held
 from yoloprune.graphs.plan import GroupPlan, PruningPlan
 
-DEFAULT_MACS = 0.5
-DEFAULT_IMPORTANCE = "l2"
-DEFAULT_OUT = Path("runs/compile")
-DEFAULT_LATENCY_RUNTIME = "ort"
-DEFAULT_BENCH_RUNS = 20
-
-
-@dataclass(frozen=True)
-class CompileOptions:
-    """Every field None means "the library default"."""
-
-    model: str
-    imgsz: int | None = None
-    ratio: float | None = None
-    macs: float | None = None
-    importance: str | None = None
-    global_allocation: bool = False
-    latency_aware: bool = False  # --macs allocated by importance per millisecond saved
-    round_to: int | None = None
-    max_ratio: float | None = None
-    drop_blocks: bool = False  # latency-aware: residual blocks may be removed whole
-    out: Path | None = None
-    bench: bool = True
-    dynamic: bool = False
-    simplify: bool = True
-    plan: Path | None = None
-    parity_tolerance: float | None = None
-    threads: int | None = None
-    spinning: bool = False  # ONNX Runtime intra-op thread spinning when timing (see kernels.ort)
-    bench_runs: int | None = None
-    seed: int = 0
-    method: str = "structured"
-    data: Path | None = None
-    epochs: int | None = None
-    batch: int | None = None
-    distill: float | None = None
-    optimizer: str | None = None
-    lr0: float | None = None
-    recalibrate: bool = True  # with --data: re-estimate BatchNorm statistics after pruning
-    steps: int | None = None  # iterative mode: prune in this many steps, fine-tuning between
-    speedup: float | None = None  # latency-aware: measured baseline / pruned latency
-    latency_ms: float | None = None  # latency-aware: a budget in milliseconds
-    latency_runtime: str | None = None  # the runtime the latency table is measured on (ort)
-    latency_table: Path | None = None  # the table file (default: per-device cache)
-    export_mode: str | None = None  # raw | end2end (default: end2end where the head has it)
-    group_seconds: float | None = None  # guard on tracing/group building
-    group_memory_gib: float | None = None
-    # ultralytics: let split blocks' halves differ (the pruned file then needs yoloprune)
-    allow_custom_modules: bool = False
-
-    def __post_init__(self) -> None:
-        """Every value is honoured or refused here, before any work (never replaced)."""
-        self.target(), self.constraints(), self.grouping_limits()
-        for name, low, high in _INT_RANGES:
-            value = getattr(self, name)
-            if value is not None and (type(value) is not int or not low <= value <= high):
-                raise PlanError(f"--{_flag(name)} {value}: must be an integer in [{low}, {high}]")
-        for name, low, high, open_low in _FLOAT_RANGES:
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if not (isinstance(value, int | float) and math.isfinite(value)) or not (
-                (low < value if open_low else low <= value) and value <= high
-            ):
-                bound = "(" if open_low else "["
-                shown = f"{value:g}" if isinstance(value, int | float) else repr(value)
-                raise PlanError(f"--{_flag(name)} {shown}: must be in {bound}{low:g}, {high:g}]")
-        for name, choices in _CHOICES:
-            value = getattr(self, name)
-            if value is not None and value not in choices:
-                raise PlanError(f"--{_flag(name)} {value}: use one of {', '.join(choices)}")
-        if self.latency_runtime == "torch":
-            import torch
-
-            if not torch.cuda.is_available():
-                raise PlanError(
-                    "--latency-runtime torch measures on a CUDA GPU and none is available here: "
-                    "use --latency-runtime ort (ONNX Runtime CPU) or run on a GPU machine"
-                )
-        self._check_paths()
-
-    def _check_paths(self) -> None:
-        if self.out is not None and Path(self.out).exists() and not Path(self.out).is_dir():
-            raise PlanError(f"--out {self.out}: is a file; OUT must be a folder (new or existing)")
-        if self.plan is not None and not Path(self.plan).is_file():
-            raise PlanError(f"--plan {self.plan}: plan file not found; write one with `plan`")
-        if self.latency_table is not None and Path(self.latency_table).is_dir():
-            raise PlanError(
-                f"--latency-table {self.latency_table}: is a folder; give a JSON file path "
-                "(it is created if missing)"
-            )
-
-    def target(self) -> Target:
-        given = [
-            (kind, value)
-            for kind, value in (
-                ("ratio", self.ratio),
-                ("macs", self.macs),
-                ("speedup", self.speedup),
-                ("latency_ms", self.latency_ms),
-            )
-            if value is not None
-        ]
-        if len(given) > 1:
-            names = " and ".join("--" + k.replace("_", "-") for k, _ in given)
-            raise PlanError(f"give one target, not {names}")
-        if given:
-            return Target(*given[0])
-        return Target("macs", DEFAULT_MACS)
-
-    def grouping_limits(self) -> GroupingLimits:
-        defaults = GroupingLimits()
-        return GroupingLimits(
-            defaults.seconds if self.group_seconds is None else self.group_seconds,
-            defaults.memory_gib if self.group_memory_gib is None else self.group_memory_gib,
-        )
-
-    def constraints(self) -> Constraints:
-        defaults = Constraints()
-        return Constraints(
-            round_to=defaults.round_to if self.round_to is None else self.round_to,
-            max_ratio=defaults.max_ratio if self.max_ratio is None else self.max_ratio,
-            drop_blocks=self.drop_blocks,
-        )
-
-
-# (field, lowest, highest) of the integer options; floats add whether the low end is open.
-_INT_RANGES = (
-    ("imgsz", MIN_IMGSZ, MAX_IMGSZ),
-    ("threads", 1, 1024),
-    ("bench_runs", 1, 100_000),
-    ("epochs", 0, 10_000),
-    ("batch", 1, 4096),
-    ("steps", 1, 100),
-)
-_FLOAT_RANGES = (
-    ("parity_tolerance", 0.0, 1e6, True),
-    ("distill", 0.0, 1e6, False),
-    ("lr0", 0.0, 10.0, True),
-    ("group_seconds", 0.0, 86_400.0, True),
-    ("group_memory_gib", 0.0, 1024.0, True),
-)
-_CHOICES = (
-    ("importance", tuple(IMPORTANCES)),
-    ("method", ("structured", "unstructured")),
-    ("latency_runtime", ("ort", "torch")),
-    ("export_mode", ("raw", "end2end")),
-    ("optimizer", ("sgd", "adamw")),
-)
-
-
-def _flag(name: str) -> str:
-    return {"parity_tolerance": "parity-tol"}.get(name, name.replace("_", "-"))
+__all__ = [
+    "STAGES",
+    "CompileOptions",
+    "Prepared",
+    "compile_model",
+    "plan_for",
+    "prepare",
+    "prune_in_memory",
+]
 
 
 @dataclass
@@ -244,68 +89,59 @@ def mac_counter(prepared: Prepared) -> MacCounter:
 
 
 def plan_for(prepared: Prepared, options: CompileOptions) -> PruningPlan:
-    """Score and plan (or replay a plan file after checking it fits this model)."""
-    counter = mac_counter(prepared)
-    if options.plan is not None:
+    """Score and plan with the registered planner the options select (or replay a plan file
+    after checking it fits this model)."""
+    settings = options.settings
+    if settings.planner == "replay":
         return fitted_plan(PruningPlan.load(options.plan), prepared, str(options.plan))
-    if options.method == "unstructured":
-        return _unstructured_plan(prepared, options, counter)
-    importance = DEFAULT_IMPORTANCE if options.importance is None else options.importance
-    target, constraints = options.target(), options.constraints()
-    if constraints.drop_blocks and not (target.latency or options.latency_aware):
-        raise PlanError(
-            "--drop-blocks needs a latency-aware plan: --speedup, --latency-ms, or --macs with "
-            "--latency-aware (blocks are removed where that saves the most time)"
-        )
-    if importance == "taylor":
-        if options.data is None:
-            raise PlanError(
-                "--importance taylor needs --data data.yaml (it scores channels by the "
-                "detection loss's gradients on training images)"
-            )
-        loss_gradients(prepared.model, options.data, prepared.imgsz)
-    try:
-        scores = score_groups(
-            prepared.model, prepared.graph, prepared.groups, importance, options.seed
-        )
-    finally:
-        prepared.model.zero_grad(set_to_none=True)
-    if target.latency or options.latency_aware:
-        from yoloprune.compiler.latency_planner import (
-            LatencySettings,
-            plan_latency,
-            plan_macs_latency_aware,
-        )
+    return run_planner(plan_request(prepared, options), settings.planner)
 
-        settings = LatencySettings(
-            runtime=DEFAULT_LATENCY_RUNTIME
-            if options.latency_runtime is None
-            else options.latency_runtime,
-            threads=options.threads,
-            spinning=options.spinning,
-            table=options.latency_table,
-        )
-        if target.latency:
-            plan = plan_latency
-        elif target.kind == "macs" and not options.global_allocation:
-            plan = plan_macs_latency_aware
-        else:
-            raise PlanError("--latency-aware plans a --macs target (without --global)")
-        return plan(
-            prepared, scores, counter, target, constraints, importance, options.seed, settings
-        )
-    return make_plan(
-        prepared.info.name,
-        prepared.imgsz,
-        prepared.groups,
-        scores,
-        counter,
-        target,
-        constraints,
-        allocation="global" if options.global_allocation else "uniform",
-        importance=importance,
+
+def plan_request(prepared: Prepared, options: CompileOptions) -> PlanRequest:
+    """What a planner gets: the traced model, the resolved target and constraints, the
+    importance criterion, and for latency planners their settings and runtime measure."""
+    settings = options.settings
+    latency = settings.latency
+    return PlanRequest(
+        name=prepared.info.name,
+        model=prepared.model,
+        graph=prepared.graph,
+        groups=prepared.groups,
+        imgsz=prepared.imgsz,
+        counter=mac_counter(prepared),
+        target=settings.target,
+        constraints=settings.constraints,
+        importance=importance_named(settings.importance, options.data, prepared.imgsz),
         seed=options.seed,
+        latency=latency,
+        measure=None if latency is None else plan_latency_measure(prepared, latency),
     )
+
+
+def plan_latency_measure(prepared: Prepared, settings) -> Measure:
+    """Times plans applied to ``prepared.model`` on the latency runtime, interleaved."""
+    from yoloprune.compiler.bench import BenchSettings, time_models
+
+    bench = BenchSettings(
+        runtime=settings.runtime,
+        batch=settings.batch,
+        threads=settings.threads,
+        spinning=settings.spinning,
+        device=settings.device,
+        precision=settings.precision,
+        runs=settings.runs,
+        warmup=3,
+    )
+
+    def measure(plans: dict[str, PruningPlan | None]) -> dict[str, float]:
+        models = {
+            name: prepared.model if p is None else apply_plan(prepared.model, p)
+            for name, p in plans.items()
+        }
+        timings = time_models(models, bench, prepared.imgsz)
+        return {name: t.median_ms for name, t in timings.items()}
+
+    return measure
 
 
 def fitted_plan(plan: PruningPlan, prepared: Prepared, source: str) -> PruningPlan:
@@ -339,34 +175,6 @@ def counted(plan: PruningPlan, original, pruned, imgsz: int) -> PruningPlan:
     """``plan`` with its MACs counted on the original and the pruned model themselves."""
     return dataclasses.replace(
         plan, macs_before=conv_macs(original, imgsz), macs_after=conv_macs(pruned, imgsz)
-    )
-
-
-def _unstructured_plan(prepared: Prepared, options: CompileOptions, counter) -> PruningPlan:
-    """The baseline: every channel kept, ``--ratio`` of each conv's weights zeroed."""
-    if options.macs is not None or options.ratio is None:
-        raise PlanError(
-            "--method unstructured takes --ratio (the fraction of weights zeroed, "
-            "e.g. 0.3), not --macs"
-        )
-    Target("ratio", options.ratio)  # validates the range
-    macs = counter.macs()
-    groups = tuple(
-        GroupPlan(g.id, g.size, tuple(range(g.size))) for g in prepared.groups if not g.protected
-    )
-    return PruningPlan(
-        model=prepared.info.name,
-        imgsz=prepared.imgsz,
-        importance="l1 (per weight)",
-        allocation="per-layer",
-        target={"kind": "sparsity", "value": options.ratio},
-        round_to=1,
-        max_ratio=options.ratio,
-        macs_before=macs,
-        macs_after=macs,
-        groups=groups,
-        seed=options.seed,
-        method="unstructured",
     )
 
 
@@ -448,7 +256,7 @@ class Job:
 
     options: CompileOptions
     data: object  # DataConfig or None
-    staging: Path
+    staging: Path | None  # None: nothing is written (prune_in_memory)
     artifacts: dict = field(default_factory=dict)
     accuracy: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
@@ -481,7 +289,7 @@ def _one_shot(options: CompileOptions, data) -> bool:
 def _load_stage(job: Job) -> dict:
     options, data = job.options, job.data
     prepared = prepare(
-        options.model, options.imgsz, options.grouping_limits(), options.allow_custom_modules
+        options.model, options.imgsz, options.settings.grouping, options.allow_custom_modules
     )
     info = prepared.info
     mode = export_mode(prepared.model, options.export_mode)  # a wrong one fails before pruning
@@ -537,12 +345,10 @@ def _save_stage(job: Job) -> dict:
     }
     plan.save(paths["plan"])
     save_pruned(pruned, info, paths["checkpoint"], extra={"plan": paths["plan"].name})
-    rewritten = None
-    if info.family == "ultralytics":
-        from yoloprune.graphs.ultralytics_family import save_for_ultralytics
-
-        paths["ultralytics"] = job.staging / f"{name}-pruned-ultralytics.pt"
-        rewritten = save_for_ultralytics(pruned, info.names, imgsz, paths["ultralytics"])
+    rewritten, family = None, family_named(info.family)
+    if family.native_suffix:
+        paths[family.name] = job.staging / f"{name}{family.native_suffix}"
+        rewritten = family.save_native(pruned, info.names, imgsz, paths[family.name])
     return {"plan": plan, "paths": paths, "rewritten": rewritten}
 
 
@@ -561,9 +367,7 @@ def _export_stage(job: Job) -> dict:
 
 def _parity_stage(job: Job) -> dict:
     options = job.options
-    tolerance = (
-        DEFAULT_PARITY_TOLERANCE if options.parity_tolerance is None else options.parity_tolerance
-    )
+    tolerance = options.settings.parity_tolerance
     parity = check_parity(
         job["pruned"],
         job["onnx"],
@@ -608,10 +412,11 @@ def _report_stage(job: Job) -> dict:
         job.artifacts.get("recalibrated", 0),
     )
     layout = output_layout(pruned, mode)
-    report["export"] = {"mode": mode, "layout": layout, "output0": LAYOUTS[layout]}
-    if "ultralytics" in paths:
-        report["export"]["ultralytics_checkpoint"] = {
-            "file": paths["ultralytics"].name,
+    report["export"] = {"mode": mode, "layout": layout, "output0": OUTPUT_LAYOUTS[layout]}
+    family = prepared.info.family
+    if family_named(family).native_suffix:  # the file the family's own tools load
+        report["export"][f"{family}_checkpoint"] = {
+            "file": paths[family].name,
             "blocks_kept_as_yoloprune_classes": job["rewritten"],
         }
     if plan.method == "unstructured":
@@ -707,7 +512,7 @@ STAGES: tuple[Stage, ...] = (
 def compile_model(options: CompileOptions) -> dict:
     """Run the whole job (:data:`STAGES`); return the report dict. Outputs land in
     ``options.out``, all at once at the end."""
-    out = DEFAULT_OUT if options.out is None else Path(options.out)
+    out = options.settings.out
     data = _data_for(options)
     stages = [stage for stage in STAGES if stage.when(options, data)]
     with (
@@ -720,6 +525,27 @@ def compile_model(options: CompileOptions) -> dict:
             run_stage(stage, job)
             bar.update()
     return job["report"]
+
+
+# The stages that build the pruned model in memory (nothing written, no evaluation).
+IN_MEMORY_STAGES = ("load + graph", "score + plan", "apply", "recalibrate")
+
+
+def prune_in_memory(options: CompileOptions, prepared: Prepared | None = None) -> Job:
+    """Run the compile's own in-memory stages on ``options`` (load + graph unless ``prepared``
+    is given, then score + plan, apply, recalibrate where compile would): the model compile
+    would write, built the same way, for benchmarks and notebooks. Returns the job (its
+    ``plan``, ``pruned``, ``recalibrated`` artifacts)."""
+    data = _data_for(options)
+    job = Job(options, data, staging=None)
+    skip = set()
+    if prepared is not None:
+        job.artifacts.update(prepared=prepared, original=prepared.model)
+        skip.add("load + graph")
+    for stage in STAGES:
+        if stage.name in IN_MEMORY_STAGES and stage.name not in skip and stage.when(options, data):
+            run_stage(stage, job)
+    return job
 
 
 def run_stage(stage: Stage, job: Job) -> None:
@@ -779,26 +605,14 @@ def _eval(model, val, data, mode: str | None = None):
 def _eval_onnx(path: Path, val, data, options: CompileOptions):
     from yoloprune.compiler.evaluation.evaluate import evaluate, onnx_predictor
 
-    return evaluate(
-        onnx_predictor(path, options.threads),
-        val,
-        data.names,
-        runtime="onnxruntime",
-        progress=False,
-    )
+    with onnx_predictor(path, options.threads) as predict:
+        return evaluate(predict, val, data.names, runtime="onnxruntime", progress=False)
 
 
 def _finetune(pruned, prepared: Prepared, data, options: CompileOptions, staging: Path):
-    from yoloprune.compiler.train.finetune import TrainSettings, train, with_overrides
+    from yoloprune.compiler.train.finetune import train
 
-    settings = with_overrides(
-        TrainSettings(imgsz=prepared.imgsz),
-        epochs=options.epochs,
-        batch=options.batch,
-        distill=options.distill,
-        optimizer=options.optimizer,
-        lr0=options.lr0,
-    )
+    settings = dataclasses.replace(options.settings.train, imgsz=prepared.imgsz)
     teacher = prepared.model if settings.distill else None
     work = staging / "finetune"
     work.mkdir()
@@ -814,12 +628,7 @@ def _iterative(prepared: Prepared, options: CompileOptions, data, staging: Path)
     original as teacher; BatchNorm statistics are re-estimated after each step's surgery. Returns
     the composed plan (against the original), the model, the last training and the images each
     recalibration saw (0: none)."""
-    if options.method != "structured" or options.plan is not None:
-        raise PlanError("--steps works with structured planning only (no --plan, no unstructured)")
-    if options.target().latency:
-        raise PlanError("--steps takes --macs or --ratio; latency targets plan in one step")
-    k = options.steps
-    target = options.target()
+    k, target = options.steps, options.settings.target
     epochs = math.ceil(options.epochs / k) if options.epochs else None
     current, composed, training, recalibrated = prepared, None, None, 0
     macs_original = None
@@ -896,8 +705,9 @@ def _bench(original, pruned_onnx: Path, imgsz: int, options: CompileOptions) -> 
         before = OrtRunner(baseline_onnx, options.threads, options.spinning)
         after = OrtRunner(pruned_onnx, options.threads, options.spinning)
         images = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
-        runs = DEFAULT_BENCH_RUNS if options.bench_runs is None else options.bench_runs
-        timings = time_runners({"before": before, "after": after}, images, runs, warmup=3)
+        runs = options.settings.bench_runs
+        with before, after:
+            timings = time_runners({"before": before, "after": after}, images, runs, warmup=3)
         baseline_bytes = baseline_onnx.stat().st_size
     return {
         "runtime": "onnxruntime (CPUExecutionProvider, ORT_ENABLE_ALL)",

@@ -12,20 +12,103 @@ from yoloprune.compiler.train.recalibrate import batchnorms
 from yoloprune.graphs.dependency import ChannelGroup, CoupledGraph
 from yoloprune.graphs.errors import PlanError
 
-IMPORTANCES = ("l1", "l2", "bn", "taylor", "random")
 TAYLOR_BATCHES = 8  # training batches of 16 images whose loss gradients Taylor scores read
 
 
-def _importance(name: str):
-    if name == "l1":
-        return tp.importance.GroupMagnitudeImportance(p=1)
-    if name == "l2":
-        return tp.importance.GroupMagnitudeImportance(p=2)
-    if name == "bn":
+class Importance:
+    """Per-channel importance of a model's prunable groups, normalised within each group (mean
+    1): ``importance(model, graph, groups, seed) -> {group id: scores}``. One callable per
+    criterion, as Torch-Pruning's ``Importance``; planners receive one and call it."""
+
+    name = "?"
+
+    def __call__(self, model, graph, groups, seed: int = 0) -> dict[str, torch.Tensor]:
+        scorer = self._scorer()
+        scores = {}
+        for group in groups:
+            if group.protected:
+                continue
+            root = model.get_submodule(group.id)
+            tp_group = graph.get_pruning_group(
+                root, tp.prune_conv_out_channels, list(range(group.size))
+            )
+            with torch.no_grad():
+                value = scorer(tp_group)
+            if value is None or value.numel() != group.size:
+                raise PlanError(f"importance {self.name!r} is undefined for group {group.id}")
+            scores[group.id] = value.detach().float().cpu()
+        return scores
+
+    def _scorer(self):
+        raise NotImplementedError
+
+
+class MagnitudeImportance(Importance):
+    """The Lp norm of every weight a channel owns across its group (torch-pruning's)."""
+
+    def __init__(self, p: int):
+        self.p, self.name = p, f"l{p}"
+
+    def _scorer(self):
+        return tp.importance.GroupMagnitudeImportance(p=self.p)
+
+
+class BatchNormImportance(Importance):
+    name = "bn"
+
+    def _scorer(self):
         return tp.importance.BNScaleImportance()
-    if name == "taylor":
+
+
+class TaylorImportance(Importance):
+    """First-order Taylor (|weight x gradient|) of the detection loss on ``data``'s training
+    images; the gradients are cleared after scoring."""
+
+    name = "taylor"
+
+    def __init__(self, data, imgsz: int):
+        self.data, self.imgsz = data, imgsz
+
+    def __call__(self, model, graph, groups, seed: int = 0) -> dict[str, torch.Tensor]:
+        loss_gradients(model, self.data, self.imgsz)
+        try:
+            return super().__call__(model, graph, groups, seed)
+        finally:
+            model.zero_grad(set_to_none=True)
+
+    def _scorer(self):
         return tp.importance.GroupTaylorImportance()
-    raise PlanError(f"unknown importance {name!r}: use one of {', '.join(IMPORTANCES)}")
+
+
+class RandomImportance(Importance):
+    """Seeded per group (by its id), so plans are reproducible: the baseline criteria beat."""
+
+    name = "random"
+
+    def __call__(self, model, graph, groups, seed: int = 0) -> dict[str, torch.Tensor]:
+        return {g.id: _seeded_random(g.id, g.size, seed) for g in groups if not g.protected}
+
+
+# The criteria by name (``--importance``): each builds its Importance from the data and the
+# image size where it reads training images.
+IMPORTANCES = {
+    "l1": lambda data, imgsz: MagnitudeImportance(1),
+    "l2": lambda data, imgsz: MagnitudeImportance(2),
+    "bn": lambda data, imgsz: BatchNormImportance(),
+    "taylor": lambda data, imgsz: TaylorImportance(data, imgsz),
+    "random": lambda data, imgsz: RandomImportance(),
+}
+
+
+def importance_named(name: str, data=None, imgsz: int = 640) -> Importance:
+    if name not in IMPORTANCES:
+        raise PlanError(f"unknown importance {name!r}: use one of {', '.join(IMPORTANCES)}")
+    if name == "taylor" and data is None:
+        raise PlanError(
+            "--importance taylor needs --data data.yaml (it scores channels by the detection "
+            "loss's gradients on training images)"
+        )
+    return IMPORTANCES[name](data, imgsz)
 
 
 def _seeded_random(group_id: str, size: int, seed: int) -> torch.Tensor:
@@ -73,23 +156,5 @@ def score_groups(
     importance: str = "l2",
     seed: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """Per-channel importance of each unprotected group, normalised within the group (mean 1).
-    ``taylor`` reads the gradients :func:`loss_gradients` left in the weights."""
-    scorer = None if importance == "random" else _importance(importance)
-    scores = {}
-    for group in groups:
-        if group.protected:
-            continue
-        if scorer is None:
-            scores[group.id] = _seeded_random(group.id, group.size, seed)
-            continue
-        root = model.get_submodule(group.id)
-        tp_group = graph.get_pruning_group(
-            root, tp.prune_conv_out_channels, list(range(group.size))
-        )
-        with torch.no_grad():
-            value = scorer(tp_group)
-        if value is None or value.numel() != group.size:
-            raise PlanError(f"importance {importance!r} is undefined for group {group.id}")
-        scores[group.id] = value.detach().float().cpu()
-    return scores
+    """Scores by a criterion's name, for criteria that need no data."""
+    return importance_named(importance)(model, graph, groups, seed)

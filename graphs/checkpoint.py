@@ -1,11 +1,13 @@
-"""Safe loading of YOLOv5 models: release checkpoints, our pruned checkpoints, and YAMLs.
+"""Safe loading of every model file: release checkpoints, our pruned checkpoints, and YAMLs.
 
-A yolov5 release ``.pt`` pickles a ``models.yolo.DetectionModel`` from the yolov5 repository.
-We never import that code: ``torch.load(weights_only=True)`` runs with an allow-list in which
-every yolov5 / torch.nn class the pickle may name is replaced by an inert stand-in record
-(:class:`PickledObject`) that only stores its state. The YAML, names, stride and tensors are
-read from those records and the network is rebuilt with :mod:`graphs.yolov5`. Any global
-outside the allow-list stops the load with a one-line error.
+A release ``.pt`` pickles its model (yolov5's ``models.yolo.DetectionModel``, ultralytics'
+``ultralytics.nn.tasks.DetectionModel``). We never import that code: ``torch.load
+(weights_only=True)`` runs with an allow-list in which every yolov5 / ultralytics / torch.nn
+class the pickle may name is replaced by an inert stand-in record (:class:`PickledObject`) that
+only stores its state. Any global outside the allow-list stops the load with a one-line error.
+The model's family (:mod:`graphs.family`, chosen by the pickled class, a pruned checkpoint's
+``family`` field or a package YAML name) rebuilds the network from the validated YAML and the
+tensors; this module reads the files, the family builds the model.
 """
 
 from __future__ import annotations
@@ -26,8 +28,15 @@ from torch import nn
 
 from yoloprune.graphs.blocks import drop_blocks, dropped_blocks
 from yoloprune.graphs.errors import CheckpointError, ModelError, first_line
+from yoloprune.graphs.family import (
+    families,
+    family_for_name,
+    family_for_pickled,
+    family_named,
+    family_of,
+)
 from yoloprune.graphs.files import atomic_path
-from yoloprune.graphs.model_yaml import ACTIVATIONS, FAMILIES, YOLOV5_COMMON
+from yoloprune.graphs.model_yaml import ACTIVATIONS, YOLOV5_COMMON
 from yoloprune.graphs.yolov5 import DetectionModel
 
 CFG_DIR = Path(__file__).parent / "cfg"
@@ -216,24 +225,16 @@ def describe(
     imgsz: int | None = None,
     meta: dict | None = None,
 ) -> ModelInfo:
-    """What the report and the exports need to know about a yolov5 or ultralytics model."""
-    from yoloprune.graphs import ultralytics_family
-
-    if ultralytics_family.is_ultralytics_model(model):
-        head = ultralytics_family.detect_head(model)
-        family, anchors = "ultralytics", ()  # anchor-free
-    else:
-        head = model.detect
-        pixel_anchors = (head.anchors * head.stride.view(-1, 1, 1)).view(head.nl, -1)
-        family = "yolov5"
-        anchors = tuple(tuple(round(float(v), 4) for v in row) for row in pixel_anchors)
+    """What the report and the exports need to know about a model of any family."""
+    family = family_of(model)
+    head = family.detect_head(model)
     return ModelInfo(
-        family=family,
+        family=family.name,
         source=source,
         nc=int(head.nc),
         names=class_names(model),
         stride=tuple(float(s) for s in head.stride),
-        anchors=anchors,
+        anchors=family.anchors(model),
         imgsz=imgsz or DEFAULT_IMGSZ,
         pretrained=pretrained,
         meta=dict(meta or {}),
@@ -263,10 +264,9 @@ def resolve_source(spec: str | Path) -> Path:
 
 def load_model(spec: str | Path) -> tuple[DetectionModel, ModelInfo]:
     """Load MODEL (a yolov5 release .pt, a yoloprune .pt or a .yaml), fp32, eval mode."""
-    from yoloprune.graphs import ultralytics_family
-
-    if ultralytics_family.is_ultralytics_name(spec):
-        model, _ = ultralytics_family.build(str(spec))
+    named = family_for_name(spec)
+    if named is not None:
+        model = named.from_name(str(spec))
         return model, describe(model, str(spec), pretrained=False)
     path = resolve_source(spec)
     if path.suffix in (".yaml", ".yml"):
@@ -318,30 +318,19 @@ def _load_checkpoint(path: Path, source: str) -> tuple[DetectionModel, ModelInfo
     pickled = None
     if isinstance(ckpt, dict):
         pickled = ckpt.get("ema") or ckpt.get("model")
-    if not isinstance(pickled, PickledObject) or pickled.type_name not in (
-        "DetectionModel",
-        "Model",
-    ):
+    family = family_for_pickled(pickled.qualname) if isinstance(pickled, PickledObject) else None
+    if family is None or pickled.type_name not in ("DetectionModel", "Model"):
         raise CheckpointError(
             f"{path}: not a YOLO checkpoint (expected a dict whose 'model' is a yolov5 or "
             "ultralytics DetectionModel, or a yoloprune pruned checkpoint); pass a .pt or a .yaml"
         )
     meta = {k: ckpt[k] for k in ("epoch", "date", "version") if isinstance(ckpt.get(k), (int, str))}
-    if pickled.qualname.startswith("ultralytics."):
-        from yoloprune.graphs import ultralytics_family
-
-        model = ultralytics_family.rebuild_release(pickled, _pickled_state(pickled), str(path))
-        train_args = ckpt.get("train_args") if isinstance(ckpt.get("train_args"), dict) else {}
-        imgsz = train_args.get("imgsz")
-        if type(imgsz) is not int:
-            imgsz = None  # a list or missing: the default size
-        elif not MIN_IMGSZ <= imgsz <= MAX_IMGSZ:
-            raise CheckpointError(
-                f"{path}: its train_args imgsz {imgsz} is not in [{MIN_IMGSZ}, {MAX_IMGSZ}]"
-            )
-        return model, describe(model, source, pretrained=True, imgsz=imgsz, meta=meta)
-    model = rebuild_release_model(pickled, path)
-    return model, describe(model, source, pretrained=True, meta=meta)
+    model, imgsz = family.rebuild_release(pickled, ckpt, path)
+    if imgsz is not None and not MIN_IMGSZ <= imgsz <= MAX_IMGSZ:
+        raise CheckpointError(
+            f"{path}: its train_args imgsz {imgsz} is not in [{MIN_IMGSZ}, {MAX_IMGSZ}]"
+        )
+    return model, describe(model, source, pretrained=True, imgsz=imgsz, meta=meta)
 
 
 MAX_MODULE_DEPTH = 32  # nesting of pickled modules; real models nest fewer than 10 deep
@@ -368,7 +357,7 @@ def _pickled_modules(
             yield from _pickled_modules(child, f"{prefix}.{name}" if prefix else name, depth + 1)
 
 
-def _pickled_state(pickled: PickledObject) -> dict[str, torch.Tensor]:
+def pickled_state(pickled: PickledObject) -> dict[str, torch.Tensor]:
     state = {}
     for path, module in _pickled_modules(pickled):
         non_persistent = getattr(module, "_non_persistent_buffers_set", set()) or set()
@@ -402,7 +391,7 @@ def rebuild_release_model(pickled: PickledObject, path: Path) -> DetectionModel:
         raise CheckpointError(f"{path}: {exc}") from exc
     by_path = dict(_pickled_modules(pickled))
     _copy_module_settings(model, by_path)
-    state = _pickled_state(pickled)
+    state = pickled_state(pickled)
     detect_path = f"model.{len(model.model) - 1}"
     detect_stride = getattr(by_path.get(detect_path), "stride", None)
     if detect_stride is None:
@@ -505,16 +494,11 @@ def save_pruned(
 
 def _load_pruned(ckpt: dict, path: Path, source: str) -> tuple[DetectionModel, ModelInfo]:
     ckpt = _checked_pruned(ckpt, path)
-    ultralytics = ckpt["family"] == "ultralytics"
-    if ultralytics:
-        from yoloprune.graphs.ultralytics_family import rebuild
-
-        model = rebuild(ckpt["yaml"], str(path))
-    else:
-        try:
-            model = DetectionModel(ckpt["yaml"])
-        except ModelError as exc:
-            raise CheckpointError(f"{path}: {exc}") from exc
+    family = family_named(ckpt["family"])
+    try:
+        model = family.rebuild(ckpt["yaml"], path)
+    except ModelError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
     state = ckpt["state_dict"]
     misfit = f"{path}: pruned checkpoint does not fit its YAML"
     try:
@@ -534,12 +518,7 @@ def _load_pruned(ckpt: dict, path: Path, source: str) -> tuple[DetectionModel, M
             model.float().eval()(torch.zeros(1, 3, 64, 64))
     except (AttributeError, ValueError, RuntimeError, IndexError) as exc:
         raise CheckpointError(f"{misfit} ({first_line(exc)})") from exc
-    names = ckpt["names"]
-    if ultralytics:
-        model.names = dict(enumerate(names))
-    else:
-        model.names = names or model.names
-        model.stride = model.detect.stride
+    family.adopt_names(model, ckpt["names"])
     info = describe(
         model,
         source,
@@ -572,8 +551,8 @@ def _checked_pruned(ckpt: dict, path: Path) -> dict:
         return type(v) in (int, float) and math.isfinite(v)
 
     family = ckpt.get("family", "yolov5")  # files written before the key existed are yolov5
-    if family not in FAMILIES:
-        fail("family", f"one of {', '.join(FAMILIES)}")
+    if family not in families():
+        fail("family", f"one of {', '.join(families())}")
     if type(ckpt.get("yaml")) is not dict:
         fail("yaml", "the model definition (a mapping)")
     checked = {

@@ -21,6 +21,7 @@ import torch_pruning as tp
 from torch import nn
 
 from yoloprune.graphs.errors import ModelError
+from yoloprune.graphs.family import family_of
 
 
 class _PerOutputRanges(Sequence):
@@ -221,35 +222,17 @@ class ConvChannels:
 
 def head_convs(model: nn.Module) -> list[nn.Conv2d]:
     """The detection head's output convs: their outputs are the model interface."""
-    from yoloprune.graphs import ultralytics_family
-
-    if ultralytics_family.is_ultralytics_model(model):
-        return ultralytics_family.head_convs(model)
-    return list(model.detect.m)
+    return family_of(model).head_convs(model)
 
 
 def protected_convs(model: nn.Module) -> dict[nn.Conv2d, str]:
     """Convs whose output channels are never pruned, with the reason: the head's output convs
-    (the model interface) and, for ultralytics models, the convs inside attention blocks."""
-    from yoloprune.graphs import ultralytics_family
-
-    protected = {conv: "detection head output (model interface)" for conv in head_convs(model)}
-    if ultralytics_family.is_ultralytics_model(model):
-        for conv in ultralytics_family.attention_convs(model):
-            protected[conv] = "inside an attention block (channels reshaped into heads)"
-    return protected
+    (the model interface) and whatever else the family protects (attention blocks)."""
+    return family_of(model).protected_convs(model)
 
 
 def model_stride(model: nn.Module) -> int:
     return int(max(model.stride))
-
-
-def _trace_output(out):
-    """What to back-propagate through when tracing: yolov5's raw head list; the raw box and
-    score tensors of every ultralytics head branch."""
-    from yoloprune.graphs import ultralytics_family
-
-    return ultralytics_family.trace_outputs(out) if isinstance(out[1], dict) else out[1]
 
 
 def build_graph(
@@ -263,7 +246,7 @@ def build_graph(
     with grouping_guard(limits or GroupingLimits(), "tracing"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         graph = CoupledGraph().build_dependency(
-            model, example, output_transform=_trace_output, verbose=False
+            model, example, output_transform=family_of(model).trace_outputs, verbose=False
         )
     model.train(was_training)
     return graph
@@ -323,18 +306,20 @@ def channel_groups(
         groups.append(ChannelGroup(name, conv.out_channels, members, True, reason))
     _check_disjoint(groups)
     groups = sorted(groups, key=lambda g: order[g.id])
-    return groups if custom_modules else tie_split_halves(model, groups)
+    return (
+        groups if custom_modules else tie_split_halves(family_of(model).split_halves(model), groups)
+    )
 
 
-def tie_split_halves(model: nn.Module, groups: list[ChannelGroup]) -> list[ChannelGroup]:
+def tie_split_halves(
+    halves: list[tuple[str, str, tuple[str, str]]], groups: list[ChannelGroup]
+) -> list[ChannelGroup]:
     """Tie the groups of each split block's two halves (ultralytics' C2f/C3k2 ``cv1`` chunks and
     C2PSA's halves, held as ``cv1a``/``cv1b``): ultralytics' classes split ``cv1`` into equal
     halves, so a pruned block is expressible by them only if both halves keep equal counts.
     Tied groups share a ``tie`` label; a half whose partner cannot be pruned (C2PSA's attention
-    half) is kept whole (protected, with the reason)."""
-    from yoloprune.graphs import ultralytics_family
-
-    halves = ultralytics_family.split_halves(model)
+    half) is kept whole (protected, with the reason). ``halves``: the family's
+    :meth:`~graphs.family.ModelFamily.split_halves`."""
     if not halves:
         return groups
     owner = {m.layer: g.id for g in groups for m in g.members if m.kind == "out"}

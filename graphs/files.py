@@ -4,6 +4,7 @@ SIGINT/SIGTERM over steps an interrupt must not cut in two."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import signal
 import threading
@@ -53,3 +54,12 @@ def signals_held() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def import_native(name: str):
+    """Import a module with a native extension (onnx, onnxruntime, onnxsim; a fixed name, never
+    one read from a file) with SIGINT/SIGTERM held: a signal raised as an exception while an
+    extension initialises its types aborts the process (seen: ``terminate called after throwing
+    an instance of 'nanobind::python_error'`` when SIGTERM landed in ``import onnx``)."""
+    with signals_held():
+        return importlib.import_module(name)

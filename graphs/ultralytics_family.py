@@ -71,10 +71,6 @@ def is_ultralytics_name(spec: str | Path) -> bool:
     return len(path.parts) == 1 and not path.exists() and bool(NAME_PATTERN.match(path.name))
 
 
-def is_ultralytics_model(model: nn.Module) -> bool:
-    return type(model).__module__.startswith("ultralytics.")
-
-
 LAYER_BOOKKEEPING = ("f", "i", "type", "np")  # ultralytics' per-layer attributes
 
 

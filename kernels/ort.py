@@ -9,11 +9,15 @@ from pathlib import Path
 import numpy as np
 
 from yoloprune.graphs.errors import RuntimeSetupError, first_line
+from yoloprune.graphs.files import import_native
+from yoloprune.kernels.runner import Runner
+from yoloprune.kernels.runner import time_runners as _time_runners
+from yoloprune.kernels.timing import Timing
 
 
 def _onnxruntime():
     try:
-        import onnxruntime
+        onnxruntime = import_native("onnxruntime")
     except ImportError as exc:  # pragma: no cover - a core dependency, but say how to fix it
         raise RuntimeSetupError("onnxruntime is missing: pip install onnxruntime") from exc
     return onnxruntime
@@ -23,8 +27,10 @@ def _onnxruntime():
 SPINNING_BLOCK = {"block": 5, "rewarm": 2}
 
 
-class OrtRunner:
-    """One InferenceSession on the CPU execution provider; ``threads`` intra-op threads.
+class OrtRunner(Runner):
+    """One InferenceSession on the CPU execution provider; ``threads`` intra-op threads. The
+    session is made in :meth:`activate` (load errors are raised there); :meth:`infer` takes
+    the input array and returns every output as numpy arrays.
 
     Intra-op thread spinning is off unless ``spinning``. ONNX Runtime's own default is on: idle
     threads spin-wait instead of sleeping, which saves each parallel operator a thread wake-up
@@ -33,26 +39,49 @@ class OrtRunner:
     the same file 3.5 or 6.3 ms in one run), while without spinning they repeat within 1%.
     Spinning sessions are timed in blocks (see :meth:`timing_order`)."""
 
+    name = "onnxruntime"
+
     def __init__(self, path: str | Path, threads: int | None = None, spinning: bool = False):
-        ort = _onnxruntime()
+        self.path = Path(path)
         self.threads = threads or default_threads()
         self.spinning = spinning
+        self.session = None
+
+    def activate_impl(self) -> None:
+        ort = _onnxruntime()
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
-        options.add_session_config_entry("session.intra_op.allow_spinning", str(int(spinning)))
+        options.add_session_config_entry("session.intra_op.allow_spinning", str(int(self.spinning)))
         try:
-            self.session = ort.InferenceSession(
-                str(path), options, providers=["CPUExecutionProvider"]
+            session = ort.InferenceSession(
+                str(self.path), options, providers=["CPUExecutionProvider"]
             )
         except Exception as exc:  # ORT's own error types (InvalidProtobuf, Fail, ...)
             raise RuntimeSetupError(
-                f"{path}: ONNX Runtime cannot load it ({first_line(exc)}); export it again"
+                f"{self.path}: ONNX Runtime cannot load it ({first_line(exc)}); export it again"
             ) from exc
-        self.input_name = self.session.get_inputs()[0].name
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.input_name = session.get_inputs()[0].name
+        self.output_names = [o.name for o in session.get_outputs()]
+        self.session = session
+
+    def deactivate_impl(self) -> None:
+        self.session = None
+
+    def infer_impl(self, images: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(self.output_names, {self.input_name: images})
+
+    def input_shape(self) -> list:
+        """The input's shape as the file declares it (a str or None for a dynamic axis)."""
+        self.require_active()
+        return list(self.session.get_inputs()[0].shape)
+
+    def metadata(self) -> dict[str, str]:
+        """The model's metadata_props (yoloprune writes stride, names, layout, export_mode)."""
+        self.require_active()
+        return dict(self.session.get_modelmeta().custom_metadata_map)
 
     def timing_order(self) -> dict:
         return timing_order(self.spinning)
@@ -60,24 +89,18 @@ class OrtRunner:
     def order_text(self) -> str:
         return order_text(self.spinning)
 
-    def run(self, images: np.ndarray) -> list[np.ndarray]:
-        return self.session.run(self.output_names, {self.input_name: images})
-
-    def metadata(self) -> dict[str, str]:
-        """The model's metadata_props (yoloprune writes stride, names, layout, export_mode)."""
-        return dict(self.session.get_modelmeta().custom_metadata_map)
+    def describe(self) -> dict:
+        return {"threads": self.threads, "spinning": self.spinning, "order": self.order_text()}
 
 
-def time_runners(runners: dict, images: np.ndarray, runs: int, warmup: int) -> dict:
-    """Time ONNX Runtime sessions against each other on the same input ({name: Timing}), in
-    the order their spinning setting needs (:meth:`OrtRunner.timing_order`)."""
-    from yoloprune.kernels.timing import interleaved
-
-    spinning = {r.spinning for r in runners.values()}
-    if len(spinning) != 1:
+def time_runners(
+    runners: dict[str, OrtRunner], images: np.ndarray, runs: int, warmup: int
+) -> dict[str, Timing]:
+    """Time active ONNX Runtime sessions against each other on the same input ({name: Timing}),
+    in the order their spinning setting needs (:meth:`OrtRunner.timing_order`)."""
+    if len({r.spinning for r in runners.values()}) != 1:
         raise ValueError("time sessions with the same spinning setting together")
-    fns = {name: (lambda r=r: r.run(images)) for name, r in runners.items()}
-    return interleaved(fns, runs=runs, warmup=warmup, **timing_order(spinning.pop()))
+    return _time_runners(runners, images, runs=runs, warmup=warmup)
 
 
 def timing_order(spinning: bool) -> dict:

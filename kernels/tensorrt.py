@@ -1,15 +1,23 @@
-"""TensorRT lowering and runner, written against the TensorRT 10 Python API.
+"""TensorRT lowering and runner, for TensorRT 10.x (Jetson) and 11.x alike: strongly typed.
+
+TensorRT 11 removed weak typing (``BuilderFlag.FP16/INT8``, implicit INT8 calibrators and
+calibration profiles): every network is strongly typed, so the precision of every tensor comes
+from the ONNX file itself (an fp16 ONNX, or explicit QuantizeLinear/DequantizeLinear nodes for
+INT8). TensorRT 10 builds such networks too, when asked for with the ``STRONGLY_TYPED``
+creation flag (11.x accepts and ignores it). So one code path serves both, and no precision
+builder flag is ever set: ``build --precision`` only picks which ONNX file to build.
 
 TensorRT is imported lazily: nothing here needs it until an engine is built or run, and where it
 is missing every entry point raises :class:`TensorRTUnavailable` naming the fix. It could not be
 installed on the machines this project was developed on (the registry's TensorRT wheels are
 stubs that download from NVIDIA's index), so this module has not been run against a real
-TensorRT; its tests skip with that reason where it is absent (see README, "What is verified").
+TensorRT; its API is checked against stand-in modules that expose only TensorRT 10's or only
+TensorRT 11's Python names (tests/kernels/test_tensorrt.py), which is an API check, not a run.
 
-- :func:`build_engine`: ONNX -> serialized engine; fp16 (default), fp32 or int8 (entropy
-  calibration from a folder of images, with a calibration cache), one optimization profile
-  over the batch axis, a timing cache file reused across builds, a workspace limit; beside the
-  engine a metadata JSON a deployment pipeline can read (:func:`engine_metadata`).
+- :func:`build_engine`: ONNX -> serialized engine; an optimisation profile over the batch axis
+  only where the ONNX's batch is dynamic, a timing cache file reused across builds, a
+  workspace limit; beside the engine a metadata JSON a deployment pipeline can read
+  (:func:`engine_metadata`: precision and output layout read from the ONNX's own metadata).
 - :class:`EngineRunner`: deserialize, bind torch CUDA tensors as I/O buffers (pycuda is not
   needed), run with ``execute_async_v3`` and time with the shared primitive.
 - :func:`write_triton_repository`: ``model_repository/<name>/1/model.plan`` + ``config.pbtxt``.
@@ -23,14 +31,16 @@ from pathlib import Path
 
 import numpy as np
 
-from yoloprune.graphs.errors import YoloPruneError
-from yoloprune.graphs.files import write_bytes_atomic
+from yoloprune.graphs.errors import RuntimeSetupError, YoloPruneError, first_line
+from yoloprune.graphs.family import OUTPUT_LAYOUTS
+from yoloprune.graphs.files import import_native, write_bytes_atomic
+from yoloprune.kernels.runner import Runner
 
 PRECISIONS = ("fp32", "fp16", "int8")
 INPUT_NAME, OUTPUT_NAME = "images", "output0"
 
 
-class TensorRTUnavailable(YoloPruneError):
+class TensorRTUnavailable(RuntimeSetupError):
     """TensorRT (or a CUDA GPU) is missing where an engine is built or run."""
 
 
@@ -65,36 +75,42 @@ def available() -> tuple[bool, str]:
     return True, trt.__version__
 
 
+DEFAULT_BATCH_PROFILE = (1, 1, 32)  # min, opt, max of a dynamic-batch ONNX
+
+
 @dataclass(frozen=True)
 class BuildSettings:
-    precision: str = "fp16"
-    min_batch: int = 1
-    opt_batch: int = 1
-    max_batch: int = 32
+    """How to build; the precision is the ONNX file's own. Batch bounds apply to ONNX files
+    with a dynamic batch axis (None: :data:`DEFAULT_BATCH_PROFILE`)."""
+
+    min_batch: int | None = None
+    opt_batch: int | None = None
+    max_batch: int | None = None
     workspace_gib: float = 4.0
     timing_cache: Path | None = None  # read if present, written back after the build
-    calibration_images: Path | None = None  # int8: a folder of images
-    calibration_cache: Path | None = None  # int8: reused when present (no images needed then)
-    calibration_batches: int = 32
-    calibration_batch: int = 8
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
+        given = [b for b in (self.min_batch, self.opt_batch, self.max_batch) if b is not None]
+        if any(type(b) is not int or b < 1 for b in given):
+            raise YoloPruneError("batch sizes must be positive integers")
+        low, opt, high = self.profile()
+        if not (1 <= low <= opt <= high):
             raise YoloPruneError(
-                f"--precision {self.precision}: use one of {', '.join(PRECISIONS)}"
+                f"batch profile {low}/{opt}/{high} must satisfy 1 <= min <= opt <= max"
             )
-        if not (1 <= self.min_batch <= self.opt_batch <= self.max_batch):
-            raise YoloPruneError("batch profile must satisfy 1 <= min <= opt <= max")
         if self.workspace_gib <= 0:
             raise YoloPruneError("--workspace must be positive (GiB)")
-        if self.precision == "int8":
-            cache = self.calibration_cache
-            has_cache = cache is not None and Path(cache).is_file()
-            if not has_cache and self.calibration_images is None:
-                raise YoloPruneError(
-                    "int8 needs calibration data: pass --calib-images DIR (a folder of "
-                    "representative images) or an existing --calib-cache file"
-                )
+
+    def profile(self) -> tuple[int, int, int]:
+        """(min, opt, max) batch: given values, else the defaults (opt at most max)."""
+        default_low, default_opt, default_high = DEFAULT_BATCH_PROFILE
+        high = default_high if self.max_batch is None else self.max_batch
+        low = default_low if self.min_batch is None else self.min_batch
+        opt = min(max(default_opt, low), high) if self.opt_batch is None else self.opt_batch
+        return low, opt, high
+
+    def batch_given(self) -> bool:
+        return any(b is not None for b in (self.min_batch, self.opt_batch, self.max_batch))
 
 
 @dataclass
@@ -103,63 +119,46 @@ class BuiltEngine:
     metadata: Path
 
 
-def calibration_batches(folder: Path, imgsz: int, batch: int, count: int):
-    """Letterboxed float32 NCHW batches in [0, 1] from the images of ``folder`` (sorted), as
-    the deployed pipeline feeds them; at most ``count`` batches."""
-    from PIL import Image
-
-    from yoloprune.kernels.preprocess import IMAGE_SUFFIXES, letterbox
-
-    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise YoloPruneError(f"{folder}: no images found for INT8 calibration")
-    chunk: list[np.ndarray] = []
-    produced = 0
-    for path in files:
-        with Image.open(path) as image:
-            pixels = np.asarray(image.convert("RGB"))
-        boxed = letterbox(pixels, imgsz)[0]
-        chunk.append(boxed.transpose(2, 0, 1).astype(np.float32) / 255.0)
-        if len(chunk) == batch:
-            yield np.ascontiguousarray(np.stack(chunk))
-            chunk, produced = [], produced + 1
-            if produced == count:
-                return
-    if chunk and produced < count:
-        yield np.ascontiguousarray(np.stack(chunk + [chunk[-1]] * (batch - len(chunk))))
+def version_major(trt) -> int:
+    try:
+        return int(str(trt.__version__).split(".")[0])
+    except ValueError as exc:
+        raise TensorRTUnavailable(f"TensorRT version {trt.__version__!r} is not readable") from exc
 
 
-def _entropy_calibrator(trt, batches, batch: int, cache_path: Path | None):
-    """An IInt8EntropyCalibrator2 feeding ``batches`` through a torch CUDA buffer."""
-    import torch
+def network_flags(trt) -> int:
+    """Creation flags of a strongly typed network: TensorRT 10's ``STRONGLY_TYPED`` flag (11.x
+    accepts and ignores it; where 11.x no longer names it, strong typing is the only mode)."""
+    kinds = getattr(trt, "NetworkDefinitionCreationFlag", None)
+    flag = getattr(kinds, "STRONGLY_TYPED", None)
+    if flag is not None:
+        return 1 << int(flag)
+    if version_major(trt) >= 11:
+        return 0
+    raise TensorRTUnavailable(
+        f"TensorRT {trt.__version__} cannot build strongly typed networks; yoloprune builds "
+        "with TensorRT 10.x or 11.x"
+    )
 
-    class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
-        def __init__(self):
-            super().__init__()
-            self._batches = iter(batches)
-            self._buffer = None
 
-        def get_batch_size(self):
-            return batch
+def onnx_batch(path: Path) -> int | None:
+    """The first input's batch size, or None where the axis is dynamic."""
+    onnx = import_native("onnx")
 
-        def get_batch(self, names):
-            try:
-                host = next(self._batches)
-            except StopIteration:
-                return None
-            self._buffer = torch.from_numpy(host).cuda()
-            return [int(self._buffer.data_ptr())]
+    proto = onnx.load(str(path), load_external_data=False)
+    dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    return dim.dim_value if dim.HasField("dim_value") else None
 
-        def read_calibration_cache(self):
-            if cache_path is not None and Path(cache_path).is_file():
-                return Path(cache_path).read_bytes()
-            return None
 
-        def write_calibration_cache(self, cache):
-            if cache_path is not None:
-                _atomic_write(Path(cache_path), bytes(cache))
+def onnx_properties(path: Path) -> dict[str, str]:
+    """The ONNX file's metadata_props (yoloprune writes layout, precision, names, ...)."""
+    onnx = import_native("onnx")
 
-    return EntropyCalibrator()
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # DecodeError and friends: not an ONNX file
+        raise YoloPruneError(f"{path}: not a readable ONNX file ({first_line(exc)})") from exc
+    return {p.key: p.value for p in proto.metadata_props}
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -173,12 +172,14 @@ def build_engine(
     settings: BuildSettings | None = None,
     metadata: dict | None = None,
 ) -> BuiltEngine:
-    """Parse ``onnx_path`` and write ``engine_path`` plus ``<engine>.json`` (metadata)."""
+    """Parse ``onnx_path`` into a strongly typed network and write ``engine_path`` plus
+    ``<engine>.json`` (metadata). The engine runs at the precision the ONNX file holds."""
     trt = tensorrt()
     settings = settings or BuildSettings()
+    properties = onnx_properties(onnx_path)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
+    network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -187,37 +188,7 @@ def build_engine(
     config.set_memory_pool_limit(
         trt.MemoryPoolType.WORKSPACE, int(settings.workspace_gib * (1 << 30))
     )
-    image = network.get_input(0)
-    _, channels, height, width = image.shape
-    profile = builder.create_optimization_profile()
-    profile.set_shape(
-        image.name,
-        (settings.min_batch, channels, height, width),
-        (settings.opt_batch, channels, height, width),
-        (settings.max_batch, channels, height, width),
-    )
-    config.add_optimization_profile(profile)
-    if settings.precision in ("fp16", "int8"):
-        config.set_flag(trt.BuilderFlag.FP16)  # int8 falls back to fp16, not fp32, per layer
-    if settings.precision == "int8":
-        config.set_flag(trt.BuilderFlag.INT8)
-        batches = (
-            calibration_batches(
-                settings.calibration_images,
-                height,
-                settings.calibration_batch,
-                settings.calibration_batches,
-            )
-            if settings.calibration_images is not None
-            else iter(())
-        )
-        calib_profile = builder.create_optimization_profile()
-        shape = (settings.calibration_batch, channels, height, width)
-        calib_profile.set_shape(image.name, shape, shape, shape)
-        config.set_calibration_profile(calib_profile)
-        config.int8_calibrator = _entropy_calibrator(
-            trt, batches, settings.calibration_batch, settings.calibration_cache
-        )
+    _batch_profile(builder, config, network.get_input(0), settings, onnx_path)
     cache_bytes = b""
     if settings.timing_cache is not None and Path(settings.timing_cache).is_file():
         cache_bytes = Path(settings.timing_cache).read_bytes()
@@ -230,12 +201,29 @@ def build_engine(
     _atomic_write(engine_path, bytes(serialized))
     if settings.timing_cache is not None:
         _atomic_write(Path(settings.timing_cache), bytes(config.get_timing_cache().serialize()))
-    runtime = trt.Runtime(logger)
-    engine = runtime.deserialize_cuda_engine(bytes(serialized))
-    meta = engine_metadata(_io_description(trt, engine), settings, trt.__version__, metadata)
+    engine = trt.Runtime(logger).deserialize_cuda_engine(bytes(serialized))
+    tensors = _io_description(trt, engine)
+    meta = engine_metadata(tensors, settings, trt.__version__, properties, metadata)
     meta_path = engine_path.with_suffix(".json")
     _atomic_write(meta_path, (json.dumps(meta, indent=1) + "\n").encode())
     return BuiltEngine(engine_path, meta_path)
+
+
+def _batch_profile(builder, config, image, settings: BuildSettings, onnx_path: Path) -> None:
+    """An optimisation profile over the batch axis, where the ONNX's batch is dynamic; a
+    static batch has none to set (and refuses batch bounds it cannot honour)."""
+    batch, *chw = tuple(image.shape)
+    if batch >= 0:
+        if settings.batch_given() and settings.profile() != (batch, batch, batch):
+            raise YoloPruneError(
+                f"{onnx_path}: its batch is fixed at {batch}; for other batch sizes export it "
+                "with a dynamic batch (compile/export --dynamic), or drop the batch options"
+            )
+        return
+    low, opt, high = settings.profile()
+    profile = builder.create_optimization_profile()
+    profile.set_shape(image.name, (low, *chw), (opt, *chw), (high, *chw))
+    config.add_optimization_profile(profile)
 
 
 def _io_description(trt, engine) -> list[dict]:
@@ -257,23 +245,33 @@ def _io_description(trt, engine) -> list[dict]:
 
 
 def engine_metadata(
-    tensors: list[dict], settings: BuildSettings, trt_version: str, extra: dict | None = None
+    tensors: list[dict],
+    settings: BuildSettings,
+    trt_version: str,
+    properties: dict[str, str] | None = None,
+    extra: dict | None = None,
 ) -> dict:
-    """What a deployment pipeline needs beside the engine (pure data; no TensorRT needed)."""
+    """What a deployment pipeline needs beside the engine (pure data; no TensorRT needed). The
+    precision and the output layout are the ONNX file's own (``properties``: its metadata)."""
     import torch
 
+    properties = properties or {}
     for tensor in tensors:
         if tensor["io"] == "input" and "strides" not in tensor:
             # dense NCHW row-major strides of the opt-batch shape (the engine's linear input)
-            shape = [settings.opt_batch if d < 0 else d for d in tensor["shape"]]
+            shape = [settings.profile()[1] if d < 0 else d for d in tensor["shape"]]
             tensor["strides"] = [int(np.prod(shape[i + 1 :])) for i in range(len(shape))]
     build = asdict(settings)
     build = {k: (str(v) if isinstance(v, Path) else v) for k, v in build.items()}
+    build["batch_profile"] = list(settings.profile())
+    layout = properties.get("layout")
     return {
-        "format": "yoloprune.engine.v1",
+        "format": "yoloprune.engine.v2",
         "tensorrt": trt_version,
+        "network": "strongly typed",
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "precision": settings.precision,
+        "precision": properties.get("precision", "fp32"),
+        "quantization": _json_or_none(properties.get("quantization")),
         "build": build,
         "tensors": tensors,
         "preprocess": {
@@ -284,56 +282,91 @@ def engine_metadata(
             "scale": "pixel / 255",
         },
         "output": {
-            "layout": "(batch, anchors*cells, 5 + nc): cx, cy, w, h in input pixels, "
-            "objectness, class scores (sigmoid applied); NMS not included",
+            "layout": layout or "unknown",
+            "output0": OUTPUT_LAYOUTS.get(
+                layout, "not recorded: the ONNX was not written by yoloprune (no 'layout' metadata)"
+            ),
+            "export_mode": properties.get("export_mode"),
         },
         **(extra or {}),
     }
 
 
-class EngineRunner:
-    """Runs a serialized engine with torch CUDA tensors as buffers (no pycuda needed)."""
+def _json_or_none(text: str | None):
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
-    def __init__(self, engine_path: Path):
+
+class EngineRunner(Runner):
+    """Runs a serialized engine at a fixed ``batch`` with torch CUDA tensors as buffers (no
+    pycuda needed). :meth:`activate` deserializes the engine, sets the batch and allocates
+    the buffers; ``infer(images)`` copies ``images`` (a CUDA tensor) into the input buffer on
+    the engine's stream, ``infer()`` reruns the buffer as it is; both return the output0 buffer
+    (call :meth:`sync` before reading it: the engine runs on its own stream)."""
+
+    name = "tensorrt"
+
+    def __init__(self, engine_path: Path, batch: int = 1):
+        self.engine_path = Path(engine_path)
+        self.batch = batch
+        self.version: str | None = None
+        self.engine = self.context = self.stream = None
+        self.inputs: list[str] = []
+        self.outputs: list[str] = []
+        self.buffers: dict[str, object] = {}
+
+    def activate_impl(self) -> None:
         import torch
 
         ok, why = available()
         if not ok:
             raise TensorRTUnavailable(why)
         trt = tensorrt()
-        self._torch = torch
-        self.version = trt.__version__
-        self._trt = trt
         logger = trt.Logger(trt.Logger.WARNING)
-        self.engine = trt.Runtime(logger).deserialize_cuda_engine(Path(engine_path).read_bytes())
-        if self.engine is None:
-            raise YoloPruneError(
-                f"{engine_path}: TensorRT cannot deserialize this engine (built by another "
+        try:
+            plan = self.engine_path.read_bytes()
+        except OSError as exc:
+            raise RuntimeSetupError(
+                f"{self.engine_path}: cannot read it ({first_line(exc)})"
+            ) from exc
+        engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
+        if engine is None:
+            raise RuntimeSetupError(
+                f"{self.engine_path}: TensorRT cannot deserialize this engine (built by another "
                 "TensorRT version or for another GPU?); rebuild it here"
             )
-        self.context = self.engine.create_execution_context()
-        self.stream = torch.cuda.Stream()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.outputs = [n for n in names if n not in self.inputs]
-        self.buffers: dict[str, object] = {}
-
-    def set_batch(self, batch: int) -> None:
-        torch, trt = self._torch, self._trt
-        for name in self.inputs:
-            shape = list(self.engine.get_tensor_shape(name))
-            shape[0] = batch
-            self.context.set_input_shape(name, shape)
-        for name in self.inputs + self.outputs:
-            shape = tuple(self.context.get_tensor_shape(name))
+        context = engine.create_execution_context()
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        for name in inputs:
+            shape = list(engine.get_tensor_shape(name))
+            shape[0] = self.batch
+            context.set_input_shape(name, shape)
+        buffers = {}
+        for name in names:
+            shape = tuple(context.get_tensor_shape(name))
             dtype = torch.from_numpy(
-                np.zeros(0, dtype=trt.nptype(self.engine.get_tensor_dtype(name)))
+                np.zeros(0, dtype=trt.nptype(engine.get_tensor_dtype(name)))
             ).dtype
-            self.buffers[name] = torch.zeros(shape, dtype=dtype, device="cuda")
-            self.context.set_tensor_address(name, self.buffers[name].data_ptr())
-        self.stream.wait_stream(torch.cuda.current_stream())  # buffers exist before first use
+            buffers[name] = torch.zeros(shape, dtype=dtype, device="cuda")
+            context.set_tensor_address(name, buffers[name].data_ptr())
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())  # buffers exist before first use
+        self._torch, self.version = torch, trt.__version__
+        self.engine, self.context, self.stream, self.buffers = engine, context, stream, buffers
+        self.inputs, self.outputs = inputs, [n for n in names if n not in inputs]
 
-    def run(self, images=None):
+    def deactivate_impl(self) -> None:
+        if self.stream is not None:
+            self.stream.synchronize()  # no queued work may outlive its buffers
+        self.buffers = {}
+        self.context = self.engine = self.stream = None
+
+    def infer_impl(self, images=None):
         if images is not None:
             with self._torch.cuda.stream(self.stream):  # ordered before the engine's work
                 self.buffers[self.inputs[0]].copy_(images, non_blocking=True)
@@ -347,6 +380,9 @@ class EngineRunner:
         from yoloprune.kernels.timing import CudaEventClock
 
         return CudaEventClock(self.stream)
+
+    def describe(self) -> dict:
+        return {"tensorrt": self.version}
 
 
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int8": "TYPE_INT8"}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
 
@@ -63,12 +63,15 @@ class CudaEventClock:
         return float(self._begin.elapsed_time(self._end))
 
 
+Clock = HostClock | CudaEventClock
+
+
 def measure(
     fn: Callable[[], object],
     runs: int = 20,
     warmup: int = 3,
     sync: Callable[[], None] | None = None,
-    clock: HostClock | CudaEventClock | None = None,
+    clock: Clock | None = None,
 ) -> Timing:
     """Time ``fn`` ``runs`` times after ``warmup`` calls; ``sync`` waits for async devices."""
     return interleaved({"_": fn}, runs=runs, warmup=warmup, sync=sync, clock=clock)["_"]
@@ -78,30 +81,46 @@ def interleaved(
     fns: dict[str, Callable[[], object]],
     runs: int = 20,
     warmup: int = 3,
-    sync: Callable[[], None] | None = None,
-    clock: HostClock | CudaEventClock | None = None,
+    sync: Callable[[], None] | Mapping[str, Callable[[], None] | None] | None = None,
+    clock: Clock | Mapping[str, Clock | None] | None = None,
     block: int = 1,
     rewarm: int = 0,
 ) -> dict[str, Timing]:
     """Time several callables A B A B ... so machine noise hits them alike: ``runs`` timed
     calls each, taken in turns of ``block`` consecutive calls, every turn after ``rewarm``
-    untimed calls (for runtimes whose idle threads spin on and would slow the next one)."""
+    untimed calls (for runtimes whose idle threads spin on and would slow the next one).
+
+    ``sync`` and ``clock`` are one for all callables or a mapping by name (runners on their own
+    streams: each is timed on its own clock, and every one is synchronised before a timed call
+    starts, so no runner's queued work overlaps another's timing)."""
     if runs < 1 or warmup < 0 or block < 1 or rewarm < 0:
         raise ValueError("runs and block must be >= 1, warmup and rewarm >= 0")
-    sync = sync or (lambda: None)
-    clock = clock or HostClock()
-    for fn in fns.values():
+    sync_of = sync if isinstance(sync, Mapping) else dict.fromkeys(fns, sync)
+    clock_of = clock if isinstance(clock, Mapping) else dict.fromkeys(fns, clock)
+    syncs = {name: sync_of.get(name) or _no_sync for name in fns}
+    clocks = {name: clock_of.get(name) or HostClock() for name in fns}
+    distinct = list({id(s): s for s in syncs.values()}.values())
+
+    def sync_all() -> None:
+        for s in distinct:
+            s()
+
+    for name, fn in fns.items():
         for _ in range(warmup):
             fn()
-        sync()
+        syncs[name]()
     samples: dict[str, list[float]] = {name: [] for name in fns}
     while len(next(iter(samples.values()))) < runs:
         for name, fn in fns.items():
             for _ in range(rewarm):
                 fn()
             for _ in range(min(block, runs - len(samples[name]))):
-                sync()
-                clock.start()
+                sync_all()
+                clocks[name].start()
                 fn()
-                samples[name].append(clock.stop(sync))
+                samples[name].append(clocks[name].stop(syncs[name]))
     return {name: _summarise(values, warmup) for name, values in samples.items()}
+
+
+def _no_sync() -> None:
+    pass

@@ -8,6 +8,7 @@ On CPU: fp32, the same interface, so the code path is testable on machines witho
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 
@@ -15,7 +16,8 @@ import torch
 from torch import nn
 
 from yoloprune.graphs.errors import RuntimeSetupError
-from yoloprune.kernels.timing import CudaEventClock, Timing, measure
+from yoloprune.kernels.runner import Runner, time_runners
+from yoloprune.kernels.timing import CudaEventClock, Timing
 
 PRECISIONS = ("fp32", "fp16")
 
@@ -42,8 +44,14 @@ class TorchSettings:
             raise RuntimeSetupError("fp16 and CUDA graphs need --device cuda; use fp32 on the CPU")
 
 
-class TorchRunner:
-    """Runs ``model`` on fixed-shape inputs; ``run()`` returns the decoded predictions."""
+class TorchRunner(Runner):
+    """Runs ``model`` on fixed-shape inputs; :meth:`infer` returns output0 (the decoded
+    predictions). :meth:`activate` copies the model to the device in the settings' precision
+    and memory format, makes the fixed input buffer (seeded: the same timing input every run)
+    and captures the CUDA graph if asked; ``infer(images)`` copies ``images`` into that buffer
+    first, ``infer()`` reruns the buffer as it is."""
+
+    name = "torch"
 
     def __init__(
         self,
@@ -53,22 +61,32 @@ class TorchRunner:
         settings: TorchSettings,
         channels: int = 3,
     ):
+        self.source = model
+        self.shape = (batch, channels, imgsz, imgsz)
         self.settings = settings
         self.device = torch.device(settings.device)
         self.dtype = torch.float16 if settings.precision == "fp16" else torch.float32
+        self.model = self.images = self._graph = self._static_out = None
+
+    def activate_impl(self) -> None:
+        settings = self.settings
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = settings.cudnn_benchmark
         memory = torch.channels_last if settings.channels_last else torch.contiguous_format
-        self.model = copy.deepcopy(model).eval().to(self.device, self.dtype, memory_format=memory)
+        self.model = (
+            copy.deepcopy(self.source).eval().to(self.device, self.dtype, memory_format=memory)
+        )
         seeded = torch.Generator().manual_seed(0)  # the same timing input every run
         self.images = (
-            torch.rand(batch, channels, imgsz, imgsz, generator=seeded)
+            torch.rand(*self.shape, generator=seeded)
             .to(self.device, self.dtype)
             .contiguous(memory_format=memory)
         )
-        self._graph = None
         if settings.cuda_graph:
             self._capture()
+
+    def deactivate_impl(self) -> None:
+        self.model = self.images = self._graph = self._static_out = None
 
     @torch.no_grad()
     def _forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -86,7 +104,7 @@ class TorchRunner:
         with torch.cuda.graph(self._graph):
             self._static_out = self._forward(self.images)
 
-    def run(self, images: torch.Tensor | None = None) -> torch.Tensor:
+    def infer_impl(self, images: torch.Tensor | None) -> torch.Tensor:
         if images is not None:
             self.images.copy_(images)
         if self._graph is not None:
@@ -101,8 +119,22 @@ class TorchRunner:
     def clock(self):
         return CudaEventClock() if self.device.type == "cuda" else None
 
+    def describe(self) -> dict:
+        s = self.settings
+        return {
+            "device": s.device,
+            "precision": s.precision,
+            "channels_last": s.channels_last,
+            "cudnn_benchmark": s.cudnn_benchmark,
+            "cuda_graph": s.cuda_graph,
+        }
+
     def time(self, runs: int = 50, warmup: int = 10) -> Timing:
-        return measure(self.run, runs=runs, warmup=warmup, sync=self.sync, clock=self.clock())
+        """Time this runner alone on its fixed input (activating it for the time if inactive)."""
+        with contextlib.ExitStack() as stack:
+            if not self.is_active:
+                stack.enter_context(self)
+            return time_runners({"_": self}, None, runs=runs, warmup=warmup)["_"]
 
 
 def gpu_info() -> dict:

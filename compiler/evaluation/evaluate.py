@@ -31,13 +31,28 @@ class EvalSettings:
 
 @dataclass(frozen=True)
 class Predictor:
-    """Maps a batch of letterboxed images to output0 in ``layout`` (see nms.detections)."""
+    """Maps a batch of letterboxed images to output0 in ``layout`` (see nms.detections).
+
+    One that holds a runtime (:func:`onnx_predictor`'s session) releases it in :meth:`close`;
+    use it as ``with onnx_predictor(path) as predict:``. Closing twice is harmless; predicting
+    after closing raises."""
 
     run: Callable[[torch.Tensor], torch.Tensor]
     layout: str = "yolov5"
+    release: Callable[[], None] | None = None
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return self.run(images)
+
+    def close(self) -> None:
+        if self.release is not None:
+            self.release()
+
+    def __enter__(self) -> Predictor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 @dataclass(frozen=True)
@@ -178,24 +193,29 @@ def torch_predictor(model: torch.nn.Module, mode: str | None = None) -> Predicto
 
 def onnx_predictor(path: Path, threads: int | None = None) -> Predictor:
     """The deployed artifact itself, read in the layout its metadata records (yoloprune's
-    exports; yolov5's own when absent); a static-batch file is fed a batch at a time."""
+    exports; yolov5's own when absent); a static-batch file is fed a batch at a time. The
+    ONNX Runtime session is open until the predictor is closed (use it in a ``with``)."""
     from yoloprune.kernels.ort import OrtRunner
 
-    runner = OrtRunner(path, threads)
-    layout = runner.metadata().get("layout", "yolov5")
-    static_batch = runner.session.get_inputs()[0].shape[0]
+    runner = OrtRunner(path, threads).activate()
+    try:
+        layout = runner.metadata().get("layout", "yolov5")
+        static_batch = runner.input_shape()[0]
+    except BaseException:
+        runner.deactivate()
+        raise
 
     def predict(images: torch.Tensor) -> torch.Tensor:
         array = images.numpy()
         if isinstance(static_batch, int):
             chunks = [
-                runner.run(array[i : i + static_batch])[0]
+                runner.infer(array[i : i + static_batch])[0]
                 for i in range(0, len(array), static_batch)
             ]
             return torch.from_numpy(np.concatenate(chunks))
-        return torch.from_numpy(runner.run(array)[0])
+        return torch.from_numpy(runner.infer(array)[0])
 
-    return Predictor(predict, layout)
+    return Predictor(predict, layout, release=runner.deactivate)
 
 
 def val_dataset(config: DataConfig, imgsz: int) -> YoloDataset:

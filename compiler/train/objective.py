@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from yoloprune.compiler.train.loss import YoloV5Loss
-from yoloprune.graphs.ultralytics_family import head_branches, is_ultralytics_model
+from yoloprune.graphs.errors import ModelError
+from yoloprune.graphs.family import family_of
+from yoloprune.graphs.ultralytics_family import head_branches
 
 # ultralytics' default.yaml gains for the anchor-free loss.
 ANCHOR_FREE_GAINS = {"box": 7.5, "cls": 0.5, "dfl": 1.5}
@@ -109,7 +111,15 @@ class AnchorFreeObjective:
             self.criterion.update()
 
 
+# The training objective of each model family (graphs.family), by family name.
+OBJECTIVES = {
+    "yolov5": lambda model, imgsz, epochs: YoloV5Objective(model, imgsz),
+    "ultralytics": lambda model, imgsz, epochs: AnchorFreeObjective(model, epochs),
+}
+
+
 def objective_for(model: nn.Module, imgsz: int, epochs: int):
-    if is_ultralytics_model(model):
-        return AnchorFreeObjective(model, epochs)
-    return YoloV5Objective(model, imgsz)
+    family = family_of(model).name
+    if family not in OBJECTIVES:
+        raise ModelError(f"no training objective for {family} models yet")
+    return OBJECTIVES[family](model, imgsz, epochs)

@@ -54,9 +54,8 @@ def test_onnx_and_pytorch_map_agree(embedded, shapes, tmp_path):
     path = export_onnx(pruned, tmp_path / "p.onnx", 256)
     dataset = val_dataset(shapes, 256)
     by_torch = evaluate(torch_predictor(pruned), dataset, shapes.names, progress=False)
-    by_onnx = evaluate(
-        onnx_predictor(path), dataset, shapes.names, runtime="onnxruntime", progress=False
-    )
+    with onnx_predictor(path) as predict:
+        by_onnx = evaluate(predict, dataset, shapes.names, runtime="onnxruntime", progress=False)
     assert by_torch.map50_95 > 0.05  # a real detector, so agreement means something
     assert abs(by_torch.map50_95 - by_onnx.map50_95) <= 0.002
     assert abs(by_torch.map50 - by_onnx.map50) <= 0.002

@@ -396,5 +396,9 @@ def test_a_garbage_onnx_file_is_one_line_in_every_command(tmp_path, tiny_yaml, c
     refused(capsys, ["bench", garbage], "not a readable ONNX model")
     refused(capsys, ["bench", garbage, "--imgsz", "64"], "ONNX Runtime cannot load it")
     refused(capsys, ["eval", tiny_yaml, "--data", data, "--onnx", garbage], "not a readable ONNX")
+    refused(capsys, ["build", garbage], "not a readable ONNX file")
     (tmp_path / "report.json").write_text('{"model": 3}')
-    refused(capsys, ["build", garbage], "not a compile report")
+    real = tmp_path / "real.onnx"
+    assert main(["export", str(tiny_yaml), "--out", str(real), "--imgsz", "64"]) == 0
+    capsys.readouterr()
+    refused(capsys, ["build", real], "not a compile report")

@@ -83,7 +83,7 @@ def test_tensorrt_runtime_without_tensorrt_is_a_clear_error(two_models, capsys):
 def test_settings_defaults():
     assert BenchSettings(runtime="torch").resolved_precision() == "fp16"
     assert BenchSettings(runtime="torch", device="cpu").resolved_precision() == "fp32"
-    assert BenchSettings(runtime="tensorrt").resolved_precision() == "fp16"
+    assert BenchSettings(runtime="tensorrt").resolved_precision() == "fp32"  # must be the ONNX's
     with pytest.raises(YoloPruneError, match="--runtime"):
         BenchSettings(runtime="openvino")
 

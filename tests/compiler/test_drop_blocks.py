@@ -18,8 +18,7 @@ from yoloprune.compiler.latency_planner import (
     conv_geometry,
     latency_counts,
 )
-from yoloprune.compiler.pipeline import CompileOptions, mac_counter, plan_for
-from yoloprune.compiler.planner import Constraints, Target
+from yoloprune.compiler.pipeline import CompileOptions, mac_counter, plan_for, plan_request
 from yoloprune.compiler.score import score_groups
 from yoloprune.graphs.blocks import droppable_blocks, dropped_blocks, hidden_group
 from yoloprune.graphs.checkpoint import load_model, save_pruned
@@ -70,9 +69,9 @@ def test_knapsack_drops_blocks_only_where_allowed(prepared, macs_model):
 
 def dropping_plan(prepared, macs_model) -> PruningPlan:
     droppable = droppable_blocks(prepared.model, prepared.groups)
-    scores, counter, (counts, _) = deep_counts(prepared, macs_model, droppable)
-    target, constraints = Target("macs", 0.10), Constraints(drop_blocks=True)
-    return _counts_plan(prepared, scores, counts, counter, target, constraints, "l2", 0, droppable)
+    _, _, (counts, _) = deep_counts(prepared, macs_model, droppable)
+    options = CompileOptions("tiny.yaml", macs=0.10, latency_aware=True, drop_blocks=True)
+    return _counts_plan(plan_request(prepared, options), counts, droppable)
 
 
 def test_exact_surgery_with_blocks_dropped(prepared, macs_model):

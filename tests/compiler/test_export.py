@@ -43,9 +43,10 @@ def test_static_export_names_shapes_and_parity(tmp_path, pruned):
 
 def test_dynamic_batch_export(tmp_path, pruned):
     path = export_onnx(pruned, tmp_path / "d.onnx", 64, dynamic=True)
-    runner = OrtRunner(path, threads=1)
     x = torch.rand(3, 3, 64, 64)
-    (out,) = runner.run(x.numpy())
+    with OrtRunner(path, threads=1) as runner:
+        assert not isinstance(runner.input_shape()[0], int)  # the batch axis is dynamic
+        (out,) = runner.infer(x.numpy())
     exported = pruned.eval()
     exported.detect.export = True
     try:

@@ -1,3 +1,4 @@
+import dataclasses
 import random
 
 import pytest
@@ -9,10 +10,17 @@ from yoloprune.compiler.latency_planner import (
     LatencySettings,
     conv_geometry,
     latency_counts,
-    plan_latency,
 )
-from yoloprune.compiler.pipeline import CompileOptions, Prepared, mac_counter, plan_for, prepare
-from yoloprune.compiler.planner import Constraints, Target
+from yoloprune.compiler.pipeline import (
+    CompileOptions,
+    Prepared,
+    mac_counter,
+    plan_for,
+    plan_request,
+    prepare,
+)
+from yoloprune.compiler.planner import Target
+from yoloprune.compiler.planners import PLANNERS, run_planner
 from yoloprune.compiler.score import score_groups
 from yoloprune.graphs.dependency import build_graph, channel_groups, conv_channels
 from yoloprune.graphs.errors import PlanError
@@ -111,13 +119,12 @@ def test_closed_loop_meets_the_budget_on_ort_cpu(tmp_path):
     """On the real runtime (ONNX Runtime CPU, one thread): the plan's measured latency lands
     within 10% of the goal, and the pruned model is measured faster than the original."""
     p = randomized_tiny(tmp_path, 160)
-    scores = score_groups(p.model, p.graph, p.groups, "l2")
     settings = LatencySettings(
         runtime="ort", threads=1, table=tmp_path / "table.json", grid=(0.5, 1.0), runs=25
     )
-    plan = plan_latency(
-        p, scores, mac_counter(p), Target("speedup", 1.3), Constraints(), "l2", 0, settings
-    )
+    options = CompileOptions("tiny.yaml", speedup=1.3, threads=1)
+    request = dataclasses.replace(plan_request(p, options), latency=settings)
+    plan = run_planner(request, "latency")
     lat = plan.latency
     assert plan.allocation == "latency" and plan.target == {"kind": "speedup", "value": 1.3}
     assert lat["measured_speedup"] == pytest.approx(1.3, rel=0.10)
@@ -269,3 +276,26 @@ def test_latency_aware_plans_keep_split_halves_tied_and_meet_the_macs_target(tmp
             ties.setdefault(g.tie, set()).add(counts[g.id])
     assert ties and all(len(kept) == 1 for kept in ties.values())
     assert any(counts[g.id] < g.size for g in p.groups if g.tie)  # halves were pruned
+
+
+def test_the_latency_planner_times_plans_only_through_its_measure_callable(tmp_path):
+    """The planner never runs a runtime itself: a stand-in measure whose 'latency' is the
+    plan's MACs drives the closed loop, and every round it reports is that measure's."""
+    p = randomized_tiny(tmp_path, IMGSZ)
+    counter = mac_counter(p)
+    full_macs, asked = counter.macs(), []
+
+    def measure(plans):
+        asked.append(sorted(plans))
+        return {k: 10.0 * (v.macs_ratio if v else 1.0) for k, v in plans.items()}
+
+    table = tmp_path / "t.json"
+    options = CompileOptions("tiny.yaml", speedup=1.2, threads=1, latency_table=table)
+    request = dataclasses.replace(plan_request(p, options), measure=measure)
+    plan = run_planner(request, "latency")
+    assert asked[0] == ["base"] and all(a == ["base", "pruned"] for a in asked[1:])
+    lat = plan.latency
+    assert lat["baseline_ms"] == 10.0 and len(lat["rounds"]) == len(asked) - 1
+    assert lat["measured_ms"] == pytest.approx(10.0 * plan.macs_ratio)
+    assert plan.macs_before == full_macs
+    assert set(PLANNERS) >= {"uniform", "global", "latency", "latency-aware", "unstructured"}

@@ -195,10 +195,9 @@ def test_guard_leaves_a_body_under_its_limits_alone():
         raise KeyboardInterrupt
 
 
-def test_split_halves_are_tied_and_a_whole_member_keeps_its_tie_whole(monkeypatch):
+def test_split_halves_are_tied_and_a_whole_member_keeps_its_tie_whole():
     """Halves of split blocks keep equal counts; where one half cannot be pruned, its partner
     is kept whole, and so is every group tied to that partner through another block."""
-    from yoloprune.graphs import ultralytics_family
     from yoloprune.graphs.dependency import ChannelGroup, Member, tie_split_halves
 
     def group(name, protected=False):
@@ -206,13 +205,11 @@ def test_split_halves_are_tied_and_a_whole_member_keeps_its_tie_whole(monkeypatc
 
     groups = [group("a"), group("b"), group("c"), group("d"), group("e", protected=True)]
     halves = [("blk1", "C3k2", ("a", "b")), ("blk2", "C2PSA", ("d", "e"))]
-    monkeypatch.setattr(ultralytics_family, "split_halves", lambda model: halves)
-    tied = {g.id: g for g in tie_split_halves(None, groups)}
+    tied = {g.id: g for g in tie_split_halves(halves, groups)}
     assert tied["a"].tie == tied["b"].tie == "blk1" and not tied["a"].protected
     assert tied["d"].protected and "needs equal halves" in tied["d"].reason
     assert not tied["c"].protected and tied["c"].tie == ""
     chained = [*halves, ("blk3", "C3k2", ("b", "d"))]  # b is also a half of d's block
-    monkeypatch.setattr(ultralytics_family, "split_halves", lambda model: chained)
-    tied = {g.id: g for g in tie_split_halves(None, groups)}
+    tied = {g.id: g for g in tie_split_halves(chained, groups)}
     assert all(tied[n].protected for n in "abd")  # d is whole, so b, so a
     assert not tied["c"].protected

@@ -16,9 +16,12 @@ def test_cpu_runner_reproduces_the_model(tiny_model):
     reference = copy.deepcopy(tiny_model).to(memory_format=torch.channels_last)
     with torch.no_grad():
         want = reference(images)[0]
-    assert torch.equal(runner.run(images), want)
-    timing = runner.time(runs=3, warmup=1)
+    with runner:
+        assert torch.equal(runner.infer(images), want)
+        timing = runner.time(runs=3, warmup=1)
     assert timing.runs == 3 and timing.median_ms > 0
+    assert runner.model is None and runner.images is None  # released on exit
+    assert runner.time(runs=2, warmup=0).runs == 2 and not runner.is_active  # time() alone
 
 
 def test_fp16_and_graphs_need_cuda():
@@ -42,11 +45,11 @@ def test_cuda_fp16_runner_matches_fp32(tiny_model, cuda_graph):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU here")
     settings = TorchSettings(device="cuda", precision="fp16", cuda_graph=cuda_graph)
-    runner = TorchRunner(tiny_model, 2, 64, settings)
+    runner = TorchRunner(tiny_model, 2, 64, settings).activate()
     images = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         want = tiny_model(images)[0]
-    got = runner.run(images.cuda().half()).float().cpu()
+    got = runner.infer(images.cuda().half()).float().cpu()
     # fp16: scores to ~1e-2, boxes (pixels) to ~0.5 px
     torch.testing.assert_close(got[..., 4:], want[..., 4:], rtol=0, atol=2e-2)
     torch.testing.assert_close(got[..., :4], want[..., :4], rtol=1e-2, atol=0.5)

@@ -132,3 +132,24 @@ def test_evaluator_equals_pycocotools(dataset, jitter, drop):
     assert 0 < metrics.map50_95 < 1
     assert set(metrics.per_class) == {"p", "q"}
     assert np.mean(list(metrics.per_class.values())) == pytest.approx(metrics.map50_95, abs=1e-9)
+
+
+def test_onnx_predictor_feeds_a_static_batch_in_chunks_and_releases_its_session(
+    tmp_path, tiny_model
+):
+    from yoloprune.compiler.evaluation.evaluate import onnx_predictor
+    from yoloprune.compiler.export import export_onnx
+    from yoloprune.kernels.runner import RunnerStateError
+
+    path = export_onnx(tiny_model, tmp_path / "m.onnx", 64)  # static batch 1
+    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with onnx_predictor(path, threads=1) as predict:
+        assert predict.layout == "yolov5"
+        out = predict(images)
+        with torch.no_grad():
+            want = tiny_model(images)[0]
+    assert out.shape == (3, 252, 8)
+    torch.testing.assert_close(out[..., 4:], want[..., 4:], rtol=0, atol=1e-4)
+    with pytest.raises(RunnerStateError, match="not active"):
+        predict(images)  # closed on leaving the with
+    predict.close()  # closing again does nothing

@@ -1,0 +1,269 @@
+"""Options: a compile's flags validated once, then resolved into the settings each pass takes
+(Target, Constraints, GroupingLimits, the planner and importance by name, LatencySettings,
+TrainSettings), with every default in this file. Nothing downstream reads a raw flag or
+substitutes a default of its own: every value is honoured or refused here, before any work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from yoloprune.compiler.export import DEFAULT_PARITY_TOLERANCE
+from yoloprune.compiler.latency_planner import LatencySettings
+from yoloprune.compiler.planner import Constraints, Target
+from yoloprune.compiler.score import IMPORTANCES
+from yoloprune.compiler.train.finetune import TrainSettings
+from yoloprune.graphs.checkpoint import MAX_IMGSZ, MIN_IMGSZ
+from yoloprune.graphs.dependency import GroupingLimits
+from yoloprune.graphs.errors import PlanError
+
+DEFAULT_MACS = 0.5
+DEFAULT_IMPORTANCE = "l2"
+DEFAULT_OUT = Path("runs/compile")
+DEFAULT_LATENCY_RUNTIME = "ort"
+DEFAULT_BENCH_RUNS = 20
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """Every field None means "the library default"."""
+
+    model: str
+    imgsz: int | None = None
+    ratio: float | None = None
+    macs: float | None = None
+    importance: str | None = None
+    global_allocation: bool = False
+    latency_aware: bool = False  # --macs allocated by importance per millisecond saved
+    round_to: int | None = None
+    max_ratio: float | None = None
+    drop_blocks: bool = False  # latency-aware: residual blocks may be removed whole
+    out: Path | None = None
+    bench: bool = True
+    dynamic: bool = False
+    simplify: bool = True
+    plan: Path | None = None
+    parity_tolerance: float | None = None
+    threads: int | None = None
+    spinning: bool = False  # ONNX Runtime intra-op thread spinning when timing (see kernels.ort)
+    bench_runs: int | None = None
+    seed: int = 0
+    method: str = "structured"
+    data: Path | None = None
+    epochs: int | None = None
+    batch: int | None = None
+    distill: float | None = None
+    optimizer: str | None = None
+    lr0: float | None = None
+    recalibrate: bool = True  # with --data: re-estimate BatchNorm statistics after pruning
+    steps: int | None = None  # iterative mode: prune in this many steps, fine-tuning between
+    speedup: float | None = None  # latency-aware: measured baseline / pruned latency
+    latency_ms: float | None = None  # latency-aware: a budget in milliseconds
+    latency_runtime: str | None = None  # the runtime the latency table is measured on (ort)
+    latency_table: Path | None = None  # the table file (default: per-device cache)
+    export_mode: str | None = None  # raw | end2end (default: end2end where the head has it)
+    group_seconds: float | None = None  # guard on tracing/group building
+    group_memory_gib: float | None = None
+    # ultralytics: let split blocks' halves differ (the pruned file then needs yoloprune)
+    allow_custom_modules: bool = False
+
+    def __post_init__(self) -> None:
+        """Every value is honoured or refused here, before any work (never replaced)."""
+        for name, low, high in _INT_RANGES:
+            value = getattr(self, name)
+            if value is not None and (type(value) is not int or not low <= value <= high):
+                raise PlanError(f"--{_flag(name)} {value}: must be an integer in [{low}, {high}]")
+        for name, low, high, open_low in _FLOAT_RANGES:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not (isinstance(value, int | float) and math.isfinite(value)) or not (
+                (low < value if open_low else low <= value) and value <= high
+            ):
+                bound = "(" if open_low else "["
+                shown = f"{value:g}" if isinstance(value, int | float) else repr(value)
+                raise PlanError(f"--{_flag(name)} {shown}: must be in {bound}{low:g}, {high:g}]")
+        for name, choices in _CHOICES:
+            value = getattr(self, name)
+            if value is not None and value not in choices:
+                raise PlanError(f"--{_flag(name)} {value}: use one of {', '.join(choices)}")
+        if self.latency_runtime == "torch":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise PlanError(
+                    "--latency-runtime torch measures on a CUDA GPU and none is available here: "
+                    "use --latency-runtime ort (ONNX Runtime CPU) or run on a GPU machine"
+                )
+        self._check_paths()
+        self.settings  # noqa: B018  (resolving refuses combinations that select nothing)
+
+    @cached_property
+    def settings(self) -> CompileSettings:
+        """The options resolved, defaults applied (computed once)."""
+        target = self.target()
+        if self.steps is not None and self.steps > 1:
+            if self.method != "structured" or self.plan is not None:
+                raise PlanError(
+                    "--steps works with structured planning only (no --plan, no unstructured)"
+                )
+            if target.latency:
+                raise PlanError("--steps takes --macs or --ratio; latency targets plan in one step")
+        importance = DEFAULT_IMPORTANCE if self.importance is None else self.importance
+        if importance == "taylor" and self.data is None and self.plan is None:
+            raise PlanError(
+                "--importance taylor needs --data data.yaml (it scores channels by the "
+                "detection loss's gradients on training images)"
+            )
+        planner = "replay" if self.plan is not None else planner_name(self, target)
+        latency = None
+        if planner in ("latency", "latency-aware"):
+            runtime = self.latency_runtime
+            latency = LatencySettings(
+                runtime=DEFAULT_LATENCY_RUNTIME if runtime is None else runtime,
+                threads=self.threads,
+                spinning=self.spinning,
+                table=self.latency_table,
+            )
+        return CompileSettings(
+            target=target,
+            constraints=self.constraints(),
+            grouping=self.grouping_limits(),
+            planner=planner,
+            importance=importance,
+            latency=latency,
+            train=_train_settings(self),
+            out=DEFAULT_OUT if self.out is None else Path(self.out),
+            bench_runs=DEFAULT_BENCH_RUNS if self.bench_runs is None else self.bench_runs,
+            parity_tolerance=(
+                DEFAULT_PARITY_TOLERANCE if self.parity_tolerance is None else self.parity_tolerance
+            ),
+        )
+
+    def _check_paths(self) -> None:
+        if self.out is not None and Path(self.out).exists() and not Path(self.out).is_dir():
+            raise PlanError(f"--out {self.out}: is a file; OUT must be a folder (new or existing)")
+        if self.plan is not None and not Path(self.plan).is_file():
+            raise PlanError(f"--plan {self.plan}: plan file not found; write one with `plan`")
+        if self.latency_table is not None and Path(self.latency_table).is_dir():
+            raise PlanError(
+                f"--latency-table {self.latency_table}: is a folder; give a JSON file path "
+                "(it is created if missing)"
+            )
+
+    def target(self) -> Target:
+        given = [
+            (kind, value)
+            for kind, value in (
+                ("ratio", self.ratio),
+                ("macs", self.macs),
+                ("speedup", self.speedup),
+                ("latency_ms", self.latency_ms),
+            )
+            if value is not None
+        ]
+        if len(given) > 1:
+            names = " and ".join("--" + k.replace("_", "-") for k, _ in given)
+            raise PlanError(f"give one target, not {names}")
+        if given:
+            return Target(*given[0])
+        return Target("macs", DEFAULT_MACS)
+
+    def grouping_limits(self) -> GroupingLimits:
+        defaults = GroupingLimits()
+        return GroupingLimits(
+            defaults.seconds if self.group_seconds is None else self.group_seconds,
+            defaults.memory_gib if self.group_memory_gib is None else self.group_memory_gib,
+        )
+
+    def constraints(self) -> Constraints:
+        defaults = Constraints()
+        return Constraints(
+            round_to=defaults.round_to if self.round_to is None else self.round_to,
+            max_ratio=defaults.max_ratio if self.max_ratio is None else self.max_ratio,
+            drop_blocks=self.drop_blocks,
+        )
+
+
+# (field, lowest, highest) of the integer options; floats add whether the low end is open.
+_INT_RANGES = (
+    ("imgsz", MIN_IMGSZ, MAX_IMGSZ),
+    ("threads", 1, 1024),
+    ("bench_runs", 1, 100_000),
+    ("epochs", 0, 10_000),
+    ("batch", 1, 4096),
+    ("steps", 1, 100),
+)
+_FLOAT_RANGES = (
+    ("parity_tolerance", 0.0, 1e6, True),
+    ("distill", 0.0, 1e6, False),
+    ("lr0", 0.0, 10.0, True),
+    ("group_seconds", 0.0, 86_400.0, True),
+    ("group_memory_gib", 0.0, 1024.0, True),
+)
+_CHOICES = (
+    ("importance", tuple(IMPORTANCES)),
+    ("method", ("structured", "unstructured")),
+    ("latency_runtime", ("ort", "torch")),
+    ("export_mode", ("raw", "end2end")),
+    ("optimizer", ("sgd", "adamw")),
+)
+
+
+def _flag(name: str) -> str:
+    return {"parity_tolerance": "parity-tol"}.get(name, name.replace("_", "-"))
+
+
+@dataclass(frozen=True)
+class CompileSettings:
+    """A compile's options resolved: what each pass takes, every default applied."""
+
+    target: Target
+    constraints: Constraints
+    grouping: GroupingLimits
+    planner: str  # a name in compiler.planners.PLANNERS, or "replay" (--plan)
+    importance: str  # a name in compiler.score.IMPORTANCES
+    latency: LatencySettings | None  # latency-aware planners only
+    train: TrainSettings | None  # fine-tuning (--data with --epochs); imgsz set at load
+    out: Path
+    bench_runs: int
+    parity_tolerance: float
+
+
+def planner_name(options: CompileOptions, target: Target) -> str:
+    """The registered planner the flags select, or a one-line error for a combination that
+    selects none."""
+    if options.method == "unstructured":
+        if options.ratio is None or options.macs is not None or target.latency:
+            raise PlanError(
+                "--method unstructured takes --ratio (the fraction of weights zeroed, "
+                "e.g. 0.3), not --macs"
+            )
+        return "unstructured"
+    if options.drop_blocks and not (target.latency or options.latency_aware):
+        raise PlanError(
+            "--drop-blocks needs a latency-aware plan: --speedup, --latency-ms, or --macs with "
+            "--latency-aware (blocks are removed where that saves the most time)"
+        )
+    if target.latency:
+        return "latency"
+    if options.latency_aware:
+        if target.kind != "macs" or options.global_allocation:
+            raise PlanError("--latency-aware plans a --macs target (without --global)")
+        return "latency-aware"
+    return "global" if options.global_allocation else "uniform"
+
+
+def _train_settings(options: CompileOptions) -> TrainSettings | None:
+    if not options.epochs:
+        return None
+    changes = {
+        k: getattr(options, k)
+        for k in ("epochs", "batch", "distill", "optimizer", "lr0")
+        if getattr(options, k) is not None
+    }
+    return dataclasses.replace(TrainSettings(), **changes)

@@ -1,0 +1,87 @@
+"""Options are validated and resolved once, into the settings each pass takes."""
+
+from pathlib import Path
+
+import pytest
+
+from yoloprune.compiler.options import CompileOptions
+from yoloprune.compiler.planner import Constraints, Target
+from yoloprune.compiler.planners import PLANNERS
+from yoloprune.graphs.dependency import GroupingLimits
+from yoloprune.graphs.errors import PlanError
+
+
+def test_defaults_resolve_in_one_place():
+    settings = CompileOptions("m.yaml").settings
+    assert settings.target == Target("macs", 0.5)
+    assert settings.constraints == Constraints(round_to=8, max_ratio=0.8, drop_blocks=False)
+    assert settings.grouping == GroupingLimits()
+    assert (settings.planner, settings.importance) == ("uniform", "l2")
+    assert settings.latency is None and settings.train is None
+    assert settings.out == Path("runs/compile") and settings.bench_runs == 20
+    assert settings.parity_tolerance == 1e-3
+
+
+def test_given_values_are_honoured_not_replaced():
+    options = CompileOptions(
+        "m.yaml",
+        ratio=0.3,
+        round_to=16,
+        max_ratio=0.6,
+        group_seconds=5.0,
+        bench_runs=3,
+        parity_tolerance=0.01,
+        out=Path("x"),
+        data=Path("d.yaml"),
+        epochs=3,
+        lr0=0.002,
+        optimizer="adamw",
+        distill=0.0,
+    )
+    s = options.settings
+    assert s.target == Target("ratio", 0.3) and s.constraints.round_to == 16
+    assert s.constraints.max_ratio == 0.6 and s.grouping.seconds == 5.0
+    assert s.bench_runs == 3 and s.parity_tolerance == 0.01 and s.out == Path("x")
+    train = s.train
+    assert (train.epochs, train.lr0, train.optimizer, train.distill) == (3, 0.002, "adamw", 0.0)
+    assert train.batch == 16  # not given: the trainer's default
+    assert options.settings is s  # resolved once
+
+
+@pytest.mark.parametrize(
+    ("changes", "planner"),
+    [
+        ({"macs": 0.6}, "uniform"),
+        ({"macs": 0.6, "global_allocation": True}, "global"),
+        ({"macs": 0.6, "latency_aware": True}, "latency-aware"),
+        ({"macs": 0.6, "latency_aware": True, "drop_blocks": True}, "latency-aware"),
+        ({"speedup": 2.0}, "latency"),
+        ({"latency_ms": 30.0}, "latency"),
+        ({"ratio": 0.3, "method": "unstructured"}, "unstructured"),
+    ],
+)
+def test_flags_select_a_registered_planner(changes, planner):
+    settings = CompileOptions("m.yaml", threads=1, **changes).settings
+    assert settings.planner == planner and planner in PLANNERS
+    latency = planner.startswith("latency")
+    assert (settings.latency is not None) == latency
+    if latency:
+        assert settings.latency.runtime == "ort" and settings.latency.threads == 1
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"macs": 0.5, "drop_blocks": True}, "--drop-blocks needs a latency-aware plan"),
+        ({"ratio": 0.3, "latency_aware": True}, "--latency-aware plans a --macs target"),
+        ({"macs": 0.5, "latency_aware": True, "global_allocation": True}, "without --global"),
+        ({"macs": 0.5, "method": "unstructured"}, "--method unstructured takes --ratio"),
+        ({"importance": "taylor"}, "--importance taylor needs --data"),
+        ({"speedup": 2.0, "steps": 2}, "--steps takes --macs or --ratio"),
+        ({"ratio": 0.3, "method": "unstructured", "steps": 2}, "structured planning only"),
+        ({"macs": 0.5, "ratio": 0.3}, "give one target"),
+    ],
+)
+def test_combinations_that_select_nothing_are_refused_before_any_work(changes, message):
+    with pytest.raises(PlanError, match=message):
+        CompileOptions("m.yaml", **changes)

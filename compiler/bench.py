@@ -41,7 +41,10 @@ class BenchSettings:
         if self.batch < 1 or self.runs < 1 or self.warmup < 0:
             raise YoloPruneError("--batch and --runs must be positive, --warmup non-negative")
         if self.runtime == "ort" and self.precision not in (None, "fp32"):
-            raise YoloPruneError("ONNX Runtime CPU benchmarks run fp32: drop --precision")
+            raise YoloPruneError(
+                "ONNX Runtime runs each ONNX file at its own precision (an X.fp16.onnx at "
+                "fp16): drop --precision and pass the file"
+            )
 
     def resolved_precision(self) -> str:
         if self.precision:
@@ -164,6 +167,16 @@ def time_models(models: dict, settings: BenchSettings, imgsz: int) -> dict:
     return _time_sources(models, settings, imgsz)[0]
 
 
+def _precision_of(spec: str, settings: BenchSettings) -> str:
+    """What a model ran at: an ONNX file's own precision on ONNX Runtime (which runs fp16 and
+    Q/DQ files as they are), else the runtime's setting."""
+    if settings.runtime == "ort" and spec.endswith(".onnx"):
+        from yoloprune.kernels.tensorrt import onnx_properties
+
+        return onnx_properties(Path(spec)).get("precision", "fp32")
+    return settings.resolved_precision()
+
+
 def bench(models: list[str], settings: BenchSettings) -> dict:
     """Time every model A B A B ...; ratios are against the first."""
     from yoloprune.kernels.ort import machine_info
@@ -180,6 +193,7 @@ def bench(models: list[str], settings: BenchSettings) -> dict:
     rows = [
         {
             "model": key.split(":", 1)[1],
+            "precision": _precision_of(key.split(":", 1)[1], settings),
             **timing.to_dict(),
             "ratio": timing.median_ms / first,
             "images_per_s": settings.batch * 1e3 / timing.median_ms,
@@ -191,10 +205,11 @@ def bench(models: list[str], settings: BenchSettings) -> dict:
         from yoloprune.kernels.torch_runtime import gpu_info
 
         machine.update(gpu_info())
+    precisions = sorted({row["precision"] for row in rows})
     return {
         "runtime": settings.runtime,
         "device": settings.resolved_device(),
-        "precision": settings.resolved_precision(),
+        "precision": precisions[0] if len(precisions) == 1 else "per row",
         "batch": settings.batch,
         "imgsz": imgsz,
         "runs": settings.runs,

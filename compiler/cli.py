@@ -187,6 +187,17 @@ def _custom_modules_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _precision_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "fp16"],
+        default=None,
+        help="also write the model at this precision beside the fp32 ONNX (X.fp16.onnx: fp16 "
+        "weights and activations, fp32 inputs and outputs), parity checked at its own "
+        "tolerance (fp16: 1e-2); TensorRT builds take the precision from the file",
+    )
+
+
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--precision",
@@ -245,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="replay a plan JSON (from `plan` or an earlier compile) instead of planning",
     )
     c.add_argument("--out", type=Path, default=None, help="output folder (default runs/compile)")
+    _precision_arg(c)
     c.add_argument(
         "--no-bench", dest="bench", action="store_false", help="skip the latency measurement"
     )
@@ -433,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="max allowed ORT-vs-PyTorch difference (default 1e-3)",
     )
     x.add_argument("--threads", type=int_in(1, 1024), default=None)
+    _precision_arg(x)
 
     pl = sub.add_parser("plan", help="write a pruning plan JSON without applying it")
     _model_args(pl)
@@ -468,6 +481,11 @@ def cmd_compile(args) -> int:
             f"({latency['ratio']:.3f})"
         )
     print(f"parity {report['parity']['max_abs_diff']:.2e} <= {report['parity']['tolerance']:g}")
+    for precision, lowered in report.get("precisions", {}).items():
+        print(
+            f"{precision}: {lowered['file']}, parity {lowered['parity']['max_abs_diff']:.2e} <= "
+            f"{lowered['parity']['tolerance']:g}"
+        )
     accuracy = report.get("accuracy", {}).get("map50_95", {})
     for stage, value in accuracy.items():
         print(f"mAP@.5:.95 {stage:<10} {value:.4f}")
@@ -564,6 +582,14 @@ def cmd_export(args) -> int:
         f"{info.family} model at {imgsz} px, {mode} output; parity "
         f"{parity.max_abs_diff:.2e} <= {parity.tolerance:g}; wrote {out}"
     )
+    if args.precision not in (None, "fp32"):
+        from yoloprune.compiler.precision import lower_checked
+
+        lowered, parity = lower_checked(model, out, imgsz, args.precision, threads=args.threads)
+        print(
+            f"{args.precision}: parity {parity.max_abs_diff:.2e} <= {parity.tolerance:g}; "
+            f"wrote {lowered}"
+        )
     return 0
 
 

@@ -112,6 +112,7 @@ def onnx_metadata(model: nn.Module, imgsz: int, mode: str, names=None, dynamic=F
     return {
         **meta,
         "producer": "yoloprune",
+        "precision": "fp32",  # lowered copies (compiler.precision) say theirs
         "export_mode": mode,
         "layout": output_layout(model, mode),
     }

@@ -15,6 +15,7 @@ from pathlib import Path
 from yoloprune.compiler.export import DEFAULT_PARITY_TOLERANCE
 from yoloprune.compiler.latency_planner import LatencySettings
 from yoloprune.compiler.planner import Constraints, Target
+from yoloprune.compiler.precision import PRECISIONS
 from yoloprune.compiler.score import IMPORTANCES
 from yoloprune.compiler.train.finetune import TrainSettings
 from yoloprune.graphs.checkpoint import MAX_IMGSZ, MIN_IMGSZ
@@ -70,6 +71,7 @@ class CompileOptions:
     group_memory_gib: float | None = None
     # ultralytics: let split blocks' halves differ (the pruned file then needs yoloprune)
     allow_custom_modules: bool = False
+    precision: str | None = None  # also lower the exported ONNX to this precision (fp16)
 
     def __post_init__(self) -> None:
         """Every value is honoured or refused here, before any work (never replaced)."""
@@ -211,6 +213,7 @@ _CHOICES = (
     ("latency_runtime", ("ort", "torch")),
     ("export_mode", ("raw", "end2end")),
     ("optimizer", ("sgd", "adamw")),
+    ("precision", PRECISIONS),
 )
 
 

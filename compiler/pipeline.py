@@ -379,6 +379,19 @@ def _parity_stage(job: Job) -> dict:
     return {"parity": parity}
 
 
+def _precision_stage(job: Job) -> dict:
+    """The exported file lowered to ``--precision`` beside it, parity checked at its tolerance."""
+    from yoloprune.compiler.precision import lower_checked
+
+    precision = job.options.precision
+    path, parity = lower_checked(
+        job["pruned"], job["onnx"], job["prepared"].imgsz, precision, threads=job.options.threads
+    )
+    job["paths"][f"onnx_{precision}"] = path
+    lowered = {"file": path.name, "onnx_bytes": path.stat().st_size, "parity": parity.to_dict()}
+    return {"precisions": {precision: lowered}}
+
+
 def _eval_onnx_stage(job: Job) -> dict:
     job.accuracy["onnx"] = _eval_onnx(job["onnx"], job["val"], job.data, job.options)
     return {}
@@ -411,6 +424,14 @@ def _report_stage(job: Job) -> dict:
         job.data,
         job.artifacts.get("recalibrated", 0),
     )
+    report["precisions"] = {
+        "fp32": {
+            "file": paths["onnx"].name,
+            "onnx_bytes": paths["onnx"].stat().st_size,
+            "parity": job["parity"].to_dict(),
+        },
+        **job.artifacts.get("precisions", {}),
+    }
     layout = output_layout(pruned, mode)
     report["export"] = {"mode": mode, "layout": layout, "output0": OUTPUT_LAYOUTS[layout]}
     family = prepared.info.family
@@ -492,6 +513,13 @@ STAGES: tuple[Stage, ...] = (
     Stage("save", _save_stage, requires=("plan", "pruned"), ensures=("plan", "paths")),
     Stage("export", _export_stage, requires=("pruned", "paths"), ensures=("onnx",)),
     Stage("parity", _parity_stage, requires=("pruned", "onnx"), ensures=("parity",)),
+    Stage(
+        "precision",
+        _precision_stage,
+        requires=("pruned", "onnx", "paths"),
+        ensures=("precisions",),
+        when=lambda options, data: options.precision not in (None, "fp32"),
+    ),
     Stage(
         "eval onnx",
         _eval_onnx_stage,

@@ -154,6 +154,7 @@ def render_markdown(report: dict) -> str:
         ),
         "",
     ]
+    lines += _precision_lines(report.get("precisions") or {})
     lines += _ultralytics_checkpoint_lines(
         (report.get("export") or {}).get("ultralytics_checkpoint")
     )
@@ -266,6 +267,23 @@ def plot_groups(report: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _precision_lines(precisions: dict) -> list[str]:
+    """One row per file the model was written at (the fp32 export and any lowered copy)."""
+    if len(precisions) < 2:
+        return []
+    lines = [
+        "| precision | file | MB | parity vs PyTorch fp32 (tolerance) |",
+        "|---|---|---:|---|",
+    ]
+    for name, entry in precisions.items():
+        parity = entry["parity"]
+        lines.append(
+            f"| {name} | {entry['file']} | {entry['onnx_bytes'] / 1e6:.1f} | "
+            f"{parity['max_abs_diff']:.2e} ({parity['tolerance']:g}) |"
+        )
+    return [*lines, ""]
 
 
 def _ultralytics_checkpoint_lines(saved: dict | None) -> list[str]:

@@ -59,7 +59,7 @@ def test_bench_cli_writes_json(tmp_path, two_models, capsys):
     "argv,message",
     [
         (["missing.onnx"], "file not found"),
-        (["m.yaml", "--runtime", "ort", "--precision", "fp16"], "run fp32"),
+        (["m.yaml", "--runtime", "ort", "--precision", "fp16"], "at its own precision"),
         (["m.yaml", "--batch", "0"], "argument --batch: 0 is not in [1, 4096]"),
     ],
 )

@@ -5,7 +5,10 @@ against PyTorch fp32 and its tolerance, mAP@.5:.95 and mAP@.5 of the ONNX file i
 synthetic val split. Then which ops fp16 must keep in fp32, by measurement: the converter's
 block list alone against keeping the exponentials, top-k or box decoding in fp32 as well.
 
-INT8 rows are not here yet: INT8 (explicit Q/DQ, ModelOpt) is not built (see README).
+INT8: post-training quantization with NVIDIA ModelOpt (max calibration on 256 training images,
+symmetric, per-channel weights, per-tensor activations, BatchNorm folded), explicit Q/DQ in the
+ONNX; its parity is against the fake-quantized PyTorch model on calibration images. QAT and the
+sensitivity pass are not built yet (README).
 
     python benchmarks/precision.py [--runs 30]
 Writes benchmarks/results/precision.{json,md,png}.
@@ -32,6 +35,7 @@ from yoloprune.compiler.evaluation.evaluate import evaluate, onnx_predictor, val
 from yoloprune.compiler.export import check_parity, export_onnx  # noqa: E402
 from yoloprune.compiler.pipeline import CompileOptions, prepare, prune_in_memory  # noqa: E402
 from yoloprune.compiler.precision import PARITY_TOLERANCES, lower_checked  # noqa: E402
+from yoloprune.compiler.quantize import Calibration  # noqa: E402
 from yoloprune.compiler.train.data import read_data_yaml  # noqa: E402
 from yoloprune.compiler.train.synthetic import SyntheticSpec, generate  # noqa: E402
 from yoloprune.graphs.files import atomic_path, write_text_atomic  # noqa: E402
@@ -66,9 +70,13 @@ def main() -> None:
         files = {}
         for i, (name, model) in enumerate(models.items()):
             fp32 = export_onnx(model, Path(tmp) / f"m{i}.onnx", imgsz)
-            fp16, parity16 = lower_checked(model, fp32, imgsz, "fp16")
+            fp16, parity16, _ = lower_checked(model, fp32, imgsz, "fp16")
+            int8, parity8, record8 = lower_checked(
+                model, fp32, imgsz, "int8", calibration=Calibration(data=data_yaml)
+            )
             parity32 = check_parity(model, fp32, imgsz)
-            for precision, path, parity in (("fp32", fp32, parity32), ("fp16", fp16, parity16)):
+            lowered = (("fp32", fp32, parity32), ("fp16", fp16, parity16), ("int8", int8, parity8))
+            for precision, path, parity in lowered:
                 key = f"{name} {precision}"
                 files[key] = path
                 with onnx_predictor(path) as predict:
@@ -76,6 +84,7 @@ def main() -> None:
                 rows[key] = {
                     "model": name,
                     "precision": precision,
+                    "quantization": record8 if precision == "int8" else None,
                     "onnx_bytes": path.stat().st_size,
                     "parity": parity.to_dict(),
                     "map50_95": metrics.map50_95,
@@ -96,6 +105,7 @@ def main() -> None:
         "pruning": "compile's default: uniform L2, MACs 0.5, round_to 8, BatchNorm recalibrated "
         "(20 x 32 train images), no fine-tune",
         "fp16_method": "onnxconverter-common float16 (keep_io_types), converter's op block list",
+        "int8_method": "PTQ, NVIDIA ModelOpt INT8_DEFAULT_CFG (max), 256 train images, BN folded",
         "tolerances": PARITY_TOLERANCES,
         "val_images": len(val),
         "machine": machine_info(),
@@ -153,12 +163,12 @@ def plot(result: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, row in result["rows"].items():
-        marker = "o" if row["precision"] == "fp32" else "s"
+        marker = {"fp32": "o", "fp16": "s", "int8": "^"}[row["precision"]]
         ax.scatter(row["latency_ms"]["median_ms"], row["map50_95"], marker=marker, s=50)
         ax.annotate(key, (row["latency_ms"]["median_ms"], row["map50_95"]), fontsize=7)
     ax.set_xlabel("ONNX Runtime CPU latency, batch 1 (median ms)")
     ax.set_ylabel("mAP@.5:.95 (synthetic val)")
-    ax.set_title(f"Embedded YOLOv5n at {result['imgsz']} px: fp32 vs fp16 ONNX")
+    ax.set_title(f"Embedded YOLOv5n at {result['imgsz']} px: fp32, fp16, int8 ONNX")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as temporary:
@@ -169,14 +179,16 @@ def plot(result: dict, path: Path) -> None:
 def render(result: dict, image: str) -> str:
     m = result["machine"]
     lines = [
-        "# Precision: fp32 and fp16 ONNX of the embedded YOLOv5n, unpruned and pruned",
+        "# Precision: fp32, fp16 and int8 ONNX of the embedded YOLOv5n, unpruned and pruned",
         "",
         f"{result['runtime']}, batch {result['batch']}, {result['imgsz']} px, "
         f"{m['cores_available']} threads, median of {result['runs']} runs, {result['order']}; "
         f"{machine_text(m)}, onnxruntime {m['onnxruntime']}. Pruning: {result['pruning']}. "
-        f"fp16: {result['fp16_method']}. mAP of each ONNX file on {result['val_images']} "
-        "synthetic val images (val.py conventions). Parity: ONNX Runtime vs the fp32 PyTorch "
-        "model on seeded noise (boxes relative to max(imgsz, |box|), scores absolute).",
+        f"fp16: {result['fp16_method']}. int8: {result['int8_method']} (parity against the "
+        "fake-quantized PyTorch model on calibration images). mAP of each ONNX file on "
+        f"{result['val_images']} synthetic val images (val.py conventions). Parity: ONNX "
+        "Runtime vs the fp32 PyTorch model on seeded noise (boxes relative to max(imgsz, "
+        "|box|), scores absolute).",
         "",
         "| model | precision | MB | median ms | mAP@.5:.95 | mAP@.5 | parity (tolerance) |",
         "|---|---|---:|---:|---:|---:|---|",

@@ -190,11 +190,24 @@ def _custom_modules_arg(p: argparse.ArgumentParser) -> None:
 def _precision_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--precision",
-        choices=["fp32", "fp16"],
+        choices=["fp32", "fp16", "int8"],
         default=None,
         help="also write the model at this precision beside the fp32 ONNX (X.fp16.onnx: fp16 "
-        "weights and activations, fp32 inputs and outputs), parity checked at its own "
-        "tolerance (fp16: 1e-2); TensorRT builds take the precision from the file",
+        "weights and activations, fp32 inputs and outputs; X.int8.onnx: explicit Q/DQ, PTQ "
+        "with NVIDIA ModelOpt), parity checked at its own tolerance; TensorRT builds take "
+        "the precision from the file",
+    )
+    p.add_argument(
+        "--calib-images",
+        type=Path,
+        default=None,
+        help="int8: a folder of calibration images (default: --data's train split; no labels)",
+    )
+    p.add_argument(
+        "--calib-count",
+        type=int_in(1, 100_000),
+        default=None,
+        help="int8: calibration images used, spread over the set (default 256)",
     )
 
 
@@ -445,6 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="max allowed ORT-vs-PyTorch difference (default 1e-3)",
     )
     x.add_argument("--threads", type=int_in(1, 1024), default=None)
+    x.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="data YAML: --precision int8 calibrates on its train split",
+    )
     _precision_arg(x)
 
     pl = sub.add_parser("plan", help="write a pruning plan JSON without applying it")
@@ -568,6 +587,7 @@ def cmd_export(args) -> int:
     except OSError as exc:
         raise YoloPruneError(f"--out {out}: cannot write there ({exc.strerror})") from exc
     tolerance = DEFAULT_PARITY_TOLERANCE if args.parity_tol is None else args.parity_tol
+    calibration = _calibration(args)
     parity = export_checked(
         model,
         out,
@@ -585,12 +605,33 @@ def cmd_export(args) -> int:
     if args.precision not in (None, "fp32"):
         from yoloprune.compiler.precision import lower_checked
 
-        lowered, parity = lower_checked(model, out, imgsz, args.precision, threads=args.threads)
+        lowered, parity, _ = lower_checked(
+            model,
+            out,
+            imgsz,
+            args.precision,
+            threads=args.threads,
+            calibration=calibration,
+            mode=mode,
+            dynamic=args.dynamic,
+        )
         print(
             f"{args.precision}: parity {parity.max_abs_diff:.2e} <= {parity.tolerance:g}; "
             f"wrote {lowered}"
         )
     return 0
+
+
+def _calibration(args):
+    """INT8 calibration images of the export command, checked before anything is written."""
+    if args.precision != "int8":
+        return None
+    from yoloprune.compiler.quantize import DEFAULT_CALIBRATION_IMAGES, Calibration
+
+    count = DEFAULT_CALIBRATION_IMAGES if args.calib_count is None else args.calib_count
+    calibration = Calibration(images=args.calib_images, data=args.data, count=count)
+    calibration.files()  # a missing or empty source is one line, before any file appears
+    return calibration
 
 
 def cmd_eval(args) -> int:

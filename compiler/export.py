@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -209,16 +209,24 @@ def check_parity(
     batch: int = 1,
     tolerance: float = DEFAULT_PARITY_TOLERANCE,
     threads: int | None = None,
+    images: torch.Tensor | None = None,
+    input_text: str | None = None,
 ) -> Parity:
-    """Run PyTorch and ONNX Runtime on the same fixed input and compare output0, in the
-    export mode the file records."""
+    """Run PyTorch and ONNX Runtime on the same fixed input (seeded noise unless ``images``,
+    described by ``input_text``) and compare output0, in the export mode the file records."""
     from yoloprune.kernels.ort import OrtRunner
 
-    generator = torch.Generator().manual_seed(0)
-    images = torch.rand(batch, 3, imgsz, imgsz, generator=generator)
+    if images is None:
+        generator = torch.Generator().manual_seed(0)
+        images = torch.rand(batch, 3, imgsz, imgsz, generator=generator)
     with OrtRunner(onnx_path, threads) as runner:
         mode = runner.metadata().get("export_mode", "raw")
-        actual = runner.infer(images.numpy())[0].astype(np.float64)
+        batch = runner.input_shape()[0]  # a static-batch file is fed a batch at a time
+        step = batch if isinstance(batch, int) else len(images)
+        chunks = [
+            runner.infer(images[i : i + step].numpy())[0] for i in range(0, len(images), step)
+        ]
+        actual = np.concatenate(chunks).astype(np.float64)
     layout = output_layout(model, export_mode(model, mode))
     with torch.no_grad():
         expected = (
@@ -228,12 +236,14 @@ def check_parity(
         raise ExportError(f"{onnx_path}: output0 shape {actual.shape} != PyTorch {expected.shape}")
     if layout == "end2end":
         worst, pixels = _end2end_diff(actual, expected, imgsz, tolerance)
-        return Parity(worst, pixels, tolerance, END2END_PARITY_METRIC)
-    actual, expected = _rows_last(actual, layout), _rows_last(expected, layout)
-    diff = np.abs(actual - expected)
-    pixels = float(diff[..., :4].max())
-    diff[..., :4] /= np.maximum(imgsz, np.abs(expected[..., :4]))
-    return Parity(float(diff.max()), pixels, tolerance)
+        parity = Parity(worst, pixels, tolerance, END2END_PARITY_METRIC)
+    else:
+        actual, expected = _rows_last(actual, layout), _rows_last(expected, layout)
+        diff = np.abs(actual - expected)
+        pixels = float(diff[..., :4].max())
+        diff[..., :4] /= np.maximum(imgsz, np.abs(expected[..., :4]))
+        parity = Parity(float(diff.max()), pixels, tolerance)
+    return parity if input_text is None else replace(parity, input=input_text)
 
 
 def _end2end_diff(actual, expected, imgsz: int, tolerance: float) -> tuple[float, float]:

@@ -71,7 +71,9 @@ class CompileOptions:
     group_memory_gib: float | None = None
     # ultralytics: let split blocks' halves differ (the pruned file then needs yoloprune)
     allow_custom_modules: bool = False
-    precision: str | None = None  # also lower the exported ONNX to this precision (fp16)
+    precision: str | None = None  # also lower the exported ONNX to this precision (fp16, int8)
+    calib_images: Path | None = None  # int8: a folder of calibration images (else --data's)
+    calib_count: int | None = None  # int8: at most this many calibration images
 
     def __post_init__(self) -> None:
         """Every value is honoured or refused here, before any work (never replaced)."""
@@ -121,6 +123,13 @@ class CompileOptions:
                 "--importance taylor needs --data data.yaml (it scores channels by the "
                 "detection loss's gradients on training images)"
             )
+        if self.precision == "int8" and self.data is None and self.calib_images is None:
+            raise PlanError(
+                "--precision int8 calibrates on images: pass --data data.yaml (its train split) "
+                "or --calib-images DIR (no labels needed)"
+            )
+        if self.calib_images is not None and not Path(self.calib_images).is_dir():
+            raise PlanError(f"--calib-images {self.calib_images}: not a folder of images")
         planner = "replay" if self.plan is not None else planner_name(self, target)
         latency = None
         if planner in ("latency", "latency-aware"):
@@ -199,6 +208,7 @@ _INT_RANGES = (
     ("epochs", 0, 10_000),
     ("batch", 1, 4096),
     ("steps", 1, 100),
+    ("calib_count", 1, 100_000),
 )
 _FLOAT_RANGES = (
     ("parity_tolerance", 0.0, 1e6, True),

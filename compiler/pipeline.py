@@ -383,13 +383,36 @@ def _precision_stage(job: Job) -> dict:
     """The exported file lowered to ``--precision`` beside it, parity checked at its tolerance."""
     from yoloprune.compiler.precision import lower_checked
 
-    precision = job.options.precision
-    path, parity = lower_checked(
-        job["pruned"], job["onnx"], job["prepared"].imgsz, precision, threads=job.options.threads
+    options = job.options
+    precision = options.precision
+    path, parity, record = lower_checked(
+        job["pruned"],
+        job["onnx"],
+        job["prepared"].imgsz,
+        precision,
+        threads=options.threads,
+        calibration=calibration_for(options),
+        mode=job["mode"],
+        dynamic=options.dynamic,
     )
     job["paths"][f"onnx_{precision}"] = path
-    lowered = {"file": path.name, "onnx_bytes": path.stat().st_size, "parity": parity.to_dict()}
+    lowered = {
+        "file": path.name,
+        "onnx_bytes": path.stat().st_size,
+        "parity": parity.to_dict(),
+        "quantization": record,
+    }
     return {"precisions": {precision: lowered}}
+
+
+def calibration_for(options: CompileOptions):
+    """INT8 calibration images: ``--calib-images`` or the data YAML's train split."""
+    from yoloprune.compiler.quantize import DEFAULT_CALIBRATION_IMAGES, Calibration
+
+    count = DEFAULT_CALIBRATION_IMAGES if options.calib_count is None else options.calib_count
+    if options.calib_images is not None:
+        return Calibration(images=options.calib_images, count=count)
+    return Calibration(data=options.data, count=count)
 
 
 def _eval_onnx_stage(job: Job) -> dict:

@@ -28,11 +28,16 @@ from yoloprune.compiler.export import DEFAULT_PARITY_TOLERANCE, Parity, check_pa
 from yoloprune.graphs.errors import ExportError, first_line
 from yoloprune.graphs.files import atomic_path, import_native
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 # Parity of a lowered file against the fp32 PyTorch model (same metric as export's: boxes
 # relative to max(imgsz, |box|), scores absolute). fp16 keeps ~3 decimal digits: the embedded
 # YOLOv5n measured 4e-4 (boxes) and 3.5e-3 (scores); 1e-2 leaves room for deeper models.
-PARITY_TOLERANCES = {"fp32": DEFAULT_PARITY_TOLERANCE, "fp16": 1e-2}
+# int8: ONNX Runtime's Q/DQ arithmetic against ModelOpt's fake-quantized PyTorch model, on
+# calibration images (not noise, which saturates calibrated ranges). Not bit-exact: an input
+# that lands on the other side of a rounding boundary flips one code, and flips cascade; the
+# embedded YOLOv5n measured 0.11 (scores) on a val image. A sanity bound against a broken
+# export (wrong scales read as garbage), not an accuracy figure: mAP of the file is that.
+PARITY_TOLERANCES = {"fp32": DEFAULT_PARITY_TOLERANCE, "fp16": 1e-2, "int8": 0.25}
 FP16_METHOD = "onnxconverter-common float16.convert_float_to_float16 (keep_io_types)"
 
 
@@ -65,7 +70,7 @@ def to_fp16(fp32_path: Path, out: Path) -> Path:
             f"{fp32_path}: fp16 conversion failed ({type(exc).__name__}: {first_line(exc)})"
         ) from exc
     quantization = {"method": FP16_METHOD, "io": "fp32", "kept_fp32_ops": sorted(blocked)}
-    _set_properties(converted, precision="fp16", quantization=json.dumps(quantization))
+    set_properties(converted, precision="fp16", quantization=json.dumps(quantization))
     onnx.save(converted, str(out))
     return Path(out)
 
@@ -78,19 +83,43 @@ def lower_checked(
     *,
     tolerance: float | None = None,
     threads: int | None = None,
-) -> tuple[Path, Parity]:
-    """Lower the exported ``fp32_path`` to ``precision`` beside it and check ONNX Runtime on
-    the lowered file against the fp32 PyTorch ``model``; the file appears only if parity holds
-    (tolerance: :data:`PARITY_TOLERANCES` unless given)."""
+    calibration=None,
+    mode: str = "raw",
+    dynamic: bool = False,
+) -> tuple[Path, Parity, dict]:
+    """Lower the exported ``fp32_path`` to ``precision`` beside it (int8: quantized from
+    ``model`` on ``calibration``'s images, in export ``mode``) and check ONNX Runtime on the
+    lowered file against PyTorch (fp16: the fp32 model on seeded noise; int8: the fake-
+    quantized model on calibration images); the file appears only if parity holds (tolerance:
+    :data:`PARITY_TOLERANCES` unless given). Returns the path, the parity and the file's
+    ``quantization`` record."""
     if precision not in PRECISIONS or precision == "fp32":
-        raise ExportError(f"--precision {precision}: lowering takes fp16 (fp32 is the export)")
+        raise ExportError(f"--precision {precision}: lowering takes fp16 or int8")
     tolerance = PARITY_TOLERANCES[precision] if tolerance is None else tolerance
     out = precision_path(fp32_path, precision)
     with atomic_path(out) as staged:
-        to_fp16(fp32_path, staged)
-        parity = check_parity(model, staged, imgsz, tolerance=tolerance, threads=threads)
+        if precision == "fp16":
+            to_fp16(fp32_path, staged)
+            reference, images, described = model, None, None
+            record = {"method": FP16_METHOD, "io": "fp32"}
+        else:
+            from yoloprune.compiler.quantize import parity_images, to_int8
+
+            _, reference, record = to_int8(
+                model, staged, imgsz, calibration, mode=mode, dynamic=dynamic
+            )
+            images, described = parity_images(calibration, imgsz)
+        parity = check_parity(
+            reference,
+            staged,
+            imgsz,
+            tolerance=tolerance,
+            threads=threads,
+            images=images,
+            input_text=described,
+        )
         parity.require(out.name)
-    return out, parity
+    return out, parity, record
 
 
 def _constants_as_initializers(proto) -> None:
@@ -122,7 +151,8 @@ def _casts_follow_their_outputs(proto, tensor_proto) -> None:
                 attribute.i = tensor_proto.FLOAT16
 
 
-def _set_properties(proto, **values: str) -> None:
+def set_properties(proto, **values: str) -> None:
+    """Set (or replace) ONNX metadata_props in place."""
     existing = {p.key: p for p in proto.metadata_props}
     for key, value in values.items():
         if key in existing:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
+
+from yoloprune.graphs.errors import RuntimeSetupError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -21,3 +25,21 @@ def letterbox(image: np.ndarray, size: int, color: int = 114):
     out = np.full((size, size, 3), color, dtype=np.uint8)
     out[top : top + new_h, left : left + new_w] = image
     return out, ratio, (left, top)
+
+
+def open_image(path):
+    """``PIL.Image.open``, PIL's own even where ultralytics has replaced it: ultralytics'
+    replacement (``ultralytics.utils.patches.image_open``) answers the first unreadable image
+    by pip-installing ``pi-heif``, so a corrupt file in a dataset would install code."""
+    from PIL import Image
+
+    opener = Image.open
+    if getattr(opener, "__module__", None) != "PIL.Image":
+        patches = sys.modules.get("ultralytics.utils.patches")
+        opener = getattr(patches, "_image_open", None)
+        if opener is None or getattr(opener, "__module__", None) != "PIL.Image":
+            raise RuntimeSetupError(
+                f"PIL.Image.open is replaced by {Image.open.__module__}.{Image.open.__name__}; "
+                "yoloprune reads images with PIL's own, which it cannot find"
+            )
+    return opener(path)

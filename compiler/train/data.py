@@ -17,7 +17,7 @@ import yaml
 
 from yoloprune.graphs.errors import YoloPruneError
 from yoloprune.graphs.model_yaml import MAX_CLASSES
-from yoloprune.kernels.preprocess import IMAGE_SUFFIXES, letterbox
+from yoloprune.kernels.preprocess import IMAGE_SUFFIXES, letterbox, open_image
 
 MAX_DATA_YAML_BYTES = 1 << 20
 
@@ -163,12 +163,11 @@ def _check_labels(path: Path, nc: int, check: SampleCheck) -> np.ndarray | None:
 
 
 def _check_image(path: Path, check: SampleCheck) -> tuple[int, int] | None:
-    from PIL import Image
 
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             image.verify()
-        with Image.open(path) as image:
+        with open_image(path) as image:
             width, height = image.size
     except Exception as exc:  # PIL raises many types for bad files; each is a corrupt sample
         check.counts["corrupt"] += 1
@@ -213,9 +212,8 @@ class YoloDataset(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int):
-        from PIL import Image
 
-        with Image.open(self.files[index]) as image:
+        with open_image(self.files[index]) as image:
             pixels = np.asarray(image.convert("RGB"))
         labels = self.labels[index].copy()
         rng = np.random.default_rng([self.seed, self.epoch, index]) if self.augment else None

@@ -31,7 +31,7 @@ def properties(path) -> dict:
 def test_fp16_file_of_the_trained_model_is_within_its_tolerance(tmp_path):
     model, _ = load_model(EMBEDDED)
     fp32 = export_onnx(model, tmp_path / "m.onnx", 320)
-    path, parity = lower_checked(model, fp32, 320, "fp16")
+    path, parity, _ = lower_checked(model, fp32, 320, "fp16")
     assert path == tmp_path / "m.fp16.onnx" == precision_path(fp32, "fp16")
     assert parity.ok and parity.tolerance == PARITY_TOLERANCES["fp16"] == 1e-2
     assert parity.max_abs_diff > 1e-5  # it is really fp16 (fp32 agrees to ~1e-6)

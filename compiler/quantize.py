@@ -1,0 +1,201 @@
+"""Quantize pass: INT8 post-training quantization as explicit QuantizeLinear/DequantizeLinear in
+the ONNX (TensorRT 10/11 build it strongly typed; ONNX Runtime runs the same file here).
+
+NVIDIA Model Optimizer's PyTorch quantization (``nvidia-modelopt``, ``modelopt.torch.
+quantization``) inserts the quantizers; we only choose what TensorRT's INT8 kernels want:
+BatchNorm folded into its conv first (TensorRT fuses them; a Q/DQ on unfolded weights would
+quantize the wrong tensor), symmetric int8 (zero point 0), per-output-channel weights,
+per-tensor activations at every conv input (where TensorRT fuses Q/DQ into the conv), ranges
+calibrated by their maximum over calibration images. Calibration needs images only (the data
+YAML's train split, or ``--calib-images DIR``), letterboxed as at inference; no labels.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from yoloprune.compiler.export import deployed_model, export_onnx
+from yoloprune.compiler.train.data import DataError
+from yoloprune.graphs.errors import ExportError, YoloPruneError, first_line
+from yoloprune.kernels.preprocess import IMAGE_SUFFIXES, letterbox, open_image
+
+MODELOPT_HINT = (
+    "INT8 needs NVIDIA Model Optimizer's core package: pip install 'nvidia-modelopt==0.47.0' "
+    "huggingface_hub requests (make install does this)"
+)
+DEFAULT_CALIBRATION_IMAGES = 256
+CALIBRATION_BATCH = 16
+METHOD = "max"  # amax of each tensor over the calibration images (ModelOpt's MaxCalibrator)
+
+
+def _modelopt():
+    try:
+        with warnings.catch_warnings():  # it warns about every optional integration it lacks
+            warnings.simplefilter("ignore")
+            import modelopt.torch.quantization as mtq
+    except ImportError as exc:
+        raise YoloPruneError(f"{MODELOPT_HINT} ({first_line(exc)})") from exc
+    return mtq
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Where calibration images come from: a folder, or a data YAML's train split."""
+
+    images: Path | None = None  # a folder of images
+    data: Path | None = None  # a data YAML: its train split
+    count: int = DEFAULT_CALIBRATION_IMAGES
+
+    def files(self) -> list[Path]:
+        if self.images is not None:
+            folder = Path(self.images)
+            if not folder.is_dir():
+                raise DataError(f"--calib-images {folder}: not a folder of images")
+            found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            where = f"--calib-images {folder}"
+        elif self.data is not None:
+            from yoloprune.compiler.train.data import image_files, read_data_yaml
+
+            config = read_data_yaml(self.data)
+            if not config.train:
+                raise DataError(f"{self.data}: INT8 calibration reads its 'train' split; add one")
+            found, where = image_files(config.train), f"{self.data} (train split)"
+        else:
+            raise DataError(
+                "--precision int8 calibrates on images: pass --data data.yaml (its train split) "
+                "or --calib-images DIR (no labels needed)"
+            )
+        if not found:
+            raise DataError(f"{where}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        step = max(1, len(found) // self.count)  # spread over the whole set, fixed order
+        return found[::step][: self.count]
+
+
+@dataclass
+class CalibrationRecord:
+    used: int = 0
+    unreadable: int = 0
+
+
+def calibration_batches(
+    files: list[Path], imgsz: int, record: CalibrationRecord, batch: int = CALIBRATION_BATCH
+) -> Iterator[torch.Tensor]:
+    """Letterboxed float NCHW batches in [0, 1], as the deployed pipeline feeds them; images
+    that cannot be read are counted in ``record`` and skipped."""
+    from PIL import UnidentifiedImageError
+
+    chunk: list[np.ndarray] = []
+    for path in files:
+        try:
+            with open_image(path) as image:
+                pixels = np.asarray(image.convert("RGB"))
+        except (OSError, UnidentifiedImageError, ValueError):
+            record.unreadable += 1
+            continue
+        boxed = letterbox(pixels, imgsz)[0]
+        chunk.append(boxed.transpose(2, 0, 1).astype(np.float32) / 255.0)
+        record.used += 1
+        if len(chunk) == batch:
+            yield torch.from_numpy(np.stack(chunk))
+            chunk = []
+    if chunk:
+        yield torch.from_numpy(np.stack(chunk))
+
+
+def fold_batchnorms(model: nn.Module) -> int:
+    """Fold every conv's following BatchNorm into the conv, in place (eval mode); returns how
+    many. Our blocks and ultralytics' hold them as ``conv`` and ``bn``."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    folded = 0
+    for module in model.modules():
+        conv, bn = getattr(module, "conv", None), getattr(module, "bn", None)
+        if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+            module.conv = fuse_conv_bn_eval(conv.eval(), bn.eval())
+            module.bn = nn.Identity()
+            folded += 1
+    return folded
+
+
+def quantized(
+    model: nn.Module, mode: str, batches: Iterator[torch.Tensor]
+) -> tuple[nn.Module, int]:
+    """The deployed form of ``model`` with BatchNorm folded and INT8 fake quantizers calibrated
+    on ``batches`` (the model itself is untouched); and how many BatchNorms were folded."""
+    mtq = _modelopt()
+    q = deployed_model(model, mode)
+    folded = fold_batchnorms(q)
+    config = copy.deepcopy(mtq.INT8_DEFAULT_CFG)
+    seen = []
+
+    def forward_loop(module: nn.Module) -> None:
+        with torch.no_grad():
+            for images in batches:
+                module(images)
+                seen.append(len(images))
+
+    mtq.quantize(q, config, forward_loop)
+    if not seen:
+        raise DataError("no calibration image could be read; INT8 ranges cannot be set")
+    return q.eval(), folded
+
+
+def to_int8(
+    model: nn.Module,
+    out: Path,
+    imgsz: int,
+    calibration: Calibration,
+    *,
+    mode: str,
+    dynamic: bool = False,
+) -> tuple[Path, nn.Module, dict]:
+    """Write ``out``: the INT8 Q/DQ ONNX of ``model`` (PTQ on ``calibration``'s images);
+    returns the path, the fake-quantized PyTorch model it was exported from, and the record
+    written to the file's ``quantization`` metadata."""
+    record = CalibrationRecord()
+    files = calibration.files()
+    q, folded = quantized(model, mode, calibration_batches(files, imgsz, record))
+    if record.used == 0:
+        raise DataError(f"none of the {len(files)} calibration images could be read")
+    export_onnx(q, out, imgsz, dynamic=dynamic, simplify=False, mode=mode)
+    quantization = {
+        "method": "PTQ, NVIDIA ModelOpt INT8_DEFAULT_CFG",
+        "calibrator": METHOD,
+        "calibration_images": record.used,
+        "calibration_unreadable": record.unreadable,
+        "weights": "int8 symmetric, per output channel",
+        "activations": "int8 symmetric, per tensor, at every conv input",
+        "batchnorm_folded": folded,
+    }
+    _set_int8_properties(out, quantization)
+    return out, q, quantization
+
+
+def _set_int8_properties(path: Path, quantization: dict) -> None:
+    from yoloprune.compiler.precision import set_properties
+    from yoloprune.graphs.files import import_native
+
+    onnx = import_native("onnx")
+    proto = onnx.load(str(path))
+    set_properties(proto, precision="int8", quantization=json.dumps(quantization))
+    try:
+        onnx.save(proto, str(path))
+    except Exception as exc:  # protobuf errors
+        raise ExportError(f"{path}: cannot write the INT8 metadata ({first_line(exc)})") from exc
+
+
+def parity_images(calibration: Calibration, imgsz: int, count: int = 4) -> tuple[torch.Tensor, str]:
+    """The first ``count`` readable calibration images, letterboxed: what an INT8 file is
+    compared on (noise would saturate the calibrated ranges)."""
+    batches = calibration_batches(calibration.files(), imgsz, CalibrationRecord(), batch=count)
+    images = next(batches)
+    return images, f"the first {len(images)} calibration images, letterboxed"

@@ -1,0 +1,122 @@
+"""INT8 post-training quantization: explicit Q/DQ as TensorRT wants it, calibrated on images."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from PIL import Image
+
+from yoloprune.compiler.cli import main
+from yoloprune.compiler.options import CompileOptions
+from yoloprune.compiler.quantize import (
+    Calibration,
+    CalibrationRecord,
+    calibration_batches,
+    quantized,
+    to_int8,
+)
+from yoloprune.graphs.errors import PlanError, YoloPruneError
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Eight seeded RGB images of mixed sizes, one of them not an image at all."""
+    folder = tmp_path_factory.mktemp("calib")
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate([(64, 64), (48, 80), (80, 40)] * 3):
+        if i == 8:
+            (folder / "broken.png").write_bytes(b"not a png")
+            continue
+        pixels = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    return folder
+
+
+def constants(proto) -> dict:
+    values = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type == "Constant" and node.attribute[0].name == "value":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return values
+
+
+def test_int8_file_has_per_channel_weights_and_per_tensor_activations(tmp_path, tiny_model, images):
+    path, _, record = to_int8(
+        tiny_model, tmp_path / "m.int8.onnx", 64, Calibration(images), mode="raw"
+    )
+    proto = onnx.load(str(path))
+    values, producers = constants(proto), {o: n for n in proto.graph.node for o in n.output}
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    assert convs
+    for conv in convs:
+        for position, per_channel in ((0, False), (1, True)):  # input, weight
+            dq = producers[conv.input[position]]
+            assert dq.op_type == "DequantizeLinear", conv.name
+            scale, zero = values[dq.input[1]], values[dq.input[2]]
+            assert zero.dtype == np.int8 and not zero.any()  # symmetric int8
+            assert (scale.ndim == 1 and scale.size > 1) if per_channel else scale.ndim == 0
+    assert not any(n.op_type == "BatchNormalization" for n in proto.graph.node)  # folded first
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["precision"] == "int8" and json.loads(meta["quantization"]) == record
+    assert record["calibration_images"] == 8 and record["calibration_unreadable"] == 1
+
+
+def test_a_quantized_conv_in_onnx_runtime_equals_the_fake_quantized_one(tiny_model, images):
+    """Within one quantization step: here to float rounding, the ops being the same."""
+    from yoloprune.kernels.ort import OrtRunner
+
+    record = CalibrationRecord()
+    model, _ = quantized(
+        tiny_model, "raw", calibration_batches(Calibration(images).files(), 64, record)
+    )
+    conv = model.model[0].conv
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = conv(x).numpy()
+    path = f"{images.parent}/conv.onnx"
+    torch.onnx.export(conv, x, path, opset_version=17, dynamo=False, input_names=["images"])
+    with OrtRunner(path) as runner:
+        (actual,) = runner.infer(x.numpy())
+    step = (
+        float(conv.input_quantizer.amax) / 127 * float(conv.weight.abs().sum(dim=(1, 2, 3)).max())
+    )
+    assert np.abs(actual - expected).max() < min(1e-4, step)
+
+
+def test_int8_without_images_is_one_line_naming_both_sources(tmp_path, tiny_yaml, capsys):
+    with pytest.raises(PlanError, match=r"--data data\.yaml.*--calib-images DIR"):
+        CompileOptions(str(tiny_yaml), precision="int8")
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(tiny_yaml), "--out", str(out), "--precision", "int8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--calib-images DIR" in err
+    assert not out.exists()  # refused before anything was written
+
+
+def test_an_empty_calibration_folder_is_one_line(tmp_path, tiny_yaml, tiny_model, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    argv = ["export", str(tiny_yaml), "--out", str(tmp_path / "m.onnx"), "--precision", "int8"]
+    assert main([*argv, "--calib-images", str(empty)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no images" in err and str(empty) in err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "x.png").write_bytes(b"junk")
+    with pytest.raises(YoloPruneError, match="no calibration image could be read"):
+        to_int8(tiny_model, tmp_path / "x.onnx", 64, Calibration(broken), mode="raw")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_compile_writes_the_int8_file_with_its_calibration_record(tmp_path, tiny_yaml, images):
+    out = tmp_path / "out"
+    argv = ["compile", str(tiny_yaml), "--imgsz", "64", "--no-bench", "--out", str(out)]
+    assert main([*argv, "--precision", "int8", "--calib-images", str(images)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    lowered = report["precisions"]["int8"]
+    assert lowered["file"] == "tiny-pruned.int8.onnx" and (out / lowered["file"]).is_file()
+    assert lowered["parity"]["ok"] and "calibration images" in lowered["parity"]["input"]
+    assert lowered["quantization"]["calibration_images"] == 8

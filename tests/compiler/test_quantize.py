@@ -49,6 +49,7 @@ def test_int8_file_has_per_channel_weights_and_per_tensor_activations(tmp_path, 
     )
     proto = onnx.load(str(path))
     values, producers = constants(proto), {o: n for n in proto.graph.node for o in n.output}
+    int8_weights = {i.name for i in proto.graph.initializer if i.data_type == onnx.TensorProto.INT8}
     convs = [n for n in proto.graph.node if n.op_type == "Conv"]
     assert convs
     for conv in convs:
@@ -58,10 +59,13 @@ def test_int8_file_has_per_channel_weights_and_per_tensor_activations(tmp_path, 
             scale, zero = values[dq.input[1]], values[dq.input[2]]
             assert zero.dtype == np.int8 and not zero.any()  # symmetric int8
             assert (scale.ndim == 1 and scale.size > 1) if per_channel else scale.ndim == 0
+            if per_channel:  # weights stored as int8, not fp32 quantized at run time
+                assert dq.input[0] in int8_weights
     assert not any(n.op_type == "BatchNormalization" for n in proto.graph.node)  # folded first
     meta = {p.key: p.value for p in proto.metadata_props}
     assert meta["precision"] == "int8" and json.loads(meta["quantization"]) == record
     assert record["calibration_images"] == 8 and record["calibration_unreadable"] == 1
+    assert record["weights_stored"] == f"int8 ({len(convs)} tensors)"
 
 
 def test_a_quantized_conv_in_onnx_runtime_equals_the_fake_quantized_one(tiny_model, images):
@@ -120,3 +124,27 @@ def test_compile_writes_the_int8_file_with_its_calibration_record(tmp_path, tiny
     assert lowered["file"] == "tiny-pruned.int8.onnx" and (out / lowered["file"]).is_file()
     assert lowered["parity"]["ok"] and "calibration images" in lowered["parity"]["input"]
     assert lowered["quantization"]["calibration_images"] == 8
+
+
+def test_storing_weights_as_int8_changes_no_output(tmp_path, tiny_model, images):
+    from yoloprune.compiler.export import export_onnx
+    from yoloprune.compiler.quantize import store_int8_weights
+    from yoloprune.kernels.ort import OrtRunner
+
+    batches = calibration_batches(Calibration(images).files(), 64, CalibrationRecord())
+    model, _ = quantized(tiny_model, "raw", batches)
+    runtime = export_onnx(model, tmp_path / "runtime.onnx", 64, simplify=False, mode="raw")
+    proto = onnx.load(str(runtime))
+    stored = store_int8_weights(proto)
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(tmp_path / "stored.onnx"))
+    assert stored == sum(n.op_type == "Conv" for n in proto.graph.node)
+    initializers = {i.name for i in proto.graph.initializer}
+    quantized_constants = [
+        n for n in proto.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in initializers
+    ]
+    assert quantized_constants == []
+    x = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
+    with OrtRunner(runtime) as a, OrtRunner(tmp_path / "stored.onnx") as b:
+        np.testing.assert_array_equal(a.infer(x)[0], b.infer(x)[0])
+    assert (tmp_path / "stored.onnx").stat().st_size < 0.5 * runtime.stat().st_size

@@ -1,9 +1,11 @@
-"""Precision table: the embedded YOLOv5n, unpruned and pruned (compile's default MACs 0.5, with
-BatchNorm recalibration, no fine-tune), each exported at fp32 and lowered to fp16 as compile
-does (`--precision fp16`): ONNX bytes, ONNX Runtime CPU latency (batch 1, interleaved), parity
-against PyTorch fp32 and its tolerance, mAP@.5:.95 and mAP@.5 of the ONNX file itself on the
-synthetic val split. Then which ops fp16 must keep in fp32, by measurement: the converter's
-block list alone against keeping the exponentials, top-k or box decoding in fp32 as well.
+"""Precision table: the embedded models (YOLOv5n, and the YOLOv8n trained by
+train_default_model.py --model yolov8n where present), unpruned and pruned (compile's default
+MACs 0.5, with BatchNorm recalibration, no fine-tune), each exported at fp32 and lowered to fp16
+and int8 as compile does (`--precision`): ONNX bytes, ONNX Runtime CPU latency (batch 1,
+interleaved), parity against PyTorch fp32 and its tolerance, mAP@.5:.95 and mAP@.5 of the
+ONNX file itself on the synthetic val split. Then which ops fp16 must keep in fp32, by
+measurement: the converter's block list alone against keeping the exponentials, top-k or box
+decoding in fp32 as well.
 
 INT8: post-training quantization with NVIDIA ModelOpt (max calibration on 256 training images,
 symmetric, per-channel weights, per-tensor activations, BatchNorm folded), explicit Q/DQ in the
@@ -42,7 +44,7 @@ from yoloprune.graphs.files import atomic_path, write_text_atomic  # noqa: E402
 from yoloprune.kernels.ort import OrtRunner, machine_info, machine_text, order_text, time_runners  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-MODEL = ROOT / "graphs" / "weights" / "yolov5n-shapes.pt"
+MODELS = [ROOT / "graphs" / "weights" / f"{name}-shapes.pt" for name in ("yolov5n", "yolov8n")]
 EXTRA_FP32_OPS = {
     "converter's block list only (ours)": [],
     "+ Exp, Softmax, Sigmoid": ["Exp", "Softmax", "Sigmoid"],
@@ -55,15 +57,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT / "runs" / "data" / "shapes")
     parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        type=Path,
+        default=[p for p in MODELS if p.is_file()],
+        help="trained checkpoints on the shapes data (default: the embedded ones)",
+    )
     args = parser.parse_args()
     data_yaml = args.data / "data.yaml"
     if not data_yaml.exists():
         generate(args.data, SyntheticSpec())
     data = read_data_yaml(data_yaml)
-    prepared = prepare(str(MODEL))
-    imgsz = prepared.imgsz
-    pruned = prune_in_memory(CompileOptions(str(MODEL), macs=0.5, data=data_yaml), prepared)
-    models = {"original": prepared.model, "pruned MACs 0.5": pruned["pruned"]}
+    models, imgsz, first = {}, None, None
+    for checkpoint in args.models:
+        prepared = prepare(str(checkpoint))
+        imgsz = imgsz or prepared.imgsz
+        if prepared.imgsz != imgsz:
+            raise SystemExit(f"{checkpoint}: trained at {prepared.imgsz} px, not {imgsz}")
+        options = CompileOptions(str(checkpoint), macs=0.5, data=data_yaml)
+        pruned = prune_in_memory(options, prepared)["pruned"]
+        label = checkpoint.name.removesuffix(".pt")
+        models[f"{label} original"] = prepared.model
+        models[f"{label} pruned MACs 0.5"] = pruned
+        first = first or (prepared.model, f"{label} original")
     val = val_dataset(data, imgsz)
     rows, study = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,9 +111,9 @@ def main() -> None:
         timings = measure(files, imgsz, args.runs)
         for key, timing in timings.items():
             rows[key]["latency_ms"] = timing.to_dict()
-        study = op_study(prepared.model, files["original fp32"], imgsz, Path(tmp))
+        study = op_study(first[0], files[f"{first[1]} fp32"], imgsz, Path(tmp))
     result = {
-        "model": str(MODEL.relative_to(ROOT)),
+        "models": [str(p) for p in args.models],
         "imgsz": imgsz,
         "batch": 1,
         "runtime": "onnxruntime (CPUExecutionProvider, ORT_ENABLE_ALL)",
@@ -111,6 +128,7 @@ def main() -> None:
         "machine": machine_info(),
         "rows": rows,
         "fp32_ops_study": study,
+        "op_study_model": first[1],
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_text_atomic(RESULTS / "precision.json", json.dumps(result, indent=1) + "\n")
@@ -168,7 +186,7 @@ def plot(result: dict, path: Path) -> None:
         ax.annotate(key, (row["latency_ms"]["median_ms"], row["map50_95"]), fontsize=7)
     ax.set_xlabel("ONNX Runtime CPU latency, batch 1 (median ms)")
     ax.set_ylabel("mAP@.5:.95 (synthetic val)")
-    ax.set_title(f"Embedded YOLOv5n at {result['imgsz']} px: fp32, fp16, int8 ONNX")
+    ax.set_title(f"Embedded models at {result['imgsz']} px: fp32, fp16, int8 ONNX")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as temporary:
@@ -179,7 +197,7 @@ def plot(result: dict, path: Path) -> None:
 def render(result: dict, image: str) -> str:
     m = result["machine"]
     lines = [
-        "# Precision: fp32, fp16 and int8 ONNX of the embedded YOLOv5n, unpruned and pruned",
+        "# Precision: fp32, fp16 and int8 ONNX of the embedded models, unpruned and pruned",
         "",
         f"{result['runtime']}, batch {result['batch']}, {result['imgsz']} px, "
         f"{m['cores_available']} threads, median of {result['runs']} runs, {result['order']}; "
@@ -204,7 +222,7 @@ def render(result: dict, image: str) -> str:
         "",
         f"![latency vs mAP]({image})",
         "",
-        "## Which ops fp16 keeps in fp32 (measured on the original)",
+        f"## Which ops fp16 keeps in fp32 (measured on {result['op_study_model']})",
         "",
         "| ops kept in fp32 | parity | largest box difference (px) | MB |",
         "|---|---:|---:|---:|",

@@ -9,6 +9,7 @@ threads, so no number is quoted without what produced it.
 from __future__ import annotations
 
 import contextlib
+import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,8 @@ class BenchSettings:
     runtime: str = "ort"
     batch: int = 1
     imgsz: int | None = None
-    # ort: fp32; torch: fp16 on cuda, fp32 on cpu; tensorrt: fp32 (it must be the ONNX file's)
+    # ort: each file's own; torch: fp16 on cuda, fp32 on cpu; tensorrt: each file's own (given,
+    # it must match the ONNX file's: the precision lives in the file)
     precision: str | None = None
     device: str | None = None  # torch: cuda (default) or cpu
     threads: int | None = None  # ort intra-op threads (default: all available cores)
@@ -119,11 +121,11 @@ def _tensorrt_runner(spec: str, settings: BenchSettings, imgsz: int, scratch: Pa
     if path.suffix not in (".engine", ".plan"):
         onnx_path = _onnx_path(spec, imgsz, scratch, index)
         own = onnx_properties(onnx_path).get("precision", "fp32")
-        if settings.resolved_precision() != own:
+        if settings.precision not in (None, own):
             raise YoloPruneError(
                 f"{spec}: is {own}, and TensorRT runs it at {own} (strongly typed: the "
-                f"precision is the ONNX file's): pass --precision {own}, or bench the "
-                f"{settings.resolved_precision()} ONNX file"
+                f"precision is the ONNX file's): drop --precision, or bench the "
+                f"{settings.precision} ONNX file"
             )
         dynamic = onnx_batch(onnx_path) is None
         build = (
@@ -168,12 +170,18 @@ def time_models(models: dict, settings: BenchSettings, imgsz: int) -> dict:
 
 
 def _precision_of(spec: str, settings: BenchSettings) -> str:
-    """What a model ran at: an ONNX file's own precision on ONNX Runtime (which runs fp16 and
-    Q/DQ files as they are), else the runtime's setting."""
-    if settings.runtime == "ort" and spec.endswith(".onnx"):
-        from yoloprune.kernels.tensorrt import onnx_properties
+    """What a model ran at: an ONNX file's own precision (ONNX Runtime and TensorRT run fp16
+    and Q/DQ files as they are), an engine's from its ``<engine>.json``, else the setting."""
+    from yoloprune.kernels.tensorrt import onnx_properties
 
+    if settings.runtime in ("ort", "tensorrt") and spec.endswith(".onnx"):
         return onnx_properties(Path(spec)).get("precision", "fp32")
+    if settings.runtime == "tensorrt" and spec.endswith((".engine", ".plan")):
+        described = Path(spec).with_suffix(".json")
+        try:
+            return str(json.loads(described.read_text())["precision"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"not recorded (no valid {described.name})"
     return settings.resolved_precision()
 
 

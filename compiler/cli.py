@@ -204,6 +204,13 @@ def _precision_arg(p: argparse.ArgumentParser) -> None:
         help="int8: a folder of calibration images (default: --data's train split; no labels)",
     )
     p.add_argument(
+        "--precision-parity-tol",
+        type=float_in(0, 1e6),
+        default=None,
+        help="max allowed ORT-vs-PyTorch difference of the fp16/int8 file (default: fp16 1e-2, "
+        "int8 0.25 against the fake-quantized model)",
+    )
+    p.add_argument(
         "--calib-count",
         type=int_in(1, 100_000),
         default=None,
@@ -572,10 +579,16 @@ def cmd_plan(args) -> int:
 
 
 def cmd_export(args) -> int:
+    import os
+    import tempfile
+
     from yoloprune.compiler.export import DEFAULT_PARITY_TOLERANCE, export_checked, export_mode
     from yoloprune.compiler.pipeline import check_imgsz
+    from yoloprune.compiler.precision import PRECISIONS, lower_checked, precision_path
     from yoloprune.graphs.checkpoint import load_model
+    from yoloprune.graphs.files import signals_held
 
+    _refuse_unused_export_flags(args)
     model, info = load_model(args.model)
     out = args.out or Path("runs/export") / f"{info.name}.onnx"
     if out.is_dir():
@@ -588,38 +601,68 @@ def cmd_export(args) -> int:
         raise YoloPruneError(f"--out {out}: cannot write there ({exc.strerror})") from exc
     tolerance = DEFAULT_PARITY_TOLERANCE if args.parity_tol is None else args.parity_tol
     calibration = _calibration(args)
-    parity = export_checked(
-        model,
-        out,
-        imgsz,
-        dynamic=args.dynamic,
-        simplify=args.simplify,
-        mode=mode,
-        tolerance=tolerance,
-        threads=args.threads,
-    )
-    print(
-        f"{info.family} model at {imgsz} px, {mode} output; parity "
-        f"{parity.max_abs_diff:.2e} <= {parity.tolerance:g}; wrote {out}"
-    )
-    if args.precision not in (None, "fp32"):
-        from yoloprune.compiler.precision import lower_checked
-
-        lowered, parity, _ = lower_checked(
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        staged = {"fp32": Path(tmp) / out.name}  # every file appears together, or none
+        parity = export_checked(
             model,
-            out,
+            staged["fp32"],
             imgsz,
-            args.precision,
-            threads=args.threads,
-            calibration=calibration,
-            mode=mode,
             dynamic=args.dynamic,
+            simplify=args.simplify,
+            mode=mode,
+            tolerance=tolerance,
+            threads=args.threads,
         )
-        print(
-            f"{args.precision}: parity {parity.max_abs_diff:.2e} <= {parity.tolerance:g}; "
-            f"wrote {lowered}"
-        )
+        lines = [
+            f"{info.family} model at {imgsz} px, {mode} output; parity "
+            f"{parity.max_abs_diff:.2e} <= {parity.tolerance:g}; wrote {out}"
+        ]
+        if args.precision not in (None, "fp32"):
+            staged[args.precision], lowered, _ = lower_checked(
+                model,
+                staged["fp32"],
+                imgsz,
+                args.precision,
+                tolerance=args.precision_parity_tol,
+                threads=args.threads,
+                calibration=calibration,
+                mode=mode,
+                dynamic=args.dynamic,
+            )
+            lines.append(
+                f"{args.precision}: parity {lowered.max_abs_diff:.2e} <= {lowered.tolerance:g}; "
+                f"wrote {precision_path(out, args.precision)}"
+            )
+        with signals_held():
+            for precision in PRECISIONS:  # siblings of an earlier export would not match
+                if precision not in staged:
+                    precision_path(out, precision).unlink(missing_ok=True)
+            for precision, path in staged.items():
+                os.replace(path, precision_path(out, precision))
+    print("\n".join(lines))
     return 0
+
+
+def _refuse_unused_export_flags(args) -> None:
+    """export's flags a path would not use are refused, not ignored."""
+    calibrating = [
+        flag
+        for flag, value in (
+            ("--data", args.data),
+            ("--calib-images", args.calib_images),
+            ("--calib-count", args.calib_count),
+        )
+        if value is not None
+    ]
+    if calibrating and args.precision != "int8":
+        raise YoloPruneError(
+            f"{', '.join(calibrating)} calibrate INT8: add --precision int8 or drop them"
+        )
+    if args.precision_parity_tol is not None and args.precision in (None, "fp32"):
+        raise YoloPruneError(
+            "--precision-parity-tol is the fp16/int8 file's tolerance: add --precision fp16 or "
+            "int8, or drop it"
+        )
 
 
 def _calibration(args):
@@ -715,7 +758,7 @@ def cmd_build(args) -> int:
     print(f"wrote {built.engine} and {built.metadata}")
     if args.triton is not None:
         folder = write_triton_repository(
-            built.engine, built.metadata, args.triton, args.onnx.stem.replace(".", "_")
+            built.engine, built.metadata, args.triton, onnx_path.stem.replace(".", "_")
         )
         print(f"wrote Triton model {folder}")
     return 0

@@ -56,12 +56,13 @@ class Parity:
     def to_dict(self) -> dict:
         return {**asdict(self), "ok": self.ok}
 
-    def require(self, onnx_name: str) -> None:
+    def require(self, onnx_name: str, flag: str = "--parity-tol") -> None:
         """Raise the one-line ExportError of a file that misses the tolerance."""
         if not self.ok:
             raise ExportError(
                 f"{onnx_name}: ONNX Runtime differs from PyTorch by {self.max_abs_diff:.3g} > "
-                f"tolerance {self.tolerance:g} ({self.metric}); nothing was written"
+                f"tolerance {self.tolerance:g} ({self.metric}); nothing was written (if that "
+                f"difference is acceptable, raise {flag})"
             )
 
 

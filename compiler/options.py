@@ -74,6 +74,7 @@ class CompileOptions:
     precision: str | None = None  # also lower the exported ONNX to this precision (fp16, int8)
     calib_images: Path | None = None  # int8: a folder of calibration images (else --data's)
     calib_count: int | None = None  # int8: at most this many calibration images
+    precision_parity_tolerance: float | None = None  # the lowered file's (default per precision)
 
     def __post_init__(self) -> None:
         """Every value is honoured or refused here, before any work (never replaced)."""
@@ -123,13 +124,7 @@ class CompileOptions:
                 "--importance taylor needs --data data.yaml (it scores channels by the "
                 "detection loss's gradients on training images)"
             )
-        if self.precision == "int8" and self.data is None and self.calib_images is None:
-            raise PlanError(
-                "--precision int8 calibrates on images: pass --data data.yaml (its train split) "
-                "or --calib-images DIR (no labels needed)"
-            )
-        if self.calib_images is not None and not Path(self.calib_images).is_dir():
-            raise PlanError(f"--calib-images {self.calib_images}: not a folder of images")
+        self._refuse_ignored()
         planner = "replay" if self.plan is not None else planner_name(self, target)
         latency = None
         if planner in ("latency", "latency-aware"):
@@ -141,6 +136,7 @@ class CompileOptions:
                 table=self.latency_table,
             )
         return CompileSettings(
+            calibration=self._calibration(),
             target=target,
             constraints=self.constraints(),
             grouping=self.grouping_limits(),
@@ -165,6 +161,65 @@ class CompileOptions:
                 f"--latency-table {self.latency_table}: is a folder; give a JSON file path "
                 "(it is created if missing)"
             )
+
+    def _refuse_ignored(self) -> None:
+        """Flags a path would not use are refused, not ignored."""
+        shaping = {
+            "--ratio": self.ratio,
+            "--macs": self.macs,
+            "--speedup": self.speedup,
+            "--latency-ms": self.latency_ms,
+            "--importance": self.importance,
+            "--round-to": self.round_to,
+            "--max-ratio": self.max_ratio,
+            "--global": self.global_allocation or None,
+            "--latency-aware": self.latency_aware or None,
+            "--drop-blocks": self.drop_blocks or None,
+        }
+        given = [flag for flag, value in shaping.items() if value is not None]
+        if self.plan is not None and (given or self.method != "structured"):
+            unused = given or ["--method"]
+            raise PlanError(
+                f"--plan {self.plan} replays its own target and settings: drop {', '.join(unused)}"
+            )
+        unused = [f for f in given if f not in ("--ratio", "--macs", "--speedup", "--latency-ms")]
+        if self.method == "unstructured" and unused:
+            raise PlanError(
+                "--method unstructured zeroes --ratio of each conv's weights: "
+                f"{', '.join(unused)} do not apply; drop them"
+            )
+        calibrating = [
+            f
+            for f, v in (("--calib-images", self.calib_images), ("--calib-count", self.calib_count))
+            if v is not None
+        ]
+        if calibrating and self.precision != "int8":
+            raise PlanError(
+                f"{', '.join(calibrating)} calibrate INT8: add --precision int8 or drop them"
+            )
+        if self.precision_parity_tolerance is not None and self.precision in (None, "fp32"):
+            raise PlanError(
+                "--precision-parity-tol is the fp16/int8 file's tolerance: add --precision fp16 "
+                "or int8, or drop it"
+            )
+
+    def _calibration(self):
+        """INT8 calibration images (``--calib-images`` or the data's train split), listed now
+        so a missing or empty source fails before any work; None unless int8."""
+        if self.precision != "int8":
+            return None
+        from yoloprune.compiler.quantize import DEFAULT_CALIBRATION_IMAGES, Calibration, modelopt
+
+        if self.data is None and self.calib_images is None:
+            raise PlanError(
+                "--precision int8 calibrates on images: pass --data data.yaml (its train split) "
+                "or --calib-images DIR (no labels needed)"
+            )
+        count = DEFAULT_CALIBRATION_IMAGES if self.calib_count is None else self.calib_count
+        calibration = Calibration(images=self.calib_images, data=self.data, count=count)
+        calibration.files()
+        modelopt()  # installed, or one line naming it
+        return calibration
 
     def target(self) -> Target:
         given = [
@@ -212,6 +267,7 @@ _INT_RANGES = (
 )
 _FLOAT_RANGES = (
     ("parity_tolerance", 0.0, 1e6, True),
+    ("precision_parity_tolerance", 0.0, 1e6, True),
     ("distill", 0.0, 1e6, False),
     ("lr0", 0.0, 10.0, True),
     ("group_seconds", 0.0, 86_400.0, True),
@@ -228,7 +284,8 @@ _CHOICES = (
 
 
 def _flag(name: str) -> str:
-    return {"parity_tolerance": "parity-tol"}.get(name, name.replace("_", "-"))
+    short = {"parity_tolerance": "parity-tol", "precision_parity_tolerance": "precision-parity-tol"}
+    return short.get(name, name.replace("_", "-"))
 
 
 @dataclass(frozen=True)
@@ -245,6 +302,7 @@ class CompileSettings:
     out: Path
     bench_runs: int
     parity_tolerance: float
+    calibration: object = None  # compiler.quantize.Calibration with --precision int8
 
 
 def planner_name(options: CompileOptions, target: Target) -> str:

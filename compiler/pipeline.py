@@ -391,7 +391,8 @@ def _precision_stage(job: Job) -> dict:
         job["prepared"].imgsz,
         precision,
         threads=options.threads,
-        calibration=calibration_for(options),
+        tolerance=options.precision_parity_tolerance,
+        calibration=options.settings.calibration,
         mode=job["mode"],
         dynamic=options.dynamic,
     )
@@ -403,16 +404,6 @@ def _precision_stage(job: Job) -> dict:
         "quantization": record,
     }
     return {"precisions": {precision: lowered}}
-
-
-def calibration_for(options: CompileOptions):
-    """INT8 calibration images: ``--calib-images`` or the data YAML's train split."""
-    from yoloprune.compiler.quantize import DEFAULT_CALIBRATION_IMAGES, Calibration
-
-    count = DEFAULT_CALIBRATION_IMAGES if options.calib_count is None else options.calib_count
-    if options.calib_images is not None:
-        return Calibration(images=options.calib_images, count=count)
-    return Calibration(data=options.data, count=count)
 
 
 def _eval_onnx_stage(job: Job) -> dict:
@@ -587,6 +578,8 @@ def prune_in_memory(options: CompileOptions, prepared: Prepared | None = None) -
     is given, then score + plan, apply, recalibrate where compile would): the model compile
     would write, built the same way, for benchmarks and notebooks. Returns the job (its
     ``plan``, ``pruned``, ``recalibrated`` artifacts)."""
+    if _iterative_mode(options, None):
+        raise PlanError("prune_in_memory runs one-shot compiles; --steps needs compile itself")
     data = _data_for(options)
     job = Job(options, data, staging=None)
     skip = set()
@@ -700,14 +693,10 @@ def _iterative(prepared: Prepared, options: CompileOptions, data, staging: Path)
             teacher_options = dataclasses.replace(options, epochs=epochs)
             training = _finetune(model, prepared, data, teacher_options, staging)
             model = training.model
-        graph = build_graph(model)
-        current = Prepared(
-            model,
-            prepared.info,
-            prepared.imgsz,
-            channel_groups(model, graph, custom_modules=options.allow_custom_modules),
-            graph,
-        )
+        limits = options.settings.grouping
+        graph = build_graph(model, limits=limits)
+        groups = channel_groups(model, graph, limits, custom_modules=options.allow_custom_modules)
+        current = Prepared(model, prepared.info, prepared.imgsz, groups, graph)
     composed = dataclasses.replace(
         composed,
         target={"kind": target.kind, "value": target.value, "steps": k},

@@ -118,7 +118,7 @@ def lower_checked(
             images=images,
             input_text=described,
         )
-        parity.require(out.name)
+        parity.require(out.name, "--precision-parity-tol")
     return out, parity, record
 
 

@@ -37,7 +37,7 @@ CALIBRATION_BATCH = 16
 METHOD = "max"  # amax of each tensor over the calibration images (ModelOpt's MaxCalibrator)
 
 
-def _modelopt():
+def modelopt():
     try:
         with warnings.catch_warnings():  # it warns about every optional integration it lacks
             warnings.simplefilter("ignore")
@@ -131,7 +131,7 @@ def quantized(
 ) -> tuple[nn.Module, int]:
     """The deployed form of ``model`` with BatchNorm folded and INT8 fake quantizers calibrated
     on ``batches`` (the model itself is untouched); and how many BatchNorms were folded."""
-    mtq = _modelopt()
+    mtq = modelopt()
     q = deployed_model(model, mode)
     folded = fold_batchnorms(q)
     config = copy.deepcopy(mtq.INT8_DEFAULT_CFG)
@@ -144,6 +144,10 @@ def quantized(
                 seen.append(len(images))
 
     mtq.quantize(q, config, forward_loop)
+    for module in q.modules():  # Q/DQ at conv inputs only (ModelOpt also quantizes pooling)
+        quantizer = getattr(module, "input_quantizer", None)
+        if quantizer is not None and not isinstance(module, nn.Conv2d):
+            quantizer.disable()
     if not seen:
         raise DataError("no calibration image could be read; INT8 ranges cannot be set")
     return q.eval(), folded

@@ -551,7 +551,7 @@ def _checked_pruned(ckpt: dict, path: Path) -> dict:
         return type(v) in (int, float) and math.isfinite(v)
 
     family = ckpt.get("family", "yolov5")  # files written before the key existed are yolov5
-    if family not in families():
+    if type(family) is not str or family not in families():
         fail("family", f"one of {', '.join(families())}")
     if type(ckpt.get("yaml")) is not dict:
         fail("yaml", "the model definition (a mapping)")

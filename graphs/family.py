@@ -264,21 +264,26 @@ _REGISTRY: dict[str, ModelFamily] = {}
 
 
 def register(family: ModelFamily) -> ModelFamily:
-    """Add ``family`` (an instance) under its name; a name is registered once."""
+    """Add ``family`` (an instance) under its name; a name is registered once (the built-in
+    names included)."""
     if not isinstance(family, ModelFamily):
         raise TypeError(f"register a ModelFamily instance, not {type(family).__name__}")
+    _with_builtins()
     if family.name in _REGISTRY and type(_REGISTRY[family.name]) is not type(family):
         raise ValueError(f"model family {family.name!r} is already registered")
     _REGISTRY[family.name] = family
     return family
 
 
+def _with_builtins() -> dict[str, ModelFamily]:
+    for family in (Yolov5Family(), UltralyticsFamily()):
+        _REGISTRY.setdefault(family.name, family)
+    return _REGISTRY
+
+
 def families() -> dict[str, ModelFamily]:
     """The registered families by name (the built-in ones first)."""
-    if not _REGISTRY:
-        for family in (Yolov5Family(), UltralyticsFamily()):
-            register(family)
-    return dict(_REGISTRY)
+    return dict(_with_builtins())
 
 
 def family_named(name: str) -> ModelFamily:

@@ -344,8 +344,15 @@ class EngineRunner(Runner):
         inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         for name in inputs:
             shape = list(engine.get_tensor_shape(name))
+            mismatch = shape[0] >= 0 and shape[0] != self.batch  # a fixed batch
             shape[0] = self.batch
-            context.set_input_shape(name, shape)
+            if mismatch or not context.set_input_shape(name, shape):  # False: out of profile
+                low, _, high = engine.get_tensor_profile_shape(name, 0)
+                raise RuntimeSetupError(
+                    f"{self.engine_path}: the engine runs batch {low[0]} to {high[0]}, not "
+                    f"{self.batch}; rebuild it from a dynamic-batch ONNX (--dynamic) with "
+                    "--max-batch, or bench at a batch it runs"
+                )
         buffers = {}
         for name in names:
             shape = tuple(context.get_tensor_shape(name))
@@ -368,6 +375,7 @@ class EngineRunner(Runner):
 
     def infer_impl(self, images=None):
         if images is not None:
+            self.stream.wait_stream(self._torch.cuda.current_stream())  # images are ready
             with self._torch.cuda.stream(self.stream):  # ordered before the engine's work
                 self.buffers[self.inputs[0]].copy_(images, non_blocking=True)
         self.context.execute_async_v3(self.stream.cuda_stream)
@@ -388,15 +396,27 @@ class EngineRunner(Runner):
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int8": "TYPE_INT8"}
 
 
-def triton_config(name: str, metadata: dict, max_batch: int) -> str:
-    """``config.pbtxt`` for Triton's TensorRT backend (batch dimension left out of dims)."""
+def triton_max_batch(metadata: dict) -> int:
+    """Triton's ``max_batch_size``: the profile's maximum where the engine's batch is dynamic;
+    0 where it is fixed (Triton then takes the batch axis as part of ``dims``)."""
+    inputs = [t for t in metadata["tensors"] if t["io"] == "input"]
+    if inputs and inputs[0]["shape"][0] < 0:
+        return int(metadata["build"]["batch_profile"][2])
+    return 0
+
+
+def triton_config(name: str, metadata: dict) -> str:
+    """``config.pbtxt`` for Triton's TensorRT backend (batch dimension left out of dims where
+    the engine batches, kept where its batch is fixed)."""
+    max_batch = triton_max_batch(metadata)
     lines = [
         f'name: "{name}"',
         'platform: "tensorrt_plan"',
         f"max_batch_size: {max_batch}",
     ]
     for tensor in metadata["tensors"]:
-        dims = ", ".join(str(d) for d in tensor["shape"][1:])
+        shape = tensor["shape"][1:] if max_batch else tensor["shape"]
+        dims = ", ".join(str(d) for d in shape)
         lines += [
             f"{tensor['io']} [",
             "  {",
@@ -417,7 +437,7 @@ def write_triton_repository(
     model folder."""
     metadata = json.loads(Path(metadata_path).read_text())
     folder = Path(repository) / name
+    config = triton_config(name, metadata)  # before anything is written
     _atomic_write(folder / "1" / "model.plan", Path(engine_path).read_bytes())
-    max_batch = int(metadata["build"]["max_batch"])
-    _atomic_write(folder / "config.pbtxt", triton_config(name, metadata, max_batch).encode())
+    _atomic_write(folder / "config.pbtxt", config.encode())
     return folder

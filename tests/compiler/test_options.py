@@ -80,8 +80,21 @@ def test_flags_select_a_registered_planner(changes, planner):
         ({"speedup": 2.0, "steps": 2}, "--steps takes --macs or --ratio"),
         ({"ratio": 0.3, "method": "unstructured", "steps": 2}, "structured planning only"),
         ({"macs": 0.5, "ratio": 0.3}, "give one target"),
+        ({"ratio": 0.3, "method": "unstructured", "round_to": 16}, "--round-to do not apply"),
+        ({"calib_images": Path("."), "calib_count": 8}, "--calib-images, --calib-count calibr"),
+        ({"precision_parity_tolerance": 0.1}, "fp16/int8 file's tolerance"),
     ],
 )
 def test_combinations_that_select_nothing_are_refused_before_any_work(changes, message):
     with pytest.raises(PlanError, match=message):
         CompileOptions("m.yaml", **changes)
+
+
+def test_a_replayed_plan_refuses_flags_it_would_ignore(tmp_path):
+    plan = tmp_path / "plan.json"
+    plan.write_text("{}")  # read only when the compile runs
+    assert CompileOptions("m.yaml", plan=plan).settings.planner == "replay"
+    with pytest.raises(PlanError, match=r"replays its own target and settings: drop --macs"):
+        CompileOptions("m.yaml", plan=plan, macs=0.5)
+    with pytest.raises(PlanError, match="drop --method"):
+        CompileOptions("m.yaml", plan=plan, method="unstructured")

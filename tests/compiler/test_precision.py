@@ -102,3 +102,18 @@ def test_bench_times_fp16_files_on_onnx_runtime_and_says_so(tmp_path, tiny_model
     result = bench([str(fp32), str(fp16)], BenchSettings(runs=3, warmup=1, threads=1))
     assert [row["precision"] for row in result["rows"]] == ["fp32", "fp16"]
     assert result["precision"] == "per row"
+
+
+def test_export_writes_its_files_together_and_drops_stale_siblings(tmp_path, tiny_yaml, capsys):
+    out = tmp_path / "m.onnx"
+    base = ["export", str(tiny_yaml), "--out", str(out), "--imgsz", "64"]
+    assert main([*base, "--precision", "fp16"]) == 0
+    assert (tmp_path / "m.fp16.onnx").is_file()
+    assert main([*base, "--precision", "fp16", "--precision-parity-tol", "1e-9"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--precision-parity-tol" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.fp16.onnx", "m.onnx", "tiny.yaml"]
+    assert main(base) == 0  # a new fp32 export: the old fp16 sibling would not match it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "tiny.yaml"]
+    assert main([*base, "--data", str(tiny_yaml)]) == 2
+    assert "--data calibrate INT8" in capsys.readouterr().err

@@ -62,6 +62,8 @@ def test_int8_file_has_per_channel_weights_and_per_tensor_activations(tmp_path, 
             if per_channel:  # weights stored as int8, not fp32 quantized at run time
                 assert dq.input[0] in int8_weights
     assert not any(n.op_type == "BatchNormalization" for n in proto.graph.node)  # folded first
+    quantizing = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(quantizing) == len(convs)  # conv inputs only: not the SPPF's max pools
     meta = {p.key: p.value for p in proto.metadata_props}
     assert meta["precision"] == "int8" and json.loads(meta["quantization"]) == record
     assert record["calibration_images"] == 8 and record["calibration_unreadable"] == 1

@@ -116,3 +116,11 @@ def test_a_registered_family_is_used_by_the_passes(monkeypatch):
     assert any(not g.protected and g.size == 8 for g in groups)  # the stem is prunable
     with pytest.raises(ValueError, match="already registered"):
         register(type("Other", (_ToyFamily,), {})())
+
+
+def test_registering_first_keeps_the_built_in_families(monkeypatch):
+    monkeypatch.setattr(families_module, "_REGISTRY", {})
+    register(_ToyFamily())
+    assert set(families_module.families()) == {"yolov5", "ultralytics", "toy"}
+    with pytest.raises(ValueError, match="'yolov5' is already registered"):
+        register(type("Impostor", (_ToyFamily,), {"name": "yolov5"})())

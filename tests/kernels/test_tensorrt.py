@@ -97,10 +97,24 @@ def test_triton_repository_layout(tmp_path):
     folder = write_triton_repository(engine, meta_path, tmp_path / "repo", "yolo")
     assert (folder / "1" / "model.plan").read_bytes() == b"plan-bytes"
     config = (folder / "config.pbtxt").read_text()
-    assert config == triton_config("yolo", meta, 8)
+    assert config == triton_config("yolo", meta)
     assert 'platform: "tensorrt_plan"' in config and "max_batch_size: 8" in config
     assert "dims: [ 3, 64, 64 ]" in config and "dims: [ 252, 8 ]" in config
     assert config.count("TYPE_FP32") == 2
+
+
+def test_triton_config_of_a_fixed_batch_engine_keeps_the_batch_axis(tmp_path):
+    """compile's default export has a static batch of 1: no batching, full dims."""
+    fixed = [dict(t, shape=[1, *t["shape"][1:]]) for t in TENSORS]
+    meta = engine_metadata(fixed, BuildSettings(), "11.4")
+    config = triton_config("yolo", meta)
+    assert "max_batch_size: 0" in config
+    assert "dims: [ 1, 3, 64, 64 ]" in config and "dims: [ 1, 252, 8 ]" in config
+    broken = {**meta, "tensors": [{"io": "input", "shape": [-1, 3, 64, 64]}], "build": {}}
+    (tmp_path / "m.json").write_text(json.dumps(broken))
+    with pytest.raises(KeyError):
+        write_triton_repository(tmp_path / "m.engine", tmp_path / "m.json", tmp_path / "r", "y")
+    assert not (tmp_path / "r").exists()  # nothing written before the config is known
 
 
 needs_tensorrt = pytest.mark.skipif(

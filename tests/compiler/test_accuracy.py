@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import needs_ultralytics
 from yoloprune.compiler.apply import apply_plan
 from yoloprune.compiler.evaluation.evaluate import (
     evaluate,
@@ -20,6 +21,7 @@ from yoloprune.compiler.pipeline import CompileOptions, plan_for, prepare
 from yoloprune.compiler.train.data import image_files, read_data_yaml
 from yoloprune.compiler.train.finetune import TrainSettings, train
 from yoloprune.compiler.train.synthetic import SyntheticSpec, generate
+from yoloprune.graphs.checkpoint import load_model
 
 ROOT = Path(__file__).resolve().parents[2]
 WEIGHTS = ROOT / "graphs" / "weights" / "yolov5n-shapes.pt"
@@ -42,6 +44,18 @@ def embedded():
 def test_embedded_model_detects(embedded, shapes):
     metrics = evaluate(
         torch_predictor(embedded.model), val_dataset(shapes, 256), shapes.names, progress=False
+    )
+    assert metrics.map50_95 > 0.5 and metrics.map50 > 0.8
+
+
+@needs_ultralytics
+def test_embedded_ultralytics_model_detects(shapes):
+    """The YOLOv8n trained here (benchmarks/train_default_model.py --model yolov8n) loads as an
+    ultralytics-family model and detects on the synthetic val images."""
+    model, info = load_model(WEIGHTS.with_name("yolov8n-shapes.pt"))
+    assert info.family == "ultralytics" and info.imgsz == 256 and info.names == shapes.names
+    metrics = evaluate(
+        torch_predictor(model), val_dataset(shapes, 256), shapes.names, progress=False
     )
     assert metrics.map50_95 > 0.5 and metrics.map50 > 0.8
 

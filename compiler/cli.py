@@ -587,10 +587,14 @@ def cmd_export(args) -> int:
     from yoloprune.compiler.export import DEFAULT_PARITY_TOLERANCE, export_checked, export_mode
     from yoloprune.compiler.pipeline import check_imgsz
     from yoloprune.compiler.precision import PRECISIONS, lower_checked, precision_path
+    from yoloprune.compiler.quantize import calibration_for, refuse_unused_flags
     from yoloprune.graphs.checkpoint import load_model
     from yoloprune.graphs.files import signals_held
 
-    _refuse_unused_export_flags(args)
+    flags = {"--data": args.data, "--calib-images": args.calib_images}
+    refuse_unused_flags(
+        args.precision, args.precision_parity_tol, {**flags, "--calib-count": args.calib_count}
+    )
     model, info = load_model(args.model)
     out = args.out or Path("runs/export") / f"{info.name}.onnx"
     if out.is_dir():
@@ -602,7 +606,7 @@ def cmd_export(args) -> int:
     except OSError as exc:
         raise YoloPruneError(f"--out {out}: cannot write there ({exc.strerror})") from exc
     tolerance = DEFAULT_PARITY_TOLERANCE if args.parity_tol is None else args.parity_tol
-    calibration = _calibration(args)
+    calibration = calibration_for(args.precision, args.calib_images, args.data, args.calib_count)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         staged = {"fp32": Path(tmp) / out.name}  # every file appears together, or none
         parity = export_checked(
@@ -643,40 +647,6 @@ def cmd_export(args) -> int:
                 os.replace(path, precision_path(out, precision))
     print("\n".join(lines))
     return 0
-
-
-def _refuse_unused_export_flags(args) -> None:
-    """export's flags a path would not use are refused, not ignored."""
-    calibrating = [
-        flag
-        for flag, value in (
-            ("--data", args.data),
-            ("--calib-images", args.calib_images),
-            ("--calib-count", args.calib_count),
-        )
-        if value is not None
-    ]
-    if calibrating and args.precision != "int8":
-        raise YoloPruneError(
-            f"{', '.join(calibrating)} calibrate INT8: add --precision int8 or drop them"
-        )
-    if args.precision_parity_tol is not None and args.precision in (None, "fp32"):
-        raise YoloPruneError(
-            "--precision-parity-tol is the fp16/int8 file's tolerance: add --precision fp16 or "
-            "int8, or drop it"
-        )
-
-
-def _calibration(args):
-    """INT8 calibration images of the export command, checked before anything is written."""
-    if args.precision != "int8":
-        return None
-    from yoloprune.compiler.quantize import DEFAULT_CALIBRATION_IMAGES, Calibration
-
-    count = DEFAULT_CALIBRATION_IMAGES if args.calib_count is None else args.calib_count
-    calibration = Calibration(images=args.calib_images, data=args.data, count=count)
-    calibration.files()  # a missing or empty source is one line, before any file appears
-    return calibration
 
 
 def cmd_eval(args) -> int:

@@ -16,6 +16,7 @@ from yoloprune.compiler.export import DEFAULT_PARITY_TOLERANCE
 from yoloprune.compiler.latency_planner import LatencySettings
 from yoloprune.compiler.planner import Constraints, Target
 from yoloprune.compiler.precision import PRECISIONS
+from yoloprune.compiler.quantize import calibration_for, refuse_unused_flags
 from yoloprune.compiler.score import IMPORTANCES
 from yoloprune.compiler.train.finetune import TrainSettings
 from yoloprune.graphs.checkpoint import MAX_IMGSZ, MIN_IMGSZ
@@ -136,7 +137,9 @@ class CompileOptions:
                 table=self.latency_table,
             )
         return CompileSettings(
-            calibration=self._calibration(),
+            calibration=calibration_for(
+                self.precision, self.calib_images, self.data, self.calib_count
+            ),
             target=target,
             constraints=self.constraints(),
             grouping=self.grouping_limits(),
@@ -188,38 +191,8 @@ class CompileOptions:
                 "--method unstructured zeroes --ratio of each conv's weights: "
                 f"{', '.join(unused)} do not apply; drop them"
             )
-        calibrating = [
-            f
-            for f, v in (("--calib-images", self.calib_images), ("--calib-count", self.calib_count))
-            if v is not None
-        ]
-        if calibrating and self.precision != "int8":
-            raise PlanError(
-                f"{', '.join(calibrating)} calibrate INT8: add --precision int8 or drop them"
-            )
-        if self.precision_parity_tolerance is not None and self.precision in (None, "fp32"):
-            raise PlanError(
-                "--precision-parity-tol is the fp16/int8 file's tolerance: add --precision fp16 "
-                "or int8, or drop it"
-            )
-
-    def _calibration(self):
-        """INT8 calibration images (``--calib-images`` or the data's train split), listed now
-        so a missing or empty source fails before any work; None unless int8."""
-        if self.precision != "int8":
-            return None
-        from yoloprune.compiler.quantize import DEFAULT_CALIBRATION_IMAGES, Calibration, modelopt
-
-        if self.data is None and self.calib_images is None:
-            raise PlanError(
-                "--precision int8 calibrates on images: pass --data data.yaml (its train split) "
-                "or --calib-images DIR (no labels needed)"
-            )
-        count = DEFAULT_CALIBRATION_IMAGES if self.calib_count is None else self.calib_count
-        calibration = Calibration(images=self.calib_images, data=self.data, count=count)
-        calibration.files()
-        modelopt()  # installed, or one line naming it
-        return calibration
+        flags = {"--calib-images": self.calib_images, "--calib-count": self.calib_count}
+        refuse_unused_flags(self.precision, self.precision_parity_tolerance, flags)
 
     def target(self) -> Target:
         given = [

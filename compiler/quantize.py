@@ -25,7 +25,7 @@ from torch import nn
 
 from yoloprune.compiler.export import deployed_model, export_onnx
 from yoloprune.compiler.train.data import DataError
-from yoloprune.graphs.errors import ExportError, YoloPruneError, first_line
+from yoloprune.graphs.errors import ExportError, PlanError, YoloPruneError, first_line
 from yoloprune.kernels.preprocess import IMAGE_SUFFIXES, letterbox, open_image
 
 MODELOPT_HINT = (
@@ -35,6 +35,34 @@ MODELOPT_HINT = (
 DEFAULT_CALIBRATION_IMAGES = 256
 CALIBRATION_BATCH = 16
 METHOD = "max"  # amax of each tensor over the calibration images (ModelOpt's MaxCalibrator)
+
+
+def refuse_unused_flags(precision: str | None, tolerance, flags: dict[str, object]) -> None:
+    """Precision flags the chosen precision would not use are refused, not ignored: calibration
+    ``flags`` ({flag: value}) without int8, a lowered file's ``tolerance`` without one."""
+    calibrating = [flag for flag, value in flags.items() if value is not None]
+    if calibrating and precision != "int8":
+        raise PlanError(
+            f"{', '.join(calibrating)} calibrate INT8: add --precision int8 or drop them"
+        )
+    if tolerance is not None and precision in (None, "fp32"):
+        raise PlanError(
+            "--precision-parity-tol is the fp16/int8 file's tolerance: add --precision fp16 or "
+            "int8, or drop it"
+        )
+
+
+def calibration_for(precision: str | None, images, data, count) -> Calibration | None:
+    """INT8 calibration (``images`` folder, else ``data``'s train split), its images listed and
+    ModelOpt imported now, so a missing source or package fails before any work; None unless
+    int8."""
+    if precision != "int8":
+        return None
+    count = DEFAULT_CALIBRATION_IMAGES if count is None else count
+    calibration = Calibration(images=images, data=data, count=count)
+    calibration.files()
+    modelopt()
+    return calibration
 
 
 def modelopt():

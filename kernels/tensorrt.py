@@ -1,6 +1,6 @@
 """TensorRT lowering and runner, for TensorRT 10.x (Jetson) and 11.x alike: strongly typed.
 
-TensorRT 11 removed weak typing (``BuilderFlag.FP16/INT8``, implicit INT8 calibrators and
+TensorRT 11 removed weak typing (the FP16/INT8 builder flags, implicit INT8 calibrators and
 calibration profiles): every network is strongly typed, so the precision of every tensor comes
 from the ONNX file itself (an fp16 ONNX, or explicit QuantizeLinear/DequantizeLinear nodes for
 INT8). TensorRT 10 builds such networks too, when asked for with the ``STRONGLY_TYPED``

@@ -18,7 +18,8 @@ from yoloprune.compiler.quantize import (
     quantized,
     to_int8,
 )
-from yoloprune.graphs.errors import PlanError, YoloPruneError
+from yoloprune.compiler.train.data import DataError
+from yoloprune.graphs.errors import YoloPruneError
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +94,7 @@ def test_a_quantized_conv_in_onnx_runtime_equals_the_fake_quantized_one(tiny_mod
 
 
 def test_int8_without_images_is_one_line_naming_both_sources(tmp_path, tiny_yaml, capsys):
-    with pytest.raises(PlanError, match=r"--data data\.yaml.*--calib-images DIR"):
+    with pytest.raises(DataError, match=r"--data data\.yaml.*--calib-images DIR"):
         CompileOptions(str(tiny_yaml), precision="int8")
     out = tmp_path / "m.onnx"
     assert main(["export", str(tiny_yaml), "--out", str(out), "--precision", "int8"]) == 2

@@ -17,6 +17,7 @@ import json
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +61,7 @@ def calibration_for(precision: str | None, images, data, count) -> Calibration |
         return None
     count = DEFAULT_CALIBRATION_IMAGES if count is None else count
     calibration = Calibration(images=images, data=data, count=count)
-    calibration.files()
+    calibration.files  # noqa: B018  (a missing or empty source fails now)
     modelopt()
     return calibration
 
@@ -83,7 +84,9 @@ class Calibration:
     data: Path | None = None  # a data YAML: its train split
     count: int = DEFAULT_CALIBRATION_IMAGES
 
+    @cached_property
     def files(self) -> list[Path]:
+        """The calibration images, listed once (options, quantization and parity share them)."""
         if self.images is not None:
             folder = Path(self.images)
             if not folder.is_dir():
@@ -194,7 +197,7 @@ def to_int8(
     returns the path, the fake-quantized PyTorch model it was exported from, and the record
     written to the file's ``quantization`` metadata."""
     record = CalibrationRecord()
-    files = calibration.files()
+    files = calibration.files
     with warnings.catch_warnings():  # ModelOpt's export warns about integrations it lacks
         warnings.filterwarnings("ignore", message="Cannot find transformers package")
         q, folded = quantized(model, mode, calibration_batches(files, imgsz, record))
@@ -265,6 +268,6 @@ def store_int8_weights(proto) -> int:
 def parity_images(calibration: Calibration, imgsz: int, count: int = 4) -> tuple[torch.Tensor, str]:
     """The first ``count`` readable calibration images, letterboxed: what an INT8 file is
     compared on (noise would saturate the calibrated ranges)."""
-    batches = calibration_batches(calibration.files(), imgsz, CalibrationRecord(), batch=count)
+    batches = calibration_batches(calibration.files, imgsz, CalibrationRecord(), batch=count)
     images = next(batches)
     return images, f"the first {len(images)} calibration images, letterboxed"

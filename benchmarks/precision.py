@@ -1,19 +1,21 @@
 """Precision table: the embedded models (YOLOv5n, and the YOLOv8n trained by
 train_default_model.py --model yolov8n where present), unpruned and pruned (compile's default
-MACs 0.5, with BatchNorm recalibration, no fine-tune), each exported at fp32 and lowered to fp16
-and int8 as compile does (`--precision`): ONNX bytes, ONNX Runtime CPU latency (batch 1,
-interleaved), parity against PyTorch fp32 and its tolerance, mAP@.5:.95 and mAP@.5 of the
-ONNX file itself on the synthetic val split. Then which ops fp16 must keep in fp32, by
-measurement: the converter's block list alone against keeping the exponentials, top-k or box
-decoding in fp32 as well.
+MACs 0.5, BatchNorm recalibrated, then fine-tuned as accuracy.md does: 8 epochs, AdamW lr
+0.003, distillation from the unpruned model), each exported at fp32 and lowered to fp16 and
+int8 as compile does (`--precision`): ONNX bytes, ONNX Runtime CPU latency (batch 1,
+interleaved), parity against PyTorch and its tolerance, mAP@.5:.95 and mAP@.5 of the ONNX file
+itself on the synthetic val split, and each lowered file's mAP as a share of its fp32 file's.
 
 INT8: post-training quantization with NVIDIA ModelOpt (max calibration on 256 training images,
 symmetric, per-channel weights, per-tensor activations, BatchNorm folded), explicit Q/DQ in the
-ONNX; its parity is against the fake-quantized PyTorch model on calibration images. QAT and the
-sensitivity pass are not built yet (README).
+ONNX; and, for the fine-tuned pruned models, quantization-aware training (compile's
+`--precision int8 --epochs N`: 4 epochs from the fine-tuned model, AdamW lr 1e-4, no warm-up,
+distillation from the unpruned fp32 model). Then the calibrators compared on the first pruned
+model (max, entropy, percentile), and which ops fp16 must keep in fp32, by measurement.
 
-    python benchmarks/precision.py [--runs 30]
-Writes benchmarks/results/precision.{json,md,png}.
+    python benchmarks/precision.py [--runs 30] [--epochs 8] [--qat-epochs 4]
+Writes benchmarks/results/precision.{json,md,png}; fine-tuned checkpoints are kept under
+runs/precision/ and reused by a later run with the same settings.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from yoloprune.compiler.pipeline import CompileOptions, prepare, prune_in_memory
 from yoloprune.compiler.precision import PARITY_TOLERANCES, lower_checked  # noqa: E402
 from yoloprune.compiler.quantize import Calibration  # noqa: E402
 from yoloprune.compiler.train.data import read_data_yaml  # noqa: E402
+from yoloprune.compiler.train.qat import quantization_aware_training  # noqa: E402
 from yoloprune.compiler.train.synthetic import SyntheticSpec, generate  # noqa: E402
 from yoloprune.graphs.files import atomic_path, write_text_atomic  # noqa: E402
 from yoloprune.kernels.ort import OrtRunner, machine_info, machine_text, order_text, time_runners  # noqa: E402
@@ -57,6 +60,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT / "runs" / "data" / "shapes")
     parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=8, help="fp32 fine-tune of the pruned")
+    parser.add_argument("--qat-epochs", type=int, default=4)
+    parser.add_argument("--qat-lr0", type=float, default=1e-4)
     parser.add_argument(
         "--models",
         nargs="+",
@@ -69,49 +75,71 @@ def main() -> None:
     if not data_yaml.exists():
         generate(args.data, SyntheticSpec())
     data = read_data_yaml(data_yaml)
-    models, imgsz, first = {}, None, None
+    calibration = Calibration(data=data_yaml)
+    entries, imgsz, first_pruned, seconds = [], None, None, {}
     for checkpoint in args.models:
         prepared = prepare(str(checkpoint))
         imgsz = imgsz or prepared.imgsz
         if prepared.imgsz != imgsz:
             raise SystemExit(f"{checkpoint}: trained at {prepared.imgsz} px, not {imgsz}")
-        options = CompileOptions(str(checkpoint), macs=0.5, data=data_yaml)
-        pruned = prune_in_memory(options, prepared)["pruned"]
         label = checkpoint.name.removesuffix(".pt")
-        models[f"{label} original"] = prepared.model
-        models[f"{label} pruned MACs 0.5"] = pruned
-        first = first or (prepared.model, f"{label} original")
+        tuned = fine_tuned(prepared, checkpoint, data_yaml, data, args.epochs)
+        start = time.perf_counter()
+        qat = quantization_aware_training(
+            tuned,
+            prepared.info,
+            data,
+            qat_settings(args.qat_epochs, imgsz, args.qat_lr0),
+            calibration,
+            teacher=prepared.model,
+        )
+        seconds[f"{label} QAT"] = round(time.perf_counter() - start, 1)
+        pruned_label = f"{label} pruned MACs 0.5, fine-tuned"
+        entries += [(f"{label} original", prepared.model, None), (pruned_label, tuned, qat)]
+        first_pruned = first_pruned or (tuned, pruned_label)
     val = val_dataset(data, imgsz)
-    rows, study = {}, {}
+    rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         files = {}
-        for i, (name, model) in enumerate(models.items()):
+
+        def add(key, model_name, precision, path, parity, record=None):
+            with onnx_predictor(path) as predict:
+                metrics = evaluate(predict, val, data.names, runtime="onnxruntime")
+            files[key] = path
+            rows[key] = {
+                "model": model_name,
+                "precision": precision,
+                "quantization": record,
+                "onnx_bytes": path.stat().st_size,
+                "parity": parity.to_dict(),
+                "map50_95": metrics.map50_95,
+                "map50": metrics.map50,
+            }
+            reference = rows[f"{model_name} fp32"]["map50_95"]
+            rows[key]["share_of_fp32"] = metrics.map50_95 / reference
+            print(f"{key}: mAP {metrics.map50_95:.4f}, parity {parity.max_abs_diff:.2e}")
+
+        for i, (name, model, qat) in enumerate(entries):
             fp32 = export_onnx(model, Path(tmp) / f"m{i}.onnx", imgsz)
+            add(f"{name} fp32", name, "fp32", fp32, check_parity(model, fp32, imgsz))
             fp16, parity16, _ = lower_checked(model, fp32, imgsz, "fp16")
+            add(f"{name} fp16", name, "fp16", fp16, parity16)
             int8, parity8, record8 = lower_checked(
-                model, fp32, imgsz, "int8", calibration=Calibration(data=data_yaml)
+                model, fp32, imgsz, "int8", calibration=calibration
             )
-            parity32 = check_parity(model, fp32, imgsz)
-            lowered = (("fp32", fp32, parity32), ("fp16", fp16, parity16), ("int8", int8, parity8))
-            for precision, path, parity in lowered:
-                key = f"{name} {precision}"
-                files[key] = path
-                with onnx_predictor(path) as predict:
-                    metrics = evaluate(predict, val, data.names, runtime="onnxruntime")
-                rows[key] = {
-                    "model": name,
-                    "precision": precision,
-                    "quantization": record8 if precision == "int8" else None,
-                    "onnx_bytes": path.stat().st_size,
-                    "parity": parity.to_dict(),
-                    "map50_95": metrics.map50_95,
-                    "map50": metrics.map50,
-                }
-                print(f"{key}: mAP {metrics.map50_95:.4f}, parity {parity.max_abs_diff:.2e}")
+            add(f"{name} int8 PTQ", name, "int8", int8, parity8, record8)
+            if qat is not None:  # its own fp32 base name, so the two int8 files do not collide
+                base = export_onnx(qat.fp32, Path(tmp) / f"m{i}qat.onnx", imgsz)
+                int8q, parityq, recordq = lower_checked(
+                    qat.fp32, base, imgsz, "int8", calibration=calibration, trained=qat
+                )
+                add(f"{name} int8 QAT", name, "int8", int8q, parityq, recordq)
         timings = measure(files, imgsz, args.runs)
         for key, timing in timings.items():
             rows[key]["latency_ms"] = timing.to_dict()
-        study = op_study(first[0], files[f"{first[1]} fp32"], imgsz, Path(tmp))
+        calibrators = calibrator_study(first_pruned, imgsz, data_yaml, val, data, Path(tmp))
+        original = entries[0]
+        study = op_study(original[1], files[f"{original[0]} fp32"], imgsz, Path(tmp))
     result = {
         "models": [str(p) for p in args.models],
         "imgsz": imgsz,
@@ -120,21 +148,98 @@ def main() -> None:
         "order": order_text(False),
         "runs": args.runs,
         "pruning": "compile's default: uniform L2, MACs 0.5, round_to 8, BatchNorm recalibrated "
-        "(20 x 32 train images), no fine-tune",
+        f"(20 x 32 train images), then fine-tuned {args.epochs} epochs as accuracy.md (AdamW "
+        "lr 0.003, batch 16, EMA, distillation 1.0 from the unpruned model)",
         "fp16_method": "onnxconverter-common float16 (keep_io_types), converter's op block list",
-        "int8_method": "PTQ, NVIDIA ModelOpt INT8_DEFAULT_CFG (max), 256 train images, BN folded",
+        "int8_method": "NVIDIA ModelOpt INT8 (max calibration), 256 train images, BN folded; "
+        f"PTQ, and QAT: {args.qat_epochs} epochs from the fine-tuned model, AdamW lr0 "
+        f"{args.qat_lr0:g}, no warm-up, distillation 1.0 from the unpruned fp32 model",
+        "qat_seconds": seconds,
         "tolerances": PARITY_TOLERANCES,
+        "targets": TARGETS,
         "val_images": len(val),
         "machine": machine_info(),
         "rows": rows,
+        "calibrators": calibrators,
+        "calibrator_model": first_pruned[1],
         "fp32_ops_study": study,
-        "op_study_model": first[1],
+        "op_study_model": original[0],
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_text_atomic(RESULTS / "precision.json", json.dumps(result, indent=1) + "\n")
     plot(result, RESULTS / "precision.png")
     write_text_atomic(RESULTS / "precision.md", render(result, "precision.png"))
     print(render(result, "precision.png"))
+
+
+# The issue's accuracy targets, as a share of the same model's fp32 file's mAP@.5:.95.
+TARGETS = {"fp16": "within 0.002", "int8 PTQ": ">= 98.5 %", "int8 QAT": ">= 99.5 %"}
+
+
+def target_met(key: str, row: dict, fp32_map: float) -> str:
+    if row["precision"] == "fp16":
+        return "yes" if abs(row["map50_95"] - fp32_map) <= 0.002 else "no"
+    if row["precision"] == "int8" and "pruned" in row["model"]:
+        need = 0.995 if key.endswith("QAT") else 0.985
+        return "yes" if row["share_of_fp32"] >= need else "no"
+    return "-"
+
+
+def fine_tuned(prepared, checkpoint: Path, data_yaml: Path, data, epochs: int):
+    """The pruned model (compile's stages) fine-tuned as accuracy.md does; cached in runs/."""
+    from benchmarks.accuracy import finetune_settings
+    from yoloprune.compiler.train.finetune import train
+    from yoloprune.graphs.checkpoint import load_model, save_pruned
+
+    cache = ROOT / "runs" / "precision" / f"{checkpoint.stem}-macs0.5-ft{epochs}.pt"
+    if cache.is_file():
+        return load_model(cache)[0]
+    options = CompileOptions(str(checkpoint), macs=0.5, data=data_yaml)
+    pruned = prune_in_memory(options, prepared)["pruned"]
+    settings = finetune_settings(epochs, prepared.imgsz, 0.003, distill=1.0)
+    tuned = train(pruned, prepared.info, data, settings, teacher=prepared.model).model
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    save_pruned(tuned, prepared.info, cache)
+    return tuned
+
+
+def qat_settings(epochs: int, imgsz: int, lr0: float):
+    from yoloprune.compiler.train.finetune import TrainSettings
+
+    return TrainSettings(
+        epochs=epochs,
+        batch=16,
+        nominal_batch=16,
+        imgsz=imgsz,
+        optimizer="adamw",
+        lr0=lr0,
+        momentum=0.9,
+        warmup_epochs=0.0,
+        eval_every=epochs,
+        distill=1.0,
+    )
+
+
+def calibrator_study(first, imgsz: int, data_yaml: Path, val, data, folder: Path) -> dict:
+    """INT8 PTQ of one model with each activation calibrator: mAP of the ONNX file."""
+    from yoloprune.compiler.quantize import CALIBRATION_METHODS
+
+    model, _ = first
+    fp32 = export_onnx(model, folder / "calibrators.onnx", imgsz)
+    study = {}
+    for method in CALIBRATION_METHODS:
+        calibration = Calibration(data=data_yaml, method=method)
+        path, parity, record = lower_checked(model, fp32, imgsz, "int8", calibration=calibration)
+        with onnx_predictor(path) as predict:
+            metrics = evaluate(predict, val, data.names, runtime="onnxruntime")
+        study[method] = {
+            "calibrator": record["calibrator"],
+            "map50_95": metrics.map50_95,
+            "map50": metrics.map50,
+            "parity": parity.max_abs_diff,
+        }
+        print(f"calibrator {method}: mAP {metrics.map50_95:.4f}")
+    return study
 
 
 def measure(files: dict, imgsz: int, runs: int) -> dict:
@@ -208,15 +313,34 @@ def render(result: dict, image: str) -> str:
         "Runtime vs the fp32 PyTorch model on seeded noise (boxes relative to max(imgsz, "
         "|box|), scores absolute).",
         "",
-        "| model | precision | MB | median ms | mAP@.5:.95 | mAP@.5 | parity (tolerance) |",
-        "|---|---|---:|---:|---:|---:|---|",
+        "| model | file | MB | median ms | mAP@.5:.95 | mAP@.5 | % of fp32 | target met | "
+        "parity (tolerance) |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|",
     ]
-    for row in result["rows"].values():
-        parity = row["parity"]
+    for key, row in result["rows"].items():
+        parity, fp32 = row["parity"], result["rows"][f"{row['model']} fp32"]["map50_95"]
+        kind = key.removeprefix(f"{row['model']} ")
         lines.append(
-            f"| {row['model']} | {row['precision']} | {row['onnx_bytes'] / 1e6:.2f} | "
+            f"| {row['model']} | {kind} | {row['onnx_bytes'] / 1e6:.2f} | "
             f"{row['latency_ms']['median_ms']:.2f} | {row['map50_95']:.4f} | {row['map50']:.4f} | "
+            f"{row['share_of_fp32']:.1%} | {target_met(key, row, fp32)} | "
             f"{parity['max_abs_diff']:.2e} ({parity['tolerance']:g}) |"
+        )
+    targets = ", ".join(f"{k} {v}" for k, v in result["targets"].items())
+    lines += [
+        "",
+        f"Targets (pruned, fine-tuned rows; share of the same model's fp32 file): {targets}. "
+        f"QAT took {', '.join(f'{k} {v:.0f} s' for k, v in result['qat_seconds'].items())}.",
+        "",
+        f"## INT8 calibrators (PTQ of {result['calibrator_model']})",
+        "",
+        "| calibrator | mAP@.5:.95 | mAP@.5 | parity vs fake-quantized |",
+        "|---|---:|---:|---:|",
+    ]
+    for entry in result["calibrators"].values():
+        lines.append(
+            f"| {entry['calibrator']} | {entry['map50_95']:.4f} | {entry['map50']:.4f} | "
+            f"{entry['parity']:.2e} |"
         )
     lines += [
         "",

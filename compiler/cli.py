@@ -216,6 +216,13 @@ def _precision_arg(p: argparse.ArgumentParser) -> None:
         default=None,
         help="int8: calibration images used, spread over the set (default 256)",
     )
+    p.add_argument(
+        "--calib-method",
+        choices=["max", "entropy", "percentile"],
+        default=None,
+        help="int8: how activation ranges are set from the calibration images: max (default), "
+        "entropy (KL divergence, TensorRT's classic calibrator) or percentile (99.99 %%)",
+    )
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -510,9 +517,13 @@ def cmd_compile(args) -> int:
     for precision, lowered in report.get("precisions", {}).items():
         if precision == "fp32":
             continue  # the parity line above
+        accuracy = f", mAP@.5:.95 {lowered['map50_95']:.4f}" if "map50_95" in lowered else ""
+        record = lowered.get("quantization") if precision == "int8" else None
+        method = (record or {}).get("method", "").split(",")[0]
         print(
-            f"{precision}: {lowered['file']}, parity {lowered['parity']['max_abs_diff']:.2e} <= "
-            f"{lowered['parity']['tolerance']:g}"
+            f"{precision}: {lowered['file']}{f' ({method})' if method else ''}, parity "
+            f"{lowered['parity']['max_abs_diff']:.2e} <= {lowered['parity']['tolerance']:g}"
+            f"{accuracy}"
         )
     accuracy = report.get("accuracy", {}).get("map50_95", {})
     for stage, value in accuracy.items():
@@ -592,9 +603,8 @@ def cmd_export(args) -> int:
     from yoloprune.graphs.files import signals_held
 
     flags = {"--data": args.data, "--calib-images": args.calib_images}
-    refuse_unused_flags(
-        args.precision, args.precision_parity_tol, {**flags, "--calib-count": args.calib_count}
-    )
+    counts = {"--calib-count": args.calib_count, "--calib-method": args.calib_method}
+    refuse_unused_flags(args.precision, args.precision_parity_tol, {**flags, **counts})
     model, info = load_model(args.model)
     out = args.out or Path("runs/export") / f"{info.name}.onnx"
     if out.is_dir():
@@ -606,7 +616,9 @@ def cmd_export(args) -> int:
     except OSError as exc:
         raise YoloPruneError(f"--out {out}: cannot write there ({exc.strerror})") from exc
     tolerance = DEFAULT_PARITY_TOLERANCE if args.parity_tol is None else args.parity_tol
-    calibration = calibration_for(args.precision, args.calib_images, args.data, args.calib_count)
+    calibration = calibration_for(
+        args.precision, args.calib_images, args.data, args.calib_count, args.calib_method
+    )
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         staged = {"fp32": Path(tmp) / out.name}  # every file appears together, or none
         parity = export_checked(

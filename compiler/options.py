@@ -16,7 +16,11 @@ from yoloprune.compiler.export import DEFAULT_PARITY_TOLERANCE
 from yoloprune.compiler.latency_planner import LatencySettings
 from yoloprune.compiler.planner import Constraints, Target
 from yoloprune.compiler.precision import PRECISIONS
-from yoloprune.compiler.quantize import calibration_for, refuse_unused_flags
+from yoloprune.compiler.quantize import (
+    CALIBRATION_METHODS,
+    calibration_for,
+    refuse_unused_flags,
+)
 from yoloprune.compiler.score import IMPORTANCES
 from yoloprune.compiler.train.finetune import TrainSettings
 from yoloprune.graphs.checkpoint import MAX_IMGSZ, MIN_IMGSZ
@@ -75,6 +79,7 @@ class CompileOptions:
     precision: str | None = None  # also lower the exported ONNX to this precision (fp16, int8)
     calib_images: Path | None = None  # int8: a folder of calibration images (else --data's)
     calib_count: int | None = None  # int8: at most this many calibration images
+    calib_method: str | None = None  # int8: how activation ranges are set (default max)
     precision_parity_tolerance: float | None = None  # the lowered file's (default per precision)
 
     def __post_init__(self) -> None:
@@ -138,7 +143,7 @@ class CompileOptions:
             )
         return CompileSettings(
             calibration=calibration_for(
-                self.precision, self.calib_images, self.data, self.calib_count
+                self.precision, self.calib_images, self.data, self.calib_count, self.calib_method
             ),
             target=target,
             constraints=self.constraints(),
@@ -191,7 +196,23 @@ class CompileOptions:
                 "--method unstructured zeroes --ratio of each conv's weights: "
                 f"{', '.join(unused)} do not apply; drop them"
             )
-        flags = {"--calib-images": self.calib_images, "--calib-count": self.calib_count}
+        if self.precision == "int8" and self.epochs:  # quantization-aware training
+            if self.steps is not None and self.steps > 1:
+                raise PlanError(
+                    "--precision int8 with --epochs fine-tunes with the quantizers in the loop "
+                    "(QAT), which runs in one-shot compiles: drop --steps, or compile without "
+                    "--precision and `export --precision int8` the result (PTQ)"
+                )
+            if self.method == "unstructured":
+                raise PlanError(
+                    "--method unstructured with --precision int8 --epochs: QAT would regrow "
+                    "the zeroed weights; drop --epochs (PTQ) or --precision"
+                )
+        flags = {
+            "--calib-images": self.calib_images,
+            "--calib-count": self.calib_count,
+            "--calib-method": self.calib_method,
+        }
         refuse_unused_flags(self.precision, self.precision_parity_tolerance, flags)
 
     def target(self) -> Target:
@@ -253,6 +274,7 @@ _CHOICES = (
     ("export_mode", ("raw", "end2end")),
     ("optimizer", ("sgd", "adamw")),
     ("precision", PRECISIONS),
+    ("calib_method", CALIBRATION_METHODS),
 )
 
 

@@ -286,6 +286,10 @@ def _one_shot(options: CompileOptions, data) -> bool:
     return not _iterative_mode(options, data)
 
 
+def _fine_tunes(options: CompileOptions, data) -> bool:
+    return bool(data and options.epochs) and _one_shot(options, data)
+
+
 def _load_stage(job: Job) -> dict:
     options, data = job.options, job.data
     prepared = prepare(
@@ -329,6 +333,24 @@ def _iterative_stage(job: Job) -> dict:
 def _finetune_stage(job: Job) -> dict:
     training = _finetune(job["pruned"], job["prepared"], job.data, job.options, job.staging)
     return {"training": training, "pruned": _keep_sparsity(training.model, job["plan"])}
+
+
+def _qat_stage(job: Job) -> dict:
+    """``--precision int8 --epochs N``: the fine-tune runs with the INT8 quantizers in the loop;
+    the fp32 files carry the same weights in the model's own form."""
+    from yoloprune.compiler.train.qat import quantization_aware_training
+
+    options, prepared = job.options, job["prepared"]
+    settings = dataclasses.replace(options.settings.train, imgsz=prepared.imgsz)
+    qat = quantization_aware_training(
+        job["pruned"],
+        prepared.info,
+        job.data,
+        settings,
+        options.settings.calibration,
+        teacher=prepared.model if settings.distill else None,
+    )
+    return {"training": qat.training, "pruned": qat.fp32, "qat": qat}
 
 
 def _save_stage(job: Job) -> dict:
@@ -395,6 +417,7 @@ def _precision_stage(job: Job) -> dict:
         calibration=options.settings.calibration,
         mode=job["mode"],
         dynamic=options.dynamic,
+        trained=job.artifacts.get("qat"),
     )
     job["paths"][f"onnx_{precision}"] = path
     lowered = {
@@ -403,6 +426,9 @@ def _precision_stage(job: Job) -> dict:
         "parity": parity.to_dict(),
         "quantization": record,
     }
+    if job["val"] is not None:  # the lowered file's own mAP, on ONNX Runtime
+        metrics = _eval_onnx(path, job["val"], job.data, options)
+        lowered.update(map50_95=metrics.map50_95, map50=metrics.map50)
     return {"precisions": {precision: lowered}}
 
 
@@ -438,14 +464,14 @@ def _report_stage(job: Job) -> dict:
         job.data,
         job.artifacts.get("recalibrated", 0),
     )
-    report["precisions"] = {
-        "fp32": {
-            "file": paths["onnx"].name,
-            "onnx_bytes": paths["onnx"].stat().st_size,
-            "parity": job["parity"].to_dict(),
-        },
-        **job.artifacts.get("precisions", {}),
+    fp32 = {
+        "file": paths["onnx"].name,
+        "onnx_bytes": paths["onnx"].stat().st_size,
+        "parity": job["parity"].to_dict(),
     }
+    if "onnx" in job.accuracy:
+        fp32.update(map50_95=job.accuracy["onnx"].map50_95, map50=job.accuracy["onnx"].map50)
+    report["precisions"] = {"fp32": fp32, **job.artifacts.get("precisions", {})}
     layout = output_layout(pruned, mode)
     report["export"] = {"mode": mode, "layout": layout, "output0": OUTPUT_LAYOUTS[layout]}
     family = prepared.info.family
@@ -514,7 +540,14 @@ STAGES: tuple[Stage, ...] = (
         _finetune_stage,
         requires=("pruned", "plan"),
         ensures=("training", "pruned"),
-        when=lambda options, data: bool(data and options.epochs) and _one_shot(options, data),
+        when=lambda options, data: _fine_tunes(options, data) and options.precision != "int8",
+    ),
+    Stage(
+        "quantization-aware fine-tune",
+        _qat_stage,
+        requires=("pruned", "prepared"),
+        ensures=("training", "pruned", "qat"),
+        when=lambda options, data: _fine_tunes(options, data) and options.precision == "int8",
     ),
     Stage(
         "eval fine-tuned",

@@ -12,22 +12,29 @@ YAML's train split, or ``--calib-images DIR``), letterboxed as at inference; no 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
-from yoloprune.compiler.export import deployed_model, export_onnx
+from yoloprune.compiler.export import export_onnx
 from yoloprune.compiler.train.data import DataError
 from yoloprune.graphs.errors import ExportError, PlanError, YoloPruneError, first_line
+from yoloprune.graphs.family import family_of
 from yoloprune.kernels.preprocess import IMAGE_SUFFIXES, letterbox, open_image
+
+if TYPE_CHECKING:
+    from yoloprune.compiler.train.qat import QuantizationAwareTraining
 
 MODELOPT_HINT = (
     "INT8 needs NVIDIA Model Optimizer's core package: pip install 'nvidia-modelopt==0.47.0' "
@@ -35,7 +42,12 @@ MODELOPT_HINT = (
 )
 DEFAULT_CALIBRATION_IMAGES = 256
 CALIBRATION_BATCH = 16
-METHOD = "max"  # amax of each tensor over the calibration images (ModelOpt's MaxCalibrator)
+# How activation ranges are set from the calibration images (weights always take their max):
+# max: the largest |value| seen (ModelOpt's MaxCalibrator); entropy: the range whose int8
+# histogram loses least information (KL divergence, TensorRT's classic calibrator); percentile:
+# the PERCENTILE-th percentile of |value| (clips outliers).
+CALIBRATION_METHODS = ("max", "entropy", "percentile")
+PERCENTILE = 99.99
 
 
 def refuse_unused_flags(precision: str | None, tolerance, flags: dict[str, object]) -> None:
@@ -53,14 +65,15 @@ def refuse_unused_flags(precision: str | None, tolerance, flags: dict[str, objec
         )
 
 
-def calibration_for(precision: str | None, images, data, count) -> Calibration | None:
+def calibration_for(precision: str | None, images, data, count, method=None) -> Calibration | None:
     """INT8 calibration (``images`` folder, else ``data``'s train split), its images listed and
     ModelOpt imported now, so a missing source or package fails before any work; None unless
     int8."""
     if precision != "int8":
         return None
     count = DEFAULT_CALIBRATION_IMAGES if count is None else count
-    calibration = Calibration(images=images, data=data, count=count)
+    method = "max" if method is None else method
+    calibration = Calibration(images=images, data=data, count=count, method=method)
     calibration.files  # noqa: B018  (a missing or empty source fails now)
     modelopt()
     return calibration
@@ -83,6 +96,21 @@ class Calibration:
     images: Path | None = None  # a folder of images
     data: Path | None = None  # a data YAML: its train split
     count: int = DEFAULT_CALIBRATION_IMAGES
+    method: str = "max"  # one of CALIBRATION_METHODS
+
+    def __post_init__(self) -> None:
+        if self.method not in CALIBRATION_METHODS:
+            raise PlanError(
+                f"--calib-method {self.method}: use one of {', '.join(CALIBRATION_METHODS)}"
+            )
+
+    @property
+    def method_text(self) -> str:
+        if self.method == "percentile":
+            return f"percentile ({PERCENTILE} % of absolute activations)"
+        return {"max": "max (largest absolute activation)", "entropy": "entropy (KL divergence)"}[
+            self.method
+        ]
 
     @cached_property
     def files(self) -> list[Path]:
@@ -158,30 +186,74 @@ def fold_batchnorms(model: nn.Module) -> int:
 
 
 def quantized(
-    model: nn.Module, mode: str, batches: Iterator[torch.Tensor]
+    model: nn.Module, batches: Iterator[torch.Tensor], method: str = "max"
 ) -> tuple[nn.Module, int]:
-    """The deployed form of ``model`` with BatchNorm folded and INT8 fake quantizers calibrated
-    on ``batches`` (the model itself is untouched); and how many BatchNorms were folded."""
+    """A copy of ``model`` with BatchNorm folded and INT8 fake quantizers calibrated on
+    ``batches`` by ``method`` (the model itself is untouched); and how many BatchNorms were
+    folded. The copy keeps its training form (it can be fine-tuned: QAT) and exports in any
+    mode. Calibration runs the training forward, which reaches every conv of every head branch
+    (YOLO26's one-to-one and one-to-many alike); modules the family keeps unquantized (the DFL's
+    fixed bins) and inputs of ops other than convs are never quantized."""
     mtq = modelopt()
-    q = deployed_model(model, mode)
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    q = copy.deepcopy(model).float().eval()
     folded = fold_batchnorms(q)
-    config = copy.deepcopy(mtq.INT8_DEFAULT_CFG)
-    seen = []
-
-    def forward_loop(module: nn.Module) -> None:
-        with torch.no_grad():
-            for images in batches:
-                module(images)
-                seen.append(len(images))
-
-    mtq.quantize(q, config, forward_loop)
-    for module in q.modules():  # Q/DQ at conv inputs only (ModelOpt also quantizes pooling)
-        quantizer = getattr(module, "input_quantizer", None)
-        if quantizer is not None and not isinstance(module, nn.Conv2d):
-            quantizer.disable()
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints how many it inserted
+        mtq.quantize(q, _config(method), None)  # quantizers inserted, not yet calibrated
+    kept = {id(m) for keep in family_of(model).unquantized(q) for m in keep.modules()}
+    for module in q.modules():
+        if id(module) in kept or not isinstance(module, nn.Conv2d):
+            for name in ("input_quantizer", "weight_quantizer", "output_quantizer"):
+                quantizer = getattr(module, name, None)
+                if quantizer is not None:
+                    quantizer.disable()
+    active = [
+        (name, m)
+        for name, m in q.named_modules()
+        if isinstance(m, TensorQuantizer) and not m._disabled
+    ]
+    for _, quantizer in active:  # collect statistics on the unquantized network
+        quantizer.disable_quant()
+        quantizer.enable_calib()
+    seen = 0
+    with torch.no_grad():
+        q.train()
+        for images in batches:
+            q(images)
+            seen += len(images)
+    q.eval()
     if not seen:
         raise DataError("no calibration image could be read; INT8 ranges cannot be set")
-    return q.eval(), folded
+    for name, quantizer in active:
+        try:
+            if name.endswith("input_quantizer") and method != "max":
+                quantizer.load_calib_amax(method, **_method_arguments(method))
+            else:
+                quantizer.load_calib_amax()
+        except RuntimeError as exc:
+            raise ExportError(f"INT8 calibration: {name} saw no data ({first_line(exc)})") from exc
+        quantizer.enable_quant()
+        quantizer.disable_calib()
+    return q, folded
+
+
+def _config(method: str) -> dict:
+    """ModelOpt's INT8 config (symmetric; weights per output channel, activations per tensor),
+    activations collected as histograms for the entropy and percentile methods; calibration is
+    ours (:func:`quantized`)."""
+    mtq = modelopt()
+    config = copy.deepcopy(mtq.INT8_DEFAULT_CFG)
+    if method != "max":
+        for entry in config["quant_cfg"]:
+            if entry.get("quantizer_name") == "*input_quantizer":
+                entry["cfg"] = {**entry["cfg"], "calibrator": "histogram"}
+    config["algorithm"] = None
+    return config
+
+
+def _method_arguments(method: str) -> dict:
+    return {"percentile": PERCENTILE} if method == "percentile" else {}
 
 
 def to_int8(
@@ -192,27 +264,44 @@ def to_int8(
     *,
     mode: str,
     dynamic: bool = False,
+    trained: QuantizationAwareTraining | None = None,
 ) -> tuple[Path, nn.Module, dict]:
-    """Write ``out``: the INT8 Q/DQ ONNX of ``model`` (PTQ on ``calibration``'s images);
-    returns the path, the fake-quantized PyTorch model it was exported from, and the record
-    written to the file's ``quantization`` metadata."""
-    record = CalibrationRecord()
-    files = calibration.files
+    """Write ``out``: the INT8 Q/DQ ONNX of ``model``, PTQ on ``calibration``'s images, or the
+    model ``trained`` with its quantizers in the loop (QAT); returns the path, the fake-
+    quantized PyTorch model it was exported from, and the record written to the file's
+    ``quantization`` metadata."""
     with warnings.catch_warnings():  # ModelOpt's export warns about integrations it lacks
         warnings.filterwarnings("ignore", message="Cannot find transformers package")
-        q, folded = quantized(model, mode, calibration_batches(files, imgsz, record))
+        if trained is None:
+            q, quantization = post_training_quantized(model, imgsz, calibration)
+        else:
+            q, quantization = trained.quantized, dict(trained.record)
         export_onnx(q, out, imgsz, dynamic=dynamic, simplify=False, mode=mode)
-    quantization = {
-        "method": "PTQ, NVIDIA ModelOpt INT8_DEFAULT_CFG",
-        "calibrator": METHOD,
+    _set_int8_properties(out, quantization)
+    return out, q, quantization
+
+
+def post_training_quantized(
+    model: nn.Module, imgsz: int, calibration: Calibration
+) -> tuple[nn.Module, dict]:
+    """PTQ: ``model`` fake-quantized with ranges calibrated on ``calibration``'s images, and the
+    record that describes it."""
+    record = CalibrationRecord()
+    batches = calibration_batches(calibration.files, imgsz, record)
+    q, folded = quantized(model, batches, calibration.method)
+    return q, _record("PTQ", calibration, record, folded)
+
+
+def _record(method: str, calibration: Calibration, record: CalibrationRecord, folded: int):
+    return {
+        "method": f"{method}, NVIDIA ModelOpt INT8 (TensorRT explicit quantization)",
+        "calibrator": calibration.method_text,
         "calibration_images": record.used,
         "calibration_unreadable": record.unreadable,
         "weights": "int8 symmetric, per output channel",
         "activations": "int8 symmetric, per tensor, at every conv input",
         "batchnorm_folded": folded,
     }
-    _set_int8_properties(out, quantization)
-    return out, q, quantization
 
 
 def _set_int8_properties(path: Path, quantization: dict) -> None:

@@ -270,18 +270,23 @@ def plot_groups(report: dict, path: Path) -> None:
 
 
 def _precision_lines(precisions: dict) -> list[str]:
-    """One row per file the model was written at (the fp32 export and any lowered copy)."""
+    """One row per file the model was written at (the fp32 export and any lowered copy), with
+    how it was made and its own mAP where --data was given."""
     if len(precisions) < 2:
         return []
     lines = [
-        "| precision | file | MB | parity vs PyTorch fp32 (tolerance) |",
-        "|---|---|---:|---|",
+        "| precision | file | how | MB | parity vs PyTorch (tolerance) | mAP@.5:.95 | mAP@.5 |",
+        "|---|---|---|---:|---|---:|---:|",
     ]
     for name, entry in precisions.items():
-        parity = entry["parity"]
+        parity, record = entry["parity"], entry.get("quantization") or {}
+        how = ", ".join(
+            str(record[k]).split(",")[0] for k in ("method", "calibrator", "qat") if k in record
+        )
+        maps = [f"{entry[k]:.4f}" if k in entry else "-" for k in ("map50_95", "map50")]
         lines.append(
-            f"| {name} | {entry['file']} | {entry['onnx_bytes'] / 1e6:.1f} | "
-            f"{parity['max_abs_diff']:.2e} ({parity['tolerance']:g}) |"
+            f"| {name} | {entry['file']} | {how or 'exported'} | {entry['onnx_bytes'] / 1e6:.1f} "
+            f"| {parity['max_abs_diff']:.2e} ({parity['tolerance']:g}) | {' | '.join(maps)} |"
         )
     return [*lines, ""]
 

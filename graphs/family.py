@@ -95,6 +95,10 @@ class ModelFamily(ABC):
         """Whether the head has an NMS-free one-to-one branch (exportable end to end)."""
         return False
 
+    def unquantized(self, model: nn.Module) -> list[nn.Module]:
+        """Modules INT8 quantization leaves in float (fixed arithmetic, not learned features)."""
+        return []
+
     @abstractmethod
     def deploy(self, model: nn.Module, mode: str, runtime_forms: bool) -> nn.Module:
         """Set, in place on a copy, the head's export form for ``mode`` (output0 only);
@@ -224,6 +228,12 @@ class UltralyticsFamily(ModelFamily):
         from yoloprune.graphs import ultralytics_family
 
         return ultralytics_family.has_one2one(model)
+
+    def unquantized(self, model: nn.Module) -> list[nn.Module]:
+        """The DFL: a fixed 1x1 conv with the bin values 0..reg_max-1 as weights, taking
+        probabilities (an expectation, not a feature map; TensorRT fuses it as float)."""
+        dfl = getattr(self.detect_head(model), "dfl", None)
+        return [dfl] if isinstance(dfl, nn.Module) and not isinstance(dfl, nn.Identity) else []
 
     def deploy(self, model: nn.Module, mode: str, runtime_forms: bool) -> nn.Module:
         from yoloprune.graphs import ultralytics_family

@@ -101,11 +101,12 @@ def _param_groups(model: nn.Module, settings: TrainSettings, lr: float, decay: f
                 bn_weights.append(p)
             else:
                 weights.append(p)
+    first = [{"params": bn_weights}]  # empty where BatchNorm was folded (QAT)
     if settings.optimizer == "sgd":
-        optimizer = torch.optim.SGD(bn_weights, lr=lr, momentum=settings.momentum, nesterov=True)
+        optimizer = torch.optim.SGD(first, lr=lr, momentum=settings.momentum, nesterov=True)
     else:
         optimizer = torch.optim.AdamW(
-            bn_weights, lr=lr, betas=(settings.momentum, 0.999), weight_decay=0.0
+            first, lr=lr, betas=(settings.momentum, 0.999), weight_decay=0.0
         )
     optimizer.add_param_group({"params": weights, "weight_decay": decay})
     optimizer.add_param_group({"params": biases, "weight_decay": 0.0})
@@ -217,7 +218,7 @@ def train(
         running = torch.zeros(len(names))
         for i, (images, targets, _) in enumerate(bar):
             step = i + len(batches) * epoch
-            if step <= warmup_iters:
+            if warmup_iters and step <= warmup_iters:  # none: the schedule from the start
                 _warmup(optimizer, settings, step, warmup_iters, lr0 * lf(epoch))
             images = images.to(device, non_blocking=True)
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):

@@ -76,9 +76,7 @@ def test_a_quantized_conv_in_onnx_runtime_equals_the_fake_quantized_one(tiny_mod
     from yoloprune.kernels.ort import OrtRunner
 
     record = CalibrationRecord()
-    model, _ = quantized(
-        tiny_model, "raw", calibration_batches(Calibration(images).files, 64, record)
-    )
+    model, _ = quantized(tiny_model, calibration_batches(Calibration(images).files, 64, record))
     conv = model.model[0].conv
     x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -135,7 +133,7 @@ def test_storing_weights_as_int8_changes_no_output(tmp_path, tiny_model, images)
     from yoloprune.kernels.ort import OrtRunner
 
     batches = calibration_batches(Calibration(images).files, 64, CalibrationRecord())
-    model, _ = quantized(tiny_model, "raw", batches)
+    model, _ = quantized(tiny_model, batches)
     runtime = export_onnx(model, tmp_path / "runtime.onnx", 64, simplify=False, mode="raw")
     proto = onnx.load(str(runtime))
     stored = store_int8_weights(proto)

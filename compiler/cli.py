@@ -205,6 +205,7 @@ def _precision_arg(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--precision-parity-tol",
+        dest="precision_parity_tolerance",
         type=float_in(0, 1e6),
         default=None,
         help="max allowed ORT-vs-PyTorch difference of the fp16/int8 file (default: fp16 1e-2, "
@@ -222,6 +223,14 @@ def _precision_arg(p: argparse.ArgumentParser) -> None:
         default=None,
         help="int8: how activation ranges are set from the calibration images: max (default), "
         "entropy (KL divergence, TensorRT's classic calibrator) or percentile (99.99 %%)",
+    )
+    p.add_argument(
+        "--int8-max-map-drop",
+        type=float_in(0, 1, open_low=False),
+        default=None,
+        help="int8: keep the convs whose quantization costs most mAP in float until the INT8 "
+        "model is within this mAP@.5:.95 of the float one (e.g. 0.005; measured on 64 images "
+        "of --data's val split; the report lists them)",
     )
 
 
@@ -603,8 +612,16 @@ def cmd_export(args) -> int:
     from yoloprune.graphs.files import signals_held
 
     flags = {"--data": args.data, "--calib-images": args.calib_images}
-    counts = {"--calib-count": args.calib_count, "--calib-method": args.calib_method}
-    refuse_unused_flags(args.precision, args.precision_parity_tol, {**flags, **counts})
+    counts = {
+        "--calib-count": args.calib_count,
+        "--calib-method": args.calib_method,
+        "--int8-max-map-drop": args.int8_max_map_drop,
+    }
+    refuse_unused_flags(args.precision, args.precision_parity_tolerance, {**flags, **counts})
+    if args.int8_max_map_drop is not None and args.data is None:
+        raise YoloPruneError(
+            "--int8-max-map-drop measures mAP: add --data data.yaml (its val split)"
+        )
     model, info = load_model(args.model)
     out = args.out or Path("runs/export") / f"{info.name}.onnx"
     if out.is_dir():
@@ -619,6 +636,13 @@ def cmd_export(args) -> int:
     calibration = calibration_for(
         args.precision, args.calib_images, args.data, args.calib_count, args.calib_method
     )
+    keep_float = None
+    if args.int8_max_map_drop is not None:
+        from yoloprune.compiler.sensitivity import Sensitivity, keeper
+        from yoloprune.compiler.train.data import read_data_yaml
+
+        sensitivity = Sensitivity(args.int8_max_map_drop)
+        keep_float = keeper(sensitivity, read_data_yaml(args.data), imgsz, mode)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         staged = {"fp32": Path(tmp) / out.name}  # every file appears together, or none
         parity = export_checked(
@@ -641,11 +665,12 @@ def cmd_export(args) -> int:
                 staged["fp32"],
                 imgsz,
                 args.precision,
-                tolerance=args.precision_parity_tol,
+                tolerance=args.precision_parity_tolerance,
                 threads=args.threads,
                 calibration=calibration,
                 mode=mode,
                 dynamic=args.dynamic,
+                keep_float=keep_float,
             )
             lines.append(
                 f"{args.precision}: parity {lowered.max_abs_diff:.2e} <= {lowered.tolerance:g}; "

@@ -80,6 +80,7 @@ class CompileOptions:
     calib_images: Path | None = None  # int8: a folder of calibration images (else --data's)
     calib_count: int | None = None  # int8: at most this many calibration images
     calib_method: str | None = None  # int8: how activation ranges are set (default max)
+    int8_max_map_drop: float | None = None  # int8: keep sensitive convs in float within this
     precision_parity_tolerance: float | None = None  # the lowered file's (default per precision)
 
     def __post_init__(self) -> None:
@@ -145,6 +146,7 @@ class CompileOptions:
             calibration=calibration_for(
                 self.precision, self.calib_images, self.data, self.calib_count, self.calib_method
             ),
+            sensitivity=sensitivity_for(self.int8_max_map_drop),
             target=target,
             constraints=self.constraints(),
             grouping=self.grouping_limits(),
@@ -212,8 +214,13 @@ class CompileOptions:
             "--calib-images": self.calib_images,
             "--calib-count": self.calib_count,
             "--calib-method": self.calib_method,
+            "--int8-max-map-drop": self.int8_max_map_drop,
         }
         refuse_unused_flags(self.precision, self.precision_parity_tolerance, flags)
+        if self.int8_max_map_drop is not None and self.data is None:
+            raise PlanError(
+                "--int8-max-map-drop measures mAP: add --data data.yaml (its val split)"
+            )
 
     def target(self) -> Target:
         given = [
@@ -262,6 +269,7 @@ _INT_RANGES = (
 _FLOAT_RANGES = (
     ("parity_tolerance", 0.0, 1e6, True),
     ("precision_parity_tolerance", 0.0, 1e6, True),
+    ("int8_max_map_drop", 0.0, 1.0, False),
     ("distill", 0.0, 1e6, False),
     ("lr0", 0.0, 10.0, True),
     ("group_seconds", 0.0, 86_400.0, True),
@@ -298,6 +306,15 @@ class CompileSettings:
     bench_runs: int
     parity_tolerance: float
     calibration: object = None  # compiler.quantize.Calibration with --precision int8
+    sensitivity: object = None  # compiler.sensitivity.Sensitivity with --int8-max-map-drop
+
+
+def sensitivity_for(max_map_drop: float | None):
+    if max_map_drop is None:
+        return None
+    from yoloprune.compiler.sensitivity import Sensitivity
+
+    return Sensitivity(max_map_drop)
 
 
 def planner_name(options: CompileOptions, target: Target) -> str:

@@ -418,6 +418,7 @@ def _precision_stage(job: Job) -> dict:
         mode=job["mode"],
         dynamic=options.dynamic,
         trained=job.artifacts.get("qat"),
+        keep_float=_sensitivity_step(job),
     )
     job["paths"][f"onnx_{precision}"] = path
     lowered = {
@@ -430,6 +431,17 @@ def _precision_stage(job: Job) -> dict:
         metrics = _eval_onnx(path, job["val"], job.data, options)
         lowered.update(map50_95=metrics.map50_95, map50=metrics.map50)
     return {"precisions": {precision: lowered}}
+
+
+def _sensitivity_step(job: Job):
+    """``--int8-max-map-drop``: the sensitivity pass on the job's val split, else None."""
+    sensitivity = job.options.settings.sensitivity
+    if sensitivity is None:
+        return None
+    from yoloprune.compiler.sensitivity import keep_sensitive, map_measure
+
+    measure = map_measure(job["val"], job.data.names, job["mode"], sensitivity.images)
+    return lambda model: keep_sensitive(model, measure, sensitivity)
 
 
 def _eval_onnx_stage(job: Job) -> dict:

@@ -87,13 +87,15 @@ def lower_checked(
     mode: str = "raw",
     dynamic: bool = False,
     trained=None,
+    keep_float=None,
 ) -> tuple[Path, Parity, dict]:
     """Lower the exported ``fp32_path`` to ``precision`` beside it (int8: quantized from
-    ``model`` on ``calibration``'s images, in export ``mode``, or the QAT result ``trained``)
-    and check ONNX Runtime on the lowered file against PyTorch (fp16: the fp32 model on seeded
-    noise; int8: the fake-quantized model on calibration images); the file appears only if
-    parity holds (tolerance: :data:`PARITY_TOLERANCES` unless given). Returns the path, the
-    parity and the file's ``quantization`` record."""
+    ``model`` on ``calibration``'s images, in export ``mode``, or the QAT result ``trained``;
+    ``keep_float``: the sensitivity pass) and check ONNX Runtime on the lowered file against
+    PyTorch (fp16: the fp32 model on seeded noise; int8: the fake-quantized model on
+    calibration images); the file appears only if parity holds (tolerance:
+    :data:`PARITY_TOLERANCES` unless given). Returns the path, the parity and the file's
+    ``quantization`` record."""
     if precision not in PRECISIONS or precision == "fp32":
         raise ExportError(f"--precision {precision}: lowering takes fp16 or int8")
     tolerance = PARITY_TOLERANCES[precision] if tolerance is None else tolerance
@@ -107,7 +109,14 @@ def lower_checked(
             from yoloprune.compiler.quantize import parity_images, to_int8
 
             _, reference, record = to_int8(
-                model, staged, imgsz, calibration, mode=mode, dynamic=dynamic, trained=trained
+                model,
+                staged,
+                imgsz,
+                calibration,
+                mode=mode,
+                dynamic=dynamic,
+                trained=trained,
+                keep_float=keep_float,
             )
             images, described = parity_images(calibration, imgsz)
         parity = check_parity(

@@ -17,7 +17,7 @@ import copy
 import io
 import json
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -265,17 +265,21 @@ def to_int8(
     mode: str,
     dynamic: bool = False,
     trained: QuantizationAwareTraining | None = None,
+    keep_float: Callable[[nn.Module], dict] | None = None,
 ) -> tuple[Path, nn.Module, dict]:
     """Write ``out``: the INT8 Q/DQ ONNX of ``model``, PTQ on ``calibration``'s images, or the
     model ``trained`` with its quantizers in the loop (QAT); returns the path, the fake-
     quantized PyTorch model it was exported from, and the record written to the file's
-    ``quantization`` metadata."""
+    ``quantization`` metadata. ``keep_float`` (compiler.sensitivity) may take convs out of
+    quantization before the export; what it returns is recorded as ``sensitivity``."""
     with warnings.catch_warnings():  # ModelOpt's export warns about integrations it lacks
         warnings.filterwarnings("ignore", message="Cannot find transformers package")
         if trained is None:
             q, quantization = post_training_quantized(model, imgsz, calibration)
         else:
             q, quantization = trained.quantized, dict(trained.record)
+        if keep_float is not None:
+            quantization["sensitivity"] = keep_float(q)
         export_onnx(q, out, imgsz, dynamic=dynamic, simplify=False, mode=mode)
     _set_int8_properties(out, quantization)
     return out, q, quantization

@@ -288,7 +288,26 @@ def _precision_lines(precisions: dict) -> list[str]:
             f"| {name} | {entry['file']} | {how or 'exported'} | {entry['onnx_bytes'] / 1e6:.1f} "
             f"| {parity['max_abs_diff']:.2e} ({parity['tolerance']:g}) | {' | '.join(maps)} |"
         )
-    return [*lines, ""]
+    return [*lines, "", *_sensitivity_lines(precisions.get("int8", {}).get("quantization"))]
+
+
+def _sensitivity_lines(record: dict | None) -> list[str]:
+    sensitivity = (record or {}).get("sensitivity")
+    if not sensitivity:
+        return []
+    kept = sensitivity["kept_in_float"]
+    text = (
+        f"INT8 sensitivity (mAP@.5:.95 on {sensitivity['images']} val images): float "
+        f"{sensitivity['map50_95_float']:.4f}, int8 {sensitivity['map50_95_int8']:.4f}, allowed "
+        f"drop {sensitivity['max_map_drop']:g}; "
+    )
+    if not kept:
+        return [text + "within it, every conv stays quantized.", ""]
+    convs = ", ".join(f"{k['conv']} ({k['map_cost_alone']:+.4f} alone)" for k in kept)
+    return [
+        text + f"kept in float: {convs}; int8 after: {sensitivity['map50_95_after']:.4f}.",
+        "",
+    ]
 
 
 def _ultralytics_checkpoint_lines(saved: dict | None) -> list[str]:

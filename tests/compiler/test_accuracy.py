@@ -156,3 +156,45 @@ Path({str(tmp_path)!r}, f"rank{{rank}}.json").write_text(json.dumps(
     assert ranks[0]["epochs"] == 1  # rank 0 records history
     # DDP keeps replicas identical: both ranks end with the same weights
     assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_quantization_aware_training_beats_post_training_quantization(embedded, shapes, tmp_path):
+    """One epoch with the INT8 quantizers in the loop (distilling from the fp32 model) recovers
+    mAP that PTQ's rounding lost, and the QAT file keeps the default int8 parity tolerance.
+    Measured here: fp32 0.8645, PTQ 0.8585, QAT 0.8613 (16 calibration images)."""
+    from yoloprune.compiler.precision import lower_checked
+    from yoloprune.compiler.quantize import Calibration, post_training_quantized
+    from yoloprune.compiler.train.qat import quantization_aware_training
+
+    calibration = Calibration(data=shapes.root / "data.yaml", count=16)
+    dataset = val_dataset(shapes, 256)
+    ptq, _ = post_training_quantized(embedded.model, 256, calibration)
+    settings = TrainSettings(
+        epochs=1,
+        batch=16,
+        nominal_batch=16,
+        imgsz=256,
+        optimizer="adamw",
+        lr0=0.0001,
+        momentum=0.9,
+        warmup_epochs=0.0,
+        distill=1.0,
+    )
+    qat = quantization_aware_training(
+        embedded.model,
+        embedded.info,
+        dataclasses.replace(shapes, val=()),
+        settings,
+        calibration,
+        teacher=embedded.model,
+        progress=False,
+    )
+    by_ptq = evaluate(torch_predictor(ptq), dataset, shapes.names, progress=False)
+    by_qat = evaluate(torch_predictor(qat.quantized), dataset, shapes.names, progress=False)
+    assert by_qat.map50_95 > by_ptq.map50_95 > 0.8
+    fp32 = export_onnx(qat.fp32, tmp_path / "qat.onnx", 256)
+    _, parity, record = lower_checked(
+        qat.fp32, fp32, 256, "int8", calibration=calibration, trained=qat
+    )
+    assert parity.ok and record["method"].startswith("QAT")

@@ -422,3 +422,44 @@ def test_iterative_mode_meets_the_target_with_a_replayable_plan(tmp_path, tiny6_
     a = torch.load(out / "tiny6-pruned.pt", weights_only=True)["state_dict"]
     b = torch.load(replay / "tiny6-pruned.pt", weights_only=True)["state_dict"]
     assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+
+
+def test_int8_with_epochs_is_quantization_aware_training(tmp_path, tiny6_yaml, shapes_data):
+    """--precision int8 --epochs N: the fine-tune runs with the quantizers in the loop; the
+    int8 file is that model (QAT in its metadata, its own mAP in the report), and the fp32
+    checkpoint holds the same weights in the model's own form (BatchNorms kept)."""
+    from yoloprune.graphs.checkpoint import load_model
+
+    out = tmp_path / "qat"
+    argv = ["compile", tiny6_yaml, "--imgsz", 64, "--macs", 0.5, "--out", out, "--no-bench"]
+    training = ["--data", shapes_data, "--epochs", 1, "--batch", 8, "--distill", 0.5]
+    int8 = ["--precision", "int8", "--calib-method", "entropy", "--int8-max-map-drop", 0.5]
+    # a random-init model's int8 outputs flip codes everywhere: parity of a trained one is
+    # checked at the default tolerance in tests/compiler/test_accuracy.py
+    assert run_cli(*argv, *training, *int8, "--precision-parity-tol", 100) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert "quantization-aware fine-tune" in report["seconds"]
+    assert "fine-tune" not in report["seconds"]  # one training, with the quantizers in it
+    lowered = report["precisions"]["int8"]
+    record = lowered["quantization"]
+    assert record["method"].startswith("QAT") and record["calibrator"].startswith("entropy")
+    assert record["qat"].startswith("1 epochs from PTQ") and record["calibration_images"] == 16
+    assert 0 <= lowered["map50_95"] <= 1 and "map50_95" in report["precisions"]["fp32"]
+    assert lowered["parity"]["tolerance"] == 100  # --precision-parity-tol reached the file
+    sensitivity = record["sensitivity"]  # the pass ran on the val split; nothing to keep
+    assert sensitivity["max_map_drop"] == 0.5 and sensitivity["kept_in_float"] == []
+    assert len(report["accuracy"]["finetune"]["history"]) == 1
+    model, _ = load_model(str(out / "tiny6-pruned.pt"))
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert "| int8 | tiny6-pruned.int8.onnx | QAT" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("argv", [["compile", "m.pt"], ["plan", "m.pt", "--out", "p.json"]])
+def test_every_flag_of_compile_and_plan_reaches_the_options(argv):
+    """A flag whose destination is not a CompileOptions field would be dropped silently
+    (--precision-parity-tol was, on compile)."""
+    from yoloprune.compiler.cli import build_parser
+    from yoloprune.compiler.options import CompileOptions
+
+    given = vars(build_parser().parse_args(argv))
+    assert set(given) - set(CompileOptions.__dataclass_fields__) == {"command"}

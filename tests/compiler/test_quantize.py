@@ -149,3 +149,48 @@ def test_storing_weights_as_int8_changes_no_output(tmp_path, tiny_model, images)
     with OrtRunner(runtime) as a, OrtRunner(tmp_path / "stored.onnx") as b:
         np.testing.assert_array_equal(a.infer(x)[0], b.infer(x)[0])
     assert (tmp_path / "stored.onnx").stat().st_size < 0.5 * runtime.stat().st_size
+
+
+def test_entropy_and_percentile_calibrators_narrow_the_activation_ranges(tiny_model, images):
+    """Histogram calibrators clip outliers: each conv input's range is at most the max
+    calibrator's; weights keep their max either way; the file records the method."""
+    files = Calibration(images).files
+    ranges = {}
+    for method in ("max", "entropy", "percentile"):
+        q, _ = quantized(tiny_model, calibration_batches(files, 64, CalibrationRecord()), method)
+        convs = [m for m in q.modules() if isinstance(m, torch.nn.Conv2d)]
+        ranges[method] = (
+            torch.stack([m.input_quantizer.amax.detach().reshape(()) for m in convs]),
+            torch.cat([m.weight_quantizer.amax.detach().flatten() for m in convs]),
+        )
+    for method in ("entropy", "percentile"):
+        inputs, weights = ranges[method]
+        assert (inputs <= ranges["max"][0] * (1 + 1e-6)).all()
+        assert (inputs < ranges["max"][0]).any()  # something was clipped
+        torch.testing.assert_close(weights, ranges["max"][1], rtol=0, atol=0)
+
+
+def test_calibration_method_is_recorded_and_bad_ones_refused(tmp_path, tiny_model, images, capsys):
+    _, _, record = to_int8(
+        tiny_model,
+        tmp_path / "m.int8.onnx",
+        64,
+        Calibration(images, method="percentile"),
+        mode="raw",
+    )
+    assert record["calibrator"].startswith("percentile (99.99")
+    argv = ["export", str(tmp_path / "tiny.yaml"), "--out", str(tmp_path / "x.onnx")]
+    assert main([*argv, "--calib-method", "entropy"]) == 2  # without int8
+    assert "--calib-method calibrate INT8" in capsys.readouterr().err
+    with pytest.raises(YoloPruneError, match="--calib-method median: use one of max"):
+        Calibration(images, method="median")
+
+
+def test_qat_is_refused_where_it_cannot_run(tiny_yaml, images, tmp_path):
+    data = tmp_path / "data.yaml"
+    data.write_text(f"path: {images}\ntrain: .\nval: .\nnames: [a, b, c]\n")
+    common = dict(precision="int8", epochs=2, data=data, calib_images=images)
+    with pytest.raises(YoloPruneError, match="drop --steps"):
+        CompileOptions(str(tiny_yaml), macs=0.5, steps=2, **common)
+    with pytest.raises(YoloPruneError, match="QAT would regrow the zeroed weights"):
+        CompileOptions(str(tiny_yaml), ratio=0.3, method="unstructured", **common)

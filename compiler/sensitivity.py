@@ -1,0 +1,134 @@
+"""INT8 sensitivity pass: keep in float the convs whose quantization costs the most mAP, until
+the INT8 model is within a stated mAP drop of the same model in float.
+
+Each quantized conv is measured alone (only its input and weight quantizers on, every other
+conv in float): its cost is the mAP@.5:.95 it loses on a fixed subset of the validation split.
+Then, most costly first, convs are taken out of quantization (their Q/DQ disappear from the
+ONNX, so TensorRT and ONNX Runtime run them in float) and the whole INT8 model is measured
+again, until the drop is within the tolerance or a quarter of the convs are kept. Labels are
+needed (mAP), so it runs where --data has a val split. The file's ``quantization`` metadata
+and the compile report list the kept convs with their costs.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from yoloprune.graphs.errors import PlanError
+
+DEFAULT_IMAGES = 64  # val images each measurement runs on (evenly spread)
+MAX_KEPT_SHARE = 0.25  # never keep more than this share of the quantized convs in float
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    max_map_drop: float  # mAP@.5:.95 the INT8 model may lose against the same model in float
+    images: int = DEFAULT_IMAGES
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_map_drop < 1:
+            raise PlanError(f"--int8-max-map-drop {self.max_map_drop:g}: must be in [0, 1)")
+
+
+def spread(dataset, count: int):
+    """A copy of ``dataset`` holding ``count`` of its samples, evenly spread, in order."""
+    step = max(1, len(dataset) // count)
+    picked = list(range(0, len(dataset), step))[:count]
+    subset = copy.copy(dataset)
+    subset.files = [dataset.files[i] for i in picked]
+    subset.labels = [dataset.labels[i] for i in picked]
+    subset.shapes = [dataset.shapes[i] for i in picked]
+    return subset
+
+
+def quantized_convs(model: nn.Module) -> dict[str, nn.Conv2d]:
+    """The convs with enabled INT8 quantizers, in network order."""
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Conv2d)
+        and getattr(m, "input_quantizer", None) is not None
+        and m.input_quantizer.is_enabled
+    }
+
+
+def _quantize(conv: nn.Conv2d, on: bool) -> None:
+    for quantizer in (conv.input_quantizer, conv.weight_quantizer):
+        quantizer.enable() if on else quantizer.disable()
+
+
+def keep_sensitive(
+    model: nn.Module,
+    measure: Callable[[nn.Module], float],
+    settings: Sensitivity,
+    progress: bool = True,
+) -> dict:
+    """Take the most mAP-costly convs of the fake-quantized ``model`` out of quantization, in
+    place, until ``measure(model)`` (mAP@.5:.95) is within ``settings.max_map_drop`` of the
+    model in float; returns the record of what was measured and kept."""
+    from tqdm import tqdm
+
+    convs = quantized_convs(model)
+    for conv in convs.values():
+        _quantize(conv, False)
+    in_float = measure(model)
+    for conv in convs.values():
+        _quantize(conv, True)
+    int8 = measure(model)
+    record = {
+        "max_map_drop": settings.max_map_drop,
+        "images": settings.images,
+        "map50_95_float": in_float,
+        "map50_95_int8": int8,
+        "kept_in_float": [],
+    }
+    if in_float - int8 <= settings.max_map_drop:
+        record["map50_95_after"] = int8
+        return record
+    costs = {}
+    for conv in convs.values():
+        _quantize(conv, False)
+    for name, conv in tqdm(convs.items(), desc="int8 sensitivity", disable=not progress or None):
+        _quantize(conv, True)
+        costs[name] = in_float - measure(model)
+        _quantize(conv, False)
+    for conv in convs.values():
+        _quantize(conv, True)
+    after, limit = int8, max(1, int(len(convs) * MAX_KEPT_SHARE))
+    for name in sorted(costs, key=costs.get, reverse=True)[:limit]:
+        _quantize(convs[name], False)
+        record["kept_in_float"].append({"conv": name, "map_cost_alone": costs[name]})
+        after = measure(model)
+        if in_float - after <= settings.max_map_drop:
+            break
+    record["map50_95_after"] = after
+    record["within_tolerance"] = in_float - after <= settings.max_map_drop
+    record["convs_measured"] = len(costs)
+    return record
+
+
+def map_measure(dataset, names, mode: str, images: int) -> Callable[[nn.Module], float]:
+    """mAP@.5:.95 of a PyTorch model (as exported in ``mode``) on ``images`` of ``dataset``."""
+    from yoloprune.compiler.evaluation.evaluate import evaluate, torch_predictor
+
+    subset = spread(dataset, images)
+
+    def measure(model: nn.Module) -> float:
+        return evaluate(torch_predictor(model, mode), subset, names, progress=False).map50_95
+
+    return measure
+
+
+def keeper(settings: Sensitivity, data, imgsz: int, mode: str) -> Callable[[nn.Module], dict]:
+    """The ``keep_float`` step of an INT8 export (compiler.quantize.to_int8): this pass on
+    ``data``'s val split (a DataConfig), measuring the model as exported in ``mode``."""
+    from yoloprune.compiler.evaluation.evaluate import val_dataset
+
+    if not data.val:
+        raise PlanError("--int8-max-map-drop measures mAP on the data YAML's 'val' split; add one")
+    measure = map_measure(val_dataset(data, imgsz), data.names, mode, settings.images)
+    return lambda model: keep_sensitive(model, measure, settings)

@@ -1,0 +1,96 @@
+"""INT8 sensitivity pass: the most mAP-costly convs are kept in float, until within tolerance."""
+
+import pytest
+
+from yoloprune.compiler.quantize import Calibration, CalibrationRecord, calibration_batches
+from yoloprune.compiler.quantize import quantized as fake_quantized
+from yoloprune.compiler.sensitivity import Sensitivity, keep_sensitive, quantized_convs, spread
+from yoloprune.graphs.errors import PlanError
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_model, tmp_path_factory):
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("sens")
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    batches = calibration_batches(Calibration(folder).files, 64, CalibrationRecord())
+    return fake_quantized(tiny_model, batches)[0]
+
+
+def stand_in_measure(costs: dict[str, float]):
+    """mAP 0.9 in float, minus a fixed cost per quantized conv: the pass sees only this."""
+    calls = []
+
+    def measure(model) -> float:
+        calls.append(1)
+        return 0.9 - sum(costs[name] for name in quantized_convs(model))
+
+    return measure, calls
+
+
+def test_the_most_costly_convs_are_kept_until_within_tolerance(quantized):
+    names = list(quantized_convs(quantized))
+    costs = dict.fromkeys(names, 0.0001)
+    costs[names[3]], costs[names[7]], costs[names[1]] = 0.02, 0.01, 0.004
+    measure, calls = stand_in_measure(costs)
+    record = keep_sensitive(quantized, measure, Sensitivity(0.01), progress=False)
+    kept = [entry["conv"] for entry in record["kept_in_float"]]
+    assert kept == [names[3], names[7]]  # most costly first; stops once within 0.01
+    assert record["map50_95_float"] == pytest.approx(0.9)
+    assert record["map50_95_int8"] == pytest.approx(0.9 - sum(costs.values()))
+    assert record["within_tolerance"] and 0.9 - record["map50_95_after"] <= 0.01
+    assert record["kept_in_float"][0]["map_cost_alone"] == pytest.approx(0.02)
+    assert set(quantized_convs(quantized)) == set(names) - set(kept)  # Q/DQ gone from those
+    assert len(calls) == 2 + len(names) + 2  # float, int8, one per conv, one per kept conv
+    for name in kept:  # restore for the other tests
+        conv = dict(quantized.named_modules())[name]
+        conv.input_quantizer.enable()
+        conv.weight_quantizer.enable()
+
+
+def test_nothing_is_kept_when_int8_is_within_tolerance(quantized):
+    names = list(quantized_convs(quantized))
+    measure, calls = stand_in_measure(dict.fromkeys(names, 0.0001))
+    record = keep_sensitive(quantized, measure, Sensitivity(0.05), progress=False)
+    assert record["kept_in_float"] == [] and len(calls) == 2
+
+
+def test_at_most_a_quarter_of_the_convs_are_kept(quantized):
+    names = list(quantized_convs(quantized))
+    measure, _ = stand_in_measure(dict.fromkeys(names, 0.01))
+    record = keep_sensitive(quantized, measure, Sensitivity(0.0), progress=False)
+    assert len(record["kept_in_float"]) == len(names) // 4 and not record["within_tolerance"]
+    for entry in record["kept_in_float"]:
+        conv = dict(quantized.named_modules())[entry["conv"]]
+        conv.input_quantizer.enable()
+        conv.weight_quantizer.enable()
+
+
+def test_spread_takes_evenly_spaced_samples_in_order():
+    class Samples:
+        def __init__(self):
+            self.files, self.labels = list(range(100)), [f"l{i}" for i in range(100)]
+            self.shapes = [(1, 1)] * 100
+
+        def __len__(self):
+            return len(self.files)
+
+    subset = spread(Samples(), 10)
+    assert subset.files == list(range(0, 100, 10)) and subset.labels[1] == "l10"
+
+
+def test_a_drop_needs_int8_and_data(tiny_yaml, tmp_path, capsys):
+    from yoloprune.compiler.cli import main
+    from yoloprune.compiler.options import CompileOptions
+
+    with pytest.raises(PlanError, match="--int8-max-map-drop calibrate INT8"):
+        CompileOptions(str(tiny_yaml), int8_max_map_drop=0.01)
+    with pytest.raises(PlanError, match=r"--int8-max-map-drop 1\.5: must be in"):
+        CompileOptions(str(tiny_yaml), int8_max_map_drop=1.5)
+    argv = ["export", str(tiny_yaml), "--out", str(tmp_path / "m.onnx"), "--precision", "int8"]
+    assert main([*argv, "--calib-images", str(tmp_path), "--int8-max-map-drop", "0.01"]) == 2
+    assert "--int8-max-map-drop measures mAP: add --data" in capsys.readouterr().err

@@ -280,9 +280,27 @@ def to_int8(
             q, quantization = trained.quantized, dict(trained.record)
         if keep_float is not None:
             quantization["sensitivity"] = keep_float(q)
+        snap_weights(q)
         export_onnx(q, out, imgsz, dynamic=dynamic, simplify=False, mode=mode)
     _set_int8_properties(out, quantization)
     return out, q, quantization
+
+
+def snap_weights(model: nn.Module) -> int:
+    """Replace, in place, each quantized conv's weight by its fake-quantized value (the same
+    outputs: fake quantization is idempotent), so the file's int8 codes are ModelOpt's.
+    ModelOpt rounds ``w * (127 / amax)``, a QuantizeLinear ``w / (amax / 127)``: a weight within
+    float rounding of a half step (1 in 512 of a YOLOv5n conv's) lands on another code, and one
+    such code moved a conv's output by 0.02; a snapped weight sits on its code. Returns how many
+    convs."""
+    snapped = 0
+    with torch.no_grad():
+        for module in model.modules():
+            quantizer = getattr(module, "weight_quantizer", None)
+            if isinstance(module, nn.Conv2d) and quantizer is not None and quantizer.is_enabled:
+                module.weight.copy_(quantizer(module.weight))
+                snapped += 1
+    return snapped
 
 
 def post_training_quantized(

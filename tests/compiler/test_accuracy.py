@@ -180,6 +180,7 @@ def test_quantization_aware_training_beats_post_training_quantization(embedded, 
         momentum=0.9,
         warmup_epochs=0.0,
         distill=1.0,
+        augment=False,
     )
     qat = quantization_aware_training(
         embedded.model,

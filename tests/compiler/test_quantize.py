@@ -194,3 +194,38 @@ def test_qat_is_refused_where_it_cannot_run(tiny_yaml, images, tmp_path):
         CompileOptions(str(tiny_yaml), macs=0.5, steps=2, **common)
     with pytest.raises(YoloPruneError, match="QAT would regrow the zeroed weights"):
         CompileOptions(str(tiny_yaml), ratio=0.3, method="unstructured", **common)
+
+
+def test_every_int8_weight_code_in_the_file_is_modelopts(tmp_path, tiny_model, images):
+    """ModelOpt rounds w * (127 / amax), QuantizeLinear w / (amax / 127): weights are snapped to
+    their fake-quantized values before export, so no code lands across a half step."""
+    from yoloprune.compiler.quantize import post_training_quantized
+
+    calibration = Calibration(images)
+    path, _, _ = to_int8(tiny_model, tmp_path / "m.int8.onnx", 64, calibration, mode="raw")
+    proto = onnx.load(str(path))
+    codes = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    fresh, _ = post_training_quantized(tiny_model, 64, calibration)  # not snapped
+    modules = dict(fresh.named_modules())
+    assert len(convs) == sum(isinstance(m, torch.nn.Conv2d) for m in modules.values())
+    for node in convs:
+        conv = modules[module_path(node.name)]
+        scale = conv.weight_quantizer.amax.detach().reshape(-1, 1, 1, 1) / 127
+        with torch.no_grad():
+            expected = torch.round(conv.weight_quantizer(conv.weight) / scale).numpy()
+        actual = codes[producers[node.input[1]].input[0]]
+        np.testing.assert_array_equal(actual, expected.astype(np.int8))
+
+
+def module_path(node_name: str) -> str:
+    """The module an exported node came from: /model.2/m/m.0/cv1/conv/Conv is model.2.m.0.cv1.conv
+    (a Sequential's scope repeats its name)."""
+    parts: list[str] = []
+    for segment in node_name.strip("/").split("/")[:-1]:
+        if parts and segment.startswith(parts[-1] + "."):
+            parts[-1] = segment
+        else:
+            parts.append(segment)
+    return ".".join(parts)

@@ -1,0 +1,155 @@
+"""INT8 sensitivity pass on the embedded models: which convs `--int8-max-map-drop D` keeps in
+float, what it costs each alone, the mAP of the whole INT8 ONNX file before and after, and its
+ONNX Runtime CPU latency (batch 1, interleaved) against the fully quantized and the fp32 files.
+
+    python benchmarks/int8_sensitivity.py [--drop 0.002] [--runs 30]
+Writes benchmarks/results/int8_sensitivity.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from yoloprune.compiler.evaluation.evaluate import evaluate, onnx_predictor, val_dataset  # noqa: E402
+from yoloprune.compiler.export import export_onnx  # noqa: E402
+from yoloprune.compiler.pipeline import prepare  # noqa: E402
+from yoloprune.compiler.precision import lower_checked  # noqa: E402
+from yoloprune.compiler.quantize import Calibration  # noqa: E402
+from yoloprune.compiler.sensitivity import Sensitivity, keeper  # noqa: E402
+from yoloprune.compiler.train.data import read_data_yaml  # noqa: E402
+from yoloprune.compiler.train.synthetic import SyntheticSpec, generate  # noqa: E402
+from yoloprune.graphs.files import write_text_atomic  # noqa: E402
+from yoloprune.kernels.ort import OrtRunner, machine_info, machine_text, order_text, time_runners  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+MODELS = [ROOT / "graphs" / "weights" / f"{name}-shapes.pt" for name in ("yolov5n", "yolov8n")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=ROOT / "runs" / "data" / "shapes")
+    parser.add_argument("--drop", type=float, default=0.002)
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument(
+        "--models", nargs="+", type=Path, default=[p for p in MODELS if p.is_file()]
+    )
+    args = parser.parse_args()
+    data_yaml = args.data / "data.yaml"
+    if not data_yaml.exists():
+        generate(args.data, SyntheticSpec())
+    data = read_data_yaml(data_yaml)
+    calibration = Calibration(data=data_yaml)
+    sensitivity = Sensitivity(args.drop)
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for checkpoint in args.models:
+            prepared = prepare(str(checkpoint))
+            imgsz, label = prepared.imgsz, checkpoint.stem
+            val = val_dataset(data, imgsz)
+            fp32 = export_onnx(prepared.model, Path(tmp) / f"{label}.onnx", imgsz)
+            full, _, _ = lower_checked(prepared.model, fp32, imgsz, "int8", calibration=calibration)
+            whole = Path(tmp) / f"{label}-all.int8.onnx"
+            full.rename(whole)
+            start = time.perf_counter()
+            keep = keeper(sensitivity, data, imgsz, "raw")
+            kept, parity, record = lower_checked(
+                prepared.model, fp32, imgsz, "int8", calibration=calibration, keep_float=keep
+            )
+            seconds = round(time.perf_counter() - start, 1)
+            files = {"fp32": fp32, "int8 (every conv)": whole, "int8 (sensitive kept)": kept}
+            maps = {}
+            for name, path in files.items():
+                with onnx_predictor(path) as predict:
+                    maps[name] = evaluate(predict, val, data.names, runtime="onnxruntime").map50_95
+            timings = measure(files, imgsz, args.runs)
+            rows[label] = {
+                "sensitivity": record["sensitivity"],
+                "seconds": seconds,
+                "parity": parity.to_dict(),
+                "files": {
+                    name: {
+                        "map50_95": maps[name],
+                        "onnx_bytes": path.stat().st_size,
+                        "latency_ms": timings[name].to_dict(),
+                    }
+                    for name, path in files.items()
+                },
+            }
+            print(label, json.dumps(rows[label]["sensitivity"]), maps)
+    result = {
+        "models": [str(p) for p in args.models],
+        "max_map_drop": args.drop,
+        "val_images": len(val),
+        "runtime": "onnxruntime (CPUExecutionProvider, ORT_ENABLE_ALL)",
+        "batch": 1,
+        "imgsz": imgsz,
+        "order": order_text(False),
+        "runs": args.runs,
+        "calibration": "PTQ, max, 256 train images",
+        "machine": machine_info(),
+        "rows": rows,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(RESULTS / "int8_sensitivity.json", json.dumps(result, indent=1) + "\n")
+    write_text_atomic(RESULTS / "int8_sensitivity.md", render(result))
+    print(render(result))
+
+
+def measure(files: dict, imgsz: int, runs: int) -> dict:
+    images = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
+    with contextlib.ExitStack() as active:
+        runners = {k: active.enter_context(OrtRunner(p)) for k, p in files.items()}
+        return time_runners(runners, images, runs, warmup=5)
+
+
+def render(result: dict) -> str:
+    m = result["machine"]
+    lines = [
+        "# INT8 sensitivity pass: sensitive convs kept in float",
+        "",
+        f"`--int8-max-map-drop {result['max_map_drop']:g}` on the embedded models, "
+        f"{result['calibration']}. Each conv's cost is measured alone on the pass's 64 val "
+        f"images; the mAP below is each ONNX file's on all {result['val_images']} synthetic val "
+        f"images. Latency: {result['runtime']}, batch {result['batch']}, {result['imgsz']} px, "
+        f"{m['cores_available']} threads, median of {result['runs']} runs, {result['order']}; "
+        f"{machine_text(m)}, onnxruntime {m['onnxruntime']}.",
+        "",
+    ]
+    for label, row in result["rows"].items():
+        s = row["sensitivity"]
+        kept = s["kept_in_float"]
+        lines += [
+            f"## {label}",
+            "",
+            f"On the pass's images: float {s['map50_95_float']:.4f}, int8 "
+            f"{s['map50_95_int8']:.4f}, after {s['map50_95_after']:.4f}; "
+            f"{len(kept)} conv(s) kept in float of {s.get('convs_measured', '-')} measured, "
+            f"{row['seconds']:.0f} s: "
+            + (", ".join(f"{k['conv']} ({k['map_cost_alone']:+.4f})" for k in kept) or "none")
+            + ".",
+            "",
+            "| file | mAP@.5:.95 (all val) | MB | median ms |",
+            "|---|---:|---:|---:|",
+        ]
+        for name, entry in row["files"].items():
+            lines.append(
+                f"| {name} | {entry['map50_95']:.4f} | {entry['onnx_bytes'] / 1e6:.2f} | "
+                f"{entry['latency_ms']['median_ms']:.2f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -534,6 +534,7 @@ def cmd_compile(args) -> int:
             f"{lowered['parity']['max_abs_diff']:.2e} <= {lowered['parity']['tolerance']:g}"
             f"{accuracy}"
         )
+        _warn_sensitivity((record or {}).get("sensitivity"))
     accuracy = report.get("accuracy", {}).get("map50_95", {})
     for stage, value in accuracy.items():
         print(f"mAP@.5:.95 {stage:<10} {value:.4f}")
@@ -600,6 +601,17 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def _warn_sensitivity(sensitivity: dict | None) -> None:
+    if sensitivity and not sensitivity["within_tolerance"]:
+        print(
+            f"WARNING: int8 mAP {sensitivity['map50_95_after']:.4f} is not within "
+            f"--int8-max-map-drop {sensitivity['max_map_drop']:g} of float "
+            f"{sensitivity['map50_95_float']:.4f}, with {len(sensitivity['kept_in_float'])} convs "
+            "(the cap: a quarter) kept in float",
+            file=sys.stderr,
+        )
+
+
 def cmd_export(args) -> int:
     import os
     import tempfile
@@ -641,8 +653,13 @@ def cmd_export(args) -> int:
         from yoloprune.compiler.sensitivity import Sensitivity, keeper
         from yoloprune.compiler.train.data import read_data_yaml
 
-        sensitivity = Sensitivity(args.int8_max_map_drop)
-        keep_float = keeper(sensitivity, read_data_yaml(args.data), imgsz, mode)
+        data = read_data_yaml(args.data)
+        if data.nc != info.nc:
+            raise YoloPruneError(
+                f"{args.data}: {data.nc} classes but {args.model} has {info.nc}; measure a "
+                "model on the data it was trained for"
+            )
+        keep_float = keeper(Sensitivity(args.int8_max_map_drop), data, imgsz, mode)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         staged = {"fp32": Path(tmp) / out.name}  # every file appears together, or none
         parity = export_checked(
@@ -660,7 +677,7 @@ def cmd_export(args) -> int:
             f"{parity.max_abs_diff:.2e} <= {parity.tolerance:g}; wrote {out}"
         ]
         if args.precision not in (None, "fp32"):
-            staged[args.precision], lowered, _ = lower_checked(
+            staged[args.precision], lowered, record = lower_checked(
                 model,
                 staged["fp32"],
                 imgsz,
@@ -676,6 +693,7 @@ def cmd_export(args) -> int:
                 f"{args.precision}: parity {lowered.max_abs_diff:.2e} <= {lowered.tolerance:g}; "
                 f"wrote {precision_path(out, args.precision)}"
             )
+            _warn_sensitivity(record.get("sensitivity"))
         with signals_held():
             for precision in PRECISIONS:  # siblings of an earlier export would not match
                 if precision not in staged:

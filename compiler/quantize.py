@@ -1,13 +1,15 @@
-"""Quantize pass: INT8 post-training quantization as explicit QuantizeLinear/DequantizeLinear in
-the ONNX (TensorRT 10/11 build it strongly typed; ONNX Runtime runs the same file here).
+"""Quantize pass: INT8 as explicit QuantizeLinear/DequantizeLinear in the ONNX (TensorRT 10/11
+build it strongly typed; ONNX Runtime runs the same file here).
 
 NVIDIA Model Optimizer's PyTorch quantization (``nvidia-modelopt``, ``modelopt.torch.
-quantization``) inserts the quantizers; we only choose what TensorRT's INT8 kernels want:
-BatchNorm folded into its conv first (TensorRT fuses them; a Q/DQ on unfolded weights would
-quantize the wrong tensor), symmetric int8 (zero point 0), per-output-channel weights,
-per-tensor activations at every conv input (where TensorRT fuses Q/DQ into the conv), ranges
-calibrated by their maximum over calibration images. Calibration needs images only (the data
-YAML's train split, or ``--calib-images DIR``), letterboxed as at inference; no labels.
+quantization``) inserts the quantizers; we choose what TensorRT's INT8 kernels want and run the
+calibration: BatchNorm folded into its conv first (TensorRT fuses them; a Q/DQ on unfolded
+weights would quantize the wrong tensor), symmetric int8 (zero point 0), per-output-channel
+weights, per-tensor activations at every conv input (where TensorRT fuses Q/DQ into the conv),
+activation ranges from calibration images by max, entropy or percentile. Calibration needs
+images only (the data YAML's train split, or ``--calib-images DIR``), letterboxed as at
+inference; no labels. The quantized model is PTQ as it stands, or the start of QAT
+(compiler.train.qat); compiler.sensitivity may keep costly convs in float before the export.
 """
 
 from __future__ import annotations
@@ -218,7 +220,10 @@ def quantized(
         quantizer.enable_calib()
     seen = 0
     with torch.no_grad():
-        q.train()
+        q.train()  # the training forward reaches every head branch; BatchNorms not folded
+        for module in q.modules():  # (v5.0's BottleneckCSP) keep their running statistics
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
         for images in batches:
             q(images)
             seen += len(images)
@@ -232,7 +237,10 @@ def quantized(
             else:
                 quantizer.load_calib_amax()
         except RuntimeError as exc:
-            raise ExportError(f"INT8 calibration: {name} saw no data ({first_line(exc)})") from exc
+            raise ExportError(
+                f"INT8 calibration: {name} saw no data ({first_line(exc)}); a module the "
+                "training forward does not run must be listed in its family's unquantized()"
+            ) from exc
         quantizer.enable_quant()
         quantizer.disable_calib()
     return q, folded
@@ -321,7 +329,7 @@ def _record(method: str, calibration: Calibration, record: CalibrationRecord, fo
         "calibration_images": record.used,
         "calibration_unreadable": record.unreadable,
         "weights": "int8 symmetric, per output channel",
-        "activations": "int8 symmetric, per tensor, at every conv input",
+        "activations": "int8 symmetric, per tensor, at conv inputs (not the DFL's)",
         "batchnorm_folded": folded,
     }
 

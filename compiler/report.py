@@ -304,8 +304,14 @@ def _sensitivity_lines(record: dict | None) -> list[str]:
     if not kept:
         return [text + "within it, every conv stays quantized.", ""]
     convs = ", ".join(f"{k['conv']} ({k['map_cost_alone']:+.4f} alone)" for k in kept)
+    verdict = (
+        "within the allowed drop"
+        if sensitivity["within_tolerance"]
+        else f"NOT within the allowed drop: the cap of {len(kept)} convs (a quarter) was reached"
+    )
     return [
-        text + f"kept in float: {convs}; int8 after: {sensitivity['map50_95_after']:.4f}.",
+        text + f"kept in float: {convs}; int8 after: {sensitivity['map50_95_after']:.4f}, "
+        f"{verdict}.",
         "",
     ]
 

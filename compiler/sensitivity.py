@@ -30,14 +30,14 @@ class Sensitivity:
     images: int = DEFAULT_IMAGES
 
     def __post_init__(self) -> None:
-        if not 0 <= self.max_map_drop < 1:
-            raise PlanError(f"--int8-max-map-drop {self.max_map_drop:g}: must be in [0, 1)")
+        if not 0 <= self.max_map_drop <= 1:
+            raise PlanError(f"--int8-max-map-drop {self.max_map_drop:g}: must be in [0, 1]")
 
 
 def spread(dataset, count: int):
     """A copy of ``dataset`` holding ``count`` of its samples, evenly spread, in order."""
-    step = max(1, len(dataset) // count)
-    picked = list(range(0, len(dataset), step))[:count]
+    picked = sorted({round(i * (len(dataset) - 1) / max(count - 1, 1)) for i in range(count)})
+    picked = picked if len(dataset) > count else list(range(len(dataset)))
     subset = copy.copy(dataset)
     subset.files = [dataset.files[i] for i in picked]
     subset.labels = [dataset.labels[i] for i in picked]
@@ -85,9 +85,10 @@ def keep_sensitive(
         "map50_95_float": in_float,
         "map50_95_int8": int8,
         "kept_in_float": [],
+        "convs_measured": 0,
     }
     if in_float - int8 <= settings.max_map_drop:
-        record["map50_95_after"] = int8
+        record.update(map50_95_after=int8, within_tolerance=True)
         return record
     costs = {}
     for conv in convs.values():

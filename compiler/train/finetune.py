@@ -83,7 +83,7 @@ class ModelEMA:
         source = _unwrap(model).state_dict()
         with torch.no_grad():
             for k, v in self.ema.state_dict().items():
-                if v.dtype.is_floating_point:
+                if v.dtype.is_floating_point and not k.endswith("_amax"):  # QAT ranges stay
                     v.mul_(d).add_(source[k].detach(), alpha=1 - d)
 
 

@@ -229,3 +229,21 @@ def module_path(node_name: str) -> str:
         else:
             parts.append(segment)
     return ".".join(parts)
+
+
+def test_calibration_keeps_the_statistics_of_batchnorms_it_does_not_fold(tiny_v50_model, images):
+    """v5.0's BottleneckCSP normalises a concat with its own BatchNorm (no conv to fold into):
+    calibration runs the training forward, but that BatchNorm must stay in eval mode."""
+    csp_bns = {
+        f"{name}.bn": (m.bn.running_mean.clone(), m.bn.running_var.clone())
+        for name, m in tiny_v50_model.named_modules()
+        if type(m).__name__ == "BottleneckCSP"
+    }
+    assert csp_bns  # the model has them
+    batches = calibration_batches(Calibration(images).files, 64, CalibrationRecord())
+    q, _ = quantized(tiny_v50_model, batches)
+    modules = dict(q.named_modules())
+    for name, (mean, var) in csp_bns.items():
+        assert isinstance(modules[name], torch.nn.BatchNorm2d) and not modules[name].training
+        assert torch.equal(modules[name].running_mean, mean)
+        assert torch.equal(modules[name].running_var, var)

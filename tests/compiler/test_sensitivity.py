@@ -1,5 +1,7 @@
 """INT8 sensitivity pass: the most mAP-costly convs are kept in float, until within tolerance."""
 
+import copy
+
 import pytest
 
 from yoloprune.compiler.quantize import Calibration, CalibrationRecord, calibration_batches
@@ -9,7 +11,7 @@ from yoloprune.graphs.errors import PlanError
 
 
 @pytest.fixture(scope="module")
-def quantized(tiny_model, tmp_path_factory):
+def quantized_once(tiny_model, tmp_path_factory):
     import numpy as np
     from PIL import Image
 
@@ -19,6 +21,12 @@ def quantized(tiny_model, tmp_path_factory):
         Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     batches = calibration_batches(Calibration(folder).files, 64, CalibrationRecord())
     return fake_quantized(tiny_model, batches)[0]
+
+
+@pytest.fixture
+def quantized(quantized_once):
+    """A fresh copy per test: the pass changes the model in place."""
+    return copy.deepcopy(quantized_once)
 
 
 def stand_in_measure(costs: dict[str, float]):
@@ -46,17 +54,13 @@ def test_the_most_costly_convs_are_kept_until_within_tolerance(quantized):
     assert record["kept_in_float"][0]["map_cost_alone"] == pytest.approx(0.02)
     assert set(quantized_convs(quantized)) == set(names) - set(kept)  # Q/DQ gone from those
     assert len(calls) == 2 + len(names) + 2  # float, int8, one per conv, one per kept conv
-    for name in kept:  # restore for the other tests
-        conv = dict(quantized.named_modules())[name]
-        conv.input_quantizer.enable()
-        conv.weight_quantizer.enable()
 
 
 def test_nothing_is_kept_when_int8_is_within_tolerance(quantized):
     names = list(quantized_convs(quantized))
     measure, calls = stand_in_measure(dict.fromkeys(names, 0.0001))
     record = keep_sensitive(quantized, measure, Sensitivity(0.05), progress=False)
-    assert record["kept_in_float"] == [] and len(calls) == 2
+    assert record["kept_in_float"] == [] and len(calls) == 2 and record["within_tolerance"]
 
 
 def test_at_most_a_quarter_of_the_convs_are_kept(quantized):
@@ -64,10 +68,6 @@ def test_at_most_a_quarter_of_the_convs_are_kept(quantized):
     measure, _ = stand_in_measure(dict.fromkeys(names, 0.01))
     record = keep_sensitive(quantized, measure, Sensitivity(0.0), progress=False)
     assert len(record["kept_in_float"]) == len(names) // 4 and not record["within_tolerance"]
-    for entry in record["kept_in_float"]:
-        conv = dict(quantized.named_modules())[entry["conv"]]
-        conv.input_quantizer.enable()
-        conv.weight_quantizer.enable()
 
 
 def test_spread_takes_evenly_spaced_samples_in_order():
@@ -80,7 +80,8 @@ def test_spread_takes_evenly_spaced_samples_in_order():
             return len(self.files)
 
     subset = spread(Samples(), 10)
-    assert subset.files == list(range(0, 100, 10)) and subset.labels[1] == "l10"
+    assert subset.files == [0, 11, 22, 33, 44, 55, 66, 77, 88, 99] and subset.labels[1] == "l11"
+    assert spread(Samples(), 500).files == list(range(100))  # fewer than asked: all of them
 
 
 def test_a_drop_needs_int8_and_data(tiny_yaml, tmp_path, capsys):

@@ -9,7 +9,6 @@ Writes benchmarks/results/int8_sensitivity.{json,md}.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import tempfile
@@ -19,8 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
-
+from benchmarks.precision import measure  # noqa: E402
 from yoloprune.compiler.evaluation.evaluate import evaluate, onnx_predictor, val_dataset  # noqa: E402
 from yoloprune.compiler.export import export_onnx  # noqa: E402
 from yoloprune.compiler.pipeline import prepare  # noqa: E402
@@ -30,7 +28,7 @@ from yoloprune.compiler.sensitivity import Sensitivity, keeper  # noqa: E402
 from yoloprune.compiler.train.data import read_data_yaml  # noqa: E402
 from yoloprune.compiler.train.synthetic import SyntheticSpec, generate  # noqa: E402
 from yoloprune.graphs.files import write_text_atomic  # noqa: E402
-from yoloprune.kernels.ort import OrtRunner, machine_info, machine_text, order_text, time_runners  # noqa: E402
+from yoloprune.kernels.ort import machine_info, machine_text, order_text  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 MODELS = [ROOT / "graphs" / "weights" / f"{name}-shapes.pt" for name in ("yolov5n", "yolov8n")]
@@ -104,13 +102,6 @@ def main() -> None:
     write_text_atomic(RESULTS / "int8_sensitivity.json", json.dumps(result, indent=1) + "\n")
     write_text_atomic(RESULTS / "int8_sensitivity.md", render(result))
     print(render(result))
-
-
-def measure(files: dict, imgsz: int, runs: int) -> dict:
-    images = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
-    with contextlib.ExitStack() as active:
-        runners = {k: active.enter_context(OrtRunner(p)) for k, p in files.items()}
-        return time_runners(runners, images, runs, warmup=5)
 
 
 def render(result: dict) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import sys
 import tempfile
@@ -204,19 +205,11 @@ def fine_tuned(prepared, checkpoint: Path, data_yaml: Path, data, epochs: int):
 
 
 def qat_settings(epochs: int, imgsz: int, lr0: float):
-    from yoloprune.compiler.train.finetune import TrainSettings
+    """accuracy.md's fine-tune, without warm-up, distilling from the unpruned model."""
+    from benchmarks.accuracy import finetune_settings
 
-    return TrainSettings(
-        epochs=epochs,
-        batch=16,
-        nominal_batch=16,
-        imgsz=imgsz,
-        optimizer="adamw",
-        lr0=lr0,
-        momentum=0.9,
-        warmup_epochs=0.0,
-        eval_every=epochs,
-        distill=1.0,
+    return dataclasses.replace(
+        finetune_settings(epochs, imgsz, lr0), warmup_epochs=0.0, distill=1.0
     )
 
 

@@ -272,20 +272,38 @@ def op_study(model, fp32: Path, imgsz: int, folder: Path) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
+    """One panel per embedded model: latency against mAP of each file, marker by file kind,
+    colour by unpruned or pruned."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, row in result["rows"].items():
-        marker = {"fp32": "o", "fp16": "s", "int8": "^"}[row["precision"]]
-        ax.scatter(row["latency_ms"]["median_ms"], row["map50_95"], marker=marker, s=50)
-        ax.annotate(key, (row["latency_ms"]["median_ms"], row["map50_95"]), fontsize=7)
-    ax.set_xlabel("ONNX Runtime CPU latency, batch 1 (median ms)")
-    ax.set_ylabel("mAP@.5:.95 (synthetic val)")
-    ax.set_title(f"Embedded models at {result['imgsz']} px: fp32, fp16, int8 ONNX")
-    ax.grid(alpha=0.3)
+    bases = sorted({row["model"].split()[0] for row in result["rows"].values()})
+    fig, axes = plt.subplots(1, len(bases), figsize=(5.5 * len(bases), 5.2), squeeze=False)
+    markers = {"fp32": "o", "fp16": "s", "int8 PTQ": "^", "int8 QAT": "v"}
+    for ax, base in zip(axes[0], bases, strict=True):
+        for key, row in result["rows"].items():
+            if not row["model"].startswith(base):
+                continue
+            kind = key.removeprefix(f"{row['model']} ")
+            pruned = "pruned" in row["model"]
+            ax.scatter(
+                row["latency_ms"]["median_ms"],
+                row["map50_95"],
+                marker=markers[kind],
+                s=60,
+                color="tab:orange" if pruned else "tab:blue",
+                label=f"{'pruned MACs 0.5, fine-tuned' if pruned else 'original'} {kind}",
+            )
+        ax.set_title(base)
+        ax.set_xlabel("ONNX Runtime CPU latency, batch 1 (median ms)")
+        ax.set_ylabel("mAP@.5:.95 (synthetic val)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=2)
+    fig.suptitle(
+        f"fp32, fp16 and int8 ONNX files at {result['imgsz']} px (CPU: INT8 is for TensorRT)"
+    )
     fig.tight_layout()
     with atomic_path(path) as temporary:
         fig.savefig(temporary, dpi=120, format="png")

@@ -229,8 +229,15 @@ def _precision_arg(p: argparse.ArgumentParser) -> None:
         type=float_in(0, 1, open_low=False),
         default=None,
         help="int8: keep the convs whose quantization costs most mAP in float until the INT8 "
-        "model is within this mAP@.5:.95 of the float one (e.g. 0.005; measured on 64 images "
-        "of --data's val split; the report lists them)",
+        "model is within this mAP@.5:.95 of the float one (e.g. 0.005; measured on "
+        "--int8-sensitivity-images of --data's val split; the report lists them)",
+    )
+    p.add_argument(
+        "--int8-sensitivity-images",
+        type=int_in(1, 1_000_000),
+        default=None,
+        help="val images the sensitivity pass measures each conv on, evenly spread (default "
+        "64; more is steadier and slower)",
     )
 
 
@@ -617,6 +624,7 @@ def cmd_export(args) -> int:
     import tempfile
 
     from yoloprune.compiler.export import DEFAULT_PARITY_TOLERANCE, export_checked, export_mode
+    from yoloprune.compiler.options import sensitivity_for
     from yoloprune.compiler.pipeline import check_imgsz
     from yoloprune.compiler.precision import PRECISIONS, lower_checked, precision_path
     from yoloprune.compiler.quantize import calibration_for, refuse_unused_flags
@@ -628,9 +636,11 @@ def cmd_export(args) -> int:
         "--calib-count": args.calib_count,
         "--calib-method": args.calib_method,
         "--int8-max-map-drop": args.int8_max_map_drop,
+        "--int8-sensitivity-images": args.int8_sensitivity_images,
     }
     refuse_unused_flags(args.precision, args.precision_parity_tolerance, {**flags, **counts})
-    if args.int8_max_map_drop is not None and args.data is None:
+    sensitivity = sensitivity_for(args.int8_max_map_drop, args.int8_sensitivity_images)
+    if sensitivity is not None and args.data is None:
         raise YoloPruneError(
             "--int8-max-map-drop measures mAP: add --data data.yaml (its val split)"
         )
@@ -649,8 +659,8 @@ def cmd_export(args) -> int:
         args.precision, args.calib_images, args.data, args.calib_count, args.calib_method
     )
     keep_float = None
-    if args.int8_max_map_drop is not None:
-        from yoloprune.compiler.sensitivity import Sensitivity, keeper
+    if sensitivity is not None:
+        from yoloprune.compiler.sensitivity import keeper
         from yoloprune.compiler.train.data import read_data_yaml
 
         data = read_data_yaml(args.data)
@@ -659,7 +669,7 @@ def cmd_export(args) -> int:
                 f"{args.data}: {data.nc} classes but {args.model} has {info.nc}; measure a "
                 "model on the data it was trained for"
             )
-        keep_float = keeper(Sensitivity(args.int8_max_map_drop), data, imgsz, mode)
+        keep_float = keeper(sensitivity, data, imgsz, mode)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         staged = {"fp32": Path(tmp) / out.name}  # every file appears together, or none
         parity = export_checked(

@@ -81,6 +81,7 @@ class CompileOptions:
     calib_count: int | None = None  # int8: at most this many calibration images
     calib_method: str | None = None  # int8: how activation ranges are set (default max)
     int8_max_map_drop: float | None = None  # int8: keep sensitive convs in float within this
+    int8_sensitivity_images: int | None = None  # val images the sensitivity pass measures on
     precision_parity_tolerance: float | None = None  # the lowered file's (default per precision)
 
     def __post_init__(self) -> None:
@@ -143,10 +144,10 @@ class CompileOptions:
                 table=self.latency_table,
             )
         return CompileSettings(
+            sensitivity=sensitivity_for(self.int8_max_map_drop, self.int8_sensitivity_images),
             calibration=calibration_for(
                 self.precision, self.calib_images, self.data, self.calib_count, self.calib_method
             ),
-            sensitivity=sensitivity_for(self.int8_max_map_drop),
             target=target,
             constraints=self.constraints(),
             grouping=self.grouping_limits(),
@@ -215,6 +216,7 @@ class CompileOptions:
             "--calib-count": self.calib_count,
             "--calib-method": self.calib_method,
             "--int8-max-map-drop": self.int8_max_map_drop,
+            "--int8-sensitivity-images": self.int8_sensitivity_images,
         }
         refuse_unused_flags(self.precision, self.precision_parity_tolerance, flags)
         if self.int8_max_map_drop is not None and self.data is None:
@@ -265,6 +267,7 @@ _INT_RANGES = (
     ("batch", 1, 4096),
     ("steps", 1, 100),
     ("calib_count", 1, 100_000),
+    ("int8_sensitivity_images", 1, 1_000_000),
 )
 _FLOAT_RANGES = (
     ("parity_tolerance", 0.0, 1e6, True),
@@ -309,12 +312,15 @@ class CompileSettings:
     sensitivity: object = None  # compiler.sensitivity.Sensitivity with --int8-max-map-drop
 
 
-def sensitivity_for(max_map_drop: float | None):
-    if max_map_drop is None:
-        return None
-    from yoloprune.compiler.sensitivity import Sensitivity
+def sensitivity_for(max_map_drop: float | None, images: int | None):
+    """The sensitivity pass's settings (None without a drop); images without a drop refused."""
+    from yoloprune.compiler.sensitivity import DEFAULT_IMAGES, Sensitivity
 
-    return Sensitivity(max_map_drop)
+    if max_map_drop is None:
+        if images is not None:
+            raise PlanError("--int8-sensitivity-images sizes the pass: add --int8-max-map-drop D")
+        return None
+    return Sensitivity(max_map_drop, DEFAULT_IMAGES if images is None else images)
 
 
 def planner_name(options: CompileOptions, target: Target) -> str:

@@ -95,3 +95,13 @@ def test_a_drop_needs_int8_and_data(tiny_yaml, tmp_path, capsys):
     argv = ["export", str(tiny_yaml), "--out", str(tmp_path / "m.onnx"), "--precision", "int8"]
     assert main([*argv, "--calib-images", str(tmp_path), "--int8-max-map-drop", "0.01"]) == 2
     assert "--int8-max-map-drop measures mAP: add --data" in capsys.readouterr().err
+
+
+def test_sensitivity_images_need_a_drop(tiny_yaml, tmp_path):
+    from yoloprune.compiler.options import CompileOptions
+
+    data = tmp_path / "d.yaml"
+    data.write_text(f"path: {tmp_path}\ntrain: .\nval: .\nnames: [a, b, c]\n")
+    common = dict(precision="int8", calib_images=tmp_path, data=data)
+    with pytest.raises(PlanError, match="--int8-sensitivity-images sizes the pass"):
+        CompileOptions(str(tiny_yaml), int8_sensitivity_images=128, **common)

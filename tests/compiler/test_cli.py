@@ -433,7 +433,7 @@ def test_int8_with_epochs_is_quantization_aware_training(tmp_path, tiny6_yaml, s
     out = tmp_path / "qat"
     argv = ["compile", tiny6_yaml, "--imgsz", 64, "--macs", 0.5, "--out", out, "--no-bench"]
     training = ["--data", shapes_data, "--epochs", 1, "--batch", 8, "--distill", 0.5]
-    int8 = ["--precision", "int8", "--calib-method", "entropy", "--int8-max-map-drop", 0.5]
+    int8 = ["--precision", "int8", "--calib-method", "percentile", "--int8-max-map-drop", 0.5]
     # a random-init model's int8 outputs flip codes everywhere: parity of a trained one is
     # checked at the default tolerance in tests/compiler/test_accuracy.py
     assert run_cli(*argv, *training, *int8, "--precision-parity-tol", 100) == 0
@@ -442,7 +442,7 @@ def test_int8_with_epochs_is_quantization_aware_training(tmp_path, tiny6_yaml, s
     assert "fine-tune" not in report["seconds"]  # one training, with the quantizers in it
     lowered = report["precisions"]["int8"]
     record = lowered["quantization"]
-    assert record["method"].startswith("QAT") and record["calibrator"].startswith("entropy")
+    assert record["method"].startswith("QAT") and record["calibrator"].startswith("percentile")
     assert record["qat"].startswith("1 epochs from PTQ") and record["calibration_images"] == 16
     assert 0 <= lowered["map50_95"] <= 1 and "map50_95" in report["precisions"]["fp32"]
     assert lowered["parity"]["tolerance"] == 100  # --precision-parity-tol reached the file

@@ -151,13 +151,29 @@ def test_storing_weights_as_int8_changes_no_output(tmp_path, tiny_model, images)
     assert (tmp_path / "stored.onnx").stat().st_size < 0.5 * runtime.stat().st_size
 
 
-def test_entropy_and_percentile_calibrators_narrow_the_activation_ranges(tiny_model, images):
+@pytest.fixture(scope="module")
+def three_convs():
+    """A YOLOv5 of three convs and a one-level head: ModelOpt's entropy search costs about a
+    second and a half per quantizer, which the tiny model's sixty would make a minute and a
+    half."""
+    from tests.helpers import randomized, tiny_cfg
+    from yoloprune.graphs.yolov5 import DetectionModel
+
+    cfg = tiny_cfg()
+    cfg["backbone"] = [[-1, 1, "Conv", [16, 6, 2, 2]], [-1, 1, "Conv", [32, 3, 2]]]
+    cfg["backbone"].append([-1, 1, "Conv", [32, 3, 2]])
+    cfg["head"] = [[[2], 1, "Detect", ["nc", "anchors"]]]
+    cfg["anchors"] = [[10, 13, 16, 30, 33, 23]]
+    return randomized(DetectionModel(cfg).eval(), seed=0)
+
+
+def test_entropy_and_percentile_calibrators_narrow_the_activation_ranges(three_convs, images):
     """Histogram calibrators clip outliers: each conv input's range is at most the max
     calibrator's; weights keep their max either way; the file records the method."""
     files = Calibration(images).files
     ranges = {}
     for method in ("max", "entropy", "percentile"):
-        q, _ = quantized(tiny_model, calibration_batches(files, 64, CalibrationRecord()), method)
+        q, _ = quantized(three_convs, calibration_batches(files, 64, CalibrationRecord()), method)
         convs = [m for m in q.modules() if isinstance(m, torch.nn.Conv2d)]
         ranges[method] = (
             torch.stack([m.input_quantizer.amax.detach().reshape(()) for m in convs]),

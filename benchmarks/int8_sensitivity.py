@@ -18,20 +18,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.precision import measure  # noqa: E402
+from benchmarks.precision import MODELS, measure, shapes  # noqa: E402
 from yoloprune.compiler.evaluation.evaluate import evaluate, onnx_predictor, val_dataset  # noqa: E402
 from yoloprune.compiler.export import export_onnx  # noqa: E402
 from yoloprune.compiler.pipeline import prepare  # noqa: E402
 from yoloprune.compiler.precision import lower_checked  # noqa: E402
 from yoloprune.compiler.quantize import Calibration  # noqa: E402
 from yoloprune.compiler.sensitivity import Sensitivity, keeper  # noqa: E402
-from yoloprune.compiler.train.data import read_data_yaml  # noqa: E402
-from yoloprune.compiler.train.synthetic import SyntheticSpec, generate  # noqa: E402
 from yoloprune.graphs.files import write_text_atomic  # noqa: E402
 from yoloprune.kernels.ort import machine_info, machine_text, order_text  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-MODELS = [ROOT / "graphs" / "weights" / f"{name}-shapes.pt" for name in ("yolov5n", "yolov8n")]
 
 
 def main() -> None:
@@ -43,10 +40,7 @@ def main() -> None:
         "--models", nargs="+", type=Path, default=[p for p in MODELS if p.is_file()]
     )
     args = parser.parse_args()
-    data_yaml = args.data / "data.yaml"
-    if not data_yaml.exists():
-        generate(args.data, SyntheticSpec())
-    data = read_data_yaml(data_yaml)
+    data_yaml, data = shapes(args.data)
     calibration = Calibration(data=data_yaml)
     sensitivity = Sensitivity(args.drop)
     rows = {}

@@ -72,10 +72,7 @@ def main() -> None:
         help="trained checkpoints on the shapes data (default: the embedded ones)",
     )
     args = parser.parse_args()
-    data_yaml = args.data / "data.yaml"
-    if not data_yaml.exists():
-        generate(args.data, SyntheticSpec())
-    data = read_data_yaml(data_yaml)
+    data_yaml, data = shapes(args.data)
     calibration = Calibration(data=data_yaml)
     entries, imgsz, first_pruned, seconds = [], None, None, {}
     for checkpoint in args.models:
@@ -171,6 +168,14 @@ def main() -> None:
     plot(result, RESULTS / "precision.png")
     write_text_atomic(RESULTS / "precision.md", render(result, "precision.png"))
     print(render(result, "precision.png"))
+
+
+def shapes(folder: Path):
+    """The synthetic shapes set in ``folder`` (generated if missing): its YAML and config."""
+    data_yaml = folder / "data.yaml"
+    if not data_yaml.exists():
+        generate(folder, SyntheticSpec())
+    return data_yaml, read_data_yaml(data_yaml)
 
 
 # The issue's accuracy targets, as a share of the same model's fp32 file's mAP@.5:.95.

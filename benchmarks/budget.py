@@ -49,7 +49,7 @@ from yoloprune.compiler.pipeline import CompileOptions, prepare  # noqa: E402
 from yoloprune.compiler.train.data import read_data_yaml  # noqa: E402
 from yoloprune.compiler.train.finetune import train  # noqa: E402
 from yoloprune.compiler.train.synthetic import SyntheticSpec, generate  # noqa: E402
-from yoloprune.graphs.files import atomic_path, write_text_atomic  # noqa: E402
+from yoloprune.graphs.files import save_png_atomic, write_text_atomic  # noqa: E402
 from yoloprune.kernels.ort import machine_info  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -236,10 +236,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title(f"MACs kept {result['settings']['macs']}, embedded YOLOv5n, synthetic val")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as temporary:
-        fig.savefig(temporary, dpi=120, format="png")
-    plt.close(fig)
+    save_png_atomic(fig, path)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from yoloprune.compiler.bench import BenchSettings, time_models  # noqa: E402
 from yoloprune.compiler.pipeline import CompileOptions, prepare, prune_in_memory  # noqa: E402
 from yoloprune.graphs.errors import PlanError  # noqa: E402
-from yoloprune.graphs.files import atomic_path  # noqa: E402
+from yoloprune.graphs.files import save_png_atomic  # noqa: E402
 from yoloprune.kernels.ort import machine_info  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -168,10 +168,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title(f"{result['runtime']} {result['precision']}, {result['imgsz']} px")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path) as temporary:
-        fig.savefig(temporary, dpi=120, format="png")
-    plt.close(fig)
+    save_png_atomic(fig, path)
 
 
 def render(result: dict, image: str) -> str:

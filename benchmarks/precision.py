@@ -44,7 +44,7 @@ from yoloprune.compiler.quantize import Calibration  # noqa: E402
 from yoloprune.compiler.train.data import read_data_yaml  # noqa: E402
 from yoloprune.compiler.train.qat import quantization_aware_training  # noqa: E402
 from yoloprune.compiler.train.synthetic import SyntheticSpec, generate  # noqa: E402
-from yoloprune.graphs.files import atomic_path, write_text_atomic  # noqa: E402
+from yoloprune.graphs.files import save_png_atomic, write_text_atomic  # noqa: E402
 from yoloprune.kernels.ort import OrtRunner, machine_info, machine_text, order_text, time_runners  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -309,10 +309,7 @@ def plot(result: dict, path: Path) -> None:
     fig.suptitle(
         f"fp32, fp16 and int8 ONNX files at {result['imgsz']} px (CPU: INT8 is for TensorRT)"
     )
-    fig.tight_layout()
-    with atomic_path(path) as temporary:
-        fig.savefig(temporary, dpi=120, format="png")
-    plt.close(fig)
+    save_png_atomic(fig, path)
 
 
 def render(result: dict, image: str) -> str:

@@ -39,6 +39,17 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def save_png_atomic(figure, path: Path, dpi: int = 120) -> None:
+    """Lay out a matplotlib ``figure``, write it to ``path`` as PNG through
+    :func:`atomic_path`, and close it."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=dpi, format="png")
+    plt.close(figure)
+
+
 @contextlib.contextmanager
 def signals_held() -> Iterator[None]:
     """Defer SIGINT and SIGTERM until the block ends (main thread only; elsewhere a no-op): for

@@ -201,7 +201,8 @@ def _precision_arg(p: argparse.ArgumentParser) -> None:
         "--calib-images",
         type=Path,
         default=None,
-        help="int8: a folder of calibration images (default: --data's train split; no labels)",
+        help="a folder of images for reconstruction (compile) and INT8 calibration (default: "
+        "--data's train split; no labels)",
     )
     p.add_argument(
         "--precision-parity-tol",
@@ -353,12 +354,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="data YAML (yolov5 format): mAP before/after pruning is reported",
     )
     acc.add_argument(
-        "--no-recalibrate",
-        dest="recalibrate",
+        "--no-reconstruct",
+        dest="reconstruct",
         action="store_false",
-        help="keep the original BatchNorm statistics after pruning (default: re-estimate them "
-        "on 20 batches of --data's training images, which restores much of the accuracy "
-        "pruning costs before any fine-tuning)",
+        help="keep the kept weights as they were (default: wherever images are at hand, "
+        "--calib-images or --data's train split, re-fit each pruned conv to reproduce the "
+        "original's outputs: one-shot, no labels, no training)",
+    )
+    acc.add_argument(
+        "--reconstruct-images",
+        type=int_in(1, 100_000),
+        default=None,
+        help="images reconstruction fits on, spread over the set (default 128)",
+    )
+    acc.add_argument(
+        "--recalibrate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="re-estimate BatchNorm statistics on 20 batches of --data's training images after "
+        "pruning (default: only where no reconstruction ran; it sets the BatchNorms itself)",
     )
     acc.add_argument(
         "--epochs",
@@ -542,6 +556,13 @@ def cmd_compile(args) -> int:
             f"{accuracy}"
         )
         _warn_sensitivity((record or {}).get("sensitivity"))
+    rebuilt = report.get("reconstruction")
+    if rebuilt:
+        print(
+            f"reconstructed {rebuilt['convs_fitted']} convs on {rebuilt['images']} unlabeled "
+            f"images in {rebuilt['seconds']:.1f} s (head output error "
+            f"{rebuilt['head_error_before']:.3f} -> {rebuilt['head_error_after']:.3f})"
+        )
     accuracy = report.get("accuracy", {}).get("map50_95", {})
     for stage, value in accuracy.items():
         print(f"mAP@.5:.95 {stage:<10} {value:.4f}")

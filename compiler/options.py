@@ -65,7 +65,11 @@ class CompileOptions:
     distill: float | None = None
     optimizer: str | None = None
     lr0: float | None = None
-    recalibrate: bool = True  # with --data: re-estimate BatchNorm statistics after pruning
+    # re-estimate BatchNorm statistics on --data's train split after pruning (default: where
+    # no reconstruction runs)
+    recalibrate: bool | None = None
+    reconstruct: bool = True  # re-fit the kept weights on calibration images (--data's, or
+    reconstruct_images: int | None = None  # --calib-images) after pruning; how many images
     steps: int | None = None  # iterative mode: prune in this many steps, fine-tuning between
     speedup: float | None = None  # latency-aware: measured baseline / pruned latency
     latency_ms: float | None = None  # latency-aware: a budget in milliseconds
@@ -77,7 +81,7 @@ class CompileOptions:
     # ultralytics: let split blocks' halves differ (the pruned file then needs yoloprune)
     allow_custom_modules: bool = False
     precision: str | None = None  # also lower the exported ONNX to this precision (fp16, int8)
-    calib_images: Path | None = None  # int8: a folder of calibration images (else --data's)
+    calib_images: Path | None = None  # reconstruction, int8: a folder of images (else --data's)
     calib_count: int | None = None  # int8: at most this many calibration images
     calib_method: str | None = None  # int8: how activation ranges are set (default max)
     int8_max_map_drop: float | None = None  # int8: keep sensitive convs in float within this
@@ -143,7 +147,14 @@ class CompileOptions:
                 spinning=self.spinning,
                 table=self.latency_table,
             )
+        reconstruction = self.reconstruction()
+        if self.calib_images is not None and reconstruction is None and self.precision != "int8":
+            raise PlanError(
+                f"--calib-images {self.calib_images} feeds reconstruction and INT8 calibration; "
+                "neither runs here: drop it (or --no-reconstruct, or add --precision int8)"
+            )
         return CompileSettings(
+            reconstruction=reconstruction,
             sensitivity=sensitivity_for(self.int8_max_map_drop, self.int8_sensitivity_images),
             calibration=calibration_for(
                 self.precision, self.calib_images, self.data, self.calib_count, self.calib_method
@@ -212,7 +223,6 @@ class CompileOptions:
                     "the zeroed weights; drop --epochs (PTQ) or --precision"
                 )
         flags = {
-            "--calib-images": self.calib_images,
             "--calib-count": self.calib_count,
             "--calib-method": self.calib_method,
             "--int8-max-map-drop": self.int8_max_map_drop,
@@ -242,6 +252,41 @@ class CompileOptions:
             return Target(*given[0])
         return Target("macs", DEFAULT_MACS)
 
+    def reconstruction(self):
+        """One-shot reconstruction's settings and images (None where it does not run): on by
+        default whenever images are at hand (``--calib-images``, else ``--data``'s train
+        split) and channels are removed."""
+        from yoloprune.compiler.reconstruct import Reconstruction, ReconstructSettings
+
+        images = self.reconstruct_images
+        if not self.reconstruct:
+            if images is not None:
+                raise PlanError("--reconstruct-images sizes reconstruction: drop --no-reconstruct")
+            return None
+        if self.method != "structured":
+            if images is not None:
+                raise PlanError(
+                    "--method unstructured keeps every weight as it is: drop --reconstruct-images"
+                )
+            return None
+        if self.calib_images is not None:
+            source = Reconstruction(self.calib_images, None, ReconstructSettings(seed=self.seed))
+        elif self.data is not None and _has_train_split(self.data):
+            source = Reconstruction(None, Path(self.data), ReconstructSettings(seed=self.seed))
+        elif images is not None:
+            raise PlanError(
+                "--reconstruct-images: reconstruction reads images; add --calib-images DIR "
+                "or --data data.yaml (its train split)"
+            )
+        else:
+            return None
+        if images is not None:
+            source = dataclasses.replace(
+                source, settings=dataclasses.replace(source.settings, images=images)
+            )
+        source.files  # noqa: B018  (a missing or empty source fails now)
+        return source
+
     def grouping_limits(self) -> GroupingLimits:
         defaults = GroupingLimits()
         return GroupingLimits(
@@ -268,6 +313,7 @@ _INT_RANGES = (
     ("steps", 1, 100),
     ("calib_count", 1, 100_000),
     ("int8_sensitivity_images", 1, 1_000_000),
+    ("reconstruct_images", 1, 100_000),
 )
 _FLOAT_RANGES = (
     ("parity_tolerance", 0.0, 1e6, True),
@@ -310,6 +356,13 @@ class CompileSettings:
     parity_tolerance: float
     calibration: object = None  # compiler.quantize.Calibration with --precision int8
     sensitivity: object = None  # compiler.sensitivity.Sensitivity with --int8-max-map-drop
+    reconstruction: object = None  # compiler.reconstruct.Reconstruction where it runs
+
+
+def _has_train_split(data: Path) -> bool:
+    from yoloprune.compiler.train.data import read_data_yaml
+
+    return bool(read_data_yaml(data).train)
 
 
 def sensitivity_for(max_map_drop: float | None, images: int | None):

@@ -324,10 +324,7 @@ def _evaluation(model_key: str, label: str) -> Callable[[Job], dict]:
 
 
 def _iterative_stage(job: Job) -> dict:
-    plan, pruned, training, recalibrated = _iterative(
-        job["prepared"], job.options, job.data, job.staging
-    )
-    return {"plan": plan, "pruned": pruned, "training": training, "recalibrated": recalibrated}
+    return _iterative(job["prepared"], job.options, job.data, job.staging)
 
 
 def _finetune_stage(job: Job) -> dict:
@@ -351,6 +348,33 @@ def _qat_stage(job: Job) -> dict:
         teacher=prepared.model if settings.distill else None,
     )
     return {"training": qat.training, "pruned": qat.fp32, "qat": qat}
+
+
+def _reconstruct_stage(job: Job) -> dict:
+    """The pruned model re-fitted to the original's layer outputs on unlabeled images."""
+    prepared, plan = job["prepared"], job["plan"]
+    return {
+        "reconstructed": _reconstruct(prepared.model, job["pruned"], plan, prepared, job.options)
+    }
+
+
+def _reconstruct(original, pruned, plan: PruningPlan, prepared: Prepared, options) -> dict:
+    from yoloprune.compiler.reconstruct import reconstruct_pruned
+
+    return reconstruct_pruned(
+        original,
+        pruned,
+        lambda model: apply_plan(model, plan),
+        options.settings.reconstruction,
+        prepared.imgsz,
+        fixed=family_named(prepared.info.family).unquantized(pruned),
+    )
+
+
+def _recalibrate(model, options: CompileOptions, imgsz: int) -> int:
+    from yoloprune.compiler.train.recalibrate import recalibrate_on_data
+
+    return recalibrate_on_data(model, options.data, imgsz, seed=options.seed)
 
 
 def _save_stage(job: Job) -> dict:
@@ -476,6 +500,7 @@ def _report_stage(job: Job) -> dict:
         job.data,
         job.artifacts.get("recalibrated", 0),
     )
+    report["reconstruction"] = job.artifacts.get("reconstructed")
     fp32 = {
         "file": paths["onnx"].name,
         "onnx_bytes": paths["onnx"].stat().st_size,
@@ -531,6 +556,15 @@ STAGES: tuple[Stage, ...] = (
         requires=("prepared", "plan"),
         ensures=("pruned",),
         when=_one_shot,
+    ),
+    Stage(
+        "reconstruct",
+        _reconstruct_stage,
+        requires=("prepared", "plan", "pruned"),
+        ensures=("reconstructed",),
+        when=lambda options, data: (
+            _one_shot(options, data) and options.settings.reconstruction is not None
+        ),
     ),
     Stage(
         "recalibrate",
@@ -615,14 +649,14 @@ def compile_model(options: CompileOptions) -> dict:
 
 
 # The stages that build the pruned model in memory (nothing written, no evaluation).
-IN_MEMORY_STAGES = ("load + graph", "score + plan", "apply", "recalibrate")
+IN_MEMORY_STAGES = ("load + graph", "score + plan", "apply", "reconstruct", "recalibrate")
 
 
 def prune_in_memory(options: CompileOptions, prepared: Prepared | None = None) -> Job:
     """Run the compile's own in-memory stages on ``options`` (load + graph unless ``prepared``
-    is given, then score + plan, apply, recalibrate where compile would): the model compile
-    would write, built the same way, for benchmarks and notebooks. Returns the job (its
-    ``plan``, ``pruned``, ``recalibrated`` artifacts)."""
+    is given, then score + plan, apply, reconstruct and recalibrate where compile would): the
+    model compile would write, built the same way, for benchmarks and notebooks. Returns the job
+    (its ``plan``, ``pruned``, ``reconstructed``, ``recalibrated`` artifacts)."""
     if _iterative_mode(options, None):
         raise PlanError("prune_in_memory runs one-shot compiles; --steps needs compile itself")
     data = _data_for(options)
@@ -667,14 +701,13 @@ def _data_for(options: CompileOptions):
 
 def _recalibrates(options: CompileOptions, data) -> bool:
     """BatchNorm statistics are re-estimated after structured pruning when training images are
-    at hand; the unstructured baseline stays as yolov5's torch_utils.prune leaves it."""
-    return bool(data and data.train) and options.recalibrate and options.method == "structured"
-
-
-def _recalibrate(model, options: CompileOptions, imgsz: int) -> int:
-    from yoloprune.compiler.train.recalibrate import recalibrate_on_data
-
-    return recalibrate_on_data(model, options.data, imgsz, seed=options.seed)
+    at hand and no reconstruction ran (it sets each BatchNorm's shift itself, and measured
+    better without re-estimation; ``--recalibrate`` asks for both); the unstructured baseline
+    stays as yolov5's torch_utils.prune leaves it."""
+    wanted = options.recalibrate
+    if wanted is None:
+        wanted = options.settings.reconstruction is None
+    return bool(data and data.train) and wanted and options.method == "structured"
 
 
 def _val_dataset(data, imgsz: int):
@@ -714,12 +747,13 @@ def _finetune(pruned, prepared: Prepared, data, options: CompileOptions, staging
 def _iterative(prepared: Prepared, options: CompileOptions, data, staging: Path):
     """Prune in ``options.steps`` equal steps (geometric in MACs or channels kept), scoring the
     current model at each step and fine-tuning it between steps (epochs split evenly), with the
-    original as teacher; BatchNorm statistics are re-estimated after each step's surgery. Returns
-    the composed plan (against the original), the model, the last training and the images each
-    recalibration saw (0: none)."""
+    original as teacher; after each step's surgery the step's model is reconstructed from the one
+    before it and/or its BatchNorm statistics re-estimated, as a one-shot compile would. Returns
+    the artifacts: the composed plan (against the original), the model, the last training, the
+    images each recalibration saw (0: none) and the last step's reconstruction record."""
     k, target = options.steps, options.settings.target
     epochs = math.ceil(options.epochs / k) if options.epochs else None
-    current, composed, training, recalibrated = prepared, None, None, 0
+    current, composed, training, recalibrated, reconstructed = prepared, None, None, 0, None
     macs_original = None
     for i in range(1, k + 1):
         macs_now = mac_counter(current).macs()
@@ -731,6 +765,8 @@ def _iterative(prepared: Prepared, options: CompileOptions, data, staging: Path)
             step_options = dataclasses.replace(options, ratio=1 - (1 - target.value) ** (1 / k))
         plan = plan_for(current, step_options)
         model = apply_plan(current.model, plan)
+        if options.settings.reconstruction is not None:
+            reconstructed = _reconstruct(current.model, model, plan, current, options)
         if _recalibrates(options, data):
             recalibrated = _recalibrate(model, options, prepared.imgsz)
         composed = plan if composed is None else composed.then(plan)
@@ -747,7 +783,11 @@ def _iterative(prepared: Prepared, options: CompileOptions, data, staging: Path)
         target={"kind": target.kind, "value": target.value, "steps": k},
         macs_before=macs_original,
     )
-    return composed, current.model, training, recalibrated
+    made = {"plan": composed, "pruned": current.model, "training": training}
+    made["recalibrated"] = recalibrated
+    if reconstructed is not None:
+        made["reconstructed"] = reconstructed
+    return made
 
 
 def _keep_sparsity(model, plan: PruningPlan):

@@ -163,6 +163,7 @@ def render_markdown(report: dict) -> str:
         f"{'yes' if report['alignment']['all_pruned_groups_aligned'] else 'NO'}.",
         "",
     ]
+    lines += _reconstruction_lines(report.get("reconstruction"))
     lines += _accuracy_lines(report.get("accuracy") or {})
     if report.get("sparsity"):
         lines += [
@@ -219,6 +220,30 @@ STAGES = {
     "finetuned": "pruned + fine-tuned",
     "onnx": "deployed ONNX (ONNX Runtime)",
 }
+
+
+def _reconstruction_lines(record: dict | None) -> list[str]:
+    if not record:
+        return [
+            "Reconstruction: none (it needs images: `--data` or `--calib-images`; "
+            "`--no-reconstruct` turns it off).",
+            "",
+        ]
+    return [
+        f"Reconstruction: {record['convs_fitted']} convs re-fitted to the original's outputs on "
+        f"{record['images']} unlabeled images from {record['source']} (ridge least squares, "
+        f"{record['samples_per_conv']:,} positions per conv, damping {record['damping']:g}) in "
+        f"{record['seconds']:.1f} s, {record['peak_activation_mib']:.0f} MiB of activations "
+        f"held; the head's relative output error {record['head_error_before']:.3f} -> "
+        f"{record['head_error_after']:.3f}"
+        + (
+            f"; left as they were: {', '.join(record['convs_skipped'])}"
+            if record["convs_skipped"]
+            else ""
+        )
+        + ".",
+        "",
+    ]
 
 
 def _accuracy_lines(accuracy: dict) -> list[str]:

@@ -21,7 +21,7 @@ from yoloprune.compiler.quantize import (
     calibration_for,
     refuse_unused_flags,
 )
-from yoloprune.compiler.score import IMPORTANCES
+from yoloprune.compiler.score import IMAGE_IMPORTANCES, IMPORTANCES
 from yoloprune.compiler.train.finetune import TrainSettings
 from yoloprune.graphs.checkpoint import MAX_IMGSZ, MIN_IMGSZ
 from yoloprune.graphs.dependency import GroupingLimits
@@ -136,6 +136,11 @@ class CompileOptions:
                 "--importance taylor needs --data data.yaml (it scores channels by the "
                 "detection loss's gradients on training images)"
             )
+        if importance in IMAGE_IMPORTANCES and self.images is None and self.plan is None:
+            raise PlanError(
+                f"--importance {importance} reads unlabeled images: add --calib-images DIR or "
+                "--data data.yaml (its train split)"
+            )
         self._refuse_ignored()
         planner = "replay" if self.plan is not None else planner_name(self, target)
         latency = None
@@ -148,10 +153,11 @@ class CompileOptions:
                 table=self.latency_table,
             )
         reconstruction = self.reconstruction()
-        if self.calib_images is not None and reconstruction is None and self.precision != "int8":
+        reads_images = reconstruction or importance in IMAGE_IMPORTANCES or self.precision == "int8"
+        if self.calib_images is not None and not reads_images:
             raise PlanError(
-                f"--calib-images {self.calib_images} feeds reconstruction and INT8 calibration; "
-                "neither runs here: drop it (or --no-reconstruct, or add --precision int8)"
+                f"--calib-images {self.calib_images} feeds reconstruction, --importance "
+                f"{'/'.join(IMAGE_IMPORTANCES)} and INT8 calibration; none runs here: drop it"
             )
         return CompileSettings(
             reconstruction=reconstruction,
@@ -252,12 +258,27 @@ class CompileOptions:
             return Target(*given[0])
         return Target("macs", DEFAULT_MACS)
 
-    def reconstruction(self):
-        """One-shot reconstruction's settings and images (None where it does not run): on by
-        default whenever images are at hand (``--calib-images``, else ``--data``'s train
-        split) and channels are removed."""
+    @cached_property
+    def images(self):
+        """Unlabeled images for reconstruction and the image-reading importances: the
+        ``--calib-images`` folder, else ``--data``'s train split; None without either."""
         from yoloprune.compiler.reconstruct import Reconstruction, ReconstructSettings
 
+        settings = ReconstructSettings(seed=self.seed)
+        if self.reconstruct_images is not None:
+            settings = dataclasses.replace(settings, images=self.reconstruct_images)
+        if self.calib_images is not None:
+            source = Reconstruction(Path(self.calib_images), None, settings)
+        elif self.data is not None and _has_train_split(self.data):
+            source = Reconstruction(None, Path(self.data), settings)
+        else:
+            return None
+        source.files  # noqa: B018  (a missing or empty source fails now)
+        return source
+
+    def reconstruction(self):
+        """One-shot reconstruction's settings and images (None where it does not run): on by
+        default whenever images are at hand and channels are removed."""
         images = self.reconstruct_images
         if not self.reconstruct:
             if images is not None:
@@ -269,23 +290,12 @@ class CompileOptions:
                     "--method unstructured keeps every weight as it is: drop --reconstruct-images"
                 )
             return None
-        if self.calib_images is not None:
-            source = Reconstruction(self.calib_images, None, ReconstructSettings(seed=self.seed))
-        elif self.data is not None and _has_train_split(self.data):
-            source = Reconstruction(None, Path(self.data), ReconstructSettings(seed=self.seed))
-        elif images is not None:
+        if self.images is None and images is not None:
             raise PlanError(
                 "--reconstruct-images: reconstruction reads images; add --calib-images DIR "
                 "or --data data.yaml (its train split)"
             )
-        else:
-            return None
-        if images is not None:
-            source = dataclasses.replace(
-                source, settings=dataclasses.replace(source.settings, images=images)
-            )
-        source.files  # noqa: B018  (a missing or empty source fails now)
-        return source
+        return self.images
 
     def grouping_limits(self) -> GroupingLimits:
         defaults = GroupingLimits()

@@ -111,7 +111,9 @@ def plan_request(prepared: Prepared, options: CompileOptions) -> PlanRequest:
         counter=mac_counter(prepared),
         target=settings.target,
         constraints=settings.constraints,
-        importance=importance_named(settings.importance, options.data, prepared.imgsz),
+        importance=importance_named(
+            settings.importance, options.data, prepared.imgsz, options.images
+        ),
         seed=options.seed,
         latency=latency,
         measure=None if latency is None else plan_latency_measure(prepared, latency),

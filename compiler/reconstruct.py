@@ -37,7 +37,9 @@ from tqdm import tqdm
 from yoloprune.graphs.errors import PlanError
 
 DEFAULT_IMAGES = 128  # calibration images
-DEFAULT_DAMPING = 0.01  # ridge strength, relative to the mean diagonal of the patch Gram matrix
+# Ridge strengths tried per conv (relative to the mean diagonal of its patch Gram matrix); the
+# one with the least error on held-out samples is used.
+DEFAULT_DAMPINGS = (0.001, 0.01, 0.1, 1.0, 10.0)
 DEFAULT_SAMPLES = 16384  # output positions per conv, spread evenly over the images
 BATCH = 16
 _INDEX_BASE = 4096  # the probe encodes (out, in) channel indices as out * base + in
@@ -46,13 +48,13 @@ _INDEX_BASE = 4096  # the probe encodes (out, in) channel indices as out * base 
 @dataclass(frozen=True)
 class ReconstructSettings:
     images: int = DEFAULT_IMAGES
-    damping: float = DEFAULT_DAMPING
+    dampings: tuple[float, ...] = DEFAULT_DAMPINGS
     samples: int = DEFAULT_SAMPLES
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.images < 1 or self.samples < 1 or not self.damping > 0:
-            raise PlanError("reconstruction needs images >= 1, samples >= 1 and damping > 0")
+        if self.images < 1 or self.samples < 1 or not all(d > 0 for d in self.dampings):
+            raise PlanError("reconstruction needs images >= 1, samples >= 1 and dampings > 0")
 
 
 @dataclass(frozen=True)
@@ -82,8 +84,8 @@ class ReconstructRecord:
     images: int
     convs_fitted: int
     convs_skipped: tuple[str, ...]  # grouped convs other than depthwise, fixed modules
-    samples_per_conv: int
-    damping: float
+    positions_per_image: int  # sampled output positions per image and conv (at most)
+    dampings_chosen: dict[str, int]  # damping -> convs it was chosen for ("kept": none helped)
     seconds: float
     peak_activation_mib: float  # the activations held for all images at once, at most
     output_error_before: float  # relative L2 error of the last layer's convs, before / after
@@ -94,8 +96,8 @@ class ReconstructRecord:
             "images": self.images,
             "convs_fitted": self.convs_fitted,
             "convs_skipped": list(self.convs_skipped),
-            "samples_per_conv": self.samples_per_conv,
-            "damping": self.damping,
+            "positions_per_image": self.positions_per_image,
+            "dampings_chosen": dict(self.dampings_chosen),
             "seconds": round(self.seconds, 2),
             "peak_activation_mib": round(self.peak_activation_mib, 1),
             "head_error_before": round(self.output_error_before, 4),
@@ -240,16 +242,30 @@ def _patches(x: torch.Tensor, conv: nn.Conv2d, where) -> torch.Tensor:
     return picked.permute(0, 3, 1, 2).reshape(len(images), -1)
 
 
+@dataclass
+class _Sums:
+    """Normal-equation sums over some samples: patches' Gram matrix, patches x targets, and
+    the targets' squares (per output channel)."""
+
+    gram: torch.Tensor
+    cross: torch.Tensor
+    wanted_sq: torch.Tensor
+
+    def __add__(self, other: _Sums) -> _Sums:
+        return _Sums(
+            self.gram + other.gram, self.cross + other.cross, self.wanted_sq + other.wanted_sq
+        )
+
+
 class _Normal:
-    """Accumulated normal equations of one conv (per channel for a depthwise conv)."""
+    """Accumulated normal equations of one conv (per channel for a depthwise conv), in two
+    halves (even and odd batches) so the damping can be chosen on held-out samples."""
 
     def __init__(self, target: _Target) -> None:
         self.target = target
-        self.gram = None
-        self.cross = None
-        self.count = 0
+        self.halves: list[_Sums | None] = [None, None]
 
-    def add(self, patches: torch.Tensor, wanted: torch.Tensor) -> None:
+    def add(self, patches: torch.Tensor, wanted: torch.Tensor, half: int) -> None:
         """``patches`` (samples, features) of the pruned model, ``wanted`` (samples, out) the
         original conv's outputs there."""
         target = self.target
@@ -262,29 +278,20 @@ class _Normal:
             cross = torch.einsum("sci,sc->ci", patches, wanted)
         else:
             gram, cross = patches.T @ patches, patches.T @ wanted
-        wanted_sq = (wanted * wanted).sum(0)
-        if self.gram is None:
-            self.gram, self.cross, self.wanted_sq = (
-                gram.double(),
-                cross.double(),
-                wanted_sq.double(),
-            )
-        else:
-            self.gram += gram
-            self.cross += cross
-            self.wanted_sq += wanted_sq
-        self.count += len(patches)
+        sums = _Sums(gram.double(), cross.double(), (wanted * wanted).sum(0).double())
+        held = self.halves[half]
+        self.halves[half] = sums if held is None else held + sums
 
-    def error(self, solution: torch.Tensor) -> float:
-        """Relative L2 error of the outputs ``solution`` gives on the accumulated samples."""
+    def error(self, solution: torch.Tensor, sums: _Sums) -> float:
+        """Relative L2 error of the outputs ``solution`` gives on the samples of ``sums``."""
         if self.target.depthwise:  # solution (C, f)
-            fit = torch.einsum("cf,cfg,cg->c", solution, self.gram, solution)
-            cross = (solution * self.cross).sum(1)
+            fit = torch.einsum("cf,cfg,cg->c", solution, sums.gram, solution)
+            cross = (solution * sums.cross).sum(1)
         else:  # solution (f, out)
-            fit = ((self.gram @ solution) * solution).sum(0)
-            cross = (solution * self.cross).sum(0)
-        residual = (self.wanted_sq - 2 * cross + fit).sum().clamp_min(0)
-        return float((residual / self.wanted_sq.sum().clamp_min(1e-30)).sqrt())
+            fit = ((sums.gram @ solution) * solution).sum(0)
+            cross = (solution * sums.cross).sum(0)
+        residual = (sums.wanted_sq - 2 * cross + fit).sum().clamp_min(0)
+        return float((residual / sums.wanted_sq.sum().clamp_min(1e-30)).sqrt())
 
     def current(self) -> torch.Tensor:
         """The conv's weights (and bias) now, laid out as the solution is."""
@@ -298,21 +305,59 @@ class _Normal:
             weight = torch.cat([weight, bias[:, None]], 1)
         return weight if target.depthwise else weight.T
 
-    def solve(self, damping: float) -> tuple[float, float]:
-        """Set the conv to the ridge solution; returns the relative output error before and
-        after."""
-        prior = self.current()
-        before = self.error(prior)
-        eye = torch.eye(self.gram.shape[-1], dtype=torch.float64)
+    def ridge(self, sums: _Sums, dampings, prior: torch.Tensor) -> dict[float, torch.Tensor]:
+        """The solutions pulled towards ``prior`` with strength damping x mean diagonal, for
+        each damping (one eigendecomposition serves them all)."""
         if self.target.depthwise:
-            scale = self.gram.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)[:, None, None]
-            rhs = self.cross + damping * scale[:, :, 0] * prior
-            solution = torch.linalg.solve(self.gram + damping * scale * eye, rhs[..., None])[..., 0]
+            eye = torch.eye(sums.gram.shape[-1], dtype=torch.float64)
+            scale = sums.gram.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)[:, None, None]
+            solutions = {}
+            for damping in dampings:
+                rhs = (sums.cross + damping * scale[:, :, 0] * prior)[..., None]
+                solutions[damping] = torch.linalg.solve(sums.gram + damping * scale * eye, rhs)[
+                    ..., 0
+                ]
+            return solutions
+        scale = sums.gram.diagonal().mean().clamp_min(1e-12)
+        values, vectors = torch.linalg.eigh(sums.gram)
+        cross, towards = vectors.T @ sums.cross, vectors.T @ prior
+        return {
+            d: vectors
+            @ ((cross + d * scale * towards) / (values.clamp_min(0) + d * scale)[:, None])
+            for d in dampings
+        }
+
+    def choose(self, prior: torch.Tensor, dampings: tuple[float, ...]) -> float | None:
+        """The damping whose solution, fitted on one half, leaves the least error on the other
+        (both ways); None where no solution beats the weights as they are."""
+        first, second = self.halves
+        if second is None:
+            return dampings[len(dampings) // 2]
+        scores = {None: self.error(prior, first) + self.error(prior, second)}
+        on_first, on_second = (
+            self.ridge(first, dampings, prior),
+            self.ridge(second, dampings, prior),
+        )
+        for damping in dampings:
+            scores[damping] = self.error(on_first[damping], second) + self.error(
+                on_second[damping], first
+            )
+        return min(scores, key=scores.get)
+
+    def solve(self, dampings: tuple[float, ...]) -> tuple[float, float, float | None]:
+        """Set the conv to the ridge solution at the damping chosen on held-out samples;
+        returns the relative output error before and after, and the damping (None: the
+        weights were left as they were)."""
+        prior = self.current()
+        sums = self.halves[0] if self.halves[1] is None else self.halves[0] + self.halves[1]
+        before = self.error(prior, sums)
+        damping = self.choose(prior, dampings)
+        if damping is None:
+            return before, before, None
+        solution = self.ridge(sums, (damping,), prior)[damping]
+        if self.target.depthwise:
             weight, bias = solution, solution[:, -1]
         else:
-            scale = self.gram.diagonal().mean().clamp_min(1e-12)
-            rhs = self.cross + damping * scale * prior
-            solution = torch.linalg.solve(self.gram + damping * scale * eye, rhs)
             weight, bias = solution.T, solution[-1]
         conv, fits_bias = self.target.pruned, self.target.fits_bias
         if fits_bias:
@@ -325,7 +370,7 @@ class _Normal:
                     conv.bias.copy_(shift)
                 else:  # BN(conv(x) + b) is BN with its running mean lowered by b
                     self.target.bias_into.running_mean.sub_(shift)
-        return before, self.error(solution)
+        return before, self.error(solution, sums), damping
 
 
 class _Flow:
@@ -387,7 +432,7 @@ def reconstruct(
     per_image = max(1, -(-settings.samples // count))
     flows = _Flow(original, images), _Flow(pruned, images)
     last = len(flows[1].layers) - 1
-    fitted, peak, head = 0, 0.0, []
+    fitted, peak, head, chosen = 0, 0.0, [], {}
     bar = tqdm(
         total=len(targets),
         desc="reconstruct",
@@ -399,18 +444,23 @@ def reconstruct(
         for index in range(last + 1):
             layer = flows[1].layers[index]
             prefix = f"model.{index}."
-            names = {t.pruned: n for n, t in targets.items() if n.startswith(prefix)}
-            order = _execution_order(layer, flows[1].inputs(index, 0), names) if names else []
+            here = {n: t for n, t in targets.items() if n.startswith(prefix)}
+            order = []
+            if here:
+                names = {t.pruned: n for n, t in here.items()}
+                order = _execution_order(layer, flows[1].inputs(index, 0), names)
+            wanted = _advance_capturing(flows[0], index, here, per_image, settings.seed)
             for name in order:
-                errors = _fit(targets[name], index, flows, per_image, settings)
+                *errors, damping = _fit(here[name], index, flows[1], wanted.pop(name), settings)
+                key = "kept" if damping is None else f"{damping:g}"
+                chosen[key] = chosen.get(key, 0) + 1
                 fitted += 1
                 if index == last:
                     head.append(errors)
                 bar.update()
-            bar.update(len(names) - len(order))
+            bar.update(len(here) - len(order))
             if index < last:
-                for flow in flows:
-                    flow.advance(index)
+                flows[1].advance(index)
                 peak = max(peak, flows[0].held_mib() + flows[1].held_mib())
     before = sum(e[0] for e in head) / max(1, len(head))
     after = sum(e[1] for e in head) / max(1, len(head))
@@ -418,8 +468,8 @@ def reconstruct(
         images=count,
         convs_fitted=fitted,
         convs_skipped=tuple(skipped),
-        samples_per_conv=min(per_image, 1 << 62) * count,
-        damping=settings.damping,
+        positions_per_image=per_image,
+        dampings_chosen=dict(sorted(chosen.items())),
         seconds=time.perf_counter() - start,
         peak_activation_mib=peak,
         output_error_before=before,
@@ -427,19 +477,39 @@ def reconstruct(
     )
 
 
-def _fit(target: _Target, index: int, flows, per_image: int, settings) -> tuple[float, float]:
-    """Accumulate ``target``'s normal equations over every batch, then solve them."""
+def _advance_capturing(flow: _Flow, index: int, targets: dict, per_image: int, seed: int):
+    """Advance the original model's flow through layer ``index``, keeping each target conv's
+    outputs at its sampled positions: ``{name: [(positions, outputs (S, kept out))] per
+    batch}``."""
+    wanted: dict[str, list] = {name: [] for name in targets}
+
+    def keeper(name: str, target: _Target):
+        def keep(_, __, output):
+            where = _positions(f"{seed}:{name}", len(wanted[name]), output.shape, per_image)
+            images, rows, cols = where
+            wanted[name].append((where, output[images, :, rows, cols][:, target.out_index]))
+
+        return keep
+
+    handles = [t.original.register_forward_hook(keeper(n, t)) for n, t in targets.items()]
+    try:
+        flow.advance(index)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return wanted
+
+
+def _fit(target: _Target, index: int, flow: _Flow, wanted: list, settings) -> tuple:
+    """Accumulate ``target``'s normal equations over every batch (its inputs from the pruned
+    model's ``flow``, the original's outputs ``wanted``), then solve them: (error before,
+    error after, damping chosen or None)."""
     normal = _Normal(target)
-    original_flow, pruned_flow = flows
-    layer_o, layer_p = original_flow.layers[index], pruned_flow.layers[index]
-    for batch in range(len(pruned_flow.current)):
-        wanted = _capture(layer_o, original_flow.inputs(index, batch), target.original, "output")
-        x = _capture(layer_p, pruned_flow.inputs(index, batch), target.pruned, "input")
-        where = _positions(f"{settings.seed}:{target.name}", batch, wanted.shape, per_image)
-        images, rows, cols = where
-        picked = wanted[images, :, rows, cols][:, target.out_index]  # (S, kept out)
-        normal.add(_patches(x, target.pruned, where), picked)
-    return normal.solve(settings.damping)
+    layer = flow.layers[index]
+    for batch, (where, picked) in enumerate(wanted):
+        x = _capture(layer, flow.inputs(index, batch), target.pruned, "input")
+        normal.add(_patches(x, target.pruned, where), picked, batch % 2)
+    return normal.solve(settings.dampings)
 
 
 def reconstruct_pruned(
@@ -466,3 +536,44 @@ def reconstruct_pruned(
     except PlanError as exc:
         raise PlanError(f"{reconstruction.source}: {exc}") from exc
     return {**record.to_dict(), "source": reconstruction.source, "unreadable": read.unreadable}
+
+
+@torch.no_grad()
+def input_grams(
+    model: nn.Module, files: list[Path], imgsz: int, full_features: int, seed: int = 0
+) -> dict[nn.Conv2d, torch.Tensor]:
+    """Every ungrouped conv's input-patch Gram matrix on ``files`` (letterboxed to ``imgsz``),
+    float64, from a fixed sample of output positions per image: the full matrix for up to
+    ``full_features`` features, else each input channel's own k*k block."""
+    from yoloprune.compiler.quantize import CalibrationRecord, calibration_batches
+    from yoloprune.compiler.score import OUTPUT_IMPORTANCE_POSITIONS
+
+    convs = {m: n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1}
+    grams: dict[nn.Conv2d, torch.Tensor] = {}
+    counter = {"batch": 0}
+
+    def collect(conv, args, output):
+        where = _positions(
+            f"{seed}:{convs[conv]}", counter["batch"], output.shape, OUTPUT_IMPORTANCE_POSITIONS
+        )
+        patches = _patches(args[0], conv, where)
+        if patches.shape[1] <= full_features:
+            gram = patches.T @ patches
+        else:
+            per = patches.reshape(len(patches), conv.in_channels, -1)
+            gram = torch.einsum("sci,scj->cij", per, per)
+        grams[conv] = gram.double() if conv not in grams else grams[conv] + gram
+
+    handles = [conv.register_forward_hook(collect) for conv in convs]
+    model.eval()
+    read = CalibrationRecord()
+    try:
+        for batch in calibration_batches(files, imgsz, read, batch=BATCH):
+            model(batch)
+            counter["batch"] += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not read.used:
+        raise PlanError("no calibration image could be read")
+    return grams

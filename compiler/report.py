@@ -231,8 +231,9 @@ def _reconstruction_lines(record: dict | None) -> list[str]:
         ]
     return [
         f"Reconstruction: {record['convs_fitted']} convs re-fitted to the original's outputs on "
-        f"{record['images']} unlabeled images from {record['source']} (ridge least squares, "
-        f"{record['samples_per_conv']:,} positions per conv, damping {record['damping']:g}) in "
+        f"{record['images']} unlabeled images from {record['source']} (ridge least squares on up "
+        f"to {record['positions_per_image']} positions per image and conv; dampings chosen on "
+        f"held-out samples: {_chosen_text(record['dampings_chosen'])}) in "
         f"{record['seconds']:.1f} s, {record['peak_activation_mib']:.0f} MiB of activations "
         f"held; the head's relative output error {record['head_error_before']:.3f} -> "
         f"{record['head_error_after']:.3f}"
@@ -244,6 +245,12 @@ def _reconstruction_lines(record: dict | None) -> list[str]:
         + ".",
         "",
     ]
+
+
+def _chosen_text(chosen: dict) -> str:
+    return ", ".join(
+        f"{count} x {'weights kept' if key == 'kept' else key}" for key, count in chosen.items()
+    )
 
 
 def _accuracy_lines(accuracy: dict) -> list[str]:

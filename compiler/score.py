@@ -89,18 +89,22 @@ class RandomImportance(Importance):
         return {g.id: _seeded_random(g.id, g.size, seed) for g in groups if not g.protected}
 
 
-# The criteria by name (``--importance``): each builds its Importance from the data and the
-# image size where it reads training images.
+# The criteria by name (``--importance``): each builds its Importance from the data YAML, the
+# image size, and the calibration images (an object with ``files``) where it reads images.
 IMPORTANCES = {
-    "l1": lambda data, imgsz: MagnitudeImportance(1),
-    "l2": lambda data, imgsz: MagnitudeImportance(2),
-    "bn": lambda data, imgsz: BatchNormImportance(),
-    "taylor": lambda data, imgsz: TaylorImportance(data, imgsz),
-    "random": lambda data, imgsz: RandomImportance(),
+    "l1": lambda data, imgsz, images: MagnitudeImportance(1),
+    "l2": lambda data, imgsz, images: MagnitudeImportance(2),
+    "bn": lambda data, imgsz, images: BatchNormImportance(),
+    "taylor": lambda data, imgsz, images: TaylorImportance(data, imgsz),
+    "random": lambda data, imgsz, images: RandomImportance(),
+    "energy": lambda data, imgsz, images: OutputErrorImportance("energy", images, imgsz),
+    "obs": lambda data, imgsz, images: OutputErrorImportance("obs", images, imgsz),
 }
+# The label-free criteria that read calibration images (--calib-images or --data's train split).
+IMAGE_IMPORTANCES = ("energy", "obs")
 
 
-def importance_named(name: str, data=None, imgsz: int = 640) -> Importance:
+def importance_named(name: str, data=None, imgsz: int = 640, images=None) -> Importance:
     if name not in IMPORTANCES:
         raise PlanError(f"unknown importance {name!r}: use one of {', '.join(IMPORTANCES)}")
     if name == "taylor" and data is None:
@@ -108,7 +112,12 @@ def importance_named(name: str, data=None, imgsz: int = 640) -> Importance:
             "--importance taylor needs --data data.yaml (it scores channels by the detection "
             "loss's gradients on training images)"
         )
-    return IMPORTANCES[name](data, imgsz)
+    if name in IMAGE_IMPORTANCES and images is None:
+        raise PlanError(
+            f"--importance {name} reads unlabeled images: add --calib-images DIR or --data "
+            "data.yaml (its train split)"
+        )
+    return IMPORTANCES[name](data, imgsz, images)
 
 
 def _seeded_random(group_id: str, size: int, seed: int) -> torch.Tensor:
@@ -158,3 +167,79 @@ def score_groups(
 ) -> dict[str, torch.Tensor]:
     """Scores by a criterion's name, for criteria that need no data."""
     return importance_named(importance)(model, graph, groups, seed)
+
+
+FULL_GRAM_FEATURES = 2304  # larger consumers keep only each channel's own block (no compensation)
+OUTPUT_IMPORTANCE_IMAGES = 64
+OUTPUT_IMPORTANCE_POSITIONS = 128  # sampled output positions per image and conv
+OBS_DAMPING = 0.01
+
+
+class OutputErrorImportance(Importance):
+    """Label-free, on calibration images: a channel scores the error its removal leaves in the
+    outputs of the convs that read it (relative to each conv's output energy, summed over the
+    group's consumers). ``energy``: the output a channel carries into its consumers (its weights
+    times its input statistics); ``obs``: what is left after the consumers' other weights
+    compensate as reconstruction does (Optimal Brain Surgeon on each consumer's input Gram
+    matrix, channel by channel), so redundant channels go first."""
+
+    def __init__(self, name: str, images, imgsz: int):
+        self.name, self.images, self.imgsz = name, images, imgsz
+        self._grams: dict = {}
+        self._cache: dict = {}
+
+    def __call__(self, model, graph, groups, seed: int = 0) -> dict[str, torch.Tensor]:
+        from yoloprune.compiler.reconstruct import input_grams
+
+        files = self.images.files[:OUTPUT_IMPORTANCE_IMAGES]
+        self._grams = input_grams(model, files, self.imgsz, FULL_GRAM_FEATURES, seed)
+        try:
+            return super().__call__(model, graph, groups, seed)
+        finally:
+            self._grams, self._cache = {}, {}
+
+    def _scorer(self):
+        return self._score
+
+    def _score(self, tp_group) -> torch.Tensor | None:
+        scores = None
+        for i, (dep, idxs) in enumerate(tp_group):
+            layer = dep.target.module
+            if dep.handler.__name__ != "prune_in_channels" or layer not in self._grams:
+                continue
+            if scores is None:
+                scores = torch.zeros(len(tp_group[0].root_idxs))
+            cost = self._consumer_cost(layer)[torch.as_tensor(list(idxs))]
+            scores.scatter_add_(0, torch.as_tensor(tp_group[i].root_idxs), cost)
+        if scores is None:
+            raise PlanError(f"importance {self.name!r}: a group no conv reads")
+        return scores / scores.mean().clamp_min(1e-30)
+
+    def _consumer_cost(self, conv: nn.Conv2d) -> torch.Tensor:
+        if conv not in self._cache:
+            self._cache[conv] = channel_costs(conv, self._grams[conv], self.name == "obs")
+        return self._cache[conv]
+
+
+def channel_costs(conv: nn.Conv2d, gram: torch.Tensor, compensated: bool) -> torch.Tensor:
+    """Per input channel of ``conv``: the relative output error removing it leaves. ``gram`` is
+    its input patches' Gram matrix (features x features), or each channel's own block
+    (channels x k*k x k*k) where the full one was too large."""
+    weight = conv.weight.detach().double()
+    out, channels = weight.shape[:2]
+    per = weight.reshape(out, channels, -1)  # (out, channel, k*k)
+    kk = per.shape[2]
+    if gram.dim() == 2:
+        energy = torch.einsum("of,fg,og->", weight.reshape(out, -1), gram, weight.reshape(out, -1))
+        index = torch.arange(channels * kk).reshape(channels, kk)
+        if compensated:
+            damped = gram + OBS_DAMPING * gram.diagonal().mean() * torch.eye(len(gram)).double()
+            inverse = torch.linalg.inv(damped)
+            blocks = torch.linalg.inv(inverse[index[:, :, None], index[:, None, :]])
+        else:
+            blocks = gram[index[:, :, None], index[:, None, :]]
+    else:
+        blocks = gram
+        energy = torch.einsum("ocj,cjk,ock->", per, blocks, per)
+    costs = torch.einsum("ocj,cjk,ock->c", per, blocks, per)
+    return (costs / energy.clamp_min(1e-30)).float()

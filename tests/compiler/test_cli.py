@@ -262,20 +262,25 @@ def test_compile_with_data_reports_accuracy_at_every_stage(tmp_path, tiny6_yaml,
     assert abs(accuracy["map50_95"]["onnx"] - accuracy["map50_95"]["finetuned"]) <= 0.002
     assert "## Accuracy" in (out / "report.md").read_text()
     assert not (out / "finetune").exists()  # training scratch files do not land in OUT
-    assert accuracy["batchnorm_recalibrated_on"] == 16  # the whole (tiny) training split
-    assert "re-estimated on 16 training images" in (out / "report.md").read_text()
+    # images at hand: reconstruction on the whole (tiny) training split, no BN re-estimation
+    assert report["reconstruction"]["images"] == 16 and accuracy["batchnorm_recalibrated_on"] == 0
+    assert (
+        "re-fitted to the original's outputs on 16 unlabeled images"
+        in (out / "report.md").read_text()
+    )
 
 
 def test_no_recalibrate_keeps_the_pruned_batchnorm_statistics(tmp_path, tiny6_yaml, shapes_data):
     from yoloprune.graphs.checkpoint import load_model
 
     states = {}
-    for flag in ([], ["--no-recalibrate"]):
+    for flag in ([], ["--no-recalibrate"]):  # without reconstruction, recalibration is on
         out = tmp_path / ("off" if flag else "on")
         argv = ["compile", tiny6_yaml, "--imgsz", 64, "--macs", 0.5, "--out", out, "--no-bench"]
-        assert run_cli(*argv, "--data", shapes_data, *flag) == 0
+        assert run_cli(*argv, "--data", shapes_data, "--no-reconstruct", *flag) == 0
         report = json.loads((out / "report.json").read_text())
         assert report["accuracy"]["batchnorm_recalibrated_on"] == (0 if flag else 16)
+        assert report["reconstruction"] is None
         model, _ = load_model(str(out / "tiny6-pruned.pt"))
         states["off" if flag else "on"] = model.state_dict()
     on, off = states["on"], states["off"]
@@ -402,7 +407,8 @@ def test_iterative_mode_meets_the_target_with_a_replayable_plan(tmp_path, tiny6_
     assert abs(report["macs"]["ratio"] / 0.4 - 1) <= 0.03
     assert report["plan"]["target"]["steps"] == 2
     assert set(report["accuracy"]["map50_95"]) == {"original", "finetuned", "onnx"}
-    assert report["accuracy"]["batchnorm_recalibrated_on"] == 16  # after each step's surgery
+    assert report["reconstruction"]["images"] == 16  # after each step's surgery
+    assert report["accuracy"]["batchnorm_recalibrated_on"] == 0
     # the composed plan, replayed on the original, gives the same architecture
     replay = tmp_path / "replay"
     assert (

@@ -37,6 +37,7 @@ def test_given_values_are_honoured_not_replaced():
         lr0=0.002,
         optimizer="adamw",
         distill=0.0,
+        reconstruct=False,  # reconstruction would read d.yaml's train split now
     )
     s = options.settings
     assert s.target == Target("ratio", 0.3) and s.constraints.round_to == 16
@@ -81,7 +82,7 @@ def test_flags_select_a_registered_planner(changes, planner):
         ({"ratio": 0.3, "method": "unstructured", "steps": 2}, "structured planning only"),
         ({"macs": 0.5, "ratio": 0.3}, "give one target"),
         ({"ratio": 0.3, "method": "unstructured", "round_to": 16}, "--round-to do not apply"),
-        ({"calib_images": Path("."), "calib_count": 8}, "--calib-images, --calib-count calibr"),
+        ({"calib_images": Path("."), "calib_count": 8}, "--calib-count calibrate INT8"),
         ({"precision_parity_tolerance": 0.1}, "fp16/int8 file's tolerance"),
     ],
 )
@@ -98,3 +99,46 @@ def test_a_replayed_plan_refuses_flags_it_would_ignore(tmp_path):
         CompileOptions("m.yaml", plan=plan, macs=0.5)
     with pytest.raises(PlanError, match="drop --method"):
         CompileOptions("m.yaml", plan=plan, method="unstructured")
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("calib")
+    for i in range(3):
+        Image.new("RGB", (32, 24), (40 * i, 0, 0)).save(folder / f"{i}.png")
+    return folder
+
+
+def test_reconstruction_is_on_wherever_images_are_at_hand(image_folder):
+    assert CompileOptions("m.yaml").settings.reconstruction is None  # no images: none
+    rebuilt = CompileOptions("m.yaml", calib_images=image_folder).settings.reconstruction
+    assert rebuilt.settings.images == 128 and len(rebuilt.files) == 3
+    assert str(image_folder) in rebuilt.source
+    sized = CompileOptions("m.yaml", calib_images=image_folder, reconstruct_images=2, seed=4)
+    assert sized.settings.reconstruction.settings.images == 2
+    assert (
+        sized.settings.reconstruction.settings.seed == 4
+        and len(sized.settings.reconstruction.files) == 2
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"reconstruct_images": 8}, "reconstruction reads images"),
+        ({"reconstruct_images": 8, "reconstruct": False}, "drop --no-reconstruct"),
+        ({"calib_images": "FOLDER", "reconstruct": False}, "none runs here"),
+        (
+            {"calib_images": "FOLDER", "method": "unstructured", "ratio": 0.3},
+            "none runs here",
+        ),
+        ({"reconstruct_images": 0}, "reconstruct-images 0: must be an integer"),
+    ],
+)
+def test_reconstruction_flags_that_would_do_nothing_are_refused(image_folder, changes, message):
+    if changes.get("calib_images") == "FOLDER":
+        changes = {**changes, "calib_images": image_folder}
+    with pytest.raises(PlanError, match=message):
+        CompileOptions("m.yaml", **changes)

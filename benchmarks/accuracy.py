@@ -68,7 +68,8 @@ def finetune_settings(epochs: int, imgsz: int, lr0: float, **changes) -> TrainSe
 
 
 def pruned_like_compile(prepared, options: CompileOptions, data_yaml: Path):
-    """Compile's own stages (score + plan, apply, BatchNorm recalibration on ``data_yaml``)."""
+    """Compile's own stages on ``data_yaml`` (score + plan, apply, then reconstruction or
+    BatchNorm recalibration, as ``options`` say)."""
     options = dataclasses.replace(options, data=data_yaml)
     return prune_in_memory(options, prepared)["pruned"]
 
@@ -238,10 +239,12 @@ def architectures(prepared, imgsz: int, data_yaml: Path) -> dict:
 
     for macs in (0.5, 0.3):
         models[f"yoloprune MACs {macs}"] = (
-            ours(CompileOptions(str(MODEL), macs=macs)),
+            ours(CompileOptions(str(MODEL), macs=macs, importance="l2", reconstruct=False)),
             f"uniform L2, round_to 8, {OURS_AFTER_PLAN}",
         )
-    taylor = CompileOptions(str(MODEL), macs=0.3, importance="taylor", data=data_yaml)
+    taylor = CompileOptions(
+        str(MODEL), macs=0.3, importance="taylor", data=data_yaml, reconstruct=False
+    )
     models["yoloprune MACs 0.3 Taylor"] = (
         ours(taylor),
         f"uniform Taylor (8 batches of 16 train images), round_to 8, {OURS_AFTER_PLAN}",

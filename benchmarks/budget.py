@@ -9,7 +9,9 @@ away.
 - yoloprune: uniform Taylor importance, round_to 8, BatchNorm statistics re-estimated on
   training images, distillation from the unpruned model (as accuracy.py's Taylor row);
 - torch-pruning: MetaPruner, GroupMagnitudeImportance(p=2), one uniform ratio bisected to the
-  same MACs, no distillation (its default).
+  same MACs, no distillation (its default);
+- yoloprune one-shot: compile's defaults with --data (energy importance on unlabeled training
+  images, one-shot reconstruction, no BatchNorm re-estimation), distillation as the first.
 
 Same fine-tune for both at each budget: the training images, AdamW, lr, batch, EMA, seed.
 Each (recipe, budget, seed) cell is saved as it finishes; a rerun skips the cells already in
@@ -55,17 +57,27 @@ from yoloprune.kernels.ort import machine_info  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 OURS = "yoloprune best"
 THEIRS = "torch-pruning default"
+ONESHOT = "yoloprune one-shot"
 
 
 def build(prepared, data_yaml: Path, macs: float) -> dict:
     """The two pruned models before fine-tuning: {name: (model, recipe, distill weight)}."""
     base, imgsz = prepared.model, prepared.imgsz
-    options = CompileOptions(str(MODEL), macs=macs, importance="taylor", data=data_yaml)
+    options = CompileOptions(
+        str(MODEL), macs=macs, importance="taylor", data=data_yaml, reconstruct=False
+    )
     ours = pruned_like_compile(prepared, options, data_yaml)
     theirs, ratio, _ = recipes.torch_pruning_default(base, macs, imgsz)
+    oneshot = pruned_like_compile(prepared, CompileOptions(str(MODEL), macs=macs), data_yaml)
     return {
         OURS: (ours, f"uniform Taylor, round_to 8, {OURS_AFTER_PLAN}", 1.0),
         THEIRS: (theirs, f"MetaPruner L2, ratio {ratio:.3f}, no distillation", 0.0),
+        ONESHOT: (
+            oneshot,
+            "uniform energy importance, round_to 8, one-shot reconstruction on 128 unlabeled "
+            "train images (compile's default with --data), distill 1.0",
+            1.0,
+        ),
     }
 
 
@@ -172,6 +184,18 @@ def summary(result: dict) -> list[dict]:
                 ),
             }
         )
+        oneshot = {c["seed"]: c["map50_95"] for c in cells if c["recipe"] == ONESHOT}
+        both = sorted(set(oneshot) & set(by[THEIRS]))
+        if both:
+            rows[-1][ONESHOT] = [oneshot[s] for s in both]
+            rows[-1]["oneshot_seeds"] = both
+            rows[-1]["oneshot_mean"] = statistics.mean(oneshot[s] for s in both)
+            rows[-1]["oneshot_gap_points"] = 100 * (
+                rows[-1]["oneshot_mean"] - statistics.mean(by[THEIRS][s] for s in both)
+            )
+            rows[-1]["oneshot_gap_points_min"] = min(
+                100 * (oneshot[s] - by[THEIRS][s]) for s in both
+            )
     return rows
 
 
@@ -213,6 +237,24 @@ def render(result: dict) -> str:
             f"{r['theirs_mean']:.4f} | {r['gap_points']:+.1f} | {r['gap_points_min']:+.1f} | "
             f"{r['finetune_s']:.0f} |"
         )
+    oneshot = [r for r in result.get("summary", []) if ONESHOT in r]
+    if oneshot:
+        lines += [
+            "",
+            f"Starting from one-shot reconstruction (**{ONESHOT}**), against the same "
+            "torch-pruning cells:",
+            "",
+            f"| epochs | seeds | {ONESHOT} (per seed) | {ONESHOT} mean | torch-pruning mean | "
+            "gap, points (mean) | gap, smallest seed |",
+            "|---:|---|---|---:|---:|---:|---:|",
+        ]
+        for r in oneshot:
+            lines.append(
+                f"| {r['epochs']} | {', '.join(map(str, r['oneshot_seeds']))} | "
+                f"{', '.join(f'{v:.4f}' for v in r[ONESHOT])} | {r['oneshot_mean']:.4f} | "
+                f"{r['oneshot_mean'] - r['oneshot_gap_points'] / 100:.4f} | "
+                f"{r['oneshot_gap_points']:+.1f} | {r['oneshot_gap_points_min']:+.1f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -225,8 +267,11 @@ def plot(result: dict, path: Path) -> None:
     rows = result["summary"]
     epochs = [r["epochs"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, name in (("ours_mean", OURS), ("theirs_mean", THEIRS)):
-        (line,) = ax.plot(epochs, [r[key] for r in rows], marker="o", label=name)
+    for key, name in (("ours_mean", OURS), ("theirs_mean", THEIRS), ("oneshot_mean", ONESHOT)):
+        had = [r for r in rows if key in r]
+        if not had:
+            continue
+        (line,) = ax.plot([r["epochs"] for r in had], [r[key] for r in had], marker="o", label=name)
         before = result["recipes"][name]["before"]
         ax.scatter([0], [before], marker="x", color=line.get_color())
     ax.set_xscale("symlog", linthresh=1)

@@ -200,7 +200,10 @@ def fine_tuned(prepared, checkpoint: Path, data_yaml: Path, data, epochs: int):
     cache = ROOT / "runs" / "precision" / f"{checkpoint.stem}-macs0.5-ft{epochs}.pt"
     if cache.is_file():
         return load_model(cache)[0]
-    options = CompileOptions(str(checkpoint), macs=0.5, data=data_yaml)
+    # the recipe precision.md was measured with (before reconstruction became the default)
+    options = CompileOptions(
+        str(checkpoint), macs=0.5, data=data_yaml, importance="l2", reconstruct=False
+    )
     pruned = prune_in_memory(options, prepared)["pruned"]
     settings = finetune_settings(epochs, prepared.imgsz, 0.003, distill=1.0)
     tuned = train(pruned, prepared.info, data, settings, teacher=prepared.model).model

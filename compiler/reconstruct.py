@@ -31,7 +31,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from tqdm import tqdm
 
 from yoloprune.graphs.errors import PlanError
@@ -170,75 +169,38 @@ def _targets(original, pruned, kept, fixed: set[int]) -> tuple[dict[str, _Target
             skipped.append(name)
             continue
         target = _Target(name, originals[name], conv, *kept[name], homes.get(conv))
-        if conv.groups > 1 and not target.depthwise:
+        plain = conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+        if not plain or (conv.groups > 1 and not target.depthwise):
             skipped.append(name)
             continue
         targets[name] = target
     return targets, skipped
 
 
-class _Stop(Exception):  # control flow: the capture is done
-    pass
-
-
-def _capture(module: nn.Module, inputs, conv: nn.Conv2d, what: str) -> torch.Tensor:
-    """Run ``module`` on ``inputs`` until ``conv`` runs; return its input or output."""
-    caught = []
-
-    def pre(_, args):
-        if what == "input":
-            caught.append(args[0])
-            raise _Stop
-
-    def post(_, __, output):
-        caught.append(output)
-        raise _Stop
-
-    handles = [conv.register_forward_pre_hook(pre), conv.register_forward_hook(post)]
-    try:
-        module(inputs)
-    except _Stop:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    if not caught:
-        raise PlanError(f"reconstruction: a conv did not run in {type(module).__name__}")
-    return caught[0]
-
-
-def _execution_order(module: nn.Module, inputs, names: dict[nn.Module, str]) -> list[str]:
-    order = []
-    handles = [m.register_forward_pre_hook(lambda m, _: order.append(names[m])) for m in names]
-    try:
-        module(inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return list(dict.fromkeys(order))
-
-
-def _positions(key: str, batch: int, shape, count: int) -> tuple[torch.Tensor, ...]:
-    """A fixed sample of ``count`` output positions per image (the same for both models)."""
+def _positions(key: str, shape, count: int) -> tuple[torch.Tensor, ...]:
+    """A fixed random sample of ``count`` output positions per image (image, row, column),
+    the same for both models (drawn from ``key``)."""
     n, _, h, w = shape
-    generator = torch.Generator().manual_seed(zlib.crc32(f"{key}:{batch}".encode()))
-    per_image = min(count, h * w)
-    flat = torch.stack([torch.randperm(h * w, generator=generator)[:per_image] for _ in range(n)])
-    images = torch.arange(n)[:, None].expand_as(flat).reshape(-1)
-    flat = flat.reshape(-1)
+    generator = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+    flat = torch.randint(h * w, (n, count), generator=generator).reshape(-1)
+    images = torch.arange(n).repeat_interleave(count)
     return images, flat // w, flat % w
 
 
 def _patches(x: torch.Tensor, conv: nn.Conv2d, where) -> torch.Tensor:
     """The input patch of each sampled output position, flattened as the weights are:
-    (samples, in_channels * kh * kw)."""
+    (samples, in_channels * kh * kw); zero padding applied by masking (no padded copy)."""
     images, rows, cols = where
     kh, kw = conv.kernel_size
     (sh, sw), (dh, dw), (ph, pw) = conv.stride, conv.dilation, conv.padding
-    padded = F.pad(x, (pw, pw, ph, ph))
-    r = rows[:, None] * sh + torch.arange(kh)[None, :] * dh  # (S, kh)
-    c = cols[:, None] * sw + torch.arange(kw)[None, :] * dw  # (S, kw)
-    picked = padded[images[:, None, None], :, r[:, :, None], c[:, None, :]]  # (S, kh, kw, C)
+    h, w = x.shape[2:]
+    r = rows[:, None] * sh - ph + torch.arange(kh)[None, :] * dh  # (S, kh)
+    c = cols[:, None] * sw - pw + torch.arange(kw)[None, :] * dw  # (S, kw)
+    inside = ((r >= 0) & (r < h))[:, :, None] & ((c >= 0) & (c < w))[:, None, :]
+    picked = x[
+        images[:, None, None], :, r.clamp(0, h - 1)[:, :, None], c.clamp(0, w - 1)[:, None, :]
+    ]
+    picked = picked * inside[..., None]  # (S, kh, kw, C)
     return picked.permute(0, 3, 1, 2).reshape(len(images), -1)
 
 
@@ -374,37 +336,66 @@ class _Normal:
 
 
 class _Flow:
-    """One model's activations for every calibration batch, one top-level layer at a time
-    (``model.model`` with ``f`` and ``i`` per layer, as both YOLO families build it)."""
+    """One model's activations for all calibration images, one top-level layer at a time
+    (``model.model`` with ``f`` and ``i`` per layer, as both YOLO families build it): only the
+    outputs later layers read are kept, stored in float16 (computed in float32)."""
 
-    def __init__(self, model: nn.Module, batches: list[torch.Tensor]) -> None:
+    def __init__(self, model: nn.Module, images: torch.Tensor) -> None:
         self.layers = list(model.model)
         self.save = set(model.save)
-        self.current = list(batches)
-        self.outputs: list[list] = [[] for _ in batches]
+        self.current = images
+        self.outputs: list = []
+        self.offset = 0  # the first image of the chunk running now
 
-    def inputs(self, index: int, batch: int):
+    def inputs(self, index: int):
         source = self.layers[index].f
         if source == -1:
-            return self.current[batch]
-        held = self.outputs[batch]
+            return self.current
         if isinstance(source, int):
-            return held[source]
-        return [self.current[batch] if j == -1 else held[j] for j in source]
+            return self.outputs[source]
+        return [self.current if j == -1 else self.outputs[j] for j in source]
 
-    @torch.no_grad()
-    def advance(self, index: int) -> None:
+    def run(self, index: int, hooks: list, chunk: int | None = None) -> None:
+        """Run layer ``index`` on every image (``chunk`` images at a time, or all at once)
+        with ``hooks`` (module, "pre" | "post", hook)."""
         layer = self.layers[index]
-        for batch in range(len(self.current)):
-            x = layer(self.inputs(index, batch))
-            self.current[batch] = x
-            self.outputs[batch].append(x if layer.i in self.save else None)
+        handles = [
+            module.register_forward_pre_hook(hook)
+            if kind == "pre"
+            else module.register_forward_hook(hook)
+            for module, kind, hook in hooks
+        ]
+        x = self.inputs(index)
+        count = len(x[0] if isinstance(x, list) else x)
+        step = count if chunk is None else chunk
+        made = []
+        try:
+            for self.offset in range(0, count, step):
+                part = _map(x, lambda t, o=self.offset: t[o : o + step].float())
+                made.append(_map(layer(part), lambda t: t.to(STORAGE)))
+        finally:
+            for handle in handles:
+                handle.remove()
+        joined = torch.cat(made) if all(isinstance(m, torch.Tensor) for m in made) else None
+        self.current = joined
+        self.outputs.append(joined if layer.i in self.save else None)
 
     def held_mib(self) -> float:
-        tensors = {id(t): t for t in self.current if isinstance(t, torch.Tensor)}
-        for held in self.outputs:
-            tensors.update({id(t): t for t in held if isinstance(t, torch.Tensor)})
+        held = [self.current, *self.outputs]
+        tensors = {id(t): t for t in held if isinstance(t, torch.Tensor)}
         return sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
+
+
+STORAGE = torch.float16  # activations held between layers
+
+
+def _map(x, function):
+    """``function`` applied to a tensor, or to each tensor of a list or tuple."""
+    if isinstance(x, torch.Tensor):
+        return function(x)
+    if isinstance(x, list | tuple):
+        return type(x)(_map(item, function) for item in x)
+    return x
 
 
 @torch.no_grad()
@@ -419,20 +410,35 @@ def reconstruct(
 ) -> ReconstructRecord:
     """Re-fit ``pruned``'s convs in place to reproduce ``original``'s conv outputs on
     ``batches`` (NCHW images as the model takes them); ``kept`` from :func:`kept_channels`;
-    ``fixed`` modules (and convs without gradients) are left as they are."""
-    start = time.perf_counter()
-    original.eval()
-    pruned.eval()
-    images = [b for b in batches]
-    count = sum(len(b) for b in images)
-    if not count:
+    ``fixed`` modules are left as they are.
+
+    Each top-level layer runs once on all images in each model: the original's keeps its
+    convs' outputs at the sampled positions; in the pruned copy each conv is re-fitted just
+    before it runs (a pre-forward hook), on inputs that the convs fitted before it produced."""
+    chunks = list(batches)
+    if not chunks or not sum(len(b) for b in chunks):
         raise PlanError("reconstruction got no calibration images")
+    # channels-last convolutions run about 1.5x faster on CPU (oneDNN); the pruned model is
+    # returned in the ordinary layout, the original is not touched (a copy runs)
+    original = copy.deepcopy(original).eval().to(memory_format=torch.channels_last)
+    pruned.eval().to(memory_format=torch.channels_last)
+    try:
+        return _reconstruct(original, pruned, kept, chunks, settings, fixed, progress)
+    finally:
+        pruned.to(memory_format=torch.contiguous_format)
+
+
+def _reconstruct(original, pruned, kept, chunks, settings, fixed, progress) -> ReconstructRecord:
+    start = time.perf_counter()
+    images = torch.cat(chunks).contiguous(memory_format=torch.channels_last)
+    count = len(images)
     fixed_ids = {id(c) for m in fixed for c in m.modules()}
     targets, skipped = _targets(original, pruned, kept, fixed_ids)
     per_image = max(1, -(-settings.samples // count))
     flows = _Flow(original, images), _Flow(pruned, images)
     last = len(flows[1].layers) - 1
-    fitted, peak, head, chosen = 0, 0.0, [], {}
+    fits: dict[str, tuple] = {}
+    peak = 0.0
     bar = tqdm(
         total=len(targets),
         desc="reconstruct",
@@ -442,74 +448,79 @@ def reconstruct(
     )
     with bar:
         for index in range(last + 1):
-            layer = flows[1].layers[index]
-            prefix = f"model.{index}."
-            here = {n: t for n, t in targets.items() if n.startswith(prefix)}
-            order = []
-            if here:
-                names = {t.pruned: n for n, t in here.items()}
-                order = _execution_order(layer, flows[1].inputs(index, 0), names)
-            wanted = _advance_capturing(flows[0], index, here, per_image, settings.seed)
-            for name in order:
-                *errors, damping = _fit(here[name], index, flows[1], wanted.pop(name), settings)
-                key = "kept" if damping is None else f"{damping:g}"
-                chosen[key] = chosen.get(key, 0) + 1
-                fitted += 1
-                if index == last:
-                    head.append(errors)
-                bar.update()
-            bar.update(len(here) - len(order))
-            if index < last:
-                flows[1].advance(index)
-                peak = max(peak, flows[0].held_mib() + flows[1].held_mib())
-    before = sum(e[0] for e in head) / max(1, len(head))
-    after = sum(e[1] for e in head) / max(1, len(head))
+            here = {n: t for n, t in targets.items() if n.startswith(f"model.{index}.")}
+            wanted: dict[str, list] = {n: [] for n in here}
+            keepers = [
+                _keeper(n, t, wanted, per_image, settings.seed, flows[0]) for n, t in here.items()
+            ]
+            flows[0].run(index, keepers, chunk=BATCH)
+            wanted = {n: _joined(parts) for n, parts in wanted.items() if parts}
+
+            fitters = [
+                _fitter(n, t, wanted, fits, settings, bar) for n, t in here.items() if n in wanted
+            ]
+            flows[1].run(index, fitters)
+            peak = max(peak, flows[0].held_mib() + flows[1].held_mib())
+            bar.update(len(here) - len([n for n in here if n in wanted]))
+    head = [fits[n] for n in fits if n.startswith(f"model.{last}.")]
+    chosen: dict[str, int] = {}
+    for *_, damping in fits.values():
+        key = "kept" if damping is None else f"{damping:g}"
+        chosen[key] = chosen.get(key, 0) + 1
     return ReconstructRecord(
         images=count,
-        convs_fitted=fitted,
+        convs_fitted=len(fits),
         convs_skipped=tuple(skipped),
         positions_per_image=per_image,
         dampings_chosen=dict(sorted(chosen.items())),
         seconds=time.perf_counter() - start,
         peak_activation_mib=peak,
-        output_error_before=before,
-        output_error_after=after,
+        output_error_before=sum(e[0] for e in head) / max(1, len(head)),
+        output_error_after=sum(e[1] for e in head) / max(1, len(head)),
     )
 
 
-def _advance_capturing(flow: _Flow, index: int, targets: dict, per_image: int, seed: int):
-    """Advance the original model's flow through layer ``index``, keeping each target conv's
-    outputs at its sampled positions: ``{name: [(positions, outputs (S, kept out))] per
-    batch}``."""
-    wanted: dict[str, list] = {name: [] for name in targets}
-
-    def keeper(name: str, target: _Target):
-        def keep(_, __, output):
-            where = _positions(f"{seed}:{name}", len(wanted[name]), output.shape, per_image)
-            images, rows, cols = where
-            wanted[name].append((where, output[images, :, rows, cols][:, target.out_index]))
-
-        return keep
-
-    handles = [t.original.register_forward_hook(keeper(n, t)) for n, t in targets.items()]
-    try:
-        flow.advance(index)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return wanted
+SAMPLE_CHUNK = 8192  # patches gathered at once
 
 
-def _fit(target: _Target, index: int, flow: _Flow, wanted: list, settings) -> tuple:
-    """Accumulate ``target``'s normal equations over every batch (its inputs from the pruned
-    model's ``flow``, the original's outputs ``wanted``), then solve them: (error before,
-    error after, damping chosen or None)."""
-    normal = _Normal(target)
-    layer = flow.layers[index]
-    for batch, (where, picked) in enumerate(wanted):
-        x = _capture(layer, flow.inputs(index, batch), target.pruned, "input")
-        normal.add(_patches(x, target.pruned, where), picked, batch % 2)
-    return normal.solve(settings.dampings)
+def _keeper(name: str, target: _Target, wanted: dict, per_image: int, seed: int, flow: _Flow):
+    """A forward hook on the original conv: its outputs at the sampled positions, chunk by
+    chunk (positions drawn per chunk of the fixed calibration order)."""
+
+    def keep(_, __, output):
+        where = _positions(f"{seed}:{name}:{flow.offset}", output.shape, per_image)
+        images, rows, cols = where
+        picked = output[images, :, rows, cols][:, target.out_index]
+        wanted[name].append(((images + flow.offset, rows, cols), picked))
+
+    return target.original, "post", keep
+
+
+def _joined(parts: list) -> tuple:
+    where = tuple(torch.cat([w[i] for w, _ in parts]) for i in range(3))
+    return where, torch.cat([picked for _, picked in parts])
+
+
+def _fitter(name: str, target: _Target, wanted: dict, fits: dict, settings, bar):
+    """A pre-forward hook on the pruned conv: accumulate its normal equations on the inputs it
+    is about to get (even and odd images apart), solve, and set its weights before it runs."""
+
+    def fit(conv, args):
+        where, picked = wanted.pop(name)
+        normal = _Normal(target)
+        images = where[0]
+        for start in range(0, len(images), SAMPLE_CHUNK):
+            part = slice(start, start + SAMPLE_CHUNK)
+            chunk = tuple(t[part] for t in where)
+            patches = _patches(args[0], conv, chunk)
+            for half in (0, 1):
+                mask = chunk[0] % 2 == half
+                if mask.any():
+                    normal.add(patches[mask], picked[part][mask], half)
+        fits[name] = normal.solve(settings.dampings)
+        bar.update()
+
+    return target.pruned, "pre", fit
 
 
 def reconstruct_pruned(
@@ -553,9 +564,8 @@ def input_grams(
     counter = {"batch": 0}
 
     def collect(conv, args, output):
-        where = _positions(
-            f"{seed}:{convs[conv]}", counter["batch"], output.shape, OUTPUT_IMPORTANCE_POSITIONS
-        )
+        key = f"{seed}:{convs[conv]}:{counter['batch']}"
+        where = _positions(key, output.shape, OUTPUT_IMPORTANCE_POSITIONS)
         patches = _patches(args[0], conv, where)
         if patches.shape[1] <= full_features:
             gram = patches.T @ patches

@@ -408,6 +408,42 @@ def build_parser() -> argparse.ArgumentParser:
         "them (default 1)",
     )
 
+    sw = sub.add_parser(
+        "sweep",
+        help="compile several targets from one trace; latency-mAP front and a recommendation",
+    )
+    _model_args(sw)
+    points = sw.add_mutually_exclusive_group(required=True)
+    points.add_argument("--macs", default=None, help="MACs fractions to keep, e.g. 0.9,0.7,0.5")
+    points.add_argument("--speedup", default=None, help="measured speed-ups, e.g. 1.5,2,3")
+    sw.add_argument("--data", type=Path, required=True, help="data YAML: mAP of every point")
+    pick = sw.add_mutually_exclusive_group()
+    pick.add_argument(
+        "--max-map-drop",
+        type=float_in(0, 1, open_low=False),
+        default=None,
+        help="recommend the fastest point within this much mAP@.5:.95 of the original",
+    )
+    pick.add_argument(
+        "--latency-ms",
+        type=float_in(0, 1e7),
+        default=None,
+        help="recommend the most accurate point within this latency (ONNX Runtime CPU)",
+    )
+    sw.add_argument("--out", type=Path, default=None, help="folder (default runs/sweep)")
+    sw.add_argument("--epochs", type=int, default=None, help="fine-tune each point")
+    sw.add_argument("--distill", type=float, default=None, help="distillation weight")
+    sw.add_argument("--optimizer", choices=["sgd", "adamw"], default=None)
+    sw.add_argument("--lr0", type=float, default=None, help="fine-tune learning rate")
+    sw.add_argument("--importance", default=None, help="importance criterion (as compile)")
+    sw.add_argument("--round-to", type=int, default=None, help="channel alignment (as compile)")
+    sw.add_argument("--calib-images", type=Path, default=None, help="unlabeled images folder")
+    sw.add_argument("--no-reconstruct", dest="reconstruct", action="store_false", help="as compile")
+    sw.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads")
+    sw.add_argument("--bench-runs", type=int, default=None, help="timed runs (default 20)")
+    sw.add_argument("--latency-table", type=Path, default=None, help="as compile")
+    sw.add_argument("--seed", type=int, default=0)
+
     g = sub.add_parser("graph", help="print the coupled channel groups of a model")
     _model_args(g)
     g.add_argument("--members", action="store_true", help="list every member of every group")
@@ -880,7 +916,56 @@ def cmd_data(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from yoloprune.compiler.options import CompileOptions
+    from yoloprune.compiler.sweep import SweepOptions, parse_values, run_sweep
+
+    if args.macs is not None:
+        kind, values = "macs", parse_values(args.macs, "--macs", 0, 1, open_high=True)
+    else:
+        kind, values = "speedup", parse_values(args.speedup, "--speedup", 1, 1000, open_high=False)
+    shared = {
+        k: getattr(args, k)
+        for k in (
+            "imgsz",
+            "data",
+            "epochs",
+            "distill",
+            "optimizer",
+            "lr0",
+            "importance",
+            "round_to",
+            "calib_images",
+            "reconstruct",
+            "threads",
+            "bench_runs",
+            "latency_table",
+            "seed",
+            "out",
+            "group_seconds",
+            "group_memory_gib",
+        )
+    }
+    base = CompileOptions(args.model, **shared)
+    sweep = SweepOptions(base, kind, values, args.max_map_drop, args.latency_ms)
+    record = run_sweep(sweep)
+    for point in record["points"]:
+        print(
+            f"{point['name']:<14} MACs {point['macs_ratio']:.3f}  mAP@.5:.95 "
+            f"{point['map50_95']:.4f}  latency {point['latency_ms']:.2f} ms "
+            f"({point['latency_ratio']:.3f})"
+        )
+    chosen = record["recommended"]
+    if chosen and chosen["name"]:
+        print(f"recommended: {chosen['name']} ({chosen['why']})")
+    elif chosen:
+        print(f"no recommendation: {chosen['why']}")
+    print(f"wrote {sweep.out}/: sweep.json, sweep.md, sweep.png and one folder per point")
+    return 0
+
+
 COMMANDS = {
+    "sweep": cmd_sweep,
     "compile": cmd_compile,
     "graph": cmd_graph,
     "plan": cmd_plan,

@@ -31,7 +31,7 @@ DEFAULT_MACS = 0.5
 DEFAULT_IMPORTANCE = "l2"
 # With unlabeled images at hand (--calib-images, or --data's train split) channels are scored by
 # the output energy they carry into their consumers: on the embedded YOLOv5n with reconstruction,
-# 0.934 / 0.890 of the original's mAP at MACs 0.7 / 0.5 against L2's 0.901 / 0.858 (YOLOv8n:
+# 0.936 / 0.887 of the original's mAP at MACs 0.7 / 0.5 against L2's 0.908 / 0.858 (YOLOv8n:
 # level); benchmarks/results/oneshot.md.
 DEFAULT_IMAGE_IMPORTANCE = "energy"
 DEFAULT_OUT = Path("runs/compile")

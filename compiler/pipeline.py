@@ -650,6 +650,39 @@ def compile_model(options: CompileOptions) -> dict:
     return job["report"]
 
 
+# What a compile of one point shares with the others in a sweep (compile_shared).
+SHARED_STAGES = ("load + graph", "eval original")
+
+
+def compile_shared(options: CompileOptions, shared: Job, skip: tuple[str, ...] = ()) -> dict:
+    """Compile ``options`` reusing ``shared``'s load + graph and original evaluation (a job
+    that ran :data:`SHARED_STAGES` on the same model, image size and data), skipping the stages
+    named in ``skip``; outputs land in ``options.out`` as :func:`compile_model`'s do. Returns
+    the report dict."""
+    out = options.settings.out
+    data = _data_for(options)
+    stages = [s for s in STAGES if s.name not in (*SHARED_STAGES, *skip) and s.when(options, data)]
+    with staged_output(out) as staging:
+        job = Job(options, data, staging)
+        job.artifacts.update(
+            {k: shared.artifacts[k] for k in ("prepared", "original", "mode", "val")}
+        )
+        job.accuracy.update({k: v for k, v in shared.accuracy.items() if k == "original"})
+        for stage in stages:
+            run_stage(stage, job)
+    return job["report"]
+
+
+def shared_job(options: CompileOptions) -> Job:
+    """Run :data:`SHARED_STAGES` once (trace, original mAP) for :func:`compile_shared`."""
+    data = _data_for(options)
+    job = Job(options, data, staging=None)
+    for stage in STAGES:
+        if stage.name in SHARED_STAGES and stage.when(options, data):
+            run_stage(stage, job)
+    return job
+
+
 # The stages that build the pruned model in memory (nothing written, no evaluation).
 IN_MEMORY_STAGES = ("load + graph", "score + plan", "apply", "reconstruct", "recalibrate")
 

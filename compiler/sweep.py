@@ -1,0 +1,287 @@
+"""Sweep: compile one model at several targets from one trace, then measure every deployed file
+on the same runtime in one interleaved run, and show the latency-mAP front.
+
+Each point is a full compile (plan, apply, reconstruct, optional fine-tune, save, export,
+parity, the ONNX file's own mAP) into its own folder; the trace, the original's mAP and the
+latency table (speedup targets) are made once. The latency of every point's ONNX file and of
+the unpruned model's is measured together at the end (ONNX Runtime CPU, batch 1, interleaved),
+so the ratios compare. The recommended point: the fastest within ``--max-map-drop`` of the
+original's mAP, or the most accurate within ``--latency-ms``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from yoloprune.compiler.options import CompileOptions
+from yoloprune.graphs.errors import PlanError
+from yoloprune.graphs.files import save_png_atomic, write_text_atomic
+
+DEFAULT_OUT = Path("runs/sweep")
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    """A sweep: the compile options every point shares, the targets, and the criterion."""
+
+    base: CompileOptions  # its target is ignored; out is the sweep's folder
+    kind: str  # "macs" or "speedup"
+    values: tuple[float, ...]
+    max_map_drop: float | None = None
+    latency_ms: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("macs", "speedup"):
+            raise PlanError(f"sweep: target {self.kind!r}: use --macs or --speedup")
+        if not self.values or len(set(self.values)) != len(self.values):
+            raise PlanError(f"--{self.kind}: give distinct values, e.g. 0.9,0.7,0.5")
+        if self.base.data is None:
+            raise PlanError("sweep measures mAP: add --data data.yaml")
+        if self.max_map_drop is not None and self.latency_ms is not None:
+            raise PlanError("give one criterion: --max-map-drop or --latency-ms, not both")
+        for value in self.values:  # each point's options are checked now, before any work
+            self.point(value).settings  # noqa: B018
+
+    @property
+    def out(self) -> Path:
+        return DEFAULT_OUT if self.base.out is None else Path(self.base.out)
+
+    def name(self, value: float) -> str:
+        return f"{self.kind}-{value:g}"
+
+    def point(self, value: float) -> CompileOptions:
+        return dataclasses.replace(
+            self.base,
+            **{self.kind: value},
+            out=self.out / self.name(value),
+            bench=False,
+        )
+
+
+def parse_values(text: str, flag: str, low: float, high: float, open_high: bool) -> tuple:
+    """``0.9,0.8,0.7`` -> (0.9, 0.8, 0.7), each in range, or a one-line error."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise PlanError(f"{flag} {text}: give numbers separated by commas") from None
+    for v in values:
+        if not (low < v and (v < high if open_high else v <= high)):
+            bound = ")" if open_high else "]"
+            raise PlanError(f"{flag} {text}: every value must be in ({low:g}, {high:g}{bound}")
+    return values
+
+
+def run_sweep(options: SweepOptions) -> dict:
+    """Compile every point, measure, pick, and write ``sweep.json``, ``sweep.md`` and
+    ``sweep.png`` into the sweep's folder; returns the sweep record."""
+    from yoloprune.compiler.pipeline import compile_shared, shared_job
+
+    shared = shared_job(options.point(options.values[0]))
+    original = shared.accuracy["original"]
+    points = []
+    for value in tqdm(options.values, desc="sweep", unit="point", leave=False, disable=None):
+        report = compile_shared(options.point(value), shared)
+        points.append(_point_record(options, value, report))
+    prepared = shared["prepared"]
+    latency = _measure(options, prepared, points)
+    for point in points:
+        point["latency_ms"] = latency["points"][point["name"]]
+        point["latency_ratio"] = round(point["latency_ms"] / latency["baseline_ms"], 4)
+    record = {
+        "model": options.base.model,
+        "imgsz": prepared.imgsz,
+        "data": str(options.base.data),
+        "target": options.kind,
+        "original": {"map50_95": original.map50_95, "latency_ms": latency["baseline_ms"]},
+        "latency": {k: v for k, v in latency.items() if k != "points"},
+        "criterion": _criterion(options),
+        "points": points,
+        "front": _front(points),
+    }
+    record["recommended"] = _recommend(options, record)
+    out = options.out
+    write_text_atomic(out / "sweep.json", json.dumps(record, indent=1) + "\n")
+    plot(record, out / "sweep.png")
+    write_text_atomic(out / "sweep.md", render(record))
+    return record
+
+
+def _point_record(options: SweepOptions, value: float, report: dict) -> dict:
+    accuracy = report["accuracy"]["map50_95"]
+    onnx = accuracy.get("onnx")
+    return {
+        "name": options.name(value),
+        options.kind: value,
+        "macs_ratio": report["macs"]["ratio"],
+        "params_ratio": report["params"]["ratio"],
+        "map50_95": onnx,  # the deployed ONNX file's own mAP
+        "map50_95_pytorch": accuracy.get("finetuned", accuracy.get("pruned")),
+        "folder": options.name(value),
+        "files": sorted(report["files"].values()),
+        "onnx": report["files"]["onnx"],
+        "seconds": report.get("seconds", {}),
+    }
+
+
+def _measure(options: SweepOptions, prepared, points: list[dict]) -> dict:
+    """The unpruned model and every point's ONNX file, timed together (interleaved)."""
+    import numpy as np
+
+    from yoloprune.compiler.export import export_onnx
+    from yoloprune.kernels.ort import OrtRunner, machine_info, time_runners
+
+    base = options.base
+    runs = options.point(options.values[0]).settings.bench_runs
+    with tempfile.TemporaryDirectory() as tmp:
+        baseline = export_onnx(prepared.model, Path(tmp) / "baseline.onnx", prepared.imgsz)
+        files = {"baseline": baseline}
+        files.update({p["name"]: options.out / p["folder"] / p["onnx"] for p in points})
+        runners = {k: OrtRunner(f, base.threads, base.spinning) for k, f in files.items()}
+        images = np.random.default_rng(0).random(
+            (1, 3, prepared.imgsz, prepared.imgsz), dtype=np.float32
+        )
+        with contextlib.ExitStack() as active:
+            for runner in runners.values():
+                active.enter_context(runner)
+            timings = time_runners(runners, images, runs, warmup=3)
+    threads = next(iter(runners.values())).threads
+    return {
+        "runtime": "onnxruntime (CPUExecutionProvider, ORT_ENABLE_ALL), fp32",
+        "batch": 1,
+        "threads": threads,
+        "runs": runs,
+        "machine": machine_info(),
+        "baseline_ms": round(timings["baseline"].median_ms, 3),
+        "points": {p["name"]: round(timings[p["name"]].median_ms, 3) for p in points},
+    }
+
+
+def _criterion(options: SweepOptions) -> dict | None:
+    if options.max_map_drop is not None:
+        return {"max_map_drop": options.max_map_drop}
+    if options.latency_ms is not None:
+        return {"latency_ms": options.latency_ms}
+    return None
+
+
+def _front(points: list[dict]) -> list[str]:
+    """The points no other point beats in both latency and mAP, fastest first."""
+    front = []
+    for p in sorted(points, key=lambda p: (p["latency_ms"], -p["map50_95"])):
+        if not front or p["map50_95"] > front[-1]["map50_95"]:
+            front.append(p)
+    return [p["name"] for p in front]
+
+
+def _recommend(options: SweepOptions, record: dict) -> dict | None:
+    points, original = record["points"], record["original"]["map50_95"]
+    if options.max_map_drop is not None:
+        fits = [p for p in points if p["map50_95"] >= original - options.max_map_drop]
+        best = min(fits, key=lambda p: p["latency_ms"], default=None)
+        why = f"the fastest within {options.max_map_drop:g} mAP of the original"
+    elif options.latency_ms is not None:
+        fits = [p for p in points if p["latency_ms"] <= options.latency_ms]
+        best = max(fits, key=lambda p: p["map50_95"], default=None)
+        why = f"the most accurate within {options.latency_ms:g} ms"
+    else:
+        return None
+    if best is None:
+        return {"name": None, "why": f"no point is {why.removeprefix('the ')}"}
+    return {"name": best["name"], "why": why}
+
+
+def plot(record: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = record["points"]
+    front = [p for name in record["front"] for p in points if p["name"] == name]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot([p["latency_ms"] for p in front], [p["map50_95"] for p in front], "-", color="#1f77b4")
+    ax.scatter([p["latency_ms"] for p in points], [p["map50_95"] for p in points], zorder=3)
+    for p in points:
+        ax.annotate(
+            p["name"],
+            (p["latency_ms"], p["map50_95"]),
+            fontsize=8,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
+    original = record["original"]
+    ax.scatter(
+        [original["latency_ms"]],
+        [original["map50_95"]],
+        marker="*",
+        s=120,
+        color="black",
+        label="original",
+        zorder=3,
+    )
+    chosen = (record.get("recommended") or {}).get("name")
+    if chosen:
+        p = next(p for p in points if p["name"] == chosen)
+        ax.scatter(
+            [p["latency_ms"]],
+            [p["map50_95"]],
+            s=160,
+            facecolors="none",
+            edgecolors="red",
+            label=f"recommended: {chosen}",
+            zorder=4,
+        )
+    latency = record["latency"]
+    ax.set_xlabel(f"latency, ms (ONNX Runtime CPU, batch 1, {latency['threads']} threads)")
+    ax.set_ylabel("mAP@.5:.95 of the ONNX file")
+    ax.set_title(f"{Path(record['model']).name} at {record['imgsz']} px")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save_png_atomic(fig, path)
+
+
+def render(record: dict) -> str:
+    original, latency = record["original"], record["latency"]
+    machine = latency["machine"]
+    lines = [
+        f"# Sweep: {record['model']} at {record['imgsz']} px",
+        "",
+        f"mAP@.5:.95 of each point's ONNX file on {record['data']} (val split, pycocotools); "
+        f"latency: {latency['runtime']}, batch {latency['batch']}, {latency['threads']} "
+        f"threads, median of {latency['runs']} interleaved runs, on {machine['cpu']} "
+        f"({machine['cores_available']} cores). Original: mAP {original['map50_95']:.4f}, "
+        f"{original['latency_ms']:.2f} ms.",
+        "",
+        f"| point | {record['target']} | MACs kept | params kept | mAP@.5:.95 | of original | "
+        "latency ms | latency ratio | on the front | folder |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for p in record["points"]:
+        share = p["map50_95"] / original["map50_95"] if original["map50_95"] else None
+        lines.append(
+            f"| {p['name']} | {p[record['target']]:g} | {p['macs_ratio']:.3f} | "
+            f"{p['params_ratio']:.3f} | {p['map50_95']:.4f} | "
+            f"{'-' if share is None else f'{share:.1%}'} | {p['latency_ms']:.2f} | "
+            f"{p['latency_ratio']:.3f} | {'yes' if p['name'] in record['front'] else ''} | "
+            f"`{p['folder']}/` |"
+        )
+    chosen = record.get("recommended")
+    lines.append("")
+    if chosen is None:
+        lines.append(
+            "No recommendation: give `--max-map-drop X` (the fastest point within X mAP of the "
+            "original) or `--latency-ms Y` (the most accurate point within Y ms)."
+        )
+    elif chosen["name"] is None:
+        lines.append(f"No recommendation: {chosen['why']}.")
+    else:
+        lines.append(f"**Recommended: {chosen['name']}** ({chosen['why']}).")
+    lines += ["", "![latency against mAP](sweep.png)", ""]
+    return "\n".join(lines)

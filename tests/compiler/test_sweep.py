@@ -1,0 +1,95 @@
+"""sweep: several targets compiled from one trace, measured together, a recommendation."""
+
+import json
+
+import pytest
+import yaml
+
+from tests.helpers import tiny_cfg
+from yoloprune.compiler.cli import main
+from yoloprune.compiler.options import CompileOptions
+from yoloprune.compiler.sweep import SweepOptions, _front, _recommend, parse_values
+from yoloprune.graphs.errors import PlanError
+
+
+@pytest.fixture(scope="module")
+def shapes_data(tmp_path_factory):
+    from yoloprune.compiler.train.synthetic import SyntheticSpec, generate
+
+    root = tmp_path_factory.mktemp("sweep-shapes") / "shapes"
+    return generate(root, SyntheticSpec(train=16, val=8, imgsz=64), progress=False)
+
+
+@pytest.fixture
+def tiny6_yaml(tmp_path):
+    cfg = tiny_cfg()
+    cfg["nc"] = 6
+    path = tmp_path / "tiny6.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_sweep_compiles_every_point_and_recommends_within_the_drop(
+    tmp_path, tiny6_yaml, shapes_data
+):
+    out = tmp_path / "sweep"
+    argv = ["sweep", tiny6_yaml, "--imgsz", 64, "--macs", "0.8,0.5", "--data", shapes_data]
+    assert (
+        main([str(a) for a in [*argv, "--max-map-drop", 1, "--bench-runs", 3, "--out", out]]) == 0
+    )
+    record = json.loads((out / "sweep.json").read_text())
+    assert [p["name"] for p in record["points"]] == ["macs-0.8", "macs-0.5"]
+    for point, macs in zip(record["points"], (0.8, 0.5), strict=True):
+        assert abs(point["macs_ratio"] / macs - 1) <= 0.03
+        folder = out / point["folder"]
+        assert (folder / point["onnx"]).is_file() and (folder / "report.json").is_file()
+        report = json.loads((folder / "report.json").read_text())
+        assert report["accuracy"]["map50_95"]["onnx"] == point["map50_95"]
+        assert report["reconstruction"]["images"] == 16  # each point reconstructed
+        assert point["latency_ms"] > 0 and point["latency_ratio"] > 0
+    # a drop of 1 admits every point: the fastest is recommended
+    fastest = min(record["points"], key=lambda p: p["latency_ms"])
+    assert record["recommended"]["name"] == fastest["name"]
+    assert set(record["front"]) <= {"macs-0.8", "macs-0.5"} and record["front"]
+    assert (out / "sweep.png").stat().st_size > 0
+    assert "Recommended: " in (out / "sweep.md").read_text()
+
+
+def _points(*rows):
+    return [{"name": n, "latency_ms": t, "map50_95": m} for n, t, m in rows]
+
+
+def test_front_and_recommendation_rules():
+    points = _points(("a", 10.0, 0.80), ("b", 6.0, 0.78), ("c", 7.0, 0.70), ("d", 4.0, 0.60))
+    assert _front(points) == ["d", "b", "a"]  # c is slower and worse than b
+    record = {"points": points, "original": {"map50_95": 0.82}}
+    base = CompileOptions("m.yaml")
+
+    def pick(**criterion):
+        options = SweepOptions.__new__(SweepOptions)  # rules only: no option checks
+        object.__setattr__(options, "base", base)
+        object.__setattr__(options, "max_map_drop", criterion.get("max_map_drop"))
+        object.__setattr__(options, "latency_ms", criterion.get("latency_ms"))
+        return _recommend(options, record)
+
+    assert pick(max_map_drop=0.05)["name"] == "b"  # fastest with mAP >= 0.77
+    assert pick(latency_ms=7.5)["name"] == "b"  # most accurate within 7.5 ms
+    assert pick(latency_ms=1.0)["name"] is None
+    assert pick() is None
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("0.9,x", "numbers separated by commas"), ("0.9,1.2", "every value must be in")],
+)
+def test_bad_point_lists_are_refused(text, message):
+    with pytest.raises(PlanError, match=message):
+        parse_values(text, "--macs", 0, 1, open_high=True)
+
+
+def test_sweep_needs_data_and_distinct_points():
+    base = CompileOptions("m.yaml")
+    with pytest.raises(PlanError, match="add --data"):
+        SweepOptions(base, "macs", (0.5,))
+    with pytest.raises(PlanError, match="distinct values"):
+        SweepOptions(base, "macs", (0.5, 0.5))

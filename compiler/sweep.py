@@ -6,7 +6,7 @@ parity, the ONNX file's own mAP) into its own folder; the trace, the original's 
 latency table (speedup targets) are made once. The latency of every point's ONNX file and of
 the unpruned model's is measured together at the end (ONNX Runtime CPU, batch 1, interleaved),
 so the ratios compare. The recommended point: the fastest within ``--max-map-drop`` of the
-original's mAP, or the most accurate within ``--latency-ms``.
+original's mAP (and faster than the original), or the most accurate within ``--latency-ms``.
 """
 
 from __future__ import annotations
@@ -183,9 +183,14 @@ def _front(points: list[dict]) -> list[str]:
 def _recommend(options: SweepOptions, record: dict) -> dict | None:
     points, original = record["points"], record["original"]["map50_95"]
     if options.max_map_drop is not None:
-        fits = [p for p in points if p["map50_95"] >= original - options.max_map_drop]
+        fits = [
+            p
+            for p in points
+            if p["map50_95"] >= original - options.max_map_drop
+            and p["latency_ms"] < record["original"]["latency_ms"]
+        ]
         best = min(fits, key=lambda p: p["latency_ms"], default=None)
-        why = f"the fastest within {options.max_map_drop:g} mAP of the original"
+        why = f"the fastest within {options.max_map_drop:g} mAP of the original and faster than it"
     elif options.latency_ms is not None:
         fits = [p for p in points if p["latency_ms"] <= options.latency_ms]
         best = max(fits, key=lambda p: p["map50_95"], default=None)

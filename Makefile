@@ -88,10 +88,12 @@ benchmarks: install
 	$(PY) benchmarks/compile_yolov5.py
 	$(PY) benchmarks/latency.py
 
-# The accuracy benchmarks: they fine-tune (about 50 and 60 min on 2 CPU cores).
+# The accuracy benchmarks: the first two fine-tune (about 50 and 60 min on 2 CPU cores); the
+# one-shot study trains nothing (about 20 min).
 benchmarks-accuracy: install $(SHAPES)
 	$(PY) benchmarks/accuracy.py
 	$(PY) benchmarks/budget.py
+	$(PY) benchmarks/oneshot.py
 
 clean:
 	rm -rf runs .pytest_cache

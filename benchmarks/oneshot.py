@@ -200,7 +200,8 @@ def render(result: dict, image: str) -> str:
             "",
             "| MACs kept | "
             + " | ".join(f"{r} mAP@.5:.95 (share)" for r in RECIPES)
-            + " | target | default: reconstruction s (all stages) | head convs: output error before → after their fit |",
+            + " | target | default: reconstruction s (all stages) | head convs: output error "
+            "before → after their fit |",
             "|---:|" + "---:|" * len(RECIPES) + "---|---:|---|",
         ]
         for row in model["rows"]:

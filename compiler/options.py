@@ -126,7 +126,9 @@ class CompileOptions:
 
     @cached_property
     def settings(self) -> CompileSettings:
-        """The options resolved, defaults applied (computed once)."""
+        """The options resolved, defaults applied (computed once); flag combinations are
+        refused before any file is read."""
+        sensitivity = sensitivity_for(self.int8_max_map_drop, self.int8_sensitivity_images)
         target = self.target()
         if self.steps is not None and self.steps > 1:
             if self.method != "structured" or self.plan is not None:
@@ -169,7 +171,7 @@ class CompileOptions:
             )
         return CompileSettings(
             reconstruction=reconstruction,
-            sensitivity=sensitivity_for(self.int8_max_map_drop, self.int8_sensitivity_images),
+            sensitivity=sensitivity,
             calibration=calibration_for(
                 self.precision, self.calib_images, self.data, self.calib_count, self.calib_method
             ),

@@ -10,13 +10,16 @@ are fitted in network order and each one sees inputs from the already re-fitted 
 it, so errors are corrected where they arise instead of compounding.
 
 How it runs: the calibration images are carried through both models one top-level layer at a
-time (the activations a later layer reads are kept, for every image); inside a layer each conv
-is fitted in execution order, re-running the layer's pruned copy up to that conv. Statistics
-are accumulated on a fixed random sample of output positions per image (the Gram matrix of the
-input patches and their products with the targets), so memory and time grow with the number of
-images, not with their pixels. The fitted bias goes into the BatchNorm that follows the conv
-(its running mean), or into the conv's own bias; the architecture and every shape stay the
-same, so nothing downstream (export, INT8 calibration, fine-tuning) needs to know.
+time; only the activations later layers read are kept (float16, every image). Each layer runs
+once per model: the original in chunks, keeping its convs' outputs at a fixed random sample of
+output positions per image; the pruned copy on all images at once, each conv solved in a
+pre-forward hook just before it runs, so it sees the inputs the convs fitted before it produce.
+Statistics are the Gram matrix of the sampled input patches and their products with the
+targets, in two halves (even and odd images) so that each conv's damping is chosen by held-out
+error; memory for them grows with the sample, not with the pixels. The fitted bias goes into
+the BatchNorm that follows the conv (its running mean), or into the conv's own bias; the
+architecture and every shape stay the same, so nothing downstream (export, INT8 calibration,
+fine-tuning) needs to know.
 """
 
 from __future__ import annotations

@@ -37,7 +37,8 @@ def test_given_values_are_honoured_not_replaced():
         lr0=0.002,
         optimizer="adamw",
         distill=0.0,
-        reconstruct=False,  # reconstruction would read d.yaml's train split now
+        reconstruct=False,  # reconstruction and the default importance would read d.yaml
+        importance="l2",
     )
     s = options.settings
     assert s.target == Target("ratio", 0.3) and s.constraints.round_to == 16
@@ -129,7 +130,7 @@ def test_reconstruction_is_on_wherever_images_are_at_hand(image_folder):
     [
         ({"reconstruct_images": 8}, "reconstruction reads images"),
         ({"reconstruct_images": 8, "reconstruct": False}, "drop --no-reconstruct"),
-        ({"calib_images": "FOLDER", "reconstruct": False}, "none runs here"),
+        ({"calib_images": "FOLDER", "reconstruct": False, "importance": "l2"}, "none runs here"),
         (
             {"calib_images": "FOLDER", "method": "unstructured", "ratio": 0.3},
             "none runs here",

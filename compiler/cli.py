@@ -439,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--round-to", type=int, default=None, help="channel alignment (as compile)")
     sw.add_argument("--calib-images", type=Path, default=None, help="unlabeled images folder")
     sw.add_argument("--no-reconstruct", dest="reconstruct", action="store_false", help="as compile")
+    sw.add_argument(
+        "--reconstruct-images", type=int_in(1, 100_000), default=None, help="as compile"
+    )
     sw.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads")
     sw.add_argument("--bench-runs", type=int, default=None, help="timed runs (default 20)")
     sw.add_argument("--latency-table", type=Path, default=None, help="as compile")
@@ -937,6 +940,7 @@ def cmd_sweep(args) -> int:
             "round_to",
             "calib_images",
             "reconstruct",
+            "reconstruct_images",
             "threads",
             "bench_runs",
             "latency_table",

@@ -60,7 +60,7 @@ def test_yolo26_compiles_in_both_export_modes_with_parity_and_map(
     argv += ["--data", str(data_yaml), "--epochs", "1", "--batch", "8"]
     argv += ["--export-mode", mode] if mode else []
     # reconstruction on one mode, the other as before it (energy importance: test_cli's)
-    argv += ["--reconstruct-images", "32"] if mode is None else ["--no-reconstruct"]
+    argv += ["--reconstruct-images", "8"] if mode is None else ["--no-reconstruct"]
     argv += ["--importance", "l2"]
     assert main(argv) == 0
     report = json.loads((out / "report.json").read_text())
@@ -71,7 +71,7 @@ def test_yolo26_compiles_in_both_export_modes_with_parity_and_map(
     accuracy = report["accuracy"]["map50_95"]
     assert set(accuracy) == {"original", "pruned", "finetuned", "onnx"}
     assert accuracy["original"] > 0.03
-    assert (report["reconstruction"] or {}).get("images") == (32 if mode is None else None)
+    assert (report["reconstruction"] or {}).get("images") == (8 if mode is None else None)
     assert abs(accuracy["onnx"] - accuracy["finetuned"]) <= MAP_AGREEMENT
     assert "torchvision" not in sys.modules
 

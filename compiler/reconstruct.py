@@ -44,6 +44,7 @@ DEFAULT_IMAGES = 128  # calibration images
 DEFAULT_DAMPINGS = (0.001, 0.01, 0.1, 1.0, 10.0)
 DEFAULT_SAMPLES = 16384  # output positions per conv, spread evenly over the images
 BATCH = 16
+MAX_DRAWS_PER_POSITION = 4  # sampled positions per image, at most this many per map position
 _INDEX_BASE = 4096  # the probe encodes (out, in) channel indices as out * base + in
 
 
@@ -184,6 +185,8 @@ def _positions(key: str, shape, count: int) -> tuple[torch.Tensor, ...]:
     """A fixed random sample of ``count`` output positions per image (image, row, column),
     the same for both models (drawn from ``key``)."""
     n, _, h, w = shape
+    # drawn with replacement: beyond a few draws per position they add duplicates, not data
+    count = min(count, MAX_DRAWS_PER_POSITION * h * w)
     generator = torch.Generator().manual_seed(zlib.crc32(key.encode()))
     flat = torch.randint(h * w, (n, count), generator=generator).reshape(-1)
     images = torch.arange(n).repeat_interleave(count)

@@ -212,23 +212,6 @@ def test_p6_model_compiles_with_parity(tmp_path):
     assert sum(g["protected"] for g in report["groups"]) == 4
 
 
-@pytest.fixture(scope="module")
-def shapes_data(tmp_path_factory):
-    from yoloprune.compiler.train.synthetic import SyntheticSpec, generate
-
-    root = tmp_path_factory.mktemp("cli-shapes") / "shapes"
-    return generate(root, SyntheticSpec(train=16, val=8, imgsz=64), progress=False)
-
-
-@pytest.fixture
-def tiny6_yaml(tmp_path) -> Path:
-    cfg = tiny_cfg()
-    cfg["nc"] = 6
-    path = tmp_path / "tiny6.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
 def test_compile_with_data_reports_accuracy_at_every_stage(tmp_path, tiny6_yaml, shapes_data):
     out = tmp_path / "acc"
     assert (

@@ -3,30 +3,11 @@
 import json
 
 import pytest
-import yaml
 
-from tests.helpers import tiny_cfg
 from yoloprune.compiler.cli import main
 from yoloprune.compiler.options import CompileOptions
 from yoloprune.compiler.sweep import SweepOptions, _front, _recommend, parse_values
 from yoloprune.graphs.errors import PlanError
-
-
-@pytest.fixture(scope="module")
-def shapes_data(tmp_path_factory):
-    from yoloprune.compiler.train.synthetic import SyntheticSpec, generate
-
-    root = tmp_path_factory.mktemp("sweep-shapes") / "shapes"
-    return generate(root, SyntheticSpec(train=16, val=8, imgsz=64), progress=False)
-
-
-@pytest.fixture
-def tiny6_yaml(tmp_path):
-    cfg = tiny_cfg()
-    cfg["nc"] = 6
-    path = tmp_path / "tiny6.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def test_sweep_compiles_every_point_and_recommends_within_the_drop(

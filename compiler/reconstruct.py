@@ -461,13 +461,13 @@ def _reconstruct(original, pruned, kept, chunks, settings, fixed, progress) -> R
             ]
             flows[0].run(index, keepers, chunk=BATCH)
             wanted = {n: _joined(parts) for n, parts in wanted.items() if parts}
-
+            ran = len(wanted)  # convs that do not run in eval mode are not fitted
             fitters = [
                 _fitter(n, t, wanted, fits, settings, bar) for n, t in here.items() if n in wanted
             ]
             flows[1].run(index, fitters)
             peak = max(peak, flows[0].held_mib() + flows[1].held_mib())
-            bar.update(len(here) - len([n for n in here if n in wanted]))
+            bar.update(len(here) - ran)
     head = [fits[n] for n in fits if n.startswith(f"model.{last}.")]
     chosen: dict[str, int] = {}
     for *_, damping in fits.values():

@@ -654,33 +654,32 @@ def compile_model(options: CompileOptions) -> dict:
 SHARED_STAGES = ("load + graph", "eval original")
 
 
-def compile_shared(options: CompileOptions, shared: Job, skip: tuple[str, ...] = ()) -> dict:
-    """Compile ``options`` reusing ``shared``'s load + graph and original evaluation (a job
-    that ran :data:`SHARED_STAGES` on the same model, image size and data), skipping the stages
-    named in ``skip``; outputs land in ``options.out`` as :func:`compile_model`'s do. Returns
-    the report dict."""
-    out = options.settings.out
-    data = _data_for(options)
-    stages = [s for s in STAGES if s.name not in (*SHARED_STAGES, *skip) and s.when(options, data)]
-    with staged_output(out) as staging:
-        job = Job(options, data, staging)
+def compile_shared(options: CompileOptions, shared: Job) -> dict:
+    """Compile ``options`` reusing ``shared``'s load + graph, data and original evaluation (a
+    job that ran :data:`SHARED_STAGES` on the same model, image size and data); outputs land in
+    ``options.out`` as :func:`compile_model`'s do. Returns the report dict."""
+    with staged_output(options.settings.out) as staging:
+        job = Job(options, shared.data, staging)
         job.artifacts.update(
             {k: shared.artifacts[k] for k in ("prepared", "original", "mode", "val")}
         )
         job.accuracy.update({k: v for k, v in shared.accuracy.items() if k == "original"})
-        for stage in stages:
-            run_stage(stage, job)
+        _run_stages(job, lambda name: name not in SHARED_STAGES)
     return job["report"]
 
 
 def shared_job(options: CompileOptions) -> Job:
     """Run :data:`SHARED_STAGES` once (trace, original mAP) for :func:`compile_shared`."""
-    data = _data_for(options)
-    job = Job(options, data, staging=None)
-    for stage in STAGES:
-        if stage.name in SHARED_STAGES and stage.when(options, data):
-            run_stage(stage, job)
+    job = Job(options, _data_for(options), staging=None)
+    _run_stages(job, lambda name: name in SHARED_STAGES)
     return job
+
+
+def _run_stages(job: Job, wanted: Callable[[str], bool]) -> None:
+    """Run, in order, the stages ``wanted`` by name whose condition holds for ``job``."""
+    for stage in STAGES:
+        if wanted(stage.name) and stage.when(job.options, job.data):
+            run_stage(stage, job)
 
 
 # The stages that build the pruned model in memory (nothing written, no evaluation).
@@ -694,15 +693,12 @@ def prune_in_memory(options: CompileOptions, prepared: Prepared | None = None) -
     (its ``plan``, ``pruned``, ``reconstructed``, ``recalibrated`` artifacts)."""
     if _iterative_mode(options, None):
         raise PlanError("prune_in_memory runs one-shot compiles; --steps needs compile itself")
-    data = _data_for(options)
-    job = Job(options, data, staging=None)
-    skip = set()
+    job = Job(options, _data_for(options), staging=None)
+    stages = set(IN_MEMORY_STAGES)
     if prepared is not None:
         job.artifacts.update(prepared=prepared, original=prepared.model)
-        skip.add("load + graph")
-    for stage in STAGES:
-        if stage.name in IN_MEMORY_STAGES and stage.name not in skip and stage.when(options, data):
-            run_stage(stage, job)
+        stages.discard("load + graph")
+    _run_stages(job, stages.__contains__)
     return job
 
 

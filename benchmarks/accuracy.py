@@ -239,11 +239,15 @@ def architectures(prepared, imgsz: int, data_yaml: Path) -> dict:
 
     for macs in (0.5, 0.3):
         models[f"yoloprune MACs {macs}"] = (
-            ours(CompileOptions(str(MODEL), macs=macs, importance="l2", reconstruct=False)),
+            ours(
+                CompileOptions(
+                    str(MODEL), macs=macs, importance="l2", reconstruct=False, round_to=8
+                )
+            ),
             f"uniform L2, round_to 8, {OURS_AFTER_PLAN}",
         )
     taylor = CompileOptions(
-        str(MODEL), macs=0.3, importance="taylor", data=data_yaml, reconstruct=False
+        str(MODEL), macs=0.3, importance="taylor", data=data_yaml, reconstruct=False, round_to=8
     )
     models["yoloprune MACs 0.3 Taylor"] = (
         ours(taylor),

@@ -64,11 +64,13 @@ def build(prepared, data_yaml: Path, macs: float) -> dict:
     """The two pruned models before fine-tuning: {name: (model, recipe, distill weight)}."""
     base, imgsz = prepared.model, prepared.imgsz
     options = CompileOptions(
-        str(MODEL), macs=macs, importance="taylor", data=data_yaml, reconstruct=False
+        str(MODEL), macs=macs, importance="taylor", data=data_yaml, reconstruct=False, round_to=8
     )
     ours = pruned_like_compile(prepared, options, data_yaml)
     theirs, ratio, _ = recipes.torch_pruning_default(base, macs, imgsz)
-    oneshot = pruned_like_compile(prepared, CompileOptions(str(MODEL), macs=macs), data_yaml)
+    oneshot = pruned_like_compile(
+        prepared, CompileOptions(str(MODEL), macs=macs, round_to=8), data_yaml
+    )
     return {
         OURS: (ours, f"uniform Taylor, round_to 8, {OURS_AFTER_PLAN}", 1.0),
         THEIRS: (theirs, f"MetaPruner L2, ratio {ratio:.3f}, no distillation", 0.0),

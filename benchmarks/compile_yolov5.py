@@ -1,6 +1,7 @@
 """Benchmark: YOLOv5 at 640, MACs kept 0.5 -> params, MACs, ONNX Runtime CPU latency, compile time.
 
-Compares yoloprune's default plan (uniform L2, round_to 8, MACs solved within ±3%) with
+Compares yoloprune's default flags (uniform L2, --round-to auto, MACs solved within ±3%) and
+fixed alignments and latency-aware plans with
 torch-pruning's default recipe (MetaPruner, GroupMagnitudeImportance(p=2), one uniform ratio
 bisected to the same MACs, head convs ignored) on the same model, and times
 `python -m yoloprune compile MODEL --macs 0.5 --no-bench` end to end.
@@ -101,24 +102,32 @@ def summarise(passes: list[dict], key: str) -> dict:
 
 
 DROP_ROW = "yoloprune --round-to 16 --latency-aware --drop-blocks"
+DEFAULT_ROW = "yoloprune (default flags)"
+
+
+def recipe_options(name: str) -> dict:
+    """The rows' compile options: the default flags (``--round-to auto``), each alignment
+    fixed, and latency-aware plans."""
+    aware = CompileOptions(name, macs=MACS, round_to=16, latency_aware=True)
+    return {
+        DEFAULT_ROW: CompileOptions(name, macs=MACS),
+        **{
+            f"yoloprune --round-to {r}": CompileOptions(name, macs=MACS, round_to=r)
+            for r in (8, 16, 32)
+        },
+        "yoloprune --latency-aware": CompileOptions(name, macs=MACS, latency_aware=True),
+        "yoloprune --round-to 16 --latency-aware": aware,
+        DROP_ROW: replace(aware, drop_blocks=True),
+    }
 
 
 def bench_model(name: str, runs: int, compile_repeats: int, passes: int) -> dict:
     prepared = prepare(name, IMGSZ)
     base = prepared.model
-    aware = CompileOptions(name, macs=MACS, round_to=16, latency_aware=True)
     jobs = {  # compile's own stages (score + plan, apply), nothing written
-        key: prune_in_memory(options, prepared)
-        for key, options in {
-            "yoloprune": CompileOptions(name, macs=MACS),
-            "yoloprune --round-to 16": CompileOptions(name, macs=MACS, round_to=16),
-            "yoloprune --round-to 16 --latency-aware": aware,
-            "yoloprune --round-to 16 --latency-aware --drop-blocks": replace(
-                aware, drop_blocks=True
-            ),
-        }.items()
+        key: prune_in_memory(options, prepared) for key, options in recipe_options(name).items()
     }
-    plan, plan_drop = jobs["yoloprune"]["plan"], jobs[DROP_ROW]["plan"]
+    plan, plan_drop = jobs[DEFAULT_ROW]["plan"], jobs[DROP_ROW]["plan"]
     macs_before = recipes.conv_macs(base, IMGSZ)
     tp_model, tp_ratio, _ = recipes.torch_pruning_default(base, MACS, IMGSZ)
     models = {
@@ -150,14 +159,33 @@ def bench_model(name: str, runs: int, compile_repeats: int, passes: int) -> dict
         recipe["convs_out_multiple_of_16"] = sum(c.out_channels % 16 == 0 for c in convs)
         recipe["convs"] = len(convs)
     row["recipes"]["torch-pruning default"]["pruning_ratio"] = tp_ratio
-    row["recipes"]["yoloprune"]["plan"] = {
+    row["recipes"][DEFAULT_ROW]["plan"] = {
         "importance": plan.importance,
         "allocation": plan.allocation,
         "round_to": plan.round_to,
+        "alignment": plan.alignment,
     }
     row["recipes"][DROP_ROW]["drop_blocks"] = list(plan_drop.drop_blocks)
     row["compile_no_bench_seconds"] = compile_seconds(name, compile_repeats)
     return row
+
+
+def defaults_text(row: dict) -> str:
+    """How the default flags' latency ratio compares with the fastest recipe at this MACs."""
+    ours = {k: r for k, r in row["recipes"].items() if k.startswith("yoloprune")}
+    best = min(ours, key=lambda k: ours[k]["latency_ratio"])
+    default = ours[DEFAULT_ROW]
+    gap = default["latency_ratio"] - ours[best]["latency_ratio"]
+    alignment = default["plan"].get("alignment") or {}
+    speed = ", ".join(
+        f"{c['round_to']}: {c['relative_latency']:.3f}" for c in alignment.get("candidates", [])
+    )
+    return (
+        f"default ratio {default['latency_ratio']:.3f} (round_to {default['plan']['round_to']} "
+        f"chosen; profile {speed}); best `{best}` {ours[best]['latency_ratio']:.3f}; gap "
+        f"{gap:+.3f} ({'within' if gap <= 0.01 else 'NOT within'} 0.01); "
+        f"{'<=' if default['latency_ratio'] <= 0.5 else '>'} 0.50"
+    )
 
 
 def _span(summary: dict) -> str:
@@ -185,8 +213,9 @@ def render(result: dict) -> str:
         "Conv2d multiply-accumulates, head included. ultralytics heads are exported with the "
         "DFL in its deployment form (`DeploymentDFL`, same values, no Softmax; baseline and "
         "pruned alike).",
-        "yoloprune rows use the default recipe (uniform L2, `--macs 0.5`); the `--round-to 16` "
-        "row aligns to the 16-channel blocks ONNX Runtime's CPU convolutions use on AVX-512; "
+        "yoloprune rows: the default flags (`--macs 0.5`: uniform L2, `--round-to auto`, the "
+        "alignment measured on this machine, see below), then each alignment fixed (16 is the "
+        "channel block ONNX Runtime's CPU convolutions use on AVX-512, 8 on AVX2); "
         "`--latency-aware` removes channels by importance lost per millisecond saved (per-layer "
         "ORT latency table) until the MACs target is met; `--drop-blocks` lets that knapsack "
         "also remove whole residual bottlenecks (shortcut kept; the blocks removed are listed "
@@ -214,6 +243,9 @@ def render(result: dict) -> str:
                 f"{r['convs_out_multiple_of_8']}/{r['convs']} | "
                 f"{r['convs_out_multiple_of_16']}/{r['convs']} |"
             )
+    lines += ["", "Default flags against the best recipe of the same run:", ""]
+    for row in result["rows"]:
+        lines.append(f"- {row['model']}: {defaults_text(row)}")
     lines += ["", "Blocks removed by `--drop-blocks`:", ""]
     for row in result["rows"]:
         for r in row["recipes"].values():

@@ -46,6 +46,7 @@ def recipes(spec: str, imgsz: int, runtime: str, table: Path | None) -> dict:
     def add(name, **options):
         start = time.perf_counter()
         try:
+            options.setdefault("round_to", 8)  # the alignment these results were measured at
             job = prune_in_memory(CompileOptions(spec, imgsz=imgsz, **options), prepared)
         except PlanError as exc:
             infeasible[name] = str(exc)

@@ -108,7 +108,7 @@ def accuracy_rows(path: Path, data_yaml: Path, data, macs_points: list[float]) -
     for macs in macs_points:
         row = {"macs": macs}
         for recipe, extra in RECIPES.items():
-            options = CompileOptions(str(path), macs=macs, data=data_yaml, **extra)
+            options = CompileOptions(str(path), macs=macs, data=data_yaml, round_to=8, **extra)
             start = time.perf_counter()
             job = prune_in_memory(options, prepared)
             seconds = time.perf_counter() - start
@@ -138,7 +138,12 @@ def cost_row(images: Path) -> dict:
     """YOLOv5s at 640, MACs 0.5, reconstructed on 256 images (``--calib-images``): time and
     memory."""
     options = CompileOptions(
-        "yolov5s.yaml", imgsz=640, macs=0.5, calib_images=images, reconstruct_images=256
+        "yolov5s.yaml",
+        imgsz=640,
+        macs=0.5,
+        calib_images=images,
+        reconstruct_images=256,
+        round_to=8,
     )
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     job = prune_in_memory(options)

@@ -202,7 +202,7 @@ def fine_tuned(prepared, checkpoint: Path, data_yaml: Path, data, epochs: int):
         return load_model(cache)[0]
     # the recipe precision.md was measured with (before reconstruction became the default)
     options = CompileOptions(
-        str(checkpoint), macs=0.5, data=data_yaml, importance="l2", reconstruct=False
+        str(checkpoint), macs=0.5, data=data_yaml, importance="l2", reconstruct=False, round_to=8
     )
     pruned = prune_in_memory(options, prepared)["pruned"]
     settings = finetune_settings(epochs, prepared.imgsz, 0.003, distill=1.0)

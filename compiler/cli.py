@@ -41,6 +41,11 @@ def int_in(low: int, high: int):
     return parse
 
 
+def round_to_value(text: str) -> int | str:
+    """An argparse type for --round-to: ``auto`` or a channel count in [1, 1024]."""
+    return "auto" if text == "auto" else int_in(1, 1024)(text)
+
+
 def float_in(low: float, high: float, open_low: bool = True):
     """An argparse type: a finite number in (low, high] (or [low, high])."""
 
@@ -154,10 +159,11 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--round-to",
-        type=int,
+        type=round_to_value,
         default=None,
-        help="kept channel counts are multiples of this (default 8; 16 measured faster on "
-        "AVX-512 CPUs, see benchmarks/latency.md; 32 for INT8)",
+        help="kept channel counts are multiples of this, or auto (default): 8, 16 or 32, "
+        "measured on the latency runtime (cached per machine) and checked for accuracy; the "
+        "report says what was chosen and why",
     )
     p.add_argument(
         "--max-ratio",
@@ -436,7 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--optimizer", choices=["sgd", "adamw"], default=None)
     sw.add_argument("--lr0", type=float, default=None, help="fine-tune learning rate")
     sw.add_argument("--importance", default=None, help="importance criterion (as compile)")
-    sw.add_argument("--round-to", type=int, default=None, help="channel alignment (as compile)")
+    sw.add_argument(
+        "--round-to", type=round_to_value, default=None, help="channel alignment (as compile)"
+    )
     sw.add_argument("--calib-images", type=Path, default=None, help="unlabeled images folder")
     sw.add_argument("--no-reconstruct", dest="reconstruct", action="store_false", help="as compile")
     sw.add_argument(
@@ -561,6 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_compile(args) -> int:
     from yoloprune.compiler.pipeline import CompileOptions, compile_model
+    from yoloprune.compiler.report import alignment_text
 
     fields = CompileOptions.__dataclass_fields__
     options = CompileOptions(**{k: v for k, v in vars(args).items() if k in fields})
@@ -582,6 +591,9 @@ def cmd_compile(args) -> int:
             f"{latency['before']['median_ms']:.1f} -> {latency['after']['median_ms']:.1f} "
             f"({latency['ratio']:.3f})"
         )
+    chosen = report["alignment"].get("chosen_by")
+    if chosen:
+        print(f"alignment: {alignment_text(chosen)}")
     print(f"parity {report['parity']['max_abs_diff']:.2e} <= {report['parity']['tolerance']:g}")
     for precision, lowered in report.get("precisions", {}).items():
         if precision == "fp32":

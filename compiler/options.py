@@ -37,6 +37,9 @@ DEFAULT_IMAGE_IMPORTANCE = "energy"
 DEFAULT_OUT = Path("runs/compile")
 DEFAULT_LATENCY_RUNTIME = "ort"
 DEFAULT_BENCH_RUNS = 20
+# Channel alignment: measured on the latency runtime and checked for accuracy
+# (compiler/alignment.py); a number given with --round-to is used as it is.
+DEFAULT_ROUND_TO = "auto"
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,7 @@ class CompileOptions:
     importance: str | None = None
     global_allocation: bool = False
     latency_aware: bool = False  # --macs allocated by importance per millisecond saved
-    round_to: int | None = None
+    round_to: int | str | None = None  # a number, or "auto" (the default): measured
     max_ratio: float | None = None
     drop_blocks: bool = False  # latency-aware: residual blocks may be removed whole
     out: Path | None = None
@@ -121,6 +124,8 @@ class CompileOptions:
                     "--latency-runtime torch measures on a CUDA GPU and none is available here: "
                     "use --latency-runtime ort (ONNX Runtime CPU) or run on a GPU machine"
                 )
+        if self.round_to is not None and self.round_to != "auto" and type(self.round_to) is not int:
+            raise PlanError(f"--round-to {self.round_to}: give a positive integer or auto")
         self._check_paths()
         self.settings  # noqa: B018  (resolving refuses combinations that select nothing)
 
@@ -153,15 +158,17 @@ class CompileOptions:
             )
         self._refuse_ignored()
         planner = "replay" if self.plan is not None else planner_name(self, target)
-        latency = None
-        if planner in ("latency", "latency-aware"):
-            runtime = self.latency_runtime
-            latency = LatencySettings(
-                runtime=DEFAULT_LATENCY_RUNTIME if runtime is None else runtime,
-                threads=self.threads,
-                spinning=self.spinning,
-                table=self.latency_table,
-            )
+        runtime = LatencySettings(
+            runtime=DEFAULT_LATENCY_RUNTIME
+            if self.latency_runtime is None
+            else self.latency_runtime,
+            threads=self.threads,
+            spinning=self.spinning,
+            table=self.latency_table,
+        )
+        latency = runtime if planner in ("latency", "latency-aware") else None
+        round_to = DEFAULT_ROUND_TO if self.round_to is None else self.round_to
+        aligns = round_to == "auto" and planner not in ("replay", "unstructured")
         reconstruction = self.reconstruction()
         reads_images = reconstruction or importance in IMAGE_IMPORTANCES or self.precision == "int8"
         if self.calib_images is not None and not reads_images:
@@ -170,6 +177,7 @@ class CompileOptions:
                 f"{'/'.join(IMAGE_IMPORTANCES)} and INT8 calibration; none runs here: drop it"
             )
         return CompileSettings(
+            alignment=runtime if aligns else None,
             reconstruction=reconstruction,
             sensitivity=sensitivity,
             calibration=calibration_for(
@@ -316,8 +324,9 @@ class CompileOptions:
 
     def constraints(self) -> Constraints:
         defaults = Constraints()
-        return Constraints(
-            round_to=defaults.round_to if self.round_to is None else self.round_to,
+        fixed = type(self.round_to) is int
+        return Constraints(  # round_to "auto" is chosen at planning (CompileSettings.alignment)
+            round_to=self.round_to if fixed else defaults.round_to,
             max_ratio=defaults.max_ratio if self.max_ratio is None else self.max_ratio,
             drop_blocks=self.drop_blocks,
         )
@@ -377,6 +386,8 @@ class CompileSettings:
     calibration: object = None  # compiler.quantize.Calibration with --precision int8
     sensitivity: object = None  # compiler.sensitivity.Sensitivity with --int8-max-map-drop
     reconstruction: object = None  # compiler.reconstruct.Reconstruction where it runs
+    # --round-to auto: the runtime whose latency table chooses the alignment (None: fixed)
+    alignment: LatencySettings | None = None
 
 
 def _has_train_split(data: Path) -> bool:

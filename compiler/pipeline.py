@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from yoloprune.compiler.alignment import choose_alignment
 from yoloprune.compiler.apply import apply_plan, count_params
 from yoloprune.compiler.export import check_parity, export_mode, export_onnx, output_layout
 from yoloprune.compiler.options import CompileOptions
@@ -94,7 +95,11 @@ def plan_for(prepared: Prepared, options: CompileOptions) -> PruningPlan:
     settings = options.settings
     if settings.planner == "replay":
         return fitted_plan(PruningPlan.load(options.plan), prepared, str(options.plan))
-    return run_planner(plan_request(prepared, options), settings.planner)
+    request = plan_request(prepared, options)
+    if settings.alignment is None:
+        return run_planner(request, settings.planner)
+    request, alignment = choose_alignment(request, settings.planner, settings.alignment)
+    return dataclasses.replace(run_planner(request, settings.planner), alignment=alignment)
 
 
 def plan_request(prepared: Prepared, options: CompileOptions) -> PlanRequest:

@@ -83,12 +83,48 @@ def build_report(
         "onnx_bytes": onnx_bytes,
         "latency_ms": {"onnxruntime_cpu": latency} if latency else {},
         "parity": parity.to_dict(),
-        "alignment": {"round_to": plan.round_to, "all_pruned_groups_aligned": aligned},
+        "alignment": {
+            "round_to": plan.round_to,
+            "all_pruned_groups_aligned": aligned,
+            "chosen_by": plan.alignment,  # --round-to auto's measurement, else None (given)
+        },
         "groups": group_rows,
         "seconds": seconds,
         "files": files,
         "warnings": warnings,
     }
+
+
+def _alignment_lines(alignment: dict) -> list[str]:
+    lines = [
+        f"Alignment: every pruned group keeps a multiple of {alignment['round_to']}: "
+        f"{'yes' if alignment['all_pruned_groups_aligned'] else 'NO'}"
+        + (
+            "."
+            if not alignment.get("chosen_by")
+            else f" (chosen: {alignment_text(alignment['chosen_by'])})."
+        )
+    ]
+    return [*lines, ""]
+
+
+def alignment_text(record: dict) -> str:
+    """``--round-to auto``'s choice in one line: each candidate's measured time at equal MACs
+    and its accuracy cost."""
+    parts = []
+    for row in record["candidates"]:
+        cost = row.get("accuracy_cost")
+        text = f"{row['round_to']}: {row['relative_latency']:.3f}x time"
+        if cost is not None:
+            text += f", {cost:+.1%} importance removed"
+        elif row.get("plannable") is False:
+            text += ", target not plannable"
+        parts.append(text + ("" if row["eligible"] else " (over the accuracy limit)"))
+    key = record["table_key"]
+    return (
+        f"round_to {record['chosen']} measured on {record['runtime']} {key['device']} "
+        f"{key['precision']} ({'; '.join(parts)}; {record['rule']})"
+    )
 
 
 def _fmt_count(n: float) -> str:
@@ -158,11 +194,7 @@ def render_markdown(report: dict) -> str:
     lines += _ultralytics_checkpoint_lines(
         (report.get("export") or {}).get("ultralytics_checkpoint")
     )
-    lines += [
-        f"Alignment: every pruned group keeps a multiple of {report['alignment']['round_to']}: "
-        f"{'yes' if report['alignment']['all_pruned_groups_aligned'] else 'NO'}.",
-        "",
-    ]
+    lines += _alignment_lines(report["alignment"])
     lines += _reconstruction_lines(report.get("reconstruction"))
     lines += _accuracy_lines(report.get("accuracy") or {})
     if report.get("sparsity"):

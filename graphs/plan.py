@@ -48,6 +48,8 @@ class PruningPlan:
     latency: dict | None = None  # latency-aware plans: runtime, predicted and measured ms
     # residual blocks removed whole (graphs.blocks): their hidden groups keep 0 channels
     drop_blocks: tuple[str, ...] = ()
+    # --round-to auto: the measured choice and its accuracy check (compiler.alignment)
+    alignment: dict | None = None
     format: str = field(default=PLAN_FORMAT)
 
     @property
@@ -164,8 +166,8 @@ def _checked_field(key: str, value):
         if type(value) is not list or not all(type(b) is str for b in value):
             raise TypeError("drop_blocks must be a list of module names")
         return tuple(value)
-    if key in ("target", "latency"):
-        if not (type(value) is dict or (key == "latency" and value is None)):
+    if key in ("target", "latency", "alignment"):
+        if not (type(value) is dict or (key != "target" and value is None)):
             raise TypeError(f"{key} must be a mapping")
         return value
     raise KeyError(key)

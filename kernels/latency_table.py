@@ -64,6 +64,9 @@ class ConvShape:
         )
         return nn.Sequential(conv, nn.SiLU()).eval()
 
+    def onnx(self, batch: int):
+        return conv_onnx(self, batch)
+
 
 @dataclass(frozen=True)
 class TableKey:
@@ -81,7 +84,13 @@ class TableKey:
 
 
 class LatencyTable:
-    """Measured milliseconds per conv shape for one runtime on one device."""
+    """Measured milliseconds per conv shape for one runtime on one device. A shape is anything
+    with ``key()``, ``onnx(batch)``, ``module()``, ``cin``, ``height`` and ``width``
+    (:class:`ConvShape`; :class:`kernels.alignment.ChainShape` in the alignment profile)."""
+
+    FORMAT = TABLE_FORMAT
+    KEY = _KEY
+    FOLDER = "latency"  # under the cache
 
     def __init__(self, key: TableKey, path: Path, measurer: Callable[[ConvShape], float]):
         self.key, self.path, self._measurer = key, Path(path), measurer
@@ -106,7 +115,7 @@ class LatencyTable:
             raise LatencyTableError(
                 f"{self.path}: not a readable latency table ({first_line(exc)}); {fix}"
             ) from exc
-        if type(data) is not dict or data.get("format") != TABLE_FORMAT:
+        if type(data) is not dict or data.get("format") != self.FORMAT:
             raise LatencyTableError(f"{self.path}: not a yoloprune latency table; {fix}")
         if data.get("key") != self.key.__dict__:
             raise LatencyTableError(
@@ -116,7 +125,7 @@ class LatencyTable:
         entries = data.get("entries")
         if type(entries) is not dict or not all(
             type(k) is str
-            and _KEY.fullmatch(k)
+            and self.KEY.fullmatch(k)
             and type(v) in (int, float)
             and math.isfinite(v)
             and v > 0
@@ -128,7 +137,7 @@ class LatencyTable:
         self.entries = {k: float(v) for k, v in entries.items()}
 
     def save(self) -> None:
-        payload = {"format": TABLE_FORMAT, "key": self.key.__dict__, "entries": self.entries}
+        payload = {"format": self.FORMAT, "key": self.key.__dict__, "entries": self.entries}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.path, json.dumps(payload, indent=0, sort_keys=True))
@@ -145,7 +154,7 @@ class LatencyTable:
         """Measure every shape not yet in the table, then save it."""
         from tqdm import tqdm
 
-        missing = sorted({s for s in shapes if s.key() not in self.entries}, key=ConvShape.key)
+        missing = sorted({s for s in shapes if s.key() not in self.entries}, key=lambda s: s.key())
         if not missing:
             return
         for shape in tqdm(
@@ -205,7 +214,7 @@ def conv_onnx(shape: ConvShape, batch: int):
 
 
 def ort_measurer(batch: int, threads: int, spinning: bool = True, runs: int = 15, warmup: int = 3):
-    """Time one conv shape on ONNX Runtime CPU (fp32), with the session options of the model
+    """Time one shape on ONNX Runtime CPU (fp32), with the session options of the model
     runs (:class:`kernels.ort.OrtRunner`)."""
     import numpy as np
 
@@ -217,7 +226,7 @@ def ort_measurer(batch: int, threads: int, spinning: bool = True, runs: int = 15
         )
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "conv.onnx"
-            path.write_bytes(conv_onnx(shape, batch).SerializeToString())
+            path.write_bytes(shape.onnx(batch).SerializeToString())
             with OrtRunner(path, threads, spinning) as runner:  # timed alone, as one conv
                 return measure(lambda: runner.infer(x), runs=runs, warmup=warmup).median_ms
 
@@ -245,6 +254,7 @@ def open_table(
     device: str | None = None,
     path: Path | None = None,
     spinning: bool = True,
+    kind: type[LatencyTable] = LatencyTable,
 ) -> LatencyTable:
     """The cached table of this runtime on this machine (created empty if new).
 
@@ -259,7 +269,9 @@ def open_table(
 
     if runtime == "ort":
         threads = threads or default_threads()
-        key = TableKey("ort", machine_info()["cpu"], "fp32", batch, threads, spinning)
+        machine = machine_info()  # the vector extensions decide the kernels: part of the key
+        cpu = f"{machine['cpu']} ({', '.join(machine['cpu_flags']) or 'flags unknown'})"
+        key = TableKey("ort", cpu, "fp32", batch, threads, spinning)
         measurer = ort_measurer(batch, threads, spinning)
     elif runtime == "torch":
         device = device or "cuda"
@@ -269,4 +281,4 @@ def open_table(
         measurer = torch_measurer(batch, device, precision)
     else:
         raise LatencyTableError(f"latency tables are measured on ort or torch, not {runtime!r}")
-    return LatencyTable(key, path or DEFAULT_CACHE / "latency" / key.filename(), measurer)
+    return kind(key, path or DEFAULT_CACHE / kind.FOLDER / key.filename(), measurer)

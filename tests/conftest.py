@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,32 @@ from yoloprune.graphs.yolov5 import DetectionModel
 @pytest.fixture(autouse=True)
 def _deterministic_threads():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _measurement_cache(tmp_path_factory):
+    """Latency tables go to a fresh cache (never the user's), and ``--round-to auto`` reads a
+    stand-in alignment profile there: chain times exactly proportional to MACs, so every
+    candidate ties and the finest (8) is chosen, as every test written before auto expects.
+    Tests of the choice itself give their own tables (tests/compiler/test_alignment.py)."""
+    from yoloprune.kernels import latency_table
+    from yoloprune.kernels.alignment import BANDS, ChainTable
+    from yoloprune.kernels.ort import default_threads
+
+    cache = tmp_path_factory.mktemp("yoloprune-cache")
+    before = latency_table.DEFAULT_CACHE, os.environ.get("YOLOPRUNE_CACHE")
+    latency_table.DEFAULT_CACHE = cache
+    os.environ["YOLOPRUNE_CACHE"] = str(cache)  # CLI tests in subprocesses
+    for threads in {1, default_threads()}:
+        table = latency_table.open_table("ort", threads=threads, kind=ChainTable)
+        table.entries = {s.key(): s.macs() * 1e-9 for band in BANDS for s in band.shapes()}
+        table.save()
+    yield cache
+    latency_table.DEFAULT_CACHE = before[0]
+    if before[1] is None:
+        os.environ.pop("YOLOPRUNE_CACHE", None)
+    else:
+        os.environ["YOLOPRUNE_CACHE"] = before[1]
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,110 @@
+import dataclasses
+
+import pytest
+
+from tests.compiler.test_planner import prepared_for
+from yoloprune.compiler import alignment
+from yoloprune.compiler.options import CompileOptions
+from yoloprune.compiler.pipeline import plan_for
+from yoloprune.graphs.errors import PlanError
+from yoloprune.graphs.plan import PruningPlan
+from yoloprune.kernels import latency_table
+from yoloprune.kernels.alignment import BANDS, ChainTable
+
+
+@pytest.fixture
+def profile(monkeypatch, tmp_path):
+    """Write this machine's alignment profile (threads 1) with times ``ms(shape)``."""
+    monkeypatch.setattr(latency_table, "DEFAULT_CACHE", tmp_path)
+
+    def write(ms):
+        table = latency_table.open_table("ort", threads=1, kind=ChainTable)
+        table.entries = {s.key(): ms(s) for band in BANDS for s in band.shapes()}
+        table.save()
+
+    return write
+
+
+def off_block(block: int, penalty: float):
+    return lambda s: s.macs() * 1e-9 * (penalty if s.channels % block else 1.0)
+
+
+@pytest.fixture
+def prepared(tiny_model):
+    return prepared_for(tiny_model, 64)
+
+
+def test_a_16_channel_block_is_measured_and_chosen(profile, prepared, tmp_path):
+    profile(off_block(16, 1.5))
+    plan = plan_for(prepared, CompileOptions("t", macs=0.5, threads=1))
+    record = plan.alignment
+    rows = {r["round_to"]: r for r in record["candidates"]}
+    assert record["chosen"] == plan.round_to == 16 and record["measured_now"] == 0
+    assert rows[8]["relative_latency"] == 1.0
+    assert rows[16]["relative_latency"] == rows[32]["relative_latency"] < 0.9
+    # the accuracy check: coarser alignments remove more importance on this small model
+    assert 0 < rows[16]["accuracy_cost"] <= alignment.ACCURACY_LIMIT < rows[32]["accuracy_cost"]
+    assert [r["eligible"] for r in record["candidates"]] == [True, True, False]
+    assert all(g.kept % 16 == 0 for g in plan.groups if g.pruned)
+    # the record travels with the plan file
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    assert PruningPlan.load(path).alignment == record
+
+
+def test_a_faster_block_over_the_accuracy_limit_is_not_taken(profile, prepared, monkeypatch):
+    profile(off_block(32, 3.0))  # 32 the fastest; 16 (half its counts on the block) next
+    options = CompileOptions("t", macs=0.5, threads=1)
+    speed = {
+        r["round_to"]: r["relative_latency"]
+        for r in plan_for(prepared, options).alignment["candidates"]
+    }
+    assert speed[32] < speed[16] * (1 - alignment.SPEED_TIE) < speed[8]
+    assert plan_for(prepared, options).round_to == 16  # 32 removes too much importance
+    monkeypatch.setattr(alignment, "ACCURACY_LIMIT", 10.0)
+    assert plan_for(prepared, options).round_to == 32
+
+
+def test_ties_go_to_the_finest_alignment(profile, prepared):
+    profile(lambda s: s.macs() * 1e-9)
+    plan = plan_for(prepared, CompileOptions("t", macs=0.5, threads=1))
+    assert plan.round_to == 8
+    assert [r["relative_latency"] for r in plan.alignment["candidates"]] == [1.0, 1.0, 1.0]
+
+
+def test_a_given_round_to_is_used_as_it_is(profile, prepared):
+    profile(off_block(16, 1.5))
+    options = CompileOptions("t", macs=0.5, threads=1, round_to=8)
+    assert options.settings.alignment is None
+    plan = plan_for(prepared, options)
+    assert plan.round_to == 8 and plan.alignment is None
+
+
+def test_latency_budgets_are_aligned_by_speed_alone(profile, prepared):
+    """--latency-ms has no MACs equivalent before timing: the record says the check did not
+    run (the choice itself is tested through the planner's request, without timing models)."""
+    from yoloprune.compiler.pipeline import plan_request
+
+    profile(off_block(16, 1.5))
+    options = CompileOptions("t", latency_ms=1.0, threads=1)
+    request, record = alignment.choose_alignment(
+        plan_request(prepared, options), "latency", options.settings.alignment
+    )
+    assert record["chosen"] == request.constraints.round_to == 16
+    assert record["accuracy_check"].startswith("not checked")
+    speedup, _ = alignment.choose_alignment(
+        plan_request(prepared, dataclasses.replace(options, latency_ms=None, speedup=2.0)),
+        "latency",
+        options.settings.alignment,
+    )
+    assert speedup.constraints.round_to == 16
+
+
+def test_round_to_values(prepared):
+    assert CompileOptions("t").settings.alignment is not None  # auto is the default
+    assert CompileOptions("t", round_to="auto").settings.alignment is not None
+    assert CompileOptions("t", method="unstructured", ratio=0.3).settings.alignment is None
+    with pytest.raises(PlanError, match="--round-to x: give a positive integer or auto"):
+        CompileOptions("t", round_to="x")
+    with pytest.raises(PlanError, match="must be a positive integer"):
+        CompileOptions("t", round_to=0)

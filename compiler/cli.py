@@ -43,7 +43,11 @@ def int_in(low: int, high: int):
 
 def round_to_value(text: str) -> int | str:
     """An argparse type for --round-to: ``auto`` or a channel count in [1, 1024]."""
-    return "auto" if text == "auto" else int_in(1, 1024)(text)
+    if text == "auto":
+        return text
+    if not text.strip().lstrip("+-").isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: give a channel count (8, 16, 32) or auto")
+    return int_in(1, 1024)(text)
 
 
 def float_in(low: float, high: float, open_low: bool = True):
@@ -1008,6 +1012,9 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
+    from yoloprune.kernels.ort import telemetry_off
+
+    telemetry_off()  # before any library imports onnxruntime (see kernels/ort.py)
     try:
         return COMMANDS[args.command](args)
     except YoloPruneError as exc:

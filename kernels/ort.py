@@ -14,8 +14,18 @@ from yoloprune.kernels.runner import Runner
 from yoloprune.kernels.runner import time_runners as _time_runners
 from yoloprune.kernels.timing import Timing
 
+# ONNX Runtime 1.32's Linux wheel starts Microsoft's 1DS telemetry when it is imported (a
+# device id and an event database under ~/.cache/Microsoft/DeveloperTools, a session file in
+# $TMPDIR); off unless the user set the variable themselves.
+TELEMETRY_SWITCH = "ORT_DISABLE_TELEMETRY"
+
+
+def telemetry_off() -> None:
+    os.environ.setdefault(TELEMETRY_SWITCH, "1")
+
 
 def _onnxruntime():
+    telemetry_off()
     try:
         onnxruntime = import_native("onnxruntime")
     except ImportError as exc:  # pragma: no cover - a core dependency, but say how to fix it

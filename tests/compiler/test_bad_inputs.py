@@ -144,7 +144,11 @@ def test_a_missing_or_binary_plan_is_one_line(tmp_path, tiny_yaml, capsys, conte
         (["--bench-runs", "0"], "--bench-runs 0"),
         (["--lr0", "0"], "--lr0 0: must be in (0, 10]"),
         (["--max-ratio", "1"], "--max-ratio 1 must be strictly between 0 and 1"),
-        (["--round-to", "0"], "--round-to 0 must be a positive integer"),
+        (["--round-to", "0"], "argument --round-to: 0 is not in [1, 1024]"),
+        (
+            ["--round-to", "fast"],
+            "argument --round-to: 'fast': give a channel count (8, 16, 32) or auto",
+        ),
         (["--group-seconds", "-1"], "--group-seconds -1: must be in (0, 86400]"),
     ],
 )

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -58,3 +60,16 @@ def test_metadata_and_input_shape_need_an_active_session(conv_onnx_file):
     with runner:
         assert runner.input_shape() == [1, 8, 32, 32]
         assert runner.metadata() == {}
+
+
+def test_onnx_runtime_telemetry_is_off_unless_the_user_chose(monkeypatch):
+    """ORT 1.32 starts 1DS telemetry at import (a $TMPDIR/.ses file, a database in ~/.cache):
+    yoloprune sets ORT_DISABLE_TELEMETRY before importing it, and keeps a value the user set."""
+    from yoloprune.kernels.ort import TELEMETRY_SWITCH, telemetry_off
+
+    monkeypatch.delenv(TELEMETRY_SWITCH, raising=False)
+    telemetry_off()
+    assert os.environ[TELEMETRY_SWITCH] == "1"
+    monkeypatch.setenv(TELEMETRY_SWITCH, "0")
+    telemetry_off()
+    assert os.environ[TELEMETRY_SWITCH] == "0"

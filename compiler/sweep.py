@@ -121,6 +121,7 @@ def _point_record(options: SweepOptions, value: float, report: dict) -> dict:
         options.kind: value,
         "macs_ratio": report["macs"]["ratio"],
         "params_ratio": report["params"]["ratio"],
+        "round_to": report["alignment"]["round_to"],
         "map50_95": onnx,  # the deployed ONNX file's own mAP
         "map50_95_pytorch": accuracy.get("finetuned", accuracy.get("pruned")),
         "folder": options.name(value),
@@ -264,15 +265,15 @@ def render(record: dict) -> str:
         f"({machine['cores_available']} cores). Original: mAP {original['map50_95']:.4f}, "
         f"{original['latency_ms']:.2f} ms.",
         "",
-        f"| point | {record['target']} | MACs kept | params kept | mAP@.5:.95 | of original | "
-        "latency ms | latency ratio | on the front | folder |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        f"| point | {record['target']} | MACs kept | params kept | round_to | mAP@.5:.95 | "
+        "of original | latency ms | latency ratio | on the front | folder |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for p in record["points"]:
         share = p["map50_95"] / original["map50_95"] if original["map50_95"] else None
         lines.append(
             f"| {p['name']} | {p[record['target']]:g} | {p['macs_ratio']:.3f} | "
-            f"{p['params_ratio']:.3f} | {p['map50_95']:.4f} | "
+            f"{p['params_ratio']:.3f} | {p['round_to']} | {p['map50_95']:.4f} | "
             f"{'-' if share is None else f'{share:.1%}'} | {p['latency_ms']:.2f} | "
             f"{p['latency_ratio']:.3f} | {'yes' if p['name'] in record['front'] else ''} | "
             f"`{p['folder']}/` |"

@@ -275,7 +275,7 @@ class _Normal:
 
     def ridge(self, sums: _Sums, dampings, prior: torch.Tensor) -> dict[float, torch.Tensor]:
         """The solutions pulled towards ``prior`` with strength damping x mean diagonal, for
-        each damping (one eigendecomposition serves them all)."""
+        each damping."""
         if self.target.depthwise:
             eye = torch.eye(sums.gram.shape[-1], dtype=torch.float64)
             scale = sums.gram.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)[:, None, None]
@@ -287,6 +287,19 @@ class _Normal:
                 ]
             return solutions
         scale = sums.gram.diagonal().mean().clamp_min(1e-12)
+        eye = torch.eye(sums.gram.shape[0], dtype=torch.float64)
+        solutions = {}
+        for d in dampings:  # a Cholesky factorisation each: a few times cheaper than one eigh
+            factor, info = torch.linalg.cholesky_ex(sums.gram + d * scale * eye)
+            if info:  # not positive definite in floating point: the eigendecomposition's way
+                return self._ridge_eigh(sums, dampings, prior, scale)
+            solutions[d] = torch.cholesky_solve(sums.cross + d * scale * prior, factor)
+        return solutions
+
+    @staticmethod
+    def _ridge_eigh(sums: _Sums, dampings, prior: torch.Tensor, scale) -> dict:
+        """:meth:`ridge` through one eigendecomposition, negative eigenvalues (rounding)
+        clamped to zero."""
         values, vectors = torch.linalg.eigh(sums.gram)
         cross, towards = vectors.T @ sums.cross, vectors.T @ prior
         return {
@@ -382,7 +395,10 @@ class _Flow:
         finally:
             for handle in handles:
                 handle.remove()
-        joined = torch.cat(made) if all(isinstance(m, torch.Tensor) for m in made) else None
+        if len(made) == 1:  # the pruned model's pass: all images at once, nothing to join
+            joined = made[0] if isinstance(made[0], torch.Tensor) else None
+        else:
+            joined = torch.cat(made) if all(isinstance(m, torch.Tensor) for m in made) else None
         self.current = joined
         self.outputs.append(joined if layer.i in self.save else None)
 

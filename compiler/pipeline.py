@@ -799,6 +799,8 @@ def _iterative(prepared: Prepared, options: CompileOptions, data, staging: Path)
             step_options = dataclasses.replace(options, macs=min(goal, 0.999), ratio=None)
         else:
             step_options = dataclasses.replace(options, ratio=1 - (1 - target.value) ** (1 / k))
+        if composed is not None:  # the alignment the first step chose (or was given) holds
+            step_options = dataclasses.replace(step_options, round_to=composed.round_to)
         plan = plan_for(current, step_options)
         model = apply_plan(current.model, plan)
         if options.settings.reconstruction is not None:

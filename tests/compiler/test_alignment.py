@@ -108,3 +108,20 @@ def test_round_to_values(prepared):
         CompileOptions("t", round_to="x")
     with pytest.raises(PlanError, match="must be a positive integer"):
         CompileOptions("t", round_to=0)
+
+
+def test_iterative_steps_keep_the_first_steps_alignment(profile, tiny_yaml, tmp_path):
+    """Every step plans on the alignment the first one chose, so the composed plan is aligned
+    to it and replays."""
+    from yoloprune.compiler.pipeline import compile_model
+
+    profile(off_block(16, 1.5))
+    options = CompileOptions(
+        str(tiny_yaml), imgsz=64, macs=0.5, steps=2, threads=1, bench=False, out=tmp_path / "o"
+    )
+    report = compile_model(options)
+    assert report["alignment"]["round_to"] == 16
+    assert report["alignment"]["all_pruned_groups_aligned"]
+    assert report["alignment"]["chosen_by"]["chosen"] == 16
+    plan = PruningPlan.load(tmp_path / "o" / "tiny-plan.json")
+    assert plan.round_to == 16 and all(g.kept % 16 == 0 for g in plan.groups if g.pruned)

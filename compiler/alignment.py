@@ -13,6 +13,7 @@ the plan and the report.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
@@ -25,13 +26,13 @@ from yoloprune.graphs.plan import PruningPlan
 from yoloprune.kernels.alignment import CANDIDATES, ChainTable, relative_latency
 from yoloprune.kernels.latency_table import open_table
 
-# A coarser alignment is taken only where it is faster than every finer one by more than this
-# (the profile's repeat-to-repeat noise on two shared cores is 1-2 %).
+# The finest candidate whose relative latency is within this of the fastest eligible one is
+# chosen (the profile's repeat-to-repeat noise on two shared cores is 1-2 %).
 SPEED_TIE = 0.03
-# ... and removes at most this much more importance than alignment 8 (relative). Measured on
-# the embedded YOLOv5n, MACs 0.5, one-shot: the mAP lost grew with the importance removed
-# (round_to 16: 1.38x the importance, 1.42x the mAP drop; 32: 2.46x and 2.4x); 16 cut the ORT
-# latency ratio from 0.80 to 0.62 for 0.039 mAP, 32 gained nothing more for 0.133.
+# Eligible: removes at most this much more importance than the finest plannable candidate.
+# Measured on the embedded YOLOv5n, MACs 0.5, one-shot: the mAP lost grew with the importance
+# removed (round_to 16: 1.38x the importance, 1.42x the mAP drop; 32: 2.46x and 2.4x); 16 cut
+# the ORT latency ratio from 0.80 to 0.62 for 0.039 mAP, 32 gained nothing more for 0.133.
 ACCURACY_LIMIT = 0.5
 
 
@@ -103,6 +104,27 @@ def _accuracy_costs(request, planner: str) -> tuple[dict[int, dict], str]:
     return rows, how
 
 
+def _checked_candidates(speed: dict[int, float], costs: dict[int, dict]) -> list[dict]:
+    """Each candidate's row: relative latency, and where the check ran its importance removed,
+    its cost against the finest plannable candidate and whether it is within the limit. A
+    candidate that cannot be planned is not eligible; without a check every one is."""
+    base = next((costs[a] for a in CANDIDATES if costs.get(a, {}).get("plannable")), None)
+    rows = []
+    for a in CANDIDATES:
+        row = {"round_to": a, "relative_latency": round(speed[a], 4), **costs.get(a, {})}
+        if not costs:
+            row["eligible"] = True
+        elif not row["plannable"]:
+            row["eligible"] = False
+        else:
+            removed, least = row["importance_removed"], base["importance_removed"]
+            cost = removed / least - 1 if least > 0 else (0.0 if removed == 0 else math.inf)
+            row["accuracy_cost"] = round(cost, 4) if math.isfinite(cost) else None
+            row["eligible"] = cost <= ACCURACY_LIMIT
+        rows.append(row)
+    return rows
+
+
 def choose_alignment(request, planner: str, settings: LatencySettings):
     """``request`` with ``round_to`` chosen (see the module docstring) and the record of why."""
     table = open_table(
@@ -115,33 +137,22 @@ def choose_alignment(request, planner: str, settings: LatencySettings):
     )
     speed = relative_latency(table)
     costs, how = _accuracy_costs(request, planner)
-    base = costs.get(CANDIDATES[0], {}).get("importance_removed")
-    candidates = []
-    for a in CANDIDATES:
-        row = {"round_to": a, "relative_latency": round(speed[a], 4), **costs.get(a, {})}
-        if base and row.get("plannable"):
-            row["accuracy_cost"] = round(row["importance_removed"] / base - 1, 4)
-        row["eligible"] = (
-            row.get("plannable", True) and row.get("accuracy_cost", 0) <= ACCURACY_LIMIT
-        )
-        candidates.append(row)
+    candidates = _checked_candidates(speed, costs)
     eligible = [r for r in candidates if r["eligible"]] or candidates[:1]
     fastest = min(r["relative_latency"] for r in eligible)
     chosen = min(
         r["round_to"] for r in eligible if r["relative_latency"] <= fastest * (1 + SPEED_TIE)
     )
-    record = {
+    record = {  # what the plan file keeps: no path and nothing that differs between runs
         "chosen": chosen,
         "rule": (
             f"the finest alignment within {SPEED_TIE:.0%} of the fastest, among those removing "
-            f"at most {ACCURACY_LIMIT:.0%} more importance than round_to {CANDIDATES[0]}"
+            f"at most {ACCURACY_LIMIT:.0%} more importance than the finest plannable one"
         ),
         "accuracy_check": how,
         "candidates": candidates,
         "runtime": settings.runtime,
-        "table": str(table.path),
         "table_key": table.key.__dict__,
-        "measured_now": table.measured,
     }
     scored = replace(request, importance=_Scores(request.importance.name, request.scores))
     return replace(scored, constraints=replace(request.constraints, round_to=chosen)), record

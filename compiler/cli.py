@@ -597,7 +597,8 @@ def cmd_compile(args) -> int:
         )
     chosen = report["alignment"].get("chosen_by")
     if chosen:
-        print(f"alignment: {alignment_text(chosen)}")
+        source = " (as recorded in the replayed plan)" if options.plan else ""
+        print(f"alignment{source}: {alignment_text(chosen)}")
     print(f"parity {report['parity']['max_abs_diff']:.2e} <= {report['parity']['tolerance']:g}")
     for precision, lowered in report.get("precisions", {}).items():
         if precision == "fp32":

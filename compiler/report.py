@@ -115,10 +115,11 @@ def alignment_text(record: dict) -> str:
     for row in record["candidates"]:
         cost = row.get("accuracy_cost")
         text = f"{row['round_to']}: {row['relative_latency']:.3f}x time"
-        if cost is not None:
-            text += f", {cost:+.1%} importance removed"
-        elif row.get("plannable") is False:
-            text += ", target not plannable"
+        if row.get("plannable") is False:
+            parts.append(text + ", target not plannable at this alignment")
+            continue
+        if "importance_removed" in row:
+            text += f", {cost:+.1%} importance removed" if cost is not None else ", no baseline"
         parts.append(text + ("" if row["eligible"] else " (over the accuracy limit)"))
     key = record["table_key"]
     return (

@@ -166,11 +166,41 @@ def _checked_field(key: str, value):
         if type(value) is not list or not all(type(b) is str for b in value):
             raise TypeError("drop_blocks must be a list of module names")
         return tuple(value)
-    if key in ("target", "latency", "alignment"):
+    if key == "alignment":
+        return None if value is None else _checked_alignment(value)
+    if key in ("target", "latency"):
         if not (type(value) is dict or (key != "target" and value is None)):
             raise TypeError(f"{key} must be a mapping")
         return value
     raise KeyError(key)
+
+
+_ALIGNMENT_FIELDS = {
+    "chosen": int,
+    "rule": str,
+    "accuracy_check": str,
+    "candidates": list,
+    "runtime": str,
+    "table_key": dict,
+}
+
+
+def _checked_alignment(record) -> dict:
+    """``--round-to auto``'s record, as compiler.alignment writes it (shown, never executed)."""
+    if type(record) is not dict or set(record) != set(_ALIGNMENT_FIELDS):
+        raise TypeError(f"alignment must be a mapping of {sorted(_ALIGNMENT_FIELDS)}")
+    for name, kind in _ALIGNMENT_FIELDS.items():
+        if type(record[name]) is not kind:
+            raise TypeError(f"alignment.{name} must be a {kind.__name__}")
+    for row in record["candidates"]:
+        if not (
+            type(row) is dict
+            and type(row.get("round_to")) is int
+            and type(row.get("relative_latency")) in (int, float)
+            and type(row.get("eligible")) is bool
+        ):
+            raise TypeError("alignment.candidates: rows of round_to, relative_latency, eligible")
+    return record
 
 
 def _checked_group(group) -> GroupPlan:

@@ -129,6 +129,8 @@ BANDS = (Band(32, 32, 128), Band(16, 128, 256))
 def _interpolate(points: list[tuple[int, float]], x: int) -> float:
     """Piecewise-linear ``y(x)`` through ``points`` (sorted by x; x within their range)."""
     xs = [p[0] for p in points]
+    if not xs[0] <= x <= xs[-1]:
+        raise ValueError(f"{x} is outside the measured range {xs[0]}..{xs[-1]}")
     i = bisect.bisect_left(xs, x)
     if xs[i] == x:
         return points[i][1]

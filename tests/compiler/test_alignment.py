@@ -39,7 +39,8 @@ def test_a_16_channel_block_is_measured_and_chosen(profile, prepared, tmp_path):
     plan = plan_for(prepared, CompileOptions("t", macs=0.5, threads=1))
     record = plan.alignment
     rows = {r["round_to"]: r for r in record["candidates"]}
-    assert record["chosen"] == plan.round_to == 16 and record["measured_now"] == 0
+    assert record["chosen"] == plan.round_to == 16
+    assert not {"table", "measured_now"} & set(record)  # nothing machine- or run-specific
     assert rows[8]["relative_latency"] == 1.0
     assert rows[16]["relative_latency"] == rows[32]["relative_latency"] < 0.9
     # the accuracy check: coarser alignments remove more importance on this small model
@@ -125,3 +126,38 @@ def test_iterative_steps_keep_the_first_steps_alignment(profile, tiny_yaml, tmp_
     assert report["alignment"]["chosen_by"]["chosen"] == 16
     plan = PruningPlan.load(tmp_path / "o" / "tiny-plan.json")
     assert plan.round_to == 16 and all(g.kept % 16 == 0 for g in plan.groups if g.pruned)
+
+
+def test_a_damaged_alignment_record_is_refused_on_load(profile, prepared, tmp_path):
+    import json
+
+    profile(off_block(16, 1.5))
+    plan = plan_for(prepared, CompileOptions("t", macs=0.5, threads=1))
+    data = json.loads(plan.to_json())
+    data["alignment"] = {"chosen": 16}
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(PlanError, match=r"malformed plan .*alignment must be a mapping"):
+        PruningPlan.load(path)
+    del data["alignment"]  # plans written before auto have none
+    path.write_text(json.dumps(data))
+    assert PruningPlan.load(path).alignment is None
+
+
+def test_no_plannable_baseline_leaves_no_candidate_unchecked():
+    """The cost is measured against the finest plannable candidate; one that cannot be planned
+    is never eligible, and nothing is eligible by a missing cost."""
+    speed = {8: 1.0, 16: 0.9, 32: 0.8}
+    costs = {
+        8: {"plannable": False, "why": "x"},
+        16: {"plannable": True, "importance_removed": 0.2},
+        32: {"plannable": True, "importance_removed": 0.4},
+    }
+    rows = alignment._checked_candidates(speed, costs)
+    assert [r["eligible"] for r in rows] == [False, True, False]
+    assert [r.get("accuracy_cost") for r in rows] == [None, 0.0, 1.0]
+    zero = {a: {"plannable": True, "importance_removed": v} for a, v in ((8, 0), (16, 0), (32, 1))}
+    checked = alignment._checked_candidates(speed, zero)
+    assert [r["eligible"] for r in checked] == [True, True, False]
+    unchecked = alignment._checked_candidates(speed, {})
+    assert all(r["eligible"] and "accuracy_cost" not in r for r in unchecked)

@@ -139,3 +139,30 @@ def test_ultralytics_head_is_refitted_and_the_dfl_left_alone():
     assert list(record.convs_skipped) == ["model.22.dfl.conv"]
     assert torch.equal(dfl[0].conv.weight, dfl_weight)
     assert after < 0.8 * before, (before, after)
+
+
+def test_the_memory_estimate_grows_with_images_and_pixels(planned):
+    from yoloprune.compiler.reconstruct import BASE_BYTES, memory_estimate
+
+    prepared, plan = planned
+    original, pruned = prepared.model, apply_plan(prepared.model, plan)
+    small, double = (memory_estimate(original, pruned, 64, n) for n in (8, 16))
+    assert double - BASE_BYTES == pytest.approx(2 * (small - BASE_BYTES), rel=1e-12)
+    assert memory_estimate(original, pruned, 128, 8) > 3.5 * (small - BASE_BYTES) + BASE_BYTES
+
+
+def test_reconstruction_beyond_memory_is_one_line_and_writes_nothing(
+    tiny6_yaml, shapes_data, tmp_path, monkeypatch, capsys
+):
+    """Refused before any image is decoded, naming how many images would fit."""
+    from yoloprune.compiler import reconstruct
+    from yoloprune.compiler.cli import main
+
+    monkeypatch.setattr(reconstruct, "available_bytes", lambda: reconstruct.BASE_BYTES + 2**20)
+    out = tmp_path / "out"
+    argv = [str(tiny6_yaml), "--imgsz", "64", "--data", str(shapes_data), "--no-bench"]
+    assert main(["compile", *argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "reconstruction on 16 images at 64 px needs about" in err[0], err
+    assert "--reconstruct-images" in err[0] and "--no-reconstruct" in err[0]
+    assert not out.exists() or not any(out.iterdir())

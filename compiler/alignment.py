@@ -24,7 +24,6 @@ from yoloprune.compiler.score import Importance
 from yoloprune.graphs.errors import PlanError
 from yoloprune.graphs.plan import PruningPlan
 from yoloprune.kernels.alignment import CANDIDATES, ChainTable, relative_latency
-from yoloprune.kernels.latency_table import open_table
 
 # The finest candidate whose relative latency is within this of the fastest eligible one is
 # chosen (the profile's repeat-to-repeat noise on two shared cores is 1-2 %).
@@ -127,14 +126,7 @@ def _checked_candidates(speed: dict[int, float], costs: dict[int, dict]) -> list
 
 def choose_alignment(request, planner: str, settings: LatencySettings):
     """``request`` with ``round_to`` chosen (see the module docstring) and the record of why."""
-    table = open_table(
-        settings.runtime,
-        settings.batch,
-        settings.threads,
-        settings.precision,
-        settings.device,
-        kind=ChainTable,  # its own cache file (--latency-table names the per-layer table)
-    )
+    table = settings.open(ChainTable)
     speed = relative_latency(table)
     costs, how = _accuracy_costs(request, planner)
     candidates = _checked_candidates(speed, costs)

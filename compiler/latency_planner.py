@@ -289,18 +289,19 @@ class LatencySettings:
     rounds: int = 3  # closed-loop re-plans when measured latency misses the goal
     tolerance: float = 0.03  # relative; the loop stops once measured is this close
 
+    def open(self, kind: type[LatencyTable] = LatencyTable) -> LatencyTable:
+        """This runtime's cached table of ``kind`` (``table``, when given, names the
+        per-layer one; other kinds, as the alignment profile, keep their cache file)."""
+        path = self.table if kind is LatencyTable else None
+        return open_table(
+            self.runtime, self.batch, self.threads, self.precision, self.device, path, kind=kind
+        )
+
 
 def _latency_model(request, constraints, settings) -> tuple:
     """The latency table of ``settings`` (ORT: measured with spinning on, see
     :func:`kernels.latency_table.open_table`) and the model predicting this network's convs."""
-    table = open_table(
-        settings.runtime,
-        settings.batch,
-        settings.threads,
-        settings.precision,
-        settings.device,
-        settings.table,
-    )
+    table = settings.open()
     geometry = conv_geometry(
         request.model, conv_channels(request.model, request.groups), request.imgsz
     )

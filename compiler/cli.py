@@ -682,6 +682,10 @@ def cmd_plan(args) -> int:
         f"MACs kept {plan.macs_ratio:.3f}; {sum(g.pruned for g in plan.groups)} of "
         f"{len(plan.groups)} groups pruned; wrote {args.out}"
     )
+    if plan.alignment and options.plan is None:
+        from yoloprune.compiler.report import alignment_text
+
+        print(f"alignment: {alignment_text(plan.alignment)}")
     return 0
 
 

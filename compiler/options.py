@@ -216,7 +216,7 @@ class CompileOptions:
             "--speedup": self.speedup,
             "--latency-ms": self.latency_ms,
             "--importance": self.importance,
-            "--round-to": self.round_to,
+            "--round-to": None if self.round_to == DEFAULT_ROUND_TO else self.round_to,
             "--max-ratio": self.max_ratio,
             "--global": self.global_allocation or None,
             "--latency-aware": self.latency_aware or None,

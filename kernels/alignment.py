@@ -108,6 +108,7 @@ class ChainTable(LatencyTable):
     FORMAT = "yoloprune.alignment-profile.v1"
     KEY = re.compile(r"chain-c\d+-\d+x\d+")
     FOLDER = "alignment"
+    FIX = "delete it (it is measured again, about 2 s) or pass --round-to K"
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,7 @@ class LatencyTable:
     FORMAT = TABLE_FORMAT
     KEY = _KEY
     FOLDER = "latency"  # under the cache
+    FIX = "delete it or pass another --latency-table"  # what a bad file's message suggests
 
     def __init__(self, key: TableKey, path: Path, measurer: Callable[[ConvShape], float]):
         self.key, self.path, self._measurer = key, Path(path), measurer
@@ -106,7 +107,7 @@ class LatencyTable:
     def _load(self) -> None:
         """Read the table file; anything but a table of this key, with a finite positive time
         for every well-formed conv key, is refused."""
-        fix = "delete it or pass another --latency-table"
+        fix = self.FIX
         try:
             if self.path.stat().st_size > MAX_TABLE_BYTES:
                 raise LatencyTableError(f"{self.path}: too large for a latency table; {fix}")

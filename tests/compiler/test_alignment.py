@@ -161,3 +161,14 @@ def test_no_plannable_baseline_leaves_no_candidate_unchecked():
     assert [r["eligible"] for r in checked] == [True, True, False]
     unchecked = alignment._checked_candidates(speed, {})
     assert all(r["eligible"] and "accuracy_cost" not in r for r in unchecked)
+
+
+def test_auto_is_the_default_so_saying_it_is_never_refused(profile, prepared, tmp_path):
+    profile(lambda s: s.macs() * 1e-9)
+    path = tmp_path / "plan.json"
+    plan_for(prepared, CompileOptions("t", macs=0.5, threads=1)).save(path)
+    assert CompileOptions("t", plan=path, round_to="auto").settings.alignment is None
+    unstructured = CompileOptions("t", method="unstructured", ratio=0.3, round_to="auto")
+    assert unstructured.settings.alignment is None
+    with pytest.raises(PlanError, match="drop --round-to"):
+        CompileOptions("t", plan=path, round_to=16)

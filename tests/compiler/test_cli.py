@@ -97,12 +97,13 @@ def test_compile_accepts_its_own_output_and_replays_plans(tmp_path, tiny_yaml):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_plan_command_is_deterministic(tmp_path, tiny_yaml):
+def test_plan_command_is_deterministic(tmp_path, tiny_yaml, capsys):
     for name in ("a.json", "b.json"):
         assert (
             run_cli("plan", tiny_yaml, "--imgsz", 64, "--macs", 0.6, "--out", tmp_path / name) == 0
         )
     assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+    assert capsys.readouterr().out.count("alignment: round_to 8 measured on ort") == 2
 
 
 def test_graph_command(tiny_yaml, capsys):

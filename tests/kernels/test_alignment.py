@@ -87,3 +87,10 @@ def test_the_ort_key_names_the_cpu_flags():
     flags = ", ".join(machine["cpu_flags"]) or "flags unknown"
     assert table.key.device == f"{machine['cpu']} ({flags})"
     assert table.path.parent.name == "alignment"
+
+
+def test_a_damaged_profile_names_its_own_fix(tmp_path):
+    path = tmp_path / "profile.json"
+    path.write_text("{not json")
+    with pytest.raises(LatencyTableError, match=r"measured again, about 2 s\) or pass --round-to"):
+        ChainTable(KEY, path, lambda s: 1.0)

@@ -50,9 +50,9 @@ def removed_importance(plan: PruningPlan, scores: dict[str, torch.Tensor]) -> fl
     removed = total = 0.0
     for group in plan.groups:
         values = scores[group.id].double()
-        total += float(values.sum())
-        kept = float(values[list(group.keep)].sum()) if group.keep else 0.0
-        removed += float(values.sum()) - kept
+        everything = float(values.sum())
+        total += everything
+        removed += everything - (float(values[list(group.keep)].sum()) if group.keep else 0.0)
     return removed / total if total else 0.0
 
 

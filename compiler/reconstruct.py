@@ -399,10 +399,9 @@ class _Flow:
         finally:
             for handle in handles:
                 handle.remove()
-        if len(made) == 1:  # the pruned model's pass: all images at once, nothing to join
-            joined = made[0] if isinstance(made[0], torch.Tensor) else None
-        else:
-            joined = torch.cat(made) if all(isinstance(m, torch.Tensor) for m in made) else None
+        joined = None
+        if all(isinstance(m, torch.Tensor) for m in made):  # one part: all images, no copy
+            joined = made[0] if len(made) == 1 else torch.cat(made)
         self.current = joined
         self.outputs.append(joined if layer.i in self.save else None)
 

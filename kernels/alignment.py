@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from yoloprune.kernels.latency_table import LatencyTable
+from yoloprune.kernels.latency_table import ConvLayer, LatencyTable, conv_silu_onnx
 
 CANDIDATES = (8, 16, 32)  # every band's ends are multiples of the largest
 KERNELS = (1, 3, 1, 3)  # the chain: a bottleneck's 1x1 and 3x3 convs, twice
@@ -68,38 +68,13 @@ class ChainShape:
     def onnx(self, batch: int):
         """Built directly (milliseconds), as :func:`kernels.latency_table.conv_onnx` is."""
         import numpy as np
-        from onnx import TensorProto, helper, numpy_helper
 
         rng = np.random.default_rng(0)
-        c, nodes, weights, x = self.channels, [], [], "x"
-        for i, k in enumerate(KERNELS):
+        c, layers = self.channels, []
+        for k in KERNELS:
             w = rng.standard_normal((c, c, k, k), dtype=np.float32) / math.sqrt(c * k * k)
-            weights += [
-                numpy_helper.from_array(w, f"w{i}"),
-                numpy_helper.from_array(w[:, 0, 0, 0], f"b{i}"),
-            ]
-            nodes += [
-                helper.make_node(
-                    "Conv", [x, f"w{i}", f"b{i}"], [f"y{i}"], kernel_shape=[k, k], pads=[k // 2] * 4
-                ),
-                helper.make_node("Sigmoid", [f"y{i}"], [f"s{i}"]),
-                helper.make_node("Mul", [f"y{i}", f"s{i}"], [f"o{i}"]),
-            ]
-            x = f"o{i}"
-        graph = helper.make_graph(
-            nodes,
-            "chain",
-            [
-                helper.make_tensor_value_info(
-                    "x", TensorProto.FLOAT, [batch, c, self.size, self.size]
-                )
-            ],
-            [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)],
-            weights,
-        )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-        model.ir_version = 8
-        return model
+            layers.append(ConvLayer(w, w[:, 0, 0, 0].copy(), 1, k // 2))
+        return conv_silu_onnx(layers, [batch, c, self.size, self.size], "chain")
 
 
 class ChainTable(LatencyTable):

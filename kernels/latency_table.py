@@ -177,37 +177,62 @@ def conv_onnx(shape: ConvShape, batch: int):
     """A one-node-pair ONNX model: Conv (with bias) then SiLU as Sigmoid * x, as a folded
     yolov5 ``Conv`` exports. Built directly (milliseconds), not through the exporter."""
     import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
     weight = rng.standard_normal(
         (shape.cout, shape.cin // shape.groups, shape.kernel, shape.kernel), dtype=np.float32
     )
     bias = rng.standard_normal(shape.cout, dtype=np.float32)
-    pad = shape.pad
-    nodes = [
-        helper.make_node(
-            "Conv",
-            ["x", "w", "b"],
-            ["y"],
-            kernel_shape=[shape.kernel, shape.kernel],
-            strides=[shape.stride, shape.stride],
-            pads=[pad] * 4,
-            group=shape.groups,
-        ),
-        helper.make_node("Sigmoid", ["y"], ["s"]),
-        helper.make_node("Mul", ["y", "s"], ["out"]),
-    ]
+    layer = ConvLayer(weight, bias, shape.stride, shape.pad, shape.groups)
+    return conv_silu_onnx([layer], [batch, shape.cin, shape.height, shape.width], "conv")
+
+
+@dataclass(frozen=True)
+class ConvLayer:
+    """One ``Conv + SiLU`` of a timed ONNX graph: numpy weight (out, in/groups, k, k), bias."""
+
+    weight: object
+    bias: object
+    stride: int = 1
+    pad: int = 0
+    groups: int = 1
+
+
+def conv_silu_onnx(layers: list[ConvLayer], input_shape: list[int], name: str):
+    """An ONNX model of ``Conv + SiLU`` layers in sequence (SiLU as Sigmoid * x), input ``x``,
+    output ``out``; a single layer's tensors are ``w``, ``b``, ``y``, ``s``, several are
+    numbered."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, weights, x = [], [], "x"
+    for i, layer in enumerate(layers):
+        tag = "" if len(layers) == 1 else str(i)
+        out = "out" if i == len(layers) - 1 else f"o{tag}"
+        kernel = list(layer.weight.shape[2:])
+        weights += [
+            numpy_helper.from_array(layer.weight, f"w{tag}"),
+            numpy_helper.from_array(layer.bias, f"b{tag}"),
+        ]
+        nodes += [
+            helper.make_node(
+                "Conv",
+                [x, f"w{tag}", f"b{tag}"],
+                [f"y{tag}"],
+                kernel_shape=kernel,
+                strides=[layer.stride] * 2,
+                pads=[layer.pad] * 4,
+                group=layer.groups,
+            ),
+            helper.make_node("Sigmoid", [f"y{tag}"], [f"s{tag}"]),
+            helper.make_node("Mul", [f"y{tag}", f"s{tag}"], [out]),
+        ]
+        x = out
     graph = helper.make_graph(
         nodes,
-        "conv",
-        [
-            helper.make_tensor_value_info(
-                "x", TensorProto.FLOAT, [batch, shape.cin, shape.height, shape.width]
-            )
-        ],
+        name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, input_shape)],
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
+        weights,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8  # what opset 17 needs; newer onnx defaults exceed older runtimes

@@ -18,6 +18,7 @@ from yoloprune.compiler.planner import Constraints, Target
 from yoloprune.compiler.precision import PRECISIONS
 from yoloprune.compiler.quantize import (
     CALIBRATION_METHODS,
+    INT8_FLOAT_PRECISIONS,
     calibration_for,
     refuse_unused_flags,
 )
@@ -92,6 +93,7 @@ class CompileOptions:
     calib_images: Path | None = None  # reconstruction, int8: a folder of images (else --data's)
     calib_count: int | None = None  # int8: at most this many calibration images
     calib_method: str | None = None  # int8: how activation ranges are set (default max)
+    int8_float: str | None = None  # int8: the precision of the file's float part (fp16)
     int8_max_map_drop: float | None = None  # int8: keep sensitive convs in float within this
     int8_sensitivity_images: int | None = None  # val images the sensitivity pass measures on
     precision_parity_tolerance: float | None = None  # the lowered file's (default per precision)
@@ -181,7 +183,12 @@ class CompileOptions:
             reconstruction=reconstruction,
             sensitivity=sensitivity,
             calibration=calibration_for(
-                self.precision, self.calib_images, self.data, self.calib_count, self.calib_method
+                self.precision,
+                self.calib_images,
+                self.data,
+                self.calib_count,
+                self.calib_method,
+                self.int8_float,
             ),
             target=target,
             constraints=self.constraints(),
@@ -249,6 +256,7 @@ class CompileOptions:
         flags = {
             "--calib-count": self.calib_count,
             "--calib-method": self.calib_method,
+            "--int8-float": self.int8_float,
             "--int8-max-map-drop": self.int8_max_map_drop,
             "--int8-sensitivity-images": self.int8_sensitivity_images,
         }
@@ -361,6 +369,7 @@ _CHOICES = (
     ("optimizer", ("sgd", "adamw")),
     ("precision", PRECISIONS),
     ("calib_method", CALIBRATION_METHODS),
+    ("int8_float", INT8_FLOAT_PRECISIONS),
 )
 
 

@@ -10,6 +10,8 @@ activation ranges from calibration images by max, entropy or percentile. Calibra
 images only (the data YAML's train split, or ``--calib-images DIR``), letterboxed as at
 inference; no labels. The quantized model is PTQ as it stands, or the start of QAT
 (compiler.train.qat); compiler.sensitivity may keep costly convs in float before the export.
+What the file leaves in float runs in fp16 by default (``--int8-float``, see
+:data:`INT8_FLOAT_PRECISIONS`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from yoloprune.compiler.export import export_onnx
+from yoloprune.compiler.export import DEFAULT_OPSET, export_onnx
 from yoloprune.compiler.train.data import DataError
 from yoloprune.graphs.errors import ExportError, PlanError, YoloPruneError, first_line
 from yoloprune.graphs.family import family_of
@@ -50,6 +52,15 @@ CALIBRATION_BATCH = 16
 # the PERCENTILE-th percentile of |value| (clips outliers).
 CALIBRATION_METHODS = ("max", "entropy", "percentile")
 PERCENTILE = 99.99
+# What an INT8 file leaves in float (activations between the quantized convs, SiLU, adds,
+# concats, the head, and any conv the sensitivity pass keeps) runs at this precision. TensorRT
+# builds the file strongly typed, so fp16 must be in the file: INT8 convs with an fp16 body is
+# what a weakly typed INT8+FP16 build gave (ModelOpt's ONNX PTQ writes it with
+# high_precision_dtype fp16); an fp32 body makes TensorRT run every non-INT8 layer in fp32.
+# fp16 Q/DQ scales (a DequantizeLinear's output type is its scale's) need opset 19.
+INT8_FLOAT_PRECISIONS = ("fp16", "fp32")
+DEFAULT_INT8_FLOAT = "fp16"
+FP16_QDQ_OPSET = 19
 
 
 def refuse_unused_flags(precision: str | None, tolerance, flags: dict[str, object]) -> None:
@@ -67,15 +78,20 @@ def refuse_unused_flags(precision: str | None, tolerance, flags: dict[str, objec
         )
 
 
-def calibration_for(precision: str | None, images, data, count, method=None) -> Calibration | None:
-    """INT8 calibration (``images`` folder, else ``data``'s train split), its images listed and
-    ModelOpt imported now, so a missing source or package fails before any work; None unless
-    int8."""
+def calibration_for(
+    precision: str | None, images, data, count, method=None, float_precision=None
+) -> Calibration | None:
+    """INT8 calibration (``images`` folder, else ``data``'s train split) and the precision of
+    the file's float part, its images listed and ModelOpt imported now, so a missing source or
+    package fails before any work; None unless int8."""
     if precision != "int8":
         return None
     count = DEFAULT_CALIBRATION_IMAGES if count is None else count
     method = "max" if method is None else method
-    calibration = Calibration(images=images, data=data, count=count, method=method)
+    body = DEFAULT_INT8_FLOAT if float_precision is None else float_precision
+    calibration = Calibration(
+        images=images, data=data, count=count, method=method, float_precision=body
+    )
     calibration.files  # noqa: B018  (a missing or empty source fails now)
     modelopt()
     return calibration
@@ -93,17 +109,24 @@ def modelopt():
 
 @dataclass(frozen=True)
 class Calibration:
-    """Where calibration images come from: a folder, or a data YAML's train split."""
+    """An INT8 export's settings: where calibration images come from (a folder, or a data
+    YAML's train split), how ranges are set, and the precision of the file's float part."""
 
     images: Path | None = None  # a folder of images
     data: Path | None = None  # a data YAML: its train split
     count: int = DEFAULT_CALIBRATION_IMAGES
     method: str = "max"  # one of CALIBRATION_METHODS
+    float_precision: str = DEFAULT_INT8_FLOAT  # one of INT8_FLOAT_PRECISIONS
 
     def __post_init__(self) -> None:
         if self.method not in CALIBRATION_METHODS:
             raise PlanError(
                 f"--calib-method {self.method}: use one of {', '.join(CALIBRATION_METHODS)}"
+            )
+        if self.float_precision not in INT8_FLOAT_PRECISIONS:
+            raise PlanError(
+                f"--int8-float {self.float_precision}: use one of "
+                f"{', '.join(INT8_FLOAT_PRECISIONS)}"
             )
 
     @property
@@ -286,11 +309,14 @@ def to_int8(
             q, quantization = post_training_quantized(model, imgsz, calibration)
         else:
             q, quantization = trained.quantized, dict(trained.record)
-        if keep_float is not None:
-            quantization["sensitivity"] = keep_float(q)
+        if keep_float is not None:  # the kept convs run at the file's float precision
+            kept = keep_float(q)
+            quantization["sensitivity"] = {**kept, "kept_precision": calibration.float_precision}
         snap_weights(q)
-        export_onnx(q, out, imgsz, dynamic=dynamic, simplify=False, mode=mode)
-    _set_int8_properties(out, quantization)
+        fp16 = calibration.float_precision == "fp16"
+        opset = FP16_QDQ_OPSET if fp16 else DEFAULT_OPSET
+        export_onnx(q, out, imgsz, dynamic=dynamic, simplify=False, mode=mode, opset=opset)
+    _set_int8_properties(out, quantization, calibration.float_precision)
     return out, q, quantization
 
 
@@ -334,13 +360,21 @@ def _record(method: str, calibration: Calibration, record: CalibrationRecord, fo
     }
 
 
-def _set_int8_properties(path: Path, quantization: dict) -> None:
-    from yoloprune.compiler.precision import set_properties
+def _set_int8_properties(path: Path, quantization: dict, float_precision: str) -> None:
+    """Weights stored as int8 codes, the float part lowered to ``float_precision``, and the
+    ``quantization`` record written to the file's metadata."""
+    from yoloprune.compiler.precision import fp16_converted, set_properties
     from yoloprune.graphs.files import import_native
 
     onnx = import_native("onnx")
     proto = onnx.load(str(path))
     quantization["weights_stored"] = f"int8 ({store_int8_weights(proto)} tensors)"
+    if float_precision == "fp16":
+        proto, blocked = fp16_converted(proto, str(path))
+        quantization["float"] = "fp16 (inputs and outputs fp32; Q/DQ scales fp16)"
+        quantization["kept_fp32_ops"] = blocked
+    else:
+        quantization["float"] = "fp32"
     set_properties(proto, precision="int8", quantization=json.dumps(quantization))
     try:
         onnx.save(proto, str(path))

@@ -348,6 +348,8 @@ def _precision_lines(precisions: dict) -> list[str]:
         how = ", ".join(
             str(record[k]).split(",")[0] for k in ("method", "calibrator", "qat") if k in record
         )
+        if "float" in record:  # an INT8 file's float part
+            how += f", {record['float'].split()[0]} elsewhere"
         maps = [f"{entry[k]:.4f}" if k in entry else "-" for k in ("map50_95", "map50")]
         lines.append(
             f"| {name} | {entry['file']} | {how or 'exported'} | {entry['onnx_bytes'] / 1e6:.1f} "
@@ -375,7 +377,8 @@ def _sensitivity_lines(record: dict | None) -> list[str]:
         else f"NOT within the allowed drop: the cap of {len(kept)} convs (a quarter) was reached"
     )
     return [
-        text + f"kept in float: {convs}; int8 after: {sensitivity['map50_95_after']:.4f}, "
+        text + f"kept out of INT8 (in {sensitivity.get('kept_precision', 'fp32')}): {convs}; "
+        f"int8 after: {sensitivity['map50_95_after']:.4f}, "
         f"{verdict}.",
         "",
     ]

@@ -4,7 +4,9 @@ the INT8 model is within a stated mAP drop of the same model in float.
 Each quantized conv is measured alone (only its input and weight quantizers on, every other
 conv in float): its cost is the mAP@.5:.95 it loses on a fixed subset of the validation split.
 Then, most costly first, convs are taken out of quantization (their Q/DQ disappear from the
-ONNX, so TensorRT and ONNX Runtime run them in float) and the whole INT8 model is measured
+ONNX, so TensorRT and ONNX Runtime run them at the file's float precision: fp16 by default,
+``--int8-float``; the costs themselves are measured with the fake-quantized PyTorch model,
+whose float part is fp32) and the whole INT8 model is measured
 again, until the drop is within the tolerance or a quarter of the convs are kept. Labels are
 needed (mAP), so it runs where --data has a val split. The file's ``quantization`` metadata
 and the compile report list the kept convs with their costs.

@@ -263,3 +263,105 @@ def test_calibration_keeps_the_statistics_of_batchnorms_it_does_not_fold(tiny_v5
         assert isinstance(modules[name], torch.nn.BatchNorm2d) and not modules[name].training
         assert torch.equal(modules[name].running_mean, mean)
         assert torch.equal(modules[name].running_var, var)
+
+
+def _first_conv_kept_in_float(model) -> dict:
+    """A stand-in for the sensitivity pass: the first conv taken out of quantization."""
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    conv.input_quantizer.disable()
+    conv.weight_quantizer.disable()
+    return {"kept": ["first conv"]}
+
+
+@pytest.fixture(scope="module")
+def int8_bodies(tmp_path_factory, images):
+    """The embedded (trained) YOLOv5n's INT8 file with each float part at 128 px, the first
+    conv kept out of INT8. (A random-init model's activations can leave fp16's range.)"""
+    from yoloprune.graphs.checkpoint import WEIGHTS_DIR, load_model
+
+    model, _ = load_model(WEIGHTS_DIR / "yolov5n-shapes.pt")
+    folder = tmp_path_factory.mktemp("bodies")
+    files = {}
+    for body in ("fp16", "fp32"):
+        calibration = Calibration(images, float_precision=body)
+        path, _, record = to_int8(
+            model,
+            folder / f"{body}.int8.onnx",
+            128,
+            calibration,
+            mode="raw",
+            keep_float=_first_conv_kept_in_float,
+        )
+        files[body] = (onnx.load(str(path)), record, path)
+    return files
+
+
+@pytest.mark.parametrize("body", ["fp16", "fp32"])
+def test_the_int8_files_float_part_has_the_precision_asked(int8_bodies, body):
+    """fp16 (the default): every Q/DQ scale, the kept conv's weights and the float ops' tensors
+    are fp16 (opset 19: a DequantizeLinear outputs its scale's type), inputs and outputs fp32;
+    fp32: as ModelOpt exports it."""
+    proto, record, _ = int8_bodies[body]
+    want = np.float16 if body == "fp16" else np.float32
+    assert next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) == (
+        19 if body == "fp16" else 17
+    )
+    values = constants(proto)
+    qdq = [n for n in proto.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert qdq and all(values[n.input[1]].dtype == want for n in qdq)
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    kept = [c for c in convs if c.input[1] in values]  # no DequantizeLinear: a float weight
+    assert len(kept) == 1 and len(convs) > 1  # the stand-in pass kept exactly one
+    assert values[kept[0].input[1]].dtype == want
+    for io in (*proto.graph.input, *proto.graph.output):
+        assert io.type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # the pipeline's fp32
+    assert record["float"].startswith(body)
+    assert record["sensitivity"] == {"kept": ["first conv"], "kept_precision": body}
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(meta["quantization"])["float"] == record["float"]
+
+
+def test_an_fp16_float_part_keeps_every_code_and_rounds_only_the_scales(int8_bodies, images):
+    """Exact: every Q/DQ node of the fp16 file has the fp32 file's int8 codes and zero points,
+    and its scale is the fp32 scale rounded to fp16. Run: on an image the scores move by fp16
+    rounding of the activations (a code flipped near a half step moves one a little more)."""
+    from yoloprune.kernels.ort import OrtRunner
+
+    nodes, values = {}, {}
+    for body, (proto, _, _) in int8_bodies.items():
+        nodes[body] = {
+            n.name: n
+            for n in proto.graph.node
+            if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+        }
+        values[body] = constants(proto)
+    assert nodes["fp16"].keys() == nodes["fp32"].keys() and nodes["fp16"]
+    for name, node in nodes["fp16"].items():
+        twin = nodes["fp32"][name]
+        half, full = values["fp16"], values["fp32"]
+        np.testing.assert_array_equal(half[node.input[1]], full[twin.input[1]].astype(np.float16))
+        np.testing.assert_array_equal(half[node.input[2]], full[twin.input[2]])
+        if node.input[0] in half:  # a weight's int8 codes
+            np.testing.assert_array_equal(half[node.input[0]], full[twin.input[0]])
+    batch = next(calibration_batches(Calibration(images).files, 128, CalibrationRecord(), batch=1))
+    outputs = {}
+    for body, (_, _, path) in int8_bodies.items():
+        with OrtRunner(path) as runner:
+            outputs[body] = runner.infer(batch.numpy())[0]
+    assert outputs["fp16"].dtype == np.float32 and outputs["fp16"].shape == outputs["fp32"].shape
+    scores = np.abs(outputs["fp16"][..., 4:] - outputs["fp32"][..., 4:])
+    boxes = np.abs(outputs["fp16"][..., :4] - outputs["fp32"][..., :4]) / 128
+    assert 0 < np.median(scores) < 0.01 and scores.max() < 0.25  # measured 0.002 and 0.10
+    assert boxes.max() < 0.05  # measured 0.02 of the image size
+
+
+def test_an_unknown_int8_float_precision_is_refused(tmp_path, tiny_yaml, images, capsys):
+    with pytest.raises(YoloPruneError, match="--int8-float bf16: use one of fp16, fp32"):
+        Calibration(images, float_precision="bf16")
+    with pytest.raises(YoloPruneError, match="--int8-float fp8: use one of fp16, fp32"):
+        CompileOptions(str(tiny_yaml), precision="int8", calib_images=images, int8_float="fp8")
+    argv = ["export", str(tiny_yaml), "--out", str(tmp_path / "x.onnx"), "--int8-float", "fp32"]
+    assert main(argv) == 2  # without --precision int8: refused, not ignored
+    err = capsys.readouterr().err
+    assert "--int8-float calibrate INT8: add --precision int8" in err
+    assert not (tmp_path / "x.onnx").exists()

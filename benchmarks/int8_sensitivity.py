@@ -1,6 +1,7 @@
-"""INT8 sensitivity pass on the embedded models: which convs `--int8-max-map-drop D` keeps in
-float, what it costs each alone, the mAP of the whole INT8 ONNX file before and after, and its
-ONNX Runtime CPU latency (batch 1, interleaved) against the fully quantized and the fp32 files.
+"""INT8 sensitivity pass on the embedded models: which convs `--int8-max-map-drop D` keeps out
+of INT8 (in the file's float precision, fp16 by default), what it costs each alone, the mAP of
+the whole INT8 ONNX file before and after, and its ONNX Runtime CPU latency (batch 1,
+interleaved) against the fully quantized and the fp32 files.
 
     python benchmarks/int8_sensitivity.py [--drop 0.002] [--runs 30]
 Writes benchmarks/results/int8_sensitivity.{json,md}.
@@ -101,7 +102,7 @@ def main() -> None:
 def render(result: dict) -> str:
     m = result["machine"]
     lines = [
-        "# INT8 sensitivity pass: sensitive convs kept in float",
+        "# INT8 sensitivity pass: sensitive convs kept out of INT8",
         "",
         f"`--int8-max-map-drop {result['max_map_drop']:g}` on the embedded models, "
         f"{result['calibration']}. Each conv's cost is measured alone on the pass's 64 val "
@@ -119,7 +120,8 @@ def render(result: dict) -> str:
             "",
             f"On the pass's images: float {s['map50_95_float']:.4f}, int8 "
             f"{s['map50_95_int8']:.4f}, after {s['map50_95_after']:.4f}; "
-            f"{len(kept)} conv(s) kept in float of {s.get('convs_measured', '-')} measured, "
+            f"{len(kept)} conv(s) kept in {s.get('kept_precision', 'fp32')} of "
+            f"{s.get('convs_measured', '-')} measured, "
             f"{row['seconds']:.0f} s: "
             + (", ".join(f"{k['conv']} ({k['map_cost_alone']:+.4f})" for k in kept) or "none")
             + ".",

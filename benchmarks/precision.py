@@ -39,7 +39,11 @@ import onnx  # noqa: E402
 from yoloprune.compiler.evaluation.evaluate import evaluate, onnx_predictor, val_dataset  # noqa: E402
 from yoloprune.compiler.export import check_parity, export_onnx  # noqa: E402
 from yoloprune.compiler.pipeline import CompileOptions, prepare, prune_in_memory  # noqa: E402
-from yoloprune.compiler.precision import PARITY_TOLERANCES, lower_checked  # noqa: E402
+from yoloprune.compiler.precision import (  # noqa: E402
+    INT8_FP16_PARITY_TOLERANCE,
+    PARITY_TOLERANCES,
+    lower_checked,
+)
 from yoloprune.compiler.quantize import Calibration  # noqa: E402
 from yoloprune.compiler.train.data import read_data_yaml  # noqa: E402
 from yoloprune.compiler.train.qat import quantization_aware_training  # noqa: E402
@@ -73,7 +77,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     data_yaml, data = shapes(args.data)
-    calibration = Calibration(data=data_yaml)
+    calibration = Calibration(data=data_yaml)  # the default: fp16 elsewhere
+    fp32_elsewhere = Calibration(data=data_yaml, float_precision="fp32")
     entries, imgsz, first_pruned, seconds = [], None, None, {}
     for checkpoint in args.models:
         prepared = prepare(str(checkpoint))
@@ -126,6 +131,11 @@ def main() -> None:
                 model, fp32, imgsz, "int8", calibration=calibration
             )
             add(f"{name} int8 PTQ", name, "int8", int8, parity8, record8)
+            fp32_body = export_onnx(model, Path(tmp) / f"m{i}body.onnx", imgsz)
+            int8b, parityb, recordb = lower_checked(
+                model, fp32_body, imgsz, "int8", calibration=fp32_elsewhere
+            )
+            add(f"{name} int8 PTQ, fp32 elsewhere", name, "int8", int8b, parityb, recordb)
             if qat is not None:  # its own fp32 base name, so the two int8 files do not collide
                 base = export_onnx(qat.fp32, Path(tmp) / f"m{i}qat.onnx", imgsz)
                 int8q, parityq, recordq = lower_checked(
@@ -149,11 +159,13 @@ def main() -> None:
         f"(20 x 32 train images), then fine-tuned {args.epochs} epochs as accuracy.md (AdamW "
         "lr 0.003, batch 16, EMA, distillation 1.0 from the unpruned model)",
         "fp16_method": "onnxconverter-common float16 (keep_io_types), converter's op block list",
-        "int8_method": "NVIDIA ModelOpt INT8 (max calibration), 256 train images, BN folded; "
+        "int8_method": "NVIDIA ModelOpt INT8 (max calibration), 256 train images, BN folded, "
+        "everything left in float at fp16 (the default; Q/DQ scales fp16, opset 19) unless the row "
+        "says fp32 elsewhere; "
         f"PTQ, and QAT: {args.qat_epochs} epochs from the fine-tuned model, AdamW lr0 "
         f"{args.qat_lr0:g}, no warm-up, distillation 1.0 from the unpruned fp32 model",
         "qat_seconds": seconds,
-        "tolerances": PARITY_TOLERANCES,
+        "tolerances": {**PARITY_TOLERANCES, "int8, fp16 elsewhere": INT8_FP16_PARITY_TOLERANCE},
         "targets": TARGETS,
         "val_images": len(val),
         "machine": machine_info(),
@@ -290,6 +302,7 @@ def plot(result: dict, path: Path) -> None:
     bases = sorted({row["model"].split()[0] for row in result["rows"].values()})
     fig, axes = plt.subplots(1, len(bases), figsize=(5.5 * len(bases), 5.2), squeeze=False)
     markers = {"fp32": "o", "fp16": "s", "int8 PTQ": "^", "int8 QAT": "v"}
+    markers["int8 PTQ, fp32 elsewhere"] = "<"
     for ax, base in zip(axes[0], bases, strict=True):
         for key, row in result["rows"].items():
             if not row["model"].startswith(base):

@@ -36,6 +36,29 @@ def test_sweep_compiles_every_point_and_recommends_within_the_drop(
     assert ("Recommended: " if beats else "No recommendation") in (out / "sweep.md").read_text()
 
 
+def test_a_speedup_sweep_plans_on_measured_latency_and_fine_tunes_each_point(
+    tmp_path, tiny6_yaml, shapes_data
+):
+    """--speedup points go through the latency planner (its closed loop recorded in each plan)
+    and --epochs fine-tunes every point; --latency-ms picks the most accurate point within it."""
+    out = tmp_path / "sweep"
+    argv = ["sweep", tiny6_yaml, "--imgsz", 64, "--speedup", "1.2", "--data", shapes_data]
+    argv += ["--epochs", 1, "--latency-ms", 1e4, "--bench-runs", 3]
+    argv += ["--out", out, "--no-reconstruct", "--importance", "l2"]
+    assert main([str(a) for a in argv]) == 0
+    record = json.loads((out / "sweep.json").read_text())
+    (point,) = record["points"]
+    assert record["target"] == "speedup" and point["name"] == "speedup-1.2"
+    assert point["speedup"] == 1.2 and point["macs_ratio"] < 1
+    report = json.loads((out / point["folder"] / "report.json").read_text())
+    latency = report["plan"]["latency"]
+    assert latency["rounds"] and latency["goal_ms"] == pytest.approx(latency["baseline_ms"] / 1.2)
+    assert report["options"]["epochs"] == 1
+    assert len(report["accuracy"]["finetune"]["history"]) == 1
+    assert point["map50_95_pytorch"] == report["accuracy"]["map50_95"]["finetuned"]
+    assert record["recommended"]["name"] == "speedup-1.2"  # the only point within 10 s
+
+
 def _points(*rows):
     return [{"name": n, "latency_ms": t, "map50_95": m} for n, t, m in rows]
 

@@ -105,7 +105,8 @@ def render(result: dict) -> str:
         "# INT8 sensitivity pass: sensitive convs kept out of INT8",
         "",
         f"`--int8-max-map-drop {result['max_map_drop']:g}` on the embedded models, "
-        f"{result['calibration']}. Each conv's cost is measured alone on the pass's 64 val "
+        f"{result['calibration']}. Each conv's cost is measured alone on the pass's 64 "
+        f"{next(iter(result['rows'].values()))['sensitivity'].get('split', 'val')} "
         f"images; the mAP below is each ONNX file's on all {result['val_images']} synthetic val "
         f"images. Latency: {result['runtime']}, batch {result['batch']}, {result['imgsz']} px, "
         f"{m['cores_available']} threads, median of {result['runs']} runs, {result['order']}; "

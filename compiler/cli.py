@@ -251,13 +251,14 @@ def _precision_arg(p: argparse.ArgumentParser) -> None:
         help="int8: keep the convs whose quantization costs most mAP out of INT8 (in the "
         "--int8-float precision) until the INT8 "
         "model is within this mAP@.5:.95 of the float one (e.g. 0.005; measured on "
-        "--int8-sensitivity-images of --data's val split; the report lists them)",
+        "--int8-sensitivity-images of --data's train split, held out from the val mAP; the "
+        "report lists them)",
     )
     p.add_argument(
         "--int8-sensitivity-images",
         type=int_in(1, 1_000_000),
         default=None,
-        help="val images the sensitivity pass measures each conv on, evenly spread (default "
+        help="train images the sensitivity pass measures each conv on, evenly spread (default "
         "64; more is steadier and slower)",
     )
 
@@ -736,7 +737,7 @@ def cmd_export(args) -> int:
     sensitivity = sensitivity_for(args.int8_max_map_drop, args.int8_sensitivity_images)
     if sensitivity is not None and args.data is None:
         raise YoloPruneError(
-            "--int8-max-map-drop measures mAP: add --data data.yaml (its val split)"
+            "--int8-max-map-drop measures mAP: add --data data.yaml (its train split)"
         )
     model, info = load_model(args.model)
     out = args.out or Path("runs/export") / f"{info.name}.onnx"

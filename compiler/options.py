@@ -95,7 +95,7 @@ class CompileOptions:
     calib_method: str | None = None  # int8: how activation ranges are set (default max)
     int8_float: str | None = None  # int8: the precision of the file's float part (fp16)
     int8_max_map_drop: float | None = None  # int8: keep sensitive convs in float within this
-    int8_sensitivity_images: int | None = None  # val images the sensitivity pass measures on
+    int8_sensitivity_images: int | None = None  # train images the sensitivity pass measures on
     precision_parity_tolerance: float | None = None  # the lowered file's (default per precision)
 
     def __post_init__(self) -> None:
@@ -263,7 +263,7 @@ class CompileOptions:
         refuse_unused_flags(self.precision, self.precision_parity_tolerance, flags)
         if self.int8_max_map_drop is not None and self.data is None:
             raise PlanError(
-                "--int8-max-map-drop measures mAP: add --data data.yaml (its val split)"
+                "--int8-max-map-drop measures mAP: add --data data.yaml (its train split)"
             )
 
     def target(self) -> Target:

@@ -465,14 +465,13 @@ def _precision_stage(job: Job) -> dict:
 
 
 def _sensitivity_step(job: Job):
-    """``--int8-max-map-drop``: the sensitivity pass on the job's val split, else None."""
+    """``--int8-max-map-drop``: the sensitivity pass on the data's train split, else None."""
     sensitivity = job.options.settings.sensitivity
     if sensitivity is None:
         return None
-    from yoloprune.compiler.sensitivity import keep_sensitive, map_measure
+    from yoloprune.compiler.sensitivity import keeper
 
-    measure = map_measure(job["val"], job.data.names, job["mode"], sensitivity.images)
-    return lambda model: keep_sensitive(model, measure, sensitivity)
+    return keeper(sensitivity, job.data, job["prepared"].imgsz, job["mode"])
 
 
 def _eval_onnx_stage(job: Job) -> dict:

@@ -364,7 +364,8 @@ def _sensitivity_lines(record: dict | None) -> list[str]:
         return []
     kept = sensitivity["kept_in_float"]
     text = (
-        f"INT8 sensitivity (mAP@.5:.95 on {sensitivity['images']} val images): float "
+        f"INT8 sensitivity (mAP@.5:.95 on {sensitivity['images']} "
+        f"{sensitivity.get('split', 'val')} images): float "
         f"{sensitivity['map50_95_float']:.4f}, int8 {sensitivity['map50_95_int8']:.4f}, allowed "
         f"drop {sensitivity['max_map_drop']:g}; "
     )

@@ -8,7 +8,9 @@ ONNX, so TensorRT and ONNX Runtime run them at the file's float precision: fp16 
 ``--int8-float``; the costs themselves are measured with the fake-quantized PyTorch model,
 whose float part is fp32) and the whole INT8 model is measured
 again, until the drop is within the tolerance or a quarter of the convs are kept. Labels are
-needed (mAP), so it runs where --data has a val split. The file's ``quantization`` metadata
+needed (mAP): it measures on --data's *train* split, so the convs are never chosen on the
+images the report's val mAP is measured on (the train images are labelled, and only the costs'
+order and the drop against float matter here). The file's ``quantization`` metadata
 and the compile report list the kept convs with their costs.
 """
 
@@ -22,7 +24,7 @@ from torch import nn
 
 from yoloprune.graphs.errors import PlanError
 
-DEFAULT_IMAGES = 64  # val images each measurement runs on (evenly spread)
+DEFAULT_IMAGES = 64  # train images each measurement runs on (evenly spread)
 MAX_KEPT_SHARE = 0.25  # never keep more than this share of the quantized convs in float
 
 
@@ -126,12 +128,21 @@ def map_measure(dataset, names, mode: str, images: int) -> Callable[[nn.Module],
     return measure
 
 
+def measured_split(data, imgsz: int):
+    """The labelled images the pass measures on: ``data``'s train split (a DataConfig), held
+    out from the val split the report's mAP comes from."""
+    from yoloprune.compiler.train.data import YoloDataset
+
+    if not data.train:
+        raise PlanError(
+            "--int8-max-map-drop measures mAP on the data YAML's 'train' split (the val split "
+            "stays for the report's mAP); add one"
+        )
+    return YoloDataset(data.train, data.nc, imgsz, augment=False)
+
+
 def keeper(settings: Sensitivity, data, imgsz: int, mode: str) -> Callable[[nn.Module], dict]:
     """The ``keep_float`` step of an INT8 export (compiler.quantize.to_int8): this pass on
-    ``data``'s val split (a DataConfig), measuring the model as exported in ``mode``."""
-    from yoloprune.compiler.evaluation.evaluate import val_dataset
-
-    if not data.val:
-        raise PlanError("--int8-max-map-drop measures mAP on the data YAML's 'val' split; add one")
-    measure = map_measure(val_dataset(data, imgsz), data.names, mode, settings.images)
-    return lambda model: keep_sensitive(model, measure, settings)
+    ``data``'s train split (a DataConfig), measuring the model as exported in ``mode``."""
+    measure = map_measure(measured_split(data, imgsz), data.names, mode, settings.images)
+    return lambda model: {**keep_sensitive(model, measure, settings), "split": "train"}

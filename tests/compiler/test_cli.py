@@ -436,8 +436,9 @@ def test_int8_with_epochs_is_quantization_aware_training(tmp_path, tiny6_yaml, s
     assert record["qat"].startswith("1 epochs from PTQ") and record["calibration_images"] == 16
     assert 0 <= lowered["map50_95"] <= 1 and "map50_95" in report["precisions"]["fp32"]
     assert lowered["parity"]["tolerance"] == 100  # --precision-parity-tol reached the file
-    sensitivity = record["sensitivity"]  # the pass ran on the val split; nothing to keep
+    sensitivity = record["sensitivity"]  # the pass ran on the train split; nothing to keep
     assert sensitivity["max_map_drop"] == 0.5 and sensitivity["kept_in_float"] == []
+    assert sensitivity["split"] == "train" and sensitivity["kept_precision"] == "fp16"
     assert len(report["accuracy"]["finetune"]["history"]) == 1
     model, _ = load_model(str(out / "tiny6-pruned.pt"))
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())

@@ -1,6 +1,7 @@
-"""INT8 sensitivity pass: the most mAP-costly convs are kept in float, until within tolerance."""
+"""INT8 sensitivity pass: the most mAP-costly convs are kept out of INT8, within tolerance."""
 
 import copy
+import dataclasses
 
 import pytest
 
@@ -105,3 +106,18 @@ def test_sensitivity_images_need_a_drop(tiny_yaml, tmp_path):
     common = dict(precision="int8", calib_images=tmp_path, data=data)
     with pytest.raises(PlanError, match="--int8-sensitivity-images sizes the pass"):
         CompileOptions(str(tiny_yaml), int8_sensitivity_images=128, **common)
+
+
+def test_the_pass_measures_on_the_train_split_never_the_reported_val(shapes_data):
+    """Convs chosen on the val split would bias the val mAP the report gives for the file."""
+    from yoloprune.compiler.evaluation.evaluate import val_dataset
+    from yoloprune.compiler.sensitivity import measured_split
+    from yoloprune.compiler.train.data import read_data_yaml
+
+    config = read_data_yaml(shapes_data)
+    measured = {p.resolve() for p in measured_split(config, 64).files}
+    reported = {p.resolve() for p in val_dataset(config, 64).files}
+    assert len(measured) == 16 and len(reported) == 8 and not measured & reported
+    no_train = dataclasses.replace(config, train=())
+    with pytest.raises(PlanError, match="'train' split \\(the val split stays"):
+        measured_split(no_train, 64)

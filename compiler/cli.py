@@ -68,6 +68,9 @@ def float_in(low: float, high: float, open_low: bool = True):
     return parse
 
 
+# compiler.score.IMPORTANCES' names (listed here so the parser imports no torch; a test keeps
+# the two the same)
+IMPORTANCE_NAMES = ("l1", "l2", "bn", "taylor", "energy", "obs", "random")
 IMGSZ = int_in(32, 4096)
 COUNT = int_in(1, 100_000)
 
@@ -101,6 +104,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _plan_args(p: argparse.ArgumentParser) -> None:
+    """compile's and plan's: one target, then how to plan it."""
+    _target_args(p)
+    _planning_args(p)
+
+
+def _target_args(p: argparse.ArgumentParser) -> None:
     target = p.add_mutually_exclusive_group()
     target.add_argument(
         "--ratio",
@@ -127,6 +136,10 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="latency-aware: a latency budget in milliseconds on the latency runtime",
     )
+
+
+def _planning_args(p: argparse.ArgumentParser) -> None:
+    """How a target is planned (compile, plan and every sweep point)."""
     p.add_argument(
         "--latency-runtime",
         choices=["ort", "torch"],
@@ -143,11 +156,13 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--importance",
-        choices=["l1", "l2", "bn", "taylor", "random"],
+        choices=IMPORTANCE_NAMES,
         default=None,
         help="channel score: weight L1/L2 norm over the group, BN scale, first-order Taylor "
-        "(|weight x loss gradient| on 8 batches of --data's training images), or random "
-        "(default l2)",
+        "(|weight x loss gradient| on 8 batches of --data's training images), energy (the "
+        "output energy a channel carries into its consumers on unlabeled images), obs (the "
+        "consumers' output error if it is removed and the rest re-fitted), or random (default: "
+        "energy where images are at hand, --calib-images or --data's train split; else l2)",
     )
     p.add_argument(
         "--global",
@@ -197,6 +212,16 @@ def _custom_modules_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _calib_images_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--calib-images",
+        type=Path,
+        default=None,
+        help="a folder of images for reconstruction (compile) and INT8 calibration (default: "
+        "--data's train split; no labels)",
+    )
+
+
 def _precision_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--precision",
@@ -207,13 +232,7 @@ def _precision_arg(p: argparse.ArgumentParser) -> None:
         "with NVIDIA ModelOpt), parity checked at its own tolerance; TensorRT builds take "
         "the precision from the file",
     )
-    p.add_argument(
-        "--calib-images",
-        type=Path,
-        default=None,
-        help="a folder of images for reconstruction (compile) and INT8 calibration (default: "
-        "--data's train split; no labels)",
-    )
+    _calib_images_arg(p)
     p.add_argument(
         "--precision-parity-tol",
         dest="precision_parity_tolerance",
@@ -296,6 +315,89 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _timing_args(p) -> None:
+    """How the latency runtime is timed (compile, sweep)."""
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="ONNX Runtime intra-op threads (default: all available cores)",
+    )
+    p.add_argument(
+        "--spinning",
+        action="store_true",
+        help="time ONNX Runtime with intra-op spinning on (its own default; here off by default: "
+        "spinning sessions time unstably on few shared cores)",
+    )
+    p.add_argument(
+        "--bench-runs",
+        type=int,
+        default=None,
+        help="timed runs per model (default 20, after 3 warm-up runs)",
+    )
+
+
+def _recovery_args(p) -> None:
+    """Recovery after pruning: reconstruction, recalibration, fine-tuning (compile, sweep)."""
+    p.add_argument(
+        "--no-reconstruct",
+        dest="reconstruct",
+        action="store_false",
+        help="keep the kept weights as they were (default: wherever images are at hand, "
+        "--calib-images or --data's train split, re-fit each pruned conv to reproduce the "
+        "original's outputs: one-shot, no labels, no training)",
+    )
+    p.add_argument(
+        "--reconstruct-images",
+        type=int_in(1, 100_000),
+        default=None,
+        help="images reconstruction fits on, spread over the set (default 128)",
+    )
+    p.add_argument(
+        "--recalibrate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="re-estimate BatchNorm statistics on 20 batches of --data's training images after "
+        "pruning (default: only where no reconstruction ran; it sets the BatchNorms itself)",
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="fine-tune the pruned model for this many epochs (default: none)",
+    )
+    p.add_argument("--batch", type=int, default=None, help="fine-tune batch size (default 16)")
+    p.add_argument(
+        "--distill",
+        type=float,
+        default=None,
+        help="weight of output-level distillation from the original (default 0)",
+    )
+    p.add_argument(
+        "--optimizer",
+        choices=["sgd", "adamw"],
+        default=None,
+        help="fine-tune optimizer (default sgd)",
+    )
+    p.add_argument(
+        "--lr0",
+        type=float,
+        default=None,
+        help="initial learning rate (default 0.01 sgd, 0.001 adamw)",
+    )
+
+
+def _export_mode_arg(p) -> None:
+    """The ONNX output form (compile, sweep)."""
+    p.add_argument(
+        "--export-mode",
+        choices=["raw", "end2end"],
+        default=None,
+        help="raw: decoded boxes and scores before NMS; end2end: NMS-free top-k (x1, y1, x2, y2, "
+        "score, class), for heads with a one-to-one branch (YOLO26, where it is the default)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="yoloprune",
@@ -326,13 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-bench", dest="bench", action="store_false", help="skip the latency measurement"
     )
     c.add_argument("--dynamic", action="store_true", help="ONNX with a dynamic batch axis")
-    c.add_argument(
-        "--export-mode",
-        choices=["raw", "end2end"],
-        default=None,
-        help="raw: decoded boxes and scores before NMS; end2end: NMS-free top-k (x1, y1, x2, y2, "
-        "score, class), for heads with a one-to-one branch (YOLO26, where it is the default)",
-    )
+    _export_mode_arg(c)
     c.add_argument("--no-simplify", dest="simplify", action="store_false", help="skip onnxsim")
     c.add_argument(
         "--parity-tol",
@@ -341,25 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="max allowed ORT-vs-PyTorch difference (default 1e-3, see report)",
     )
-    c.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="ONNX Runtime intra-op threads (default: all available cores)",
-    )
-    c.add_argument(
-        "--spinning",
-        action="store_true",
-        help="time ONNX Runtime with intra-op spinning on (its own default; here off by default: "
-        "spinning sessions time unstably on few shared cores)",
-    )
-    c.add_argument(
-        "--bench-runs",
-        type=int,
-        default=None,
-        help="timed runs per model (default 20, after 3 warm-up runs)",
-    )
 
+    _timing_args(c)
     c.add_argument(
         "--method",
         choices=["structured", "unstructured"],
@@ -374,53 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="data YAML (yolov5 format): mAP before/after pruning is reported",
     )
-    acc.add_argument(
-        "--no-reconstruct",
-        dest="reconstruct",
-        action="store_false",
-        help="keep the kept weights as they were (default: wherever images are at hand, "
-        "--calib-images or --data's train split, re-fit each pruned conv to reproduce the "
-        "original's outputs: one-shot, no labels, no training)",
-    )
-    acc.add_argument(
-        "--reconstruct-images",
-        type=int_in(1, 100_000),
-        default=None,
-        help="images reconstruction fits on, spread over the set (default 128)",
-    )
-    acc.add_argument(
-        "--recalibrate",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="re-estimate BatchNorm statistics on 20 batches of --data's training images after "
-        "pruning (default: only where no reconstruction ran; it sets the BatchNorms itself)",
-    )
-    acc.add_argument(
-        "--epochs",
-        type=int,
-        default=None,
-        help="fine-tune the pruned model for this many epochs (default: none)",
-    )
-    acc.add_argument("--batch", type=int, default=None, help="fine-tune batch size (default 16)")
-    acc.add_argument(
-        "--distill",
-        type=float,
-        default=None,
-        help="weight of output-level distillation from the original (default 0)",
-    )
-    acc.add_argument(
-        "--optimizer",
-        choices=["sgd", "adamw"],
-        default=None,
-        help="fine-tune optimizer (default sgd)",
-    )
-    acc.add_argument(
-        "--lr0",
-        type=float,
-        default=None,
-        help="initial learning rate (default 0.01 sgd, 0.001 adamw)",
-    )
-
+    _recovery_args(acc)
     acc.add_argument(
         "--steps",
         type=int,
@@ -452,23 +485,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="recommend the most accurate point within this latency (ONNX Runtime CPU)",
     )
     sw.add_argument("--out", type=Path, default=None, help="folder (default runs/sweep)")
-    sw.add_argument("--epochs", type=int, default=None, help="fine-tune each point")
-    sw.add_argument("--distill", type=float, default=None, help="distillation weight")
-    sw.add_argument("--optimizer", choices=["sgd", "adamw"], default=None)
-    sw.add_argument("--lr0", type=float, default=None, help="fine-tune learning rate")
-    sw.add_argument("--importance", default=None, help="importance criterion (as compile)")
-    sw.add_argument(
-        "--round-to", type=round_to_value, default=None, help="channel alignment (as compile)"
-    )
-    sw.add_argument("--calib-images", type=Path, default=None, help="unlabeled images folder")
-    sw.add_argument("--no-reconstruct", dest="reconstruct", action="store_false", help="as compile")
-    sw.add_argument(
-        "--reconstruct-images", type=int_in(1, 100_000), default=None, help="as compile"
-    )
-    sw.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads")
-    sw.add_argument("--bench-runs", type=int, default=None, help="timed runs (default 20)")
-    sw.add_argument("--latency-table", type=Path, default=None, help="as compile")
-    sw.add_argument("--seed", type=int, default=0)
+    # every point is a compile: the same planning, recovery, export and timing flags
+    _planning_args(sw)
+    _recovery_args(sw)
+    _calib_images_arg(sw)
+    _export_mode_arg(sw)
+    _timing_args(sw)
 
     g = sub.add_parser("graph", help="print the coupled channel groups of a model")
     _model_args(g)
@@ -959,39 +981,29 @@ def cmd_data(args) -> int:
     return 0
 
 
-def cmd_sweep(args) -> int:
+SWEEP_OWN = ("macs", "speedup", "latency_ms", "max_map_drop", "command")
+
+
+def sweep_options(args):
+    """The sweep the parsed flags ask for: its points, criterion and the compile options every
+    point shares (every compile flag the sweep takes; its own --macs/--speedup lists and
+    --latency-ms criterion are not a point's target)."""
     from yoloprune.compiler.options import CompileOptions
-    from yoloprune.compiler.sweep import SweepOptions, parse_values, run_sweep
+    from yoloprune.compiler.sweep import SweepOptions, parse_values
 
     if args.macs is not None:
         kind, values = "macs", parse_values(args.macs, "--macs", 0, 1, open_high=True)
     else:
         kind, values = "speedup", parse_values(args.speedup, "--speedup", 1, 1000, open_high=False)
-    shared = {
-        k: getattr(args, k)
-        for k in (
-            "imgsz",
-            "data",
-            "epochs",
-            "distill",
-            "optimizer",
-            "lr0",
-            "importance",
-            "round_to",
-            "calib_images",
-            "reconstruct",
-            "reconstruct_images",
-            "threads",
-            "bench_runs",
-            "latency_table",
-            "seed",
-            "out",
-            "group_seconds",
-            "group_memory_gib",
-        )
-    }
-    base = CompileOptions(args.model, **shared)
-    sweep = SweepOptions(base, kind, values, args.max_map_drop, args.latency_ms)
+    fields = set(CompileOptions.__dataclass_fields__) - set(SWEEP_OWN) - {"model"}
+    base = CompileOptions(args.model, **{k: v for k, v in vars(args).items() if k in fields})
+    return SweepOptions(base, kind, values, args.max_map_drop, args.latency_ms)
+
+
+def cmd_sweep(args) -> int:
+    from yoloprune.compiler.sweep import run_sweep
+
+    sweep = sweep_options(args)
     record = run_sweep(sweep)
     for point in record["points"]:
         print(

@@ -454,3 +454,30 @@ def test_every_flag_of_compile_and_plan_reaches_the_options(argv):
 
     given = vars(build_parser().parse_args(argv))
     assert set(given) - set(CompileOptions.__dataclass_fields__) == {"command"}
+
+
+def test_every_sweep_flag_reaches_each_points_options(shapes_data):
+    """sweep takes compile's planning, recovery, export and timing flags from the same
+    declarations, and each reaches every point (only its point lists and criterion do not)."""
+    from yoloprune.compiler.cli import SWEEP_OWN, build_parser, sweep_options
+    from yoloprune.compiler.options import CompileOptions
+
+    argv = ["sweep", "m.yaml", "--macs", "0.8,0.5", "--data", str(shapes_data), "--epochs", "2"]
+    argv += ["--batch", "8", "--global", "--max-ratio", "0.6", "--importance", "energy"]
+    argv += ["--recalibrate", "--spinning", "--export-mode", "raw", "--latency-ms", "9"]
+    args = build_parser().parse_args(argv)
+    own = set(vars(args)) - set(CompileOptions.__dataclass_fields__)
+    assert own <= set(SWEEP_OWN)
+    sweep = sweep_options(args)
+    point = sweep.point(0.5)
+    assert (point.batch, point.epochs, point.max_ratio, point.importance) == (8, 2, 0.6, "energy")
+    assert point.global_allocation and point.recalibrate and point.spinning
+    assert point.export_mode == "raw" and point.macs == 0.5 and point.latency_ms is None
+    assert sweep.latency_ms == 9.0  # the criterion, not a target
+
+
+def test_the_importance_choices_are_the_registered_criteria():
+    from yoloprune.compiler.cli import IMPORTANCE_NAMES
+    from yoloprune.compiler.score import IMPORTANCES
+
+    assert set(IMPORTANCE_NAMES) == set(IMPORTANCES)

@@ -94,6 +94,7 @@ benchmarks-accuracy: install $(SHAPES)
 	$(PY) benchmarks/accuracy.py
 	$(PY) benchmarks/budget.py
 	$(PY) benchmarks/oneshot.py
+	$(PY) benchmarks/allocation.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -55,7 +55,7 @@ def main() -> None:
             whole = Path(tmp) / f"{label}-all.int8.onnx"
             full.rename(whole)
             start = time.perf_counter()
-            keep = keeper(sensitivity, data, imgsz, "raw")
+            keep = keeper(sensitivity, data, imgsz, "raw", exclude=calibration.files)
             kept, parity, record = lower_checked(
                 prepared.model, fp32, imgsz, "int8", calibration=calibration, keep_float=keep
             )

@@ -791,7 +791,7 @@ def cmd_export(args) -> int:
                 f"{args.data}: {data.nc} classes but {args.model} has {info.nc}; measure a "
                 "model on the data it was trained for"
             )
-        keep_float = keeper(sensitivity, data, imgsz, mode)
+        keep_float = keeper(sensitivity, data, imgsz, mode, exclude=calibration.files)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         staged = {"fp32": Path(tmp) / out.name}  # every file appears together, or none
         parity = export_checked(

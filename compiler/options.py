@@ -178,18 +178,24 @@ class CompileOptions:
                 f"--calib-images {self.calib_images} feeds reconstruction, --importance "
                 f"{'/'.join(IMAGE_IMPORTANCES)} and INT8 calibration; none runs here: drop it"
             )
+        calibration = calibration_for(
+            self.precision,
+            self.calib_images,
+            self.data,
+            self.calib_count,
+            self.calib_method,
+            self.int8_float,
+        )
+        if sensitivity is not None and self.data is not None:  # its images, checked now
+            from yoloprune.compiler.sensitivity import measured_files
+            from yoloprune.compiler.train.data import read_data_yaml
+
+            measured_files(read_data_yaml(self.data), sensitivity.images, calibration.files)
         return CompileSettings(
             alignment=runtime if aligns else None,
             reconstruction=reconstruction,
             sensitivity=sensitivity,
-            calibration=calibration_for(
-                self.precision,
-                self.calib_images,
-                self.data,
-                self.calib_count,
-                self.calib_method,
-                self.int8_float,
-            ),
+            calibration=calibration,
             target=target,
             constraints=self.constraints(),
             grouping=self.grouping_limits(),

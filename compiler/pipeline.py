@@ -471,7 +471,10 @@ def _sensitivity_step(job: Job):
         return None
     from yoloprune.compiler.sensitivity import keeper
 
-    return keeper(sensitivity, job.data, job["prepared"].imgsz, job["mode"])
+    calibration = job.options.settings.calibration
+    return keeper(
+        sensitivity, job.data, job["prepared"].imgsz, job["mode"], exclude=calibration.files
+    )
 
 
 def _eval_onnx_stage(job: Job) -> dict:

@@ -69,7 +69,7 @@ def refuse_unused_flags(precision: str | None, tolerance, flags: dict[str, objec
     calibrating = [flag for flag, value in flags.items() if value is not None]
     if calibrating and precision != "int8":
         raise PlanError(
-            f"{', '.join(calibrating)} calibrate INT8: add --precision int8 or drop them"
+            f"{', '.join(calibrating)} apply to INT8 only: add --precision int8 or drop them"
         )
     if tolerance is not None and precision in (None, "fp32"):
         raise PlanError(

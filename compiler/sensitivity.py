@@ -2,15 +2,16 @@
 the INT8 model is within a stated mAP drop of the same model in float.
 
 Each quantized conv is measured alone (only its input and weight quantizers on, every other
-conv in float): its cost is the mAP@.5:.95 it loses on a fixed subset of the validation split.
+conv in float): its cost is the mAP@.5:.95 it loses on a fixed subset of the train split.
 Then, most costly first, convs are taken out of quantization (their Q/DQ disappear from the
 ONNX, so TensorRT and ONNX Runtime run them at the file's float precision: fp16 by default,
 ``--int8-float``; the costs themselves are measured with the fake-quantized PyTorch model,
 whose float part is fp32) and the whole INT8 model is measured
 again, until the drop is within the tolerance or a quarter of the convs are kept. Labels are
-needed (mAP): it measures on --data's *train* split, so the convs are never chosen on the
-images the report's val mAP is measured on (the train images are labelled, and only the costs'
-order and the drop against float matter here). The file's ``quantization`` metadata
+needed (mAP): it measures on labelled images of --data's *train* split, evenly spread, with
+the INT8 calibration images left out (costs measured on the images the ranges were fitted to
+read low), so the convs are never chosen on the images the report's val mAP is measured on. A
+fine-tune or QAT has trained on them, which it cannot avoid. The file's ``quantization`` metadata
 and the compile report list the kept convs with their costs.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 
@@ -38,10 +40,16 @@ class Sensitivity:
             raise PlanError(f"--int8-max-map-drop {self.max_map_drop:g}: must be in [0, 1]")
 
 
+def spread_indices(total: int, count: int) -> list[int]:
+    """``count`` of ``range(total)``, evenly spread, in order (all of them when fewer)."""
+    if total <= count:
+        return list(range(total))
+    return sorted({round(i * (total - 1) / max(count - 1, 1)) for i in range(count)})
+
+
 def spread(dataset, count: int):
     """A copy of ``dataset`` holding ``count`` of its samples, evenly spread, in order."""
-    picked = sorted({round(i * (len(dataset) - 1) / max(count - 1, 1)) for i in range(count)})
-    picked = picked if len(dataset) > count else list(range(len(dataset)))
+    picked = spread_indices(len(dataset), count)
     subset = copy.copy(dataset)
     subset.files = [dataset.files[i] for i in picked]
     subset.labels = [dataset.labels[i] for i in picked]
@@ -128,21 +136,49 @@ def map_measure(dataset, names, mode: str, images: int) -> Callable[[nn.Module],
     return measure
 
 
-def measured_split(data, imgsz: int):
-    """The labelled images the pass measures on: ``data``'s train split (a DataConfig), held
-    out from the val split the report's mAP comes from."""
-    from yoloprune.compiler.train.data import YoloDataset
+def measured_files(data, count: int, exclude=()) -> list:
+    """The images the pass measures on: ``count`` of ``data``'s train split (a DataConfig),
+    evenly spread, the ``exclude``d ones (the INT8 calibration images) left out, each with a
+    label file (a one-line error otherwise: the pass measures mAP). Reads no image."""
+    from yoloprune.compiler.train.data import image_files, label_path
 
     if not data.train:
         raise PlanError(
             "--int8-max-map-drop measures mAP on the data YAML's 'train' split (the val split "
             "stays for the report's mAP); add one"
         )
-    return YoloDataset(data.train, data.nc, imgsz, augment=False)
+    left_out = {Path(p).resolve() for p in exclude}
+    pool = [p for p in image_files(data.train) if p.resolve() not in left_out]
+    if not pool:
+        raise PlanError(
+            f"{data.train[0]}: every train image calibrates INT8, none is left for the "
+            "sensitivity pass to measure on; lower --calib-count or pass --calib-images DIR"
+        )
+    chosen = [pool[i] for i in spread_indices(len(pool), count)]
+    unlabelled = [p for p in chosen if not label_path(p).is_file()]
+    if len(unlabelled) == len(chosen):
+        raise PlanError(
+            f"{data.train[0]}: the sensitivity pass measures mAP on labelled train images and "
+            f"none of the {len(chosen)} it picked has a label file (e.g. "
+            f"{label_path(chosen[0])}); label the train split or drop --int8-max-map-drop"
+        )
+    return chosen
 
 
-def keeper(settings: Sensitivity, data, imgsz: int, mode: str) -> Callable[[nn.Module], dict]:
+def keeper(
+    settings: Sensitivity, data, imgsz: int, mode: str, exclude=()
+) -> Callable[[nn.Module], dict]:
     """The ``keep_float`` step of an INT8 export (compiler.quantize.to_int8): this pass on
-    ``data``'s train split (a DataConfig), measuring the model as exported in ``mode``."""
-    measure = map_measure(measured_split(data, imgsz), data.names, mode, settings.images)
-    return lambda model: {**keep_sensitive(model, measure, settings), "split": "train"}
+    :func:`measured_files` of ``data``'s train split (``exclude``: the calibration images),
+    measuring the model as exported in ``mode``."""
+    from yoloprune.compiler.train.data import YoloDataset
+
+    files = measured_files(data, settings.images, exclude)
+    dataset = YoloDataset(tuple(files), data.nc, imgsz, augment=False)
+    measure = map_measure(dataset, data.names, mode, settings.images)
+    where = {
+        "split": "train",
+        "images_measured": len(dataset.files),
+        "calibration_images_left_out": len(tuple(exclude)),
+    }
+    return lambda model: {**keep_sensitive(model, measure, settings), **where}

@@ -87,10 +87,14 @@ def _class_names(names, path: Path) -> tuple[str, ...]:
 
 
 def image_files(sources: tuple[Path, ...]) -> list[Path]:
-    """Images under folders, or listed one per line in .txt files (yolov5 conventions)."""
+    """Images under folders, or listed one per line in .txt files (yolov5 conventions), or
+    image files themselves."""
     files: list[Path] = []
     for source in sources:
-        if source.is_dir():
+        source = Path(source)
+        if source.is_file() and source.suffix.lower() in IMAGE_SUFFIXES:
+            files.append(source)
+        elif source.is_dir():
             files += sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         elif source.suffix == ".txt" and source.is_file():
             for line in source.read_text().splitlines():

@@ -424,6 +424,7 @@ def test_int8_with_epochs_is_quantization_aware_training(tmp_path, tiny6_yaml, s
     argv = ["compile", tiny6_yaml, "--imgsz", 64, "--macs", 0.5, "--out", out, "--no-bench"]
     training = ["--data", shapes_data, "--epochs", 1, "--batch", 8, "--distill", 0.5]
     int8 = ["--precision", "int8", "--calib-method", "percentile", "--int8-max-map-drop", 0.5]
+    int8 += ["--calib-count", 8]
     # a random-init model's int8 outputs flip codes everywhere: parity of a trained one is
     # checked at the default tolerance in tests/compiler/test_accuracy.py
     assert run_cli(*argv, *training, *int8, "--precision-parity-tol", 100) == 0
@@ -433,12 +434,15 @@ def test_int8_with_epochs_is_quantization_aware_training(tmp_path, tiny6_yaml, s
     lowered = report["precisions"]["int8"]
     record = lowered["quantization"]
     assert record["method"].startswith("QAT") and record["calibrator"].startswith("percentile")
-    assert record["qat"].startswith("1 epochs from PTQ") and record["calibration_images"] == 16
+    assert record["qat"].startswith("1 epochs from PTQ") and record["calibration_images"] == 8
     assert 0 <= lowered["map50_95"] <= 1 and "map50_95" in report["precisions"]["fp32"]
     assert lowered["parity"]["tolerance"] == 100  # --precision-parity-tol reached the file
     sensitivity = record["sensitivity"]  # the pass ran on the train split; nothing to keep
     assert sensitivity["max_map_drop"] == 0.5 and sensitivity["kept_in_float"] == []
     assert sensitivity["split"] == "train" and sensitivity["kept_precision"] == "fp16"
+    # 8 of the 16 train images calibrate; the pass measured on the other 8
+    assert sensitivity["calibration_images_left_out"] == 8
+    assert sensitivity["images_measured"] == 8
     assert len(report["accuracy"]["finetune"]["history"]) == 1
     model, _ = load_model(str(out / "tiny6-pruned.pt"))
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())

@@ -83,7 +83,7 @@ def test_flags_select_a_registered_planner(changes, planner):
         ({"ratio": 0.3, "method": "unstructured", "steps": 2}, "structured planning only"),
         ({"macs": 0.5, "ratio": 0.3}, "give one target"),
         ({"ratio": 0.3, "method": "unstructured", "round_to": 16}, "--round-to do not apply"),
-        ({"calib_images": Path("."), "calib_count": 8}, "--calib-count calibrate INT8"),
+        ({"calib_images": Path("."), "calib_count": 8}, "--calib-count apply to INT8 only"),
         ({"precision_parity_tolerance": 0.1}, "fp16/int8 file's tolerance"),
     ],
 )

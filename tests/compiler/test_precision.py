@@ -116,4 +116,4 @@ def test_export_writes_its_files_together_and_drops_stale_siblings(tmp_path, tin
     assert main(base) == 0  # a new fp32 export: the old fp16 sibling would not match it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "tiny.yaml"]
     assert main([*base, "--data", str(tiny_yaml)]) == 2
-    assert "--data calibrate INT8" in capsys.readouterr().err
+    assert "--data apply to INT8 only" in capsys.readouterr().err

@@ -197,7 +197,7 @@ def test_calibration_method_is_recorded_and_bad_ones_refused(tmp_path, tiny_mode
     assert record["calibrator"].startswith("percentile (99.99")
     argv = ["export", str(tmp_path / "tiny.yaml"), "--out", str(tmp_path / "x.onnx")]
     assert main([*argv, "--calib-method", "entropy"]) == 2  # without int8
-    assert "--calib-method calibrate INT8" in capsys.readouterr().err
+    assert "--calib-method apply to INT8 only" in capsys.readouterr().err
     with pytest.raises(YoloPruneError, match="--calib-method median: use one of max"):
         Calibration(images, method="median")
 
@@ -363,5 +363,21 @@ def test_an_unknown_int8_float_precision_is_refused(tmp_path, tiny_yaml, images,
     argv = ["export", str(tiny_yaml), "--out", str(tmp_path / "x.onnx"), "--int8-float", "fp32"]
     assert main(argv) == 2  # without --precision int8: refused, not ignored
     err = capsys.readouterr().err
-    assert "--int8-float calibrate INT8: add --precision int8" in err
+    assert "--int8-float apply to INT8 only: add --precision int8" in err
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_each_int8_body_is_checked_at_its_own_parity_tolerance(tmp_path, images):
+    """The fp32 body keeps the tighter 0.25 bound against the fake-quantized model (a broken
+    export reads near 1); the fp16 body, which flips more codes, 0.5."""
+    from yoloprune.compiler.export import export_onnx
+    from yoloprune.compiler.precision import default_tolerance, lower_checked
+    from yoloprune.graphs.checkpoint import WEIGHTS_DIR, load_model
+
+    fp16, fp32 = Calibration(images), Calibration(images, float_precision="fp32")
+    assert default_tolerance("int8", fp16) == 0.5 and default_tolerance("int8", fp32) == 0.25
+    assert default_tolerance("fp16") == 1e-2 and default_tolerance("int8") == 0.25
+    model, _ = load_model(WEIGHTS_DIR / "yolov5n-shapes.pt")
+    base = export_onnx(model, tmp_path / "m.onnx", 128)
+    _, parity, record = lower_checked(model, base, 128, "int8", calibration=fp32)
+    assert parity.ok and parity.tolerance == 0.25 and record["float"] == "fp32"

@@ -89,7 +89,7 @@ def test_a_drop_needs_int8_and_data(tiny_yaml, tmp_path, capsys):
     from yoloprune.compiler.cli import main
     from yoloprune.compiler.options import CompileOptions
 
-    with pytest.raises(PlanError, match="--int8-max-map-drop calibrate INT8"):
+    with pytest.raises(PlanError, match="--int8-max-map-drop apply to INT8 only"):
         CompileOptions(str(tiny_yaml), int8_max_map_drop=0.01)
     with pytest.raises(PlanError, match=r"--int8-max-map-drop 1\.5: must be in"):
         CompileOptions(str(tiny_yaml), int8_max_map_drop=1.5)
@@ -108,16 +108,44 @@ def test_sensitivity_images_need_a_drop(tiny_yaml, tmp_path):
         CompileOptions(str(tiny_yaml), int8_sensitivity_images=128, **common)
 
 
-def test_the_pass_measures_on_the_train_split_never_the_reported_val(shapes_data):
-    """Convs chosen on the val split would bias the val mAP the report gives for the file."""
+def test_the_pass_measures_on_train_images_held_out_from_val_and_calibration(shapes_data):
+    """Convs chosen on the val split would flatter the val mAP the report gives for the file;
+    costs measured on the calibration images would read low."""
     from yoloprune.compiler.evaluation.evaluate import val_dataset
-    from yoloprune.compiler.sensitivity import measured_split
-    from yoloprune.compiler.train.data import read_data_yaml
+    from yoloprune.compiler.sensitivity import measured_files
+    from yoloprune.compiler.train.data import image_files, read_data_yaml
 
     config = read_data_yaml(shapes_data)
-    measured = {p.resolve() for p in measured_split(config, 64).files}
+    train = image_files(config.train)
+    calibrating = train[::2]
+    measured = measured_files(config, 4, exclude=calibrating)
+    assert len(measured) == 4 and not set(measured) & set(calibrating)
+    assert set(measured) <= set(train[1::2])  # evenly spread over what is left
+    assert measured[0] == train[1] and measured[-1] == train[-1]
     reported = {p.resolve() for p in val_dataset(config, 64).files}
-    assert len(measured) == 16 and len(reported) == 8 and not measured & reported
-    no_train = dataclasses.replace(config, train=())
+    assert not {p.resolve() for p in measured} & reported
     with pytest.raises(PlanError, match="'train' split \\(the val split stays"):
-        measured_split(no_train, 64)
+        measured_files(dataclasses.replace(config, train=()), 4)
+    with pytest.raises(PlanError, match="every train image calibrates INT8"):
+        measured_files(config, 4, exclude=train)
+
+
+def test_an_unlabelled_train_split_is_refused_before_any_work(shapes_data, tiny6_yaml, tmp_path):
+    """Unlabelled images score mAP 0 in float and INT8 alike: the pass would keep nothing and
+    call it within tolerance. Refused when the options are read."""
+    import shutil
+
+    from yoloprune.compiler.options import CompileOptions
+
+    root = tmp_path / "unlabelled"
+    shutil.copytree(shapes_data.parent / "images", root / "images")
+    shutil.copytree(shapes_data.parent / "labels" / "val", root / "labels" / "val")
+    data = root / "data.yaml"
+    data.write_text(
+        shapes_data.read_text().replace(str(shapes_data.parent), str(root)), encoding="utf-8"
+    )
+    common = dict(precision="int8", data=data, int8_max_map_drop=0.01)
+    with pytest.raises(PlanError, match="none of the 16 it picked has a label file"):
+        CompileOptions(str(tiny6_yaml), calib_images=root / "images" / "val", **common)
+    labelled = {**common, "data": shapes_data}
+    CompileOptions(str(tiny6_yaml), calib_images=root / "images" / "val", **labelled)

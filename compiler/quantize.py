@@ -370,6 +370,9 @@ def _set_int8_properties(path: Path, quantization: dict, float_precision: str) -
     proto = onnx.load(str(path))
     quantization["weights_stored"] = f"int8 ({store_int8_weights(proto)} tensors)"
     if float_precision == "fp16":
+        # below fp16's smallest normal number a scale keeps fewer digits (the converter clamps
+        # it at 1e-7); the codes were computed with the fp32 scale: counted, for the record
+        quantization["scales_below_fp16_normal"] = scales_below_fp16_normal(proto)
         proto, blocked = fp16_converted(proto, str(path))
         quantization["float"] = "fp16 (inputs and outputs fp32; Q/DQ scales fp16)"
         quantization["kept_fp32_ops"] = blocked
@@ -380,6 +383,23 @@ def _set_int8_properties(path: Path, quantization: dict, float_precision: str) -
         onnx.save(proto, str(path))
     except Exception as exc:  # protobuf errors
         raise ExportError(f"{path}: cannot write the INT8 metadata ({first_line(exc)})") from exc
+
+
+def scales_below_fp16_normal(proto) -> int:
+    """How many Q/DQ scale values (per channel, each node once) are below fp16's smallest
+    normal number (a near-dead channel's weights)."""
+    from onnx import numpy_helper
+
+    values = {i.name: i for i in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = node.attribute[0].t
+    tiny = float(np.finfo(np.float16).tiny)
+    return sum(
+        int((np.abs(numpy_helper.to_array(values[node.input[1]])) < tiny).sum())
+        for node in proto.graph.node
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.input[1] in values
+    )
 
 
 def store_int8_weights(proto) -> int:

@@ -336,6 +336,10 @@ def test_an_fp16_float_part_keeps_every_code_and_rounds_only_the_scales(int8_bod
         }
         values[body] = constants(proto)
     assert nodes["fp16"].keys() == nodes["fp32"].keys() and nodes["fp16"]
+    tiny = np.finfo(np.float16).tiny  # the fp16 file counts the fp32 scales it cannot hold
+    below = sum(int((values["fp32"][n.input[1]] < tiny).sum()) for n in nodes["fp32"].values())
+    assert int8_bodies["fp16"][1]["scales_below_fp16_normal"] == below
+    assert "scales_below_fp16_normal" not in int8_bodies["fp32"][1]
     for name, node in nodes["fp16"].items():
         twin = nodes["fp32"][name]
         half, full = values["fp16"], values["fp32"]

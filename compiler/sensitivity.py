@@ -17,7 +17,6 @@ and the compile report list the kept convs with their costs.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,16 +44,6 @@ def spread_indices(total: int, count: int) -> list[int]:
     if total <= count:
         return list(range(total))
     return sorted({round(i * (total - 1) / max(count - 1, 1)) for i in range(count)})
-
-
-def spread(dataset, count: int):
-    """A copy of ``dataset`` holding ``count`` of its samples, evenly spread, in order."""
-    picked = spread_indices(len(dataset), count)
-    subset = copy.copy(dataset)
-    subset.files = [dataset.files[i] for i in picked]
-    subset.labels = [dataset.labels[i] for i in picked]
-    subset.shapes = [dataset.shapes[i] for i in picked]
-    return subset
 
 
 def quantized_convs(model: nn.Module) -> dict[str, nn.Conv2d]:
@@ -124,22 +113,21 @@ def keep_sensitive(
     return record
 
 
-def map_measure(dataset, names, mode: str, images: int) -> Callable[[nn.Module], float]:
-    """mAP@.5:.95 of a PyTorch model (as exported in ``mode``) on ``images`` of ``dataset``."""
+def map_measure(dataset, names, mode: str) -> Callable[[nn.Module], float]:
+    """mAP@.5:.95 of a PyTorch model (as exported in ``mode``) on ``dataset``."""
     from yoloprune.compiler.evaluation.evaluate import evaluate, torch_predictor
 
-    subset = spread(dataset, images)
-
     def measure(model: nn.Module) -> float:
-        return evaluate(torch_predictor(model, mode), subset, names, progress=False).map50_95
+        return evaluate(torch_predictor(model, mode), dataset, names, progress=False).map50_95
 
     return measure
 
 
-def measured_files(data, count: int, exclude=()) -> list:
+def measured_files(data, count: int, exclude=()) -> tuple[list, int]:
     """The images the pass measures on: ``count`` of ``data``'s train split (a DataConfig),
     evenly spread, the ``exclude``d ones (the INT8 calibration images) left out, each with a
-    label file (a one-line error otherwise: the pass measures mAP). Reads no image."""
+    label file (a one-line error otherwise: the pass measures mAP); and how many train images
+    were left out. Reads no image."""
     from yoloprune.compiler.train.data import image_files, label_path
 
     if not data.train:
@@ -148,7 +136,8 @@ def measured_files(data, count: int, exclude=()) -> list:
             "stays for the report's mAP); add one"
         )
     left_out = {Path(p).resolve() for p in exclude}
-    pool = [p for p in image_files(data.train) if p.resolve() not in left_out]
+    train = image_files(data.train)
+    pool = [p for p in train if p.resolve() not in left_out]
     if not pool:
         raise PlanError(
             f"{data.train[0]}: every train image calibrates INT8, none is left for the "
@@ -162,7 +151,7 @@ def measured_files(data, count: int, exclude=()) -> list:
             f"none of the {len(chosen)} it picked has a label file (e.g. "
             f"{label_path(chosen[0])}); label the train split or drop --int8-max-map-drop"
         )
-    return chosen
+    return chosen, len(train) - len(pool)
 
 
 def keeper(
@@ -173,12 +162,12 @@ def keeper(
     measuring the model as exported in ``mode``."""
     from yoloprune.compiler.train.data import YoloDataset
 
-    files = measured_files(data, settings.images, exclude)
+    files, left_out = measured_files(data, settings.images, exclude)
     dataset = YoloDataset(tuple(files), data.nc, imgsz, augment=False)
-    measure = map_measure(dataset, data.names, mode, settings.images)
+    measure = map_measure(dataset, data.names, mode)
     where = {
         "split": "train",
         "images_measured": len(dataset.files),
-        "calibration_images_left_out": len(tuple(exclude)),
+        "calibration_images_left_out": left_out,
     }
     return lambda model: {**keep_sensitive(model, measure, settings), **where}

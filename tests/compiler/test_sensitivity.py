@@ -7,7 +7,12 @@ import pytest
 
 from yoloprune.compiler.quantize import Calibration, CalibrationRecord, calibration_batches
 from yoloprune.compiler.quantize import quantized as fake_quantized
-from yoloprune.compiler.sensitivity import Sensitivity, keep_sensitive, quantized_convs, spread
+from yoloprune.compiler.sensitivity import (
+    Sensitivity,
+    keep_sensitive,
+    quantized_convs,
+    spread_indices,
+)
 from yoloprune.graphs.errors import PlanError
 
 
@@ -72,17 +77,8 @@ def test_at_most_a_quarter_of_the_convs_are_kept(quantized):
 
 
 def test_spread_takes_evenly_spaced_samples_in_order():
-    class Samples:
-        def __init__(self):
-            self.files, self.labels = list(range(100)), [f"l{i}" for i in range(100)]
-            self.shapes = [(1, 1)] * 100
-
-        def __len__(self):
-            return len(self.files)
-
-    subset = spread(Samples(), 10)
-    assert subset.files == [0, 11, 22, 33, 44, 55, 66, 77, 88, 99] and subset.labels[1] == "l11"
-    assert spread(Samples(), 500).files == list(range(100))  # fewer than asked: all of them
+    assert spread_indices(100, 10) == [0, 11, 22, 33, 44, 55, 66, 77, 88, 99]
+    assert spread_indices(100, 500) == list(range(100))  # fewer than asked: all of them
 
 
 def test_a_drop_needs_int8_and_data(tiny_yaml, tmp_path, capsys):
@@ -118,7 +114,8 @@ def test_the_pass_measures_on_train_images_held_out_from_val_and_calibration(sha
     config = read_data_yaml(shapes_data)
     train = image_files(config.train)
     calibrating = train[::2]
-    measured = measured_files(config, 4, exclude=calibrating)
+    measured, left_out = measured_files(config, 4, exclude=calibrating)
+    assert left_out == len(calibrating)
     assert len(measured) == 4 and not set(measured) & set(calibrating)
     assert set(measured) <= set(train[1::2])  # evenly spread over what is left
     assert measured[0] == train[1] and measured[-1] == train[-1]

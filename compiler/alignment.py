@@ -124,8 +124,21 @@ def _checked_candidates(speed: dict[int, float], costs: dict[int, dict]) -> list
     return rows
 
 
-def choose_alignment(request, planner: str, settings: LatencySettings):
-    """``request`` with ``round_to`` chosen (see the module docstring) and the record of why."""
+def precision_note(profiled: str, deployed: str) -> str | None:
+    """Why the profile may not hold for the deployed file, where their precisions differ."""
+    if profiled == deployed:
+        return None
+    blocks = {"int8": "32", "fp16": "8"}.get(deployed)
+    return (
+        f"the profile timed {profiled} convolutions, the deployed file is {deployed}"
+        + (f" (TensorRT's {deployed} kernels want multiples of {blocks})" if blocks else "")
+        + ": measure on the deployment GPU with --latency-runtime tensorrt, or pass --round-to"
+    )
+
+
+def choose_alignment(request, planner: str, settings: LatencySettings, deployed: str = "fp32"):
+    """``request`` with ``round_to`` chosen (see the module docstring) and the record of why;
+    ``deployed``: the precision of the file the compile deploys (its profile should match)."""
     table = settings.open(ChainTable)
     speed = relative_latency(table)
     costs, how = _accuracy_costs(request, planner)
@@ -146,5 +159,8 @@ def choose_alignment(request, planner: str, settings: LatencySettings):
         "runtime": settings.runtime,
         "table_key": table.key.__dict__,
     }
+    note = precision_note(table.key.precision, deployed)
+    if note:
+        record["precision_note"] = note
     scored = replace(request, importance=_Scores(request.importance.name, request.scores))
     return replace(scored, constraints=replace(request.constraints, round_to=chosen)), record

@@ -142,10 +142,11 @@ def _planning_args(p: argparse.ArgumentParser) -> None:
     """How a target is planned (compile, plan and every sweep point)."""
     p.add_argument(
         "--latency-runtime",
-        choices=["ort", "torch"],
+        choices=["ort", "torch", "tensorrt"],
         default=None,
-        help="where --speedup/--latency-ms are measured: ort (ONNX Runtime CPU, default) or "
-        "torch (PyTorch CUDA fp16; needs a GPU)",
+        help="where --speedup/--latency-ms and --round-to auto are measured: ort (ONNX Runtime "
+        "CPU, default), torch (PyTorch CUDA fp16; needs a GPU) or tensorrt (--round-to auto "
+        "only: conv-chain engines at --precision, INT8 with explicit Q/DQ; needs TensorRT)",
     )
     p.add_argument(
         "--latency-table",

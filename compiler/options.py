@@ -126,6 +126,12 @@ class CompileOptions:
                     "--latency-runtime torch measures on a CUDA GPU and none is available here: "
                     "use --latency-runtime ort (ONNX Runtime CPU) or run on a GPU machine"
                 )
+        if self.latency_runtime == "tensorrt":
+            from yoloprune.kernels.tensorrt import available
+
+            ok, why = available()
+            if not ok:
+                raise PlanError(f"--latency-runtime tensorrt: {why}")
         if self.round_to is not None and self.round_to != "auto" and type(self.round_to) is not int:
             raise PlanError(f"--round-to {self.round_to}: give a positive integer or auto")
         self._check_paths()
@@ -171,6 +177,9 @@ class CompileOptions:
         latency = runtime if planner in ("latency", "latency-aware") else None
         round_to = DEFAULT_ROUND_TO if self.round_to is None else self.round_to
         aligns = round_to == "auto" and planner not in ("replay", "unstructured")
+        if self.latency_runtime == "tensorrt":
+            _check_tensorrt_timing(latency is not None, aligns)
+            runtime = dataclasses.replace(runtime, precision=self.precision or "fp32")
         reconstruction = self.reconstruction()
         reads_images = reconstruction or importance in IMAGE_IMPORTANCES or self.precision == "int8"
         if self.calib_images is not None and not reads_images:
@@ -370,7 +379,7 @@ _FLOAT_RANGES = (
 _CHOICES = (
     ("importance", tuple(IMPORTANCES)),
     ("method", ("structured", "unstructured")),
-    ("latency_runtime", ("ort", "torch")),
+    ("latency_runtime", ("ort", "torch", "tensorrt")),
     ("export_mode", ("raw", "end2end")),
     ("optimizer", ("sgd", "adamw")),
     ("precision", PRECISIONS),
@@ -403,6 +412,21 @@ class CompileSettings:
     reconstruction: object = None  # compiler.reconstruct.Reconstruction where it runs
     # --round-to auto: the runtime whose latency table chooses the alignment (None: fixed)
     alignment: LatencySettings | None = None
+
+
+def _check_tensorrt_timing(plans_latency: bool, aligns: bool) -> None:
+    """TensorRT times --round-to auto's alignment profile (engines of conv chains at the
+    compile's precision); whole-model latency planning measures on ort or torch."""
+    if plans_latency:
+        raise PlanError(
+            "--latency-runtime tensorrt measures --round-to auto's alignment profile only; "
+            "--speedup, --latency-ms and --latency-aware plan on ort or torch: pick one of those"
+        )
+    if not aligns:
+        raise PlanError(
+            "--latency-runtime tensorrt measures --round-to auto's alignment profile, which "
+            "this compile does not run (a fixed --round-to, --plan or unstructured): drop it"
+        )
 
 
 def _has_train_split(data: Path) -> bool:

@@ -98,7 +98,8 @@ def plan_for(prepared: Prepared, options: CompileOptions) -> PruningPlan:
     request = plan_request(prepared, options)
     if settings.alignment is None:
         return run_planner(request, settings.planner)
-    request, alignment = choose_alignment(request, settings.planner, settings.alignment)
+    deployed = options.precision or "fp32"
+    request, alignment = choose_alignment(request, settings.planner, settings.alignment, deployed)
     return dataclasses.replace(run_planner(request, settings.planner), alignment=alignment)
 
 

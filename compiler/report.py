@@ -122,9 +122,11 @@ def alignment_text(record: dict) -> str:
             text += f", {cost:+.1%} importance removed" if cost is not None else ", no baseline"
         parts.append(text + ("" if row["eligible"] else " (over the accuracy limit)"))
     key = record["table_key"]
+    note = record.get("precision_note")
     return (
         f"round_to {record['chosen']} measured on {record['runtime']} {key['device']} "
         f"{key['precision']} ({'; '.join(parts)}; {record['rule']})"
+        + (f"; note: {note}" if note else "")
     )
 
 

@@ -65,7 +65,7 @@ class ChainShape:
             layers += [nn.Conv2d(self.channels, self.channels, k, 1, k // 2), nn.SiLU()]
         return nn.Sequential(*layers).eval()
 
-    def onnx(self, batch: int):
+    def onnx(self, batch: int, precision: str = "fp32"):
         """Built directly (milliseconds), as :func:`kernels.latency_table.conv_onnx` is."""
         import numpy as np
 
@@ -74,7 +74,7 @@ class ChainShape:
         for k in KERNELS:
             w = rng.standard_normal((c, c, k, k), dtype=np.float32) / math.sqrt(c * k * k)
             layers.append(ConvLayer(w, w[:, 0, 0, 0].copy(), 1, k // 2))
-        return conv_silu_onnx(layers, [batch, c, self.size, self.size], "chain")
+        return conv_silu_onnx(layers, [batch, c, self.size, self.size], "chain", precision)
 
 
 class ChainTable(LatencyTable):

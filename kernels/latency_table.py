@@ -64,13 +64,13 @@ class ConvShape:
         )
         return nn.Sequential(conv, nn.SiLU()).eval()
 
-    def onnx(self, batch: int):
-        return conv_onnx(self, batch)
+    def onnx(self, batch: int, precision: str = "fp32"):
+        return conv_onnx(self, batch, precision)
 
 
 @dataclass(frozen=True)
 class TableKey:
-    runtime: str  # "ort" or "torch"
+    runtime: str  # "ort", "torch" or "tensorrt"
     device: str  # CPU model or GPU name
     precision: str
     batch: int
@@ -173,9 +173,10 @@ class LatencyTable:
         return value
 
 
-def conv_onnx(shape: ConvShape, batch: int):
+def conv_onnx(shape: ConvShape, batch: int, precision: str = "fp32"):
     """A one-node-pair ONNX model: Conv (with bias) then SiLU as Sigmoid * x, as a folded
-    yolov5 ``Conv`` exports. Built directly (milliseconds), not through the exporter."""
+    yolov5 ``Conv`` exports, at ``precision`` (:func:`conv_silu_onnx`). Built directly
+    (milliseconds), not through the exporter."""
     import numpy as np
 
     rng = np.random.default_rng(0)
@@ -184,7 +185,8 @@ def conv_onnx(shape: ConvShape, batch: int):
     )
     bias = rng.standard_normal(shape.cout, dtype=np.float32)
     layer = ConvLayer(weight, bias, shape.stride, shape.pad, shape.groups)
-    return conv_silu_onnx([layer], [batch, shape.cin, shape.height, shape.width], "conv")
+    input_shape = [batch, shape.cin, shape.height, shape.width]
+    return conv_silu_onnx([layer], input_shape, "conv", precision)
 
 
 @dataclass(frozen=True)
@@ -198,25 +200,51 @@ class ConvLayer:
     groups: int = 1
 
 
-def conv_silu_onnx(layers: list[ConvLayer], input_shape: list[int], name: str):
+TIMED_PRECISIONS = ("fp32", "fp16", "int8")
+# Timing graphs at fp16/int8 use opset 19: QuantizeLinear/DequantizeLinear take fp16 scales and
+# a DequantizeLinear outputs fp16 (as compiler.quantize writes INT8 files with an fp16 body).
+_OPSET = {"fp32": 17, "fp16": 19, "int8": 19}
+_IR_VERSION = {17: 8, 19: 9}  # what each opset needs; newer onnx defaults exceed older runtimes
+# int8 graphs: the per-tensor activation scale (amax / 127) of every conv input; timing does
+# not depend on it, and SiLU outputs of the unit-variance layers below stay well inside it.
+ACTIVATION_AMAX = 4.0
+
+
+def conv_silu_onnx(
+    layers: list[ConvLayer], input_shape: list[int], name: str, precision: str = "fp32"
+):
     """An ONNX model of ``Conv + SiLU`` layers in sequence (SiLU as Sigmoid * x), input ``x``,
     output ``out``; a single layer's tensors are ``w``, ``b``, ``y``, ``s``, several are
-    numbered."""
+    numbered.
+
+    ``precision``: ``fp32``; ``fp16`` (every tensor fp16, inputs and outputs included, as a
+    strongly typed TensorRT network runs it); ``int8``: the fp16 graph with explicit
+    quantization where TensorRT fuses it, as :mod:`compiler.quantize` writes files: each conv's
+    input through QuantizeLinear/DequantizeLinear (per-tensor, symmetric, zero point 0) and
+    its weight stored as int8 codes with a per-output-channel DequantizeLinear."""
+    import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
+    if precision not in TIMED_PRECISIONS:
+        raise ValueError(f"precision {precision!r}: use one of {', '.join(TIMED_PRECISIONS)}")
+    dtype = np.float32 if precision == "fp32" else np.float16
     nodes, weights, x = [], [], "x"
     for i, layer in enumerate(layers):
         tag = "" if len(layers) == 1 else str(i)
         out = "out" if i == len(layers) - 1 else f"o{tag}"
         kernel = list(layer.weight.shape[2:])
-        weights += [
-            numpy_helper.from_array(layer.weight, f"w{tag}"),
-            numpy_helper.from_array(layer.bias, f"b{tag}"),
-        ]
+        weights.append(numpy_helper.from_array(layer.bias.astype(dtype), f"b{tag}"))
+        conv_input, weight = x, f"w{tag}"
+        if precision == "int8":
+            conv_input, qnodes, qweights = _quantized_conv_inputs(x, layer.weight, tag)
+            nodes += qnodes
+            weights += qweights
+        else:
+            weights.append(numpy_helper.from_array(layer.weight.astype(dtype), weight))
         nodes += [
             helper.make_node(
                 "Conv",
-                [x, f"w{tag}", f"b{tag}"],
+                [conv_input, weight, f"b{tag}"],
                 [f"y{tag}"],
                 kernel_shape=kernel,
                 strides=[layer.stride] * 2,
@@ -227,16 +255,44 @@ def conv_silu_onnx(layers: list[ConvLayer], input_shape: list[int], name: str):
             helper.make_node("Mul", [f"y{tag}", f"s{tag}"], [out]),
         ]
         x = out
+    elem = TensorProto.FLOAT if precision == "fp32" else TensorProto.FLOAT16
     graph = helper.make_graph(
         nodes,
         name,
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, input_shape)],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("x", elem, input_shape)],
+        [helper.make_tensor_value_info("out", elem, None)],
         weights,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8  # what opset 17 needs; newer onnx defaults exceed older runtimes
+    opset = _OPSET[precision]
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = _IR_VERSION[opset]
     return model
+
+
+def _quantized_conv_inputs(x: str, weight, tag: str) -> tuple[str, list, list]:
+    """Q/DQ nodes and initializers feeding one conv of an int8 timing graph: (the conv's
+    input name, nodes, initializers); the dequantized weight is named ``w{tag}``."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    amax = np.abs(weight).reshape(weight.shape[0], -1).max(axis=1)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    codes = np.clip(np.rint(weight / scale[:, None, None, None]), -127, 127).astype(np.int8)
+    initializers = [
+        numpy_helper.from_array(np.array(ACTIVATION_AMAX / 127.0, np.float16), f"xs{tag}"),
+        numpy_helper.from_array(np.array(0, np.int8), f"xz{tag}"),
+        numpy_helper.from_array(codes, f"wq{tag}"),
+        numpy_helper.from_array(scale.astype(np.float16), f"ws{tag}"),
+        numpy_helper.from_array(np.zeros(weight.shape[0], np.int8), f"wz{tag}"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", [x, f"xs{tag}", f"xz{tag}"], [f"xq{tag}"]),
+        helper.make_node("DequantizeLinear", [f"xq{tag}", f"xs{tag}", f"xz{tag}"], [f"xd{tag}"]),
+        helper.make_node(
+            "DequantizeLinear", [f"wq{tag}", f"ws{tag}", f"wz{tag}"], [f"w{tag}"], axis=0
+        ),
+    ]
+    return f"xd{tag}", nodes, initializers
 
 
 def ort_measurer(batch: int, threads: int, spinning: bool = True, runs: int = 15, warmup: int = 3):
@@ -294,6 +350,8 @@ def open_table(
     from yoloprune.kernels.ort import default_threads, machine_info
 
     if runtime == "ort":
+        if precision not in (None, "fp32"):
+            raise LatencyTableError(f"ort latency tables are fp32, not {precision}")
         threads = threads or default_threads()
         machine = machine_info()  # the vector extensions decide the kernels: part of the key
         cpu = f"{machine['cpu']} ({', '.join(machine['cpu_flags']) or 'flags unknown'})"
@@ -305,6 +363,18 @@ def open_table(
         name = torch.cuda.get_device_name(0) if device.startswith("cuda") else machine_info()["cpu"]
         key = TableKey("torch", name, precision, batch, torch.get_num_threads())
         measurer = torch_measurer(batch, device, precision)
+    elif runtime == "tensorrt":
+        from yoloprune.kernels.tensorrt import available, shape_measurer
+
+        ok, version = available()
+        if not ok:
+            raise LatencyTableError(f"latency tables on tensorrt: {version}")
+        precision = precision or "fp16"
+        name = f"{torch.cuda.get_device_name(0)} TensorRT {version}"
+        key = TableKey("tensorrt", name, precision, batch, 1)
+        measurer = shape_measurer(batch, precision)
     else:
-        raise LatencyTableError(f"latency tables are measured on ort or torch, not {runtime!r}")
+        raise LatencyTableError(
+            f"latency tables are measured on ort, torch or tensorrt, not {runtime!r}"
+        )
     return kind(key, path or DEFAULT_CACHE / kind.FOLDER / key.filename(), measurer)

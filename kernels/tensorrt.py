@@ -166,17 +166,11 @@ def _atomic_write(path: Path, data: bytes) -> None:
     write_bytes_atomic(path, data)
 
 
-def build_engine(
-    onnx_path: Path,
-    engine_path: Path,
-    settings: BuildSettings | None = None,
-    metadata: dict | None = None,
-) -> BuiltEngine:
-    """Parse ``onnx_path`` into a strongly typed network and write ``engine_path`` plus
-    ``<engine>.json`` (metadata). The engine runs at the precision the ONNX file holds."""
+def serialized_engine(onnx_path: Path, settings: BuildSettings | None = None) -> bytes:
+    """Parse ``onnx_path`` into a strongly typed network and build it: the serialized engine
+    (the timing cache, where ``settings`` names one, is read and written back)."""
     trt = tensorrt()
     settings = settings or BuildSettings()
-    properties = onnx_properties(onnx_path)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(network_flags(trt))
@@ -197,16 +191,55 @@ def build_engine(
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise YoloPruneError(f"{onnx_path}: TensorRT failed to build an engine (see its log)")
-    engine_path = Path(engine_path)
-    _atomic_write(engine_path, bytes(serialized))
     if settings.timing_cache is not None:
         _atomic_write(Path(settings.timing_cache), bytes(config.get_timing_cache().serialize()))
-    engine = trt.Runtime(logger).deserialize_cuda_engine(bytes(serialized))
+    return bytes(serialized)
+
+
+def build_engine(
+    onnx_path: Path,
+    engine_path: Path,
+    settings: BuildSettings | None = None,
+    metadata: dict | None = None,
+) -> BuiltEngine:
+    """Build ``onnx_path`` (:func:`serialized_engine`) and write ``engine_path`` plus
+    ``<engine>.json`` (metadata). The engine runs at the precision the ONNX file holds."""
+    settings = settings or BuildSettings()
+    properties = onnx_properties(onnx_path)
+    serialized = serialized_engine(onnx_path, settings)
+    engine_path = Path(engine_path)
+    _atomic_write(engine_path, serialized)
+    trt = tensorrt()
+    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(serialized)
     tensors = _io_description(trt, engine)
     meta = engine_metadata(tensors, settings, trt.__version__, properties, metadata)
     meta_path = engine_path.with_suffix(".json")
     _atomic_write(meta_path, (json.dumps(meta, indent=1) + "\n").encode())
     return BuiltEngine(engine_path, meta_path)
+
+
+def shape_measurer(batch: int, precision: str, runs: int = 30, warmup: int = 5):
+    """Time one latency-table shape (a conv, or the alignment profile's chain) as a TensorRT
+    engine: its ONNX built at ``precision`` (fp16 I/O and body; int8: explicit Q/DQ, see
+    :func:`kernels.latency_table.conv_silu_onnx`), built strongly typed, run on random input,
+    timed on the engine's stream. Never run here (no TensorRT on the development machines)."""
+    import tempfile
+
+    from yoloprune.kernels.timing import measure
+
+    def measure_shape(shape) -> float:
+        with tempfile.TemporaryDirectory() as tmp:
+            onnx_path, engine_path = Path(tmp) / "shape.onnx", Path(tmp) / "shape.engine"
+            onnx_path.write_bytes(shape.onnx(batch, precision).SerializeToString())
+            _atomic_write(engine_path, serialized_engine(onnx_path))
+            with EngineRunner(engine_path, batch) as runner:
+                runner.buffers[runner.inputs[0]].uniform_()
+                timing = measure(
+                    runner.infer, runs=runs, warmup=warmup, sync=runner.sync, clock=runner.clock()
+                )
+                return timing.median_ms
+
+    return measure_shape
 
 
 def _batch_profile(builder, config, image, settings: BuildSettings, onnx_path: Path) -> None:

@@ -172,3 +172,42 @@ def test_auto_is_the_default_so_saying_it_is_never_refused(profile, prepared, tm
     assert unstructured.settings.alignment is None
     with pytest.raises(PlanError, match="drop --round-to"):
         CompileOptions("t", plan=path, round_to=16)
+
+
+def test_a_profile_at_another_precision_says_so(profile, prepared, tmp_path):
+    """The ORT profile times fp32 convolutions; an fp16 or int8 file deploys other kernels, so
+    the record (plan file, report line) says what to measure instead."""
+    from yoloprune.compiler.report import alignment_text
+
+    assert alignment.precision_note("int8", "int8") is None
+    assert "multiples of 32" in alignment.precision_note("fp32", "int8")
+    profile(off_block(16, 1.5))
+    plan = plan_for(prepared, CompileOptions("t", macs=0.5, threads=1, precision="fp16"))
+    note = plan.alignment["precision_note"]
+    assert note.startswith("the profile timed fp32 convolutions, the deployed file is fp16")
+    assert "multiples of 8" in note and "--latency-runtime tensorrt" in note
+    assert alignment_text(plan.alignment).endswith(f"; note: {note}")
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    assert PruningPlan.load(path).alignment == plan.alignment
+    same = plan_for(prepared, CompileOptions("t", macs=0.5, threads=1))
+    assert "precision_note" not in same.alignment
+
+
+def test_tensorrt_times_the_profile_at_the_compiles_precision(monkeypatch):
+    from yoloprune.kernels import tensorrt
+
+    if not tensorrt.available()[0]:
+        with pytest.raises(PlanError, match=r"^--latency-runtime tensorrt: TensorRT"):
+            CompileOptions("t", macs=0.5, latency_runtime="tensorrt")
+    monkeypatch.setattr(tensorrt, "available", lambda: (True, "11.4.0"))
+    for precision, profiled in ((None, "fp32"), ("fp16", "fp16")):
+        options = CompileOptions("t", macs=0.5, latency_runtime="tensorrt", precision=precision)
+        assert options.settings.alignment.runtime == "tensorrt"
+        assert options.settings.alignment.precision == profiled
+    with pytest.raises(PlanError, match=r"alignment profile only.*ort or torch"):
+        CompileOptions("t", speedup=2.0, latency_runtime="tensorrt")
+    with pytest.raises(PlanError, match="alignment profile only"):
+        CompileOptions("t", macs=0.5, latency_aware=True, latency_runtime="tensorrt")
+    with pytest.raises(PlanError, match=r"does not run.*drop it"):
+        CompileOptions("t", macs=0.5, round_to=16, latency_runtime="tensorrt")

@@ -10,6 +10,7 @@ from yoloprune.kernels.latency_table import (
     LatencyTable,
     TableKey,
     conv_onnx,
+    open_table,
     ort_measurer,
 )
 
@@ -87,3 +88,85 @@ def test_ort_measurer_sees_a_larger_conv_as_slower():
     small = measure(ConvShape(8, 8, 1, 1, 1, 32, 32))
     large = measure(ConvShape(128, 128, 3, 1, 1, 64, 64))
     assert 0 < small < large
+
+
+def _ort_run(model, x):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    session = onnxruntime.InferenceSession(
+        model.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    return session.run(None, {"x": x})[0]
+
+
+def _fake_quantized_conv_silu(model, x: torch.Tensor) -> torch.Tensor:
+    """The int8 timing graph's arithmetic in torch, from its own initializers: activations
+    rounded to the input scale's grid (symmetric, clipped to int8), weights decoded from their
+    int8 codes and per-channel scales, conv and SiLU in fp32."""
+    from onnx import numpy_helper
+
+    t = {
+        i.name: torch.from_numpy(numpy_helper.to_array(i).astype(np.float32))
+        for i in model.graph.initializer
+    }
+    scale = t["xs"]
+    xq = torch.clamp(torch.round(x / scale), -128, 127) * scale
+    weight = t["wq"] * t["ws"][:, None, None, None]
+    y = torch.nn.functional.conv2d(xq, weight, t["b"], padding=1)
+    return y * torch.sigmoid(y)
+
+
+def test_int8_timing_graph_is_explicit_qdq_where_tensorrt_fuses_it():
+    """What TensorRT is asked to time for --precision int8 (and what compiler.quantize writes):
+    fp16 I/O and body; the conv's input quantized per tensor, its weight stored as int8 codes
+    with a per-output-channel scale, zero points 0; ONNX Runtime computes the fake-quantized
+    conv it describes (fp16 rounding aside)."""
+    from onnx import TensorProto, numpy_helper
+
+    shape = ConvShape(8, 16, 3, 1, 1, 12, 12)
+    model = conv_onnx(shape, batch=1, precision="int8")
+    ops = [n.op_type for n in model.graph.node]
+    assert ops == [
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "DequantizeLinear",
+        "Conv",
+        "Sigmoid",
+        "Mul",
+    ]
+    assert model.opset_import[0].version == 19
+    init = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    assert init["wq"].dtype == np.int8 and init["wq"].shape == (16, 8, 3, 3)
+    assert init["ws"].dtype == np.float16 and init["ws"].shape == (16,)
+    assert init["wz"].dtype == np.int8 and not init["wz"].any() and init["xz"] == 0
+    assert init["xs"].shape == () and init["b"].dtype == np.float16
+    weight_dq = next(n for n in model.graph.node if n.output == ["w"])
+    assert [(a.name, a.i) for a in weight_dq.attribute] == [("axis", 0)]
+    assert np.abs(init["wq"]).max(axis=(1, 2, 3)).tolist() == [127] * 16  # amax / 127 scales
+    io = [model.graph.input[0], model.graph.output[0]]
+    assert {v.type.tensor_type.elem_type for v in io} == {TensorProto.FLOAT16}
+
+    x = np.random.default_rng(0).standard_normal((1, 8, 12, 12)).astype(np.float16)
+    got = _ort_run(model, x).astype(np.float32)
+    want = _fake_quantized_conv_silu(model, torch.from_numpy(x.astype(np.float32))).numpy()
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-2)  # unquantized: 0.32 off
+
+
+def test_fp16_timing_graph_is_fp16_throughout_and_computes_the_conv():
+    from onnx import TensorProto
+
+    shape = ConvShape(8, 16, 3, 2, 1, 12, 12)
+    fp32, fp16 = conv_onnx(shape, 1), conv_onnx(shape, 1, precision="fp16")
+    assert [n.op_type for n in fp16.graph.node] == ["Conv", "Sigmoid", "Mul"]
+    assert {i.data_type for i in fp16.graph.initializer} == {TensorProto.FLOAT16}
+    x = np.random.default_rng(1).random((1, 8, 12, 12), dtype=np.float32)
+    want = _ort_run(fp32, x)
+    got = _ort_run(fp16, x.astype(np.float16))
+    assert got.dtype == np.float16
+    np.testing.assert_allclose(got.astype(np.float32), want, rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="use one of fp32, fp16, int8"):
+        conv_onnx(shape, 1, precision="bf16")
+
+
+def test_ort_tables_are_fp32_only(tmp_path):
+    with pytest.raises(LatencyTableError, match="ort latency tables are fp32, not int8"):
+        open_table("ort", threads=1, precision="int8", path=tmp_path / "t.json")

@@ -3,6 +3,8 @@ engines is tested only where TensorRT and a GPU are present (skipped here, with 
 
 import json
 import sys
+from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -199,6 +201,7 @@ def _stand_in(version: str, strongly_typed_enum: bool = True):
 
         def parse_from_file(self, path):
             graph = onnx.load(path).graph
+            record.parsed = graph
             self.network.tensors = [Tensor(v, True) for v in graph.input]
             self.network.tensors += [Tensor(v, False) for v in graph.output]
             return True
@@ -394,3 +397,67 @@ def test_build_picks_the_onnx_file_of_the_asked_precision(tmp_path, tiny_onnx):
     onnx.save(proto, str(tmp_path / "m-pruned.fp16.onnx"))
     assert onnx_at_precision(fp32, "fp16") == tmp_path / "m-pruned.fp16.onnx"
     assert onnx_at_precision(tmp_path / "m-pruned.fp16.onnx", "fp32") == fp32
+
+
+class _FakeEngineRunner:
+    """Stands in for EngineRunner (no GPU): records the engine it was given and its runs."""
+
+    runs: ClassVar[list] = []
+
+    def __init__(self, engine_path, batch):
+        import torch
+
+        self.engine = Path(engine_path).read_bytes()
+        self.inputs, self.buffers = ["x"], {"x": torch.zeros(batch, 4)}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def infer(self, images=None):
+        assert images is None and self.buffers["x"].abs().sum() > 0  # random input, not zeros
+        _FakeEngineRunner.runs.append(self.engine)
+
+    def sync(self):
+        pass
+
+    def clock(self):
+        return None
+
+
+@pytest.mark.parametrize("version", ["10.13.3", "11.4.0"])
+def test_alignment_profile_on_tensorrt_builds_int8_chains(monkeypatch, tmp_path, version):
+    """--latency-runtime tensorrt with --precision int8: each profiled chain is built as a
+    strongly typed engine from an explicit Q/DQ ONNX (no precision flag, no calibrator) and
+    timed; the table is keyed by GPU, TensorRT version and precision. API check, not a run."""
+    import torch
+
+    from yoloprune.kernels.alignment import ChainShape, ChainTable
+    from yoloprune.kernels.latency_table import open_table
+
+    trt = _stand_in(version)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(trt_backend, "available", lambda: (True, version))
+    monkeypatch.setattr(trt_backend, "EngineRunner", _FakeEngineRunner)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "Stand-in GPU")
+    _FakeEngineRunner.runs = []
+    path = tmp_path / "profile.json"
+    table = open_table("tensorrt", precision="int8", path=path, kind=ChainTable)
+    assert table.key.__dict__ == {
+        "runtime": "tensorrt",
+        "device": f"Stand-in GPU TensorRT {version}",
+        "precision": "int8",
+        "batch": 1,
+        "threads": 1,
+        "spinning": None,
+    }
+    shape = ChainShape(32, 8)
+    table.ensure([shape], progress=False)
+    assert table[shape] > 0 and table.measured == 1
+    assert trt.record.network_flags == 1 << 5 and trt.record.builder_flags == []
+    ops = [n.op_type for n in trt.record.parsed.node]
+    assert ops.count("Conv") == 4 and ops.count("QuantizeLinear") == 4
+    assert ops.count("DequantizeLinear") == 8  # each conv's input and its weight
+    assert _FakeEngineRunner.runs and set(_FakeEngineRunner.runs) == {b"serialized-engine"}

@@ -181,6 +181,16 @@ def test_latency_runtime_torch_without_cuda_is_one_line(tmp_path, tiny_yaml, cap
     refused(capsys, argv, "--latency-runtime torch measures on a CUDA GPU", out)
 
 
+def test_latency_runtime_tensorrt_without_tensorrt_is_one_line(tmp_path, tiny_yaml, capsys):
+    from yoloprune.kernels.tensorrt import available
+
+    if available()[0]:
+        pytest.skip("TensorRT is present")
+    out = tmp_path / "out"
+    argv = compile_argv(tiny_yaml, out, "--latency-runtime", "tensorrt")
+    refused(capsys, argv, "--latency-runtime tensorrt: TensorRT is not installed", out)
+
+
 # --- OUT -----------------------------------------------------------------------------------
 
 

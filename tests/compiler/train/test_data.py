@@ -124,3 +124,28 @@ def test_synthetic_is_deterministic_and_labelled(tmp_path):
     dataset = YoloDataset(config.train, config.nc, 96)
     assert len(dataset) == 4 and dataset.check.counts["corrupt"] == 0
     assert sum(len(lb) for lb in dataset.labels) > 0
+
+
+def test_synthetic_files_are_the_same_from_worker_processes(tmp_path, monkeypatch):
+    """Large splits are written by worker processes; every image's pixels and labels are the
+    ones render() gives, whichever process wrote them."""
+    from PIL import Image
+
+    from yoloprune.compiler.train import synthetic
+
+    monkeypatch.setattr(synthetic, "PARALLEL_FROM", 4)
+    monkeypatch.setattr(synthetic.os, "cpu_count", lambda: 2)
+    spec = SyntheticSpec(train=40, val=2, imgsz=48, seed=3)
+    root = tmp_path / "syn"
+    generate(root, spec, progress=False)
+    for split, count in (("train", 40), ("val", 2)):
+        assert len(list((root / "images" / split).iterdir())) == count
+        for index in sorted({0, count // 2, count - 1}):
+            image, labels = render(spec, split, index)
+            stem = f"{index:06d}"
+            assert np.array_equal(
+                np.asarray(Image.open(root / "images" / split / f"{stem}.png")), image
+            )
+            rows = (root / "labels" / split / f"{stem}.txt").read_text().splitlines()
+            written = np.array([[float(v) for v in r.split()] for r in rows])
+            np.testing.assert_allclose(written, np.array(labels).reshape(-1, 5), atol=1e-6)

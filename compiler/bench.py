@@ -139,7 +139,7 @@ def _tensorrt_runner(spec: str, settings: BenchSettings, imgsz: int, scratch: Pa
 RUNNERS = {"ort": _ort_runner, "torch": _torch_runner, "tensorrt": _tensorrt_runner}
 
 
-def _time_sources(sources: dict, settings: BenchSettings, imgsz: int):
+def time_sources(sources: dict, settings: BenchSettings, imgsz: int):
     """Make a runner for each source (a model file name or an in-memory model) on
     ``settings.runtime``, activate them all and time them A B A B (or in the turns the runtime
     needs): ({name: Timing}, what the runtime's report states). ONNX Runtime is fed one
@@ -166,7 +166,7 @@ def time_models(models: dict, settings: BenchSettings, imgsz: int) -> dict:
     {name: Timing}."""
     if settings.runtime not in ("ort", "torch"):
         raise YoloPruneError(f"in-memory models are timed on ort or torch, not {settings.runtime}")
-    return _time_sources(models, settings, imgsz)[0]
+    return time_sources(models, settings, imgsz)[0]
 
 
 def _precision_of(spec: str, settings: BenchSettings) -> str:
@@ -196,7 +196,7 @@ def bench(models: list[str], settings: BenchSettings) -> dict:
             raise YoloPruneError(f"{spec}: file not found; check the path")
     imgsz = _model_imgsz(models[0], settings)
     sources = {f"{i}:{spec}": spec for i, spec in enumerate(models)}
-    timings, extra = _time_sources(sources, settings, imgsz)
+    timings, extra = time_sources(sources, settings, imgsz)
     first = next(iter(timings.values())).median_ms
     rows = [
         {

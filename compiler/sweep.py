@@ -3,15 +3,16 @@ on the same runtime in one interleaved run, and show the latency-mAP front.
 
 Each point is a full compile (plan, apply, reconstruct, optional fine-tune, save, export,
 parity, the ONNX file's own mAP) into its own folder; the trace, the original's mAP and the
-latency table (speedup targets) are made once. The latency of every point's ONNX file and of
-the unpruned model's is measured together at the end (ONNX Runtime CPU, batch 1, interleaved),
-so the ratios compare. The recommended point: the fastest within ``--max-map-drop`` of the
-original's mAP (and faster than the original), or the most accurate within ``--latency-ms``.
+latency table (speedup targets) are made once. The latency of every point's deployed model and
+of the unpruned model's is measured together at the end on the latency runtime (batch 1,
+interleaved; ort, the default: the ONNX files on ONNX Runtime CPU; torch: the pruned
+checkpoints on PyTorch CUDA; tensorrt: the ONNX files as engines), so the ratios compare. The
+recommended point: the fastest within ``--max-map-drop`` of the original's mAP (and faster
+than the original), or the most accurate within ``--latency-ms``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import tempfile
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from yoloprune.compiler.options import CompileOptions
+from yoloprune.compiler.options import DEFAULT_LATENCY_RUNTIME, CompileOptions
 from yoloprune.graphs.errors import PlanError
 from yoloprune.graphs.files import save_png_atomic, write_text_atomic
 
@@ -127,41 +128,59 @@ def _point_record(options: SweepOptions, value: float, report: dict) -> dict:
         "folder": options.name(value),
         "files": sorted(report["files"].values()),
         "onnx": report["files"]["onnx"],
+        "checkpoint": report["files"]["checkpoint"],
         "seconds": report.get("seconds", {}),
     }
 
 
 def _measure(options: SweepOptions, prepared, points: list[dict]) -> dict:
-    """The unpruned model and every point's ONNX file, timed together (interleaved)."""
-    import numpy as np
-
+    """The unpruned model and every point's deployed model, timed together (interleaved) on
+    the latency runtime: the ONNX files on ort (and tensorrt, as engines), the pruned
+    checkpoints on torch."""
+    from yoloprune.compiler.bench import BenchSettings, time_sources
     from yoloprune.compiler.export import export_onnx
-    from yoloprune.kernels.ort import OrtRunner, machine_info, time_runners
+    from yoloprune.kernels.ort import machine_info
 
     base = options.base
-    runs = options.point(options.values[0]).settings.bench_runs
+    runtime = base.latency_runtime or DEFAULT_LATENCY_RUNTIME
+    settings = BenchSettings(
+        runtime=runtime,
+        threads=base.threads,
+        spinning=base.spinning,
+        runs=options.point(options.values[0]).settings.bench_runs,
+        warmup=3,
+    )
+    file = "checkpoint" if runtime == "torch" else "onnx"
     with tempfile.TemporaryDirectory() as tmp:
-        baseline = export_onnx(prepared.model, Path(tmp) / "baseline.onnx", prepared.imgsz)
-        files = {"baseline": baseline}
-        files.update({p["name"]: options.out / p["folder"] / p["onnx"] for p in points})
-        runners = {k: OrtRunner(f, base.threads, base.spinning) for k, f in files.items()}
-        images = np.random.default_rng(0).random(
-            (1, 3, prepared.imgsz, prepared.imgsz), dtype=np.float32
-        )
-        with contextlib.ExitStack() as active:
-            for runner in runners.values():
-                active.enter_context(runner)
-            timings = time_runners(runners, images, runs, warmup=3)
-    threads = next(iter(runners.values())).threads
+        baseline = prepared.model
+        if runtime != "torch":
+            baseline = str(export_onnx(prepared.model, Path(tmp) / "baseline.onnx", prepared.imgsz))
+        sources = {"baseline": baseline}
+        sources.update({p["name"]: str(options.out / p["folder"] / p[file]) for p in points})
+        timings, described = time_sources(sources, settings, prepared.imgsz)
+    machine = machine_info()
+    if settings.resolved_device().startswith("cuda"):
+        from yoloprune.kernels.torch_runtime import gpu_info
+
+        machine.update(gpu_info())
     return {
-        "runtime": "onnxruntime (CPUExecutionProvider, ORT_ENABLE_ALL), fp32",
+        "runtime": _runtime_text(settings, described),
         "batch": 1,
-        "threads": threads,
-        "runs": runs,
-        "machine": machine_info(),
+        "threads": described.get("threads"),
+        "runs": settings.runs,
+        "machine": machine,
         "baseline_ms": round(timings["baseline"].median_ms, 3),
         "points": {p["name"]: round(timings[p["name"]].median_ms, 3) for p in points},
     }
+
+
+def _runtime_text(settings, described: dict) -> str:
+    """The runtime, as the results name it."""
+    if settings.runtime == "ort":
+        return "onnxruntime (CPUExecutionProvider, ORT_ENABLE_ALL), fp32"
+    if settings.runtime == "torch":
+        return f"PyTorch {described['device']} {described['precision']}"
+    return f"TensorRT {described.get('tensorrt')} (each ONNX file's precision)"
 
 
 def _criterion(options: SweepOptions) -> dict | None:
@@ -244,13 +263,22 @@ def plot(record: dict, path: Path) -> None:
             label=f"recommended: {chosen}",
             zorder=4,
         )
-    latency = record["latency"]
-    ax.set_xlabel(f"latency, ms (ONNX Runtime CPU, batch 1, {latency['threads']} threads)")
+    ax.set_xlabel(f"latency, ms ({_timed_on(record['latency'])})")
     ax.set_ylabel("mAP@.5:.95 of the ONNX file")
     ax.set_title(f"{Path(record['model']).name} at {record['imgsz']} px")
     ax.grid(alpha=0.3)
     ax.legend()
     save_png_atomic(fig, path)
+
+
+def _timed_on(latency: dict) -> str:
+    threads = f", {latency['threads']} threads" if latency.get("threads") else ""
+    return f"{latency['runtime']}, batch {latency['batch']}{threads}"
+
+
+def _machine_text(machine: dict) -> str:
+    cpu = f"{machine['cpu']} ({machine['cores_available']} cores)"
+    return f"{machine['gpu']}, host {cpu}" if machine.get("gpu") else cpu
 
 
 def render(record: dict) -> str:
@@ -260,9 +288,8 @@ def render(record: dict) -> str:
         f"# Sweep: {record['model']} at {record['imgsz']} px",
         "",
         f"mAP@.5:.95 of each point's ONNX file on {record['data']} (val split, pycocotools); "
-        f"latency: {latency['runtime']}, batch {latency['batch']}, {latency['threads']} "
-        f"threads, median of {latency['runs']} interleaved runs, on {machine['cpu']} "
-        f"({machine['cores_available']} cores). Original: mAP {original['map50_95']:.4f}, "
+        f"latency: {_timed_on(latency)}, median of {latency['runs']} interleaved runs, on "
+        f"{_machine_text(machine)}. Original: mAP {original['map50_95']:.4f}, "
         f"{original['latency_ms']:.2f} ms.",
         "",
         f"| point | {record['target']} | MACs kept | params kept | round_to | mAP@.5:.95 | "

@@ -1,10 +1,10 @@
 """Allocation on trained models: the default plan (uniform, `--round-to auto`) against
-`--latency-aware` at the same MACs, one-shot (compile with --data: energy importance,
-reconstruction, no fine-tune), on the embedded YOLOv5n and YOLOv8n. Both pruned ONNX files and
-the original are timed together (ONNX Runtime CPU, batch 1, interleaved, several passes); each
-file's mAP is its own, on the synthetic val split. Also the two label-free signals that could
-choose between the plans without labels: the importance each removes and the head's output
-error after reconstruction.
+`--latency-aware` and `--global` (importance ranked across layers, no latency) at the same
+MACs, one-shot (compile with --data: energy importance, reconstruction, no fine-tune), on the
+embedded YOLOv5n and YOLOv8n. The pruned ONNX files and the original are timed together (ONNX
+Runtime CPU, batch 1, interleaved, several passes); each file's mAP is its own, on the
+synthetic val split. Also the two label-free signals that could choose between the plans
+without labels: the importance each removes and the head's output error after reconstruction.
 
     python benchmarks/allocation.py [--macs 0.5] [--runs 30] [--passes 3]
 Writes benchmarks/results/allocation.{json,md}.
@@ -41,7 +41,11 @@ from yoloprune.kernels.ort import (  # noqa: E402
 )
 
 RESULTS = ROOT / "benchmarks" / "results"
-RECIPES = {"default flags": {}, "--latency-aware": {"latency_aware": True}}
+RECIPES = {
+    "default flags": {},
+    "--latency-aware": {"latency_aware": True},
+    "--global": {"global_allocation": True},  # cross-layer ranking without latency
+}
 
 
 def main() -> None:
@@ -136,7 +140,7 @@ def energy_scores(checkpoint: Path, data_yaml: Path, prepared) -> dict:
 def render(result: dict) -> str:
     m = result["machine"]
     lines = [
-        "# Allocation on trained models: default plan against `--latency-aware`",
+        "# Allocation on trained models: default plan against `--latency-aware` and `--global`",
         "",
         f"MACs kept {result['macs']:g}, one-shot (compile with `--data {result['data']}`: "
         "energy importance, reconstruction on 128 unlabeled train images, no fine-tune). "

@@ -134,7 +134,7 @@ def test_synthetic_files_are_the_same_from_worker_processes(tmp_path, monkeypatc
     from yoloprune.compiler.train import synthetic
 
     monkeypatch.setattr(synthetic, "PARALLEL_FROM", 4)
-    monkeypatch.setattr(synthetic.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(synthetic, "_cores", lambda: 2)
     spec = SyntheticSpec(train=40, val=2, imgsz=48, seed=3)
     root = tmp_path / "syn"
     generate(root, spec, progress=False)

@@ -79,7 +79,7 @@ def main() -> None:
 
 
 def model_rows(checkpoint: Path, data_yaml: Path, folder: Path, args) -> dict:
-    """Both recipes compiled one-shot, their files timed with the original, interleaved."""
+    """Every recipe compiled one-shot, the files timed with the original, interleaved."""
     reports, files, plans = {}, {}, {}
     for name, flags in RECIPES.items():
         out = folder / name.strip("-").replace(" ", "-")

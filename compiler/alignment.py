@@ -23,7 +23,7 @@ from yoloprune.compiler.planner import Target, make_plan
 from yoloprune.compiler.score import Importance
 from yoloprune.graphs.errors import PlanError
 from yoloprune.graphs.plan import PruningPlan
-from yoloprune.kernels.alignment import CANDIDATES, ChainTable, relative_latency
+from yoloprune.kernels.alignment import CANDIDATES, ChainTable, bands_for, relative_latency
 
 # The finest candidate whose relative latency is within this of the fastest eligible one is
 # chosen (the profile's repeat-to-repeat noise on two shared cores is 1-2 %).
@@ -124,23 +124,34 @@ def _checked_candidates(speed: dict[int, float], costs: dict[int, dict]) -> list
     return rows
 
 
-def precision_note(profiled: str, deployed: str) -> str | None:
-    """Why the profile may not hold for the deployed file, where their precisions differ."""
+# What TensorRT's kernels of each precision want (the note's advice where none was measured).
+TENSORRT_BLOCKS = {"int8": 32, "fp16": 8}
+
+
+def precision_note(record: dict, deployed: str, plans_latency: bool) -> str | None:
+    """Why ``--round-to auto``'s choice (``record``) may not hold for a file deployed at
+    ``deployed``: None where the profile timed that precision. ``plans_latency``: the plan came
+    from a latency planner, which cannot profile on TensorRT."""
+    profiled = record["table_key"]["precision"]
     if profiled == deployed:
         return None
-    blocks = {"int8": "32", "fp16": "8"}.get(deployed)
-    return (
-        f"the profile timed {profiled} convolutions, the deployed file is {deployed}"
-        + (f" (TensorRT's {deployed} kernels want multiples of {blocks})" if blocks else "")
-        + ": measure on the deployment GPU with --latency-runtime tensorrt, or pass --round-to"
+    block = TENSORRT_BLOCKS.get(deployed)
+    text = f"the profile timed {profiled} convolutions, the deployed file is {deployed}"
+    if block is None:
+        return text
+    text += f" (TensorRT's {deployed} kernels want multiples of {block})"
+    if plans_latency:
+        return text + f": pass --round-to {block} to follow that rule unmeasured"
+    return text + (
+        ": measure on the deployment GPU with --latency-runtime tensorrt, or pass "
+        f"--round-to {block}"
     )
 
 
-def choose_alignment(request, planner: str, settings: LatencySettings, deployed: str = "fp32"):
-    """``request`` with ``round_to`` chosen (see the module docstring) and the record of why;
-    ``deployed``: the precision of the file the compile deploys (its profile should match)."""
+def choose_alignment(request, planner: str, settings: LatencySettings):
+    """``request`` with ``round_to`` chosen (see the module docstring) and the record of why."""
     table = settings.open(ChainTable)
-    speed = relative_latency(table)
+    speed = relative_latency(table, bands_for(settings.runtime))
     costs, how = _accuracy_costs(request, planner)
     candidates = _checked_candidates(speed, costs)
     eligible = [r for r in candidates if r["eligible"]] or candidates[:1]
@@ -159,8 +170,5 @@ def choose_alignment(request, planner: str, settings: LatencySettings, deployed:
         "runtime": settings.runtime,
         "table_key": table.key.__dict__,
     }
-    note = precision_note(table.key.precision, deployed)
-    if note:
-        record["precision_note"] = note
     scored = replace(request, importance=_Scores(request.importance.name, request.scores))
     return replace(scored, constraints=replace(request.constraints, round_to=chosen)), record

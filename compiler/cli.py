@@ -146,7 +146,8 @@ def _planning_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="where --speedup/--latency-ms and --round-to auto are measured: ort (ONNX Runtime "
         "CPU, default), torch (PyTorch CUDA fp16; needs a GPU) or tensorrt (--round-to auto "
-        "only: conv-chain engines at --precision, INT8 with explicit Q/DQ; needs TensorRT)",
+        "only: conv-chain engines at compile's --precision, INT8 with explicit Q/DQ; fp32 in "
+        "plan and sweep; needs TensorRT)",
     )
     p.add_argument(
         "--latency-table",
@@ -633,6 +634,8 @@ def cmd_compile(args) -> int:
     if chosen:
         source = " (as recorded in the replayed plan)" if options.plan else ""
         print(f"alignment{source}: {alignment_text(chosen)}")
+    if report["alignment"].get("precision_note"):
+        print(f"alignment note: {report['alignment']['precision_note']}")
     print(f"parity {report['parity']['max_abs_diff']:.2e} <= {report['parity']['tolerance']:g}")
     for precision, lowered in report.get("precisions", {}).items():
         if precision == "fp32":
@@ -973,11 +976,10 @@ def _engine_extras(onnx_path: Path) -> dict:
 
 
 def cmd_data(args) -> int:
-    from yoloprune.compiler.train.synthetic import SyntheticSpec, generate
+    from yoloprune.compiler.train.synthetic import SyntheticSpec, available_cores, generate
 
-    path = generate(
-        args.out, SyntheticSpec(train=args.train, val=args.val, imgsz=args.imgsz, seed=args.seed)
-    )
+    spec = SyntheticSpec(train=args.train, val=args.val, imgsz=args.imgsz, seed=args.seed)
+    path = generate(args.out, spec, workers=min(available_cores(), 8))
     print(f"wrote {path}")
     return 0
 

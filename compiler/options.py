@@ -126,12 +126,6 @@ class CompileOptions:
                     "--latency-runtime torch measures on a CUDA GPU and none is available here: "
                     "use --latency-runtime ort (ONNX Runtime CPU) or run on a GPU machine"
                 )
-        if self.latency_runtime == "tensorrt":
-            from yoloprune.kernels.tensorrt import available
-
-            ok, why = available()
-            if not ok:
-                raise PlanError(f"--latency-runtime tensorrt: {why}")
         if self.round_to is not None and self.round_to != "auto" and type(self.round_to) is not int:
             raise PlanError(f"--round-to {self.round_to}: give a positive integer or auto")
         self._check_paths()
@@ -416,7 +410,8 @@ class CompileSettings:
 
 def _check_tensorrt_timing(plans_latency: bool, aligns: bool) -> None:
     """TensorRT times --round-to auto's alignment profile (engines of conv chains at the
-    compile's precision); whole-model latency planning measures on ort or torch."""
+    compile's precision); whole-model latency planning measures on ort or torch. The
+    combination is checked first, then that TensorRT is here."""
     if plans_latency:
         raise PlanError(
             "--latency-runtime tensorrt measures --round-to auto's alignment profile only; "
@@ -427,6 +422,11 @@ def _check_tensorrt_timing(plans_latency: bool, aligns: bool) -> None:
             "--latency-runtime tensorrt measures --round-to auto's alignment profile, which "
             "this compile does not run (a fixed --round-to, --plan or unstructured): drop it"
         )
+    from yoloprune.kernels.tensorrt import available
+
+    ok, why = available()
+    if not ok:
+        raise PlanError(f"--latency-runtime tensorrt: {why}")
 
 
 def _has_train_split(data: Path) -> bool:

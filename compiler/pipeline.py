@@ -98,8 +98,7 @@ def plan_for(prepared: Prepared, options: CompileOptions) -> PruningPlan:
     request = plan_request(prepared, options)
     if settings.alignment is None:
         return run_planner(request, settings.planner)
-    deployed = options.precision or "fp32"
-    request, alignment = choose_alignment(request, settings.planner, settings.alignment, deployed)
+    request, alignment = choose_alignment(request, settings.planner, settings.alignment)
     return dataclasses.replace(run_planner(request, settings.planner), alignment=alignment)
 
 
@@ -485,7 +484,8 @@ def _eval_onnx_stage(job: Job) -> dict:
 
 def _bench_stage(job: Job) -> dict:
     prepared = job["prepared"]
-    return {"latency": _bench(prepared.model, job["onnx"], prepared.imgsz, job.options)}
+    baseline = (prepared.model, prepared.imgsz, job["mode"])
+    return {"latency": _bench(baseline, job["onnx"], job.options)}
 
 
 def _report_stage(job: Job) -> dict:
@@ -858,16 +858,24 @@ def _accuracy_section(accuracy: dict, training, data, recalibrated: int = 0) -> 
     return section
 
 
-def _bench(original, pruned_onnx: Path, imgsz: int, options: CompileOptions) -> dict:
-    """ONNX Runtime CPU latency, batch 1, baseline and pruned interleaved (A B A B)."""
+def export_baseline(original, path: Path, imgsz: int, mode: str, options) -> Path:
+    """The unpruned model's ONNX file, exported as the compile exports the pruned one (the same
+    export mode, batch axis and simplification), so their latencies compare."""
+    return export_onnx(
+        original, path, imgsz, dynamic=options.dynamic, simplify=options.simplify, mode=mode
+    )
+
+
+def _bench(baseline: tuple, pruned_onnx: Path, options: CompileOptions) -> dict:
+    """ONNX Runtime CPU latency, batch 1, baseline (model, imgsz, export mode) and pruned
+    interleaved (A B A B)."""
     import numpy as np
 
     from yoloprune.kernels.ort import OrtRunner, machine_info, time_runners
 
+    original, imgsz, mode = baseline
     with tempfile.TemporaryDirectory() as tmp:
-        baseline_onnx = export_onnx(
-            original, Path(tmp) / "baseline.onnx", imgsz, simplify=options.simplify
-        )
+        baseline_onnx = export_baseline(original, Path(tmp) / "baseline.onnx", imgsz, mode, options)
         before = OrtRunner(baseline_onnx, options.threads, options.spinning)
         after = OrtRunner(pruned_onnx, options.threads, options.spinning)
         images = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)

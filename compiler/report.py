@@ -87,12 +87,23 @@ def build_report(
             "round_to": plan.round_to,
             "all_pruned_groups_aligned": aligned,
             "chosen_by": plan.alignment,  # --round-to auto's measurement, else None (given)
+            "precision_note": _precision_note(plan, options),
         },
         "groups": group_rows,
         "seconds": seconds,
         "files": files,
         "warnings": warnings,
     }
+
+
+def _precision_note(plan: PruningPlan, options) -> str | None:
+    """Where the alignment was measured at another precision than the deployed file's."""
+    if not plan.alignment:
+        return None
+    from yoloprune.compiler.alignment import precision_note
+
+    deployed = options.precision or "fp32"
+    return precision_note(plan.alignment, deployed, plans_latency=plan.latency is not None)
 
 
 def _alignment_lines(alignment: dict) -> list[str]:
@@ -105,6 +116,8 @@ def _alignment_lines(alignment: dict) -> list[str]:
             else f" (chosen: {alignment_text(alignment['chosen_by'])})."
         )
     ]
+    if alignment.get("precision_note"):
+        lines.append(f"Note: {alignment['precision_note']}.")
     return [*lines, ""]
 
 
@@ -122,11 +135,9 @@ def alignment_text(record: dict) -> str:
             text += f", {cost:+.1%} importance removed" if cost is not None else ", no baseline"
         parts.append(text + ("" if row["eligible"] else " (over the accuracy limit)"))
     key = record["table_key"]
-    note = record.get("precision_note")
     return (
         f"round_to {record['chosen']} measured on {record['runtime']} {key['device']} "
         f"{key['precision']} ({'; '.join(parts)}; {record['rule']})"
-        + (f"; note: {note}" if note else "")
     )
 
 

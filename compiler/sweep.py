@@ -91,7 +91,7 @@ def run_sweep(options: SweepOptions) -> dict:
         report = compile_shared(options.point(value), shared)
         points.append(_point_record(options, value, report))
     prepared = shared["prepared"]
-    latency = _measure(options, prepared, points)
+    latency = _measure(options, prepared, shared["mode"], points)
     for point in points:
         point["latency_ms"] = latency["points"][point["name"]]
         point["latency_ratio"] = round(point["latency_ms"] / latency["baseline_ms"], 4)
@@ -133,12 +133,12 @@ def _point_record(options: SweepOptions, value: float, report: dict) -> dict:
     }
 
 
-def _measure(options: SweepOptions, prepared, points: list[dict]) -> dict:
+def _measure(options: SweepOptions, prepared, mode: str, points: list[dict]) -> dict:
     """The unpruned model and every point's deployed model, timed together (interleaved) on
     the latency runtime: the ONNX files on ort (and tensorrt, as engines), the pruned
     checkpoints on torch."""
     from yoloprune.compiler.bench import BenchSettings, time_sources
-    from yoloprune.compiler.export import export_onnx
+    from yoloprune.compiler.pipeline import export_baseline
     from yoloprune.kernels.ort import machine_info
 
     base = options.base
@@ -154,7 +154,8 @@ def _measure(options: SweepOptions, prepared, points: list[dict]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         baseline = prepared.model
         if runtime != "torch":
-            baseline = str(export_onnx(prepared.model, Path(tmp) / "baseline.onnx", prepared.imgsz))
+            path = Path(tmp) / "baseline.onnx"
+            baseline = str(export_baseline(prepared.model, path, prepared.imgsz, mode, base))
         sources = {"baseline": baseline}
         sources.update({p["name"]: str(options.out / p["folder"] / p[file]) for p in points})
         timings, described = time_sources(sources, settings, prepared.imgsz)

@@ -183,19 +183,14 @@ _ALIGNMENT_FIELDS = {
     "runtime": str,
     "table_key": dict,
 }
-_ALIGNMENT_OPTIONAL = {"precision_note": str}  # where the profile's precision is not the file's
 
 
 def _checked_alignment(record) -> dict:
     """``--round-to auto``'s record, as compiler.alignment writes it (shown, never executed)."""
-    fields = {**_ALIGNMENT_FIELDS, **_ALIGNMENT_OPTIONAL}
-    if type(record) is not dict or not set(_ALIGNMENT_FIELDS) <= set(record) <= set(fields):
-        raise TypeError(
-            f"alignment must be a mapping of {sorted(_ALIGNMENT_FIELDS)} "
-            f"(optionally {sorted(_ALIGNMENT_OPTIONAL)})"
-        )
-    for name, kind in fields.items():
-        if name in record and type(record[name]) is not kind:
+    if type(record) is not dict or set(record) != set(_ALIGNMENT_FIELDS):
+        raise TypeError(f"alignment must be a mapping of {sorted(_ALIGNMENT_FIELDS)}")
+    for name, kind in _ALIGNMENT_FIELDS.items():
+        if type(record[name]) is not kind:
             raise TypeError(f"alignment.{name} must be a {kind.__name__}")
     for row in record["candidates"]:
         if not (

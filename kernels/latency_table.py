@@ -229,6 +229,7 @@ def conv_silu_onnx(
         raise ValueError(f"precision {precision!r}: use one of {', '.join(TIMED_PRECISIONS)}")
     dtype = np.float32 if precision == "fp32" else np.float16
     nodes, weights, x = [], [], "x"
+    shape = list(input_shape)  # of each layer's output, in turn
     for i, layer in enumerate(layers):
         tag = "" if len(layers) == 1 else str(i)
         out = "out" if i == len(layers) - 1 else f"o{tag}"
@@ -255,12 +256,17 @@ def conv_silu_onnx(
             helper.make_node("Mul", [f"y{tag}", f"s{tag}"], [out]),
         ]
         x = out
+        size = [
+            (d + 2 * layer.pad - k) // layer.stride + 1
+            for d, k in zip(shape[2:], kernel, strict=True)
+        ]
+        shape = [shape[0], layer.weight.shape[0], *size]
     elem = TensorProto.FLOAT if precision == "fp32" else TensorProto.FLOAT16
     graph = helper.make_graph(
         nodes,
         name,
         [helper.make_tensor_value_info("x", elem, input_shape)],
-        [helper.make_tensor_value_info("out", elem, None)],
+        [helper.make_tensor_value_info("out", elem, shape)],
         weights,
     )
     opset = _OPSET[precision]
@@ -369,7 +375,7 @@ def open_table(
         ok, version = available()
         if not ok:
             raise LatencyTableError(f"latency tables on tensorrt: {version}")
-        precision = precision or "fp16"
+        precision = precision or "fp32"  # as compile's --precision
         name = f"{torch.cuda.get_device_name(0)} TensorRT {version}"
         key = TableKey("tensorrt", name, precision, batch, 1)
         measurer = shape_measurer(batch, precision)

@@ -174,10 +174,9 @@ def render(spec: SyntheticSpec, split: str, index: int):
 # PNG compression level: 1 encodes the noisy backgrounds several times faster than PIL's
 # default 6 for files about 6 % larger; the pixels are the same.
 PNG_COMPRESS_LEVEL = 1
-# Splits at least this large are rendered by worker processes (one per core, at most
-# MAX_WORKERS); smaller ones (the tests') are not worth the processes' start-up.
+# With workers, splits at least this large are rendered in worker processes; smaller ones
+# (the tests') are not worth the processes' start-up.
 PARALLEL_FROM = 256
-MAX_WORKERS = 8
 
 
 def _write_samples(staging: Path, spec: SyntheticSpec, split: str, indices: range) -> int:
@@ -196,7 +195,7 @@ def _write_samples(staging: Path, spec: SyntheticSpec, split: str, indices: rang
     return len(indices)
 
 
-def _cores() -> int:
+def available_cores() -> int:
     """The cores this process may run on (its affinity, where the system reports one)."""
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
@@ -207,25 +206,34 @@ def _chunks(count: int, size: int) -> list[range]:
     return [range(i, min(i + size, count)) for i in range(0, count, size)]
 
 
-def _write_split(staging: Path, spec: SyntheticSpec, split: str, count: int, bar) -> None:
-    """Every sample of ``split``: in worker processes for large splits (each image depends only
-    on (seed, split, index), so the files are the same however the work is divided)."""
-    workers = min(_cores(), MAX_WORKERS)
+def _write_split(
+    staging: Path, spec: SyntheticSpec, split: str, count: int, workers: int, bar
+) -> None:
+    """Every sample of ``split``: in ``workers`` spawned processes for large splits (each image
+    depends only on (seed, split, index), so the files are the same however the work is
+    divided). Spawned workers import the caller's main module: a script calling this with
+    workers > 1 needs an ``if __name__ == "__main__":`` guard."""
     if count < PARALLEL_FROM or workers < 2:
         for chunk in _chunks(count, 1):
             bar.update(_write_samples(staging, spec, split, chunk))
         return
     context = multiprocessing.get_context("spawn")  # never fork a process holding torch threads
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        jobs = [
-            pool.submit(_write_samples, staging, spec, split, chunk) for chunk in _chunks(count, 32)
-        ]
-        for job in as_completed(jobs):
-            bar.update(job.result())
+        jobs = [pool.submit(_write_samples, staging, spec, split, c) for c in _chunks(count, 32)]
+        try:
+            for job in as_completed(jobs):
+                bar.update(job.result())
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # a failed or interrupted split stops at once
+            raise
 
 
-def generate(root: Path, spec: SyntheticSpec | None = None, progress: bool = True) -> Path:
+def generate(
+    root: Path, spec: SyntheticSpec | None = None, progress: bool = True, workers: int = 1
+) -> Path:
     """Write ``root/{images,labels}/{train,val}`` and ``root/data.yaml``; return the YAML path.
+    ``workers`` > 1 renders large splits in that many processes (see :func:`_write_split`;
+    ``python -m yoloprune data`` uses one per available core).
 
     Written to a temporary sibling folder and renamed, so a half-written dataset never exists.
     """
@@ -240,7 +248,7 @@ def generate(root: Path, spec: SyntheticSpec | None = None, progress: bool = Tru
             (staging / "images" / split).mkdir(parents=True)
             (staging / "labels" / split).mkdir(parents=True)
             with tqdm(total=count, desc=f"synthetic {split}", disable=not progress or None) as bar:
-                _write_split(staging, spec, split, count, bar)
+                _write_split(staging, spec, split, count, workers, bar)
         data = {
             "path": str(root.resolve()),
             "train": "images/train",

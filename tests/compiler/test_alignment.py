@@ -176,22 +176,33 @@ def test_auto_is_the_default_so_saying_it_is_never_refused(profile, prepared, tm
 
 def test_a_profile_at_another_precision_says_so(profile, prepared, tmp_path):
     """The ORT profile times fp32 convolutions; an fp16 or int8 file deploys other kernels, so
-    the record (plan file, report line) says what to measure instead."""
-    from yoloprune.compiler.report import alignment_text
+    the report (and compile's output) says what to measure instead, also for a replayed plan:
+    the note compares the plan's profile with the file this compile deploys, and the plan
+    file itself stays precision-free."""
+    from yoloprune.compiler.report import _precision_note
 
-    assert alignment.precision_note("int8", "int8") is None
-    assert "multiples of 32" in alignment.precision_note("fp32", "int8")
     profile(off_block(16, 1.5))
-    plan = plan_for(prepared, CompileOptions("t", macs=0.5, threads=1, precision="fp16"))
-    note = plan.alignment["precision_note"]
-    assert note.startswith("the profile timed fp32 convolutions, the deployed file is fp16")
-    assert "multiples of 8" in note and "--latency-runtime tensorrt" in note
-    assert alignment_text(plan.alignment).endswith(f"; note: {note}")
+    plan = plan_for(prepared, CompileOptions("t", macs=0.5, threads=1))
+    assert "precision_note" not in plan.alignment
+    assert _precision_note(plan, CompileOptions("t", macs=0.5)) is None
+    note = _precision_note(plan, CompileOptions("t", macs=0.5, precision="fp16"))
+    assert note == (
+        "the profile timed fp32 convolutions, the deployed file is fp16 (TensorRT's fp16 "
+        "kernels want multiples of 8): measure on the deployment GPU with --latency-runtime "
+        "tensorrt, or pass --round-to 8"
+    )
     path = tmp_path / "plan.json"
     plan.save(path)
-    assert PruningPlan.load(path).alignment == plan.alignment
-    same = plan_for(prepared, CompileOptions("t", macs=0.5, threads=1))
-    assert "precision_note" not in same.alignment
+    replayed = PruningPlan.load(path)
+    note = _precision_note(replayed, CompileOptions("t", plan=path, precision="fp16"))
+    assert "deployed file is fp16" in note
+    # a latency planner cannot profile on TensorRT: the advice is the rule itself
+    assert alignment.precision_note(replayed.alignment, "int8", plans_latency=True).endswith(
+        "(TensorRT's int8 kernels want multiples of 32): pass --round-to 32 to follow that "
+        "rule unmeasured"
+    )
+    unguided = alignment.precision_note({"table_key": {"precision": "fp16"}}, "fp32", False)
+    assert unguided == "the profile timed fp16 convolutions, the deployed file is fp32"
 
 
 def test_tensorrt_times_the_profile_at_the_compiles_precision(monkeypatch):
@@ -200,6 +211,9 @@ def test_tensorrt_times_the_profile_at_the_compiles_precision(monkeypatch):
     if not tensorrt.available()[0]:
         with pytest.raises(PlanError, match=r"^--latency-runtime tensorrt: TensorRT"):
             CompileOptions("t", macs=0.5, latency_runtime="tensorrt")
+        # the combination is refused first, whether or not TensorRT is here
+        with pytest.raises(PlanError, match="alignment profile only"):
+            CompileOptions("t", speedup=2.0, latency_runtime="tensorrt")
     monkeypatch.setattr(tensorrt, "available", lambda: (True, "11.4.0"))
     for precision, profiled in ((None, "fp32"), ("fp16", "fp16")):
         options = CompileOptions("t", macs=0.5, latency_runtime="tensorrt", precision=precision)
@@ -211,3 +225,5 @@ def test_tensorrt_times_the_profile_at_the_compiles_precision(monkeypatch):
         CompileOptions("t", macs=0.5, latency_aware=True, latency_runtime="tensorrt")
     with pytest.raises(PlanError, match=r"does not run.*drop it"):
         CompileOptions("t", macs=0.5, round_to=16, latency_runtime="tensorrt")
+    with pytest.raises(PlanError, match=r"does not run.*drop it"):
+        CompileOptions("t", method="unstructured", ratio=0.3, latency_runtime="tensorrt")

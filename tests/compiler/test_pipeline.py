@@ -31,3 +31,19 @@ def test_prune_in_memory_builds_what_the_plan_and_apply_stages_build(tiny_yaml):
     assert all(torch.equal(got[k], expected[k]) for k in got)
     again = prune_in_memory(options, prepared)  # a model traced once, planned again
     assert "load + graph" not in again.seconds and again["plan"] == job["plan"]
+
+
+def test_the_baseline_is_exported_as_the_pruned_file_is(monkeypatch, tmp_path):
+    """Latency ratios compare like with like: the unpruned model's ONNX gets the compile's
+    export mode, batch axis and simplification (it was exported in the model's default mode,
+    static, whatever the pruned file's)."""
+    from yoloprune.compiler import pipeline
+
+    calls = []
+    monkeypatch.setattr(pipeline, "export_onnx", lambda *a, **k: calls.append((a, k)) or a[1])
+    options = CompileOptions("m.yaml", macs=0.5, dynamic=True, simplify=False)
+    path = pipeline.export_baseline("model", tmp_path / "b.onnx", 64, "raw", options)
+    assert path == tmp_path / "b.onnx"
+    assert calls == [
+        (("model", tmp_path / "b.onnx", 64), {"dynamic": True, "simplify": False, "mode": "raw"})
+    ]

@@ -105,6 +105,7 @@ def test_sweep_needs_data_and_distinct_points():
     [
         (None, "onnx", "onnxruntime (CPUExecutionProvider, ORT_ENABLE_ALL), fp32"),
         ("torch", "checkpoint", "PyTorch cuda fp16"),
+        ("tensorrt", "onnx", "TensorRT 11.4.0 (each ONNX file's precision)"),
     ],
 )
 def test_points_are_timed_on_the_latency_runtime(
@@ -112,14 +113,17 @@ def test_points_are_timed_on_the_latency_runtime(
 ):
     """The deployed models are timed where the sweep plans: ONNX files on ONNX Runtime by
     default, the pruned checkpoints against the in-memory original on PyTorch CUDA with
-    --latency-runtime torch (timed by a stand-in here: no GPU)."""
+    --latency-runtime torch, the ONNX files as engines with tensorrt (timed by a stand-in here:
+    no GPU); the baseline ONNX is exported as the points are (here: end2end)."""
     import types
 
     import torch
 
     from yoloprune.compiler import bench, sweep
+    from yoloprune.kernels import tensorrt
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # options accept torch
+    monkeypatch.setattr(tensorrt, "available", lambda: (True, "11.4.0"))
     base = CompileOptions("m.pt", data=shapes_data, latency_runtime=runtime, out=tmp_path)
     options = SweepOptions(base, "macs", (0.7, 0.5))
     seen = {}
@@ -127,27 +131,41 @@ def test_points_are_timed_on_the_latency_runtime(
     def time_sources(sources, settings, imgsz):
         seen.update(sources=sources, settings=settings, imgsz=imgsz)
         timings = {n: types.SimpleNamespace(median_ms=10.0 - i) for i, n in enumerate(sources)}
-        described = {"device": "cuda", "precision": "fp16"} if runtime else {"threads": 2}
+        described = {
+            None: {"threads": 2},
+            "torch": {"device": "cuda", "precision": "fp16"},
+            "tensorrt": {"tensorrt": "11.4.0"},
+        }[runtime]
         return timings, described
 
     monkeypatch.setattr(bench, "time_sources", time_sources)
     monkeypatch.setattr("yoloprune.kernels.torch_runtime.gpu_info", lambda: {"gpu": "Stand-in"})
-    monkeypatch.setattr("yoloprune.compiler.export.export_onnx", lambda m, p, s: p)
+    exported = []
+
+    def export_baseline(model, path, imgsz, mode, options):
+        exported.append((model, imgsz, mode, options))
+        return path
+
+    monkeypatch.setattr("yoloprune.compiler.pipeline.export_baseline", export_baseline)
     model = torch.nn.Conv2d(3, 3, 1)
     prepared = types.SimpleNamespace(model=model, imgsz=64)
     points = [
         {"name": f"macs-{v}", "folder": f"macs-{v}", "onnx": "m.onnx", "checkpoint": "m.pt"}
         for v in (0.7, 0.5)
     ]
-    latency = sweep._measure(options, prepared, points)
+    latency = sweep._measure(options, prepared, "end2end", points)
     assert seen["settings"].runtime == (runtime or "ort") and seen["imgsz"] == 64
     baseline = seen["sources"]["baseline"]
-    assert baseline is model if runtime == "torch" else str(baseline).endswith("baseline.onnx")
+    if runtime == "torch":
+        assert baseline is model and exported == []
+    else:
+        assert str(baseline).endswith("baseline.onnx")
+        assert exported == [(model, 64, "end2end", base)]
     assert seen["sources"]["macs-0.5"] == str(
         tmp_path / "macs-0.5" / f"m.{'pt' if file == 'checkpoint' else 'onnx'}"
     )
     assert latency["runtime"] == text
-    assert latency["machine"].get("gpu") == ("Stand-in" if runtime == "torch" else None)
+    assert latency["machine"].get("gpu") == (None if runtime is None else "Stand-in")
     assert latency["baseline_ms"] == 10.0 and latency["points"] == {
         "macs-0.7": 9.0,
         "macs-0.5": 8.0,

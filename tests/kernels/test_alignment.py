@@ -92,5 +92,20 @@ def test_the_ort_key_names_the_cpu_flags():
 def test_a_damaged_profile_names_its_own_fix(tmp_path):
     path = tmp_path / "profile.json"
     path.write_text("{not json")
-    with pytest.raises(LatencyTableError, match=r"measured again, about 2 s\) or pass --round-to"):
+    fix = r"measured again: about 2 s on ONNX Runtime CPU, an engine build per chain on TensorRT\)"
+    with pytest.raises(LatencyTableError, match=fix + " or pass --round-to K"):
         ChainTable(KEY, path, lambda s: 1.0)
+
+
+def test_gpu_runtimes_profile_the_same_counts_at_gpu_sizes(tmp_path):
+    """On a GPU the CPU-sized chains take less than their launch: torch and tensorrt time the
+    same channel counts at 160x160 and 80x80 (stride 4 and 8 of a 640 px input)."""
+    from yoloprune.kernels.alignment import GPU_BANDS, bands_for
+
+    assert bands_for("ort") == BANDS and bands_for("torch") == bands_for("tensorrt") == GPU_BANDS
+    counts = [[s.channels for s in band.shapes()] for band in BANDS]
+    assert [[s.channels for s in band.shapes()] for band in GPU_BANDS] == counts
+    assert [band.size for band in GPU_BANDS] == [160, 80]
+    table = ChainTable(KEY, tmp_path / "gpu.json", lambda s: s.macs() * 1e-9)
+    speed = relative_latency(table, bands=GPU_BANDS)  # every band ends on every candidate
+    assert speed == pytest.approx({8: 1.0, 16: 1.0, 32: 1.0}, rel=1e-12)

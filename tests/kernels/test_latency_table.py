@@ -98,6 +98,16 @@ def _ort_run(model, x):
     return session.run(None, {"x": x})[0]
 
 
+def _check_declared_output(model, out) -> None:
+    """The graph passes ONNX's full check (shapes declared, as TensorRT's parser expects) and
+    declares the output shape ONNX Runtime produced."""
+    import onnx
+
+    onnx.checker.check_model(model, full_check=True)
+    dims = [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim]
+    assert dims == list(out.shape)
+
+
 def _fake_quantized_conv_silu(model, x: torch.Tensor) -> torch.Tensor:
     """The int8 timing graph's arithmetic in torch, from its own initializers: activations
     rounded to the input scale's grid (symmetric, clipped to int8), weights decoded from their
@@ -147,6 +157,7 @@ def test_int8_timing_graph_is_explicit_qdq_where_tensorrt_fuses_it():
 
     x = np.random.default_rng(0).standard_normal((1, 8, 12, 12)).astype(np.float16)
     got = _ort_run(model, x).astype(np.float32)
+    _check_declared_output(model, got)
     want = _fake_quantized_conv_silu(model, torch.from_numpy(x.astype(np.float32))).numpy()
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-2)  # unquantized: 0.32 off
 
@@ -162,6 +173,8 @@ def test_fp16_timing_graph_is_fp16_throughout_and_computes_the_conv():
     want = _ort_run(fp32, x)
     got = _ort_run(fp16, x.astype(np.float16))
     assert got.dtype == np.float16
+    _check_declared_output(fp16, got)
+    _check_declared_output(fp32, want)
     np.testing.assert_allclose(got.astype(np.float32), want, rtol=1e-2, atol=1e-2)
     with pytest.raises(ValueError, match="use one of fp32, fp16, int8"):
         conv_onnx(shape, 1, precision="bf16")

@@ -442,6 +442,8 @@ def test_alignment_profile_on_tensorrt_builds_int8_chains(monkeypatch, tmp_path,
     monkeypatch.setattr(trt_backend, "available", lambda: (True, version))
     monkeypatch.setattr(trt_backend, "EngineRunner", _FakeEngineRunner)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "Stand-in GPU")
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: synced.append(True))
     _FakeEngineRunner.runs = []
     path = tmp_path / "profile.json"
     table = open_table("tensorrt", precision="int8", path=path, kind=ChainTable)
@@ -460,4 +462,6 @@ def test_alignment_profile_on_tensorrt_builds_int8_chains(monkeypatch, tmp_path,
     ops = [n.op_type for n in trt.record.parsed.node]
     assert ops.count("Conv") == 4 and ops.count("QuantizeLinear") == 4
     assert ops.count("DequantizeLinear") == 8  # each conv's input and its weight
-    assert _FakeEngineRunner.runs and set(_FakeEngineRunner.runs) == {b"serialized-engine"}
+    assert set(_FakeEngineRunner.runs) == {b"serialized-engine"} and synced
+    # 5 warm-up and 30 timed samples, each of RUNS_PER_SAMPLE back-to-back executions
+    assert len(_FakeEngineRunner.runs) == 35 * trt_backend.RUNS_PER_SAMPLE

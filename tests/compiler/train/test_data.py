@@ -127,25 +127,31 @@ def test_synthetic_is_deterministic_and_labelled(tmp_path):
 
 
 def test_synthetic_files_are_the_same_from_worker_processes(tmp_path, monkeypatch):
-    """Large splits are written by worker processes; every image's pixels and labels are the
-    ones render() gives, whichever process wrote them."""
-    from PIL import Image
-
+    """With workers, large splits are written by spawned processes; every file is byte for byte
+    the one a serial run writes, and the pool really ran."""
     from yoloprune.compiler.train import synthetic
 
     monkeypatch.setattr(synthetic, "PARALLEL_FROM", 4)
-    monkeypatch.setattr(synthetic, "_cores", lambda: 2)
+    pools = []
+    real_pool = synthetic.ProcessPoolExecutor
+
+    def counted_pool(*args, **kwargs):
+        pools.append(args)
+        return real_pool(*args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "ProcessPoolExecutor", counted_pool)
     spec = SyntheticSpec(train=40, val=2, imgsz=48, seed=3)
-    root = tmp_path / "syn"
-    generate(root, spec, progress=False)
-    for split, count in (("train", 40), ("val", 2)):
-        assert len(list((root / "images" / split).iterdir())) == count
-        for index in sorted({0, count // 2, count - 1}):
-            image, labels = render(spec, split, index)
-            stem = f"{index:06d}"
-            assert np.array_equal(
-                np.asarray(Image.open(root / "images" / split / f"{stem}.png")), image
-            )
-            rows = (root / "labels" / split / f"{stem}.txt").read_text().splitlines()
-            written = np.array([[float(v) for v in r.split()] for r in rows])
-            np.testing.assert_allclose(written, np.array(labels).reshape(-1, 5), atol=1e-6)
+    serial = generate(tmp_path / "serial", spec, progress=False).parent
+    assert pools == []
+    parallel = generate(tmp_path / "parallel", spec, progress=False, workers=2).parent
+    assert pools == [(2,)]  # the train split; val (2 images) stays in this process
+
+    def files(root):
+        return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
+
+    assert files(serial) == files(parallel) and len(files(serial)) == 2 * 42 + 1
+    for name in files(serial):
+        if name.name != "data.yaml":  # it names its own folder
+            assert (serial / name).read_bytes() == (parallel / name).read_bytes(), name
+    image, _ = render(spec, "train", 39)
+    assert np.array_equal(np.asarray(Image.open(parallel / "images/train/000039.png")), image)

@@ -153,8 +153,9 @@ def _planning_args(p: argparse.ArgumentParser) -> None:
         "--latency-table",
         type=Path,
         default=None,
-        help="latency table JSON to use and extend (default: ~/.cache/yoloprune/latency/, one "
-        "file per runtime, device, precision, batch and threads)",
+        help="the latency planners' (--speedup, --latency-ms, --latency-aware) latency table JSON "
+        "to use and extend (default: ~/.cache/yoloprune/latency/, one file per runtime, device, "
+        "precision, batch and threads)",
     )
     p.add_argument(
         "--importance",

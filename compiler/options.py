@@ -169,6 +169,11 @@ class CompileOptions:
             table=self.latency_table,
         )
         latency = runtime if planner in ("latency", "latency-aware") else None
+        if self.latency_table is not None and latency is None:
+            raise PlanError(
+                f"--latency-table {self.latency_table} is the latency planners' per-layer table "
+                "(--speedup, --latency-ms, --latency-aware); none runs here: drop it"
+            )
         round_to = DEFAULT_ROUND_TO if self.round_to is None else self.round_to
         aligns = round_to == "auto" and planner not in ("replay", "unstructured")
         if self.latency_runtime == "tensorrt":

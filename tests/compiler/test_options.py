@@ -85,6 +85,7 @@ def test_flags_select_a_registered_planner(changes, planner):
         ({"ratio": 0.3, "method": "unstructured", "round_to": 16}, "--round-to do not apply"),
         ({"calib_images": Path("."), "calib_count": 8}, "--calib-count apply to INT8 only"),
         ({"precision_parity_tolerance": 0.1}, "fp16/int8 file's tolerance"),
+        ({"macs": 0.5, "latency_table": Path("t.json")}, "per-layer table .* drop it"),
     ],
 )
 def test_combinations_that_select_nothing_are_refused_before_any_work(changes, message):

@@ -8,7 +8,8 @@ benchmarks/results/latency.{json,md,png} (speed-up against MACs kept, with the i
 
     python benchmarks/latency.py --batches 1,8        # ORT CPU, yolov5s 640 (latency.md)
     python benchmarks/latency.py --models yolov5x --stem latency_yolov5x
-    python benchmarks/latency.py --runtime torch --batches 1,32 --models yolov5s,yolov5x  # GPU
+    python benchmarks/latency.py --runtime torch --cuda-graph --batches 1,32 \
+        --models yolov5s,yolov5x,yolov8x                   # GPU, PyTorch CUDA fp16
 
 Architectures are built from the shipped YAMLs (random init, BN calibrated): latency depends on
 shapes only, and no pretrained weights can be downloaded here.
@@ -98,6 +99,12 @@ def main() -> None:
     parser.add_argument("--runtime", choices=["ort", "torch"], default="ort")
     parser.add_argument("--batches", default="1", help="comma-separated batch sizes")
     parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="torch: replay each forward as a CUDA graph (no per-kernel launch cost, as an "
+        "engine runs); the latency planner's own table and checks stay eager",
+    )
     parser.add_argument("--table", type=Path, default=None, help="latency table file")
     parser.add_argument(
         "--stem",
@@ -105,6 +112,8 @@ def main() -> None:
         help="result file name (default latency for ort, latency_gpu for torch)",
     )
     args = parser.parse_args()
+    if args.cuda_graph and args.runtime != "torch":
+        parser.error("--cuda-graph is for --runtime torch")
     start = time.perf_counter()
     result = {
         "benchmark": "latency",
@@ -112,6 +121,7 @@ def main() -> None:
         "imgsz": args.imgsz,
         "precision": "fp32" if args.runtime == "ort" else "fp16",
         "runs": args.runs,
+        "cuda_graph": args.cuda_graph,
         "order": "all rows of a model interleaved (A B C ... A B C) after warm-up; median",
         "models": {},
     }
@@ -122,7 +132,13 @@ def main() -> None:
         per_batch = {}
         for batch in (int(b) for b in args.batches.split(",")):
             print(f"{spec}: timing batch {batch}", flush=True)
-            settings = BenchSettings(runtime=args.runtime, batch=batch, runs=args.runs, warmup=3)
+            settings = BenchSettings(
+                runtime=args.runtime,
+                batch=batch,
+                runs=args.runs,
+                warmup=3,
+                cuda_graph=args.cuda_graph,
+            )
             per_batch[str(batch)] = measure(prepared, rows, settings, args.imgsz)
         result["models"][name] = per_batch
         result.setdefault("infeasible", {})[name] = infeasible
@@ -179,7 +195,8 @@ def render(result: dict, image: str) -> str:
         "# Latency: baseline vs pruned, measured on the runtime",
         "",
         f"Runtime {result['runtime']}, {result['precision']}, {result['imgsz']} px, on {device}; "
-        f"threads {result['threads']}; median of {result['runs']} runs, {result['order']}. "
+        f"threads {result['threads']}; median of {result['runs']} runs, {result['order']}"
+        f"{'; each forward replayed as a CUDA graph' if result.get('cuda_graph') else ''}. "
         f"Total time {result['seconds']:.0f} s. Speed-up = baseline median / row median. "
         "Latency-aware rows are planned once, at batch 1, on this runtime (the planner's own "
         "goal / predicted / measured numbers are batch-1 milliseconds); every row is then "

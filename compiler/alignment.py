@@ -125,7 +125,7 @@ def _checked_candidates(speed: dict[int, float], costs: dict[int, dict]) -> list
 
 
 # What TensorRT's kernels of each precision want (the note's advice where none was measured).
-TENSORRT_BLOCKS = {"int8": 32, "fp16": 8}
+TENSORRT_BLOCKS = {"int8": 32, "int8-fp32": 32, "fp16": 8}
 
 
 def precision_note(record: dict, deployed: str, plans_latency: bool) -> str | None:

@@ -178,7 +178,7 @@ class CompileOptions:
         aligns = round_to == "auto" and planner not in ("replay", "unstructured")
         if self.latency_runtime == "tensorrt":
             _check_tensorrt_timing(latency is not None, aligns)
-            runtime = dataclasses.replace(runtime, precision=self.precision or "fp32")
+            runtime = dataclasses.replace(runtime, precision=self.timed_precision())
         reconstruction = self.reconstruction()
         reads_images = reconstruction or importance in IMAGE_IMPORTANCES or self.precision == "int8"
         if self.calib_images is not None and not reads_images:
@@ -315,6 +315,13 @@ class CompileOptions:
             return None
         source.files  # noqa: B018  (a missing or empty source fails now)
         return source
+
+    def timed_precision(self) -> str:
+        """The deployed file's precision as latency profiles name it: fp32, fp16, int8 (fp16
+        float part, the default) or int8-fp32 (``--int8-float fp32``)."""
+        if self.precision == "int8" and self.int8_float == "fp32":
+            return "int8-fp32"
+        return self.precision or "fp32"
 
     def reconstruction(self):
         """One-shot reconstruction's settings and images (None where it does not run): on by

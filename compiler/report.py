@@ -102,7 +102,7 @@ def _precision_note(plan: PruningPlan, options) -> str | None:
         return None
     from yoloprune.compiler.alignment import precision_note
 
-    deployed = options.precision or "fp32"
+    deployed = options.timed_precision()
     return precision_note(plan.alignment, deployed, plans_latency=plan.latency is not None)
 
 

@@ -200,10 +200,13 @@ class ConvLayer:
     groups: int = 1
 
 
-TIMED_PRECISIONS = ("fp32", "fp16", "int8")
+# int8: Q/DQ with an fp16 body (compile's default INT8 file); int8-fp32: the same Q/DQ with an
+# fp32 body (--int8-float fp32), which TensorRT runs with other kernels between the convs.
+TIMED_PRECISIONS = ("fp32", "fp16", "int8", "int8-fp32")
 # Timing graphs at fp16/int8 use opset 19: QuantizeLinear/DequantizeLinear take fp16 scales and
 # a DequantizeLinear outputs fp16 (as compiler.quantize writes INT8 files with an fp16 body).
-_OPSET = {"fp32": 17, "fp16": 19, "int8": 19}
+_OPSET = {"fp32": 17, "fp16": 19, "int8": 19, "int8-fp32": 19}
+_FP32_BODY = ("fp32", "int8-fp32")
 _IR_VERSION = {17: 8, 19: 9}  # what each opset needs; newer onnx defaults exceed older runtimes
 # int8 graphs: the per-tensor activation scale (amax / 127) of every conv input; timing does
 # not depend on it, and SiLU outputs of the unit-variance layers below stay well inside it.
@@ -221,13 +224,14 @@ def conv_silu_onnx(
     strongly typed TensorRT network runs it); ``int8``: the fp16 graph with explicit
     quantization where TensorRT fuses it, as :mod:`compiler.quantize` writes files: each conv's
     input through QuantizeLinear/DequantizeLinear (per-tensor, symmetric, zero point 0) and
-    its weight stored as int8 codes with a per-output-channel DequantizeLinear."""
+    its weight stored as int8 codes with a per-output-channel DequantizeLinear; ``int8-fp32``:
+    the same quantization in an fp32 graph (``--int8-float fp32`` files)."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
     if precision not in TIMED_PRECISIONS:
         raise ValueError(f"precision {precision!r}: use one of {', '.join(TIMED_PRECISIONS)}")
-    dtype = np.float32 if precision == "fp32" else np.float16
+    dtype = np.float32 if precision in _FP32_BODY else np.float16
     nodes, weights, x = [], [], "x"
     shape = list(input_shape)  # of each layer's output, in turn
     for i, layer in enumerate(layers):
@@ -236,8 +240,8 @@ def conv_silu_onnx(
         kernel = list(layer.weight.shape[2:])
         weights.append(numpy_helper.from_array(layer.bias.astype(dtype), f"b{tag}"))
         conv_input, weight = x, f"w{tag}"
-        if precision == "int8":
-            conv_input, qnodes, qweights = _quantized_conv_inputs(x, layer.weight, tag)
+        if precision.startswith("int8"):
+            conv_input, qnodes, qweights = _quantized_conv_inputs(x, layer.weight, tag, dtype)
             nodes += qnodes
             weights += qweights
         else:
@@ -261,7 +265,7 @@ def conv_silu_onnx(
             for d, k in zip(shape[2:], kernel, strict=True)
         ]
         shape = [shape[0], layer.weight.shape[0], *size]
-    elem = TensorProto.FLOAT if precision == "fp32" else TensorProto.FLOAT16
+    elem = TensorProto.FLOAT if precision in _FP32_BODY else TensorProto.FLOAT16
     graph = helper.make_graph(
         nodes,
         name,
@@ -275,9 +279,10 @@ def conv_silu_onnx(
     return model
 
 
-def _quantized_conv_inputs(x: str, weight, tag: str) -> tuple[str, list, list]:
+def _quantized_conv_inputs(x: str, weight, tag: str, dtype) -> tuple[str, list, list]:
     """Q/DQ nodes and initializers feeding one conv of an int8 timing graph: (the conv's
-    input name, nodes, initializers); the dequantized weight is named ``w{tag}``."""
+    input name, nodes, initializers); the dequantized weight is named ``w{tag}``; scales are
+    of the graph's float ``dtype`` (a DequantizeLinear outputs its scale's type)."""
     import numpy as np
     from onnx import helper, numpy_helper
 
@@ -285,10 +290,10 @@ def _quantized_conv_inputs(x: str, weight, tag: str) -> tuple[str, list, list]:
     scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
     codes = np.clip(np.rint(weight / scale[:, None, None, None]), -127, 127).astype(np.int8)
     initializers = [
-        numpy_helper.from_array(np.array(ACTIVATION_AMAX / 127.0, np.float16), f"xs{tag}"),
+        numpy_helper.from_array(np.array(ACTIVATION_AMAX / 127.0, dtype), f"xs{tag}"),
         numpy_helper.from_array(np.array(0, np.int8), f"xz{tag}"),
         numpy_helper.from_array(codes, f"wq{tag}"),
-        numpy_helper.from_array(scale.astype(np.float16), f"ws{tag}"),
+        numpy_helper.from_array(scale.astype(dtype), f"ws{tag}"),
         numpy_helper.from_array(np.zeros(weight.shape[0], np.int8), f"wz{tag}"),
     ]
     nodes = [

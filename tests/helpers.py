@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import functools
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -143,3 +146,16 @@ ULTRALYTICS_MISSING = _ultralytics_missing()
 needs_ultralytics = pytest.mark.skipif(
     ULTRALYTICS_MISSING is not None, reason=f"ultralytics extra: {ULTRALYTICS_MISSING}"
 )
+
+
+@functools.cache
+def torchvision_imports() -> bool:
+    """Whether ``import torchvision`` works in a fresh interpreter. Where it does (a CUDA
+    machine), ultralytics uses it; where it does not (the development machines and CI: the only
+    wheel is a CUDA build beside the CPU torch), nothing of ours may import it."""
+    probe = subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True)
+    return probe.returncode == 0
+
+
+def assert_no_broken_torchvision() -> None:
+    assert torchvision_imports() or "torchvision" not in sys.modules

@@ -129,7 +129,15 @@ def _distributed() -> tuple[int, int, int]:
 def _device(settings: TrainSettings, local_rank: int) -> torch.device:
     if settings.device:
         return torch.device(settings.device)
-    return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if local_rank >= torch.cuda.device_count():
+        raise YoloPruneError(
+            f"process {local_rank} of this machine has no GPU of its own "
+            f"({torch.cuda.device_count()} visible): start at most that many processes per "
+            "machine (torchrun --nproc_per_node), or train on the CPU (CUDA_VISIBLE_DEVICES=)"
+        )
+    return torch.device(f"cuda:{local_rank}")
 
 
 def train(
@@ -147,10 +155,9 @@ def train(
     from tqdm import tqdm
 
     world, rank, local_rank = _distributed()
-    if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
     device = _device(settings, local_rank)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     imgsz = settings.imgsz or info.imgsz
     torch.manual_seed(settings.seed + rank)
     if not data.train:
@@ -175,8 +182,12 @@ def train(
         generator=torch.Generator().manual_seed(settings.seed),
     )
     model = model.to(device).float().train()
+    # a copy: the teacher is the caller's original model, which must stay where it was (moved
+    # to the GPU in place, it broke every later stage that runs it on the CPU)
     teacher = (
-        teacher.to(device).float().eval() if teacher is not None and settings.distill else None
+        copy.deepcopy(teacher).to(device).float().eval()
+        if teacher is not None and settings.distill
+        else None
     )
     accumulate = max(round(settings.nominal_batch / (settings.batch * world)), 1)
     decay = settings.weight_decay * settings.batch * world * accumulate / settings.nominal_batch

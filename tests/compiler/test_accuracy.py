@@ -124,7 +124,7 @@ data = dataclasses.replace(read_data_yaml({str(shapes.root / "data.yaml")!r}),
                            train=(Path({str(listing)!r}),), val=())
 model, info = load_model({str(WEIGHTS)!r})
 settings = TrainSettings(epochs=1, batch=8, nominal_batch=16, imgsz=128, optimizer="adamw",
-                         lr0=0.0005, momentum=0.9, augment=False, ema=False)
+                         lr0=0.0005, momentum=0.9, augment=False, ema=False, device="cpu")
 result = train(model, info, data, settings, progress=False)
 rank = int(os.environ["RANK"])
 Path({str(tmp_path)!r}, f"rank{{rank}}.json").write_text(json.dumps(

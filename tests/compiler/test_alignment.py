@@ -1,5 +1,6 @@
 import dataclasses
 
+import numpy as np
 import pytest
 
 from tests.compiler.test_planner import prepared_for
@@ -201,11 +202,17 @@ def test_a_profile_at_another_precision_says_so(profile, prepared, tmp_path):
         "(TensorRT's int8 kernels want multiples of 32): pass --round-to 32 to follow that "
         "rule unmeasured"
     )
+    fp32_body = alignment.precision_note(replayed.alignment, "int8-fp32", plans_latency=False)
+    assert "deployed file is int8-fp32 (TensorRT's int8-fp32 kernels want multiples of 32)" in (
+        fp32_body
+    )
+    same = {"table_key": {"precision": "int8-fp32"}}
+    assert alignment.precision_note(same, "int8-fp32", False) is None
     unguided = alignment.precision_note({"table_key": {"precision": "fp16"}}, "fp32", False)
     assert unguided == "the profile timed fp16 convolutions, the deployed file is fp32"
 
 
-def test_tensorrt_times_the_profile_at_the_compiles_precision(monkeypatch):
+def test_tensorrt_times_the_profile_at_the_compiles_precision(monkeypatch, tmp_path):
     from yoloprune.kernels import tensorrt
 
     if not tensorrt.available()[0]:
@@ -219,6 +226,18 @@ def test_tensorrt_times_the_profile_at_the_compiles_precision(monkeypatch):
         options = CompileOptions("t", macs=0.5, latency_runtime="tensorrt", precision=precision)
         assert options.settings.alignment.runtime == "tensorrt"
         assert options.settings.alignment.precision == profiled
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    pixels = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
+    for i, image in enumerate(pixels):
+        Image.fromarray(image).save(images / f"{i}.png")
+    int8 = dict(macs=0.5, latency_runtime="tensorrt", precision="int8", calib_images=images)
+    for int8_float, profiled in ((None, "int8"), ("fp16", "int8"), ("fp32", "int8-fp32")):
+        options = CompileOptions("t", **int8, int8_float=int8_float)
+        assert options.settings.alignment.precision == profiled  # the file's own float part
+        assert options.timed_precision() == profiled
     with pytest.raises(PlanError, match=r"alignment profile only.*ort or torch"):
         CompileOptions("t", speedup=2.0, latency_runtime="tensorrt")
     with pytest.raises(PlanError, match="alignment profile only"):

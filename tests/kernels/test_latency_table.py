@@ -162,6 +162,27 @@ def test_int8_timing_graph_is_explicit_qdq_where_tensorrt_fuses_it():
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-2)  # unquantized: 0.32 off
 
 
+def test_int8_fp32_timing_graph_is_the_same_qdq_in_fp32():
+    """--int8-float fp32 files are timed as what they are: the int8 graph's Q/DQ with fp32
+    scales, I/O and body; ONNX Runtime computes the same fake-quantized conv, now to fp32
+    rounding (the fp16-body graph needs 2e-2)."""
+    from onnx import TensorProto, numpy_helper
+
+    shape = ConvShape(8, 16, 3, 1, 1, 12, 12)
+    int8, fp32_body = conv_onnx(shape, 1, "int8"), conv_onnx(shape, 1, "int8-fp32")
+    assert [n.op_type for n in fp32_body.graph.node] == [n.op_type for n in int8.graph.node]
+    init = {i.name: numpy_helper.to_array(i) for i in fp32_body.graph.initializer}
+    assert init["ws"].dtype == init["xs"].dtype == init["b"].dtype == np.float32
+    assert init["wq"].dtype == np.int8
+    io = [fp32_body.graph.input[0], fp32_body.graph.output[0]]
+    assert {v.type.tensor_type.elem_type for v in io} == {TensorProto.FLOAT}
+    x = np.random.default_rng(0).standard_normal((1, 8, 12, 12)).astype(np.float32)
+    got = _ort_run(fp32_body, x)
+    _check_declared_output(fp32_body, got)
+    want = _fake_quantized_conv_silu(fp32_body, torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_fp16_timing_graph_is_fp16_throughout_and_computes_the_conv():
     from onnx import TensorProto
 

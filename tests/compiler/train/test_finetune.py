@@ -86,11 +86,29 @@ def test_distillation_is_used_and_zero_for_identical_outputs(shapes):
     objective = YoloV5Objective(model, 64)
     assert objective.distill(outputs, (None, outputs)).item() == 0.0
     assert objective.distill(outputs, (None, [o + 1 for o in outputs])).item() > 0
+    teacher = teacher.double()  # the trainer's own copy runs in fp32 on its device
+    before = [p.detach().clone() for p in teacher.parameters()]
     settings = dataclasses.replace(FAST, epochs=1, distill=1.0)
     result = train(
         model, info, dataclasses.replace(shapes, val=()), settings, teacher=teacher, progress=False
     )
     assert result.history[0]["kd"] > 0
+    # the caller's teacher (compile's original model) is left as it was: moved to the GPU or
+    # converted in place, it broke every later stage that runs it (seen on an H200)
+    after = list(teacher.parameters())
+    assert all(p.dtype == torch.float64 and p.device.type == "cpu" for p in after)
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_more_processes_than_gpus_is_one_clear_error(monkeypatch):
+    from yoloprune.compiler.train import finetune
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert finetune._device(FAST, 0) == torch.device("cuda:0")
+    with pytest.raises(YoloPruneError, match="nproc_per_node"):
+        finetune._device(FAST, 1)
+    assert finetune._device(dataclasses.replace(FAST, device="cpu"), 1) == torch.device("cpu")
 
 
 def test_distillation_keeps_its_pull_where_student_logits_saturate(shapes):

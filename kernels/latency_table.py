@@ -14,6 +14,7 @@ import math
 import os
 import re
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ from yoloprune.kernels.timing import measure
 
 TABLE_FORMAT = "yoloprune.latency-table.v1"
 MAX_TABLE_BYTES = 64 << 20
+# while a table is being measured it is saved this often (and when measuring stops, however)
+SAVE_EVERY_S = 30.0
 _KEY = re.compile(r"c\d+-o\d+-k\d+-s\d+-p\d+-g\d+-\d+x\d+")
 DEFAULT_CACHE = Path(os.environ.get("YOLOPRUNE_CACHE", Path.home() / ".cache" / "yoloprune"))
 
@@ -152,18 +155,33 @@ class LatencyTable:
         return self.entries.get(shape.key())
 
     def ensure(self, shapes: Iterable[ConvShape], progress: bool = True) -> None:
-        """Measure every shape not yet in the table, then save it."""
+        """Measure every shape not yet in the table. The table is saved every
+        :data:`SAVE_EVERY_S` seconds while measuring and when measuring ends, also by an error
+        or Ctrl-C, so a long profile (TensorRT builds an engine per entry) resumes where it
+        stopped instead of starting over."""
         from tqdm import tqdm
 
         missing = sorted({s for s in shapes if s.key() not in self.entries}, key=lambda s: s.key())
         if not missing:
             return
-        for shape in tqdm(
-            missing, desc="latency table", unit="conv", leave=False, disable=not progress or None
-        ):
-            self.entries[shape.key()] = self._measurer(shape)
-            self.measured += 1
-        self.save()
+        unsaved, last_save = 0, time.monotonic()
+        try:
+            for shape in tqdm(
+                missing,
+                desc="latency table",
+                unit="conv",
+                leave=False,
+                disable=not progress or None,
+            ):
+                self.entries[shape.key()] = self._measurer(shape)
+                self.measured += 1
+                unsaved += 1
+                if time.monotonic() - last_save >= SAVE_EVERY_S:
+                    self.save()
+                    unsaved, last_save = 0, time.monotonic()
+        finally:
+            if unsaved:
+                self.save()
 
     def __getitem__(self, shape: ConvShape) -> float:
         value = self.lookup(shape)

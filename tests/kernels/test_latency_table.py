@@ -45,6 +45,36 @@ def test_table_measures_once_caches_and_reloads(tmp_path):
     assert len(json.loads(path.read_text())["entries"]) == 3
 
 
+def test_an_interrupted_measurement_keeps_what_it_measured(tmp_path, monkeypatch):
+    """Saved while measuring (every SAVE_EVERY_S; 0 here: after each entry) and when it stops
+    by an error or Ctrl-C: the next run measures only what is still missing."""
+    from yoloprune.kernels import latency_table
+
+    path = tmp_path / KEY.filename()
+    shapes = [ConvShape(10 * i, 16, 3, 1, 1, 20, 20) for i in (1, 2, 3, 4)]  # in key order
+    seen_on_disk = []
+
+    def stopped_at_third(shape: ConvShape) -> float:
+        seen_on_disk.append(len(json.loads(path.read_text())["entries"]) if path.exists() else 0)
+        if shape.cin == 30:
+            raise KeyboardInterrupt
+        return 1.0
+
+    monkeypatch.setattr(latency_table, "SAVE_EVERY_S", 0.0)
+    with pytest.raises(KeyboardInterrupt):
+        LatencyTable(KEY, path, stopped_at_third).ensure(shapes, progress=False)
+    assert seen_on_disk == [0, 1, 2]  # each entry was on disk before the next was measured
+    calls = []
+    resumed = LatencyTable(KEY, path, fake_measurer(calls))
+    resumed.ensure(shapes, progress=False)
+    assert [c.cin for c in calls] == [30, 40] and resumed.measured == 2
+    monkeypatch.setattr(latency_table, "SAVE_EVERY_S", 3600.0)
+    failing = LatencyTable(KEY, tmp_path / "other.json", stopped_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        failing.ensure(shapes, progress=False)  # no periodic save: saved as it stopped
+    assert len(json.loads((tmp_path / "other.json").read_text())["entries"]) == 2
+
+
 def test_table_of_another_device_is_refused(tmp_path):
     path = tmp_path / "table.json"
     LatencyTable(KEY, path, fake_measurer([])).ensure([ConvShape(8, 8, 1, 1, 1, 4, 4)], False)

@@ -158,6 +158,15 @@ def _planning_args(p: argparse.ArgumentParser) -> None:
         "precision, batch and threads)",
     )
     p.add_argument(
+        "--latency-batch",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the batch size --speedup/--latency-ms/--latency-aware and --round-to auto measure "
+        "at (default 1): plan for the batch you deploy at (a big GPU at batch 1 is launch-bound, "
+        "and its latency barely moves with channel counts)",
+    )
+    p.add_argument(
         "--importance",
         choices=IMPORTANCE_NAMES,
         default=None,

@@ -84,6 +84,7 @@ class CompileOptions:
     latency_ms: float | None = None  # latency-aware: a budget in milliseconds
     latency_runtime: str | None = None  # the runtime the latency table is measured on (ort)
     latency_table: Path | None = None  # the table file (default: per-device cache)
+    latency_batch: int | None = None  # the batch latency is planned and profiled at (1)
     export_mode: str | None = None  # raw | end2end (default: end2end where the head has it)
     group_seconds: float | None = None  # guard on tracing/group building
     group_memory_gib: float | None = None
@@ -167,6 +168,7 @@ class CompileOptions:
             threads=self.threads,
             spinning=self.spinning,
             table=self.latency_table,
+            batch=self.latency_batch or 1,
         )
         latency = runtime if planner in ("latency", "latency-aware") else None
         if self.latency_table is not None and latency is None:
@@ -176,6 +178,11 @@ class CompileOptions:
             )
         round_to = DEFAULT_ROUND_TO if self.round_to is None else self.round_to
         aligns = round_to == "auto" and planner not in ("replay", "unstructured")
+        if self.latency_batch is not None and latency is None and not aligns:
+            raise PlanError(
+                f"--latency-batch {self.latency_batch} is the batch the latency planners and "
+                "--round-to auto measure at; neither runs here: drop it"
+            )
         if self.latency_runtime == "tensorrt":
             _check_tensorrt_timing(latency is not None, aligns)
             runtime = dataclasses.replace(runtime, precision=self.timed_precision())
@@ -372,6 +379,7 @@ _INT_RANGES = (
     ("calib_count", 1, 100_000),
     ("int8_sensitivity_images", 1, 1_000_000),
     ("reconstruct_images", 1, 100_000),
+    ("latency_batch", 1, 4096),
 )
 _FLOAT_RANGES = (
     ("parity_tolerance", 0.0, 1e6, True),

@@ -135,9 +135,10 @@ def alignment_text(record: dict) -> str:
             text += f", {cost:+.1%} importance removed" if cost is not None else ", no baseline"
         parts.append(text + ("" if row["eligible"] else " (over the accuracy limit)"))
     key = record["table_key"]
+    batch = f" batch {key['batch']}" if key.get("batch", 1) != 1 else ""
     return (
         f"round_to {record['chosen']} measured on {record['runtime']} {key['device']} "
-        f"{key['precision']} ({'; '.join(parts)}; {record['rule']})"
+        f"{key['precision']}{batch} ({'; '.join(parts)}; {record['rule']})"
     )
 
 

@@ -3,12 +3,13 @@ on the same runtime in one interleaved run, and show the latency-mAP front.
 
 Each point is a full compile (plan, apply, reconstruct, optional fine-tune, save, export,
 parity, the ONNX file's own mAP) into its own folder; the trace, the original's mAP and the
-latency table (speedup targets) are made once. The latency of every point's deployed model and
-of the unpruned model's is measured together at the end on the latency runtime (batch 1,
-interleaved; ort, the default: the ONNX files on ONNX Runtime CPU; torch: the pruned
-checkpoints on PyTorch CUDA; tensorrt: the ONNX files as engines), so the ratios compare. The
-recommended point: the fastest within ``--max-map-drop`` of the original's mAP (and faster
-than the original), or the most accurate within ``--latency-ms``.
+latency table (speedup targets) are made once. The latency of every point's deployed model
+and of the unpruned model's is measured together at the end on the latency runtime, at
+``--latency-batch`` (1 by default), interleaved (ort, the default: the ONNX files on ONNX
+Runtime CPU; torch: the pruned checkpoints on PyTorch CUDA; tensorrt: the ONNX files as
+engines), so the ratios compare. The recommended point: the fastest within
+``--max-map-drop`` of the original's mAP (and faster than the original), or the most accurate
+within ``--latency-ms``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,13 @@ class SweepOptions:
             raise PlanError("sweep measures mAP: add --data data.yaml")
         if self.max_map_drop is not None and self.latency_ms is not None:
             raise PlanError("give one criterion: --max-map-drop or --latency-ms, not both")
+        batch = self.base.latency_batch or 1
+        runtime = self.base.latency_runtime or DEFAULT_LATENCY_RUNTIME
+        if batch > 1 and runtime != "torch" and not self.base.dynamic:
+            raise PlanError(
+                f"--latency-batch {batch}: the points' ONNX files are timed at that batch; add "
+                "--dynamic so they take it"
+            )
         for value in self.values:  # each point's options are checked now, before any work
             self.point(value).settings  # noqa: B018
 
@@ -145,6 +153,7 @@ def _measure(options: SweepOptions, prepared, mode: str, points: list[dict]) -> 
     runtime = base.latency_runtime or DEFAULT_LATENCY_RUNTIME
     settings = BenchSettings(
         runtime=runtime,
+        batch=base.latency_batch or 1,
         threads=base.threads,
         spinning=base.spinning,
         runs=options.point(options.values[0]).settings.bench_runs,
@@ -166,7 +175,7 @@ def _measure(options: SweepOptions, prepared, mode: str, points: list[dict]) -> 
         machine.update(gpu_info())
     return {
         "runtime": _runtime_text(settings, described),
-        "batch": 1,
+        "batch": settings.batch,
         "threads": described.get("threads"),
         "runs": settings.runs,
         "machine": machine,

@@ -164,6 +164,24 @@ def test_no_plannable_baseline_leaves_no_candidate_unchecked():
     assert all(r["eligible"] and "accuracy_cost" not in r for r in unchecked)
 
 
+def test_the_profile_is_measured_at_the_latency_batch(profile, prepared, monkeypatch):
+    """--latency-batch N: the profile of batch N decides (a cache of its own), and the report
+    line names the batch."""
+    from yoloprune.compiler.report import alignment_text
+
+    profile(off_block(16, 1.5))  # batch 1 would choose 16
+    batched = latency_table.open_table("ort", batch=2, threads=1, kind=ChainTable)
+    flat = {s.key(): s.macs() * 1e-9 for band in BANDS for s in band.shapes()}  # 8 wins ties
+    batched.entries = flat
+    batched.save()
+    plan = plan_for(prepared, CompileOptions("t", macs=0.5, threads=1, latency_batch=2))
+    assert plan.alignment["table_key"]["batch"] == 2
+    assert plan.alignment["chosen"] == 8
+    assert " fp32 batch 2 (" in alignment_text(plan.alignment)
+    one = plan_for(prepared, CompileOptions("t", macs=0.5, threads=1))
+    assert one.alignment["chosen"] == 16 and " fp32 (" in alignment_text(one.alignment)
+
+
 def test_auto_is_the_default_so_saying_it_is_never_refused(profile, prepared, tmp_path):
     profile(lambda s: s.macs() * 1e-9)
     path = tmp_path / "plan.json"

@@ -86,11 +86,19 @@ def test_flags_select_a_registered_planner(changes, planner):
         ({"calib_images": Path("."), "calib_count": 8}, "--calib-count apply to INT8 only"),
         ({"precision_parity_tolerance": 0.1}, "fp16/int8 file's tolerance"),
         ({"macs": 0.5, "latency_table": Path("t.json")}, "per-layer table .* drop it"),
+        ({"macs": 0.5, "round_to": 16, "latency_batch": 8}, "--latency-batch 8 .* drop it"),
+        ({"speedup": 2.0, "latency_batch": 0}, "--latency-batch"),
     ],
 )
 def test_combinations_that_select_nothing_are_refused_before_any_work(changes, message):
     with pytest.raises(PlanError, match=message):
         CompileOptions("m.yaml", **changes)
+
+
+def test_latency_batch_is_what_planners_and_the_profile_measure_at():
+    assert CompileOptions("m.yaml", speedup=2.0, latency_batch=8).settings.latency.batch == 8
+    assert CompileOptions("m.yaml", macs=0.5, latency_batch=4).settings.alignment.batch == 4
+    assert CompileOptions("m.yaml", speedup=2.0).settings.latency.batch == 1
 
 
 def test_a_replayed_plan_refuses_flags_it_would_ignore(tmp_path):

@@ -1,5 +1,6 @@
 """sweep: several targets compiled from one trace, measured together, a recommendation."""
 
+import dataclasses
 import json
 
 import pytest
@@ -100,6 +101,12 @@ def test_sweep_needs_data_and_distinct_points():
         SweepOptions(base, "macs", (0.5, 0.5))
 
 
+def test_a_batched_sweep_on_onnx_files_needs_a_batch_axis(shapes_data):
+    base = CompileOptions("m.yaml", data=shapes_data, latency_batch=4)
+    with pytest.raises(PlanError, match=r"--latency-batch 4: .* add --dynamic"):
+        SweepOptions(base, "macs", (0.5,))
+
+
 @pytest.mark.parametrize(
     ("runtime", "file", "text"),
     [
@@ -124,7 +131,10 @@ def test_points_are_timed_on_the_latency_runtime(
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # options accept torch
     monkeypatch.setattr(tensorrt, "available", lambda: (True, "11.4.0"))
-    base = CompileOptions("m.pt", data=shapes_data, latency_runtime=runtime, out=tmp_path)
+    base = CompileOptions(
+        "m.pt", data=shapes_data, latency_runtime=runtime, out=tmp_path, latency_batch=2
+    )
+    base = dataclasses.replace(base, dynamic=True)  # ONNX files take the batch
     options = SweepOptions(base, "macs", (0.7, 0.5))
     seen = {}
 
@@ -155,6 +165,7 @@ def test_points_are_timed_on_the_latency_runtime(
     ]
     latency = sweep._measure(options, prepared, "end2end", points)
     assert seen["settings"].runtime == (runtime or "ort") and seen["imgsz"] == 64
+    assert seen["settings"].batch == 2 and latency["batch"] == 2  # --latency-batch
     baseline = seen["sources"]["baseline"]
     if runtime == "torch":
         assert baseline is model and exported == []

@@ -162,9 +162,10 @@ def _planning_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="the batch size --speedup/--latency-ms/--latency-aware and --round-to auto measure "
-        "at (default 1): plan for the batch you deploy at (a big GPU at batch 1 is launch-bound, "
-        "and its latency barely moves with channel counts)",
+        help="the batch size --speedup/--latency-ms/--latency-aware, --round-to auto and "
+        "sweep's timing measure at (default 1; --latency-ms is then per batch of N): plan for the "
+        "batch you deploy at (a big GPU at batch 1 is launch-bound, its latency barely moves "
+        "with channel counts); the ONNX file takes that batch with --dynamic",
     )
     p.add_argument(
         "--importance",
@@ -497,6 +498,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="recommend the most accurate point within this latency (ONNX Runtime CPU)",
     )
     sw.add_argument("--out", type=Path, default=None, help="folder (default runs/sweep)")
+    sw.add_argument(
+        "--dynamic",
+        action="store_true",
+        help="every point's ONNX with a dynamic batch axis (needed to time them at "
+        "--latency-batch N > 1)",
+    )
     # every point is a compile: the same planning, recovery, export and timing flags
     _planning_args(sw)
     _recovery_args(sw)
@@ -1009,7 +1016,10 @@ def sweep_options(args):
     else:
         kind, values = "speedup", parse_values(args.speedup, "--speedup", 1, 1000, open_high=False)
     fields = set(CompileOptions.__dataclass_fields__) - set(SWEEP_OWN) - {"model"}
-    base = CompileOptions(args.model, **{k: v for k, v in vars(args).items() if k in fields})
+    shared = {k: v for k, v in vars(args).items() if k in fields}
+    # the base carries the first point's target, so flags that only some targets read (a
+    # latency table, the latency batch) are checked as the points will use them
+    base = CompileOptions(args.model, **{kind: values[0]}, **shared)
     return SweepOptions(base, kind, values, args.max_map_drop, args.latency_ms)
 
 

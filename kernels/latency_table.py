@@ -9,6 +9,7 @@ default; missing entries are measured on demand and saved atomically.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -177,11 +178,15 @@ class LatencyTable:
                 self.measured += 1
                 unsaved += 1
                 if time.monotonic() - last_save >= SAVE_EVERY_S:
-                    self.save()
                     unsaved, last_save = 0, time.monotonic()
-        finally:
-            if unsaved:
-                self.save()
+                    self.save()
+        except BaseException:
+            if unsaved:  # keep what was measured; the error that stopped it is the one raised
+                with contextlib.suppress(LatencyTableError):
+                    self.save()
+            raise
+        if unsaved:
+            self.save()
 
     def __getitem__(self, shape: ConvShape) -> float:
         value = self.lookup(shape)

@@ -102,9 +102,17 @@ def test_sweep_needs_data_and_distinct_points():
 
 
 def test_a_batched_sweep_on_onnx_files_needs_a_batch_axis(shapes_data):
+    from yoloprune.compiler.cli import build_parser, sweep_options
+
     base = CompileOptions("m.yaml", data=shapes_data, latency_batch=4)
     with pytest.raises(PlanError, match=r"--latency-batch 4: .* add --dynamic"):
         SweepOptions(base, "macs", (0.5,))
+    argv = ["sweep", "m.yaml", "--data", str(shapes_data), "--speedup", "1.5,2"]
+    argv += ["--round-to", "8", "--latency-batch", "8"]
+    with pytest.raises(PlanError, match="add --dynamic"):
+        sweep_options(build_parser().parse_args(argv))
+    sweep = sweep_options(build_parser().parse_args([*argv, "--dynamic"]))  # a flag sweep takes
+    assert sweep.base.dynamic and sweep.point(2.0).settings.latency.batch == 8
 
 
 @pytest.mark.parametrize(

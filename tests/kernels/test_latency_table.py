@@ -73,6 +73,14 @@ def test_an_interrupted_measurement_keeps_what_it_measured(tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         failing.ensure(shapes, progress=False)  # no periodic save: saved as it stopped
     assert len(json.loads((tmp_path / "other.json").read_text())["entries"]) == 2
+    unwritable = LatencyTable(KEY, tmp_path / "third.json", stopped_at_third)
+
+    def refuse():
+        raise LatencyTableError("cannot write the latency table")
+
+    monkeypatch.setattr(unwritable, "save", refuse)
+    with pytest.raises(KeyboardInterrupt):  # what stopped it, not the failed save
+        unwritable.ensure(shapes, progress=False)
 
 
 def test_table_of_another_device_is_refused(tmp_path):

@@ -4,7 +4,7 @@
 #   2. benchmarks/latency.py on PyTorch CUDA fp16 (CUDA graphs), yolov5s and yolov5x, batch 1/32
 #   3. --round-to auto's alignment profile on the GPU (compile yolov5s, fp16, --latency-runtime torch)
 #   4. benchmarks/latency.py for yolov8x
-#   5. a short fine-tune on CUDA (AMP, distillation): the embedded yolov5n, MACs 0.5, 2 epochs
+#   5. a short fine-tune on CUDA (AMP, no distillation): the embedded yolov5n, MACs 0.5, 2 epochs
 # Each step's output goes to OUTDIR/gpu_session.log; result files are packed into
 # OUTDIR/gpu_results.tar after every step, so a run cut short still returns what it finished.
 #

@@ -62,6 +62,9 @@ def finetune_settings(epochs: int, imgsz: int, lr0: float, **changes) -> TrainSe
         lr0=lr0,
         momentum=0.9,
         warmup_epochs=0.5,
+        # how the committed results were trained (before the fine-tuning defaults changed)
+        schedule_every="epoch",
+        warmup_bias_lr=0.1,
         eval_every=epochs,
         **changes,
     )

@@ -384,19 +384,19 @@ def _recovery_args(p) -> None:
         "--distill",
         type=float,
         default=None,
-        help="weight of output-level distillation from the original (default 0)",
+        help="weight of output-level distillation from the original (default 1; 0: labels only)",
     )
     p.add_argument(
         "--optimizer",
         choices=["sgd", "adamw"],
         default=None,
-        help="fine-tune optimizer (default sgd)",
+        help="fine-tune optimizer (default adamw)",
     )
     p.add_argument(
         "--lr0",
         type=float,
         default=None,
-        help="initial learning rate (default 0.01 sgd, 0.001 adamw)",
+        help="initial learning rate (default 0.003 adamw, 0.01 sgd)",
     )
 
 

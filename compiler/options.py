@@ -490,12 +490,20 @@ def planner_name(options: CompileOptions, target: Target) -> str:
     return "global" if options.global_allocation else "uniform"
 
 
+# A compile's fine-tune (--epochs N): AdamW (lr0 0.003, TrainSettings' default), distilled from
+# the original (always at hand), one update per batch of 16 after a short warm-up (TrainSettings'
+# defaults). Measured on the embedded model at --speedup 2, 2 epochs: mAP 0.56 with these flags
+# and the previous trainer, 0.68-0.70 now; SGD lr 0.01 without distillation 0.62 (README).
+FINETUNE_DEFAULTS = {"optimizer": "adamw", "distill": 1.0}
+
+
 def _train_settings(options: CompileOptions) -> TrainSettings | None:
     if not options.epochs:
         return None
-    changes = {
-        k: getattr(options, k)
+    changes = dict(FINETUNE_DEFAULTS)
+    changes.update(
+        (k, getattr(options, k))
         for k in ("epochs", "batch", "distill", "optimizer", "lr0")
         if getattr(options, k) is not None
-    }
+    )
     return dataclasses.replace(TrainSettings(), **changes)

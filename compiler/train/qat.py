@@ -54,7 +54,8 @@ def quantization_aware_training(
         "method": record["method"].replace("PTQ", "QAT", 1),
         "qat": (
             f"{settings.epochs} epochs from PTQ, {settings.optimizer} lr0 "
-            f"{settings.lr0 or 'default'}, distillation {settings.distill if teacher else 0}"
+            f"{settings.lr0 or settings.default_lr0}, "
+            f"distillation {settings.distill if teacher else 0}"
         ),
     }
     return QuantizationAwareTraining(quantized, own_form(quantized, model), training, record)

@@ -50,6 +50,18 @@ def test_given_values_are_honoured_not_replaced():
     assert options.settings is s  # resolved once
 
 
+def test_fine_tune_defaults_are_distilled_adamw_with_one_update_per_batch():
+    given = {"data": Path("d.yaml"), "reconstruct": False, "importance": "l2"}  # reads no data
+    train = CompileOptions("m.yaml", epochs=2, **given).settings.train
+    assert (train.optimizer, train.distill, train.batch) == ("adamw", 1.0, 16)
+    assert train.lr0 is None and train.default_lr0 == 0.003
+    assert train.accumulate_to == 16 and train.warmup == 0.25 and train.warmup_bias_lr is None
+    sgd_train = CompileOptions(
+        "m.yaml", epochs=2, optimizer="sgd", distill=0.0, **given
+    ).settings.train
+    assert (sgd_train.optimizer, sgd_train.distill, sgd_train.default_lr0) == ("sgd", 0.0, 0.01)
+
+
 @pytest.mark.parametrize(
     ("changes", "planner"),
     [

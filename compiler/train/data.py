@@ -251,13 +251,9 @@ def _augment(pixels: np.ndarray, labels: np.ndarray, rng: np.random.Generator):
         if len(labels):
             labels = labels.copy()
             labels[:, 1] = 1 - labels[:, 1]
-    hsv = np.asarray(Image.fromarray(np.ascontiguousarray(pixels)).convert("HSV")).astype(
-        np.float32
-    )
+    hsv = np.asarray(Image.fromarray(np.ascontiguousarray(pixels)).convert("HSV"))
     gains = rng.uniform(-1, 1, 3) * (0.015, 0.7, 0.4) + 1
-    hsv[..., 0] = (hsv[..., 0] * gains[0]) % 256
-    hsv[..., 1:] = np.clip(hsv[..., 1:] * gains[1:], 0, 255)
-    pixels = np.asarray(Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB"))
+    pixels = np.asarray(Image.fromarray(_hsv_jitter(hsv, gains), "HSV").convert("RGB"))
     scale = rng.uniform(0.7, 1.3)
     h, w = pixels.shape[:2]
     new_h, new_w = max(8, round(h * scale)), max(8, round(w * scale))
@@ -286,6 +282,18 @@ def _augment(pixels: np.ndarray, labels: np.ndarray, rng: np.random.Generator):
         1,
     )[keep]
     return canvas, out.astype(np.float32)
+
+
+def _hsv_jitter(hsv: np.ndarray, gains: np.ndarray) -> np.ndarray:
+    """Hue scaled modulo 256, saturation and value scaled and clipped: one lookup table per
+    channel (the per-pixel float arithmetic cost about 2 ms an image; same values)."""
+    levels = np.arange(256, dtype=np.float32)
+    tables = (
+        ((levels * gains[0]) % 256).astype(np.float32).astype(np.uint8),
+        np.clip(levels * gains[1], 0, 255).astype(np.float32).astype(np.uint8),
+        np.clip(levels * gains[2], 0, 255).astype(np.float32).astype(np.uint8),
+    )
+    return np.stack([table[hsv[..., c]] for c, table in enumerate(tables)], axis=-1)
 
 
 def collate(batch):

@@ -7,6 +7,7 @@ from PIL import Image
 from yoloprune.compiler.train.data import (
     DataError,
     YoloDataset,
+    _hsv_jitter,
     collate,
     label_path,
     letterbox,
@@ -155,3 +156,17 @@ def test_synthetic_files_are_the_same_from_worker_processes(tmp_path, monkeypatc
             assert (serial / name).read_bytes() == (parallel / name).read_bytes(), name
     image, _ = render(spec, "train", 39)
     assert np.array_equal(np.asarray(Image.open(parallel / "images/train/000039.png")), image)
+
+
+def test_hsv_jitter_tables_give_the_per_pixel_float_arithmetic_exactly():
+    def per_pixel(hsv, gains):  # the form before the lookup tables
+        hsv = hsv.astype(np.float32)
+        hsv[..., 0] = (hsv[..., 0] * gains[0]) % 256
+        hsv[..., 1:] = np.clip(hsv[..., 1:] * gains[1:], 0, 255)
+        return hsv.astype(np.uint8)
+
+    every_level = np.stack([np.arange(256, dtype=np.uint8)] * 3, axis=-1).reshape(16, 16, 3)
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        gains = rng.uniform(-1, 1, 3) * (0.015, 0.7, 0.4) + 1
+        assert np.array_equal(_hsv_jitter(every_level, gains), per_pixel(every_level, gains))

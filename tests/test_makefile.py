@@ -1,0 +1,50 @@
+"""The Makefile's compile line: the embedded model's demo recipe, and every value given passed on
+unchanged (checked with ``make -n``: nothing runs)."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EMBEDDED = "graphs/weights/yolov5n-shapes.pt"
+
+pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+
+
+def compile_line(*assignments: str) -> list[str]:
+    out = subprocess.run(
+        ["make", "-n", "compile", *assignments], cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stdout.splitlines() if "-m yoloprune compile" in line]
+    assert len(lines) == 1, out.stdout
+    return lines[0].split()[lines[0].split().index("compile") + 1 :]
+
+
+def test_the_embedded_model_compiles_for_a_measured_speed_up_with_a_short_fine_tune():
+    args = compile_line()
+    assert args[0] == EMBEDDED
+    assert " ".join(args[1:]) == (
+        "--speedup 1.75 --data runs/data/shapes/data.yaml --epochs 2 --out runs/compile"
+    )
+
+
+@pytest.mark.parametrize(
+    ("given", "present", "absent"),
+    [
+        (["MACS=0.4"], ["--macs 0.4", "--epochs 2"], ["--speedup"]),
+        (["RATIO=0.3", "EPOCHS=3"], ["--ratio 0.3", "--epochs 3"], ["--speedup", "--macs"]),
+        (["SPEEDUP=2"], ["--speedup 2 ", "--epochs 2"], ["--macs"]),
+        (["EPOCHS=0"], ["--speedup 1.75"], ["--epochs"]),
+        (["MODEL=x.pt"], ["x.pt --out runs/compile"], ["--speedup", "--epochs", "--data"]),
+        (["MODEL=x.pt", "DATA=d.yaml", "EPOCHS=3"], ["--data d.yaml --epochs 3"], ["--speedup"]),
+    ],
+)
+def test_given_values_are_passed_on_and_other_models_get_the_cli_defaults(given, present, absent):
+    line = " ".join(compile_line(*given)) + " "
+    for flag in present:
+        assert flag in line
+    for flag in absent:
+        assert flag not in line

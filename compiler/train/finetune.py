@@ -77,10 +77,6 @@ class TrainSettings:
     def default_lr0(self) -> float:
         return 0.01 if self.optimizer == "sgd" else 0.003
 
-    @property
-    def accumulate_to(self) -> int:
-        return self.nominal_batch or self.batch
-
 
 @dataclass
 class TrainResult:
@@ -133,6 +129,14 @@ def _param_groups(model: nn.Module, settings: TrainSettings, lr: float, decay: f
     optimizer.add_param_group({"params": weights, "weight_decay": decay})
     optimizer.add_param_group({"params": biases, "weight_decay": 0.0})
     return optimizer
+
+
+def accumulation(settings: TrainSettings, world: int = 1) -> tuple[int, float]:
+    """Batches per optimizer step, and the weight decay scaled to the batch each step sees
+    (yolov5's rule). Without a nominal batch: one step per batch of every process, decay as set."""
+    nominal = settings.nominal_batch or settings.batch * world
+    accumulate = max(round(nominal / (settings.batch * world)), 1)
+    return accumulate, settings.weight_decay * settings.batch * world * accumulate / nominal
 
 
 def _lr_factor(settings: TrainSettings):
@@ -212,9 +216,7 @@ def train(
         if teacher is not None and settings.distill
         else None
     )
-    nominal = settings.accumulate_to
-    accumulate = max(round(nominal / (settings.batch * world)), 1)
-    decay = settings.weight_decay * settings.batch * world * accumulate / nominal
+    accumulate, decay = accumulation(settings, world)
     lr0 = settings.lr0 or settings.default_lr0
     optimizer = _param_groups(model, settings, lr0, decay)
     total_updates = settings.epochs * len(batches) // accumulate

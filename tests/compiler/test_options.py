@@ -55,7 +55,7 @@ def test_fine_tune_defaults_are_distilled_adamw_with_one_update_per_batch():
     train = CompileOptions("m.yaml", epochs=2, **given).settings.train
     assert (train.optimizer, train.distill, train.batch) == ("adamw", 1.0, 16)
     assert train.lr0 is None and train.default_lr0 == 0.003
-    assert train.accumulate_to == 16 and train.warmup == 0.25 and train.warmup_bias_lr is None
+    assert train.nominal_batch is None and train.warmup == 0.25 and train.warmup_bias_lr is None
     sgd_train = CompileOptions(
         "m.yaml", epochs=2, optimizer="sgd", distill=0.0, **given
     ).settings.train

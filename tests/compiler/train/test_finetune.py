@@ -6,7 +6,13 @@ import torch
 
 from tests.helpers import tiny_cfg
 from yoloprune.compiler.train.data import read_data_yaml
-from yoloprune.compiler.train.finetune import ModelEMA, TrainSettings, learning_rates, train
+from yoloprune.compiler.train.finetune import (
+    ModelEMA,
+    TrainSettings,
+    accumulation,
+    learning_rates,
+    train,
+)
 from yoloprune.compiler.train.objective import YoloV5Objective
 from yoloprune.compiler.train.synthetic import SyntheticSpec, generate
 from yoloprune.graphs.checkpoint import describe, load_model
@@ -183,8 +189,14 @@ def test_learning_rates_per_epoch_and_yolov5_bias_warm_up_where_asked():
 
 
 def test_one_update_per_batch_unless_a_nominal_batch_is_set():
-    assert TrainSettings(batch=16).accumulate_to == 16
-    assert TrainSettings(batch=16, nominal_batch=64).accumulate_to == 64
+    assert accumulation(TrainSettings(batch=16, weight_decay=5e-4)) == (1, 5e-4)
+    assert accumulation(TrainSettings(batch=16, weight_decay=5e-4), world=4) == (1, 5e-4)
+    assert accumulation(TrainSettings(batch=16, nominal_batch=64, weight_decay=5e-4)) == (4, 5e-4)
+    # yolov5's rule where a nominal batch is set: decay scales with the batch a step sees
+    assert accumulation(TrainSettings(batch=16, nominal_batch=16, weight_decay=5e-4), 4) == (
+        1,
+        pytest.approx(2e-3),
+    )
 
 
 def test_settings_are_validated():

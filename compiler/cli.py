@@ -685,12 +685,13 @@ def cmd_compile(args) -> int:
     ):
         print(
             "note: pruning without fine-tuning lost most of the accuracy; fine-tune to recover "
-            "it, e.g. --epochs 8 --distill 1 --optimizer adamw --lr0 0.003 (make compile "
-            "EPOCHS=8 ARGS='--distill 1 --optimizer adamw --lr0 0.003')"
+            "it, e.g. --epochs 8 (make compile EPOCHS=8)"
         )
     print(
         f"wrote {out}/: " + ", ".join(sorted(report["files"].values())) + ", report.json, report.md"
     )
+    for warning in report["warnings"]:  # also in report.md; repeated last, where it is seen
+        print(f"WARNING: {warning}", file=sys.stderr)
     return 0
 
 

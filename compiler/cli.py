@@ -691,7 +691,7 @@ def cmd_compile(args) -> int:
         f"wrote {out}/: " + ", ".join(sorted(report["files"].values())) + ", report.json, report.md"
     )
     for warning in report["warnings"]:  # also in report.md; repeated last, where it is seen
-        print(f"WARNING: {warning}", file=sys.stderr)
+        print(f"WARNING: {warning}")  # stdout, as the compile's other warnings
     return 0
 
 

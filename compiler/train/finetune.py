@@ -236,7 +236,6 @@ def train(
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[local_rank] if device.type == "cuda" else None
         )
-    warmup_iters = round(settings.warmup * len(batches))
     for epoch in range(start_epoch, settings.epochs):
         model.train()
         train_set.epoch = epoch
@@ -253,10 +252,11 @@ def train(
         for i, (images, targets, _) in enumerate(bar):
             step = i + len(batches) * epoch
             rates = learning_rates(settings, lr0, step, len(batches))
+            warming = warmup_progress(settings, step, len(batches))
             for group, rate in zip(optimizer.param_groups, rates, strict=True):
                 group["lr"] = rate
-                if "momentum" in group and warmup_iters and step <= warmup_iters:
-                    group["momentum"] = 0.8 + (settings.momentum - 0.8) * step / warmup_iters
+                if "momentum" in group and warming is not None:
+                    group["momentum"] = 0.8 + (settings.momentum - 0.8) * warming
             images = images.to(device, non_blocking=True)
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
                 raw = model(images)
@@ -338,16 +338,24 @@ def _eval_copy(model: nn.Module, device: torch.device) -> nn.Module:
     return copy.deepcopy(model).float().eval().to("cpu" if device.type != "cuda" else device)
 
 
+def warmup_progress(settings: TrainSettings, step: int, steps_per_epoch: int) -> float | None:
+    """How far into the warm-up ``step`` is (0 to 1, its last step included); None without one
+    or after it."""
+    warmup_iters = round(settings.warmup * steps_per_epoch)
+    if not warmup_iters or step > warmup_iters:
+        return None
+    return step / warmup_iters
+
+
 def learning_rates(settings: TrainSettings, lr0: float, step: int, steps_per_epoch: int):
     """The learning rate of each parameter group (BatchNorm weights, weights, biases) at
     ``step``: the schedule, evaluated every step (or once per epoch), after a linear warm-up
     from 0 (biases from ``warmup_bias_lr`` where set)."""
     epoch = step / steps_per_epoch if settings.schedule_every == "step" else step // steps_per_epoch
     scheduled = lr0 * _lr_factor(settings)(epoch)
-    warmup_iters = round(settings.warmup * steps_per_epoch)
-    if not warmup_iters or step > warmup_iters:
+    x = warmup_progress(settings, step, steps_per_epoch)
+    if x is None:
         return [scheduled] * 3
-    x = step / warmup_iters
     bias_start = settings.warmup_bias_lr or 0.0
     return [scheduled * x, scheduled * x, bias_start + (scheduled - bias_start) * x]
 

@@ -1,19 +1,24 @@
-"""``--round-to auto`` (the default): the channel alignment chosen by measurement, its accuracy
-cost checked.
+"""``--round-to auto`` (the default): the channel alignment chosen by measuring the model itself.
 
-Speed: :func:`kernels.alignment.relative_latency` on the latency runtime's table (measured once
-per machine, about 2 s on ONNX Runtime CPU, then cached). Accuracy: every candidate is
-planned with the same importance scores (uniform or global allocation as the compile asks;
-latency planners are checked with the uniform plan at their MACs equivalent), and its cost is
-the importance it removes over what alignment 8 removes. The choice: among candidates whose
-cost is within :data:`ACCURACY_LIMIT`, the finest whose relative latency is within
-:data:`SPEED_TIE` of the fastest. The record (every candidate's figures and the rule) goes into
-the plan and the report.
+Every candidate alignment (8, 16, 32) is planned at the compile's target with the same
+importance scores (uniform or global allocation as the compile asks; latency planners are
+planned uniformly at their MACs equivalent). Speed: on ONNX Runtime and PyTorch the candidate
+plans are applied and the whole pruned models timed, interleaved, on the latency runtime; on
+TensorRT (and for ``--latency-ms``, which has no MACs equivalent before timing) the alignment
+profile of conv chains (:func:`kernels.alignment.relative_latency`, measured once per machine)
+stands in. Measured on the embedded YOLOv5n at MACs 0.35 on AVX-512 ONNX Runtime: round_to 16
+ran 0.74x the time of 8, the chain profile had said 0.945x.
+
+Accuracy, compared at equal speed: a coarser alignment that runs faster than the finest
+plannable one by more than :data:`SPEED_TIE` is worth it when it removes no more importance than
+the finest would have to remove to run as fast (the finest planned again at the MACs its time
+scales to, timed, and interpolated to the coarser one's speed). Among the finest and those worth
+it the fastest is chosen, ties to the finest. The record (every candidate's figures and the
+rule) goes into the plan and the report.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 import torch
@@ -25,14 +30,16 @@ from yoloprune.graphs.errors import PlanError
 from yoloprune.graphs.plan import PruningPlan
 from yoloprune.kernels.alignment import CANDIDATES, ChainTable, bands_for, relative_latency
 
-# The finest candidate whose relative latency is within this of the fastest eligible one is
-# chosen (the profile's repeat-to-repeat noise on two shared cores is 1-2 %).
+# Speeds within this of each other are a tie, which goes to the finer alignment (interleaved
+# timings of one model on two shared cores move by 1-2 %).
 SPEED_TIE = 0.03
-# Eligible: removes at most this much more importance than the finest plannable candidate.
-# Measured on the embedded YOLOv5n, MACs 0.5, one-shot: the mAP lost grew with the importance
-# removed (round_to 16: 1.38x the importance, 1.42x the mAP drop; 32: 2.46x and 2.4x); 16 cut
-# the ORT latency ratio from 0.80 to 0.62 for 0.039 mAP, 32 gained nothing more for 0.133.
-ACCURACY_LIMIT = 0.5
+# Interleaved timed runs of each candidate model (the planners' closed loop takes 30).
+ALIGNMENT_RUNS = 20
+RULE = (
+    f"the fastest of the finest plannable alignment and the coarser ones faster by more than "
+    f"{SPEED_TIE:.0%} that remove no more importance than the finest would at the same speed; "
+    "ties to the finer"
+)
 
 
 class _Scores(Importance):
@@ -57,7 +64,7 @@ def removed_importance(plan: PruningPlan, scores: dict[str, torch.Tensor]) -> fl
 
 
 def _check_target(target: Target) -> Target | None:
-    """The MACs or ratio target the accuracy check plans (None: a latency budget in ms)."""
+    """The MACs or ratio target the candidates are planned at (None: a budget in ms)."""
     if target.kind in ("ratio", "macs"):
         return target
     if target.kind == "speedup":
@@ -65,63 +72,113 @@ def _check_target(target: Target) -> Target | None:
     return None
 
 
-def _accuracy_costs(request, planner: str) -> tuple[dict[int, dict], str]:
-    """Each candidate's removed importance (or why it could not be planned)."""
-    allocation = "global" if planner == "global" else "uniform"
-    target = _check_target(request.target)
-    if target is None:
-        return {}, "not checked: a --latency-ms budget has no MACs equivalent before timing"
-    how = (
-        f"{allocation} plans at {target.kind} {target.value:.3g} with the compile's importance"
-        + (
-            " (the latency planner's MACs equivalent)"
-            if planner in ("latency", "latency-aware")
-            else ""
+class _Candidates:
+    """Plans of one request at each alignment, uniform or global as the compile allocates."""
+
+    def __init__(self, request, planner: str):
+        self.request = request
+        self.allocation = "global" if planner == "global" else "uniform"
+        self.target = _check_target(request.target)
+
+    def how(self) -> str:
+        if self.target is None:
+            return "not checked: a --latency-ms budget has no MACs equivalent before timing"
+        latency = self.request.latency is not None
+        return (
+            f"{self.allocation} plans at {self.target.kind} {self.target.value:.3g} with the "
+            "compile's importance" + (" (the latency planner's MACs equivalent)" if latency else "")
         )
-    )
-    rows = {}
-    for a in CANDIDATES:
-        constraints = replace(request.constraints, round_to=a)
-        try:
-            plan = make_plan(
-                request.name,
-                request.imgsz,
-                request.groups,
-                request.scores,
-                request.counter,
-                target,
-                constraints,
-                allocation=allocation,
-            )
-        except PlanError as exc:
-            rows[a] = {"plannable": False, "why": str(exc)}
-            continue
-        rows[a] = {
-            "plannable": True,
-            "importance_removed": removed_importance(plan, request.scores),
-        }
-    return rows, how
+
+    def plan(self, round_to: int, target: Target | None = None) -> PruningPlan:
+        r = self.request
+        return make_plan(
+            r.name,
+            r.imgsz,
+            r.groups,
+            r.scores,
+            r.counter,
+            target or self.target,
+            replace(r.constraints, round_to=round_to),
+            allocation=self.allocation,
+        )
+
+    def all(self) -> dict[int, PruningPlan | str]:
+        """Each candidate's plan, or why it cannot be planned."""
+        plans: dict[int, PruningPlan | str] = {}
+        for a in CANDIDATES:
+            try:
+                plans[a] = self.plan(a)
+            except PlanError as exc:
+                plans[a] = str(exc)
+        return plans
 
 
-def _checked_candidates(speed: dict[int, float], costs: dict[int, dict]) -> list[dict]:
-    """Each candidate's row: relative latency, and where the check ran its importance removed,
-    its cost against the finest plannable candidate and whether it is within the limit. A
-    candidate that cannot be planned is not eligible; without a check every one is."""
-    base = next((costs[a] for a in CANDIDATES if costs.get(a, {}).get("plannable")), None)
+def _timed_speeds(plans: dict[int, PruningPlan], measure) -> dict[int, float]:
+    """Each plan's whole-model time relative to the first's, timed interleaved."""
+    ms = measure({str(a): p for a, p in plans.items()})
+    first = ms[str(next(iter(plans)))]
+    return {a: ms[str(a)] / first for a in plans}
+
+
+def _finest_at_speed(candidates, finest: int, plan: PruningPlan, speed: float, measure) -> dict:
+    """The importance the finest alignment removes when planned to run at ``speed`` (relative
+    to its plan at the target): planned at the MACs that time scales to, then (where timed)
+    interpolated between the two plans' measured speeds."""
+    macs = plan.macs_ratio * speed
+    try:
+        matched = candidates.plan(finest, Target("macs", macs))
+    except PlanError as exc:
+        return {"matched_macs": round(macs, 4), "finest_at_this_speed": None, "why": str(exc)}
+    removed = removed_importance(plan, candidates.request.scores)
+    at_macs = removed_importance(matched, candidates.request.scores)
+    matched_speed = speed
+    if measure is not None:
+        matched_speed = _timed_speeds({finest: plan, -1: matched}, measure)[-1]
+    if 1 - matched_speed > 0.01:  # interpolate (or extrapolate) to ``speed`` along the line
+        at_speed = removed + (at_macs - removed) * (1 - speed) / (1 - matched_speed)
+    else:  # the cheaper plan timed no faster: its own figure is the best estimate
+        at_speed = at_macs
+    return {
+        "matched_macs": round(matched.macs_ratio, 4),
+        "matched_relative_latency": round(matched_speed, 4),
+        "finest_at_this_speed": round(at_speed, 6),
+    }
+
+
+def _rows(candidates, plans, speed, measure) -> list[dict]:
+    """Each candidate's figures and whether it may be chosen (``eligible``)."""
+    scores = candidates.request.scores
+    planned = [a for a in CANDIDATES if isinstance(plans.get(a), PruningPlan)]
+    finest = planned[0] if planned else None
     rows = []
     for a in CANDIDATES:
-        row = {"round_to": a, "relative_latency": round(speed[a], 4), **costs.get(a, {})}
-        if not costs:
+        row: dict = {"round_to": a, "relative_latency": round(speed.get(a, 1.0), 4)}
+        plan = plans.get(a)
+        if candidates.target is None:  # speed alone
+            rows.append({**row, "eligible": True})
+            continue
+        if not isinstance(plan, PruningPlan):
+            rows.append({**row, "plannable": False, "why": plan, "eligible": False})
+            continue
+        row.update(plannable=True, importance_removed=round(removed_importance(plan, scores), 6))
+        if a == finest:
             row["eligible"] = True
-        elif not row["plannable"]:
-            row["eligible"] = False
+        elif speed[a] >= 1 - SPEED_TIE:
+            row["eligible"] = False  # not meaningfully faster than the finest
         else:
-            removed, least = row["importance_removed"], base["importance_removed"]
-            cost = removed / least - 1 if least > 0 else (0.0 if removed == 0 else math.inf)
-            row["accuracy_cost"] = round(cost, 4) if math.isfinite(cost) else None
-            row["eligible"] = cost <= ACCURACY_LIMIT
+            base = plans[finest]
+            row.update(_finest_at_speed(candidates, finest, base, speed[a], measure))
+            best_finest = row["finest_at_this_speed"]
+            row["eligible"] = best_finest is None or row["importance_removed"] <= best_finest
         rows.append(row)
     return rows
+
+
+def _choose(rows: list[dict]) -> int:
+    eligible = [r for r in rows if r["eligible"]] or rows[:1]
+    fastest = min(r["relative_latency"] for r in eligible)
+    tied = [r for r in eligible if r["relative_latency"] <= fastest * (1 + SPEED_TIE)]
+    return min(r["round_to"] for r in tied)
 
 
 # What TensorRT's kernels of each precision want (the note's advice where none was measured).
@@ -130,13 +187,13 @@ TENSORRT_BLOCKS = {"int8": 32, "int8-fp32": 32, "fp16": 8}
 
 def precision_note(record: dict, deployed: str, plans_latency: bool) -> str | None:
     """Why ``--round-to auto``'s choice (``record``) may not hold for a file deployed at
-    ``deployed``: None where the profile timed that precision. ``plans_latency``: the plan came
-    from a latency planner, which cannot profile on TensorRT."""
+    ``deployed``: None where the timing ran at that precision. ``plans_latency``: the plan came
+    from a latency planner, which cannot time on TensorRT."""
     profiled = record["table_key"]["precision"]
     if profiled == deployed:
         return None
     block = TENSORRT_BLOCKS.get(deployed)
-    text = f"the profile timed {profiled} convolutions, the deployed file is {deployed}"
+    text = f"the alignment was timed in {profiled}, the deployed file is {deployed}"
     if block is None:
         return text
     text += f" (TensorRT's {deployed} kernels want multiples of {block})"
@@ -148,25 +205,28 @@ def precision_note(record: dict, deployed: str, plans_latency: bool) -> str | No
     )
 
 
-def choose_alignment(request, planner: str, settings: LatencySettings):
-    """``request`` with ``round_to`` chosen (see the module docstring) and the record of why."""
+def choose_alignment(request, planner: str, settings: LatencySettings, measure=None):
+    """``request`` with ``round_to`` chosen (see the module docstring) and the record of why.
+    ``measure`` times plans applied to the model (ort and torch); without it, or without a MACs
+    equivalent of the target, the alignment profile gives the speeds."""
     table = settings.open(ChainTable)
-    speed = relative_latency(table, bands_for(settings.runtime))
-    costs, how = _accuracy_costs(request, planner)
-    candidates = _checked_candidates(speed, costs)
-    eligible = [r for r in candidates if r["eligible"]] or candidates[:1]
-    fastest = min(r["relative_latency"] for r in eligible)
-    chosen = min(
-        r["round_to"] for r in eligible if r["relative_latency"] <= fastest * (1 + SPEED_TIE)
-    )
-    record = {  # what the plan file keeps: no path and nothing that differs between runs
+    candidates = _Candidates(request, planner)
+    plans = candidates.all() if candidates.target is not None else {}
+    planned = {a: p for a, p in plans.items() if isinstance(p, PruningPlan)}
+    timed = measure is not None and len(planned) > 1
+    if timed:
+        speed = _timed_speeds(planned, measure)
+        how = "whole pruned models timed, interleaved"
+    else:
+        speed = relative_latency(table, bands_for(settings.runtime))
+        how = "the alignment profile (conv chains at equal MACs)"
+    rows = _rows(candidates, plans, speed, measure if timed else None)
+    chosen = _choose(rows)
+    record = {  # what the plan file keeps: no path
         "chosen": chosen,
-        "rule": (
-            f"the finest alignment within {SPEED_TIE:.0%} of the fastest, among those removing "
-            f"at most {ACCURACY_LIMIT:.0%} more importance than the finest plannable one"
-        ),
-        "accuracy_check": how,
-        "candidates": candidates,
+        "rule": f"{RULE}; speed: {how}",
+        "accuracy_check": candidates.how(),
+        "candidates": rows,
         "runtime": settings.runtime,
         "table_key": table.key.__dict__,
     }

@@ -193,9 +193,9 @@ def _planning_args(p: argparse.ArgumentParser) -> None:
         "--round-to",
         type=round_to_value,
         default=None,
-        help="kept channel counts are multiples of this, or auto (default): 8, 16 or 32, "
-        "measured on the latency runtime (cached per machine) and checked for accuracy; the "
-        "report says what was chosen and why",
+        help="kept channel counts are multiples of this, or auto (default): 8, 16 or 32, the "
+        "candidate pruned models timed on the latency runtime and compared at equal speed (a "
+        "cached conv-chain profile on tensorrt); the report says what was chosen and why",
     )
     p.add_argument(
         "--max-ratio",
@@ -379,7 +379,14 @@ def _recovery_args(p) -> None:
         default=None,
         help="fine-tune the pruned model for this many epochs (default: none)",
     )
-    p.add_argument("--batch", type=int, default=None, help="fine-tune batch size (default 16)")
+    p.add_argument("--batch", type=int, default=None, help="fine-tune batch size (default 8)")
+    p.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fine-tune on flipped, HSV- and scale-jittered images (default: off; the original's "
+        "distilled outputs carry the signal in a short fine-tune)",
+    )
     p.add_argument(
         "--distill",
         type=float,

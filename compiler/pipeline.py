@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from yoloprune.compiler.alignment import choose_alignment
+from yoloprune.compiler.alignment import ALIGNMENT_RUNS, choose_alignment
 from yoloprune.compiler.apply import apply_plan, count_params
 from yoloprune.compiler.export import check_parity, export_mode, export_onnx, output_layout
 from yoloprune.compiler.options import CompileOptions
@@ -98,7 +98,8 @@ def plan_for(prepared: Prepared, options: CompileOptions) -> PruningPlan:
     request = plan_request(prepared, options)
     if settings.alignment is None:
         return run_planner(request, settings.planner)
-    request, alignment = choose_alignment(request, settings.planner, settings.alignment)
+    measure = alignment_measure(prepared, settings.alignment)
+    request, alignment = choose_alignment(request, settings.planner, settings.alignment, measure)
     return dataclasses.replace(run_planner(request, settings.planner), alignment=alignment)
 
 
@@ -149,6 +150,14 @@ def plan_latency_measure(prepared: Prepared, settings) -> Measure:
         return {name: t.median_ms for name, t in timings.items()}
 
     return measure
+
+
+def alignment_measure(prepared: Prepared, settings) -> Measure | None:
+    """Times ``--round-to auto``'s candidate plans as whole models on ort or torch; None on
+    TensorRT, where the alignment profile of conv chains stands in."""
+    if settings.runtime not in ("ort", "torch"):
+        return None
+    return plan_latency_measure(prepared, dataclasses.replace(settings, runs=ALIGNMENT_RUNS))
 
 
 def fitted_plan(plan: PruningPlan, prepared: Prepared, source: str) -> PruningPlan:

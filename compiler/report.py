@@ -145,18 +145,25 @@ def _alignment_lines(alignment: dict) -> list[str]:
 
 
 def alignment_text(record: dict) -> str:
-    """``--round-to auto``'s choice in one line: each candidate's measured time at equal MACs
-    and its accuracy cost."""
+    """``--round-to auto``'s choice in one line: each candidate's time against the finest
+    plannable one's, the importance it removes and, for the faster coarse ones, what the finest
+    would remove at the same speed."""
     parts = []
     for row in record["candidates"]:
-        cost = row.get("accuracy_cost")
         text = f"{row['round_to']}: {row['relative_latency']:.3f}x time"
         if row.get("plannable") is False:
             parts.append(text + ", target not plannable at this alignment")
             continue
         if "importance_removed" in row:
-            text += f", {cost:+.1%} importance removed" if cost is not None else ", no baseline"
-        parts.append(text + ("" if row["eligible"] else " (over the accuracy limit)"))
+            text += f", removes {row['importance_removed']:.1%} of the importance"
+        if "finest_at_this_speed" in row:
+            finest = row["finest_at_this_speed"]
+            text += (
+                f" (the finest at this speed: {finest:.1%})"
+                if finest is not None
+                else " (the finest cannot run this fast)"
+            )
+        parts.append(text + ("" if row["eligible"] else ", not taken"))
     key = record["table_key"]
     batch = f" batch {key['batch']}" if key.get("batch", 1) != 1 else ""
     return (

@@ -14,12 +14,22 @@ def _deterministic_threads():
     torch.manual_seed(0)
 
 
+REAL_TIMING = []  # the real pipeline.alignment_measure, for the tests of it
+
+
+def tied_timing(plans: dict) -> dict:
+    """Every candidate model takes the same time."""
+    return dict.fromkeys(plans, 1.0)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _measurement_cache(tmp_path_factory):
     """Latency tables go to a fresh cache (never the user's), and ``--round-to auto`` reads a
-    stand-in alignment profile there: chain times exactly proportional to MACs, so every
-    candidate ties and the finest (8) is chosen, as every test written before auto expects.
-    Tests of the choice itself give their own tables (tests/compiler/test_alignment.py)."""
+    stand-in alignment profile there (chain times exactly proportional to MACs) and times every
+    candidate model alike, so every candidate ties and the finest (8) is chosen, as every test
+    written before auto expects. Tests of the choice itself give their own tables and timings
+    (tests/compiler/test_alignment.py)."""
+    from yoloprune.compiler import pipeline
     from yoloprune.kernels import latency_table
     from yoloprune.kernels.alignment import BANDS, ChainTable
     from yoloprune.kernels.ort import default_threads
@@ -32,7 +42,11 @@ def _measurement_cache(tmp_path_factory):
         table = latency_table.open_table("ort", threads=threads, kind=ChainTable)
         table.entries = {s.key(): s.macs() * 1e-9 for band in BANDS for s in band.shapes()}
         table.save()
+    patch = pytest.MonkeyPatch()
+    REAL_TIMING.append(pipeline.alignment_measure)
+    patch.setattr(pipeline, "alignment_measure", lambda prepared, settings: tied_timing)
     yield cache
+    patch.undo()
     latency_table.DEFAULT_CACHE = before[0]
     if before[1] is None:
         os.environ.pop("YOLOPRUNE_CACHE", None)

@@ -30,22 +30,48 @@ def off_block(block: int, penalty: float):
     return lambda s: s.macs() * 1e-9 * (penalty if s.channels % block else 1.0)
 
 
+def model_off_block(block: int, penalty: float):
+    """Whole-model times: MACs, ``penalty`` times slower where a pruned count is off ``block``."""
+
+    def measure(plans: dict) -> dict:
+        return {
+            name: plan.macs_after
+            * (penalty if any(g.kept % block for g in plan.groups if g.pruned) else 1.0)
+            for name, plan in plans.items()
+        }
+
+    return measure
+
+
+@pytest.fixture
+def timing(monkeypatch):
+    """Time ``--round-to auto``'s candidate models with ``measure(plans)``."""
+    from yoloprune.compiler import pipeline
+
+    def use(measure):
+        monkeypatch.setattr(pipeline, "alignment_measure", lambda prepared, settings: measure)
+
+    return use
+
+
 @pytest.fixture
 def prepared(tiny_model):
     return prepared_for(tiny_model, 64)
 
 
-def test_a_16_channel_block_is_measured_and_chosen(profile, prepared, tmp_path):
-    profile(off_block(16, 1.5))
+def test_a_16_channel_block_is_timed_and_chosen(timing, prepared, tmp_path):
+    timing(model_off_block(16, 1.5))
     plan = plan_for(prepared, CompileOptions("t", macs=0.5, threads=1))
     record = plan.alignment
     rows = {r["round_to"]: r for r in record["candidates"]}
     assert record["chosen"] == plan.round_to == 16
-    assert not {"table", "measured_now"} & set(record)  # nothing machine- or run-specific
-    assert rows[8]["relative_latency"] == 1.0
-    assert rows[16]["relative_latency"] == rows[32]["relative_latency"] < 0.9
-    # the accuracy check: coarser alignments remove more importance on this small model
-    assert 0 < rows[16]["accuracy_cost"] <= alignment.ACCURACY_LIMIT < rows[32]["accuracy_cost"]
+    assert "whole pruned models timed" in record["rule"]
+    assert not {"table", "measured_now"} & set(record)  # no path
+    assert rows[8]["relative_latency"] == 1.0 and rows[8]["eligible"]
+    assert rows[16]["relative_latency"] < 0.7 and rows[32]["relative_latency"] < 0.7
+    # at 16's speed the finest alignment would have to remove more importance than 16 does
+    assert rows[16]["importance_removed"] <= rows[16]["finest_at_this_speed"]
+    assert rows[16]["matched_macs"] < plan.macs_ratio * 0.75
     assert [r["eligible"] for r in record["candidates"]] == [True, True, False]
     assert all(g.kept % 16 == 0 for g in plan.groups if g.pruned)
     # the record travels with the plan file
@@ -54,24 +80,44 @@ def test_a_16_channel_block_is_measured_and_chosen(profile, prepared, tmp_path):
     assert PruningPlan.load(path).alignment == record
 
 
-def test_a_faster_block_over_the_accuracy_limit_is_not_taken(profile, prepared, monkeypatch):
-    profile(off_block(32, 3.0))  # 32 the fastest; 16 (half its counts on the block) next
+def test_a_coarse_alignment_costlier_than_pruning_deeper_is_not_taken(timing, prepared):
+    """16 runs 5 % faster, but the finest alignment planned to run that fast removes less
+    importance than 16 does at the target: pruning a little deeper is the better buy."""
+    timing(model_off_block(16, 1.05))
     options = CompileOptions("t", macs=0.5, threads=1)
-    speed = {
-        r["round_to"]: r["relative_latency"]
-        for r in plan_for(prepared, options).alignment["candidates"]
-    }
-    assert speed[32] < speed[16] * (1 - alignment.SPEED_TIE) < speed[8]
-    assert plan_for(prepared, options).round_to == 16  # 32 removes too much importance
-    monkeypatch.setattr(alignment, "ACCURACY_LIMIT", 10.0)
-    assert plan_for(prepared, options).round_to == 32
+    plan = plan_for(prepared, options)
+    rows = {r["round_to"]: r for r in plan.alignment["candidates"]}
+    assert rows[16]["relative_latency"] < 1 - alignment.SPEED_TIE
+    assert rows[16]["finest_at_this_speed"] < rows[16]["importance_removed"]
+    assert plan.round_to == 8 and not rows[16]["eligible"]
 
 
-def test_ties_go_to_the_finest_alignment(profile, prepared):
-    profile(lambda s: s.macs() * 1e-9)
+def test_ties_go_to_the_finest_alignment(prepared):
+    """The test session times every candidate alike (tests/conftest.py)."""
     plan = plan_for(prepared, CompileOptions("t", macs=0.5, threads=1))
     assert plan.round_to == 8
     assert [r["relative_latency"] for r in plan.alignment["candidates"]] == [1.0, 1.0, 1.0]
+    assert [r["eligible"] for r in plan.alignment["candidates"]] == [True, False, False]
+
+
+def test_the_real_timing_times_whole_candidate_models(prepared):
+    """The unpatched timing (ONNX Runtime, 20 interleaved runs of each candidate model): the
+    record's figures are relative to the finest plannable candidate, whichever is chosen."""
+    from tests.conftest import REAL_TIMING
+    from yoloprune.compiler import alignment as module
+    from yoloprune.compiler.pipeline import plan_request
+
+    options = CompileOptions("t", macs=0.5, threads=1)
+    measure = REAL_TIMING[0](prepared, options.settings.alignment)
+    request, record = module.choose_alignment(
+        plan_request(prepared, options), "uniform", options.settings.alignment, measure
+    )
+    rows = record["candidates"]
+    assert rows[0]["relative_latency"] == 1.0
+    assert all(0.2 < r["relative_latency"] < 5 for r in rows)
+    assert record["chosen"] == request.constraints.round_to in (8, 16, 32)
+    tensorrt = dataclasses.replace(options.settings.alignment, runtime="tensorrt")
+    assert REAL_TIMING[0](prepared, tensorrt) is None  # the chain profile stands in
 
 
 def test_a_given_round_to_is_used_as_it_is(profile, prepared):
@@ -112,12 +158,12 @@ def test_round_to_values(prepared):
         CompileOptions("t", round_to=0)
 
 
-def test_iterative_steps_keep_the_first_steps_alignment(profile, tiny_yaml, tmp_path):
+def test_iterative_steps_keep_the_first_steps_alignment(timing, tiny_yaml, tmp_path):
     """Every step plans on the alignment the first one chose, so the composed plan is aligned
     to it and replays."""
     from yoloprune.compiler.pipeline import compile_model
 
-    profile(off_block(16, 1.5))
+    timing(model_off_block(16, 1.5))
     options = CompileOptions(
         str(tiny_yaml), imgsz=64, macs=0.5, steps=2, threads=1, bench=False, out=tmp_path / "o"
     )
@@ -129,10 +175,10 @@ def test_iterative_steps_keep_the_first_steps_alignment(profile, tiny_yaml, tmp_
     assert plan.round_to == 16 and all(g.kept % 16 == 0 for g in plan.groups if g.pruned)
 
 
-def test_a_damaged_alignment_record_is_refused_on_load(profile, prepared, tmp_path):
+def test_a_damaged_alignment_record_is_refused_on_load(timing, prepared, tmp_path):
     import json
 
-    profile(off_block(16, 1.5))
+    timing(model_off_block(16, 1.5))
     plan = plan_for(prepared, CompileOptions("t", macs=0.5, threads=1))
     data = json.loads(plan.to_json())
     data["alignment"] = {"chosen": 16}
@@ -145,28 +191,35 @@ def test_a_damaged_alignment_record_is_refused_on_load(profile, prepared, tmp_pa
     assert PruningPlan.load(path).alignment is None
 
 
-def test_no_plannable_baseline_leaves_no_candidate_unchecked():
-    """The cost is measured against the finest plannable candidate; one that cannot be planned
-    is never eligible, and nothing is eligible by a missing cost."""
-    speed = {8: 1.0, 16: 0.9, 32: 0.8}
-    costs = {
-        8: {"plannable": False, "why": "x"},
-        16: {"plannable": True, "importance_removed": 0.2},
-        32: {"plannable": True, "importance_removed": 0.4},
-    }
-    rows = alignment._checked_candidates(speed, costs)
-    assert [r["eligible"] for r in rows] == [False, True, False]
-    assert [r.get("accuracy_cost") for r in rows] == [None, 0.0, 1.0]
-    zero = {a: {"plannable": True, "importance_removed": v} for a, v in ((8, 0), (16, 0), (32, 1))}
-    checked = alignment._checked_candidates(speed, zero)
-    assert [r["eligible"] for r in checked] == [True, True, False]
-    unchecked = alignment._checked_candidates(speed, {})
-    assert all(r["eligible"] and "accuracy_cost" not in r for r in unchecked)
+def test_no_plannable_finest_leaves_no_candidate_unchecked(prepared):
+    """Costs are compared with the finest *plannable* candidate; one that cannot be planned is
+    never eligible; untimed (the profile), the finest's matched plan is assumed to run at the
+    speed its MACs scale to."""
+    from yoloprune.compiler.pipeline import plan_request
+
+    request = plan_request(prepared, CompileOptions("t", macs=0.5, threads=1))
+    candidates = alignment._Candidates(request, "uniform")
+    plans = candidates.all()
+    plans[8] = "cannot be met"
+    rows = alignment._rows(candidates, plans, {8: 1.0, 16: 1.0, 32: 0.5}, None)
+    assert [r["eligible"] for r in rows] == [False, True, rows[2]["eligible"]]
+    assert rows[0]["plannable"] is False and "finest_at_this_speed" not in rows[1]
+    assert rows[2]["matched_relative_latency"] == 0.5
+    assert rows[2]["eligible"] == (
+        rows[2]["finest_at_this_speed"] is None
+        or rows[2]["importance_removed"] <= rows[2]["finest_at_this_speed"]
+    )
+    budget = plan_request(prepared, CompileOptions("t", latency_ms=1.0))
+    unchecked = alignment._Candidates(budget, "latency")
+    rows = alignment._rows(unchecked, {}, {8: 1.0, 16: 0.9, 32: 0.8}, None)
+    assert all(r["eligible"] and "importance_removed" not in r for r in rows)
+    assert alignment._choose(rows) == 32
 
 
-def test_the_profile_is_measured_at_the_latency_batch(profile, prepared, monkeypatch):
-    """--latency-batch N: the profile of batch N decides (a cache of its own), and the report
-    line names the batch."""
+def test_the_profile_is_measured_at_the_latency_batch(profile, prepared):
+    """--latency-batch N: the profile of batch N decides a --latency-ms compile's alignment (a
+    cache of its own), and the report line names the batch."""
+    from yoloprune.compiler.pipeline import plan_request
     from yoloprune.compiler.report import alignment_text
 
     profile(off_block(16, 1.5))  # batch 1 would choose 16
@@ -174,12 +227,23 @@ def test_the_profile_is_measured_at_the_latency_batch(profile, prepared, monkeyp
     flat = {s.key(): s.macs() * 1e-9 for band in BANDS for s in band.shapes()}  # 8 wins ties
     batched.entries = flat
     batched.save()
-    plan = plan_for(prepared, CompileOptions("t", macs=0.5, threads=1, latency_batch=2))
-    assert plan.alignment["table_key"]["batch"] == 2
-    assert plan.alignment["chosen"] == 8
-    assert " fp32 batch 2 (" in alignment_text(plan.alignment)
-    one = plan_for(prepared, CompileOptions("t", macs=0.5, threads=1))
-    assert one.alignment["chosen"] == 16 and " fp32 (" in alignment_text(one.alignment)
+    for batch, chosen, text in ((2, 8, " fp32 batch 2 ("), (None, 16, " fp32 (")):
+        options = CompileOptions("t", latency_ms=1.0, threads=1, latency_batch=batch)
+        _, record = alignment.choose_alignment(
+            plan_request(prepared, options), "latency", options.settings.alignment
+        )
+        assert record["table_key"]["batch"] == (batch or 1)
+        assert record["chosen"] == chosen and text in alignment_text(record)
+
+
+def test_the_candidate_models_are_timed_at_the_latency_batch(prepared, monkeypatch):
+    from tests.conftest import REAL_TIMING
+    from yoloprune.compiler import pipeline
+
+    seen = []
+    monkeypatch.setattr(pipeline, "plan_latency_measure", lambda p, s: seen.append(s))
+    REAL_TIMING[0](prepared, CompileOptions("t", macs=0.5, latency_batch=2).settings.alignment)
+    assert seen[0].batch == 2 and seen[0].runs == alignment.ALIGNMENT_RUNS
 
 
 def test_auto_is_the_default_so_saying_it_is_never_refused(profile, prepared, tmp_path):
@@ -193,20 +257,20 @@ def test_auto_is_the_default_so_saying_it_is_never_refused(profile, prepared, tm
         CompileOptions("t", plan=path, round_to=16)
 
 
-def test_a_profile_at_another_precision_says_so(profile, prepared, tmp_path):
+def test_a_profile_at_another_precision_says_so(timing, prepared, tmp_path):
     """The ORT profile times fp32 convolutions; an fp16 or int8 file deploys other kernels, so
     the report (and compile's output) says what to measure instead, also for a replayed plan:
     the note compares the plan's profile with the file this compile deploys, and the plan
     file itself stays precision-free."""
     from yoloprune.compiler.report import _precision_note
 
-    profile(off_block(16, 1.5))
+    timing(model_off_block(16, 1.5))
     plan = plan_for(prepared, CompileOptions("t", macs=0.5, threads=1))
     assert "precision_note" not in plan.alignment
     assert _precision_note(plan, CompileOptions("t", macs=0.5)) is None
     note = _precision_note(plan, CompileOptions("t", macs=0.5, precision="fp16"))
     assert note == (
-        "the profile timed fp32 convolutions, the deployed file is fp16 (TensorRT's fp16 "
+        "the alignment was timed in fp32, the deployed file is fp16 (TensorRT's fp16 "
         "kernels want multiples of 8): measure on the deployment GPU with --latency-runtime "
         "tensorrt, or pass --round-to 8"
     )
@@ -227,7 +291,7 @@ def test_a_profile_at_another_precision_says_so(profile, prepared, tmp_path):
     same = {"table_key": {"precision": "int8-fp32"}}
     assert alignment.precision_note(same, "int8-fp32", False) is None
     unguided = alignment.precision_note({"table_key": {"precision": "fp16"}}, "fp32", False)
-    assert unguided == "the profile timed fp16 convolutions, the deployed file is fp32"
+    assert unguided == "the alignment was timed in fp16, the deployed file is fp32"
 
 
 def test_tensorrt_times_the_profile_at_the_compiles_precision(monkeypatch, tmp_path):

@@ -46,20 +46,38 @@ def test_given_values_are_honoured_not_replaced():
     assert s.bench_runs == 3 and s.parity_tolerance == 0.01 and s.out == Path("x")
     train = s.train
     assert (train.epochs, train.lr0, train.optimizer, train.distill) == (3, 0.002, "adamw", 0.0)
-    assert train.batch == 16  # not given: the trainer's default
+    assert train.batch == 8 and not train.augment  # not given: the compile's defaults
     assert options.settings is s  # resolved once
 
 
 def test_fine_tune_defaults_are_distilled_adamw_with_one_update_per_batch():
     given = {"data": Path("d.yaml"), "reconstruct": False, "importance": "l2"}  # reads no data
     train = CompileOptions("m.yaml", epochs=2, **given).settings.train
-    assert (train.optimizer, train.distill, train.batch) == ("adamw", 1.0, 16)
+    assert (train.optimizer, train.distill, train.batch, train.augment) == ("adamw", 1.0, 8, False)
     assert train.lr0 is None and train.default_lr0 == 0.003
     assert train.nominal_batch is None and train.warmup == 0.25 and train.warmup_bias_lr is None
     sgd_train = CompileOptions(
         "m.yaml", epochs=2, optimizer="sgd", distill=0.0, **given
     ).settings.train
     assert (sgd_train.optimizer, sgd_train.distill, sgd_train.default_lr0) == ("sgd", 0.0, 0.01)
+    given_back = CompileOptions("m.yaml", epochs=2, batch=16, augment=True, **given).settings.train
+    assert (given_back.batch, given_back.augment) == (16, True)
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        ({"batch": 8}, "--batch"),
+        ({"augment": False}, "--no-augment"),
+        ({"augment": True, "lr0": 0.01}, "--lr0, --augment"),
+        ({"distill": 0.0, "optimizer": "sgd"}, "--distill, --optimizer"),
+    ],
+)
+def test_fine_tune_flags_without_epochs_are_refused(flags, named):
+    with pytest.raises(PlanError, match=f"^{named} set the fine-tune.*add --epochs or drop them"):
+        CompileOptions("m.yaml", **flags)
+    with pytest.raises(PlanError, match=f"^{named} set the fine-tune"):
+        CompileOptions("m.yaml", epochs=0, **flags)
 
 
 @pytest.mark.parametrize(

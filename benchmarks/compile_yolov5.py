@@ -180,9 +180,10 @@ def defaults_text(row: dict) -> str:
     speed = ", ".join(
         f"{c['round_to']}: {c['relative_latency']:.3f}" for c in alignment.get("candidates", [])
     )
+    timed = alignment.get("rule", "").split("speed: ")[-1]
     return (
         f"default ratio {default['latency_ratio']:.3f} (round_to {default['plan']['round_to']} "
-        f"chosen; profile {speed}); best `{best}` {ours[best]['latency_ratio']:.3f}; gap "
+        f"chosen; {timed}: {speed}); best `{best}` {ours[best]['latency_ratio']:.3f}; gap "
         f"{gap:+.3f} ({'within' if gap <= 0.01 else 'NOT within'} 0.01); "
         f"{'<=' if default['latency_ratio'] <= 0.5 else '>'} 0.50"
     )
@@ -214,8 +215,9 @@ def render(result: dict) -> str:
         "DFL in its deployment form (`DeploymentDFL`, same values, no Softmax; baseline and "
         "pruned alike).",
         "yoloprune rows: the default flags (`--macs 0.5`: uniform L2, `--round-to auto`, the "
-        "alignment measured on this machine, see below), then each alignment fixed (16 is the "
-        "channel block ONNX Runtime's CPU convolutions use on AVX-512, 8 on AVX2); "
+        "candidate models timed on this machine and compared at equal speed, see below), then "
+        "each alignment fixed (16 is the channel block ONNX Runtime's CPU convolutions use on "
+        "AVX-512, 8 on AVX2); "
         "`--latency-aware` removes channels by importance lost per millisecond saved (per-layer "
         "ORT latency table) until the MACs target is met; `--drop-blocks` lets that knapsack "
         "also remove whole residual bottlenecks (shortcut kept; the blocks removed are listed "

@@ -113,27 +113,51 @@ class _Candidates:
         return plans
 
 
-def _timed_speeds(plans: dict[int, PruningPlan], measure) -> dict[int, float]:
+def _timed_speeds(plans: dict, measure) -> dict:
     """Each plan's whole-model time relative to the first's, timed interleaved."""
-    ms = measure({str(a): p for a, p in plans.items()})
+    ms = measure({str(k): p for k, p in plans.items()})
     first = ms[str(next(iter(plans)))]
-    return {a: ms[str(a)] / first for a in plans}
+    return {k: ms[str(k)] / first for k in plans}
 
 
-def _finest_at_speed(candidates, finest: int, plan: PruningPlan, speed: float, measure) -> dict:
-    """The importance the finest alignment removes when planned to run at ``speed`` (relative
-    to its plan at the target): planned at the MACs that time scales to, then (where timed)
-    interpolated between the two plans' measured speeds."""
-    macs = plan.macs_ratio * speed
-    try:
-        matched = candidates.plan(finest, Target("macs", macs))
-    except PlanError as exc:
-        return {"matched_macs": round(macs, 4), "finest_at_this_speed": None, "why": str(exc)}
-    removed = removed_importance(plan, candidates.request.scores)
-    at_macs = removed_importance(matched, candidates.request.scores)
-    matched_speed = speed
-    if measure is not None:
-        matched_speed = _timed_speeds({finest: plan, -1: matched}, measure)[-1]
+def _worth_checking(plans, finest, speed) -> list[int]:
+    """The coarser plannable candidates faster than the finest by more than SPEED_TIE."""
+    return [
+        a
+        for a in CANDIDATES
+        if a != finest and isinstance(plans.get(a), PruningPlan) and speed[a] < 1 - SPEED_TIE
+    ]
+
+
+def _matched_plans(candidates, base: PruningPlan, finest: int, speed: dict, coarser) -> dict:
+    """For each coarser candidate: the finest alignment planned at the MACs its speed scales
+    to, or the figures saying why it cannot be."""
+    matched: dict[int, PruningPlan | dict] = {}
+    for a in coarser:
+        macs = base.macs_ratio * speed[a]
+        try:
+            matched[a] = candidates.plan(finest, Target("macs", macs))
+        except PlanError as exc:
+            why = str(exc)
+            matched[a] = {"matched_macs": round(macs, 4), "finest_at_this_speed": None, "why": why}
+    return matched
+
+
+def _matched_speeds(base: PruningPlan, matched: dict, speed: dict, measure) -> dict[int, float]:
+    """Each matched plan's speed relative to the finest's plan at the target: all timed in one
+    interleaved measurement with it, or (untimed) the speed its MACs were scaled to."""
+    plans = {a: p for a, p in matched.items() if isinstance(p, PruningPlan)}
+    if measure is None or not plans:
+        return {a: speed[a] for a in plans}
+    timed = _timed_speeds({"finest": base, **plans}, measure)
+    return {a: timed[a] for a in plans}
+
+
+def _finest_at_speed(removed: float, matched: PruningPlan, speed: float, matched_speed, scores):
+    """The importance the finest alignment removes to run at ``speed`` (relative to its plan at
+    the target, which removes ``removed``): interpolated between that plan and ``matched`` (the
+    finest planned at the MACs ``speed`` scales to, timed at ``matched_speed``)."""
+    at_macs = removed_importance(matched, scores)
     if 1 - matched_speed > 0.01:  # interpolate (or extrapolate) to ``speed`` along the line
         at_speed = removed + (at_macs - removed) * (1 - speed) / (1 - matched_speed)
     else:  # the cheaper plan timed no faster: its own figure is the best estimate
@@ -145,11 +169,28 @@ def _finest_at_speed(candidates, finest: int, plan: PruningPlan, speed: float, m
     }
 
 
+def _comparisons(candidates, plans, finest, speed, measure) -> dict[int, dict]:
+    """For each coarser candidate worth checking, the finest alignment's figures at its speed;
+    every matched plan is timed in one measurement with the finest's plan."""
+    base = plans[finest]
+    matched = _matched_plans(candidates, base, finest, speed, _worth_checking(plans, finest, speed))
+    matched_speed = _matched_speeds(base, matched, speed, measure)
+    scores = candidates.request.scores
+    removed = removed_importance(base, scores)
+    return {
+        a: m
+        if isinstance(m, dict)
+        else _finest_at_speed(removed, m, speed[a], matched_speed[a], scores)
+        for a, m in matched.items()
+    }
+
+
 def _rows(candidates, plans, speed, measure) -> list[dict]:
     """Each candidate's figures and whether it may be chosen (``eligible``)."""
     scores = candidates.request.scores
     planned = [a for a in CANDIDATES if isinstance(plans.get(a), PruningPlan)]
     finest = planned[0] if planned else None
+    checked = _comparisons(candidates, plans, finest, speed, measure) if planned else {}
     rows = []
     for a in CANDIDATES:
         row: dict = {"round_to": a, "relative_latency": round(speed.get(a, 1.0), 4)}
@@ -163,11 +204,10 @@ def _rows(candidates, plans, speed, measure) -> list[dict]:
         row.update(plannable=True, importance_removed=round(removed_importance(plan, scores), 6))
         if a == finest:
             row["eligible"] = True
-        elif speed[a] >= 1 - SPEED_TIE:
+        elif a not in checked:
             row["eligible"] = False  # not meaningfully faster than the finest
         else:
-            base = plans[finest]
-            row.update(_finest_at_speed(candidates, finest, base, speed[a], measure))
+            row.update(checked[a])
             best_finest = row["finest_at_this_speed"]
             row["eligible"] = best_finest is None or row["importance_removed"] <= best_finest
         rows.append(row)

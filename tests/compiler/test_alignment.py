@@ -80,6 +80,26 @@ def test_a_16_channel_block_is_timed_and_chosen(timing, prepared, tmp_path):
     assert PruningPlan.load(path).alignment == record
 
 
+def test_the_matched_plans_are_timed_together_with_the_finest_once(timing, prepared):
+    """Two measurements: the candidates, then the finest's plan with every coarser candidate's
+    matched plan, interleaved (the finest exported and timed once, not once per candidate)."""
+    calls, times = [], []
+    slow_off_16 = model_off_block(16, 1.5)
+
+    def measure(plans: dict) -> dict:
+        calls.append(list(plans))
+        times.append(slow_off_16(plans))
+        return times[-1]
+
+    timing(measure)
+    plan = plan_for(prepared, CompileOptions("t", macs=0.5, threads=1))
+    assert calls == [["8", "16", "32"], ["finest", "16", "32"]]
+    rows = {r["round_to"]: r for r in plan.alignment["candidates"]}
+    for a in ("16", "32"):  # relative to the finest's time in the same measurement
+        relative = times[1][a] / times[1]["finest"]
+        assert rows[int(a)]["matched_relative_latency"] == round(relative, 4) < 1
+
+
 def test_a_coarse_alignment_costlier_than_pruning_deeper_is_not_taken(timing, prepared):
     """16 runs 5 % faster, but the finest alignment planned to run that fast removes less
     importance than 16 does at the target: pruning a little deeper is the better buy."""

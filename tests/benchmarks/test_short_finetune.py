@@ -17,9 +17,10 @@ def short_finetune():
     return module
 
 
-def point(target: str, ratio: float, finetuned: float) -> dict:
+def point(target: str, ratio: float, finetuned: float, epochs: int = 2) -> dict:
     return {
         "target": target,
+        "epochs": epochs,
         "macs_kept": 0.42,
         "round_to": 16,
         "latency_ratio": ratio,
@@ -39,16 +40,20 @@ def test_the_table_states_each_point_and_marks_what_make_compile_runs(short_fine
         "model": "m",
         "data": "d",
         "epochs": 2,
-        "demo": "--speedup 1.75 --epochs 2",
-        "front": [point("--speedup 1.75", 0.559, 0.72), point("--macs 0.4", 0.553, 0.76)],
+        "demo": "--macs 0.4 --epochs 3",
+        "front": [
+            point("--speedup 1.75", 0.559, 0.72),
+            point("--macs 0.4", 0.553, 0.76),
+            point("--macs 0.4", 0.55, 0.77, epochs=3),
+        ],
         "recipes": {"previous recipe": {"map_per_epoch": [0.4687, 0.56], "seconds": 129.2}},
     }
     text = short_finetune.render(result, "x.png")
     rows = [line for line in text.splitlines() if line.startswith("| `--")]
     assert rows[0] == (
-        "| `--speedup 1.75` (`make compile`) | 0.420 | 16 | 0.559 | 0.5000 | 0.7200 (90.0%) "
-        "| 130 | 172 |"
+        "| `--speedup 1.75` | 2 | 0.420 | 16 | 0.559 | 0.5000 | 0.7200 (90.0%) | 130 | 172 |"
     )
-    assert rows[1].startswith("| `--macs 0.4` | ") and "0.7600 (95.0%)" in rows[1]
+    assert rows[1].startswith("| `--macs 0.4` | 2 | ") and "0.7600 (95.0%)" in rows[1]
+    assert rows[2].startswith("| `--macs 0.4` (`make compile`) | 3 | 0.420 | 16 | 0.550 |")
     assert "| previous recipe | 0.4687 → 0.5600 | 129 |" in text
     assert "test cpu (avx2), 2 cores" in text and "![latency against mAP](x.png)" in text

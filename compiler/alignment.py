@@ -39,8 +39,12 @@ SPEED_TIE = 0.03
 # speed (MACs 0.27) removes 11.6 %; their mAPs: one-shot 0.5544 and 0.5521, after 2 epochs
 # 0.7573 and 0.7595. A 2 % timing noise moves the finest's estimate by about 3 %.
 IMPORTANCE_TIE = 0.10
-# Interleaved timed runs of each candidate model (the planners' closed loop takes 30).
+# Interleaved timed runs of each candidate model (the planners' closed loop takes 30), extended
+# within ALIGNMENT_SECONDS per model (up to kernels.timing.MAX_RUNS): on the embedded YOLOv5n
+# (1.5 ms a run) 20 runs put the finest's importance at 16's speed at 10.4-12.5 % in three
+# tries (the choice flipped), 200 runs at 11.3-11.7 %. 20 runs of yolov8s at 640 take ~1 s.
 ALIGNMENT_RUNS = 20
+ALIGNMENT_SECONDS = 1.0
 RULE = (
     f"the fastest of the finest plannable alignment and the coarser ones faster by more than "
     f"{SPEED_TIE:.0%} that remove no more importance than the finest would at the same speed "
@@ -175,14 +179,14 @@ def _finest_at_speed(removed: float, matched: PruningPlan, speed: float, matched
     }
 
 
-def _comparisons(candidates, plans, finest, speed, measure) -> dict[int, dict]:
-    """For each coarser candidate worth checking, the finest alignment's figures at its speed;
-    every matched plan is timed in one measurement with the finest's plan."""
+def _comparisons(candidates, plans, finest, removed, speed, measure) -> dict[int, dict]:
+    """For each coarser candidate worth checking, the finest alignment's figures at its speed
+    (``removed``: the importance the finest's plan removes at the target); every matched plan
+    is timed in one measurement with the finest's plan."""
     base = plans[finest]
     matched = _matched_plans(candidates, base, finest, speed, _worth_checking(plans, finest, speed))
     matched_speed = _matched_speeds(base, matched, speed, measure)
     scores = candidates.request.scores
-    removed = removed_importance(base, scores)
     return {
         a: m
         if isinstance(m, dict)
@@ -200,9 +204,15 @@ def _no_costlier(removed: float, finest_at_speed: float | None) -> bool:
 def _rows(candidates, plans, speed, measure) -> list[dict]:
     """Each candidate's figures and whether it may be chosen (``eligible``)."""
     scores = candidates.request.scores
-    planned = [a for a in CANDIDATES if isinstance(plans.get(a), PruningPlan)]
-    finest = planned[0] if planned else None
-    checked = _comparisons(candidates, plans, finest, speed, measure) if planned else {}
+    removed = {
+        a: removed_importance(plans[a], scores)
+        for a in CANDIDATES
+        if isinstance(plans.get(a), PruningPlan)
+    }
+    finest = next(iter(removed), None)
+    checked = (
+        _comparisons(candidates, plans, finest, removed[finest], speed, measure) if removed else {}
+    )
     rows = []
     for a in CANDIDATES:
         row: dict = {"round_to": a, "relative_latency": round(speed.get(a, 1.0), 4)}
@@ -213,7 +223,7 @@ def _rows(candidates, plans, speed, measure) -> list[dict]:
         if not isinstance(plan, PruningPlan):
             rows.append({**row, "plannable": False, "why": plan, "eligible": False})
             continue
-        row.update(plannable=True, importance_removed=round(removed_importance(plan, scores), 6))
+        row.update(plannable=True, importance_removed=round(removed[a], 6))
         if a == finest:
             row["eligible"] = True
         elif a not in checked:
@@ -267,7 +277,10 @@ def choose_alignment(request, planner: str, settings: LatencySettings, measure=N
     timed = measure is not None and len(planned) > 1
     if timed:
         speed = _timed_speeds(planned, measure)
-        how = "whole pruned models timed, interleaved"
+        how = (
+            f"whole pruned models timed, interleaved (at least {ALIGNMENT_RUNS} runs each, more "
+            f"within {ALIGNMENT_SECONDS:g} s)"
+        )
     else:
         speed = relative_latency(table, bands_for(settings.runtime))
         how = "the alignment profile (conv chains at equal MACs)"

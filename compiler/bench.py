@@ -36,11 +36,12 @@ class BenchSettings:
     runs: int = 50
     warmup: int = 10
     cuda_graph: bool = False
+    seconds: float = 0.0  # more runs (up to kernels.timing.MAX_RUNS) within this, per model
 
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIMES:
             raise YoloPruneError(f"--runtime {self.runtime}: use one of {', '.join(RUNTIMES)}")
-        if self.batch < 1 or self.runs < 1 or self.warmup < 0:
+        if self.batch < 1 or self.runs < 1 or self.warmup < 0 or self.seconds < 0:
             raise YoloPruneError("--batch and --runs must be positive, --warmup non-negative")
         if self.runtime == "ort" and self.precision not in (None, "fp32"):
             raise YoloPruneError(
@@ -156,7 +157,9 @@ def time_sources(sources: dict, settings: BenchSettings, imgsz: int):
             name: active.enter_context(make(source, settings, imgsz, Path(tmp), i))
             for i, (name, source) in enumerate(sources.items())
         }
-        timings = time_runners(runners, images, runs=settings.runs, warmup=settings.warmup)
+        timings = time_runners(
+            runners, images, runs=settings.runs, warmup=settings.warmup, seconds=settings.seconds
+        )
         described = next(iter(runners.values())).describe()
     return timings, described
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from yoloprune.compiler.alignment import ALIGNMENT_RUNS, choose_alignment
+from yoloprune.compiler.alignment import ALIGNMENT_RUNS, ALIGNMENT_SECONDS, choose_alignment
 from yoloprune.compiler.apply import apply_plan, count_params
 from yoloprune.compiler.export import check_parity, export_mode, export_onnx, output_layout
 from yoloprune.compiler.options import CompileOptions
@@ -126,8 +126,9 @@ def plan_request(prepared: Prepared, options: CompileOptions) -> PlanRequest:
     )
 
 
-def plan_latency_measure(prepared: Prepared, settings) -> Measure:
-    """Times plans applied to ``prepared.model`` on the latency runtime, interleaved."""
+def plan_latency_measure(prepared: Prepared, settings, seconds: float = 0.0) -> Measure:
+    """Times plans applied to ``prepared.model`` on the latency runtime, interleaved (more
+    runs within ``seconds`` per model)."""
     from yoloprune.compiler.bench import BenchSettings, time_models
 
     bench = BenchSettings(
@@ -139,6 +140,7 @@ def plan_latency_measure(prepared: Prepared, settings) -> Measure:
         precision=settings.precision,
         runs=settings.runs,
         warmup=3,
+        seconds=seconds,
     )
 
     def measure(plans: dict[str, PruningPlan | None]) -> dict[str, float]:
@@ -157,7 +159,8 @@ def alignment_measure(prepared: Prepared, settings) -> Measure | None:
     TensorRT, where the alignment profile of conv chains stands in."""
     if settings.runtime not in ("ort", "torch"):
         return None
-    return plan_latency_measure(prepared, dataclasses.replace(settings, runs=ALIGNMENT_RUNS))
+    fixed_runs = dataclasses.replace(settings, runs=ALIGNMENT_RUNS)
+    return plan_latency_measure(prepared, fixed_runs, seconds=ALIGNMENT_SECONDS)
 
 
 def fitted_plan(plan: PruningPlan, prepared: Prepared, source: str) -> PruningPlan:

@@ -100,11 +100,16 @@ class Runner(abc.ABC):
 
 
 def time_runners(
-    runners: Mapping[str, Runner], inputs: Any = None, runs: int = 20, warmup: int = 3
+    runners: Mapping[str, Runner],
+    inputs: Any = None,
+    runs: int = 20,
+    warmup: int = 3,
+    seconds: float = 0.0,
 ) -> dict[str, Timing]:
     """Time active runners of one kind against each other on the same ``inputs`` (None: each
     runner's own fixed input, where it has one), interleaved in the order they need, each
-    synchronised and clocked by its own hooks: {name: Timing}."""
+    synchronised and clocked by its own hooks: {name: Timing}. ``seconds``: more runs within
+    that budget (:func:`kernels.timing.interleaved`)."""
     if not runners:
         raise ValueError("time_runners needs at least one runner")
     inactive = [name for name, r in runners.items() if not r.is_active]
@@ -120,6 +125,7 @@ def time_runners(
         {name: partial(r.infer, inputs) for name, r in runners.items()},
         runs=runs,
         warmup=warmup,
+        seconds=seconds,
         sync={name: r.sync for name, r in runners.items()},
         clock={name: r.clock() for name, r in runners.items()},
         **orders[0],

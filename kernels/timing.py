@@ -26,6 +26,10 @@ class Timing:
         return asdict(self)
 
 
+# The most timed calls a time budget (``interleaved(seconds=...)``) extends a measurement to.
+MAX_RUNS = 300
+
+
 def _summarise(samples_ms: list[float], warmup: int) -> Timing:
     ordered = sorted(samples_ms)
     p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
@@ -85,16 +89,19 @@ def interleaved(
     clock: Clock | Mapping[str, Clock | None] | None = None,
     block: int = 1,
     rewarm: int = 0,
+    seconds: float = 0.0,
 ) -> dict[str, Timing]:
     """Time several callables A B A B ... so machine noise hits them alike: ``runs`` timed
     calls each, taken in turns of ``block`` consecutive calls, every turn after ``rewarm``
-    untimed calls (for runtimes whose idle threads spin on and would slow the next one).
+    untimed calls (for runtimes whose idle threads spin on and would slow the next one). With
+    ``seconds``, more turns follow while the slowest callable's timed total stays within it
+    (at most :data:`MAX_RUNS` calls each): fast models get the runs their noise needs.
 
     ``sync`` and ``clock`` are one for all callables or a mapping by name (runners on their own
     streams: each is timed on its own clock, and every one is synchronised before a timed call
     starts, so no runner's queued work overlaps another's timing)."""
-    if runs < 1 or warmup < 0 or block < 1 or rewarm < 0:
-        raise ValueError("runs and block must be >= 1, warmup and rewarm >= 0")
+    if runs < 1 or warmup < 0 or block < 1 or rewarm < 0 or seconds < 0:
+        raise ValueError("runs and block must be >= 1, warmup, rewarm and seconds >= 0")
     sync_of = sync if isinstance(sync, Mapping) else dict.fromkeys(fns, sync)
     clock_of = clock if isinstance(clock, Mapping) else dict.fromkeys(fns, clock)
     syncs = {name: sync_of.get(name) or _no_sync for name in fns}
@@ -110,15 +117,22 @@ def interleaved(
             fn()
         syncs[name]()
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    while len(next(iter(samples.values()))) < runs:
-        for name, fn in fns.items():
-            for _ in range(rewarm):
-                fn()
-            for _ in range(min(block, runs - len(samples[name]))):
-                sync_all()
-                clocks[name].start()
-                fn()
-                samples[name].append(clocks[name].stop(syncs[name]))
+
+    def take(total: int) -> None:
+        while len(next(iter(samples.values()))) < total:
+            for name, fn in fns.items():
+                for _ in range(rewarm):
+                    fn()
+                for _ in range(min(block, total - len(samples[name]))):
+                    sync_all()
+                    clocks[name].start()
+                    fn()
+                    samples[name].append(clocks[name].stop(syncs[name]))
+
+    take(runs)
+    if seconds:
+        slowest = max(statistics.median(values) for values in samples.values())
+        take(min(MAX_RUNS, max(runs, int(seconds * 1e3 / max(slowest, 1e-6)))))
     return {name: _summarise(values, warmup) for name, values in samples.items()}
 
 

@@ -270,9 +270,13 @@ def test_the_candidate_models_are_timed_at_the_latency_batch(prepared, monkeypat
     from yoloprune.compiler import pipeline
 
     seen = []
-    monkeypatch.setattr(pipeline, "plan_latency_measure", lambda p, s: seen.append(s))
+    monkeypatch.setattr(
+        pipeline, "plan_latency_measure", lambda p, s, seconds: seen.append((s, seconds))
+    )
     REAL_TIMING[0](prepared, CompileOptions("t", macs=0.5, latency_batch=2).settings.alignment)
-    assert seen[0].batch == 2 and seen[0].runs == alignment.ALIGNMENT_RUNS
+    settings, seconds = seen[0]
+    assert settings.batch == 2 and settings.runs == alignment.ALIGNMENT_RUNS
+    assert seconds == alignment.ALIGNMENT_SECONDS
 
 
 def test_auto_is_the_default_so_saying_it_is_never_refused(profile, prepared, tmp_path):

@@ -2,6 +2,7 @@ import time
 
 import pytest
 
+from yoloprune.kernels import timing
 from yoloprune.kernels.ort import default_threads, machine_info
 from yoloprune.kernels.timing import interleaved, measure
 
@@ -33,6 +34,36 @@ def test_interleaved_blocks_with_untimed_rewarm_calls():
     assert result["a"].runs == result["b"].runs == 5
     with pytest.raises(ValueError):
         interleaved(fns, runs=1, block=0)
+
+
+class FixedClock:
+    """Every timed call reads ``ms`` milliseconds."""
+
+    def __init__(self, ms: float):
+        self.ms = ms
+
+    def start(self) -> None:
+        pass
+
+    def stop(self, sync) -> float:
+        return self.ms
+
+
+@pytest.mark.parametrize(
+    ("slow_ms", "seconds", "runs"),
+    [(10.0, 0.2, 20), (10.0, 0.0, 5), (100.0, 0.2, 5), (0.001, 1.0, timing.MAX_RUNS)],
+)
+def test_a_time_budget_extends_the_runs_of_fast_models(slow_ms, seconds, runs):
+    """At least ``runs=5``; with a budget, as many as the slowest callable's timed total fits
+    (0.2 s of 10 ms calls: 20), never more than MAX_RUNS, every callable alike."""
+    calls = []
+    fns = {tag: (lambda tag=tag: calls.append(tag)) for tag in ("fast", "slow")}
+    clocks = {"fast": FixedClock(1.0), "slow": FixedClock(slow_ms)}
+    result = interleaved(fns, runs=5, warmup=0, clock=clocks, seconds=seconds)
+    assert result["fast"].runs == result["slow"].runs == runs
+    assert calls == ["fast", "slow"] * runs
+    with pytest.raises(ValueError):
+        interleaved(fns, runs=5, seconds=-1)
 
 
 def test_invalid_counts():

@@ -2,6 +2,7 @@ import time
 
 import pytest
 
+from tests.kernels.test_runner import FixedClock
 from yoloprune.kernels import timing
 from yoloprune.kernels.ort import default_threads, machine_info
 from yoloprune.kernels.timing import interleaved, measure
@@ -34,19 +35,6 @@ def test_interleaved_blocks_with_untimed_rewarm_calls():
     assert result["a"].runs == result["b"].runs == 5
     with pytest.raises(ValueError):
         interleaved(fns, runs=1, block=0)
-
-
-class FixedClock:
-    """Every timed call reads ``ms`` milliseconds."""
-
-    def __init__(self, ms: float):
-        self.ms = ms
-
-    def start(self) -> None:
-        pass
-
-    def stop(self, sync) -> float:
-        return self.ms
 
 
 @pytest.mark.parametrize(

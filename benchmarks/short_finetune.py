@@ -159,7 +159,7 @@ def plot(result: dict, path: Path) -> None:
     ax.axhline(original, color="grey", linestyle="--", label="original")
     ax.set_xlabel("ORT CPU latency ratio (pruned / original)")
     ax.set_ylabel("mAP@.5:.95")
-    ax.set_title("Embedded YOLOv5n: compile --epochs 2 (make compile: 3)")
+    ax.set_title(f"Embedded YOLOv5n: compile --epochs {result['epochs']} (make compile: {DEMO[2]})")
     ax.legend(fontsize=8)
     save_png_atomic(fig, path)
 

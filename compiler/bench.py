@@ -42,7 +42,9 @@ class BenchSettings:
         if self.runtime not in RUNTIMES:
             raise YoloPruneError(f"--runtime {self.runtime}: use one of {', '.join(RUNTIMES)}")
         if self.batch < 1 or self.runs < 1 or self.warmup < 0 or self.seconds < 0:
-            raise YoloPruneError("--batch and --runs must be positive, --warmup non-negative")
+            raise YoloPruneError(
+                "--batch and --runs must be positive, --warmup and the time budget non-negative"
+            )
         if self.runtime == "ort" and self.precision not in (None, "fp32"):
             raise YoloPruneError(
                 "ONNX Runtime runs each ONNX file at its own precision (an X.fp16.onnx at "

@@ -156,14 +156,17 @@ def alignment_text(record: dict) -> str:
             continue
         if "importance_removed" in row:
             text += f", removes {row['importance_removed']:.1%} of the importance"
+        finest = row.get("finest_at_this_speed")
         if "finest_at_this_speed" in row:
-            finest = row["finest_at_this_speed"]
             text += (
                 f" (the finest at this speed: {finest:.1%})"
                 if finest is not None
                 else " (the finest cannot run this fast)"
             )
-        parts.append(text + ("" if row["eligible"] else ", not taken"))
+        tied = row["eligible"] and finest is not None and row["importance_removed"] > finest
+        parts.append(
+            text + (", a tie" if tied else "") + ("" if row["eligible"] else ", not taken")
+        )
     key = record["table_key"]
     batch = f" batch {key['batch']}" if key.get("batch", 1) != 1 else ""
     return (

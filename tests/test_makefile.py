@@ -31,6 +31,18 @@ def test_the_embedded_model_compiles_at_macs_0_35_with_a_short_fine_tune():
     )
 
 
+def test_the_short_finetune_benchmark_measures_what_make_compile_runs():
+    import importlib.util
+
+    path = ROOT / "benchmarks" / "short_finetune.py"
+    spec = importlib.util.spec_from_file_location("short_finetune", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    kind, value, epochs = module.DEMO
+    line = " ".join(compile_line())
+    assert f"--{kind} {value:g} " in line and f"--epochs {epochs} " in line
+
+
 @pytest.mark.parametrize(
     ("given", "present", "absent"),
     [

@@ -121,6 +121,26 @@ def test_importance_within_the_proxys_resolution_is_a_tie_that_goes_to_the_faste
     assert alignment._no_costlier(0.5, None)  # the finest cannot run that fast at all
 
 
+def test_the_report_line_says_when_a_candidate_passed_as_a_tie():
+    from yoloprune.compiler.report import alignment_text
+
+    rows = [
+        {"round_to": 8, "relative_latency": 1.0, "importance_removed": 0.074, "eligible": True},
+        {"round_to": 16, "relative_latency": 0.72, "importance_removed": 0.121, "eligible": True},
+        {"round_to": 32, "relative_latency": 0.7, "importance_removed": 0.3, "eligible": False},
+    ]
+    rows[1]["finest_at_this_speed"], rows[2]["finest_at_this_speed"] = 0.116, 0.12
+    key = {"device": "cpu x", "precision": "fp32", "batch": 1}
+    record = {"chosen": 16, "runtime": "ort", "table_key": key, "rule": "r", "candidates": rows}
+    text = alignment_text(record)
+    assert (
+        "16: 0.720x time, removes 12.1% of the importance (the finest at this speed: 11.6%)" in text
+    )
+    assert "(the finest at this speed: 11.6%), a tie; 32: " in text
+    assert "(the finest at this speed: 12.0%), not taken; r)" in text
+    assert "8: 1.000x time, removes 7.4% of the importance; 16" in text
+
+
 def test_ties_go_to_the_finest_alignment(prepared):
     """The test session times every candidate alike (tests/conftest.py)."""
     plan = plan_for(prepared, CompileOptions("t", macs=0.5, threads=1))

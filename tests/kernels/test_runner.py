@@ -137,6 +137,16 @@ def test_time_runners_refuses_mixed_orders_kinds_and_inactive_runners():
         time_runners({}, None)
 
 
+def test_time_runners_passes_a_time_budget_on_in_the_runners_own_turns():
+    """runs=6 at 10 ms within 0.2 s: 20 timed calls, still in turns of at most 5 after 2
+    untimed (5 + 1, then 5 + 5 + 4: five turns)."""
+    blocked = StandIn(order={"block": 5, "rewarm": 2}, clock_ms=10.0)
+    with blocked:
+        timings = time_runners({"b": blocked}, None, runs=6, warmup=0, seconds=0.2)
+    assert timings["b"].runs == 20
+    assert sum(isinstance(e, tuple) for e in blocked.events) == 20 + 5 * 2
+
+
 def test_the_interface_is_all_bench_needs(monkeypatch, tmp_path):
     """bench drives any Runner: a stand-in for TensorRT (absent here) is made per model,
     activated, timed A B A B with its own hooks, described in the result and released."""

@@ -131,7 +131,11 @@ def main() -> None:
         "|---|---:|",
     ]
     lines += [f"| {k} | {v:.3f} |" for k, v in metrics.per_class.items()]
-    losses = [k for k in result.history[0] if k not in ("epoch", "map50_95", "map50", "lr")]
+    losses = [
+        k
+        for k in result.history[0]
+        if k not in ("epoch", "map50_95", "map50", "lr", "train_seconds")
+    ]
     losses = [k for k in losses if isinstance(result.history[0][k], float)]
     lines += ["", "| epoch | " + " | ".join(losses) + " | mAP@.5:.95 |"]
     lines += ["|---:|" + "---:|" * (len(losses) + 1)]

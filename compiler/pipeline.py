@@ -866,7 +866,11 @@ def _accuracy_section(accuracy: dict, training, data, recalibrated: int = 0) -> 
         "batchnorm_recalibrated_on": recalibrated,
     }
     if training is not None:
-        section["finetune"] = {"history": training.history, "seconds": training.seconds}
+        section["finetune"] = {
+            "history": training.history,
+            "seconds": training.seconds,
+            "kept_between_epochs": training.cache,
+        }
     return section
 
 

@@ -349,6 +349,8 @@ def _accuracy_lines(accuracy: dict) -> list[str]:
         lines.append(
             f"| {STAGES.get(stage, stage)} | {value:.4f} | {accuracy['map50'][stage]:.4f} |"
         )
+    if accuracy.get("finetune"):
+        lines += ["", _finetune_text(accuracy["finetune"])]
     if accuracy.get("batchnorm_recalibrated_on") and "pruned" in accuracy["map50_95"]:
         lines += [
             "",
@@ -357,6 +359,24 @@ def _accuracy_lines(accuracy: dict) -> list[str]:
             "(no weight changed; `--no-recalibrate` keeps the original statistics).",
         ]
     return [*lines, ""]
+
+
+def _finetune_text(finetune: dict) -> str:
+    history = finetune["history"]
+    maps = [f"{h['map50_95']:.4f}" for h in history if "map50_95" in h]
+    text = f"Fine-tuned {len(history)} epochs in {finetune['seconds']:.0f} s" + (
+        f" (mAP@.5:.95 after each: {' → '.join(maps)})" if maps else ""
+    )
+    kept = finetune.get("kept_between_epochs")
+    if kept:
+        text += (
+            f"; kept in memory between epochs: {kept['images']} training images, "
+            f"{kept['teacher_outputs']} teacher outputs and {kept['val_images']} validation "
+            f"images ({kept['used_mib']:.0f} of {kept['budget_mib']:.0f} MiB"
+            + (f"; {kept['refused']} did not fit and were recomputed" if kept["refused"] else "")
+            + ")"
+        )
+    return text + "."
 
 
 def plot_groups(report: dict, path: Path) -> None:

@@ -22,6 +22,17 @@ from yoloprune.kernels.timing import CudaEventClock, Timing
 PRECISIONS = ("fp32", "fp16")
 
 
+def memory_layout(model: nn.Module) -> torch.memory_format:
+    """The layout to run ``model``'s convolutions in: channels-last (measured on the 2-core
+    CPU, yolov5n at batch 8 and 256 px: forward 44 -> 27 ms, training step 65 -> 45 ms), except
+    for fake-quantized models (ModelOpt's quantizers hold ``_amax`` ranges), whose INT8 rounding
+    turns the layout's float rounding into different values (PTQ mAP 0.8585 -> 0.8603 from the
+    layout alone): they keep the layout they were calibrated and are exported in."""
+    if any(name.endswith("_amax") for name, _ in model.named_buffers()):
+        return torch.contiguous_format
+    return torch.channels_last
+
+
 @dataclass(frozen=True)
 class TorchSettings:
     device: str = "cuda"

@@ -183,12 +183,18 @@ def torch_predictor(model: torch.nn.Module, mode: str | None = None) -> Predicto
     """The PyTorch model as it would be exported in ``mode`` (default: the model's own, so
     YOLO26 is evaluated end to end, as deployed)."""
     from yoloprune.compiler.export import deployed_model, export_mode, output_layout
+    from yoloprune.kernels.torch_runtime import memory_layout
 
     mode = export_mode(model, mode)
     deployed = deployed_model(model, mode, runtime_forms=False)
     device = next(model.parameters()).device
-    deployed.to(device)
-    return Predictor(lambda images: deployed(images.to(device)).cpu(), output_layout(model, mode))
+    layout = memory_layout(deployed)
+    deployed.to(device).to(memory_format=layout)
+
+    def predict(images: torch.Tensor) -> torch.Tensor:
+        return deployed(images.to(device).contiguous(memory_format=layout)).cpu()
+
+    return Predictor(predict, output_layout(model, mode))
 
 
 def onnx_predictor(path: Path, threads: int | None = None) -> Predictor:

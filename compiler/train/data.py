@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import yaml
 
+from yoloprune.compiler.train.cache import SampleMemo
 from yoloprune.graphs.errors import YoloPruneError
 from yoloprune.graphs.model_yaml import MAX_CLASSES
 from yoloprune.kernels.preprocess import IMAGE_SUFFIXES, letterbox, open_image
@@ -188,9 +189,19 @@ class YoloDataset(torch.utils.data.Dataset):
     """Letterboxed images and labels; ``augment`` adds flip, HSV and scale jitter (training)."""
 
     def __init__(
-        self, sources: tuple[Path, ...], nc: int, imgsz: int, augment: bool = False, seed: int = 0
+        self,
+        sources: tuple[Path, ...],
+        nc: int,
+        imgsz: int,
+        augment: bool = False,
+        seed: int = 0,
+        memo: SampleMemo | None = None,
+        memo_kind: str = "val",
     ):
+        """``memo`` keeps decoded, letterboxed samples (as uint8) between epochs when they do
+        not change (no augmentation), under ``(memo_kind, index)``."""
         self.imgsz, self.augment, self.seed = imgsz, augment, seed
+        self.memo, self.memo_kind = (memo, memo_kind) if not augment else (None, memo_kind)
         self.check = SampleCheck()
         self.files: list[Path] = []
         self.labels: list[np.ndarray] = []
@@ -216,7 +227,23 @@ class YoloDataset(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int):
+        key = (self.memo_kind, index)
+        kept = self.memo.get(key) if self.memo is not None else None
+        boxed, labels, ratio, pad = kept if kept is not None else self._letterboxed(index)
+        if kept is None and self.memo is not None:
+            self.memo.put(key, (boxed, labels, ratio, pad))
+        meta = {
+            "file": str(self.files[index]),
+            "shape": self.shapes[index],
+            "ratio": ratio,
+            "pad": pad,
+            "index": index,
+        }
+        return boxed.float() / 255, labels.clone(), meta
 
+    def _letterboxed(self, index: int):
+        """The letterboxed image (uint8, CHW), its labels normalised to it, the resize ratio
+        and the (left, top) padding."""
         with open_image(self.files[index]) as image:
             pixels = np.asarray(image.convert("RGB"))
         labels = self.labels[index].copy()
@@ -225,21 +252,14 @@ class YoloDataset(torch.utils.data.Dataset):
             pixels, labels = _augment(pixels, labels, rng)
         boxed, ratio, (left, top) = letterbox(pixels, self.imgsz)
         h, w = pixels.shape[:2]
-        # normalised to the letterboxed image
         out = labels.copy()
         if len(out):
             out[:, 1] = (labels[:, 1] * w * ratio + left) / self.imgsz
             out[:, 2] = (labels[:, 2] * h * ratio + top) / self.imgsz
             out[:, 3] = labels[:, 3] * w * ratio / self.imgsz
             out[:, 4] = labels[:, 4] * h * ratio / self.imgsz
-        tensor = torch.from_numpy(np.ascontiguousarray(boxed.transpose(2, 0, 1))).float() / 255
-        meta = {
-            "file": str(self.files[index]),
-            "shape": self.shapes[index],
-            "ratio": ratio,
-            "pad": (left, top),
-        }
-        return tensor, torch.from_numpy(out), meta
+        chw = torch.from_numpy(np.ascontiguousarray(boxed.transpose(2, 0, 1)))
+        return chw, torch.from_numpy(out), ratio, (left, top)
 
 
 def _augment(pixels: np.ndarray, labels: np.ndarray, rng: np.random.Generator):

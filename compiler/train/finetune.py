@@ -20,10 +20,12 @@ import torch
 from torch import nn
 
 from yoloprune.compiler.evaluation.evaluate import EvalSettings, evaluate, torch_predictor
+from yoloprune.compiler.train.cache import SampleMemo, TeacherTargets
 from yoloprune.compiler.train.data import DataConfig, YoloDataset, collate
 from yoloprune.compiler.train.objective import objective_for
 from yoloprune.graphs.checkpoint import ModelInfo, load_model, save_pruned
 from yoloprune.graphs.errors import YoloPruneError
+from yoloprune.kernels.torch_runtime import memory_layout
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,12 @@ class TrainSettings:
     device: str | None = None
     eval_every: int = 1
     augment: bool = True
+    # Convolutions in channels-last memory where the model allows (kernels.torch_runtime.
+    # memory_layout): on the 2-core CPU a yolov5n training step 65 -> 45 ms, the teacher 44 -> 27.
+    channels_last: bool = True
+    # Memory for what stays the same between epochs: validation images, and without
+    # augmentation the training images and the teacher's targets (compiler/train/cache.py).
+    cache_mib: int = 2048
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch < 1:
@@ -67,6 +75,8 @@ class TrainSettings:
             raise YoloPruneError(f"schedule_every {self.schedule_every!r}: use step or epoch")
         if self.distill < 0:
             raise YoloPruneError("--distill must be >= 0")
+        if self.cache_mib < 0:
+            raise YoloPruneError("cache_mib must be >= 0 (0 keeps nothing between epochs)")
 
     @property
     def warmup(self) -> float:
@@ -84,6 +94,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     best: dict | None = None
     seconds: float = 0.0
+    cache: dict | None = None  # SampleMemo.summary(): what was kept between epochs
 
 
 class ModelEMA:
@@ -99,10 +110,15 @@ class ModelEMA:
         self.updates += 1
         d = self.decay * (1 - math.exp(-self.updates / self.tau))
         source = _unwrap(model).state_dict()
-        with torch.no_grad():
-            for k, v in self.ema.state_dict().items():
-                if v.dtype.is_floating_point and not k.endswith("_amax"):  # QAT ranges stay
-                    v.mul_(d).add_(source[k].detach(), alpha=1 - d)
+        pairs = [
+            (v, source[k].detach())
+            for k, v in self.ema.state_dict().items()
+            if v.dtype.is_floating_point and not k.endswith("_amax")  # QAT ranges stay
+        ]
+        averages, current = [a for a, _ in pairs], [c for _, c in pairs]
+        with torch.no_grad():  # one fused update per list (a loop cost 2.4 ms a step on yolov5n)
+            torch._foreach_mul_(averages, d)
+            torch._foreach_add_(averages, current, alpha=1 - d)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -110,6 +126,8 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _param_groups(model: nn.Module, settings: TrainSettings, lr: float, decay: float):
+    """yolov5's three groups. Fused updates (one kernel for all parameters): on yolov5n the
+    AdamW step took 3.6 ms per loop, 0.9 ms fused."""
     bn_weights, weights, biases = [], [], []
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
@@ -121,10 +139,12 @@ def _param_groups(model: nn.Module, settings: TrainSettings, lr: float, decay: f
                 weights.append(p)
     first = [{"params": bn_weights}]  # empty where BatchNorm was folded (QAT)
     if settings.optimizer == "sgd":
-        optimizer = torch.optim.SGD(first, lr=lr, momentum=settings.momentum, nesterov=True)
+        optimizer = torch.optim.SGD(
+            first, lr=lr, momentum=settings.momentum, nesterov=True, fused=True
+        )
     else:
         optimizer = torch.optim.AdamW(
-            first, lr=lr, betas=(settings.momentum, 0.999), weight_decay=0.0
+            first, lr=lr, betas=(settings.momentum, 0.999), weight_decay=0.0, fused=True
         )
     optimizer.add_param_group({"params": weights, "weight_decay": decay})
     optimizer.add_param_group({"params": biases, "weight_decay": 0.0})
@@ -189,10 +209,18 @@ def train(
     torch.manual_seed(settings.seed + rank)
     if not data.train:
         raise YoloPruneError("the data YAML has no 'train' split to fine-tune on")
+    # workers are separate processes: what they would keep dies with each epoch's workers
+    memo = SampleMemo(settings.cache_mib << 20) if settings.cache_mib else None
     train_set = YoloDataset(
-        data.train, data.nc, imgsz, augment=settings.augment, seed=settings.seed
+        data.train,
+        data.nc,
+        imgsz,
+        augment=settings.augment,
+        seed=settings.seed,
+        memo=memo if settings.workers == 0 else None,
+        memo_kind="train",
     )
-    val_set = YoloDataset(data.val, data.nc, imgsz) if rank == 0 and data.val else None
+    val_set = YoloDataset(data.val, data.nc, imgsz, memo=memo) if rank == 0 and data.val else None
     sampler = (
         torch.utils.data.distributed.DistributedSampler(train_set, seed=settings.seed)
         if world > 1
@@ -208,14 +236,17 @@ def train(
         drop_last=len(train_set) > settings.batch,
         generator=torch.Generator().manual_seed(settings.seed),
     )
-    model = model.to(device).float().train()
+    layout = memory_layout(model) if settings.channels_last else torch.contiguous_format
+    model = model.to(device).float().to(memory_format=layout).train()
+    objective = objective_for(model, imgsz, settings.epochs)
     # a copy: the teacher is the caller's original model, which must stay where it was (moved
     # to the GPU in place, it broke every later stage that runs it on the CPU)
-    teacher = (
-        copy.deepcopy(teacher).to(device).float().eval()
-        if teacher is not None and settings.distill
-        else None
-    )
+    teacher_targets = None
+    if teacher is not None and settings.distill:
+        frozen = copy.deepcopy(teacher).to(device).float().to(memory_format=layout).eval()
+        teacher_targets = TeacherTargets(
+            frozen, objective.distill_targets, memo if not settings.augment else None
+        )
     accumulate, decay = accumulation(settings, world)
     lr0 = settings.lr0 or settings.default_lr0
     optimizer = _param_groups(model, settings, lr0, decay)
@@ -227,7 +258,6 @@ def train(
     )
     use_amp = settings.amp if settings.amp is not None else device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and device.type == "cuda")
-    objective = objective_for(_unwrap(model), imgsz, settings.epochs)
     names = (*objective.part_names, "kd")
     start_epoch, result, begin = 0, TrainResult(model), time.perf_counter()
     if resume is not None:
@@ -237,6 +267,7 @@ def train(
             model, device_ids=[local_rank] if device.type == "cuda" else None
         )
     for epoch in range(start_epoch, settings.epochs):
+        epoch_start = time.perf_counter()
         model.train()
         train_set.epoch = epoch
         if sampler is not None:
@@ -249,7 +280,7 @@ def train(
             disable=(not progress or rank != 0) or None,
         )
         running = torch.zeros(len(names))
-        for i, (images, targets, _) in enumerate(bar):
+        for i, (images, targets, metas) in enumerate(bar):
             step = i + len(batches) * epoch
             rates = learning_rates(settings, lr0, step, len(batches))
             warming = warmup_progress(settings, step, len(batches))
@@ -257,14 +288,13 @@ def train(
                 group["lr"] = rate
                 if "momentum" in group and warming is not None:
                     group["momentum"] = 0.8 + (settings.momentum - 0.8) * warming
-            images = images.to(device, non_blocking=True)
+            images = images.to(device, non_blocking=True).contiguous(memory_format=layout)
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
                 raw = model(images)
                 loss, parts = objective(raw, targets.to(device))
                 kd = torch.zeros((), device=device)
-                if teacher is not None:
-                    with torch.no_grad():
-                        teacher_out = teacher(images)
+                if teacher_targets is not None:
+                    teacher_out = teacher_targets(images, [m["index"] for m in metas])
                     kd = objective.distill(raw, teacher_out) * settings.distill * images.shape[0]
                     loss = loss + kd
             if world > 1:
@@ -288,6 +318,7 @@ def train(
             continue
         record = {"epoch": epoch + 1, **dict(zip(names, map(float, running), strict=True))}
         record["lr"] = optimizer.param_groups[0]["lr"]
+        record["train_seconds"] = round(time.perf_counter() - epoch_start, 1)
         current = ema.ema if ema is not None else _unwrap(model)
         last_epoch = epoch + 1 == settings.epochs
         if val_set is not None and ((epoch + 1) % settings.eval_every == 0 or last_epoch):
@@ -322,13 +353,15 @@ def train(
     if world > 1 and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     result.seconds = round(time.perf_counter() - begin, 1)
+    result.cache = memo.summary() if memo is not None else None
+    _unwrap(model).to(memory_format=torch.contiguous_format)
     return result
 
 
 def _trainable_copy(model: nn.Module) -> nn.Module:
     """A CPU copy in eval mode with gradients enabled again (the EMA's are off), so the result
     can be traced, pruned further or trained like any model."""
-    result = copy.deepcopy(model).cpu().eval()
+    result = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format).eval()
     for p in result.parameters():
         p.requires_grad_(True)
     return result

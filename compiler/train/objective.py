@@ -22,6 +22,7 @@ from yoloprune.graphs.ultralytics_family import head_branches
 
 # ultralytics' default.yaml gains for the anchor-free loss.
 ANCHOR_FREE_GAINS = {"box": 7.5, "cls": 0.5, "dfl": 1.5}
+BRANCHES = ("one2many", "one2one")
 # The YOLOv5 box distillation term is a squared error of sigmoid outputs summed over xywh,
 # about a tenth of the 1 - CIoU the box gain was tuned for at the same miss.
 BOX_DISTILL_GAIN = 10.0
@@ -44,6 +45,10 @@ class YoloV5Objective:
 
     def __call__(self, raw, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.loss(raw, targets)
+
+    def distill_targets(self, teacher_out):
+        """What ``distill`` reads of the teacher's eval output: its raw levels, batch first."""
+        return None, [level.detach() for level in teacher_out[1]]
 
     def distill(self, student_raw, teacher_out) -> torch.Tensor:
         """Objectness-weighted distillation, on the detection loss's own scale (its gains and
@@ -87,6 +92,18 @@ class AnchorFreeObjective:
         batch = {"batch_idx": targets[:, 0], "cls": targets[:, 1:2], "bboxes": targets[:, 2:6]}
         loss, items = self.criterion(raw, batch)  # items: the one-to-one branch's, if any
         return loss.sum(), torch.stack([items[n] for n in self._item_names]).detach()
+
+    def distill_targets(self, teacher_out):
+        """What ``distill`` reads of the teacher's eval output: each branch's raw boxes and
+        scores, batch first (not its feature maps)."""
+        raw = teacher_out[1]
+
+        def read(branch: dict) -> dict:
+            return {key: branch[key].detach() for key in ("boxes", "scores")}
+
+        if any(k in raw for k in BRANCHES):
+            return None, {k: read(raw[k]) for k in BRANCHES if k in raw}
+        return None, read(raw)
 
     def distill(self, student_raw: dict, teacher_out) -> torch.Tensor:
         """Per head branch: MSE of class probabilities, plus MSE of the DFL bin

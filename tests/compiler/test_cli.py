@@ -242,6 +242,12 @@ def test_compile_with_data_reports_accuracy_at_every_stage(tmp_path, tiny6_yaml,
     assert set(accuracy["map50_95"]) == {"original", "pruned", "finetuned", "onnx"}
     assert accuracy["images"] == 8 and len(accuracy["finetune"]["history"]) == 1
     assert accuracy["finetune"]["history"][0]["kd"] > 0
+    kept = accuracy["finetune"]["kept_between_epochs"]  # no augmentation: images and teacher
+    assert (kept["images"], kept["teacher_outputs"], kept["val_images"]) == (16, 16, 8)
+    assert (
+        "kept in memory between epochs: 16 training images, 16 teacher outputs"
+        in (out / "report.md").read_text()
+    )
     # the deployed ONNX is the fine-tuned model: same detections, same mAP
     assert abs(accuracy["map50_95"]["onnx"] - accuracy["map50_95"]["finetuned"]) <= 0.002
     assert "## Accuracy" in (out / "report.md").read_text()

@@ -39,6 +39,12 @@ def trained_yolo26(tmp_path_factory):
         warmup_epochs=0.5,
         augment=False,
         eval_every=10,
+        # From scratch, AdamW turns rounding-sized gradients into full steps, so the memory
+        # layout alone moves this run's mAP: seeds 0-2 gave 0.035/0.021/0.016 in the default
+        # layout, 0.019/0.011/0.003 channels-last (the fine-tune's layout changes nothing
+        # systematic: on the embedded model, two seeds, 0.7635/0.7570 channels-last against
+        # 0.7594/0.7567). The figures below were established with this run.
+        channels_last=False,
     )
     result = train(model, info, data, settings, progress=False)
     assert result.best["map50_95"] > 0.03  # learnt something: the figures below are not 0 vs 0

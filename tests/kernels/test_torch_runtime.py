@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from yoloprune.graphs.errors import RuntimeSetupError
-from yoloprune.kernels.torch_runtime import TorchRunner, TorchSettings, gpu_info
+from yoloprune.kernels.torch_runtime import TorchRunner, TorchSettings, gpu_info, memory_layout
 
 
 def test_cpu_runner_reproduces_the_model(tiny_model):
@@ -75,3 +75,13 @@ def test_cuda_runner_computes_the_model(tiny_model, cuda_graph, monkeypatch):
             assert scores_off < 0.02 and boxes_off < 0.1, stats
         assert runner.time(runs=10, warmup=3).median_ms > 0
     assert gpu_info()["gpu"]
+
+
+def test_fake_quantized_models_keep_the_default_layout():
+    """Channels-last speeds float convolutions on the CPU; a model holding quantizer ranges
+    (ModelOpt's ``_amax`` buffers) keeps the layout it was calibrated in."""
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3))
+    assert memory_layout(plain) == torch.channels_last
+    quantized = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3))
+    quantized[0].register_buffer("_amax", torch.tensor(1.0))
+    assert memory_layout(quantized) == torch.contiguous_format

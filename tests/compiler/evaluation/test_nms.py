@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from yoloprune.compiler.evaluation import nms
 from yoloprune.compiler.evaluation.nms import box_iou, greedy_nms, non_max_suppression, xywh_to_xyxy
 
 
@@ -26,6 +27,31 @@ def test_greedy_nms_matches_brute_force(seed, iou):
     g = torch.Generator().manual_seed(seed)
     boxes, scores = random_boxes(120, g), torch.rand(120, generator=g)
     assert greedy_nms(boxes, scores, iou).tolist() == brute_force_nms(boxes, scores, iou)
+
+
+@pytest.mark.parametrize("block", [1, 7 * 120, 1 << 22])  # a row, 7 rows, every row at once
+def test_greedy_nms_reads_iou_blocks_exactly(block, monkeypatch):
+    monkeypatch.setattr(nms, "IOU_BLOCK", block)
+    g = torch.Generator().manual_seed(11)
+    boxes, scores = random_boxes(120, g), torch.rand(120, generator=g)
+    assert greedy_nms(boxes, scores, 0.4).tolist() == brute_force_nms(boxes, scores, 0.4)
+    assert greedy_nms(boxes[:0], scores[:0], 0.4).tolist() == []
+
+
+@pytest.mark.parametrize("max_keep", [None, 15])
+def test_class_aware_nms_is_greedy_nms_within_each_class(max_keep):
+    g = torch.Generator().manual_seed(5)
+    boxes, scores = random_boxes(150, g), torch.rand(150, generator=g)
+    scores[10:20] = scores[0]  # ties across classes: the lower index first
+    classes = torch.randint(0, 3, (150,), generator=g).float()
+    expected = []
+    for c in range(3):
+        members = [i for i in range(150) if classes[i] == c]
+        kept = brute_force_nms(boxes[members], scores[members], 0.5)
+        expected += [members[k] for k in kept]
+    expected.sort(key=lambda i: (-float(scores[i]), i))
+    got = nms.class_aware_nms(boxes, scores, classes, 0.5, max_keep).tolist()
+    assert got == expected[:max_keep]
 
 
 def test_max_keep_is_a_prefix_of_full_nms():

@@ -1,0 +1,106 @@
+"""Work kept between fine-tuning epochs, within a memory budget.
+
+Without augmentation every epoch feeds the same letterboxed images and asks the (frozen, eval
+mode) teacher the same question, so after the first epoch both are looked up instead of decoded
+and recomputed. Images come back bit for bit; the teacher's targets are the values of the batch
+the sample was first seen in (batch composition changes float rounding only: eval-mode
+BatchNorm makes each sample's output independent of its batch). Samples that do not fit the
+budget are simply recomputed each epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterator
+
+import torch
+from torch import nn
+
+
+class SampleMemo:
+    """Per-sample tensors by key, admitted while their bytes fit the budget."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes = budget_bytes
+        self.used_bytes = 0
+        self.refused = 0
+        self._items: dict[Hashable, tuple] = {}
+
+    def get(self, key: Hashable) -> tuple | None:
+        return self._items.get(key)
+
+    def put(self, key: Hashable, item: tuple) -> bool:
+        """Keep ``item`` (a tuple whose tensors count against the budget) unless it is
+        already kept or does not fit."""
+        if key in self._items:
+            return True
+        size = sum(t.numel() * t.element_size() for t in _leaves(item))
+        if self.used_bytes + size > self.budget_bytes:
+            self.refused += 1
+            return False
+        self._items[key] = item
+        self.used_bytes += size
+        return True
+
+    def count(self, kind: str) -> int:
+        return sum(1 for key in self._items if key[0] == kind)
+
+    def summary(self) -> dict:
+        return {
+            "budget_mib": round(self.budget_bytes / 2**20, 1),
+            "used_mib": round(self.used_bytes / 2**20, 1),
+            "images": self.count("train"),
+            "val_images": self.count("val"),
+            "teacher_outputs": self.count("teacher"),
+            "refused": self.refused,
+        }
+
+
+class TeacherTargets:
+    """The teacher's distillation targets for a batch of samples, looked up when every sample
+    of the batch is kept in ``memo`` (None: always recomputed)."""
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        targets_of: Callable[[object], object],
+        memo: SampleMemo | None,
+    ):
+        self.teacher, self.targets_of, self.memo = teacher, targets_of, memo
+        self._template = None
+
+    def __call__(self, images: torch.Tensor, indices: list[int]):
+        if self.memo is not None and self._template is not None:
+            kept = [self.memo.get(("teacher", i)) for i in indices]
+            if all(item is not None for item in kept):
+                stacked = [torch.stack(parts) for parts in zip(*kept, strict=True)]
+                return _rebuild(self._template, iter(stacked))
+        with torch.no_grad():
+            targets = self.targets_of(self.teacher(images))
+        if self.memo is not None:
+            self._template = targets
+            leaves = _leaves(targets)
+            for row, index in enumerate(indices):
+                self.memo.put(("teacher", index), tuple(t[row].clone() for t in leaves))
+        return targets
+
+
+def _leaves(tree) -> list[torch.Tensor]:
+    """The tensors of nested tuples, lists and dicts, in a fixed order."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        return [leaf for key in tree for leaf in _leaves(tree[key])]
+    if isinstance(tree, (list, tuple)):
+        return [leaf for item in tree for leaf in _leaves(item)]
+    return []
+
+
+def _rebuild(template, leaves: Iterator[torch.Tensor]):
+    """``template``'s structure with its tensors replaced, in ``_leaves`` order."""
+    if isinstance(template, torch.Tensor):
+        return next(leaves)
+    if isinstance(template, dict):
+        return {key: _rebuild(value, leaves) for key, value in template.items()}
+    if isinstance(template, (list, tuple)):
+        return type(template)(_rebuild(item, leaves) for item in template)
+    return template

@@ -805,7 +805,7 @@ def _iterative(prepared: Prepared, options: CompileOptions, data, staging: Path)
     k, target = options.steps, options.settings.target
     epochs = math.ceil(options.epochs / k) if options.epochs else None
     current, composed, training, recalibrated, reconstructed = prepared, None, None, 0, None
-    macs_original = None
+    macs_original, history, seconds = None, [], 0.0
     for i in range(1, k + 1):
         macs_now = mac_counter(current).macs()
         macs_original = macs_original or macs_now
@@ -825,7 +825,13 @@ def _iterative(prepared: Prepared, options: CompileOptions, data, staging: Path)
         composed = plan if composed is None else composed.then(plan)
         if epochs:
             teacher_options = dataclasses.replace(options, epochs=epochs)
-            training = _finetune(model, prepared, data, teacher_options, staging)
+            step_training = _finetune(model, prepared, data, teacher_options, staging)
+            history += [{**record, "step": i} for record in step_training.history]
+            seconds += step_training.seconds
+            # every step's epochs in one history (the report's fine-tune line counts them all)
+            training = dataclasses.replace(
+                step_training, history=list(history), seconds=round(seconds, 1)
+            )
             model = training.model
         limits = options.settings.grouping
         graph = build_graph(model, limits=limits)

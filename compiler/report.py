@@ -365,7 +365,7 @@ def _finetune_text(finetune: dict) -> str:
     history = finetune["history"]
     maps = [f"{h['map50_95']:.4f}" for h in history if "map50_95" in h]
     text = f"Fine-tuned {len(history)} epochs in {finetune['seconds']:.0f} s" + (
-        f" (mAP@.5:.95 after each: {' → '.join(maps)})" if maps else ""
+        f" (mAP@.5:.95 after each evaluated: {' → '.join(maps)})" if maps else ""
     )
     kept = finetune.get("kept_between_epochs")
     if kept:

@@ -4,8 +4,9 @@ Without augmentation every epoch feeds the same letterboxed images and asks the 
 mode) teacher the same question, so after the first epoch both are looked up instead of decoded
 and recomputed. Images come back bit for bit; the teacher's targets are the values of the batch
 the sample was first seen in (batch composition changes float rounding only: eval-mode
-BatchNorm makes each sample's output independent of its batch). Samples that do not fit the
-budget are simply recomputed each epoch.
+BatchNorm makes each sample's output independent of its batch), and the teacher runs on the
+rows of a batch that are not kept, only. Samples that do not fit the budget are recomputed each
+epoch.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ class SampleMemo:
     def __init__(self, budget_bytes: int):
         self.budget_bytes = budget_bytes
         self.used_bytes = 0
-        self.refused = 0
+        self._refused: set[Hashable] = set()
         self._items: dict[Hashable, tuple] = {}
 
     def get(self, key: Hashable) -> tuple | None:
@@ -35,7 +36,7 @@ class SampleMemo:
             return True
         size = sum(t.numel() * t.element_size() for t in _leaves(item))
         if self.used_bytes + size > self.budget_bytes:
-            self.refused += 1
+            self._refused.add(key)
             return False
         self._items[key] = item
         self.used_bytes += size
@@ -51,13 +52,13 @@ class SampleMemo:
             "images": self.count("train"),
             "val_images": self.count("val"),
             "teacher_outputs": self.count("teacher"),
-            "refused": self.refused,
+            "refused": len(self._refused),  # samples (not attempts) that did not fit
         }
 
 
 class TeacherTargets:
-    """The teacher's distillation targets for a batch of samples, looked up when every sample
-    of the batch is kept in ``memo`` (None: always recomputed)."""
+    """The teacher's distillation targets for a batch of samples: the kept rows looked up in
+    ``memo``, the teacher run on the others only (None: it runs on every batch)."""
 
     def __init__(
         self,
@@ -69,19 +70,20 @@ class TeacherTargets:
         self._template = None
 
     def __call__(self, images: torch.Tensor, indices: list[int]):
-        if self.memo is not None and self._template is not None:
-            kept = [self.memo.get(("teacher", i)) for i in indices]
-            if all(item is not None for item in kept):
-                stacked = [torch.stack(parts) for parts in zip(*kept, strict=True)]
-                return _rebuild(self._template, iter(stacked))
-        with torch.no_grad():
-            targets = self.targets_of(self.teacher(images))
-        if self.memo is not None:
-            self._template = targets
-            leaves = _leaves(targets)
-            for row, index in enumerate(indices):
-                self.memo.put(("teacher", index), tuple(t[row].clone() for t in leaves))
-        return targets
+        if self.memo is None:
+            with torch.no_grad():
+                return self.targets_of(self.teacher(images))
+        rows = [self.memo.get(("teacher", i)) for i in indices]
+        missing = [r for r, row in enumerate(rows) if row is None]
+        if missing:
+            with torch.no_grad():
+                fresh = self.targets_of(self.teacher(images[missing]))
+            self._template, leaves = fresh, _leaves(fresh)
+            for k, r in enumerate(missing):
+                rows[r] = tuple(t[k].clone() for t in leaves)
+                self.memo.put(("teacher", indices[r]), rows[r])
+        stacked = [torch.stack(parts) for parts in zip(*rows, strict=True)]
+        return _rebuild(self._template, iter(stacked))
 
 
 def _leaves(tree) -> list[torch.Tensor]:

@@ -127,7 +127,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def _param_groups(model: nn.Module, settings: TrainSettings, lr: float, decay: float):
     """yolov5's three groups. Fused updates (one kernel for all parameters): on yolov5n the
-    AdamW step took 3.6 ms per loop, 0.9 ms fused."""
+    AdamW step with gradient clipping took 4.3 ms as a loop, 1.6 ms fused."""
     bn_weights, weights, biases = [], [], []
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
@@ -198,7 +198,35 @@ def train(
     resume: Path | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Fine-tune ``model`` in place on ``data.train``; validate on ``data.val`` each epoch."""
+    """Fine-tune ``model`` in place on ``data.train``; validate on ``data.val`` each epoch.
+    The model is back in the default memory layout afterwards, also when training fails."""
+    try:
+        return _train(
+            model,
+            info,
+            data,
+            settings,
+            teacher=teacher,
+            save_dir=save_dir,
+            resume=resume,
+            progress=progress,
+        )
+    finally:
+        model.to(memory_format=torch.contiguous_format)
+
+
+def _train(
+    model: nn.Module,
+    info: ModelInfo,
+    data: DataConfig,
+    settings: TrainSettings,
+    *,
+    teacher: nn.Module | None = None,
+    save_dir: Path | None = None,
+    resume: Path | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """``train``'s loop (the model may be left channels-last)."""
     from tqdm import tqdm
 
     world, rank, local_rank = _distributed()
@@ -210,7 +238,9 @@ def train(
     if not data.train:
         raise YoloPruneError("the data YAML has no 'train' split to fine-tune on")
     # workers are separate processes: what they would keep dies with each epoch's workers
-    memo = SampleMemo(settings.cache_mib << 20) if settings.cache_mib else None
+    # (one epoch has nothing to reuse)
+    reuse = settings.cache_mib and settings.epochs > 1
+    memo = SampleMemo(settings.cache_mib << 20) if reuse else None
     train_set = YoloDataset(
         data.train,
         data.nc,
@@ -245,7 +275,10 @@ def train(
     if teacher is not None and settings.distill:
         frozen = copy.deepcopy(teacher).to(device).float().to(memory_format=layout).eval()
         teacher_targets = TeacherTargets(
-            frozen, objective.distill_targets, memo if not settings.augment else None
+            frozen,
+            objective.distill_targets,
+            # on a GPU the teacher's forward costs little next to holding its outputs there
+            memo if not settings.augment and device.type == "cpu" else None,
         )
     accumulate, decay = accumulation(settings, world)
     lr0 = settings.lr0 or settings.default_lr0
@@ -354,7 +387,6 @@ def train(
         torch.distributed.destroy_process_group()
     result.seconds = round(time.perf_counter() - begin, 1)
     result.cache = memo.summary() if memo is not None else None
-    _unwrap(model).to(memory_format=torch.contiguous_format)
     return result
 
 
@@ -414,12 +446,23 @@ def _resume(path: Path, model, optimizer, ema, result, device):
     resumed, _ = load_model(path)
     model.load_state_dict(resumed.state_dict())
     optimizer.load_state_dict(state["optimizer"])
+    _match_layouts(optimizer)
     if ema is not None and "ema" in state:
         ema.ema.load_state_dict(state["ema"])
         ema.updates = state["ema_updates"]
     result.history = list(state["history"])
     result.best = state["best"]
     return int(state["epoch"]), result
+
+
+def _match_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Optimizer state in its parameter's memory layout: a ``last.pt`` written in another
+    layout would otherwise be read as flat memory by the fused step, mixing up elements."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value) and value.shape == p.shape:
+                    optimizer.state[p][key] = torch.empty_like(p).copy_(value)
 
 
 def with_overrides(settings: TrainSettings, **changes) -> TrainSettings:

@@ -397,6 +397,9 @@ def test_iterative_mode_meets_the_target_with_a_replayable_plan(tmp_path, tiny6_
     assert abs(report["macs"]["ratio"] / 0.4 - 1) <= 0.03
     assert report["plan"]["target"]["steps"] == 2
     assert set(report["accuracy"]["map50_95"]) == {"original", "finetuned", "onnx"}
+    history = report["accuracy"]["finetune"]["history"]  # one epoch per step, both kept
+    assert [(h["step"], h["epoch"]) for h in history] == [(1, 1), (2, 1)]
+    assert "Fine-tuned 2 epochs" in (out / "report.md").read_text()
     assert report["reconstruction"]["images"] == 16  # after each step's surgery
     assert report["accuracy"]["batchnorm_recalibrated_on"] == 0
     # the composed plan, replayed on the original, gives the same architecture

@@ -72,8 +72,12 @@ def test_teacher_targets_are_looked_up_once_every_sample_was_seen(shapes):
     for kept, fresh in zip(_leaves(mixed), _leaves(live), strict=True):
         torch.testing.assert_close(kept, fresh, rtol=1e-5, atol=1e-5)
     assert torch.equal(_leaves(mixed)[0][1:], _leaves(first)[0])
-    targets(images[[0, 1]] + 1, [0, 9])  # an unseen sample: the whole batch runs
+    partly = targets(images[[0, 1]] + 1, [0, 9])  # index 9 unseen: the teacher runs on it alone
     assert teacher.calls == 3
+    with torch.no_grad():
+        unseen = objective.distill_targets(model(images[[1]] + 1))
+    assert torch.equal(_leaves(partly)[0][0], _leaves(first)[0][0])  # index 0: looked up
+    torch.testing.assert_close(_leaves(partly)[0][1:], _leaves(unseen)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_nested_targets_rebuild_in_order():
@@ -85,27 +89,77 @@ def test_nested_targets_rebuild_in_order():
     assert rebuilt[0] is None and rebuilt[1]["x"] == [1]
 
 
-def test_training_with_kept_work_matches_training_without(shapes):
-    """The memo and channels-last change float rounding only: the same losses and weights."""
-    settings = dataclasses.replace(FAST, epochs=2, distill=1.0)
-    results = []
-    for cache_mib, channels_last in ((0, False), (64, True)):
-        model, info = tiny(shapes)
-        teacher, _ = tiny(shapes)
-        run = dataclasses.replace(settings, cache_mib=cache_mib, channels_last=channels_last)
-        results.append(train(model, info, shapes, run, teacher=teacher, progress=False))
-    live, kept = results
-    assert live.cache is None
+class CountedTeacher(nn.Module):
+    """Counts forward calls across the copies train() makes of it."""
+
+    calls = 0
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        type(self).calls += 1
+        return self.model(x)
+
+
+def _fit(shapes, cache_mib, channels_last, epochs=2):
+    model, info = tiny(shapes)
+    teacher, _ = tiny(shapes)
+    settings = dataclasses.replace(
+        FAST, epochs=epochs, distill=1.0, cache_mib=cache_mib, channels_last=channels_last
+    )
+    CountedTeacher.calls = 0
+    result = train(model, info, shapes, settings, teacher=CountedTeacher(teacher), progress=False)
+    return model, result
+
+
+def _weights(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_kept_work_skips_the_teacher_after_the_first_epoch_with_the_same_result(shapes):
+    """16 images in batches of 8: the teacher runs twice in epoch 1, then never; the training
+    is the one without the memo up to the float rounding of batch composition."""
+    _, live = _fit(shapes, cache_mib=0, channels_last=False, epochs=3)
+    assert CountedTeacher.calls == 6 and live.cache is None
+    _, kept = _fit(shapes, cache_mib=64, channels_last=False, epochs=3)
+    assert CountedTeacher.calls == 2
     assert kept.cache["images"] == 16 and kept.cache["teacher_outputs"] == 16
-    assert kept.cache["val_images"] == 8
+    assert kept.cache["val_images"] == 8 and kept.cache["refused"] == 0
     for a, b in zip(live.history, kept.history, strict=True):
         for key in ("box", "obj", "cls", "kd"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5)
+    torch.testing.assert_close(_weights(kept.model), _weights(live.model), rtol=1e-4, atol=1e-5)
+
+
+def test_channels_last_training_matches_the_default_layout(shapes):
+    """The layout changes float rounding only: the same losses, and weights apart by far less
+    than training moved them (AdamW turns rounding-sized gradients into small steps)."""
+    start = _weights(tiny(shapes)[0])
+    _, plain = _fit(shapes, cache_mib=0, channels_last=False)
+    fast_model, fast = _fit(shapes, cache_mib=0, channels_last=True)
+    for a, b in zip(plain.history, fast.history, strict=True):
+        for key in ("box", "obj", "cls", "kd"):
             assert b[key] == pytest.approx(a[key], rel=1e-3)
-    start = torch.cat([p.detach().flatten() for p in tiny(shapes)[0].parameters()])
-    live_w, kept_w = (
-        torch.cat([p.detach().flatten() for p in r.model.parameters()]) for r in results
-    )
-    # AdamW turns rounding-sized gradient differences into small steps: compare the weights'
-    # difference with how far training moved them
-    assert (kept_w - live_w).norm() < 0.01 * (live_w - start).norm()
-    assert all(p.is_contiguous() for p in kept.model.parameters())
+    plain_w, fast_w = _weights(plain.model), _weights(fast.model)
+    assert (fast_w - plain_w).norm() < 0.01 * (plain_w - start).norm()
+    # the caller's model and the result are back in the default layout
+    convs = [m.weight for m in fast_model.modules() if isinstance(m, nn.Conv2d)]
+    assert any(w.shape[-1] == 3 for w in convs) and all(w.is_contiguous() for w in convs)
+    assert all(p.is_contiguous() for p in fast.model.parameters())
+
+
+def test_resumed_optimizer_state_takes_its_parameter_layout():
+    """A last.pt written channels-last and resumed in the default layout: the fused step reads
+    state as flat memory, so the state must follow the parameter's strides."""
+    from yoloprune.compiler.train.finetune import _match_layouts
+
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(4, 3, 3, 3))
+    optimizer = torch.optim.AdamW([weight], fused=True)
+    saved = torch.randn(4, 3, 3, 3).contiguous(memory_format=torch.channels_last)
+    optimizer.state[weight] = {"step": torch.tensor(1.0), "exp_avg": saved}
+    _match_layouts(optimizer)
+    state = optimizer.state[weight]["exp_avg"]
+    assert state.stride() == weight.stride() and torch.equal(state, saved)

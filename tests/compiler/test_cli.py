@@ -229,7 +229,7 @@ def test_compile_with_data_reports_accuracy_at_every_stage(tmp_path, tiny6_yaml,
             "--data",
             shapes_data,
             "--epochs",
-            1,
+            2,
             "--batch",
             8,
             "--distill",
@@ -240,7 +240,7 @@ def test_compile_with_data_reports_accuracy_at_every_stage(tmp_path, tiny6_yaml,
     report = json.loads((out / "report.json").read_text())
     accuracy = report["accuracy"]
     assert set(accuracy["map50_95"]) == {"original", "pruned", "finetuned", "onnx"}
-    assert accuracy["images"] == 8 and len(accuracy["finetune"]["history"]) == 1
+    assert accuracy["images"] == 8 and len(accuracy["finetune"]["history"]) == 2
     assert accuracy["finetune"]["history"][0]["kd"] > 0
     kept = accuracy["finetune"]["kept_between_epochs"]  # no augmentation: images and teacher
     assert (kept["images"], kept["teacher_outputs"], kept["val_images"]) == (16, 16, 8)

@@ -10,6 +10,7 @@ DistributedDataParallel (NCCL on GPUs, Gloo on CPUs); rank 0 evaluates and saves
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 import time
@@ -187,6 +188,21 @@ def _device(settings: TrainSettings, local_rank: int) -> torch.device:
     return torch.device(f"cuda:{local_rank}")
 
 
+def _default_layout_after(fit):
+    """``fit(model, ...)`` that leaves the model in the default memory layout, also when it
+    fails (training runs channels-last where the model allows)."""
+
+    @functools.wraps(fit)
+    def fitted(model: nn.Module, *args, **kwargs):
+        try:
+            return fit(model, *args, **kwargs)
+        finally:
+            model.to(memory_format=torch.contiguous_format)
+
+    return fitted
+
+
+@_default_layout_after
 def train(
     model: nn.Module,
     info: ModelInfo,
@@ -198,35 +214,7 @@ def train(
     resume: Path | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Fine-tune ``model`` in place on ``data.train``; validate on ``data.val`` each epoch.
-    The model is back in the default memory layout afterwards, also when training fails."""
-    try:
-        return _train(
-            model,
-            info,
-            data,
-            settings,
-            teacher=teacher,
-            save_dir=save_dir,
-            resume=resume,
-            progress=progress,
-        )
-    finally:
-        model.to(memory_format=torch.contiguous_format)
-
-
-def _train(
-    model: nn.Module,
-    info: ModelInfo,
-    data: DataConfig,
-    settings: TrainSettings,
-    *,
-    teacher: nn.Module | None = None,
-    save_dir: Path | None = None,
-    resume: Path | None = None,
-    progress: bool = True,
-) -> TrainResult:
-    """``train``'s loop (the model may be left channels-last)."""
+    """Fine-tune ``model`` in place on ``data.train``; validate on ``data.val`` each epoch."""
     from tqdm import tqdm
 
     world, rank, local_rank = _distributed()

@@ -72,7 +72,14 @@ def test_a_16_channel_block_is_timed_and_chosen(timing, prepared, tmp_path):
     # at 16's speed the finest alignment would have to remove more importance than 16 does
     assert rows[16]["importance_removed"] <= rows[16]["finest_at_this_speed"]
     assert rows[16]["matched_macs"] < plan.macs_ratio * 0.75
-    assert [r["eligible"] for r in record["candidates"]] == [True, True, False]
+    # 32 removes 10 % more than the finest would at its speed: a tie it passes, but it is no
+    # faster than 16, which is taken
+    assert rows[32]["finest_at_this_speed"] < rows[32]["importance_removed"]
+    assert rows[32]["importance_removed"] <= rows[32]["finest_at_this_speed"] * (
+        1 + alignment.IMPORTANCE_TIE
+    )
+    assert [r["eligible"] for r in record["candidates"]] == [True, True, True]
+    assert rows[32]["relative_latency"] > rows[16]["relative_latency"]
     assert all(g.kept % 16 == 0 for g in plan.groups if g.pruned)
     # the record travels with the plan file
     path = tmp_path / "plan.json"
@@ -101,23 +108,26 @@ def test_the_matched_plans_are_timed_together_with_the_finest_once(timing, prepa
 
 
 def test_a_coarse_alignment_costlier_than_pruning_deeper_is_not_taken(timing, prepared):
-    """16 runs 5 % faster, but the finest alignment planned to run that fast removes less
-    importance than 16 does at the target: pruning a little deeper is the better buy."""
-    timing(model_off_block(16, 1.05))
+    """32 runs 5 % faster, but the finest alignment planned to run that fast removes less
+    importance than 32 does at the target (by more than the tie): pruning a little deeper is
+    the better buy."""
+    timing(model_off_block(32, 1.05))
     options = CompileOptions("t", macs=0.5, threads=1)
     plan = plan_for(prepared, options)
     rows = {r["round_to"]: r for r in plan.alignment["candidates"]}
-    assert rows[16]["relative_latency"] < 1 - alignment.SPEED_TIE
-    too_costly = rows[16]["finest_at_this_speed"] * (1 + alignment.IMPORTANCE_TIE)
-    assert too_costly < rows[16]["importance_removed"]
-    assert plan.round_to == 8 and not rows[16]["eligible"]
+    assert rows[32]["relative_latency"] < 1 - alignment.SPEED_TIE
+    too_costly = rows[32]["finest_at_this_speed"] * (1 + alignment.IMPORTANCE_TIE)
+    assert too_costly < rows[32]["importance_removed"]
+    assert plan.round_to == 8 and not rows[32]["eligible"]
 
 
 def test_importance_within_the_proxys_resolution_is_a_tie_that_goes_to_the_faster():
     """The embedded model's case (MACs 0.35): 16 removed 12.1 % where 8 at its speed removes
-    11.6 %, and the two measured the same mAP; 13 % against 11.6 % is costlier."""
+    11.6 % (10.8 % in another run), and the two measured the same mAP; 14 % against 11.6 %
+    is costlier."""
     assert alignment._no_costlier(0.121263, 0.115964)
-    assert not alignment._no_costlier(0.13, 0.115964)
+    assert alignment._no_costlier(0.121263, 0.108)
+    assert not alignment._no_costlier(0.14, 0.115964)
     assert alignment._no_costlier(0.5, None)  # the finest cannot run that fast at all
 
 

@@ -201,7 +201,8 @@ class YoloDataset(torch.utils.data.Dataset):
         """``memo`` keeps decoded, letterboxed samples (as uint8) between epochs when they do
         not change (no augmentation), under ``(memo_kind, index)``."""
         self.imgsz, self.augment, self.seed = imgsz, augment, seed
-        self.memo, self.memo_kind = (memo, memo_kind) if not augment else (None, memo_kind)
+        self.memo = None if augment else memo
+        self.memo_kind = memo_kind
         self.check = SampleCheck()
         self.files: list[Path] = []
         self.labels: list[np.ndarray] = []

@@ -225,9 +225,7 @@ def train(
     torch.manual_seed(settings.seed + rank)
     if not data.train:
         raise YoloPruneError("the data YAML has no 'train' split to fine-tune on")
-    # workers are separate processes: what they would keep dies with each epoch's workers
-    # (one epoch has nothing to reuse)
-    reuse = settings.cache_mib and settings.epochs > 1
+    reuse = settings.cache_mib and settings.epochs > 1  # one epoch has nothing to reuse
     memo = SampleMemo(settings.cache_mib << 20) if reuse else None
     train_set = YoloDataset(
         data.train,
@@ -235,6 +233,7 @@ def train(
         imgsz,
         augment=settings.augment,
         seed=settings.seed,
+        # workers are separate processes: what they kept would die with each epoch's workers
         memo=memo if settings.workers == 0 else None,
         memo_kind="train",
     )

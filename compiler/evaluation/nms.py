@@ -64,8 +64,10 @@ def class_aware_nms(
     max_keep: int | None = None,
 ) -> torch.Tensor:
     """Greedy NMS within each class, kept indices in score order (ties: lower index first)
-    and truncated to ``max_keep``: what one greedy pass with boxes offset per class keeps, at
-    a fraction of its IoUs (each class against itself only)."""
+    and truncated to ``max_keep``: what one greedy pass over all classes keeps when boxes of
+    different classes never suppress each other, at a fraction of its IoUs (each class against
+    itself only; offsetting boxes per class, the previous way, rounded far-off classes'
+    coordinates)."""
     kept = []
     for label in classes.unique():
         members = (classes == label).nonzero().view(-1)

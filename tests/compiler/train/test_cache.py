@@ -45,35 +45,40 @@ def test_kept_samples_are_the_decoded_ones_bit_for_bit(shapes):
     assert augmented.memo is None  # augmented samples change every epoch: never kept
 
 
-class CountingTeacher(nn.Module):
+class CountedTeacher(nn.Module):
+    """Counts forward calls across the copies train() makes of it."""
+
+    calls = 0
+
     def __init__(self, model):
         super().__init__()
-        self.model, self.calls = model, 0
+        self.model = model
 
     def forward(self, x):
-        self.calls += 1
+        type(self).calls += 1
         return self.model(x)
 
 
 def test_teacher_targets_are_looked_up_once_every_sample_was_seen(shapes):
     model, _ = tiny(shapes)
-    teacher = CountingTeacher(model.eval())
+    CountedTeacher.calls = 0
+    teacher = CountedTeacher(model.eval())
     objective = YoloV5Objective(model, 64)
     targets = TeacherTargets(teacher, objective.distill_targets, SampleMemo(1 << 30))
     torch.manual_seed(0)
     images = torch.rand(4, 3, 64, 64)
     first = targets(images[:2], [0, 1])
     targets(images[2:], [2, 3])
-    assert teacher.calls == 2
+    assert CountedTeacher.calls == 2
     mixed = targets(images[[3, 0, 1]], [3, 0, 1])  # another batch composition: looked up
-    assert teacher.calls == 2
+    assert CountedTeacher.calls == 2
     with torch.no_grad():
         live = objective.distill_targets(model(images[[3, 0, 1]]))
     for kept, fresh in zip(_leaves(mixed), _leaves(live), strict=True):
         torch.testing.assert_close(kept, fresh, rtol=1e-5, atol=1e-5)
     assert torch.equal(_leaves(mixed)[0][1:], _leaves(first)[0])
     partly = targets(images[[0, 1]] + 1, [0, 9])  # index 9 unseen: the teacher runs on it alone
-    assert teacher.calls == 3
+    assert CountedTeacher.calls == 3
     with torch.no_grad():
         unseen = objective.distill_targets(model(images[[1]] + 1))
     assert torch.equal(_leaves(partly)[0][0], _leaves(first)[0][0])  # index 0: looked up
@@ -87,20 +92,6 @@ def test_nested_targets_rebuild_in_order():
     assert torch.equal(rebuilt[1]["one2many"]["boxes"], torch.full((2,), 2.0))
     assert torch.equal(rebuilt[1]["one2many"]["scores"], torch.ones(3))
     assert rebuilt[0] is None and rebuilt[1]["x"] == [1]
-
-
-class CountedTeacher(nn.Module):
-    """Counts forward calls across the copies train() makes of it."""
-
-    calls = 0
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        type(self).calls += 1
-        return self.model(x)
 
 
 def _fit(shapes, cache_mib, channels_last, epochs=2):

@@ -15,6 +15,12 @@ the finest would have to remove to run as fast (the finest planned again at the 
 scales to, timed, and interpolated to the coarser one's speed), within :data:`IMPORTANCE_TIE`.
 Among the finest and those worth it the fastest is chosen, ties to the finest. The record
 (every candidate's figures and the rule) goes into the plan and the report.
+
+Latency planners plan the candidates at a MACs equivalent, which a coarse alignment can meet
+where the knapsack cannot meet the budget in milliseconds (groups too small to shrink at 32):
+an alignment the planner itself refuses is marked so and the choice made again among the rest
+(:func:`refuse_alignment`); measured on the embedded YOLOv5n, ``--speedup 2`` chose 32 in one
+of three compiles and failed there, before this.
 """
 
 from __future__ import annotations
@@ -243,6 +249,27 @@ def _choose(rows: list[dict]) -> int:
     fastest = min(r["relative_latency"] for r in eligible)
     tied = [r for r in eligible if r["relative_latency"] <= fastest * (1 + SPEED_TIE)]
     return min(r["round_to"] for r in tied)
+
+
+def refuse_alignment(request, record: dict, why: str):
+    """``request`` and ``record`` after the planner refused the chosen alignment (``why``, its
+    error): that candidate is no longer eligible and the choice is made again among the rest;
+    the planner's error itself where none is left."""
+    rows = [
+        {**row, "eligible": False, "planner_refused": why}
+        if row["round_to"] == record["chosen"]
+        else row
+        for row in record["candidates"]
+    ]
+    if not any(row["eligible"] for row in rows):
+        raise PlanError(why)
+    chosen = _choose(rows)
+    constraints = replace(request.constraints, round_to=chosen)
+    return replace(request, constraints=constraints), {
+        **record,
+        "chosen": chosen,
+        "candidates": rows,
+    }
 
 
 # What TensorRT's kernels of each precision want (the note's advice where none was measured).

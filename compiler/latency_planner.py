@@ -379,8 +379,12 @@ def plan_latency(request, settings: LatencySettings, measure) -> PruningPlan:
     """Plan under ``--speedup`` / ``--latency-ms``: predict with the table, then check on the
     runtime itself (baseline and candidate interleaved) and re-plan with a corrected budget
     until the measured latency is within ``settings.tolerance`` of the goal (at most
-    ``settings.rounds`` rounds). Every round is recorded in ``plan.latency``. ``measure`` times
-    plans on the runtime ({name: plan or None for the unpruned model} -> {name: median ms})."""
+    ``settings.rounds`` rounds). The corrected budget stays between the budgets measured too
+    fast and too slow so far (their geometric mean where the correction leaves that bracket: a
+    plan's time moves in steps as aligned counts cross kernel boundaries). The plan kept is the
+    slowest one measured to meet the goal (within the tolerance), or, if none did, the fastest
+    (:func:`_preferred`). Every round is recorded in ``plan.latency``. ``measure`` times plans
+    on the runtime ({name: plan or None for the unpruned model} -> {name: median ms})."""
     constraints, target = request.constraints, request.target
     table, model = _latency_model(request, constraints, settings)
     base_ms = measure({"base": None})["base"]
@@ -388,7 +392,7 @@ def plan_latency(request, settings: LatencySettings, measure) -> PruningPlan:
     goal = base_ms / target.value if target.kind == "speedup" else target.value
     prunable = [g for g in request.groups if not g.protected]
     droppable = _droppable(request, constraints)
-    budget, rounds, best = goal, [], None
+    budget, rounds, best, bracket = goal, [], None, Bracket()
     for _ in range(settings.rounds):
         try:
             counts, predicted = latency_counts(
@@ -403,7 +407,7 @@ def plan_latency(request, settings: LatencySettings, measure) -> PruningPlan:
         except PlanError:
             if best is None:
                 raise
-            break  # a corrected budget the table cannot meet: keep the closest plan so far
+            break  # a corrected budget the table cannot meet: keep the best plan so far
         if best is not None and all(counts[g.id] == g.size for g in prunable):
             break  # a corrected budget that prunes nothing: any speed-up it measured is noise
         plan = _counts_plan(request, counts, droppable)
@@ -419,11 +423,11 @@ def plan_latency(request, settings: LatencySettings, measure) -> PruningPlan:
                 "baseline_ms_this_round": timings["base"],
             }
         )
-        if best is None or abs(measured / goal - 1) < abs(best[1] / goal - 1):
+        if best is None or _preferred(measured, best[1], goal, settings.tolerance):
             best = (plan, measured, predicted, counts)
         if abs(measured / goal - 1) <= settings.tolerance:
             break
-        budget *= goal / measured
+        budget = bracket.next_budget(budget, measured, goal)
     plan, measured, predicted, counts = best
     latency = {
         **_table_record(table, settings),
@@ -436,3 +440,35 @@ def plan_latency(request, settings: LatencySettings, measure) -> PruningPlan:
         "scale": model.scale,
     }
     return replace(plan, latency=latency)
+
+
+def _preferred(measured: float, kept: float, goal: float, tolerance: float) -> bool:
+    """Whether a plan measured at ``measured`` ms beats the one kept (``kept`` ms): meeting the
+    goal (within ``tolerance``) beats missing it; among plans meeting it the slower one (the
+    least pruned), among plans missing it the faster one."""
+    limit = goal * (1 + tolerance)
+    meets, kept_meets = measured <= limit, kept <= limit
+    if meets != kept_meets:
+        return meets
+    return measured > kept if meets else measured < kept
+
+
+@dataclass
+class Bracket:
+    """The closed loop's budgets so far: the largest measured too fast, the smallest too slow."""
+
+    too_fast: float | None = None
+    too_slow: float | None = None
+
+    def next_budget(self, budget: float, measured: float, goal: float) -> float:
+        """The budget corrected by the miss, kept strictly inside the bracket."""
+        if measured > goal:
+            self.too_slow = min(budget, self.too_slow or math.inf)
+        else:
+            self.too_fast = max(budget, self.too_fast or 0.0)
+        corrected = budget * goal / measured
+        if self.too_fast is None or self.too_slow is None:  # one side seen: no bracket yet
+            return corrected
+        if self.too_fast < corrected < self.too_slow:
+            return corrected
+        return math.sqrt(self.too_fast * self.too_slow)

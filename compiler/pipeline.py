@@ -20,7 +20,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from yoloprune.compiler.alignment import ALIGNMENT_RUNS, ALIGNMENT_SECONDS, choose_alignment
+from yoloprune.compiler.alignment import (
+    ALIGNMENT_RUNS,
+    ALIGNMENT_SECONDS,
+    choose_alignment,
+    refuse_alignment,
+)
 from yoloprune.compiler.apply import apply_plan, count_params
 from yoloprune.compiler.export import check_parity, export_mode, export_onnx, output_layout
 from yoloprune.compiler.options import CompileOptions
@@ -100,7 +105,13 @@ def plan_for(prepared: Prepared, options: CompileOptions) -> PruningPlan:
         return run_planner(request, settings.planner)
     measure = alignment_measure(prepared, settings.alignment)
     request, alignment = choose_alignment(request, settings.planner, settings.alignment, measure)
-    return dataclasses.replace(run_planner(request, settings.planner), alignment=alignment)
+    while True:
+        try:
+            plan = run_planner(request, settings.planner)
+        except PlanError as exc:  # a budget the knapsack cannot meet at this alignment
+            request, alignment = refuse_alignment(request, alignment, str(exc))
+            continue
+        return dataclasses.replace(plan, alignment=alignment)
 
 
 def plan_request(prepared: Prepared, options: CompileOptions) -> PlanRequest:

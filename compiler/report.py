@@ -154,6 +154,9 @@ def alignment_text(record: dict) -> str:
         if row.get("plannable") is False:
             parts.append(text + ", target not plannable at this alignment")
             continue
+        if row.get("planner_refused"):
+            parts.append(text + ", the planner cannot meet the target at this alignment")
+            continue
         if "importance_removed" in row:
             text += f", removes {row['importance_removed']:.1%} of the importance"
         finest = row.get("finest_at_this_speed")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from tests.compiler.test_planner import prepared_for
-from yoloprune.compiler import alignment
+from yoloprune.compiler import alignment, report
 from yoloprune.compiler.options import CompileOptions
 from yoloprune.compiler.pipeline import plan_for
 from yoloprune.graphs.errors import PlanError
@@ -119,6 +119,45 @@ def test_a_coarse_alignment_costlier_than_pruning_deeper_is_not_taken(timing, pr
     too_costly = rows[32]["finest_at_this_speed"] * (1 + alignment.IMPORTANCE_TIE)
     assert too_costly < rows[32]["importance_removed"]
     assert plan.round_to == 8 and not rows[32]["eligible"]
+
+
+def refusing(monkeypatch, planner: str, refused: set[int]):
+    """``planner`` raising the latency knapsack's error at the alignments in ``refused``."""
+    from yoloprune.compiler import planners
+
+    plan = planners.PLANNERS[planner]
+
+    def refuse(request):
+        if request.constraints.round_to in refused:
+            raise PlanError(f"budget cannot be met with --round-to {request.constraints.round_to}")
+        return plan(request)
+
+    monkeypatch.setitem(planners.PLANNERS, planner, refuse)
+
+
+def test_an_alignment_the_planner_refuses_is_replaced_by_the_next_choice(
+    timing, prepared, monkeypatch
+):
+    """32 is chosen (fastest, importance within the tie) until the planner cannot meet the
+    target there, as the latency knapsack could not at --speedup 2 on the embedded model: the
+    choice is made again among the rest, and the record says why 32 was not taken."""
+    timing(model_off_block(16, 1.5))
+    options = CompileOptions("t", macs=0.5, threads=1)
+    assert plan_for(prepared, options).round_to == 16
+    refusing(monkeypatch, "uniform", {16})
+    plan = plan_for(prepared, options)
+    rows = {r["round_to"]: r for r in plan.alignment["candidates"]}
+    assert plan.round_to == plan.alignment["chosen"] == 32
+    assert not rows[16]["eligible"] and "--round-to 16" in rows[16]["planner_refused"]
+    assert "planner_refused" not in rows[32] and rows[32]["eligible"]
+    assert all(g.kept % 32 == 0 for g in plan.groups if g.pruned)
+    assert "16: 0.6" in report.alignment_text(plan.alignment)
+    assert "the planner cannot meet the target at this alignment" in report.alignment_text(
+        plan.alignment
+    )
+    refusing(monkeypatch, "uniform", {8, 32})  # the last eligible one refused as well
+    with pytest.raises(PlanError, match="--round-to 8"):
+        plan_for(prepared, options)
 
 
 def test_importance_within_the_proxys_resolution_is_a_tie_that_goes_to_the_faster():

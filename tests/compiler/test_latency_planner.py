@@ -1,4 +1,5 @@
 import dataclasses
+import math
 import random
 
 import pytest
@@ -6,8 +7,10 @@ import torch
 
 from tests.helpers import needs_ultralytics
 from yoloprune.compiler.latency_planner import (
+    Bracket,
     LatencyModel,
     LatencySettings,
+    _preferred,
     conv_geometry,
     latency_counts,
 )
@@ -299,3 +302,55 @@ def test_the_latency_planner_times_plans_only_through_its_measure_callable(tmp_p
     assert lat["measured_ms"] == pytest.approx(10.0 * plan.macs_ratio)
     assert plan.macs_before == full_macs
     assert set(PLANNERS) >= {"uniform", "global", "latency", "latency-aware", "unstructured"}
+
+
+def test_a_plan_meeting_the_goal_beats_one_missing_it():
+    """--speedup 2 asks for at least 2x: of two plans 15 % either side of the goal the one
+    meeting it is kept; among plans meeting it the least pruned, among misses the fastest."""
+    goal, tolerance = 10.0, 0.03
+    assert _preferred(8.5, 11.5, goal, tolerance) and not _preferred(11.5, 8.5, goal, tolerance)
+    assert _preferred(10.2, 9.0, goal, tolerance)  # within the tolerance counts as meeting
+    assert _preferred(9.5, 8.0, goal, tolerance) and not _preferred(8.0, 9.5, goal, tolerance)
+    assert _preferred(11.0, 12.0, goal, tolerance) and not _preferred(12.0, 11.0, goal, tolerance)
+
+
+def test_corrected_budgets_stay_between_the_too_fast_and_the_too_slow():
+    bracket = Bracket()
+    # measured twice as fast as the goal: the budget doubles (no bracket yet)
+    assert bracket.next_budget(10.0, 5.0, 10.0) == pytest.approx(20.0)
+    # 20 measured too slow: the correction (20 * 10 / 10.5) lies inside (10, 20), taken
+    assert bracket.next_budget(20.0, 10.5, 10.0) == pytest.approx(20.0 * 10 / 10.5)
+    # 19 measured far too slow (a step): the correction 9.5 would leave (10, 19), so the
+    # geometric mean of the bracket instead
+    assert bracket.next_budget(19.0, 20.0, 10.0) == pytest.approx((10.0 * 19.0) ** 0.5)
+    assert (bracket.too_fast, bracket.too_slow) == (10.0, 19.0)
+
+
+def test_the_closed_loop_keeps_the_slowest_plan_meeting_the_goal(tmp_path):
+    """A stand-in runtime whose time falls in steps (aligned counts crossing kernel
+    boundaries): tenths of the baseline, by the square root of the MACs kept. The plan kept is
+    the slowest one measured at or under the goal, and every corrected budget lies inside the
+    bracket of the budgets before it."""
+    p = randomized_tiny(tmp_path, IMGSZ)
+
+    def measure(plans):
+        return {
+            k: 10.0 * (math.ceil(math.sqrt(v.macs_ratio) * 10) / 10 if v else 1.0)
+            for k, v in plans.items()
+        }
+
+    options = CompileOptions("tiny.yaml", speedup=1.3, threads=1, latency_table=tmp_path / "t.json")
+    request = dataclasses.replace(plan_request(p, options), measure=measure)
+    plan = run_planner(request, "latency")
+    lat, goal = plan.latency, 10.0 / 1.3
+    measured = [r["measured_ms"] for r in lat["rounds"]]
+    meeting = [m for m in measured if m <= goal * 1.03]
+    assert meeting, "the stand-in's steps put some round under the goal"
+    assert lat["measured_ms"] == max(meeting)
+    too_fast, too_slow = 0.0, math.inf
+    for r in lat["rounds"]:
+        assert too_fast < r["budget_ms"] < too_slow
+        if r["measured_ms"] > goal:
+            too_slow = min(too_slow, r["budget_ms"])
+        else:
+            too_fast = max(too_fast, r["budget_ms"])

@@ -159,11 +159,16 @@ Path({str(tmp_path)!r}, f"rank{{rank}}.json").write_text(json.dumps(
 
 
 @pytest.mark.slow
-def test_quantization_aware_training_beats_post_training_quantization(embedded, shapes, tmp_path):
-    """One epoch with the INT8 quantizers in the loop (distilling from the fp32 model) recovers
-    mAP that PTQ's rounding lost, and the QAT file keeps the default int8 parity tolerance.
-    Measured here: fp32 0.8645, PTQ 0.8585, QAT 0.8593 (16 calibration images;
-    0.8613 before the fused optimizer step and foreach EMA of 2026-12-01)."""
+def test_quantization_aware_training_keeps_the_accuracy_of_post_training_quantization(
+    embedded, shapes, tmp_path
+):
+    """One epoch with the INT8 quantizers in the loop (distilling from the fp32 model) keeps
+    the mAP of the PTQ model it starts from, within the spread of training seeds, and the QAT
+    file keeps the default int8 parity tolerance. It cannot claim more on this model: PTQ
+    loses only 0.006 here (fp32 0.8645, PTQ 0.8585 on these 60 images), and QAT's margin over
+    PTQ moved with the training seed from -0.0055 to +0.0008 (1 epoch, seeds 0-4) and from
+    -0.0039 to +0.0051 (2 epochs), measured 2026-12-01. This test once asserted QAT > PTQ, which
+    seed 0 passed by 0.0008."""
     from yoloprune.compiler.precision import lower_checked
     from yoloprune.compiler.quantize import Calibration, post_training_quantized
     from yoloprune.compiler.train.qat import quantization_aware_training
@@ -196,7 +201,8 @@ def test_quantization_aware_training_beats_post_training_quantization(embedded, 
     )
     by_ptq = evaluate(torch_predictor(ptq), dataset, shapes.names, progress=False)
     by_qat = evaluate(torch_predictor(qat.quantized), dataset, shapes.names, progress=False)
-    assert by_qat.map50_95 > by_ptq.map50_95 > 0.8
+    assert by_ptq.map50_95 > 0.85
+    assert by_qat.map50_95 == pytest.approx(by_ptq.map50_95, abs=0.01)
     fp32 = export_onnx(qat.fp32, tmp_path / "qat.onnx", 256)
     _, parity, record = lower_checked(
         qat.fp32, fp32, 256, "int8", calibration=calibration, trained=qat

@@ -1042,12 +1042,14 @@ def cmd_sweep(args) -> int:
             f"{point['map50_95']:.4f}  latency {point['latency_ms']:.2f} ms "
             f"({point['latency_ratio']:.3f})"
         )
+    for point in record["unreachable"]:
+        print(f"{point['name']:<14} not reachable: {point['why']}")
     chosen = record["recommended"]
     if chosen and chosen["name"]:
         print(f"recommended: {chosen['name']} ({chosen['why']})")
     elif chosen:
         print(f"no recommendation: {chosen['why']}")
-    print(f"wrote {sweep.out}/: sweep.json, sweep.md, sweep.png and one folder per point")
+    print(f"wrote {sweep.out}/: sweep.json, sweep.md, sweep.png and one folder per point compiled")
     return 0
 
 

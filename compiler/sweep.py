@@ -9,7 +9,9 @@ and of the unpruned model's is measured together at the end on the latency runti
 Runtime CPU; torch: the pruned checkpoints on PyTorch CUDA; tensorrt: the ONNX files as
 engines), so the ratios compare. The recommended point: the fastest within
 ``--max-map-drop`` of the original's mAP (and faster than the original), or the most accurate
-within ``--latency-ms``.
+within ``--latency-ms``. A target the planner cannot reach (``--speedup 3`` past what
+``--max-ratio`` allows) is listed with the planner's reason and the other points go on; a
+sweep none of whose targets can be reached is an error.
 """
 
 from __future__ import annotations
@@ -94,10 +96,19 @@ def run_sweep(options: SweepOptions) -> dict:
 
     shared = shared_job(options.point(options.values[0]))
     original = shared.accuracy["original"]
-    points = []
+    points, unreachable = [], []
     for value in tqdm(options.values, desc="sweep", unit="point", leave=False, disable=None):
-        report = compile_shared(options.point(value), shared)
+        try:
+            report = compile_shared(options.point(value), shared)
+        except PlanError as exc:  # planned before anything of the point is written
+            unreachable.append({"name": options.name(value), options.kind: value, "why": str(exc)})
+            continue
         points.append(_point_record(options, value, report))
+    if not points:
+        raise PlanError(
+            "sweep: no target can be reached: "
+            + "; ".join(f"{u['name']}: {u['why']}" for u in unreachable)
+        )
     prepared = shared["prepared"]
     latency = _measure(options, prepared, shared["mode"], points)
     for point in points:
@@ -112,6 +123,7 @@ def run_sweep(options: SweepOptions) -> dict:
         "latency": {k: v for k, v in latency.items() if k != "points"},
         "criterion": _criterion(options),
         "points": points,
+        "unreachable": unreachable,
         "front": _front(points),
     }
     record["recommended"] = _recommend(options, record)
@@ -315,6 +327,10 @@ def render(record: dict) -> str:
             f"{p['latency_ratio']:.3f} | {'yes' if p['name'] in record['front'] else ''} | "
             f"`{p['folder']}/` |"
         )
+    lines += [
+        f"| {u['name']} | {u[record['target']]:g} | not reachable: {u['why']} |" + " |" * 8
+        for u in record.get("unreachable", ())
+    ]
     chosen = record.get("recommended")
     lines.append("")
     if chosen is None:

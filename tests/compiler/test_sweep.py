@@ -60,6 +60,30 @@ def test_a_speedup_sweep_plans_on_measured_latency_and_fine_tunes_each_point(
     assert record["recommended"]["name"] == "speedup-1.2"  # the only point within 10 s
 
 
+def test_a_target_the_planner_cannot_reach_is_listed_and_the_others_compiled(
+    tmp_path, tiny6_yaml, shapes_data, capsys
+):
+    """--speedup 1.2,50: 50x is past what --max-ratio lets the planner remove. That point is
+    listed with the planner's reason, nothing of it is written, and the sweep goes on; a sweep
+    whose every target is out of reach is a one-line error with exit status 2."""
+    out = tmp_path / "sweep"
+    argv = ["sweep", tiny6_yaml, "--imgsz", 64, "--data", shapes_data, "--bench-runs", 3]
+    argv += ["--out", out, "--no-reconstruct", "--importance", "l2"]
+    assert main([str(a) for a in [*argv, "--speedup", "1.2,50"]]) == 0
+    record = json.loads((out / "sweep.json").read_text())
+    assert [p["name"] for p in record["points"]] == ["speedup-1.2"]
+    (unreachable,) = record["unreachable"]
+    assert unreachable["name"] == "speedup-50" and unreachable["speedup"] == 50
+    assert "cannot be met" in unreachable["why"] and "--max-ratio" in unreachable["why"]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["speedup-1.2"]
+    assert "| speedup-50 | 50 | not reachable: " in (out / "sweep.md").read_text()
+    assert "speedup-50     not reachable: " in capsys.readouterr().out
+    assert main([str(a) for a in [*argv, "--speedup", "50,60", "--out", tmp_path / "none"]]) == 2
+    message = capsys.readouterr().err.strip()
+    assert "no target can be reached" in message and len(message.splitlines()) == 1
+    assert not (tmp_path / "none" / "sweep.json").exists()
+
+
 def _points(*rows):
     return [{"name": n, "latency_ms": t, "map50_95": m} for n, t, m in rows]
 

@@ -32,7 +32,7 @@ import torch
 from yoloprune.compiler.latency_planner import LatencySettings
 from yoloprune.compiler.planner import Target, make_plan
 from yoloprune.compiler.score import Importance
-from yoloprune.graphs.errors import PlanError
+from yoloprune.graphs.errors import PlanError, TargetUnreachable
 from yoloprune.graphs.plan import PruningPlan
 from yoloprune.kernels.alignment import CANDIDATES, ChainTable, bands_for, relative_latency
 
@@ -253,17 +253,28 @@ def _choose(rows: list[dict]) -> int:
 
 def refuse_alignment(request, record: dict, why: str):
     """``request`` and ``record`` after the planner refused the chosen alignment (``why``, its
-    error): that candidate is no longer eligible and the choice is made again among the rest;
-    the planner's error itself where none is left."""
+    :class:`TargetUnreachable`): that candidate is marked so and the choice is made again among
+    the eligible rest, or, with none left, the fastest plannable candidate not yet refused
+    (marked ``fallback``: the target is reachable only there). Every candidate refused: the
+    planner's errors, finest alignment first."""
     rows = [
         {**row, "eligible": False, "planner_refused": why}
         if row["round_to"] == record["chosen"]
         else row
         for row in record["candidates"]
     ]
-    if not any(row["eligible"] for row in rows):
-        raise PlanError(why)
-    chosen = _choose(rows)
+    if any(row["eligible"] for row in rows):
+        chosen = _choose(rows)
+    else:
+        left = [r for r in rows if r.get("plannable", True) and "planner_refused" not in r]
+        if not left:
+            refusals = [r["planner_refused"] for r in rows if "planner_refused" in r]
+            raise TargetUnreachable("; ".join(refusals))
+        chosen = min(left, key=lambda r: (r["relative_latency"], r["round_to"]))["round_to"]
+        rows = [
+            {**r, "eligible": True, "fallback": True} if r["round_to"] == chosen else r
+            for r in rows
+        ]
     constraints = replace(request.constraints, round_to=chosen)
     return replace(request, constraints=constraints), {
         **record,

@@ -25,7 +25,7 @@ from torch import nn
 from yoloprune.compiler.planner import conv_io_sizes, plan_from_counts, tie_members
 from yoloprune.graphs.blocks import droppable_blocks
 from yoloprune.graphs.dependency import ChannelGroup, ConvChannels, conv_channels
-from yoloprune.graphs.errors import PlanError
+from yoloprune.graphs.errors import PlanError, TargetUnreachable
 from yoloprune.graphs.plan import PruningPlan
 from yoloprune.kernels.latency_table import ConvShape, LatencyTable, open_table
 
@@ -261,13 +261,13 @@ def latency_counts(
             push(leader)
     total = model.predict(counts)
     if macs_goal is not None and not done():
-        raise PlanError(
+        raise TargetUnreachable(
             f"--macs {macs_goal[1] / macs_goal[0].macs():.3g} cannot be reached latency-aware "
             f"with --round-to {round_to} and --max-ratio {max_ratio:g}; raise --max-ratio"
             + ("" if droppable else " or allow --drop-blocks")
         )
     if macs_goal is None and total > budget_ms * 1.0001:
-        raise PlanError(
+        raise TargetUnreachable(
             f"latency budget {budget_ms:.2f} ms cannot be met (best predicted {total:.2f} ms) "
             f"with --round-to {round_to} and --max-ratio {max_ratio:g}; ask for less speed-up "
             "or raise --max-ratio"
@@ -404,7 +404,7 @@ def plan_latency(request, settings: LatencySettings, measure) -> PruningPlan:
                 constraints.max_ratio,
                 droppable=droppable,
             )
-        except PlanError:
+        except TargetUnreachable:
             if best is None:
                 raise
             break  # a corrected budget the table cannot meet: keep the best plan so far

@@ -36,7 +36,7 @@ from yoloprune.compiler.score import importance_named
 from yoloprune.compiler.unstructured import sparsify, sparsity
 from yoloprune.graphs.checkpoint import ModelInfo, load_model, save_pruned
 from yoloprune.graphs.dependency import GroupingLimits, build_graph, channel_groups, conv_channels
-from yoloprune.graphs.errors import PlanError, YoloPruneError
+from yoloprune.graphs.errors import PlanError, TargetUnreachable, YoloPruneError
 from yoloprune.graphs.family import OUTPUT_LAYOUTS, family_named
 from yoloprune.graphs.files import signals_held
 from yoloprune.graphs.plan import GroupPlan, PruningPlan
@@ -108,7 +108,7 @@ def plan_for(prepared: Prepared, options: CompileOptions) -> PruningPlan:
     while True:
         try:
             plan = run_planner(request, settings.planner)
-        except PlanError as exc:  # a budget the knapsack cannot meet at this alignment
+        except TargetUnreachable as exc:  # e.g. a ms budget the knapsack cannot meet at 32
             request, alignment = refuse_alignment(request, alignment, str(exc))
             continue
         return dataclasses.replace(plan, alignment=alignment)

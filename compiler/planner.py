@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from yoloprune.graphs.dependency import ChannelGroup, ConvChannels
-from yoloprune.graphs.errors import PlanError
+from yoloprune.graphs.errors import PlanError, TargetUnreachable
 from yoloprune.graphs.plan import GroupPlan, PruningPlan
 
 MACS_TOLERANCE = 0.03  # relative: a MACs target is met when |kept/target - 1| <= 3%
@@ -281,7 +281,7 @@ def make_plan(
 
     macs_after = counter.macs(counts)
     if target.kind == "macs" and abs(macs_after / macs_before / target.value - 1) > MACS_TOLERANCE:
-        raise PlanError(
+        raise TargetUnreachable(
             f"--macs {target.value:g} cannot be met within ±{MACS_TOLERANCE:.0%} (best: "
             f"{macs_after / macs_before:.3f}) with --round-to {c.round_to} and --max-ratio "
             f"{c.max_ratio:g}; raise --max-ratio, lower --round-to or ask for more MACs"

@@ -157,6 +157,8 @@ def alignment_text(record: dict) -> str:
         if row.get("planner_refused"):
             parts.append(text + ", the planner cannot meet the target at this alignment")
             continue
+        if row.get("fallback"):
+            text += ", the only alignment left the planner could meet the target at"
         if "importance_removed" in row:
             text += f", removes {row['importance_removed']:.1%} of the importance"
         finest = row.get("finest_at_this_speed")

@@ -25,7 +25,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from yoloprune.compiler.options import DEFAULT_LATENCY_RUNTIME, CompileOptions
-from yoloprune.graphs.errors import PlanError
+from yoloprune.graphs.errors import PlanError, TargetUnreachable
 from yoloprune.graphs.files import save_png_atomic, write_text_atomic
 
 DEFAULT_OUT = Path("runs/sweep")
@@ -100,12 +100,12 @@ def run_sweep(options: SweepOptions) -> dict:
     for value in tqdm(options.values, desc="sweep", unit="point", leave=False, disable=None):
         try:
             report = compile_shared(options.point(value), shared)
-        except PlanError as exc:  # planned before anything of the point is written
+        except TargetUnreachable as exc:  # the point's staged files are removed
             unreachable.append({"name": options.name(value), options.kind: value, "why": str(exc)})
             continue
         points.append(_point_record(options, value, report))
     if not points:
-        raise PlanError(
+        raise TargetUnreachable(
             "sweep: no target can be reached: "
             + "; ".join(f"{u['name']}: {u['why']}" for u in unreachable)
         )
@@ -303,6 +303,11 @@ def _machine_text(machine: dict) -> str:
     return f"{machine['gpu']}, host {cpu}" if machine.get("gpu") else cpu
 
 
+def _cell(text: str) -> str:
+    """``text`` as one Markdown table cell."""
+    return " ".join(text.split()).replace("|", "\\|")
+
+
 def render(record: dict) -> str:
     original, latency = record["original"], record["latency"]
     machine = latency["machine"]
@@ -328,7 +333,7 @@ def render(record: dict) -> str:
             f"`{p['folder']}/` |"
         )
     lines += [
-        f"| {u['name']} | {u[record['target']]:g} | not reachable: {u['why']} |" + " |" * 8
+        f"| {u['name']} | {u[record['target']]:g} | not reachable: {_cell(u['why'])} |" + " |" * 8
         for u in record.get("unreachable", ())
     ]
     chosen = record.get("recommended")

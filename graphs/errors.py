@@ -17,6 +17,11 @@ class PlanError(YoloPruneError):
     """A pruning target or plan is invalid, or cannot be met."""
 
 
+class TargetUnreachable(PlanError):
+    """A valid target the planner cannot meet under the constraints given (alignment, max
+    ratio): another alignment may meet it (``--round-to auto`` tries), and a sweep lists it."""
+
+
 class ExportError(YoloPruneError):
     """ONNX export, simplification, checking or parity failed."""
 

@@ -7,7 +7,7 @@ from tests.compiler.test_planner import prepared_for
 from yoloprune.compiler import alignment, report
 from yoloprune.compiler.options import CompileOptions
 from yoloprune.compiler.pipeline import plan_for
-from yoloprune.graphs.errors import PlanError
+from yoloprune.graphs.errors import PlanError, TargetUnreachable
 from yoloprune.graphs.plan import PruningPlan
 from yoloprune.kernels import latency_table
 from yoloprune.kernels.alignment import BANDS, ChainTable
@@ -121,43 +121,78 @@ def test_a_coarse_alignment_costlier_than_pruning_deeper_is_not_taken(timing, pr
     assert plan.round_to == 8 and not rows[32]["eligible"]
 
 
-def refusing(monkeypatch, planner: str, refused: set[int]):
-    """``planner`` raising the latency knapsack's error at the alignments in ``refused``."""
+def refusing(monkeypatch, refused: set[int], error=TargetUnreachable) -> list[int]:
+    """The uniform planner raising ``error`` (the latency knapsack's kind by default) at the
+    alignments in ``refused``; returns the alignments it was called at, in order."""
     from yoloprune.compiler import planners
 
-    plan = planners.PLANNERS[planner]
+    plan, calls = planners.PLANNERS["uniform"], []
 
     def refuse(request):
+        calls.append(request.constraints.round_to)
         if request.constraints.round_to in refused:
-            raise PlanError(f"budget cannot be met with --round-to {request.constraints.round_to}")
+            raise error(f"budget cannot be met with --round-to {request.constraints.round_to}")
         return plan(request)
 
-    monkeypatch.setitem(planners.PLANNERS, planner, refuse)
+    monkeypatch.setitem(planners.PLANNERS, "uniform", refuse)
+    return calls
 
 
 def test_an_alignment_the_planner_refuses_is_replaced_by_the_next_choice(
-    timing, prepared, monkeypatch
+    timing, prepared, monkeypatch, tmp_path
 ):
-    """32 is chosen (fastest, importance within the tie) until the planner cannot meet the
-    target there, as the latency knapsack could not at --speedup 2 on the embedded model: the
-    choice is made again among the rest, and the record says why 32 was not taken."""
+    """16 is chosen until the planner cannot meet the target there, as the latency knapsack
+    could not at 32 for --speedup 2 on the embedded model: the choice is made again among the
+    rest, and the record says why 16 was not taken."""
     timing(model_off_block(16, 1.5))
     options = CompileOptions("t", macs=0.5, threads=1)
     assert plan_for(prepared, options).round_to == 16
-    refusing(monkeypatch, "uniform", {16})
+    calls = refusing(monkeypatch, {16})
     plan = plan_for(prepared, options)
     rows = {r["round_to"]: r for r in plan.alignment["candidates"]}
-    assert plan.round_to == plan.alignment["chosen"] == 32
+    assert calls == [16, 32] and plan.round_to == plan.alignment["chosen"] == 32
     assert not rows[16]["eligible"] and "--round-to 16" in rows[16]["planner_refused"]
     assert "planner_refused" not in rows[32] and rows[32]["eligible"]
     assert all(g.kept % 32 == 0 for g in plan.groups if g.pruned)
-    assert "16: 0.6" in report.alignment_text(plan.alignment)
-    assert "the planner cannot meet the target at this alignment" in report.alignment_text(
-        plan.alignment
-    )
-    refusing(monkeypatch, "uniform", {8, 32})  # the last eligible one refused as well
-    with pytest.raises(PlanError, match="--round-to 8"):
+    text = report.alignment_text(plan.alignment)
+    assert "16: 0.6" in text and "the planner cannot meet the target at this alignment" in text
+    plan.save(tmp_path / "plan.json")
+    assert PruningPlan.load(tmp_path / "plan.json").alignment == plan.alignment
+
+
+def test_with_every_eligible_alignment_refused_the_fastest_plannable_one_is_tried(
+    timing, prepared, monkeypatch
+):
+    """32 runs 5 % faster but costs too much importance, and 16 is no faster: 8 is chosen.
+    When the planner refuses 8, 32 (plannable, the fastest left) is tried and kept, marked as
+    the fallback; when it refuses every one, its errors are raised together, finest first."""
+    timing(model_off_block(32, 1.05))
+    options = CompileOptions("t", macs=0.5, threads=1)
+    first = {r["round_to"]: r for r in plan_for(prepared, options).alignment["candidates"]}
+    assert [first[a]["eligible"] for a in (8, 16, 32)] == [True, False, False]
+    calls = refusing(monkeypatch, {8})
+    plan = plan_for(prepared, options)
+    rows = {r["round_to"]: r for r in plan.alignment["candidates"]}
+    assert calls == [8, 32] and plan.round_to == 32
+    assert rows[32]["fallback"] and rows[32]["eligible"] and not rows[16]["eligible"]
+    assert "the only alignment left" in report.alignment_text(plan.alignment)
+    monkeypatch.undo()
+    timing(model_off_block(32, 1.05))
+    calls = refusing(monkeypatch, {8, 16, 32})
+    with pytest.raises(TargetUnreachable) as refused:
         plan_for(prepared, options)
+    assert calls == [8, 32, 16]
+    assert str(refused.value).split("; ") == [
+        f"budget cannot be met with --round-to {a}" for a in (8, 16, 32)
+    ]
+
+
+def test_other_plan_errors_are_not_retried_at_other_alignments(timing, prepared, monkeypatch):
+    timing(model_off_block(16, 1.5))
+    calls = refusing(monkeypatch, {8, 16, 32}, error=PlanError)
+    with pytest.raises(PlanError, match="--round-to 16") as raised:
+        plan_for(prepared, CompileOptions("t", macs=0.5, threads=1))
+    assert calls == [16] and not isinstance(raised.value, TargetUnreachable)
 
 
 def test_importance_within_the_proxys_resolution_is_a_tie_that_goes_to_the_faster():

@@ -345,12 +345,16 @@ def test_the_closed_loop_keeps_the_slowest_plan_meeting_the_goal(tmp_path):
     lat, goal = plan.latency, 10.0 / 1.3
     measured = [r["measured_ms"] for r in lat["rounds"]]
     meeting = [m for m in measured if m <= goal * 1.03]
-    assert meeting, "the stand-in's steps put some round under the goal"
+    assert meeting and any(m > goal * 1.03 for m in measured), "rounds on both sides"
     assert lat["measured_ms"] == max(meeting)
-    too_fast, too_slow = 0.0, math.inf
+    # the rule before 2026-12-01 (closest either side) would have kept a plan missing the goal
+    assert min(measured, key=lambda m: abs(m / goal - 1)) > goal * 1.03
+    too_fast, too_slow, bracketed = 0.0, math.inf, 0
     for r in lat["rounds"]:
         assert too_fast < r["budget_ms"] < too_slow
+        bracketed += too_slow < math.inf and too_fast > 0
         if r["measured_ms"] > goal:
             too_slow = min(too_slow, r["budget_ms"])
         else:
             too_fast = max(too_fast, r["budget_ms"])
+    assert bracketed  # some round was planned inside a bracket of both sides

@@ -256,7 +256,7 @@ def refuse_alignment(request, record: dict, why: str):
     :class:`TargetUnreachable`): that candidate is marked so and the choice is made again among
     the eligible rest, or, with none left, the fastest plannable candidate not yet refused
     (marked ``fallback``: the target is reachable only there). Every candidate refused: the
-    planner's errors, finest alignment first."""
+    finest's error, naming the others refused too."""
     rows = [
         {**row, "eligible": False, "planner_refused": why}
         if row["round_to"] == record["chosen"]
@@ -268,8 +268,11 @@ def refuse_alignment(request, record: dict, why: str):
     else:
         left = [r for r in rows if r.get("plannable", True) and "planner_refused" not in r]
         if not left:
-            refusals = [r["planner_refused"] for r in rows if "planner_refused" in r]
-            raise TargetUnreachable("; ".join(refusals))
+            refused = [r for r in rows if "planner_refused" in r]
+            others = " and ".join(str(r["round_to"]) for r in refused[1:])
+            raise TargetUnreachable(
+                refused[0]["planner_refused"] + (f" (nor at --round-to {others})" if others else "")
+            )
         chosen = min(left, key=lambda r: (r["relative_latency"], r["round_to"]))["round_to"]
         rows = [
             {**r, "eligible": True, "fallback": True} if r["round_to"] == chosen else r

@@ -165,7 +165,7 @@ def test_with_every_eligible_alignment_refused_the_fastest_plannable_one_is_trie
 ):
     """32 runs 5 % faster but costs too much importance, and 16 is no faster: 8 is chosen.
     When the planner refuses 8, 32 (plannable, the fastest left) is tried and kept, marked as
-    the fallback; when it refuses every one, its errors are raised together, finest first."""
+    the fallback; when it refuses every one, the finest's error says the others failed too."""
     timing(model_off_block(32, 1.05))
     options = CompileOptions("t", macs=0.5, threads=1)
     first = {r["round_to"]: r for r in plan_for(prepared, options).alignment["candidates"]}
@@ -182,9 +182,9 @@ def test_with_every_eligible_alignment_refused_the_fastest_plannable_one_is_trie
     with pytest.raises(TargetUnreachable) as refused:
         plan_for(prepared, options)
     assert calls == [8, 32, 16]
-    assert str(refused.value).split("; ") == [
-        f"budget cannot be met with --round-to {a}" for a in (8, 16, 32)
-    ]
+    assert str(refused.value) == (
+        "budget cannot be met with --round-to 8 (nor at --round-to 16 and 32)"
+    )
 
 
 def test_other_plan_errors_are_not_retried_at_other_alignments(timing, prepared, monkeypatch):

@@ -109,6 +109,7 @@ benchmarks-accuracy: install $(SHAPES)
 	$(PY) benchmarks/oneshot.py
 	$(PY) benchmarks/allocation.py
 	$(PY) benchmarks/short_finetune.py
+	$(PY) benchmarks/demo_budget.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -63,13 +63,14 @@ def test_a_speedup_sweep_plans_on_measured_latency_and_fine_tunes_each_point(
 def test_a_target_the_planner_cannot_reach_is_listed_and_the_others_compiled(
     tmp_path, tiny6_yaml, shapes_data, capsys
 ):
-    """--speedup 1.2,50: 50x is past what --max-ratio lets the planner remove. That point is
-    listed with the planner's reason, nothing of it is written, and the sweep goes on; a sweep
-    whose every target is out of reach is a one-line error with exit status 2."""
+    """--speedup 50,1.2: 50x is past what --max-ratio lets the planner remove. That point (the
+    first: the shared trace is made with its options) is listed with the planner's reason,
+    nothing of it is written, and the sweep goes on; a sweep whose every target is out of
+    reach is a one-line error with exit status 2."""
     out = tmp_path / "sweep"
     argv = ["sweep", tiny6_yaml, "--imgsz", 64, "--data", shapes_data, "--bench-runs", 3]
     argv += ["--out", out, "--no-reconstruct", "--importance", "l2"]
-    assert main([str(a) for a in [*argv, "--speedup", "1.2,50"]]) == 0
+    assert main([str(a) for a in [*argv, "--speedup", "50,1.2"]]) == 0
     record = json.loads((out / "sweep.json").read_text())
     assert [p["name"] for p in record["points"]] == ["speedup-1.2"]
     (unreachable,) = record["unreachable"]

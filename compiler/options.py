@@ -75,6 +75,7 @@ class CompileOptions:
     optimizer: str | None = None
     lr0: float | None = None
     augment: bool | None = None  # fine-tune augmentation: flips, HSV and scale jitter
+    eval_every: int | None = None  # validate every N epochs and after the last (0: the last)
     # re-estimate BatchNorm statistics on --data's train split after pruning (default: where
     # no reconstruction runs)
     recalibrate: bool | None = None
@@ -281,6 +282,7 @@ class CompileOptions:
             "--optimizer": self.optimizer,
             "--lr0": self.lr0,
             "--augment" if self.augment else "--no-augment": self.augment,
+            "--eval-every": self.eval_every,
         }
         given = [flag for flag, value in training.items() if value is not None]
         if given and not self.epochs:
@@ -388,6 +390,7 @@ _INT_RANGES = (
     ("threads", 1, 1024),
     ("bench_runs", 1, 100_000),
     ("epochs", 0, 10_000),
+    ("eval_every", 0, 10_000),
     ("batch", 1, 4096),
     ("steps", 1, 100),
     ("calib_count", 1, 100_000),
@@ -519,7 +522,7 @@ def _train_settings(options: CompileOptions) -> TrainSettings | None:
     changes = dict(FINETUNE_DEFAULTS)
     changes.update(
         (k, getattr(options, k))
-        for k in ("epochs", "batch", "distill", "optimizer", "lr0", "augment")
+        for k in ("epochs", "batch", "distill", "optimizer", "lr0", "augment", "eval_every")
         if getattr(options, k) is not None
     )
     return dataclasses.replace(TrainSettings(), **changes)

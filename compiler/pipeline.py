@@ -353,6 +353,18 @@ def _evaluation(model_key: str, label: str) -> Callable[[Job], dict]:
     return run
 
 
+def _finetuned_evaluation(job: Job) -> dict:
+    """The fine-tuned model's mAP: the fine-tune's own evaluation of the model it kept where
+    that is the very model exported, in the export mode evaluated (the same images and
+    settings); else evaluated here."""
+    training, pruned = job.artifacts.get("training"), job["pruned"]
+    measured = training.best_metrics if training is not None else None
+    if measured is not None and training.model is pruned and job["mode"] == export_mode(pruned):
+        job.accuracy["finetuned"] = measured
+        return {}
+    return _evaluation("pruned", "finetuned")(job)
+
+
 def _iterative_stage(job: Job) -> dict:
     return _iterative(job["prepared"], job.options, job.data, job.staging)
 
@@ -630,7 +642,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "eval fine-tuned",
-        _evaluation("pruned", "finetuned"),
+        _finetuned_evaluation,
         requires=("pruned", "val"),
         when=lambda options, data: (
             bool(data) and (bool(options.epochs) or _iterative_mode(options, data))

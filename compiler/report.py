@@ -368,9 +368,18 @@ def _accuracy_lines(accuracy: dict) -> list[str]:
 
 def _finetune_text(finetune: dict) -> str:
     history = finetune["history"]
-    maps = [f"{h['map50_95']:.4f}" for h in history if "map50_95" in h]
+    evaluated = [h for h in history if "map50_95" in h]
+    maps = " → ".join(f"{h['map50_95']:.4f}" for h in evaluated)
+    if len(evaluated) == len(history) > 1:
+        when = "after each epoch"
+    else:
+        numbers = ", ".join(
+            f"{h['epoch']} of step {h['step']}" if "step" in h else str(h["epoch"])
+            for h in evaluated
+        )
+        when = f"after epoch{'s' if len(evaluated) > 1 else ''} {numbers}"
     text = f"Fine-tuned {len(history)} epochs in {finetune['seconds']:.0f} s" + (
-        f" (mAP@.5:.95 after each evaluated: {' → '.join(maps)})" if maps else ""
+        f" (mAP@.5:.95 {when}: {maps})" if evaluated else ""
     )
     kept = finetune.get("kept_between_epochs")
     if kept:

@@ -214,6 +214,10 @@ def test_p6_model_compiles_with_parity(tmp_path):
 
 
 def test_compile_with_data_reports_accuracy_at_every_stage(tmp_path, tiny6_yaml, shapes_data):
+    from yoloprune.compiler.evaluation.evaluate import evaluate, torch_predictor, val_dataset
+    from yoloprune.compiler.train.data import read_data_yaml
+    from yoloprune.graphs.checkpoint import load_model
+
     out = tmp_path / "acc"
     assert (
         run_cli(
@@ -234,6 +238,8 @@ def test_compile_with_data_reports_accuracy_at_every_stage(tmp_path, tiny6_yaml,
             8,
             "--distill",
             0.5,
+            "--eval-every",
+            0,
         )
         == 0
     )
@@ -241,6 +247,17 @@ def test_compile_with_data_reports_accuracy_at_every_stage(tmp_path, tiny6_yaml,
     accuracy = report["accuracy"]
     assert set(accuracy["map50_95"]) == {"original", "pruned", "finetuned", "onnx"}
     assert accuracy["images"] == 8 and len(accuracy["finetune"]["history"]) == 2
+    # --eval-every 0: mAP after the last epoch only, and that evaluation is the fine-tuned
+    # model's (the saved checkpoint, evaluated afresh, scores the same)
+    history = accuracy["finetune"]["history"]
+    assert ["map50_95" in h for h in history] == [False, True]
+    assert accuracy["map50_95"]["finetuned"] == history[1]["map50_95"]
+    assert report["seconds"]["eval fine-tuned"] < 0.05
+    assert "(mAP@.5:.95 after epoch 2: " in (out / "report.md").read_text()
+    saved, _ = load_model(str(out / "tiny6-pruned.pt"))
+    val = val_dataset(read_data_yaml(shapes_data), 64)
+    afresh = evaluate(torch_predictor(saved), val, read_data_yaml(shapes_data).names)
+    assert abs(afresh.map50_95 - accuracy["map50_95"]["finetuned"]) <= 1e-6
     assert accuracy["finetune"]["history"][0]["kd"] > 0
     kept = accuracy["finetune"]["kept_between_epochs"]  # no augmentation: images and teacher
     assert (kept["images"], kept["teacher_outputs"], kept["val_images"]) == (16, 16, 8)

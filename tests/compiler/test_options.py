@@ -62,6 +62,11 @@ def test_fine_tune_defaults_are_distilled_adamw_with_one_update_per_batch():
     assert (sgd_train.optimizer, sgd_train.distill, sgd_train.default_lr0) == ("sgd", 0.0, 0.01)
     given_back = CompileOptions("m.yaml", epochs=2, batch=16, augment=True, **given).settings.train
     assert (given_back.batch, given_back.augment) == (16, True)
+    assert train.eval_every == 1  # mAP after every epoch unless --eval-every says otherwise
+    seldom = CompileOptions("m.yaml", epochs=4, eval_every=0, **given).settings.train
+    assert seldom.eval_every == 0
+    with pytest.raises(PlanError, match=r"^--eval-every -1: must be an integer in \[0, 10000\]"):
+        CompileOptions("m.yaml", epochs=4, eval_every=-1, **given)
 
 
 @pytest.mark.parametrize(
@@ -71,6 +76,7 @@ def test_fine_tune_defaults_are_distilled_adamw_with_one_update_per_batch():
         ({"augment": False}, "--no-augment"),
         ({"augment": True, "lr0": 0.01}, "--lr0, --augment"),
         ({"distill": 0.0, "optimizer": "sgd"}, "--distill, --optimizer"),
+        ({"eval_every": 0}, "--eval-every"),
     ],
 )
 def test_fine_tune_flags_without_epochs_are_refused(flags, named):

@@ -86,6 +86,16 @@ def test_validation_and_resume(shapes, tmp_path):
     assert sum(p.numel() for p in best.parameters()) == sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.parametrize(("every", "evaluated"), [(2, [2, 3]), (0, [3]), (1, [1, 2, 3])])
+def test_eval_every_validates_those_epochs_and_the_last(shapes, every, evaluated):
+    model, info = tiny(shapes)
+    settings = dataclasses.replace(FAST, eval_every=every)
+    result = train(model, info, shapes, settings, progress=False)
+    assert [h["epoch"] for h in result.history if "map50_95" in h] == evaluated
+    best = max((h for h in result.history if "map50_95" in h), key=lambda h: h["map50_95"])
+    assert result.best == best and result.best_metrics.map50_95 == best["map50_95"]
+
+
 def test_distillation_is_used_and_zero_for_identical_outputs(shapes):
     model, info = tiny(shapes)
     teacher, _ = tiny(shapes)
@@ -204,5 +214,7 @@ def test_settings_are_validated():
         TrainSettings(optimizer="lion")
     with pytest.raises(YoloPruneError, match="epochs"):
         TrainSettings(epochs=0)
+    with pytest.raises(YoloPruneError, match="eval-every"):
+        TrainSettings(eval_every=-1)
     with pytest.raises(YoloPruneError, match="schedule_every"):
         TrainSettings(schedule_every="batch")

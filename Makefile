@@ -25,8 +25,9 @@ PRUNED ?= $(OUT)/$(basename $(notdir $(MODEL)))-pruned.pt
 
 # The embedded model's demo: MACs 0.35 unless a target is given, then seven epochs of distilled
 # fine-tuning on its data, measuring mAP after the last only (about 2.6 minutes on 2 cores with
-# the data's generation; README, benchmarks/demo_budget.py); EPOCHS=0 skips the fine-tune. Any
-# other model: the CLI's defaults (--macs 0.5, one-shot).
+# the data's generation; README, benchmarks/demo_budget.py); EPOCHS=0 skips the fine-tune, and
+# EPOCHS=N fine-tunes N with the CLI's mAP after every epoch. Any other model: the CLI's
+# defaults (--macs 0.5, one-shot).
 EMBEDDED := $(filter $(DEFAULT_MODEL),$(MODEL))
 DEMO_MACS := 0.35
 DEMO_EPOCHS := 7

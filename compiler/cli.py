@@ -1051,6 +1051,8 @@ def cmd_sweep(args) -> int:
         )
     for point in record["unreachable"]:
         print(f"{point['name']:<14} not reachable: {point['why']}")
+        if point["earlier_folder_removed"]:
+            print(f"{'':<14} removed {sweep.out / point['name']}/, an earlier sweep's point")
     chosen = record["recommended"]
     if chosen and chosen["name"]:
         print(f"recommended: {chosen['name']} ({chosen['why']})")

@@ -355,11 +355,17 @@ def _evaluation(model_key: str, label: str) -> Callable[[Job], dict]:
 
 def _finetuned_evaluation(job: Job) -> dict:
     """The fine-tuned model's mAP: the fine-tune's own evaluation of the model it kept where
-    that is the very model exported, in the export mode evaluated (the same images and
-    settings); else evaluated here."""
+    that is the very model exported, evaluated as here (on the CPU, in the export mode the
+    compile exports; the same images and settings); else evaluated here."""
     training, pruned = job.artifacts.get("training"), job["pruned"]
     measured = training.best_metrics if training is not None else None
-    if measured is not None and training.model is pruned and job["mode"] == export_mode(pruned):
+    same = (
+        training is not None
+        and training.model is pruned
+        and training.evaluated_on == "cpu"  # a GPU's TF32 convolutions score differently
+        and job["mode"] == export_mode(pruned)
+    )
+    if measured is not None and same:
         job.accuracy["finetuned"] = measured
         return {}
     return _evaluation("pruned", "finetuned")(job)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,10 +129,25 @@ def run_sweep(options: SweepOptions) -> dict:
     }
     record["recommended"] = _recommend(options, record)
     out = options.out
+    for entry in unreachable:
+        entry["earlier_folder_removed"] = _remove_earlier_point(out / entry["name"])
     write_text_atomic(out / "sweep.json", json.dumps(record, indent=1) + "\n")
     plot(record, out / "sweep.png")
     write_text_atomic(out / "sweep.md", render(record))
     return record
+
+
+def _remove_earlier_point(folder: Path) -> bool:
+    """An unreachable point's folder left by an earlier sweep into the same ``--out`` (a
+    compile's output: it holds a report.json) would pass for this sweep's result: removed (a
+    link to one: the link)."""
+    if not (folder / "report.json").is_file():
+        return False
+    if folder.is_symlink():
+        folder.unlink()
+    else:
+        shutil.rmtree(folder)
+    return True
 
 
 def _point_record(options: SweepOptions, value: float, report: dict) -> dict:

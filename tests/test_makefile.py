@@ -55,6 +55,17 @@ def test_the_short_finetune_benchmark_measures_what_make_compile_runs():
         (["MODEL=x.pt", "DATA=d.yaml", "EPOCHS=3"], ["--data d.yaml --epochs 3"], ["--speedup"]),
     ],
 )
+def test_the_demo_budget_benchmark_marks_make_compiles_epochs():
+    import importlib.util
+
+    path = ROOT / "benchmarks" / "demo_budget.py"
+    spec = importlib.util.spec_from_file_location("demo_budget", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert f"--epochs {module.DEMO_EPOCHS} --eval-every 0 " in " ".join(compile_line()) + " "
+    assert module.DEMO_EPOCHS in module.EPOCHS
+
+
 def test_given_values_are_passed_on_and_other_models_get_the_cli_defaults(given, present, absent):
     line = " ".join(compile_line(*given)) + " "
     for flag in present:

@@ -102,6 +102,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     best: dict | None = None
     best_metrics: Metrics | None = None  # the best model's evaluation (model's own export mode)
+    evaluated_on: str | None = None  # the device type those evaluations ran on
     seconds: float = 0.0
     cache: dict | None = None  # SampleMemo.summary(): what was kept between epochs
 
@@ -355,12 +356,13 @@ def train(
                 torch_predictor(_eval_copy(current, device)),
                 val_set,
                 data.names,
-                EvalSettings(batch=settings.batch),
+                EvalSettings(),  # the compile's own settings: its evaluations compare
                 progress=progress,
             )
             record.update(map50_95=metrics.map50_95, map50=metrics.map50)
             if result.best is None or metrics.map50_95 > result.best["map50_95"]:
                 result.best, result.best_metrics = dict(record), metrics
+                result.evaluated_on = device.type
                 result.model = _trainable_copy(current)
                 if save_dir is not None:
                     save_pruned(
@@ -448,6 +450,9 @@ def _resume(path: Path, model, optimizer, ema, result, device):
         ema.updates = state["ema_updates"]
     result.history = list(state["history"])
     result.best = state["best"]
+    best_path = path.with_name("best.pt")
+    if result.best is not None and best_path.exists():  # kept unless a later epoch beats it
+        result.model = load_model(best_path)[0].to(device)
     return int(state["epoch"]), result
 
 

@@ -33,3 +33,35 @@ def test_only_goals_the_bench_step_measures_alike_are_compared():
     assert _missed_latency_goal(batch_8, {"ratio": 0.9}) == []
     fp16 = dict(PLANNED, table_key=dict(PLANNED["table_key"], precision="fp16"))
     assert _missed_latency_goal(fp16, {"ratio": 0.9}) == []
+
+
+def _epochs(*maps, step=None):
+    records = [{"epoch": i + 1} for i in range(len(maps))]
+    for record, value in zip(records, maps, strict=True):
+        record.update({"map50_95": value} if value is not None else {})
+        record.update({"step": step} if step else {})
+    return records
+
+
+def test_the_fine_tune_line_names_the_epochs_evaluated():
+    from yoloprune.compiler.report import _finetune_text
+
+    def line(history):
+        return _finetune_text({"history": history, "seconds": 12.4})
+
+    assert line(_epochs(0.5, 0.6)) == (
+        "Fine-tuned 2 epochs in 12 s (mAP@.5:.95 after each epoch: 0.5000 → 0.6000)."
+    )
+    assert line(_epochs(None, 0.55, 0.6)) == (
+        "Fine-tuned 3 epochs in 12 s (mAP@.5:.95 after epochs 2, 3: 0.5500 → 0.6000)."
+    )
+    assert (
+        line(_epochs(None, 0.6))
+        == "Fine-tuned 2 epochs in 12 s (mAP@.5:.95 after epoch 2: 0.6000)."
+    )
+    assert line(_epochs(None, None)) == "Fine-tuned 2 epochs in 12 s."
+    iterative = _epochs(None, 0.4, step=1) + _epochs(None, 0.5, step=2)
+    assert line(iterative) == (
+        "Fine-tuned 4 epochs in 12 s "
+        "(mAP@.5:.95 after epochs 2 of step 1, 2 of step 2: 0.4000 → 0.5000)."
+    )

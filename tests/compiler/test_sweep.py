@@ -65,24 +65,33 @@ def test_a_target_the_planner_cannot_reach_is_listed_and_the_others_compiled(
 ):
     """--speedup 50,1.2: 50x is past what --max-ratio lets the planner remove. That point (the
     first: the shared trace is made with its options) is listed with the planner's reason,
-    nothing of it is written, and the sweep goes on; a sweep whose every target is out of
-    reach is a one-line error with exit status 2."""
+    nothing of it is written (an earlier sweep's folder of that name is removed), and the
+    sweep goes on; a sweep whose every target is out of reach is a one-line error with exit
+    status 2 that leaves the folder as it was."""
     out = tmp_path / "sweep"
+    for folder in (out / "speedup-50", tmp_path / "none" / "speedup-50"):  # earlier sweeps'
+        folder.mkdir(parents=True)
+        (folder / "report.json").write_text("{}")
     argv = ["sweep", tiny6_yaml, "--imgsz", 64, "--data", shapes_data, "--bench-runs", 3]
     argv += ["--out", out, "--no-reconstruct", "--importance", "l2"]
-    assert main([str(a) for a in [*argv, "--speedup", "50,1.2"]]) == 0
+    assert main([str(a) for a in [*argv, "--speedup", "50,1.2,60"]]) == 0
     record = json.loads((out / "sweep.json").read_text())
     assert [p["name"] for p in record["points"]] == ["speedup-1.2"]
-    (unreachable,) = record["unreachable"]
+    unreachable, never_written = record["unreachable"]
     assert unreachable["name"] == "speedup-50" and unreachable["speedup"] == 50
     assert "cannot be met" in unreachable["why"] and "--max-ratio" in unreachable["why"]
+    assert unreachable["earlier_folder_removed"] is True
+    assert never_written["name"] == "speedup-60" and not never_written["earlier_folder_removed"]
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["speedup-1.2"]
     assert "| speedup-50 | 50 | not reachable: " in (out / "sweep.md").read_text()
-    assert "speedup-50     not reachable: " in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "speedup-50     not reachable: " in printed
+    assert printed.count(" an earlier sweep's point") == 1 and "speedup-50/, an" in printed
     assert main([str(a) for a in [*argv, "--speedup", "50,60", "--out", tmp_path / "none"]]) == 2
     message = capsys.readouterr().err.strip()
     assert "no target can be reached" in message and len(message.splitlines()) == 1
     assert not (tmp_path / "none" / "sweep.json").exists()
+    assert (tmp_path / "none" / "speedup-50" / "report.json").read_text() == "{}"
 
 
 def _points(*rows):

@@ -84,6 +84,22 @@ def test_validation_and_resume(shapes, tmp_path):
     assert all(p.requires_grad for p in resumed.model.parameters())
     best, _ = load_model(tmp_path / "best.pt")  # reloads without training code
     assert sum(p.numel() for p in best.parameters()) == sum(p.numel() for p in model.parameters())
+    # resumed with nothing left to train: the model returned is the best one saved, not the
+    # last training weights
+    again, _ = tiny(shapes)
+    done = train(
+        again,
+        info,
+        shapes,
+        dataclasses.replace(FAST, epochs=3),
+        save_dir=tmp_path / "again",
+        resume=tmp_path / "last.pt",
+        progress=False,
+    )
+    best, _ = load_model(tmp_path / "best.pt")
+    kept = done.model.state_dict()
+    assert all(torch.equal(kept[k], v) for k, v in best.state_dict().items())
+    assert not all(torch.equal(kept[k], v) for k, v in again.state_dict().items())
 
 
 @pytest.mark.parametrize(("every", "evaluated"), [(2, [2, 3]), (0, [3]), (1, [1, 2, 3])])

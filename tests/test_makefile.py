@@ -44,17 +44,6 @@ def test_the_short_finetune_benchmark_measures_what_make_compile_runs():
     assert f"--epochs {epochs} {' '.join(module.DEMO_FLAGS)} " in line
 
 
-@pytest.mark.parametrize(
-    ("given", "present", "absent"),
-    [
-        (["MACS=0.5"], ["--macs 0.5", "--epochs 7 --eval-every 0"], ["--speedup", "0.35"]),
-        (["RATIO=0.3", "EPOCHS=2"], ["--ratio 0.3", "--epochs 2"], ["--speedup", "--eval-every"]),
-        (["SPEEDUP=2"], ["--speedup 2 ", "--epochs 7"], ["--macs"]),
-        (["EPOCHS=0"], ["--macs 0.35"], ["--epochs", "--eval-every"]),
-        (["MODEL=x.pt"], ["x.pt --out runs/compile"], ["--speedup", "--epochs", "--data"]),
-        (["MODEL=x.pt", "DATA=d.yaml", "EPOCHS=3"], ["--data d.yaml --epochs 3"], ["--speedup"]),
-    ],
-)
 def test_the_demo_budget_benchmark_marks_make_compiles_epochs():
     import importlib.util
 
@@ -66,6 +55,17 @@ def test_the_demo_budget_benchmark_marks_make_compiles_epochs():
     assert module.DEMO_EPOCHS in module.EPOCHS
 
 
+@pytest.mark.parametrize(
+    ("given", "present", "absent"),
+    [
+        (["MACS=0.5"], ["--macs 0.5", "--epochs 7 --eval-every 0"], ["--speedup", "0.35"]),
+        (["RATIO=0.3", "EPOCHS=2"], ["--ratio 0.3", "--epochs 2"], ["--speedup", "--eval-every"]),
+        (["SPEEDUP=2"], ["--speedup 2 ", "--epochs 7"], ["--macs"]),
+        (["EPOCHS=0"], ["--macs 0.35"], ["--epochs", "--eval-every"]),
+        (["MODEL=x.pt"], ["x.pt --out runs/compile"], ["--speedup", "--epochs", "--data"]),
+        (["MODEL=x.pt", "DATA=d.yaml", "EPOCHS=3"], ["--data d.yaml --epochs 3"], ["--speedup"]),
+    ],
+)
 def test_given_values_are_passed_on_and_other_models_get_the_cli_defaults(given, present, absent):
     line = " ".join(compile_line(*given)) + " "
     for flag in present:

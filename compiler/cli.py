@@ -211,7 +211,13 @@ def _planning_args(p: argparse.ArgumentParser) -> None:
         "time per importance lost than any channel step (depth pruning; fixed per-layer costs "
         "go with the block)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of --importance random")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of what is random in a compile: --importance random, the images "
+        "reconstruction and recalibration use, the fine-tune's order of batches (default 0)",
+    )
     _custom_modules_arg(p)
 
 

@@ -519,7 +519,7 @@ FINETUNE_DEFAULTS = {"optimizer": "adamw", "distill": 1.0, "batch": 8, "augment"
 def _train_settings(options: CompileOptions) -> TrainSettings | None:
     if not options.epochs:
         return None
-    changes = dict(FINETUNE_DEFAULTS)
+    changes = dict(FINETUNE_DEFAULTS, seed=options.seed)
     changes.update(
         (k, getattr(options, k))
         for k in ("epochs", "batch", "distill", "optimizer", "lr0", "augment", "eval_every")

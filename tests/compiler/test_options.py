@@ -63,6 +63,10 @@ def test_fine_tune_defaults_are_distilled_adamw_with_one_update_per_batch():
     given_back = CompileOptions("m.yaml", epochs=2, batch=16, augment=True, **given).settings.train
     assert (given_back.batch, given_back.augment) == (16, True)
     assert train.eval_every == 1  # mAP after every epoch unless --eval-every says otherwise
+    assert (
+        train.seed == 0
+        and CompileOptions("m.yaml", epochs=2, seed=3, **given).settings.train.seed == 3
+    )
     seldom = CompileOptions("m.yaml", epochs=4, eval_every=0, **given).settings.train
     assert seldom.eval_every == 0
     with pytest.raises(PlanError, match=r"^--eval-every -1: must be an integer in \[0, 10000\]"):

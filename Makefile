@@ -111,6 +111,7 @@ benchmarks-accuracy: install $(SHAPES)
 	$(PY) benchmarks/allocation.py
 	$(PY) benchmarks/short_finetune.py
 	$(PY) benchmarks/demo_budget.py
+	$(PY) benchmarks/demo_seeds.py
 
 clean:
 	rm -rf runs .pytest_cache

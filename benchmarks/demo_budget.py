@@ -51,13 +51,32 @@ VARIANTS = {
 }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def demo_data(description: str) -> Path:
+    """The data YAML of ``--data`` (default: the shapes `make compile` uses), generated if
+    missing."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--data", type=Path, default=ROOT / "runs" / "data" / "shapes")
     args = parser.parse_args()
-    data_yaml = args.data / "data.yaml"
-    if not data_yaml.exists():
+    if not (args.data / "data.yaml").exists():
         generate(args.data, SyntheticSpec())
+    return args.data / "data.yaml"
+
+
+def header(benchmark: str, one_shot: dict) -> dict:
+    """What every result of the demo's start states: machine, model, data, the start."""
+    return {
+        "benchmark": benchmark,
+        "machine": machine_info(),
+        "threads": torch.get_num_threads(),
+        "model": "embedded YOLOv5n (graphs/weights/yolov5n-shapes.pt), 256 px",
+        "data": "synthetic shapes: 2000 train, 300 val images",
+        "start": f"compile {' '.join(START_FLAGS)} --data D (one-shot)",
+        "one_shot": one_shot,
+    }
+
+
+def main() -> None:
+    data_yaml = demo_data(__doc__.splitlines()[0])
     with tempfile.TemporaryDirectory() as scratch:
         start, one_shot = one_shot_start(data_yaml, Path(scratch))
         curve = [fine_tune(start, data_yaml, epochs) for epochs in EPOCHS]
@@ -66,13 +85,7 @@ def main() -> None:
             for name, changes in VARIANTS.items()
         }
     result = {
-        "benchmark": "demo_budget",
-        "machine": machine_info(),
-        "threads": torch.get_num_threads(),
-        "model": "embedded YOLOv5n (graphs/weights/yolov5n-shapes.pt), 256 px",
-        "data": "synthetic shapes: 2000 train, 300 val images",
-        "start": f"compile {' '.join(START_FLAGS)} --data D (one-shot)",
-        "one_shot": one_shot,
+        **header("demo_budget", one_shot),
         "demo_epochs": DEMO_EPOCHS,
         "curve": curve,
         "variants": variants,
@@ -100,16 +113,21 @@ def one_shot_start(data_yaml: Path, scratch: Path) -> tuple[Path, dict]:
     return out / report["files"]["checkpoint"], record
 
 
-def fine_tune(start: Path, data_yaml: Path, epochs: int, **changes) -> dict:
-    """The compile's fine-tune of ``start`` for ``epochs`` with ``changes`` to its flags."""
-    options = CompileOptions(str(MODEL), macs=0.35, epochs=epochs, **changes)
+def trained(start: Path, data_yaml: Path, **flags):
+    """The compile's fine-tune of ``start`` with ``flags`` (CompileOptions fields) given."""
+    options = CompileOptions(str(MODEL), macs=0.35, **flags)
     settings = dataclasses.replace(options.settings.train, imgsz=256)
-    print(f"fine-tune: {epochs} epochs {changes or ''}", flush=True)
     teacher, _ = load_model(MODEL)
     student, info = load_model(start)
-    result = train(
+    return train(
         student, info, read_data_yaml(data_yaml), settings, teacher=teacher, progress=False
     )
+
+
+def fine_tune(start: Path, data_yaml: Path, epochs: int, **changes) -> dict:
+    """The compile's fine-tune of ``start`` for ``epochs`` with ``changes`` to its flags."""
+    print(f"fine-tune: {epochs} epochs {changes or ''}", flush=True)
+    result = trained(start, data_yaml, epochs=epochs, **changes)
     return {
         "epochs": epochs,
         "changes": changes,

@@ -11,8 +11,6 @@ Writes benchmarks/results/demo_seeds.{json,md}. About 14 minutes on 2 CPU cores.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import statistics
 import sys
@@ -23,16 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-from demo_budget import DEMO_EPOCHS, MODEL, START_FLAGS, one_shot_start  # noqa: E402
+from demo_budget import DEMO_EPOCHS, demo_data, header, one_shot_start, trained  # noqa: E402
 
-from yoloprune.compiler.options import CompileOptions  # noqa: E402
-from yoloprune.compiler.train.data import read_data_yaml  # noqa: E402
-from yoloprune.compiler.train.finetune import train  # noqa: E402
-from yoloprune.compiler.train.synthetic import SyntheticSpec, generate  # noqa: E402
-from yoloprune.graphs.checkpoint import load_model  # noqa: E402
 from yoloprune.graphs.files import write_text_atomic  # noqa: E402
-from yoloprune.kernels.ort import machine_info, machine_text  # noqa: E402
+from yoloprune.kernels.ort import machine_text  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 SEEDS = (0, 1, 2)
@@ -40,12 +32,7 @@ RECIPES = {"defaults (lr0 0.003)": {}, "--lr0 0.005": {"lr0": 0.005}}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=ROOT / "runs" / "data" / "shapes")
-    args = parser.parse_args()
-    data_yaml = args.data / "data.yaml"
-    if not data_yaml.exists():
-        generate(args.data, SyntheticSpec())
+    data_yaml = demo_data(__doc__.splitlines()[0])
     with tempfile.TemporaryDirectory() as scratch:
         start, one_shot = one_shot_start(data_yaml, Path(scratch))
         runs = {
@@ -53,14 +40,8 @@ def main() -> None:
             for name, changes in RECIPES.items()
         }
     result = {
-        "benchmark": "demo_seeds",
-        "machine": machine_info(),
-        "threads": torch.get_num_threads(),
-        "model": "embedded YOLOv5n (graphs/weights/yolov5n-shapes.pt), 256 px",
-        "data": "synthetic shapes: 2000 train, 300 val images",
-        "start": f"compile {' '.join(START_FLAGS)} --data D (one-shot)",
+        **header("demo_seeds", one_shot),
         "fine_tune": f"--epochs {DEMO_EPOCHS} --eval-every 0",
-        "one_shot": one_shot,
         "runs": runs,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -70,16 +51,10 @@ def main() -> None:
 
 
 def fine_tune(start: Path, data_yaml: Path, seed: int, **changes) -> dict:
-    options = CompileOptions(
-        str(MODEL), macs=0.35, epochs=DEMO_EPOCHS, eval_every=0, seed=seed, **changes
-    )
-    settings = dataclasses.replace(options.settings.train, imgsz=256)
+    """`make compile`'s fine-tune of ``start`` at ``seed`` with ``changes`` to its flags."""
     print(f"fine-tune: seed {seed} {changes or ''}", flush=True)
-    teacher, _ = load_model(MODEL)
-    student, info = load_model(start)
-    result = train(
-        student, info, read_data_yaml(data_yaml), settings, teacher=teacher, progress=False
-    )
+    flags = {"epochs": DEMO_EPOCHS, "eval_every": 0, "seed": seed, **changes}
+    result = trained(start, data_yaml, **flags)
     return {"seed": seed, "map": round(result.best["map50_95"], 4), "seconds": result.seconds}
 
 

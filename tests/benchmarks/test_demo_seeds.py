@@ -18,6 +18,15 @@ def load(name: str):
     return module
 
 
+HEADER = {
+    "machine": {"cpu": "test cpu", "cpu_flags": ["avx2"], "cores_available": 2},
+    "threads": 2,
+    "model": "m",
+    "data": "d",
+    "start": "s",
+}
+
+
 def test_the_table_gives_each_seed_the_mean_and_the_paired_gain():
     module = load("demo_seeds")
     runs = {
@@ -25,11 +34,7 @@ def test_the_table_gives_each_seed_the_mean_and_the_paired_gain():
         "--lr0 0.005": [{"seed": s, "map": m} for s, m in ((0, 0.73), (1, 0.72))],
     }
     result = {
-        "machine": {"cpu": "test cpu", "cpu_flags": ["avx2"], "cores_available": 2},
-        "threads": 2,
-        "model": "m",
-        "data": "d",
-        "start": "s",
+        **HEADER,
         "fine_tune": "--epochs 7 --eval-every 0",
         "one_shot": {"map_original": 0.8, "map_one_shot": 0.5},
         "runs": runs,
@@ -53,11 +58,7 @@ def test_the_demo_budget_table_shows_the_last_epoch_make_compile_keeps():
         },
     ]
     result = {
-        "machine": {"cpu": "test cpu", "cpu_flags": ["avx2"], "cores_available": 2},
-        "threads": 2,
-        "model": "m",
-        "data": "d",
-        "start": "s",
+        **HEADER,
         "one_shot": {"macs_kept": 0.35, "map_one_shot": 0.5, "map_original": 0.8},
         "demo_epochs": 2,
         "curve": curve,

@@ -358,15 +358,14 @@ def _finetuned_evaluation(job: Job) -> dict:
     that is the very model exported, evaluated as here (on the CPU, in the export mode the
     compile exports; the same images and settings); else evaluated here."""
     training, pruned = job.artifacts.get("training"), job["pruned"]
-    measured = training.best_metrics if training is not None else None
-    same = (
+    if (
         training is not None
+        and training.best_metrics is not None
         and training.model is pruned
         and training.evaluated_on == "cpu"  # a GPU's TF32 convolutions score differently
         and job["mode"] == export_mode(pruned)
-    )
-    if measured is not None and same:
-        job.accuracy["finetuned"] = measured
+    ):
+        job.accuracy["finetuned"] = training.best_metrics
         return {}
     return _evaluation("pruned", "finetuned")(job)
 

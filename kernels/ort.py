@@ -59,12 +59,7 @@ class OrtRunner(Runner):
 
     def activate_impl(self) -> None:
         ort = _onnxruntime()
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
-        options.add_session_config_entry("session.intra_op.allow_spinning", str(int(self.spinning)))
+        options = session_options(ort, self.threads, self.spinning)
         try:
             session = ort.InferenceSession(
                 str(self.path), options, providers=["CPUExecutionProvider"]
@@ -101,6 +96,18 @@ class OrtRunner(Runner):
 
     def describe(self) -> dict:
         return {"threads": self.threads, "spinning": self.spinning, "order": self.order_text()}
+
+
+def session_options(ort, threads: int, spinning: bool):
+    """The SessionOptions every yoloprune session uses: ``threads`` intra-op threads, one
+    inter-op thread, all graph optimisations, warnings off, spinning as given."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", str(int(spinning)))
+    return options
 
 
 def time_runners(

@@ -1,0 +1,229 @@
+"""Benchmark: where the time of a model pruned to MACs 0.5 goes on ONNX Runtime's CPU provider,
+and how far its latency ratio can fall at that MACs.
+
+For each model (random init from YAML, 640 px) the baseline, the default flags, `--latency-aware`
+and `--round-to 16 --latency-aware --drop-blocks` (the same plans as
+benchmarks/compile_yolov5.py) are exported and run under ONNX Runtime's profiler: kernel time
+per operator type and per convolution with its multiply-accumulates. The latency ratio
+(kernel time, pruned / baseline) is split into
+- the MACs share: the pruned convolutions' MACs at the baseline convolutions' mean throughput;
+- the convolution efficiency lost: the pruned convolutions' extra time at their lower
+  throughput;
+- the rest: every other operator (SiLU, Concat, Upsample, the head's decoding), whose cost
+  follows activation sizes (channel counts), not MACs.
+and a floor is given: the pruned MACs at the fastest baseline convolution's throughput (a
+stand-in for what this machine's convolution kernels can reach) plus the rest as measured.
+
+Writes benchmarks/results/latency_breakdown.{json,md,png}. Usage:
+    python benchmarks/latency_breakdown.py [--models yolov8s.yaml ...] [--runs 20] [--passes 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from compile_yolov5 import DEFAULT_ROW, DROP_ROW, IMGSZ, MACS, recipe_options  # noqa: E402
+
+from yoloprune.compiler.export import export_onnx  # noqa: E402
+from yoloprune.compiler.pipeline import prepare, prune_in_memory  # noqa: E402
+from yoloprune.kernels.ort import default_threads, machine_info, machine_text  # noqa: E402
+from yoloprune.kernels.profile import OrtProfile, profile_onnx  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+AWARE_ROW = "yoloprune --latency-aware"
+RECIPES = (DEFAULT_ROW, AWARE_ROW, DROP_ROW)
+# Convolutions below this share of the baseline's convolution MACs are left out of the
+# fastest-throughput figure (their few microseconds make their throughput noisy).
+PEAK_MIN_MACS_SHARE = 0.01
+
+
+def profile_passes(paths: dict[str, Path], runs: int, passes: int) -> dict[str, list]:
+    """``passes`` profiling passes over every file in turn: {key: [OrtProfile per pass]}."""
+    images = np.random.default_rng(0).random((1, 3, IMGSZ, IMGSZ), dtype=np.float32)
+    result: dict[str, list] = {key: [] for key in paths}
+    for index in range(passes):
+        print(f"  profiling pass {index + 1}/{passes}", flush=True)
+        for key, path in paths.items():
+            result[key].append(profile_onnx(path, images, runs=runs, warmup=3))
+    return result
+
+
+def peak_throughput(profile: OrtProfile) -> float:
+    """The fastest convolution's GMAC/s, among those with a fair share of the MACs."""
+    floor = PEAK_MIN_MACS_SHARE * profile.conv_macs
+    return max(c.gmacs_per_s for c in profile.convs if c.macs >= floor)
+
+
+def split_ratio(pruned: OrtProfile, base: OrtProfile) -> dict:
+    """The pruned model's kernel-time ratio to the baseline, split as the module says."""
+    total = base.kernel_ms
+    macs_ms = pruned.conv_macs / base.conv_gmacs_per_s / 1e6
+    peak_ms = pruned.conv_macs / peak_throughput(base) / 1e6
+    return {
+        "ratio": pruned.kernel_ms / total,
+        "macs_share": macs_ms / total,
+        "conv_efficiency_lost": (pruned.conv_ms - macs_ms) / total,
+        "rest": pruned.other_ms / total,
+        "floor": (peak_ms + pruned.other_ms) / total,
+        "conv_macs_ratio": pruned.conv_macs / base.conv_macs,
+        "conv_ms_ratio": pruned.conv_ms / base.conv_ms,
+        "other_ms_ratio": pruned.other_ms / base.other_ms,
+    }
+
+
+def median_dict(dicts: list[dict]) -> dict:
+    """Key by key median (a key missing from a dict counts as 0)."""
+    keys = dict.fromkeys(key for d in dicts for key in d)
+    return {key: statistics.median(d.get(key, 0.0) for d in dicts) for key in keys}
+
+
+def bench_model(name: str, runs: int, passes: int) -> dict:
+    print(f"{name}: planning", flush=True)
+    prepared = prepare(name, IMGSZ)
+    options = recipe_options(name)
+    models = {"baseline": prepared.model}
+    models.update({key: prune_in_memory(options[key], prepared)["pruned"] for key in RECIPES})
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {
+            key: export_onnx(model, Path(tmp) / f"{index}.onnx", IMGSZ)
+            for index, (key, model) in enumerate(models.items())
+        }
+        profiles = profile_passes(paths, runs, passes)
+    base_passes = profiles["baseline"]
+    row: dict = {"model": name, "recipes": {}}
+    for key, per_pass in profiles.items():
+        row["recipes"][key] = {
+            "kernel_ms": statistics.median(p.kernel_ms for p in per_pass),
+            "run_ms": statistics.median(p.run_ms for p in per_pass),
+            "conv_ms": statistics.median(p.conv_ms for p in per_pass),
+            "other_ms": statistics.median(p.other_ms for p in per_pass),
+            "conv_gmacs": per_pass[0].conv_macs / 1e9,
+            "conv_gmacs_per_s": statistics.median(p.conv_gmacs_per_s for p in per_pass),
+            "op_ms": median_dict([p.op_ms for p in per_pass]),
+            "split": median_dict(
+                [split_ratio(p, b) for p, b in zip(per_pass, base_passes, strict=True)]
+            ),
+            "passes": [p.to_dict() for p in per_pass],
+        }
+    row["peak_gmacs_per_s"] = statistics.median(peak_throughput(p) for p in base_passes)
+    return row
+
+
+def render(result: dict) -> str:
+    lines = [
+        f"# Where the time goes at MACs kept {MACS}: ONNX Runtime CPU profile",
+        "",
+        f"Machine: {machine_text(result['machine'])}; "
+        f"onnxruntime {result['machine']['onnxruntime']}. "
+        f"Runtime: ONNX Runtime CPUExecutionProvider (ORT_ENABLE_ALL), fp32, batch 1, "
+        f"{result['threads']} intra-op threads (spinning off), image {IMGSZ}x{IMGSZ}, random-init "
+        f"weights. ONNX Runtime's profiler: {result['runs']} runs after 3 warm-up runs per file, "
+        f"{result['passes']} passes over the files in turn; medians over passes. Times are kernel "
+        "times (the profiler's per-node times summed per run; profiling adds a little to each).",
+        "",
+        "Ratio split (each a share of the baseline's kernel time): **MACs** = the pruned "
+        "convolutions' MACs at the baseline convolutions' mean throughput; **conv efficiency "
+        "lost** = their extra time at their own, lower throughput; **rest** = all other operators. "
+        "**Floor** = the pruned MACs at the fastest baseline convolution's throughput (a stand-in "
+        "for this machine's peak) plus the rest as measured: no channel plan with these MACs and "
+        "this rest runs faster.",
+        "",
+        "| model | recipe | conv MACs kept | latency ratio | = MACs | + conv efficiency lost "
+        "| + rest | floor | conv GMAC/s | conv ms | other ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["rows"]:
+        for key, recipe in row["recipes"].items():
+            split = recipe["split"]
+            lines.append(
+                f"| {row['model']} | {key} | {split['conv_macs_ratio']:.3f} | {split['ratio']:.3f} "
+                f"| {split['macs_share']:.3f} | {split['conv_efficiency_lost']:+.3f} "
+                f"| {split['rest']:.3f} | {split['floor']:.3f} | {recipe['conv_gmacs_per_s']:.0f} "
+                f"| {recipe['conv_ms']:.1f} | {recipe['other_ms']:.1f} |"
+            )
+    lines += ["", "Fastest baseline convolution (GMAC/s, median over passes):", ""]
+    lines += [f"- {row['model']}: {row['peak_gmacs_per_s']:.0f}" for row in result["rows"]]
+    lines += ["", "Operators other than convolutions, ms per run (baseline → default flags):", ""]
+    for row in result["rows"]:
+        base, ours = row["recipes"]["baseline"]["op_ms"], row["recipes"][DEFAULT_ROW]["op_ms"]
+        top = sorted((op for op in base if op not in ("Conv", "FusedConv")), key=lambda o: -base[o])
+        cells = ", ".join(f"{op} {base[op]:.2f} → {ours.get(op, 0.0):.2f}" for op in top[:6])
+        lines.append(f"- {row['model']}: {cells}")
+    lines += ["", "![kernel time split](latency_breakdown.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, parts = [], {"MACs": [], "conv efficiency lost": [], "rest": []}
+    floors = []
+    for row in result["rows"]:
+        for key, recipe in row["recipes"].items():
+            short = key.replace("yoloprune ", "").replace("(default flags)", "default")
+            labels.append(f"{row['model'].removesuffix('.yaml')}\n{short}")
+            split = recipe["split"]
+            parts["MACs"].append(split["macs_share"])
+            parts["conv efficiency lost"].append(split["conv_efficiency_lost"])
+            parts["rest"].append(split["rest"])
+            floors.append(split["floor"])
+    figure, axes = plt.subplots(figsize=(max(8, 0.9 * len(labels)), 5))
+    bottom = np.zeros(len(labels))
+    for name, values in parts.items():
+        axes.bar(range(len(labels)), values, bottom=bottom, label=name)
+        bottom += np.array(values)
+    axes.scatter(range(len(labels)), floors, color="black", marker="_", s=400, label="floor")
+    axes.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    axes.set_xticks(range(len(labels)), labels, fontsize=6, rotation=90)
+    axes.set_ylabel("kernel time / baseline's")
+    axes.set_title(f"ONNX Runtime CPU, MACs kept {MACS}, {IMGSZ} px")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--models", nargs="+", default=["yolov8s.yaml", "yolo11s.yaml", "yolo26s.yaml"]
+    )
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--passes", type=int, default=3)
+    args = parser.parse_args()
+    rows = [bench_model(name, args.runs, args.passes) for name in args.models]
+    result = {
+        "benchmark": "latency_breakdown",
+        "machine": machine_info(),
+        "runs": args.runs,
+        "passes": args.passes,
+        "threads": default_threads(),
+        "precision": "fp32",
+        "batch": 1,
+        "imgsz": IMGSZ,
+        "macs_target": MACS,
+        "rows": rows,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "latency_breakdown.json").write_text(json.dumps(result, indent=1) + "\n")
+    (RESULTS / "latency_breakdown.md").write_text(render(result))
+    plot(result, RESULTS / "latency_breakdown.png")
+    print(render(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+import os
+
+import numpy as np
+import pytest
+
+from yoloprune.kernels.latency_table import ConvLayer, conv_silu_onnx
+from yoloprune.kernels.profile import conv_node_macs, profile_onnx, summarise_events
+
+SIZE = 32
+
+
+def layer(cout: int, cin_per_group: int, kernel: int, groups: int = 1) -> ConvLayer:
+    rng = np.random.default_rng(cout + kernel)
+    weight = rng.standard_normal((cout, cin_per_group, kernel, kernel), dtype=np.float32)
+    return ConvLayer(weight, np.zeros(cout, np.float32), 1, kernel // 2, groups)
+
+
+@pytest.fixture(scope="module")
+def three_convs(tmp_path_factory):
+    """16 -> 32 (3x3), depthwise 32 (3x3), 32 -> 16 (1x1), each with SiLU, at 32x32: channel
+    counts that are whole NCHWc blocks on AVX2 (8) and AVX-512 (16), so no padded channels."""
+    layers = [layer(32, 16, 3), layer(32, 1, 3, groups=32), layer(16, 32, 1)]
+    path = tmp_path_factory.mktemp("profile") / "convs.onnx"
+    path.write_bytes(conv_silu_onnx(layers, [1, 16, SIZE, SIZE], "convs").SerializeToString())
+    return path
+
+
+def test_profile_counts_each_convolution_and_leaves_no_file(three_convs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    images = np.random.default_rng(0).random((1, 16, SIZE, SIZE), dtype=np.float32)
+    profile = profile_onnx(three_convs, images, runs=4, warmup=1, threads=1)
+    pixels = SIZE * SIZE
+    expected = sorted([32 * pixels * 16 * 9, 32 * pixels * 1 * 9, 16 * pixels * 32])
+    assert sorted(c.macs for c in profile.convs) == expected
+    assert profile.conv_macs == sum(expected)
+    assert profile.runs == 4 and profile.conv_ms > 0 and profile.other_ms > 0
+    assert profile.kernel_ms == pytest.approx(profile.conv_ms + profile.other_ms)
+    assert profile.run_ms >= 0.5 * profile.kernel_ms
+    assert profile.to_dict()["conv_macs"] == sum(expected)
+    assert os.listdir(tmp_path) == []  # the profiler's JSON went to a removed temporary folder
+
+
+def _node(op: str, ts: int, dur: int, name: str = "n") -> dict:
+    shapes = {
+        "input_type_shape": [{"float": [1, 4, 8, 8]}, {"float": [2, 4, 3, 3]}],
+        "output_type_shape": [{"float": [1, 2, 8, 8]}],
+    }
+    args = {"op_name": op, **shapes}
+    return {"cat": "Node", "name": f"{name}_kernel_time", "ts": ts, "dur": dur, "args": args}
+
+
+def test_summarise_events_counts_only_the_last_runs():
+    events = [
+        {"cat": "Session", "name": "model_run", "ts": 0, "dur": 100},  # the warm-up run
+        _node("Conv", 10, 90),
+        {"cat": "Session", "name": "model_run", "ts": 200, "dur": 60},
+        _node("Conv", 210, 40),
+        _node("Sigmoid", 250, 4, "s"),
+        {"cat": "Session", "name": "model_run", "ts": 300, "dur": 80},
+        _node("Conv", 310, 60),
+        _node("Sigmoid", 370, 6, "s"),
+    ]
+    profile = summarise_events(events, runs=2)
+    assert profile.op_ms == {"Conv": pytest.approx(0.05), "Sigmoid": pytest.approx(0.005)}
+    assert profile.run_ms == pytest.approx(0.07)
+    (conv,) = profile.convs
+    assert conv.name == "n" and conv.ms == pytest.approx(0.05)
+    assert conv.macs == 2 * 8 * 8 * 4 * 9
+    assert conv.gmacs_per_s == pytest.approx(conv.macs / 0.05 / 1e6)
+    with pytest.raises(ValueError, match="holds 3 runs, fewer than the 4 asked"):
+        summarise_events(events, runs=4)
+
+
+def test_conv_macs_count_a_blocked_output_with_its_padding():
+    args = {
+        "input_type_shape": [{"float": [1, 2, 8, 8, 16]}, {"float": [24, 32, 1, 1]}],
+        "output_type_shape": [{"float": [1, 2, 8, 8, 16]}],  # 24 channels padded to 32
+    }
+    assert conv_node_macs(args) == 32 * 8 * 8 * 32

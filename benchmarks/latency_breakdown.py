@@ -38,14 +38,15 @@ from compile_yolov5 import DEFAULT_ROW, DROP_ROW, IMGSZ, MACS, recipe_options  #
 from yoloprune.compiler.export import export_onnx  # noqa: E402
 from yoloprune.compiler.pipeline import prepare, prune_in_memory  # noqa: E402
 from yoloprune.kernels.ort import default_threads, machine_info, machine_text  # noqa: E402
-from yoloprune.kernels.profile import OrtProfile, profile_onnx  # noqa: E402
+from yoloprune.kernels.profile import (  # noqa: E402
+    peak_throughput,
+    profile_onnx,
+    split_against,
+)
 
 RESULTS = ROOT / "benchmarks" / "results"
 AWARE_ROW = "yoloprune --latency-aware"
 RECIPES = (DEFAULT_ROW, AWARE_ROW, DROP_ROW)
-# Convolutions below this share of the baseline's convolution MACs are left out of the
-# fastest-throughput figure (their few microseconds make their throughput noisy).
-PEAK_MIN_MACS_SHARE = 0.01
 
 
 def profile_passes(paths: dict[str, Path], runs: int, passes: int) -> dict[str, list]:
@@ -57,29 +58,6 @@ def profile_passes(paths: dict[str, Path], runs: int, passes: int) -> dict[str, 
         for key, path in paths.items():
             result[key].append(profile_onnx(path, images, runs=runs, warmup=3))
     return result
-
-
-def peak_throughput(profile: OrtProfile) -> float:
-    """The fastest convolution's GMAC/s, among those with a fair share of the MACs."""
-    floor = PEAK_MIN_MACS_SHARE * profile.conv_macs
-    return max(c.gmacs_per_s for c in profile.convs if c.macs >= floor)
-
-
-def split_ratio(pruned: OrtProfile, base: OrtProfile) -> dict:
-    """The pruned model's kernel-time ratio to the baseline, split as the module says."""
-    total = base.kernel_ms
-    macs_ms = pruned.conv_macs / base.conv_gmacs_per_s / 1e6
-    peak_ms = pruned.conv_macs / peak_throughput(base) / 1e6
-    return {
-        "ratio": pruned.kernel_ms / total,
-        "macs_share": macs_ms / total,
-        "conv_efficiency_lost": (pruned.conv_ms - macs_ms) / total,
-        "rest": pruned.other_ms / total,
-        "floor": (peak_ms + pruned.other_ms) / total,
-        "conv_macs_ratio": pruned.conv_macs / base.conv_macs,
-        "conv_ms_ratio": pruned.conv_ms / base.conv_ms,
-        "other_ms_ratio": pruned.other_ms / base.other_ms,
-    }
 
 
 def median_dict(dicts: list[dict]) -> dict:
@@ -112,7 +90,7 @@ def bench_model(name: str, runs: int, passes: int) -> dict:
             "conv_gmacs_per_s": statistics.median(p.conv_gmacs_per_s for p in per_pass),
             "op_ms": median_dict([p.op_ms for p in per_pass]),
             "split": median_dict(
-                [split_ratio(p, b) for p, b in zip(per_pass, base_passes, strict=True)]
+                [split_against(p, b) for p, b in zip(per_pass, base_passes, strict=True)]
             ),
             "passes": [p.to_dict() for p in per_pass],
         }

@@ -37,6 +37,7 @@ class BenchSettings:
     warmup: int = 10
     cuda_graph: bool = False
     seconds: float = 0.0  # more runs (up to kernels.timing.MAX_RUNS) within this, per model
+    profile: bool = False  # ort: also where each model's time goes (ONNX Runtime's profiler)
 
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIMES:
@@ -44,6 +45,11 @@ class BenchSettings:
         if self.batch < 1 or self.runs < 1 or self.warmup < 0 or self.seconds < 0:
             raise YoloPruneError(
                 "--batch and --runs must be positive, --warmup and the time budget non-negative"
+            )
+        if self.profile and self.runtime != "ort":
+            raise YoloPruneError(
+                f"--profile reads ONNX Runtime's profiler: use it with --runtime ort, not "
+                f"{self.runtime}"
             )
         if self.runtime == "ort" and self.precision not in (None, "fp32"):
             raise YoloPruneError(
@@ -166,6 +172,26 @@ def time_sources(sources: dict, settings: BenchSettings, imgsz: int):
     return timings, described
 
 
+def profile_sources(sources: dict, settings: BenchSettings, imgsz: int) -> dict:
+    """ONNX Runtime's profile of each source ({name: OrtProfile}), one after another on the
+    seeded batch :func:`time_sources` times, ``settings.runs`` runs after the warm-up."""
+    from yoloprune.kernels.profile import profile_onnx
+
+    shape = (settings.batch, 3, imgsz, imgsz)
+    images = np.random.default_rng(0).random(shape, dtype=np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        return {
+            name: profile_onnx(
+                _onnx_path(source, imgsz, Path(tmp), i),
+                images,
+                runs=settings.runs,
+                warmup=settings.warmup,
+                threads=settings.threads,
+            )
+            for i, (name, source) in enumerate(sources.items())
+        }
+
+
 def time_models(models: dict, settings: BenchSettings, imgsz: int) -> dict:
     """Time in-memory PyTorch models A B A B on ``settings.runtime`` (ort or torch):
     {name: Timing}."""
@@ -213,6 +239,9 @@ def bench(models: list[str], settings: BenchSettings) -> dict:
         }
         for key, timing in timings.items()
     ]
+    if settings.profile:
+        print(f"profiling {len(sources)} model(s) with ONNX Runtime's profiler", flush=True)
+        add_profiles(rows, list(profile_sources(sources, settings, imgsz).values()))
     machine = machine_info()
     if settings.resolved_device().startswith("cuda"):
         from yoloprune.kernels.torch_runtime import gpu_info
@@ -233,6 +262,17 @@ def bench(models: list[str], settings: BenchSettings) -> dict:
     }
 
 
+def add_profiles(rows: list[dict], profiles: list) -> None:
+    """Each row's profile, and for every row after the first its kernel-time ratio to the
+    first's split (:func:`kernels.profile.split_against`)."""
+    from yoloprune.kernels.profile import split_against
+
+    for index, (row, profile) in enumerate(zip(rows, profiles, strict=True)):
+        row["profile"] = profile.to_dict()
+        if index:
+            row["split"] = split_against(profile, profiles[0])
+
+
 def render(result: dict) -> str:
     threads = f", {result['threads']} threads" if "threads" in result else ""
     order = result.get("order", "interleaved runs")
@@ -247,4 +287,39 @@ def render(result: dict) -> str:
             f"{r['model'][-48:]:<48} {r['median_ms']:>10.2f} {r['p90_ms']:>8.2f} "
             f"{r['min_ms']:>8.2f} {r['ratio']:>6.3f} {r['images_per_s']:>8.1f}"
         )
+    if "profile" in result["rows"][0]:
+        lines += render_profiles(result["rows"])
     return "\n".join(lines)
+
+
+def render_profiles(rows: list[dict]) -> list[str]:
+    """Where each model's time goes, and how its ratio to the first model splits."""
+    from yoloprune.kernels.profile import CONV_OPS
+
+    runs = rows[0]["profile"]["runs"]
+    lines = [
+        f"where the time goes (ONNX Runtime's profiler, {runs} runs each; kernel ms per run):",
+        f"{'model':<40} {'kernel':>7} {'conv':>7} {'GMAC/s':>7} {'other':>7}  largest others",
+    ]
+    for r in rows:
+        p = r["profile"]
+        others = [(op, ms) for op, ms in p["op_ms"].items() if op not in CONV_OPS][:3]
+        largest = ", ".join(f"{op} {ms:.2f}" for op, ms in others)
+        lines.append(
+            f"{r['model'][-40:]:<40} {p['kernel_ms']:>7.2f} {p['conv_ms']:>7.2f} "
+            f"{p['conv_gmacs_per_s']:>7.1f} {p['other_ms']:>7.2f}  {largest}"
+        )
+    if len(rows) > 1:
+        lines += [
+            "kernel-time ratio to the first = its MACs at the first's convolution throughput + "
+            "convolution efficiency lost + other operators; floor: its MACs at the first's "
+            "fastest convolution's throughput + its other operators",
+            f"{'model':<40} {'ratio':>7} {'MACs':>7} {'eff.':>7} {'rest':>7} {'floor':>7}",
+        ]
+        for r in rows[1:]:
+            s = r["split"]
+            lines.append(
+                f"{r['model'][-40:]:<40} {s['ratio']:>7.3f} {s['macs_share']:>7.3f} "
+                f"{s['conv_efficiency_lost']:>+7.3f} {s['rest']:>7.3f} {s['floor']:>7.3f}"
+            )
+    return lines

@@ -594,6 +594,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--runs", type=COUNT, default=50, help="timed runs per model (median reported)")
     b.add_argument("--warmup", type=int_in(0, 100_000), default=10)
     b.add_argument("--cuda-graph", action="store_true", help="torch on CUDA: replay a CUDA graph")
+    b.add_argument(
+        "--profile",
+        action="store_true",
+        help="ort: also profile each model (ONNX Runtime's profiler): convolution and other "
+        "operators' time, and each model's ratio to the first split into MACs, convolution "
+        "efficiency lost and other operators, with a floor",
+    )
     b.add_argument("--out", type=Path, default=None, help="also write the result as JSON here")
 
     t = sub.add_parser(
@@ -932,6 +939,7 @@ def cmd_bench(args) -> int:
         runs=args.runs,
         warmup=args.warmup,
         cuda_graph=args.cuda_graph,
+        profile=args.profile,
     )
     result = bench(args.models, settings)
     print(render(result))

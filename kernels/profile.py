@@ -142,3 +142,38 @@ def conv_node_macs(args: dict) -> int:
 def _shape(entry: dict) -> list[int]:
     (dims,) = entry.values()  # {"float": [dims]}
     return [int(d) for d in dims]
+
+
+# Convolutions below this share of a model's convolution MACs are left out of its fastest
+# throughput (their few microseconds make their throughput noisy).
+PEAK_MIN_MACS_SHARE = 0.01
+
+
+def peak_throughput(profile: OrtProfile) -> float:
+    """The fastest convolution's GMAC/s, among those with a fair share of the MACs."""
+    floor = PEAK_MIN_MACS_SHARE * profile.conv_macs
+    return max((c.gmacs_per_s for c in profile.convs if c.macs >= floor), default=0.0)
+
+
+def split_against(model: OrtProfile, base: OrtProfile) -> dict:
+    """``model``'s kernel-time ratio to ``base``'s, split into shares of ``base``'s time:
+    ``macs_share`` (its convolution MACs at ``base``'s mean convolution throughput),
+    ``conv_efficiency_lost`` (the extra time its convolutions take at their own throughput)
+    and ``rest`` (every other operator); they add up to ``ratio``. ``floor``: its MACs at
+    ``base``'s fastest convolution's throughput (a stand-in for the machine's peak) plus the
+    rest as measured."""
+    if base.conv_ms <= 0 or base.kernel_ms <= 0:
+        raise ValueError("the reference profile has no convolution time to compare with")
+    total = base.kernel_ms
+    macs_ms = model.conv_macs / base.conv_gmacs_per_s / 1e6
+    peak = peak_throughput(base)
+    return {
+        "ratio": model.kernel_ms / total,
+        "macs_share": macs_ms / total,
+        "conv_efficiency_lost": (model.conv_ms - macs_ms) / total,
+        "rest": model.other_ms / total,
+        "floor": (model.conv_macs / peak / 1e6 + model.other_ms) / total,
+        "conv_macs_ratio": model.conv_macs / base.conv_macs,
+        "conv_ms_ratio": model.conv_ms / base.conv_ms,
+        "other_ms_ratio": model.other_ms / base.other_ms if base.other_ms > 0 else float("nan"),
+    }

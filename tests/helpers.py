@@ -18,6 +18,7 @@ from yoloprune.graphs.dependency import build_graph
 from yoloprune.graphs.plan import PruningPlan
 from yoloprune.graphs.ultralytics_family import UltralyticsMissing, require_ultralytics
 from yoloprune.graphs.yolov5 import DetectionModel
+from yoloprune.kernels.profile import ConvTime, OrtProfile
 
 IMGSZ = 64
 
@@ -159,3 +160,14 @@ def torchvision_imports() -> bool:
 
 def assert_no_broken_torchvision() -> None:
     assert torchvision_imports() or "torchvision" not in sys.modules
+
+
+def ort_profile(convs: list[tuple[float, int]], other_ms: float) -> OrtProfile:
+    """A stand-in ONNX Runtime profile: convolutions as (ms, MACs), one other operator."""
+    conv_ms = sum(ms for ms, _ in convs)
+    return OrtProfile(
+        runs=1,
+        run_ms=conv_ms + other_ms + 1.0,
+        op_ms={"Conv": conv_ms, "QuickGelu": other_ms},
+        convs=[ConvTime(f"c{i}", ms, macs) for i, (ms, macs) in enumerate(convs)],
+    )

@@ -55,10 +55,34 @@ def test_bench_cli_writes_json(tmp_path, two_models, capsys):
     assert code == 0 and "blocks of 5" in capsys.readouterr().out
 
 
+def test_bench_profile_splits_each_ratio_against_the_first(tmp_path, two_models, capsys):
+    out = tmp_path / "profiled.json"
+    argv = ["bench", two_models[1], two_models[0], "--imgsz", "64", "--runs", "4", "--profile"]
+    assert main([*argv, "--warmup", "1", "--threads", "1", "--out", str(out)]) == 0
+    large, small = json.loads(out.read_text())["rows"]
+    assert "split" not in large  # the reference
+    assert small["profile"]["runs"] == 4
+    # width_multiple 0.5 against 0.25: about 4x the convolution MACs, counted from the profile
+    assert 3.0 < large["profile"]["conv_macs"] / small["profile"]["conv_macs"] < 4.5
+    split = small["split"]
+    assert split["conv_macs_ratio"] == pytest.approx(
+        small["profile"]["conv_macs"] / large["profile"]["conv_macs"]
+    )
+    parts = split["macs_share"] + split["conv_efficiency_lost"] + split["rest"]
+    assert parts == pytest.approx(split["ratio"])
+    assert split["ratio"] == pytest.approx(
+        small["profile"]["kernel_ms"] / large["profile"]["kernel_ms"]
+    )
+    printed = capsys.readouterr().out
+    assert "where the time goes (ONNX Runtime's profiler, 4 runs each" in printed
+    assert "floor" in printed and "GMAC/s" in printed
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [
         (["missing.onnx"], "file not found"),
+        (["m.yaml", "--runtime", "torch", "--profile"], "use it with --runtime ort, not torch"),
         (["m.yaml", "--runtime", "ort", "--precision", "fp16"], "at its own precision"),
         (["m.yaml", "--batch", "0"], "argument --batch: 0 is not in [1, 4096]"),
     ],

@@ -3,8 +3,15 @@ import os
 import numpy as np
 import pytest
 
+from tests.helpers import ort_profile
 from yoloprune.kernels.latency_table import ConvLayer, conv_silu_onnx
-from yoloprune.kernels.profile import conv_node_macs, profile_onnx, summarise_events
+from yoloprune.kernels.profile import (
+    conv_node_macs,
+    peak_throughput,
+    profile_onnx,
+    split_against,
+    summarise_events,
+)
 
 SIZE = 32
 
@@ -77,3 +84,22 @@ def test_conv_macs_count_a_blocked_output_with_its_padding():
         "output_type_shape": [{"float": [1, 2, 8, 8, 16]}],  # 24 channels padded to 32
     }
     assert conv_node_macs(args) == 32 * 8 * 8 * 32
+
+
+def test_split_adds_up_and_the_floor_uses_the_fastest_fair_convolution():
+    # baseline: 10 ms at 100 GMAC/s, 10 ms at 200, and a tiny conv at 1000 GMAC/s (below 1 %)
+    base = ort_profile([(10.0, 1_000_000_000), (10.0, 2_000_000_000), (0.01, 10_000_000)], 5.0)
+    pruned = ort_profile([(6.0, 600_000_000), (6.0, 900_000_000)], 4.0)
+    assert peak_throughput(base) == pytest.approx(200.0)
+    split = split_against(pruned, base)
+    total = base.kernel_ms  # 25.01
+    assert split["ratio"] == pytest.approx(16.0 / total)
+    mean = base.conv_gmacs_per_s  # 3.01 GMAC in 20.01 ms
+    assert split["macs_share"] == pytest.approx(1.5 / mean * 1e3 / total)
+    assert split["macs_share"] + split["conv_efficiency_lost"] + split["rest"] == pytest.approx(
+        split["ratio"]
+    )
+    assert split["rest"] == pytest.approx(4.0 / total)
+    assert split["floor"] == pytest.approx((1.5 / 200.0 * 1e3 + 4.0) / total)
+    assert split["conv_macs_ratio"] == pytest.approx(1.5 / 3.01)
+    assert split["other_ms_ratio"] == pytest.approx(0.8)

@@ -3,10 +3,11 @@ import json
 import pytest
 import yaml
 
-from tests.helpers import tiny_cfg
+from tests.helpers import ort_profile, tiny_cfg
 from yoloprune.compiler.bench import BenchSettings, bench, time_models
 from yoloprune.compiler.cli import main
 from yoloprune.graphs.errors import YoloPruneError
+from yoloprune.kernels.profile import split_against
 
 
 @pytest.fixture
@@ -76,6 +77,24 @@ def test_bench_profile_splits_each_ratio_against_the_first(tmp_path, two_models,
     printed = capsys.readouterr().out
     assert "where the time goes (ONNX Runtime's profiler, 4 runs each" in printed
     assert "floor" in printed and "GMAC/s" in printed
+
+
+def test_profile_table_flags_the_profilers_own_cost():
+    from yoloprune.compiler.bench import render_profiles
+
+    base, small = ort_profile([(2.0, 400_000_000)], 1.0), ort_profile([(1.0, 100_000_000)], 1.0)
+    rows = [
+        {"model": "a.onnx", "median_ms": 3.0, "profile": base.to_dict()},  # kernels 3.0 ms
+        {"model": "b.onnx", "median_ms": 1.5, "profile": small.to_dict()},  # kernels 2.0 ms
+    ]
+    rows[1]["split"] = split_against(small, base)
+    text = "\n".join(render_profiles(rows))
+    assert "note: 1 of 2 models' kernels sum to more than 1.1x their timed median" in text
+    # b: 0.1 GMAC at a's 200 GMAC/s is 0.5 ms of a's 3 ms, run in 1 ms; 1 ms of other operators
+    (line,) = [line for line in text.splitlines() if line.startswith("b.onnx") and "+" in line]
+    assert line.split()[1:] == ["0.667", "0.167", "+0.167", "0.333", "0.500"]
+    rows[1]["median_ms"] = 2.0
+    assert "note:" not in "\n".join(render_profiles(rows))
 
 
 @pytest.mark.parametrize(

@@ -20,9 +20,11 @@ from torch import nn
 from yoloprune.graphs.errors import YoloPruneError
 
 RUNTIMES = ("ort", "torch", "tensorrt")
-# A profile whose kernel times add up to more than this times the model's timed median is
-# flagged: the profiler's own per-operator cost then weighs on the split.
+# A profile whose median run took more than this times the model's timed median is flagged:
+# the profiler's own per-operator cost (or noise) then weighs on the split.
 PROFILER_SLACK = 1.1
+# ONNX Runtime's profiler stops recording at a million events (about 3 per operator per run).
+PROFILE_MAX_RUNS = 200
 
 
 @dataclass(frozen=True)
@@ -151,17 +153,16 @@ def _tensorrt_runner(spec: str, settings: BenchSettings, imgsz: int, scratch: Pa
 RUNNERS = {"ort": _ort_runner, "torch": _torch_runner, "tensorrt": _tensorrt_runner}
 
 
-def time_sources(sources: dict, settings: BenchSettings, imgsz: int):
+def time_sources(sources: dict, settings: BenchSettings, imgsz: int, profiles: dict | None = None):
     """Make a runner for each source (a model file name or an in-memory model) on
     ``settings.runtime``, activate them all and time them A B A B (or in the turns the runtime
     needs): ({name: Timing}, what the runtime's report states). ONNX Runtime is fed one
-    seeded batch; the GPU runtimes rerun the seeded batch they hold on the device."""
+    seeded batch; the GPU runtimes rerun the seeded batch they hold on the device. Given a
+    ``profiles`` dict (ONNX Runtime only), each source's file is then profiled into it, one
+    after another (:func:`kernels.profile.profile_onnx`)."""
     from yoloprune.kernels.runner import time_runners
 
-    images = None
-    if settings.runtime == "ort":
-        shape = (settings.batch, 3, imgsz, imgsz)
-        images = np.random.default_rng(0).random(shape, dtype=np.float32)
+    images = seeded_images(settings.batch, imgsz) if settings.runtime == "ort" else None
     make = RUNNERS[settings.runtime]
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as active:
         runners = {
@@ -172,27 +173,35 @@ def time_sources(sources: dict, settings: BenchSettings, imgsz: int):
             runners, images, runs=settings.runs, warmup=settings.warmup, seconds=settings.seconds
         )
         described = next(iter(runners.values())).describe()
+        if profiles is not None:
+            profiles.update(profile_runners(runners, settings, images))
     return timings, described
 
 
-def profile_sources(sources: dict, settings: BenchSettings, imgsz: int) -> dict:
-    """ONNX Runtime's profile of each source ({name: OrtProfile}), one after another on the
-    seeded batch :func:`time_sources` times, ``settings.runs`` runs after the warm-up."""
+def seeded_images(batch: int, imgsz: int) -> np.ndarray:
+    """The seeded input ONNX Runtime models are timed and profiled on."""
+    return np.random.default_rng(0).random((batch, 3, imgsz, imgsz), dtype=np.float32)
+
+
+def profile_runners(runners: dict, settings: BenchSettings, images: np.ndarray) -> dict:
+    """ONNX Runtime's profile of each runner's file ({name: OrtProfile}), one after another,
+    at most :data:`PROFILE_MAX_RUNS` runs after the warm-up, with the timing's threads and
+    spinning."""
     from yoloprune.kernels.profile import profile_onnx
 
-    shape = (settings.batch, 3, imgsz, imgsz)
-    images = np.random.default_rng(0).random(shape, dtype=np.float32)
-    with tempfile.TemporaryDirectory() as tmp:
-        return {
-            name: profile_onnx(
-                _onnx_path(source, imgsz, Path(tmp), i),
-                images,
-                runs=settings.runs,
-                warmup=settings.warmup,
-                threads=settings.threads,
-            )
-            for i, (name, source) in enumerate(sources.items())
-        }
+    runs = min(settings.runs, PROFILE_MAX_RUNS)
+    print(f"profiling {len(runners)} model(s) with ONNX Runtime's profiler, {runs} runs each")
+    return {
+        name: profile_onnx(
+            runner.path,
+            images,
+            runs=runs,
+            warmup=settings.warmup,
+            threads=settings.threads,
+            spinning=settings.spinning,
+        )
+        for name, runner in runners.items()
+    }
 
 
 def time_models(models: dict, settings: BenchSettings, imgsz: int) -> dict:
@@ -230,7 +239,10 @@ def bench(models: list[str], settings: BenchSettings) -> dict:
             raise YoloPruneError(f"{spec}: file not found; check the path")
     imgsz = _model_imgsz(models[0], settings)
     sources = {f"{i}:{spec}": spec for i, spec in enumerate(models)}
-    timings, extra = time_sources(sources, settings, imgsz)
+    if settings.profile:
+        check_profilable(models, settings)
+    profiles = {} if settings.profile else None
+    timings, extra = time_sources(sources, settings, imgsz, profiles)
     first = next(iter(timings.values())).median_ms
     rows = [
         {
@@ -242,9 +254,8 @@ def bench(models: list[str], settings: BenchSettings) -> dict:
         }
         for key, timing in timings.items()
     ]
-    if settings.profile:
-        print(f"profiling {len(sources)} model(s) with ONNX Runtime's profiler", flush=True)
-        add_profiles(rows, list(profile_sources(sources, settings, imgsz).values()))
+    if profiles:
+        add_profiles(rows, [profiles[key] for key in timings])
     machine = machine_info()
     if settings.resolved_device().startswith("cuda"):
         from yoloprune.kernels.torch_runtime import gpu_info
@@ -265,11 +276,27 @@ def bench(models: list[str], settings: BenchSettings) -> dict:
     }
 
 
+def check_profilable(models: list[str], settings: BenchSettings) -> None:
+    """``--profile`` splits convolution time: refuse INT8 files up front (ONNX Runtime runs
+    their convolutions as QLinearConv, which the split does not count)."""
+    for spec in models:
+        if _precision_of(spec, settings) == "int8":
+            raise YoloPruneError(
+                f"{spec}: an INT8 file; --profile splits fp32 and fp16 convolution time: "
+                "profile its fp32 file, or bench it without --profile"
+            )
+
+
 def add_profiles(rows: list[dict], profiles: list) -> None:
     """Each row's profile, and for every row after the first its kernel-time ratio to the
     first's split (:func:`kernels.profile.split_against`)."""
     from yoloprune.kernels.profile import split_against
 
+    if profiles[0].conv_ms <= 0:
+        raise YoloPruneError(
+            f"{rows[0]['model']}: no convolution time in its profile, nothing to split the "
+            "others against; put a model with convolutions first"
+        )
     for index, (row, profile) in enumerate(zip(rows, profiles, strict=True)):
         row["profile"] = profile.to_dict()
         if index:
@@ -302,24 +329,25 @@ def render_profiles(rows: list[dict]) -> list[str]:
     runs = rows[0]["profile"]["runs"]
     lines = [
         f"where the time goes (ONNX Runtime's profiler, {runs} runs each; kernel ms per run):",
-        f"{'model':<40} {'timed':>7} {'kernel':>7} {'conv':>7} {'GMAC/s':>7} {'other':>7}  "
-        "largest others",
+        f"{'model':<40} {'timed':>7} {'profiled':>8} {'kernel':>7} {'conv':>7} {'GMAC/s':>7} "
+        f"{'other':>7}  largest others",
     ]
     for r in rows:
         p = r["profile"]
         others = [(op, ms) for op, ms in p["op_ms"].items() if op not in CONV_OPS][:3]
         largest = ", ".join(f"{op} {ms:.2f}" for op, ms in others)
         lines.append(
-            f"{r['model'][-40:]:<40} {r['median_ms']:>7.2f} {p['kernel_ms']:>7.2f} "
-            f"{p['conv_ms']:>7.2f} {p['conv_gmacs_per_s']:>7.1f} {p['other_ms']:>7.2f}  {largest}"
+            f"{r['model'][-40:]:<40} {r['median_ms']:>7.2f} {p['run_ms']:>8.2f} "
+            f"{p['kernel_ms']:>7.2f} {p['conv_ms']:>7.2f} {p['conv_gmacs_per_s']:>7.1f} "
+            f"{p['other_ms']:>7.2f}  {largest}"
         )
-    inflated = [r for r in rows if r["profile"]["kernel_ms"] > PROFILER_SLACK * r["median_ms"]]
-    if inflated:
+    slow = [r for r in rows if r["profile"]["run_ms"] > PROFILER_SLACK * r["median_ms"]]
+    if slow:
         lines.append(
-            f"note: {len(inflated)} of {len(rows)} models' kernels sum to more than "
-            f"{PROFILER_SLACK:g}x their timed median under the profiler: its own cost per "
-            "operator is a large part of a small model's operators, so the split below "
-            "overstates fixed per-operator costs"
+            f"note: {len(slow)} of {len(rows)} models' profiled runs took more than "
+            f"{PROFILER_SLACK:g}x their timed median: the profiler's own cost per operator "
+            "(large for small models, where it inflates fixed per-operator costs below) or "
+            "noise between the two passes"
         )
     if len(rows) > 1:
         lines += [

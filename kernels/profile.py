@@ -2,7 +2,12 @@
 convolution with its multiply-accumulates, from ONNX Runtime's own profiler.
 
 The profiler's JSON is written into a temporary folder and removed once read; only the runs
-after the warm-up are counted (each node's kernel time falls inside one ``model_run`` event)."""
+after the warm-up are counted (each node's kernel time falls inside one ``model_run`` event).
+
+Two MAC counts: each profiled convolution's *executed* MACs, read from the shapes ONNX Runtime
+ran (its blocked NCHWc layout pads channel counts to its block, 8 or 16), and the model's
+*declared* convolution MACs, read from the ONNX file. The split of a ratio uses the declared
+ones, so channel padding shows as efficiency lost, not as MACs."""
 
 from __future__ import annotations
 
@@ -10,19 +15,23 @@ import json
 import statistics
 import tempfile
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from yoloprune.graphs.files import import_native
 from yoloprune.kernels.ort import _onnxruntime, default_threads, session_options
 
 CONV_OPS = ("Conv", "FusedConv")
+# Convolutions below this share of a model's convolution MACs are left out of its fastest
+# throughput (their few microseconds make their throughput noisy).
+PEAK_MIN_MACS_SHARE = 0.01
 
 
 @dataclass(frozen=True)
 class ConvTime:
-    """One convolution node: its mean kernel time per run and its multiply-accumulates."""
+    """One convolution node as ONNX Runtime ran it: mean kernel ms per run, executed MACs."""
 
     name: str
     ms: float
@@ -35,13 +44,15 @@ class ConvTime:
 
 @dataclass(frozen=True)
 class OrtProfile:
-    """Mean kernel milliseconds per run by operator type, the convolutions one by one, and the
-    median wall time of a run (kernels plus the session's own overhead)."""
+    """Mean kernel milliseconds per run by operator type (means add up across operators), the
+    convolutions one by one, the median wall time of a profiled run, and the convolution MACs
+    the ONNX file declares (0: not known, the executed MACs stand in)."""
 
     runs: int
     run_ms: float
     op_ms: dict[str, float]
     convs: list[ConvTime]
+    declared_conv_macs: int = 0
 
     @property
     def kernel_ms(self) -> float:
@@ -56,19 +67,28 @@ class OrtProfile:
         return self.kernel_ms - self.conv_ms
 
     @property
-    def conv_macs(self) -> int:
+    def executed_conv_macs(self) -> int:
         return sum(c.macs for c in self.convs)
+
+    @property
+    def conv_macs(self) -> int:
+        """The declared convolution MACs where known, else the executed ones."""
+        return self.declared_conv_macs or self.executed_conv_macs
 
     @property
     def conv_gmacs_per_s(self) -> float:
         return self.conv_macs / self.conv_ms / 1e6 if self.conv_ms > 0 else 0.0
 
-    def to_dict(self) -> dict:
+    def to_dict(self, convs: bool = True) -> dict:
+        fields = asdict(self)
+        if not convs:
+            del fields["convs"]
         return {
-            **asdict(self),
+            **fields,
             "kernel_ms": self.kernel_ms,
             "conv_ms": self.conv_ms,
             "other_ms": self.other_ms,
+            "executed_conv_macs": self.executed_conv_macs,
             "conv_macs": self.conv_macs,
             "conv_gmacs_per_s": self.conv_gmacs_per_s,
         }
@@ -80,15 +100,15 @@ def profile_onnx(
     runs: int = 30,
     warmup: int = 3,
     threads: int | None = None,
+    spinning: bool = False,
 ) -> OrtProfile:
     """Run ``path`` ``warmup + runs`` times on ``images`` with ONNX Runtime's profiler on (the
-    same session options as :class:`kernels.ort.OrtRunner`, spinning off) and summarise the
-    last ``runs``."""
+    same session options as :class:`kernels.ort.OrtRunner`) and summarise the last ``runs``."""
     if runs < 1 or warmup < 0:
         raise ValueError(f"runs must be >= 1 and warmup >= 0 (got {runs}, {warmup})")
     ort = _onnxruntime()
     with tempfile.TemporaryDirectory(prefix="yoloprune-profile-") as folder:
-        options = session_options(ort, threads or default_threads(), spinning=False)
+        options = session_options(ort, threads or default_threads(), spinning)
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(folder) / "ort")
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -96,14 +116,14 @@ def profile_onnx(
         for _ in range(warmup + runs):
             session.run(None, feed)
         events = json.loads(Path(session.end_profiling()).read_text())
-    return summarise_events(events, runs)
+    profile = summarise_events(events, runs)
+    return replace(profile, declared_conv_macs=onnx_conv_macs(path, images.shape[0]) or 0)
 
 
 def summarise_events(events: list[dict], runs: int) -> OrtProfile:
     """The :class:`OrtProfile` of the last ``runs`` ``model_run`` events of a profiler trace."""
-    windows = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")[
-        -runs:
-    ]
+    windows = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
+    windows = windows[-runs:]
     if len(windows) < runs:
         raise ValueError(f"the profile holds {len(windows)} runs, fewer than the {runs} asked")
     start = windows[0][0]
@@ -131,9 +151,9 @@ def summarise_events(events: list[dict], runs: int) -> OrtProfile:
 
 
 def conv_node_macs(args: dict) -> int:
-    """Multiply-accumulates of one convolution from the profiler's shapes: output elements
-    (a blocked NCHWc output counts its padded channels) times the weight's input channels per
-    group and kernel size."""
+    """Executed multiply-accumulates of one convolution from the profiler's shapes: output
+    elements times the weight's input channels per group and kernel size, both as ONNX Runtime
+    ran them (channels padded to its NCHWc block where it reorders the layout)."""
     weight = _shape(args["input_type_shape"][1])
     output = _shape(args["output_type_shape"][0])
     return int(np.prod(output)) * int(np.prod(weight[1:]))
@@ -144,35 +164,54 @@ def _shape(entry: dict) -> list[int]:
     return [int(d) for d in dims]
 
 
-# Convolutions below this share of a model's convolution MACs are left out of its fastest
-# throughput (their few microseconds make their throughput noisy).
-PEAK_MIN_MACS_SHARE = 0.01
+def onnx_conv_macs(path: str | Path, batch: int = 1) -> int | None:
+    """The convolution MACs the ONNX file declares (no runtime padding): for every Conv node,
+    output elements times input channels per group and kernel size, shapes from ONNX's shape
+    inference, a symbolic first axis taken as ``batch``. None where a shape is not static."""
+    onnx = import_native("onnx")
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    shapes = {init.name: list(init.dims) for init in model.graph.initializer}
+    graph_values = [*model.graph.value_info, *model.graph.input, *model.graph.output]
+    for value in graph_values:
+        dims = value.type.tensor_type.shape.dim
+        shapes[value.name] = [
+            d.dim_value if d.HasField("dim_value") else (batch if axis == 0 else None)
+            for axis, d in enumerate(dims)
+        ]
+    total = 0
+    for node in model.graph.node:
+        if node.op_type != "Conv":
+            continue
+        weight, output = shapes.get(node.input[1]), shapes.get(node.output[0])
+        if not weight or not output or None in weight or None in output:
+            return None
+        total += int(np.prod(output)) * int(np.prod(weight[1:]))
+    return total
 
 
 def peak_throughput(profile: OrtProfile) -> float:
-    """The fastest convolution's GMAC/s, among those with a fair share of the MACs."""
-    floor = PEAK_MIN_MACS_SHARE * profile.conv_macs
+    """The fastest convolution's executed GMAC/s, among those with a fair share of the MACs."""
+    floor = PEAK_MIN_MACS_SHARE * profile.executed_conv_macs
     return max((c.gmacs_per_s for c in profile.convs if c.macs >= floor), default=0.0)
 
 
 def split_against(model: OrtProfile, base: OrtProfile) -> dict:
     """``model``'s kernel-time ratio to ``base``'s, split into shares of ``base``'s time:
-    ``macs_share`` (its convolution MACs at ``base``'s mean convolution throughput),
-    ``conv_efficiency_lost`` (the extra time its convolutions take at their own throughput)
-    and ``rest`` (every other operator); they add up to ``ratio``. ``floor``: its MACs at
-    ``base``'s fastest convolution's throughput (a stand-in for the machine's peak) plus the
-    rest as measured."""
+    ``macs_share`` (its declared convolution MACs at ``base``'s mean convolution throughput),
+    ``conv_efficiency_lost`` (the extra time its convolutions take at their own throughput,
+    channel padding included) and ``rest`` (every other operator); they add up to ``ratio``.
+    ``floor``: its MACs at ``base``'s fastest convolution's throughput (a stand-in for the
+    machine's peak, not a bound) plus the rest as measured."""
     if base.conv_ms <= 0 or base.kernel_ms <= 0:
         raise ValueError("the reference profile has no convolution time to compare with")
     total = base.kernel_ms
     macs_ms = model.conv_macs / base.conv_gmacs_per_s / 1e6
-    peak = peak_throughput(base)
     return {
         "ratio": model.kernel_ms / total,
         "macs_share": macs_ms / total,
         "conv_efficiency_lost": (model.conv_ms - macs_ms) / total,
         "rest": model.other_ms / total,
-        "floor": (model.conv_macs / peak / 1e6 + model.other_ms) / total,
+        "floor": (model.conv_macs / peak_throughput(base) / 1e6 + model.other_ms) / total,
         "conv_macs_ratio": model.conv_macs / base.conv_macs,
         "conv_ms_ratio": model.conv_ms / base.conv_ms,
         "other_ms_ratio": model.other_ms / base.other_ms if base.other_ms > 0 else float("nan"),

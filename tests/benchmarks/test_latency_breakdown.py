@@ -29,7 +29,7 @@ def test_median_dict_counts_a_missing_key_as_zero(breakdown):
     }
 
 
-def test_render_and_plot(breakdown, tmp_path):
+def test_needed_share_render_and_plot(breakdown, tmp_path):
     base = ort_profile([(10.0, 2_000_000_000)], 2.0)
     pruned = ort_profile([(6.0, 1_000_000_000)], 1.5)
     recipes = {}
@@ -41,6 +41,11 @@ def test_render_and_plot(breakdown, tmp_path):
             "op_ms": p.op_ms,
             "split": split_against(p, base),
         }
+    # 0.50 of 12 ms leaves 6 - 1.5 ms for 1 GMAC: 222 GMAC/s, 111 % of the fastest 200
+    share = breakdown.needed_share(pruned, base, 0.5)
+    assert share == pytest.approx(1e9 / 4.5e-3 / 1e9 / 200.0)
+    assert breakdown.needed_share(pruned, base, 0.1) == float("inf")  # the rest alone is 0.125
+    recipes[breakdown.DEFAULT_ROW]["split"]["needed_share_of_fastest"] = share
     result = {
         "machine": MACHINE,
         "threads": 2,
@@ -50,7 +55,8 @@ def test_render_and_plot(breakdown, tmp_path):
     }
     text = breakdown.render(result)
     # 12 ms -> 7.5 ms; 1 GMAC at the baseline's 200 GMAC/s is 5 ms, run in 6; rest 1.5 ms
-    row = "| m.yaml | yoloprune (default flags) | 0.500 | 0.625 | 0.417 | +0.083 | 0.125 | 0.542 |"
+    row = "| m.yaml | yoloprune (default flags) | 0.500 | 0.625 | 0.417 | +0.083 | 0.125 | 0.542 "
+    row += "| 111 % |"
     assert row in text
     assert "- m.yaml: QuickGelu 2.00 → 1.50" in text
     breakdown.plot(result, tmp_path / "b.png")

@@ -79,22 +79,39 @@ def test_bench_profile_splits_each_ratio_against_the_first(tmp_path, two_models,
     assert "floor" in printed and "GMAC/s" in printed
 
 
-def test_profile_table_flags_the_profilers_own_cost():
+def test_profile_table_flags_slow_profiled_runs():
     from yoloprune.compiler.bench import render_profiles
 
     base, small = ort_profile([(2.0, 400_000_000)], 1.0), ort_profile([(1.0, 100_000_000)], 1.0)
-    rows = [
-        {"model": "a.onnx", "median_ms": 3.0, "profile": base.to_dict()},  # kernels 3.0 ms
-        {"model": "b.onnx", "median_ms": 1.5, "profile": small.to_dict()},  # kernels 2.0 ms
+    rows = [  # profiled runs: 4 ms and 3 ms (kernels plus 1 ms)
+        {"model": "a.onnx", "median_ms": 4.0, "profile": base.to_dict()},
+        {"model": "b.onnx", "median_ms": 1.5, "profile": small.to_dict()},
     ]
     rows[1]["split"] = split_against(small, base)
     text = "\n".join(render_profiles(rows))
-    assert "note: 1 of 2 models' kernels sum to more than 1.1x their timed median" in text
+    assert "note: 1 of 2 models' profiled runs took more than 1.1x their timed median" in text
     # b: 0.1 GMAC at a's 200 GMAC/s is 0.5 ms of a's 3 ms, run in 1 ms; 1 ms of other operators
     (line,) = [line for line in text.splitlines() if line.startswith("b.onnx") and "+" in line]
     assert line.split()[1:] == ["0.667", "0.167", "+0.167", "0.333", "0.500"]
-    rows[1]["median_ms"] = 2.0
+    rows[1]["median_ms"] = 3.0
     assert "note:" not in "\n".join(render_profiles(rows))
+
+
+def test_profile_refuses_int8_files_and_a_first_model_without_convolutions(tmp_path):
+    from yoloprune.compiler.bench import add_profiles
+    from yoloprune.kernels.latency_table import ConvShape, conv_onnx
+
+    model = conv_onnx(ConvShape(8, 16, 3, 1, 1, 16, 16), 1)
+    model.metadata_props.add(key="precision", value="int8")
+    path = tmp_path / "m.int8.onnx"
+    path.write_bytes(model.SerializeToString())
+    settings = BenchSettings(imgsz=16, runs=2, warmup=0, threads=1, profile=True)
+    with pytest.raises(YoloPruneError, match="an INT8 file; --profile splits fp32 and fp16"):
+        bench([str(path)], settings)
+    rows = [{"model": "none.onnx"}, {"model": "b.onnx"}]
+    no_convs = [ort_profile([], 1.0), ort_profile([(1.0, 100)], 1.0)]
+    with pytest.raises(YoloPruneError, match=r"none\.onnx: no convolution time in its profile"):
+        add_profiles(rows, no_convs)
 
 
 @pytest.mark.parametrize(

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,3 +173,19 @@ def ort_profile(convs: list[tuple[float, int]], other_ms: float) -> OrtProfile:
         op_ms={"Conv": conv_ms, "QuickGelu": other_ms},
         convs=[ConvTime(f"c{i}", ms, macs) for i, (ms, macs) in enumerate(convs)],
     )
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def benchmark_module(name: str):
+    """``benchmarks/<name>.py`` loaded as a module (scripts, not a package; those that import
+    each other find one another on the path while loading)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import benchmark_module
+
 ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED = "graphs/weights/yolov5n-shapes.pt"
 
@@ -32,12 +34,7 @@ def test_the_embedded_model_compiles_at_macs_0_35_with_a_short_fine_tune():
 
 
 def test_the_short_finetune_benchmark_measures_what_make_compile_runs():
-    import importlib.util
-
-    path = ROOT / "benchmarks" / "short_finetune.py"
-    spec = importlib.util.spec_from_file_location("short_finetune", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = benchmark_module("short_finetune")
     kind, value, epochs = module.DEMO
     line = " ".join(compile_line())
     assert f"--{kind} {value:g} " in line
@@ -45,12 +42,7 @@ def test_the_short_finetune_benchmark_measures_what_make_compile_runs():
 
 
 def test_the_demo_budget_benchmark_marks_make_compiles_epochs():
-    import importlib.util
-
-    path = ROOT / "benchmarks" / "demo_budget.py"
-    spec = importlib.util.spec_from_file_location("demo_budget", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = benchmark_module("demo_budget")
     assert f"--epochs {module.DEMO_EPOCHS} --eval-every 0 " in " ".join(compile_line()) + " "
     assert module.DEMO_EPOCHS in module.EPOCHS
 

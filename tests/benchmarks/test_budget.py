@@ -1,21 +1,16 @@
 """The fine-tune budget sweep's bookkeeping: gaps over the seeds both recipes have, the table,
 the plot, and resuming only under the same settings."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def budget():
-    spec = importlib.util.spec_from_file_location("budget", ROOT / "benchmarks" / "budget.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("budget")
 
 
 def sweep(budget, cells):

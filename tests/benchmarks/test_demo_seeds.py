@@ -1,22 +1,6 @@
 """The seed benchmark's table: each recipe's mAP per seed, mean and spread, the paired gain."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load(name: str):
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # demo_seeds imports demo_budget
-    try:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return module
-
+from tests.helpers import benchmark_module
 
 HEADER = {
     "machine": {"cpu": "test cpu", "cpu_flags": ["avx2"], "cores_available": 2},
@@ -28,7 +12,7 @@ HEADER = {
 
 
 def test_the_table_gives_each_seed_the_mean_and_the_paired_gain():
-    module = load("demo_seeds")
+    module = benchmark_module("demo_seeds")
     runs = {
         "defaults (lr0 0.003)": [{"seed": s, "map": m} for s, m in ((0, 0.70), (1, 0.72))],
         "--lr0 0.005": [{"seed": s, "map": m} for s, m in ((0, 0.73), (1, 0.72))],
@@ -47,7 +31,7 @@ def test_the_table_gives_each_seed_the_mean_and_the_paired_gain():
 
 
 def test_the_demo_budget_table_shows_the_last_epoch_make_compile_keeps():
-    module = load("demo_budget")
+    module = benchmark_module("demo_budget")
     curve = [
         {
             "epochs": 2,

@@ -1,25 +1,17 @@
 """The latency breakdown benchmark's medians over passes, its table and its plot (the split
 itself: tests/kernels/test_profile.py)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-from tests.helpers import ort_profile
+from tests.helpers import benchmark_module, ort_profile
 from yoloprune.kernels.profile import split_against
 
-ROOT = Path(__file__).resolve().parents[2]
 MACHINE = {"cpu": "test cpu", "cpu_flags": ["avx2"], "cores_available": 2, "onnxruntime": "1.0"}
 
 
 @pytest.fixture(scope="module")
 def breakdown():
-    path = ROOT / "benchmarks" / "latency_breakdown.py"
-    spec = importlib.util.spec_from_file_location("latency_breakdown", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("latency_breakdown")
 
 
 def test_median_dict_counts_a_missing_key_as_zero(breakdown):

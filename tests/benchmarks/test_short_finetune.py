@@ -1,20 +1,13 @@
 """The short fine-tune benchmark's table: every point's figures, the demo marked, the recipes."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def short_finetune():
-    path = ROOT / "benchmarks" / "short_finetune.py"
-    spec = importlib.util.spec_from_file_location("short_finetune", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("short_finetune")
 
 
 def point(target: str, ratio: float, finetuned: float, epochs: int = 2, flags=()) -> dict:

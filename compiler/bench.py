@@ -17,12 +17,10 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
+from yoloprune.compiler.report import PROFILER_SLACK
 from yoloprune.graphs.errors import YoloPruneError
 
 RUNTIMES = ("ort", "torch", "tensorrt")
-# A profile whose median run took more than this times the model's timed median is flagged:
-# the profiler's own per-operator cost (or noise) then weighs on the split.
-PROFILER_SLACK = 1.1
 # ONNX Runtime's profiler stops recording at a million events (about 3 per operator per run).
 PROFILE_MAX_RUNS = 200
 

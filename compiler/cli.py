@@ -460,6 +460,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--no-bench", dest="bench", action="store_false", help="skip the latency measurement"
     )
+    c.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile the original and pruned ONNX files (ONNX Runtime's profiler) and "
+        "split the latency ratio into MACs, convolution efficiency lost and other operators",
+    )
     c.add_argument("--dynamic", action="store_true", help="ONNX with a dynamic batch axis")
     _export_mode_arg(c)
     c.add_argument("--no-simplify", dest="simplify", action="store_false", help="skip onnxsim")
@@ -652,7 +658,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_compile(args) -> int:
     from yoloprune.compiler.pipeline import CompileOptions, compile_model
-    from yoloprune.compiler.report import alignment_text
+    from yoloprune.compiler.report import alignment_text, profile_text
 
     fields = CompileOptions.__dataclass_fields__
     options = CompileOptions(**{k: v for k, v in vars(args).items() if k in fields})
@@ -674,6 +680,8 @@ def cmd_compile(args) -> int:
             f"{latency['before']['median_ms']:.1f} -> {latency['after']['median_ms']:.1f} "
             f"({latency['ratio']:.3f})"
         )
+        if "profile" in latency:
+            print(profile_text(latency))
     chosen = report["alignment"].get("chosen_by")
     if chosen:
         source = " (as recorded in the replayed plan)" if options.plan else ""

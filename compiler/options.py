@@ -59,6 +59,7 @@ class CompileOptions:
     drop_blocks: bool = False  # latency-aware: residual blocks may be removed whole
     out: Path | None = None
     bench: bool = True
+    profile: bool = False  # the bench step also profiles both files (kernels.profile)
     dynamic: bool = False
     simplify: bool = True
     plan: Path | None = None
@@ -252,6 +253,8 @@ class CompileOptions:
             "--latency-aware": self.latency_aware or None,
             "--drop-blocks": self.drop_blocks or None,
         }
+        if self.profile and not self.bench:
+            raise PlanError("--profile splits the bench step's latency ratio: drop --no-bench")
         given = [flag for flag, value in shaping.items() if value is not None]
         if self.plan is not None and (given or self.method != "structured"):
             unused = given or ["--method"]

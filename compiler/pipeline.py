@@ -916,6 +916,25 @@ def export_baseline(original, path: Path, imgsz: int, mode: str, options) -> Pat
     )
 
 
+def _profile(baseline_onnx: Path, pruned_onnx: Path, images, options: CompileOptions) -> dict:
+    """Both files under ONNX Runtime's profiler, one after the other, and the pruned one's
+    kernel-time ratio split against the original's (:func:`kernels.profile.split_against`)."""
+    from yoloprune.compiler.bench import PROFILE_MAX_RUNS
+    from yoloprune.kernels.profile import profile_onnx, split_against
+
+    runs = min(options.settings.bench_runs, PROFILE_MAX_RUNS)
+    before, after = (
+        profile_onnx(path, images, runs, 3, options.threads, options.spinning)
+        for path in (baseline_onnx, pruned_onnx)
+    )
+    return {
+        "runs": runs,
+        "before": before.to_dict(convs=False),
+        "after": after.to_dict(convs=False),
+        "split": split_against(after, before),
+    }
+
+
 def _bench(baseline: tuple, pruned_onnx: Path, options: CompileOptions) -> dict:
     """ONNX Runtime CPU latency, batch 1, baseline (model, imgsz, export mode) and pruned
     interleaved (A B A B)."""
@@ -933,7 +952,9 @@ def _bench(baseline: tuple, pruned_onnx: Path, options: CompileOptions) -> dict:
         with before, after:
             timings = time_runners({"before": before, "after": after}, images, runs, warmup=3)
         baseline_bytes = baseline_onnx.stat().st_size
+        profile = _profile(baseline_onnx, pruned_onnx, images, options) if options.profile else None
     return {
+        **({"profile": profile} if profile else {}),
         "runtime": "onnxruntime (CPUExecutionProvider, ORT_ENABLE_ALL)",
         "batch": 1,
         "imgsz": imgsz,

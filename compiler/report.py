@@ -144,6 +144,34 @@ def _alignment_lines(alignment: dict) -> list[str]:
     return [*lines, ""]
 
 
+# Profiled runs slower than this times the timed ones are flagged (compiler.bench does too).
+PROFILER_SLACK = 1.1
+
+
+def profile_text(latency: dict) -> str:
+    """The bench step's profile (``compile --profile``) in a sentence: the pruned file's
+    kernel-time ratio split into MACs, convolution efficiency lost and other operators."""
+    profile, split = latency["profile"], latency["profile"]["split"]
+    text = (
+        f"latency split (ONNX Runtime's profiler, {profile['runs']} runs each, kernel time): "
+        f"ratio {split['ratio']:.3f} = MACs {split['macs_share']:.3f} (the pruned convolutions' "
+        "at the original's mean convolution throughput) + convolution efficiency lost "
+        f"{split['conv_efficiency_lost']:+.3f} + other operators {split['rest']:.3f}; floor "
+        f"{split['floor']:.3f} (those MACs at the original's fastest convolution's throughput "
+        "plus the other operators)"
+    )
+    slow = any(
+        profile[side]["run_ms"] > PROFILER_SLACK * latency[side]["median_ms"]
+        for side in ("before", "after")
+    )
+    if slow:
+        text += (
+            f"; profiled runs took more than {PROFILER_SLACK:g}x the timed ones (the profiler's "
+            "own cost per operator, large for small models, or noise): indicative only"
+        )
+    return text
+
+
 def alignment_text(record: dict) -> str:
     """``--round-to auto``'s choice in one line: each candidate's time against the finest
     plannable one's, the importance it removes and, for the faster coarse ones, what the finest
@@ -225,6 +253,8 @@ def render_markdown(report: dict) -> str:
             f"({latency['order']}), on {machine_text(latency['machine'])}. Latency efficiency "
             f"(MACs ratio / latency ratio): {macs['ratio'] / latency['ratio']:.2f}.",
         ]
+        if "profile" in latency:
+            lines += ["", profile_text(latency) + "."]
     else:
         lines += ["", "Latency not measured (--no-bench)."]
     lines += _latency_plan_lines(plan.get("latency"), latency)

@@ -150,6 +150,7 @@ def test_a_missing_or_binary_plan_is_one_line(tmp_path, tiny_yaml, capsys, conte
             "argument --round-to: 'fast': give a channel count (8, 16, 32) or auto",
         ),
         (["--group-seconds", "-1"], "--group-seconds -1: must be in (0, 86400]"),
+        (["--profile"], "--profile splits the bench step's latency ratio: drop --no-bench"),
     ],
 )
 def test_values_are_honoured_or_refused_before_any_work(

@@ -36,6 +36,7 @@ def test_compile_end_to_end(tmp_path, tiny_yaml, capsys):
             3,
             "--threads",
             1,
+            "--profile",
         )
         == 0
     )
@@ -58,11 +59,22 @@ def test_compile_end_to_end(tmp_path, tiny_yaml, capsys):
     assert latency["batch"] == 1 and latency["threads"] == 1 and latency["after"]["runs"] == 3
     assert latency["before"]["median_ms"] > 0 and "cpu" in latency["machine"]
     assert latency["spinning"] is False and "A B A B" in latency["order"]
+    profile = latency["profile"]  # --profile: both files profiled, the ratio split
+    assert profile["runs"] == 3 and "convs" not in profile["after"]
+    split = profile["split"]
+    parts = split["macs_share"] + split["conv_efficiency_lost"] + split["rest"]
+    assert parts == pytest.approx(split["ratio"])
+    assert split["ratio"] == pytest.approx(
+        profile["after"]["kernel_ms"] / profile["before"]["kernel_ms"]
+    )
+    assert 0.4 < split["conv_macs_ratio"] < 0.6  # --macs 0.5, counted from the ONNX files
+    assert "latency split (ONNX Runtime's profiler, 3 runs each" in (out / "report.md").read_text()
     assert report["alignment"]["all_pruned_groups_aligned"]
     assert report["warnings"] and "random init" in report["warnings"][0]
     assert {g["id"] for g in report["groups"]} >= {"model.0.conv", "model.24.m.0"}
     assert "| MACs |" in (out / "report.md").read_text()
-    assert "MACs" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "MACs" in printed and "latency split (ONNX Runtime's profiler" in printed
 
 
 def test_compile_accepts_its_own_output_and_replays_plans(tmp_path, tiny_yaml):

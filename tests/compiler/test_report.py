@@ -65,3 +65,25 @@ def test_the_fine_tune_line_names_the_epochs_evaluated():
         "Fine-tuned 4 epochs in 12 s "
         "(mAP@.5:.95 after epochs 2 of step 1, 2 of step 2: 0.4000 → 0.5000)."
     )
+
+
+def test_the_profile_sentence_splits_the_ratio_and_flags_slow_profiled_runs():
+    from yoloprune.compiler.report import profile_text
+
+    split = {"ratio": 0.58, "macs_share": 0.445, "conv_efficiency_lost": 0.05, "rest": 0.085}
+    latency = {
+        "before": {"median_ms": 66.0},
+        "after": {"median_ms": 38.0},
+        "profile": {
+            "runs": 20,
+            "before": {"run_ms": 68.0},
+            "after": {"run_ms": 40.0},
+            "split": {**split, "floor": 0.498},
+        },
+    }
+    text = profile_text(latency)
+    assert text.startswith("latency split (ONNX Runtime's profiler, 20 runs each, kernel time)")
+    assert "ratio 0.580 = MACs 0.445" in text and "efficiency lost +0.050" in text
+    assert "other operators 0.085; floor 0.498" in text and "indicative only" not in text
+    latency["profile"]["after"]["run_ms"] = 42.0  # > 1.1 x 38 ms
+    assert profile_text(latency).endswith("or noise): indicative only")

@@ -17,12 +17,9 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from yoloprune.compiler.report import PROFILER_SLACK
 from yoloprune.graphs.errors import YoloPruneError
 
 RUNTIMES = ("ort", "torch", "tensorrt")
-# ONNX Runtime's profiler stops recording at a million events (about 3 per operator per run).
-PROFILE_MAX_RUNS = 200
 
 
 @dataclass(frozen=True)
@@ -183,9 +180,9 @@ def seeded_images(batch: int, imgsz: int) -> np.ndarray:
 
 def profile_runners(runners: dict, settings: BenchSettings, images: np.ndarray) -> dict:
     """ONNX Runtime's profile of each runner's file ({name: OrtProfile}), one after another,
-    at most :data:`PROFILE_MAX_RUNS` runs after the warm-up, with the timing's threads and
-    spinning."""
-    from yoloprune.kernels.profile import profile_onnx
+    at most ``kernels.profile.PROFILE_MAX_RUNS`` runs after the warm-up, with the timing's
+    threads and spinning."""
+    from yoloprune.kernels.profile import PROFILE_MAX_RUNS, profile_onnx
 
     runs = min(settings.runs, PROFILE_MAX_RUNS)
     print(f"profiling {len(runners)} model(s) with ONNX Runtime's profiler, {runs} runs each")
@@ -322,7 +319,7 @@ def render(result: dict) -> str:
 
 def render_profiles(rows: list[dict]) -> list[str]:
     """Where each model's time goes, and how its ratio to the first model splits."""
-    from yoloprune.kernels.profile import CONV_OPS
+    from yoloprune.kernels.profile import CONV_OPS, PROFILER_SLACK, profiled_slow
 
     runs = rows[0]["profile"]["runs"]
     lines = [
@@ -339,7 +336,7 @@ def render_profiles(rows: list[dict]) -> list[str]:
             f"{p['kernel_ms']:>7.2f} {p['conv_ms']:>7.2f} {p['conv_gmacs_per_s']:>7.1f} "
             f"{p['other_ms']:>7.2f}  {largest}"
         )
-    slow = [r for r in rows if r["profile"]["run_ms"] > PROFILER_SLACK * r["median_ms"]]
+    slow = [r for r in rows if profiled_slow(r["profile"]["run_ms"], r["median_ms"])]
     if slow:
         lines.append(
             f"note: {len(slow)} of {len(rows)} models' profiled runs took more than "

@@ -216,6 +216,7 @@ def apply_any(model, plan: PruningPlan):
 
 
 STAGING_PREFIX = ".staging-"
+BENCH_WARMUP = 3  # untimed runs before the bench step's timing (and its profile)
 REPORT_FILES = ("report.json", "report.md")
 
 
@@ -917,21 +918,30 @@ def export_baseline(original, path: Path, imgsz: int, mode: str, options) -> Pat
 
 
 def _profile(baseline_onnx: Path, pruned_onnx: Path, images, options: CompileOptions) -> dict:
-    """Both files under ONNX Runtime's profiler, one after the other, and the pruned one's
-    kernel-time ratio split against the original's (:func:`kernels.profile.split_against`)."""
-    from yoloprune.compiler.bench import PROFILE_MAX_RUNS
-    from yoloprune.kernels.profile import profile_onnx, split_against
+    """Both files under ONNX Runtime's profiler, one after the other, with the timing's
+    threads, spinning and warm-up, and the pruned one's kernel-time ratio split against the
+    original's (:func:`kernels.profile.split_against`). A profile that cannot be split is
+    recorded as skipped, with why: it explains the latency, the compile's files stand."""
+    from yoloprune.kernels.ort import default_threads
+    from yoloprune.kernels.profile import PROFILE_MAX_RUNS, profile_onnx, split_against
 
     runs = min(options.settings.bench_runs, PROFILE_MAX_RUNS)
-    before, after = (
-        profile_onnx(path, images, runs, 3, options.threads, options.spinning)
-        for path in (baseline_onnx, pruned_onnx)
-    )
+    threads = options.threads or default_threads()
+    conditions = {"runs": runs, "warmup": BENCH_WARMUP, "threads": threads}
+    conditions["spinning"] = options.spinning
+    try:
+        before, after = (
+            profile_onnx(path, images, runs, BENCH_WARMUP, threads, options.spinning)
+            for path in (baseline_onnx, pruned_onnx)
+        )
+        split = split_against(after, before)
+    except ValueError as exc:
+        return {**conditions, "skipped": str(exc)}
     return {
-        "runs": runs,
+        **conditions,
         "before": before.to_dict(convs=False),
         "after": after.to_dict(convs=False),
-        "split": split_against(after, before),
+        "split": split,
     }
 
 
@@ -950,11 +960,12 @@ def _bench(baseline: tuple, pruned_onnx: Path, options: CompileOptions) -> dict:
         images = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
         runs = options.settings.bench_runs
         with before, after:
-            timings = time_runners({"before": before, "after": after}, images, runs, warmup=3)
+            timings = time_runners(
+                {"before": before, "after": after}, images, runs, warmup=BENCH_WARMUP
+            )
         baseline_bytes = baseline_onnx.stat().st_size
         profile = _profile(baseline_onnx, pruned_onnx, images, options) if options.profile else None
-    return {
-        **({"profile": profile} if profile else {}),
+    result = {
         "runtime": "onnxruntime (CPUExecutionProvider, ORT_ENABLE_ALL)",
         "batch": 1,
         "imgsz": imgsz,
@@ -968,3 +979,6 @@ def _bench(baseline: tuple, pruned_onnx: Path, options: CompileOptions) -> dict:
         "baseline_onnx_bytes": baseline_bytes,
         "machine": machine_info(),
     }
+    if profile:
+        result["profile"] = profile
+    return result

@@ -144,27 +144,27 @@ def _alignment_lines(alignment: dict) -> list[str]:
     return [*lines, ""]
 
 
-# Profiled runs slower than this times the timed ones are flagged (compiler.bench does too).
-PROFILER_SLACK = 1.1
-
-
 def profile_text(latency: dict) -> str:
     """The bench step's profile (``compile --profile``) in a sentence: the pruned file's
     kernel-time ratio split into MACs, convolution efficiency lost and other operators."""
-    profile, split = latency["profile"], latency["profile"]["split"]
+    from yoloprune.kernels.profile import PROFILER_SLACK, profiled_slow
+
+    profile = latency["profile"]
+    if "skipped" in profile:
+        return f"latency split not available: {profile['skipped']}"
+    split = profile["split"]
     text = (
         f"latency split (ONNX Runtime's profiler, {profile['runs']} runs each, kernel time): "
-        f"ratio {split['ratio']:.3f} = MACs {split['macs_share']:.3f} (the pruned convolutions' "
-        "at the original's mean convolution throughput) + convolution efficiency lost "
-        f"{split['conv_efficiency_lost']:+.3f} + other operators {split['rest']:.3f}; floor "
-        f"{split['floor']:.3f} (those MACs at the original's fastest convolution's throughput "
-        "plus the other operators)"
+        f"ratio {split['ratio']:.3f} = MACs {split['macs_share']:.3f} (the pruned file's "
+        "convolution MACs at the original's mean convolution throughput) + convolution "
+        f"efficiency lost {split['conv_efficiency_lost']:+.3f} + other operators "
+        f"{split['rest']:.3f}; floor {split['floor']:.3f} (those MACs at the original's "
+        "fastest convolution's throughput plus the other operators)"
     )
-    slow = any(
-        profile[side]["run_ms"] > PROFILER_SLACK * latency[side]["median_ms"]
+    if any(
+        profiled_slow(profile[side]["run_ms"], latency[side]["median_ms"])
         for side in ("before", "after")
-    )
-    if slow:
+    ):
         text += (
             f"; profiled runs took more than {PROFILER_SLACK:g}x the timed ones (the profiler's "
             "own cost per operator, large for small models, or noise): indicative only"

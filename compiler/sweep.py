@@ -49,6 +49,11 @@ class SweepOptions:
             raise PlanError(f"--{self.kind}: give distinct values, e.g. 0.9,0.7,0.5")
         if self.base.data is None:
             raise PlanError("sweep measures mAP: add --data data.yaml")
+        if self.base.profile:
+            raise PlanError(
+                "sweep times its points together, with no bench step to profile: profile the "
+                "files it writes with `bench --profile`"
+            )
         if self.max_map_drop is not None and self.latency_ms is not None:
             raise PlanError("give one criterion: --max-map-drop or --latency-ms, not both")
         batch = self.base.latency_batch or 1

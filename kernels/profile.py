@@ -27,6 +27,16 @@ CONV_OPS = ("Conv", "FusedConv")
 # Convolutions below this share of a model's convolution MACs are left out of its fastest
 # throughput (their few microseconds make their throughput noisy).
 PEAK_MIN_MACS_SHARE = 0.01
+# ONNX Runtime's profiler stops recording at a million events (about 3 per operator per run).
+PROFILE_MAX_RUNS = 200
+# Profiled runs slower than this times the timed ones are flagged: the profiler's own cost
+# per operator (large for small models) or noise then weighs on the split.
+PROFILER_SLACK = 1.1
+
+
+def profiled_slow(profiled_ms: float, timed_ms: float) -> bool:
+    """Whether a profiled run took more than :data:`PROFILER_SLACK` times the timed one."""
+    return profiled_ms > PROFILER_SLACK * timed_ms
 
 
 @dataclass(frozen=True)
@@ -214,5 +224,5 @@ def split_against(model: OrtProfile, base: OrtProfile) -> dict:
         "floor": (model.conv_macs / peak_throughput(base) / 1e6 + model.other_ms) / total,
         "conv_macs_ratio": model.conv_macs / base.conv_macs,
         "conv_ms_ratio": model.conv_ms / base.conv_ms,
-        "other_ms_ratio": model.other_ms / base.other_ms if base.other_ms > 0 else float("nan"),
+        "other_ms_ratio": model.other_ms / base.other_ms if base.other_ms > 0 else None,
     }

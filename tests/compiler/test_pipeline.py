@@ -47,3 +47,28 @@ def test_the_baseline_is_exported_as_the_pruned_file_is(monkeypatch, tmp_path):
     assert calls == [
         (("model", tmp_path / "b.onnx", 64), {"dynamic": True, "simplify": False, "mode": "raw"})
     ]
+
+
+def test_a_profile_that_cannot_be_split_is_recorded_as_skipped(tmp_path):
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    from yoloprune.compiler.pipeline import _profile
+    from yoloprune.kernels.latency_table import ConvShape, conv_onnx
+
+    shape = [1, 3, 16, 16]
+    graph = helper.make_graph(
+        [helper.make_node("Sigmoid", ["x"], ["y"])],
+        "no_convs",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+    )
+    no_convs, convs = tmp_path / "sigmoid.onnx", tmp_path / "conv.onnx"
+    no_convs.write_bytes(helper.make_model(graph).SerializeToString())
+    convs.write_bytes(conv_onnx(ConvShape(3, 8, 3, 1, 1, 16, 16), 1).SerializeToString())
+    images = np.random.default_rng(0).random(shape, dtype=np.float32)
+    options = CompileOptions("m.yaml", threads=1, bench_runs=2)
+    profile = _profile(no_convs, convs, images, options)
+    assert profile["skipped"] == "the reference profile has no convolution time to compare with"
+    assert (profile["runs"], profile["threads"]) == (2, 1) and "split" not in profile
+    assert _profile(convs, convs, images, options)["split"]["conv_macs_ratio"] == 1.0

@@ -87,3 +87,4 @@ def test_the_profile_sentence_splits_the_ratio_and_flags_slow_profiled_runs():
     assert "other operators 0.085; floor 0.498" in text and "indicative only" not in text
     latency["profile"]["after"]["run_ms"] = 42.0  # > 1.1 x 38 ms
     assert profile_text(latency).endswith("or noise): indicative only")
+    assert profile_text({"profile": {"skipped": "why"}}) == "latency split not available: why"

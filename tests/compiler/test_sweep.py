@@ -135,6 +135,12 @@ def test_sweep_needs_data_and_distinct_points():
         SweepOptions(base, "macs", (0.5, 0.5))
 
 
+def test_a_sweep_from_code_refuses_profiling_by_name(shapes_data):
+    base = CompileOptions("m.yaml", data=shapes_data, profile=True)
+    with pytest.raises(PlanError, match="no bench step to profile: profile the files it writes"):
+        SweepOptions(base, "macs", (0.5,))
+
+
 def test_a_batched_sweep_on_onnx_files_needs_a_batch_axis(shapes_data):
     from yoloprune.compiler.cli import build_parser, sweep_options
 

@@ -948,8 +948,7 @@ def _profile(baseline_onnx: Path, pruned_onnx: Path, images, options: CompileOpt
 def _bench(baseline: tuple, pruned_onnx: Path, options: CompileOptions) -> dict:
     """ONNX Runtime CPU latency, batch 1, baseline (model, imgsz, export mode) and pruned
     interleaved (A B A B)."""
-    import numpy as np
-
+    from yoloprune.compiler.bench import seeded_images
     from yoloprune.kernels.ort import OrtRunner, machine_info, time_runners
 
     original, imgsz, mode = baseline
@@ -957,7 +956,7 @@ def _bench(baseline: tuple, pruned_onnx: Path, options: CompileOptions) -> dict:
         baseline_onnx = export_baseline(original, Path(tmp) / "baseline.onnx", imgsz, mode, options)
         before = OrtRunner(baseline_onnx, options.threads, options.spinning)
         after = OrtRunner(pruned_onnx, options.threads, options.spinning)
-        images = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
+        images = seeded_images(1, imgsz)
         runs = options.settings.bench_runs
         with before, after:
             timings = time_runners(

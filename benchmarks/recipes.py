@@ -8,8 +8,16 @@ import warnings
 import torch
 from torch import nn
 
-from yoloprune.compiler.planner import conv_macs
+from yoloprune.compiler.export import export_mode
+from yoloprune.compiler.pipeline import deployed_skip
+from yoloprune.compiler.planner import conv_macs as all_conv_macs
 from yoloprune.graphs.dependency import protected_convs
+
+
+def conv_macs(model: nn.Module, imgsz: int) -> int:
+    """Conv MACs as the compile counts them: the convs of the model's default export (YOLO26's
+    training-only head branch left out)."""
+    return all_conv_macs(model, imgsz, deployed_skip(model, export_mode(model)))
 
 
 def torch_pruning_default(model: nn.Module, macs_target: float, imgsz: int):

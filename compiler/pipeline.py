@@ -37,7 +37,7 @@ from yoloprune.compiler.unstructured import sparsify, sparsity
 from yoloprune.graphs.checkpoint import ModelInfo, load_model, save_pruned
 from yoloprune.graphs.dependency import GroupingLimits, build_graph, channel_groups, conv_channels
 from yoloprune.graphs.errors import PlanError, TargetUnreachable, YoloPruneError
-from yoloprune.graphs.family import OUTPUT_LAYOUTS, family_named
+from yoloprune.graphs.family import OUTPUT_LAYOUTS, family_named, family_of
 from yoloprune.graphs.files import signals_held
 from yoloprune.graphs.plan import GroupPlan, PruningPlan
 
@@ -87,11 +87,21 @@ def prepare(
     return Prepared(model, info, size, groups, graph)
 
 
-def mac_counter(prepared: Prepared) -> MacCounter:
+def mac_counter(prepared: Prepared, mode: str | None = None) -> MacCounter:
+    """MACs of the model as exported in ``mode`` (default: the model's own export mode;
+    :func:`deployed_skip`)."""
+    mode = mode or export_mode(prepared.model)
     return MacCounter(
         conv_channels(prepared.model, prepared.groups),
         spatial_sizes(prepared.model, prepared.imgsz),
+        deployed_skip(prepared.model, mode),
     )
+
+
+def deployed_skip(model, mode: str) -> set[str]:
+    """The convs an export in ``mode`` leaves out, which MACs do not count: YOLO26's head
+    branch that trains only (end to end the one-to-many, raw the one-to-one)."""
+    return family_of(model).undeployed_convs(model, mode)
 
 
 def plan_for(prepared: Prepared, options: CompileOptions) -> PruningPlan:
@@ -125,7 +135,7 @@ def plan_request(prepared: Prepared, options: CompileOptions) -> PlanRequest:
         graph=prepared.graph,
         groups=prepared.groups,
         imgsz=prepared.imgsz,
-        counter=mac_counter(prepared),
+        counter=mac_counter(prepared, export_mode(prepared.model, options.export_mode)),
         target=settings.target,
         constraints=settings.constraints,
         importance=importance_named(
@@ -201,10 +211,13 @@ def fitted_plan(plan: PruningPlan, prepared: Prepared, source: str) -> PruningPl
     return dataclasses.replace(plan, groups=groups)
 
 
-def counted(plan: PruningPlan, original, pruned, imgsz: int) -> PruningPlan:
-    """``plan`` with its MACs counted on the original and the pruned model themselves."""
+def counted(plan: PruningPlan, original, pruned, imgsz: int, mode: str) -> PruningPlan:
+    """``plan`` with its MACs counted on the original and the pruned model themselves, as
+    exported in ``mode``."""
     return dataclasses.replace(
-        plan, macs_before=conv_macs(original, imgsz), macs_after=conv_macs(pruned, imgsz)
+        plan,
+        macs_before=conv_macs(original, imgsz, deployed_skip(original, mode)),
+        macs_after=conv_macs(pruned, imgsz, deployed_skip(pruned, mode)),
     )
 
 
@@ -430,7 +443,7 @@ def _save_stage(job: Job) -> dict:
     checkpoint stock ultralytics loads."""
     prepared, pruned = job["prepared"], job["pruned"]
     info, imgsz = prepared.info, prepared.imgsz
-    plan = counted(job["plan"], prepared.model, pruned, imgsz)
+    plan = counted(job["plan"], prepared.model, pruned, imgsz, job["mode"])
     name = info.name.removesuffix("-pruned")
     paths = {
         "checkpoint": job.staging / f"{name}-pruned.pt",
@@ -836,7 +849,7 @@ def _iterative(prepared: Prepared, options: CompileOptions, data, staging: Path)
     current, composed, training, recalibrated, reconstructed = prepared, None, None, 0, None
     macs_original, history, seconds = None, [], 0.0
     for i in range(1, k + 1):
-        macs_now = mac_counter(current).macs()
+        macs_now = mac_counter(current, export_mode(current.model, options.export_mode)).macs()
         macs_original = macs_original or macs_now
         if target.kind == "macs":
             goal = target.value ** (i / k) * macs_original / macs_now

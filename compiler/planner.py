@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
@@ -95,22 +95,24 @@ def spatial_sizes(model: nn.Module, imgsz: int) -> dict[str, int]:
     return {name: out[0] * out[1] for name, (_, out) in conv_io_sizes(model, imgsz).items()}
 
 
-def conv_macs(model: nn.Module, imgsz: int) -> int:
+def conv_macs(model: nn.Module, imgsz: int, skip: Collection[str] = ()) -> int:
     """Conv2d multiply-accumulates of ``model`` for one imgsz x imgsz image, counted on the
-    model itself (the report's definition; :class:`MacCounter` predicts the same number)."""
+    model itself, the convs named in ``skip`` left out (those an export leaves out: the
+    report's definition; :class:`MacCounter` predicts the same number)."""
     hw = spatial_sizes(model, imgsz)
     return sum(
         m.out_channels * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1] * hw[n]
         for n, m in model.named_modules()
-        if isinstance(m, nn.Conv2d)
+        if isinstance(m, nn.Conv2d) and n not in skip
     )
 
 
 class MacCounter:
-    """MACs of Conv2d layers for any assignment of kept channels per group (no pruning needed)."""
+    """MACs of Conv2d layers for any assignment of kept channels per group (no pruning needed),
+    the convs named in ``skip`` left out."""
 
-    def __init__(self, convs: list[ConvChannels], hw: dict[str, int]):
-        self._convs = [(c, hw[c.name]) for c in convs]
+    def __init__(self, convs: list[ConvChannels], hw: dict[str, int], skip: Collection[str] = ()):
+        self._convs = [(c, hw[c.name]) for c in convs if c.name not in skip]
 
     def macs(self, kept: dict[str, int] | None = None) -> int:
         kept = kept or {}

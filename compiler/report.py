@@ -13,7 +13,8 @@ from yoloprune.graphs.plan import PruningPlan
 from yoloprune.kernels.ort import machine_text
 
 MACS_COUNTED = (
-    "multiply-accumulates of every Conv2d (detection head included) for one "
+    "multiply-accumulates of every Conv2d the exported graph holds (detection head included; "
+    "YOLO26: the head branch of its export mode, not the one that trains only) for one "
     "{imgsz}x{imgsz} image, batch 1; BatchNorm is assumed folded into the convs; pooling, "
     "upsampling, activations and box decoding are not counted (thop/yolov5 GFLOPs = 2 x MACs)"
 )

@@ -95,6 +95,11 @@ class ModelFamily(ABC):
         """Whether the head has an NMS-free one-to-one branch (exportable end to end)."""
         return False
 
+    def undeployed_convs(self, model: nn.Module, mode: str) -> set[str]:
+        """Names of the convs an export in ``mode`` leaves out of the graph (a head branch
+        used in training only); none by default."""
+        return set()
+
     def unquantized(self, model: nn.Module) -> list[nn.Module]:
         """Modules INT8 quantization leaves in float (fixed arithmetic, not learned features)."""
         return []
@@ -228,6 +233,15 @@ class UltralyticsFamily(ModelFamily):
         from yoloprune.graphs import ultralytics_family
 
         return ultralytics_family.has_one2one(model)
+
+    def undeployed_convs(self, model: nn.Module, mode: str) -> set[str]:
+        """A head with a one-to-one branch (YOLO26) exports one branch: end to end the
+        one-to-one, raw the one-to-many; the other trains only."""
+        from yoloprune.graphs import ultralytics_family
+
+        if not self.end2end_capable(model):
+            return set()
+        return ultralytics_family.branch_convs(model, one2one=mode != "end2end")
 
     def unquantized(self, model: nn.Module) -> list[nn.Module]:
         """The DFL: a fixed 1x1 conv with the bin values 0..reg_max-1 as weights, taking

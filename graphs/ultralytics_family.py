@@ -373,6 +373,20 @@ def has_one2one(model: nn.Module) -> bool:
     return getattr(detect_head(model), "one2one_cv2", None) is not None
 
 
+def branch_convs(model: nn.Module, one2one: bool) -> set[str]:
+    """Names of every conv in the head's one-to-one branches (``one2one_cv2/cv3``), or in its
+    one-to-many ones (``cv2/cv3``)."""
+    head = detect_head(model)
+    prefix = next(name for name, module in model.named_modules() if module is head)
+    attrs = ("one2one_cv2", "one2one_cv3") if one2one else ("cv2", "cv3")
+    return {
+        f"{prefix}.{attr}.{name}"
+        for attr in attrs
+        for name, module in getattr(head, attr).named_modules()
+        if isinstance(module, nn.Conv2d)
+    }
+
+
 def head_branches(raw: dict) -> list[dict]:
     """The raw outputs (boxes, scores, feats) of each head branch: one-to-many, then YOLO26's
     one-to-one where present."""

@@ -87,3 +87,33 @@ def test_end2end_export_needs_a_one_to_one_head(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "one-to-one" in err and "--export-mode raw" in err
     assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+@pytest.mark.parametrize("mode", ["end2end", "raw"])
+def test_yolo26_macs_count_the_head_branch_the_export_keeps(tmp_path, mode):
+    """YOLO26 exports one head branch (end to end the one-to-one, raw the one-to-many): MACs,
+    the target's and the report's, are those of the convs in the ONNX file, exactly."""
+    from yoloprune.compiler.export import export_onnx
+    from yoloprune.compiler.pipeline import deployed_skip, mac_counter, prepare
+    from yoloprune.compiler.planner import conv_macs
+    from yoloprune.kernels.profile import onnx_conv_macs
+
+    prepared = prepare("yolo26n.yaml", 64)
+    in_file = onnx_conv_macs(export_onnx(prepared.model, tmp_path / "m.onnx", 64, mode=mode))
+    skip = deployed_skip(prepared.model, mode)
+    assert skip and all(".one2one_" in n for n in skip) == (mode == "raw")
+    assert conv_macs(prepared.model, 64, skip) == mac_counter(prepared, mode).macs() == in_file
+    assert conv_macs(prepared.model, 64) > in_file  # both branches
+    out = tmp_path / "out"
+    argv = ["compile", "yolo26n.yaml", "--imgsz", "64", "--macs", "0.5", "--no-bench"]
+    assert main([*argv, "--export-mode", mode, "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["macs"]["before"] == in_file
+    assert report["macs"]["after"] == onnx_conv_macs(out / "yolo26n-pruned.onnx")
+    assert abs(report["macs"]["ratio"] / 0.5 - 1) <= 0.03
+
+
+def test_heads_without_a_one_to_one_branch_count_every_conv():
+    from yoloprune.compiler.pipeline import deployed_skip, prepare
+
+    assert deployed_skip(prepare("yolov8n.yaml", 64).model, "raw") == set()

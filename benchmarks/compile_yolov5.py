@@ -277,21 +277,31 @@ def main() -> None:
     )
     args = parser.parse_args()
     rows = [bench_model(name, args.runs, args.compile_repeats, args.passes) for name in args.models]
-    result = {
-        "benchmark": "compile_yolov5",
+    result = {**result_header("compile_yolov5", args.runs, args.passes), "rows": rows}
+    write_results(args.stem, result, render(result))
+
+
+def result_header(benchmark: str, runs: int, passes: int) -> dict:
+    """What every ONNX Runtime timing result states: machine, runs, passes, threads,
+    precision, batch and image size."""
+    return {
+        "benchmark": benchmark,
         "machine": machine_info(),
-        "runs": args.runs,
-        "passes": args.passes,
+        "runs": runs,
+        "passes": passes,
         "threads": default_threads(),
         "precision": "fp32",
         "batch": 1,
         "imgsz": IMGSZ,
-        "rows": rows,
     }
+
+
+def write_results(stem: str, result: dict, markdown: str) -> None:
+    """``results/<stem>.json`` and ``.md``, and the Markdown printed."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / f"{args.stem}.md").write_text(render(result))
-    print(render(result))
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (RESULTS / f"{stem}.md").write_text(markdown)
+    print(markdown)
 
 
 if __name__ == "__main__":

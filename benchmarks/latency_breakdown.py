@@ -25,7 +25,6 @@ Writes benchmarks/results/latency_breakdown.{json,md,png}. Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -37,11 +36,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from compile_yolov5 import DEFAULT_ROW, DROP_ROW, IMGSZ, MACS, recipe_options  # noqa: E402
+from compile_yolov5 import (  # noqa: E402
+    DEFAULT_ROW,
+    DROP_ROW,
+    IMGSZ,
+    MACS,
+    recipe_options,
+    result_header,
+    write_results,
+)
 
 from yoloprune.compiler.export import export_onnx  # noqa: E402
 from yoloprune.compiler.pipeline import prepare, prune_in_memory  # noqa: E402
-from yoloprune.kernels.ort import default_threads, machine_info, machine_text  # noqa: E402
+from yoloprune.kernels.ort import machine_text  # noqa: E402
 from yoloprune.kernels.profile import (  # noqa: E402
     CONV_OPS,
     OrtProfile,
@@ -218,23 +225,10 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=5)
     args = parser.parse_args()
     rows = [bench_model(name, args.runs, args.passes) for name in args.models]
-    result = {
-        "benchmark": "latency_breakdown",
-        "machine": machine_info(),
-        "runs": args.runs,
-        "passes": args.passes,
-        "threads": default_threads(),
-        "precision": "fp32",
-        "batch": 1,
-        "imgsz": IMGSZ,
-        "macs_target": MACS,
-        "rows": rows,
-    }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "latency_breakdown.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / "latency_breakdown.md").write_text(render(result))
+    header = result_header("latency_breakdown", args.runs, args.passes)
+    result = {**header, "macs_target": MACS, "rows": rows}
+    write_results("latency_breakdown", result, render(result))
     plot(result, RESULTS / "latency_breakdown.png")
-    print(render(result))
 
 
 if __name__ == "__main__":

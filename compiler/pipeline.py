@@ -87,10 +87,10 @@ def prepare(
     return Prepared(model, info, size, groups, graph)
 
 
-def mac_counter(prepared: Prepared, mode: str | None = None) -> MacCounter:
-    """MACs of the model as exported in ``mode`` (default: the model's own export mode;
-    :func:`deployed_skip`)."""
-    mode = mode or export_mode(prepared.model)
+def mac_counter(prepared: Prepared, requested_mode: str | None = None) -> MacCounter:
+    """MACs of the model as exported in ``requested_mode`` (``--export-mode``; None: the
+    model's own), :func:`deployed_skip`."""
+    mode = export_mode(prepared.model, requested_mode)
     return MacCounter(
         conv_channels(prepared.model, prepared.groups),
         spatial_sizes(prepared.model, prepared.imgsz),
@@ -135,7 +135,7 @@ def plan_request(prepared: Prepared, options: CompileOptions) -> PlanRequest:
         graph=prepared.graph,
         groups=prepared.groups,
         imgsz=prepared.imgsz,
-        counter=mac_counter(prepared, export_mode(prepared.model, options.export_mode)),
+        counter=mac_counter(prepared, options.export_mode),
         target=settings.target,
         constraints=settings.constraints,
         importance=importance_named(
@@ -849,7 +849,7 @@ def _iterative(prepared: Prepared, options: CompileOptions, data, staging: Path)
     current, composed, training, recalibrated, reconstructed = prepared, None, None, 0, None
     macs_original, history, seconds = None, [], 0.0
     for i in range(1, k + 1):
-        macs_now = mac_counter(current, export_mode(current.model, options.export_mode)).macs()
+        macs_now = mac_counter(current, options.export_mode).macs()
         macs_original = macs_original or macs_now
         if target.kind == "macs":
             goal = target.value ** (i / k) * macs_original / macs_now

@@ -115,20 +115,36 @@ class ModelEMA:
         for p in self.ema.parameters():
             p.requires_grad_(False)
         self.tau, self.decay, self.updates = tau, decay, updates
+        self._slots: tuple[nn.Module, list, list] | None = None  # (source, averaged, current)
 
     def update(self, model: nn.Module) -> None:
         self.updates += 1
         d = self.decay * (1 - math.exp(-self.updates / self.tau))
-        source = _unwrap(model).state_dict()
-        pairs = [
-            (v, source[k].detach())
-            for k, v in self.ema.state_dict().items()
-            if v.dtype.is_floating_point and not k.endswith("_amax")  # QAT ranges stay
-        ]
-        averages, current = [a for a, _ in pairs], [c for _, c in pairs]
-        with torch.no_grad():  # one fused update per list (a loop cost 2.4 ms a step on yolov5n)
-            torch._foreach_mul_(averages, d)
-            torch._foreach_add_(averages, current, alpha=1 - d)
+        source = _unwrap(model)
+        if self._slots is None or self._slots[0] is not source:
+            self._slots = (source, _averaged_slots(self.ema), _averaged_slots(source))
+        # the tensors are looked up in their modules' dicts on every step (a module moved or
+        # converted holds new ones); state_dict() twice a step cost 1.1 ms of 3.3 on yolov5n
+        averages = [slots[name] for slots, name in self._slots[1]]
+        current = [slots[name] for slots, name in self._slots[2]]
+        with torch.no_grad():  # one fused update (a loop cost 2.4 ms a step on yolov5n)
+            torch._foreach_lerp_(averages, current, 1 - d)
+
+
+def _averaged_slots(module: nn.Module) -> list[tuple[dict, str]]:
+    """Where each tensor the EMA averages lives, in ``state_dict`` order: the dict holding it
+    (its module's ``_parameters`` or ``_buffers``) and its name there. Averaged: the floating
+    state, but QAT's ranges (``*_amax``), which stay the model's own."""
+    slots = []
+    for key, value in module.state_dict(keep_vars=True).items():
+        if not isinstance(value, torch.Tensor) or not value.dtype.is_floating_point:
+            continue
+        if key.endswith("_amax"):
+            continue
+        path, _, name = key.rpartition(".")
+        owner = module.get_submodule(path)
+        slots.append((owner._parameters if name in owner._parameters else owner._buffers, name))
+    return slots
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

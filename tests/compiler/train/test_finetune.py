@@ -184,6 +184,32 @@ def test_ema_follows_its_formula():
     assert torch.allclose(ema.ema.weight, torch.full((1, 2), 1 - d))
 
 
+def test_ema_averages_every_floating_tensor_and_follows_a_converted_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    ema = ModelEMA(model, tau=5.0)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    for step in range(1, 7):
+        if step == 4:  # new tensors in the model: the EMA must read them, not the old ones
+            model.to(memory_format=torch.channels_last)
+            model[1].running_mean = model[1].running_mean.clone()
+        with torch.no_grad():
+            for value in model.parameters():
+                value.add_(torch.randn_like(value))
+        model.train()(torch.randn(2, 3, 8, 8))  # moves the BatchNorm statistics
+        ema.update(model)
+        d = 0.9999 * (1 - math.exp(-step / 5.0))
+        for key, value in model.state_dict().items():
+            if value.dtype.is_floating_point:
+                expected[key] = d * expected[key] + (1 - d) * value
+    averaged = ema.ema.state_dict()
+    for key, value in expected.items():
+        if value.dtype.is_floating_point:
+            torch.testing.assert_close(averaged[key], value, rtol=1e-5, atol=1e-6)
+    # the counter is not averaged: it keeps the copy's value
+    assert averaged["1.num_batches_tracked"] == 0
+
+
 def test_learning_rates_warm_up_from_zero_then_follow_the_schedule_every_step():
     settings = TrainSettings(epochs=2, lrf=0.01)  # warm-up: 2 / 8 = 0.25 epoch
     steps = 100  # per epoch: the warm-up is 25 steps

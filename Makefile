@@ -112,6 +112,7 @@ benchmarks-accuracy: install $(SHAPES)
 	$(PY) benchmarks/short_finetune.py
 	$(PY) benchmarks/demo_budget.py
 	$(PY) benchmarks/demo_seeds.py
+	$(PY) benchmarks/mixed_precision.py
 
 clean:
 	rm -rf runs .pytest_cache

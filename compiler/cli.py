@@ -401,6 +401,13 @@ def _recovery_args(p) -> None:
         "distilled outputs carry the signal in a short fine-tune)",
     )
     p.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fine-tune in mixed precision: fp16 on CUDA, bf16 on the CPU (default: on CUDA and "
+        "on CPUs with bf16 instructions, avx512_bf16 or amx_bf16; elsewhere bf16 is emulated)",
+    )
+    p.add_argument(
         "--distill",
         type=float,
         default=None,
@@ -709,6 +716,14 @@ def cmd_compile(args) -> int:
             f"reconstructed {rebuilt['convs_fitted']} convs on {rebuilt['images']} unlabeled "
             f"images in {rebuilt['seconds']:.1f} s (head output error "
             f"{rebuilt['head_error_before']:.3f} -> {rebuilt['head_error_after']:.3f})"
+        )
+    tuned = report.get("accuracy", {}).get("finetune")
+    if tuned:
+        from yoloprune.compiler.report import finetune_precision_text
+
+        print(
+            f"fine-tuned {len(tuned['history'])} epochs in {tuned['seconds']:.0f} s"
+            + finetune_precision_text(tuned["mixed_precision"])
         )
     accuracy = report.get("accuracy", {}).get("map50_95", {})
     for stage, value in accuracy.items():

@@ -76,6 +76,7 @@ class CompileOptions:
     optimizer: str | None = None
     lr0: float | None = None
     augment: bool | None = None  # fine-tune augmentation: flips, HSV and scale jitter
+    amp: bool | None = None  # fine-tune mixed precision (None: TrainSettings' auto rule)
     eval_every: int | None = None  # validate every N epochs and after the last (0: the last)
     # re-estimate BatchNorm statistics on --data's train split after pruning (default: where
     # no reconstruction runs)
@@ -285,6 +286,7 @@ class CompileOptions:
             "--optimizer": self.optimizer,
             "--lr0": self.lr0,
             "--augment" if self.augment else "--no-augment": self.augment,
+            "--amp" if self.amp else "--no-amp": self.amp,
             "--eval-every": self.eval_every,
         }
         given = [flag for flag, value in training.items() if value is not None]
@@ -525,7 +527,7 @@ def _train_settings(options: CompileOptions) -> TrainSettings | None:
     changes = dict(FINETUNE_DEFAULTS, seed=options.seed)
     changes.update(
         (k, getattr(options, k))
-        for k in ("epochs", "batch", "distill", "optimizer", "lr0", "augment", "eval_every")
+        for k in ("epochs", "batch", "distill", "optimizer", "lr0", "augment", "amp", "eval_every")
         if getattr(options, k) is not None
     )
     return dataclasses.replace(TrainSettings(), **changes)

@@ -917,6 +917,7 @@ def _accuracy_section(accuracy: dict, training, data, recalibrated: int = 0) -> 
         section["finetune"] = {
             "history": training.history,
             "seconds": training.seconds,
+            "mixed_precision": training.mixed_precision,
             "kept_between_epochs": training.cache,
         }
     return section

@@ -397,6 +397,11 @@ def _accuracy_lines(accuracy: dict) -> list[str]:
     return [*lines, ""]
 
 
+def finetune_precision_text(low: str | None) -> str:
+    """How a fine-tune's forward ran (its ``mixed_precision``), as a clause."""
+    return f", the forward in {low} mixed precision" if low else ", in fp32"
+
+
 def _finetune_text(finetune: dict) -> str:
     history = finetune["history"]
     evaluated = [h for h in history if "map50_95" in h]
@@ -409,8 +414,11 @@ def _finetune_text(finetune: dict) -> str:
             for h in evaluated
         )
         when = f"after epoch{'s' if len(evaluated) > 1 else ''} {numbers}"
-    text = f"Fine-tuned {len(history)} epochs in {finetune['seconds']:.0f} s" + (
-        f" (mAP@.5:.95 {when}: {maps})" if evaluated else ""
+    precision = "mixed_precision" in finetune  # not in reports written before 2026-12-01
+    text = (
+        f"Fine-tuned {len(history)} epochs in {finetune['seconds']:.0f} s"
+        + (finetune_precision_text(finetune["mixed_precision"]) if precision else "")
+        + (f" (mAP@.5:.95 {when}: {maps})" if evaluated else "")
     )
     kept = finetune.get("kept_between_epochs")
     if kept:

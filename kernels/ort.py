@@ -151,8 +151,9 @@ SIMD_FLAGS = frozenset(
 )
 
 
-def machine_info() -> dict:
-    """CPU model, cores and library versions, for every reported number."""
+def cpu_description() -> tuple[str, list[str]]:
+    """The CPU's model name and its vector extensions among ``SIMD_FLAGS`` (none where the
+    system does not report them: no ``/proc/cpuinfo``)."""
     cpu, flags = platform.processor() or "unknown", []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -163,6 +164,12 @@ def machine_info() -> dict:
                 break
     except OSError:
         pass
+    return cpu, flags
+
+
+def machine_info() -> dict:
+    """CPU model, cores and library versions, for every reported number."""
+    cpu, flags = cpu_description()
     ort = _onnxruntime()
     import torch
 

@@ -14,6 +14,22 @@ def _deterministic_threads():
     torch.manual_seed(0)
 
 
+REAL_CPU_BF16 = []  # the real finetune.cpu_computes_bf16, for the test of it
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _fp32_training():
+    """Fine-tunes run in fp32 on every machine, module-scoped fixtures' too: the default
+    autocasts to bf16 only on CPUs with bf16 instructions (tests of that rule patch it)."""
+    from yoloprune.compiler.train import finetune
+
+    patch = pytest.MonkeyPatch()
+    REAL_CPU_BF16.append(finetune.cpu_computes_bf16)
+    patch.setattr(finetune, "cpu_computes_bf16", lambda: False)
+    yield
+    patch.undo()
+
+
 REAL_TIMING = []  # the real pipeline.alignment_measure, for the tests of it
 
 

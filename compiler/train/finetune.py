@@ -2,7 +2,8 @@
 
 The model object is trained as it is (never rebuilt from YAML, so pruned shapes stay). SGD or
 AdamW with yolov5's parameter groups (decay on conv weights only), warm-up, cosine or linear
-decay per step, EMA, AMP on CUDA, optional gradient accumulation to a nominal batch, a resumable
+decay per step, EMA, mixed precision (fp16 on CUDA, bf16 on CPUs with bf16 instructions),
+optional gradient accumulation to a nominal batch, a resumable
 ``last.pt`` and the best EMA by mAP@.5:.95 in ``best.pt``. Under ``torchrun`` it runs
 DistributedDataParallel (NCCL on GPUs, Gloo on CPUs); rank 0 evaluates and saves.
 """
@@ -56,7 +57,10 @@ class TrainSettings:
     nominal_batch: int | None = None
     ema: bool = True
     ema_tau: float | None = None  # None: min(2000, updates / 5)
-    amp: bool | None = None  # None: on for CUDA
+    # Mixed precision in the student's forward: fp16 on CUDA, bf16 on the CPU. None: on CUDA,
+    # and on CPUs with bf16 instructions (CPU_BF16_FLAGS), where the pruned embedded model's
+    # forward and backward take 0.86x their fp32 time (2-core AVX-512 BF16 EPYC; README).
+    amp: bool | None = None
     distill: float = 0.0  # weight of output-level distillation from the teacher
     workers: int = 0
     seed: int = 0
@@ -104,6 +108,7 @@ class TrainResult:
     best_metrics: Metrics | None = None  # the best model's evaluation (model's own export mode)
     evaluated_on: str | None = None  # the device type those evaluations ran on
     seconds: float = 0.0
+    mixed_precision: str | None = None  # what the forward ran in: "bf16", "fp16"; None: fp32
     cache: dict | None = None  # SampleMemo.summary(): what was kept between epochs
 
 
@@ -145,6 +150,47 @@ def _averaged_slots(module: nn.Module) -> list[tuple[dict, str]]:
         owner = module.get_submodule(path)
         slots.append((owner._parameters if name in owner._parameters else owner._buffers, name))
     return slots
+
+
+# The CPU flags of bf16 arithmetic in hardware; without them bf16 is emulated and slower.
+CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def autocast_dtype(amp: bool | None, device: torch.device) -> torch.dtype | None:
+    """What the student's forward autocasts to on ``device``: fp16 on CUDA, bf16 elsewhere;
+    None: fp32. ``amp`` None: on CUDA, and on a CPU with bf16 instructions."""
+    if amp is None:
+        amp = device.type == "cuda" or (device.type == "cpu" and cpu_computes_bf16())
+    if not amp:
+        return None
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512_BF16 or AMX)."""
+    from yoloprune.kernels.ort import cpu_description
+
+    return bool(CPU_BF16_FLAGS & set(cpu_description()[1]))
+
+
+def in_float32(tree):
+    """``tree`` (a model's raw output: tensors in lists, tuples and dicts) with every floating
+    tensor in fp32."""
+    if isinstance(tree, torch.Tensor):
+        return tree.float() if tree.is_floating_point() else tree
+    if isinstance(tree, dict):
+        return {key: in_float32(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(in_float32(item) for item in tree)
+    return tree
+
+
+def _teacher_out(teacher_targets, images, metas, low: torch.dtype | None):
+    """The teacher's targets for a batch, in fp32: on a GPU computed in the student's fp16
+    autocast (it runs every step there), on the CPU in fp32 (its targets are kept for every
+    epoch, so bf16 would save one epoch's teacher time and round every epoch's targets)."""
+    with torch.autocast("cuda", dtype=torch.float16, enabled=low is torch.float16):
+        return in_float32(teacher_targets(images, [m["index"] for m in metas]))
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -199,7 +245,8 @@ def _distributed() -> tuple[int, int, int]:
     return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def _device(settings: TrainSettings, local_rank: int) -> torch.device:
+def training_device(settings: TrainSettings, local_rank: int = 0) -> torch.device:
+    """The device ``train`` runs on: ``settings.device``, else this process's GPU, else the CPU."""
     if settings.device:
         return torch.device(settings.device)
     if not torch.cuda.is_available():
@@ -243,7 +290,7 @@ def train(
     from tqdm import tqdm
 
     world, rank, local_rank = _distributed()
-    device = _device(settings, local_rank)
+    device = training_device(settings, local_rank)
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     imgsz = settings.imgsz or info.imgsz
@@ -301,8 +348,8 @@ def train(
         if settings.ema and rank == 0
         else None
     )
-    use_amp = settings.amp if settings.amp is not None else device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and device.type == "cuda")
+    low = autocast_dtype(settings.amp, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=low is torch.float16)
     names = (*objective.part_names, "kd")
     start_epoch, result, begin = 0, TrainResult(model), time.perf_counter()
     if resume is not None:
@@ -334,14 +381,15 @@ def train(
                 if "momentum" in group and warming is not None:
                     group["momentum"] = 0.8 + (settings.momentum - 0.8) * warming
             images = images.to(device, non_blocking=True).contiguous(memory_format=layout)
-            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+            with torch.autocast(device.type, dtype=low or torch.float32, enabled=low is not None):
                 raw = model(images)
-                loss, parts = objective(raw, targets.to(device))
-                kd = torch.zeros((), device=device)
-                if teacher_targets is not None:
-                    teacher_out = teacher_targets(images, [m["index"] for m in metas])
-                    kd = objective.distill(raw, teacher_out) * settings.distill * images.shape[0]
-                    loss = loss + kd
+            raw = in_float32(raw)  # the losses in fp32 (box IoUs lose digits in bf16)
+            loss, parts = objective(raw, targets.to(device))
+            kd = torch.zeros((), device=device)
+            if teacher_targets is not None:
+                teacher_out = _teacher_out(teacher_targets, images, metas, low)
+                kd = objective.distill(raw, teacher_out) * settings.distill * images.shape[0]
+                loss = loss + kd
             if world > 1:
                 loss = loss * world
             scaler.scale(loss).backward()
@@ -400,6 +448,7 @@ def train(
     if world > 1 and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     result.seconds = round(time.perf_counter() - begin, 1)
+    result.mixed_precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(low)
     result.cache = memo.summary() if memo is not None else None
     return result
 

@@ -13,15 +13,16 @@ and the pruned checkpoint hold: stock yolov5 and ultralytics load them as before
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from yoloprune.compiler.quantize import Calibration, post_training_quantized
 from yoloprune.compiler.train.data import DataConfig
-from yoloprune.compiler.train.finetune import TrainResult, TrainSettings, train
+from yoloprune.compiler.train.finetune import TrainResult, TrainSettings, train, training_device
 from yoloprune.graphs.checkpoint import ModelInfo
+from yoloprune.graphs.errors import YoloPruneError
 
 
 @dataclass
@@ -46,6 +47,7 @@ def quantization_aware_training(
     the quantizers in the loop; ``model`` itself is untouched. Each epoch's mAP is the fake-
     quantized model's, and the best epoch is kept."""
     imgsz = settings.imgsz or info.imgsz
+    settings = _fp32_on_cpu(settings)
     start, record = post_training_quantized(model, imgsz, calibration)
     training = train(start, info, data, settings, teacher=teacher, progress=progress)
     quantized = training.model.eval()
@@ -59,6 +61,19 @@ def quantization_aware_training(
         ),
     }
     return QuantizationAwareTraining(quantized, own_form(quantized, model), training, record)
+
+
+def _fp32_on_cpu(settings: TrainSettings) -> TrainSettings:
+    """QAT on the CPU trains in fp32: bf16 autocast would round the fake-quantized convs'
+    inputs a second time (a mixed precision asked for there is refused)."""
+    if training_device(settings).type != "cpu":
+        return settings
+    if settings.amp:
+        raise YoloPruneError(
+            "--amp: quantization-aware training runs in fp32 on the CPU (bf16 would round the "
+            "fake-quantized inputs again); drop --amp"
+        )
+    return replace(settings, amp=False)
 
 
 def own_form(quantized: nn.Module, model: nn.Module) -> nn.Module:

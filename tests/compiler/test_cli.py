@@ -224,7 +224,9 @@ def test_p6_model_compiles_with_parity(tmp_path):
     assert sum(g["protected"] for g in report["groups"]) == 4
 
 
-def test_compile_with_data_reports_accuracy_at_every_stage(tmp_path, tiny6_yaml, shapes_data):
+def test_compile_with_data_reports_accuracy_at_every_stage(
+    tmp_path, tiny6_yaml, shapes_data, capsys
+):
     from yoloprune.compiler.evaluation.evaluate import evaluate, torch_predictor, val_dataset
     from yoloprune.compiler.train.data import read_data_yaml
     from yoloprune.graphs.checkpoint import load_model
@@ -265,6 +267,10 @@ def test_compile_with_data_reports_accuracy_at_every_stage(tmp_path, tiny6_yaml,
     assert accuracy["map50_95"]["finetuned"] == history[1]["map50_95"]
     assert report["seconds"]["eval fine-tuned"] < 0.05
     assert "(mAP@.5:.95 after epoch 2: " in (out / "report.md").read_text()
+    # fp32 here (the suite pins the bf16 detection off), said in the report and the console
+    assert accuracy["finetune"]["mixed_precision"] is None
+    assert ", in fp32 (mAP@.5:.95 after epoch 2" in (out / "report.md").read_text()
+    assert re.search(r"^fine-tuned 2 epochs in \d+ s, in fp32$", capsys.readouterr().out, re.M)
     saved, _ = load_model(str(out / "tiny6-pruned.pt"))
     val = val_dataset(read_data_yaml(shapes_data), 64)
     afresh = evaluate(torch_predictor(saved), val, read_data_yaml(shapes_data).names)

@@ -81,6 +81,8 @@ def test_fine_tune_defaults_are_distilled_adamw_with_one_update_per_batch():
         ({"augment": True, "lr0": 0.01}, "--lr0, --augment"),
         ({"distill": 0.0, "optimizer": "sgd"}, "--distill, --optimizer"),
         ({"eval_every": 0}, "--eval-every"),
+        ({"amp": True}, "--amp"),
+        ({"amp": False}, "--no-amp"),
     ],
 )
 def test_fine_tune_flags_without_epochs_are_refused(flags, named):

@@ -60,6 +60,9 @@ def test_the_fine_tune_line_names_the_epochs_evaluated():
         == "Fine-tuned 2 epochs in 12 s (mAP@.5:.95 after epoch 2: 0.6000)."
     )
     assert line(_epochs(None, None)) == "Fine-tuned 2 epochs in 12 s."
+    for low, said in (("bf16", ", the forward in bf16 mixed precision"), (None, ", in fp32")):
+        text = _finetune_text({"history": _epochs(None), "seconds": 3, "mixed_precision": low})
+        assert text == f"Fine-tuned 1 epochs in 3 s{said}."
     iterative = _epochs(None, 0.4, step=1) + _epochs(None, 0.5, step=2)
     assert line(iterative) == (
         "Fine-tuned 4 epochs in 12 s "

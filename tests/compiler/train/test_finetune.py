@@ -5,11 +5,14 @@ import pytest
 import torch
 
 from tests.helpers import tiny_cfg
+from yoloprune.compiler.train import finetune
 from yoloprune.compiler.train.data import read_data_yaml
 from yoloprune.compiler.train.finetune import (
     ModelEMA,
     TrainSettings,
     accumulation,
+    autocast_dtype,
+    in_float32,
     learning_rates,
     train,
 )
@@ -137,10 +140,12 @@ def test_more_processes_than_gpus_is_one_clear_error(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert finetune._device(FAST, 0) == torch.device("cuda:0")
+    assert finetune.training_device(FAST, 0) == torch.device("cuda:0")
     with pytest.raises(YoloPruneError, match="nproc_per_node"):
-        finetune._device(FAST, 1)
-    assert finetune._device(dataclasses.replace(FAST, device="cpu"), 1) == torch.device("cpu")
+        finetune.training_device(FAST, 1)
+    assert finetune.training_device(dataclasses.replace(FAST, device="cpu"), 1) == torch.device(
+        "cpu"
+    )
 
 
 def test_distillation_keeps_its_pull_where_student_logits_saturate(shapes):
@@ -208,6 +213,71 @@ def test_ema_averages_every_floating_tensor_and_follows_a_converted_model():
             torch.testing.assert_close(averaged[key], value, rtol=1e-5, atol=1e-6)
     # the counter is not averaged: it keeps the copy's value
     assert averaged["1.num_batches_tracked"] == 0
+
+
+@pytest.mark.parametrize(
+    ("amp", "device", "cpu_bf16", "expected"),
+    [
+        (None, "cpu", True, torch.bfloat16),  # the default where the CPU computes bf16
+        (None, "cpu", False, None),  # emulated bf16 is slower: fp32
+        (True, "cpu", False, torch.bfloat16),  # asked for: honoured
+        (False, "cpu", True, None),
+        (None, "cuda", False, torch.float16),
+        (False, "cuda", True, None),
+    ],
+)
+def test_mixed_precision_rule(monkeypatch, amp, device, cpu_bf16, expected):
+    monkeypatch.setattr(finetune, "cpu_computes_bf16", lambda: cpu_bf16)
+    assert autocast_dtype(amp, torch.device(device)) is expected
+
+
+def test_cpu_bf16_is_read_from_the_cpu_flags(monkeypatch):
+    from tests.conftest import REAL_CPU_BF16
+    from yoloprune.kernels import ort
+
+    monkeypatch.setattr(finetune, "cpu_computes_bf16", REAL_CPU_BF16[0])  # the suite pins False
+    for flags, expected in (
+        (["avx2", "avx512_bf16"], True),
+        (["amx_bf16"], True),
+        (["avx2"], False),
+    ):
+        monkeypatch.setattr(ort, "cpu_description", lambda f=flags: ("cpu", f))
+        assert finetune.cpu_computes_bf16() is expected
+
+
+def test_raw_outputs_are_read_in_fp32():
+    half = torch.ones(2, dtype=torch.bfloat16)
+    raw = {"boxes": half, "feats": [half, (half, torch.ones(1, dtype=torch.long))]}
+    out = in_float32(raw)
+    assert out["boxes"].dtype == torch.float32 and out["feats"][0].dtype == torch.float32
+    assert isinstance(out["feats"][1], tuple) and out["feats"][1][1].dtype == torch.long
+
+
+def test_bf16_fine_tune_runs_the_student_in_bf16_and_the_teacher_in_fp32(shapes):
+    def run(amp):
+        model, info = tiny(shapes)
+        teacher, _ = tiny(shapes)
+        seen = {}
+
+        def note(name):  # the first conv's output dtype, seen once per model
+            return lambda module, inputs, output: seen.setdefault(name, output.dtype) and None
+
+        model.model[0].conv.register_forward_hook(note("student"))
+        teacher.model[0].conv.register_forward_hook(note("teacher"))
+        settings = dataclasses.replace(FAST, epochs=1, amp=amp, distill=1.0)
+        data = dataclasses.replace(shapes, val=())
+        result = train(model, info, data, settings, teacher=teacher, progress=False)
+        return result, seen
+
+    low, seen = run(True)
+    assert seen == {"student": torch.bfloat16, "teacher": torch.float32}
+    assert low.mixed_precision == "bf16"
+    full, seen = run(False)
+    assert seen == {"student": torch.float32, "teacher": torch.float32}
+    assert full.mixed_precision is None
+    losses = [(r.history[0]["box"], r.history[0]["kd"]) for r in (low, full)]
+    assert all(math.isfinite(v) for pair in losses for v in pair)
+    assert losses[0] != losses[1] and losses[0] == pytest.approx(losses[1], rel=0.05)
 
 
 def test_learning_rates_warm_up_from_zero_then_follow_the_schedule_every_step():

@@ -1,6 +1,7 @@
 """Training objectives: ultralytics' anchor-free loss driven by our own loop (YOLOv8, YOLO26)."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -79,3 +80,18 @@ def test_anchor_free_distillation_is_zero_for_identical_outputs_and_used(shapes)
         no_val = dataclasses.replace(shapes, val=())
         result = train(model, info, no_val, settings, teacher=teacher, progress=False)
         assert result.history[0]["kd"] > 0
+
+
+@needs_ultralytics
+@pytest.mark.parametrize("spec", ["yolov8n.yaml", "yolo26n.yaml"])
+def test_anchor_free_fine_tune_in_bf16_reads_its_outputs_in_fp32(shapes, spec):
+    """bf16 autocast (``amp``) on the CPU: the student's raw outputs (YOLO26: both branches'
+    dicts) come back in bf16 and the losses read them in fp32; every part stays finite."""
+    model, info = ultralytics_model(spec, shapes.nc)
+    teacher, _ = ultralytics_model(spec, shapes.nc)
+    settings = dataclasses.replace(FAST, epochs=1, distill=1.0, amp=True)
+    no_val = dataclasses.replace(shapes, val=())
+    result = train(model, info, no_val, settings, teacher=teacher, progress=False)
+    assert result.mixed_precision == "bf16"
+    parts = {k: v for k, v in result.history[0].items() if k not in ("epoch", "train_seconds")}
+    assert parts["kd"] > 0 and all(math.isfinite(v) for v in parts.values()), parts

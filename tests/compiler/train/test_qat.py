@@ -21,9 +21,10 @@ from yoloprune.compiler.quantize import (
 )
 from yoloprune.compiler.train.data import read_data_yaml
 from yoloprune.compiler.train.finetune import TrainSettings
-from yoloprune.compiler.train.qat import own_form, quantization_aware_training
+from yoloprune.compiler.train.qat import _fp32_on_cpu, own_form, quantization_aware_training
 from yoloprune.compiler.train.synthetic import SyntheticSpec, generate
 from yoloprune.graphs.checkpoint import describe
+from yoloprune.graphs.errors import YoloPruneError
 from yoloprune.graphs.yolov5 import DetectionModel
 
 ONE_EPOCH = TrainSettings(
@@ -117,6 +118,19 @@ def test_qat_trains_the_quantized_model_and_exports_it(tmp_path, shapes):
     with torch.no_grad():  # the codes ModelOpt's fake quantization uses
         expected = torch.round(trained.weight_quantizer(trained.weight) / scale)
     np.testing.assert_array_equal(codes[producer.input[0]], expected.numpy().astype(np.int8))
+
+
+def test_qat_on_the_cpu_trains_in_fp32_even_where_bf16_is_the_default(monkeypatch):
+    from yoloprune.compiler.train import finetune
+
+    monkeypatch.setattr(finetune, "cpu_computes_bf16", lambda: True)
+    cpu = dataclasses.replace(ONE_EPOCH, device="cpu")
+    assert finetune.autocast_dtype(cpu.amp, torch.device("cpu")) is torch.bfloat16
+    assert _fp32_on_cpu(cpu).amp is False
+    with pytest.raises(YoloPruneError, match=r"^--amp: quantization-aware training runs in fp32"):
+        _fp32_on_cpu(dataclasses.replace(cpu, amp=True))
+    gpu = dataclasses.replace(ONE_EPOCH, device="cuda")  # AMP there as before: fp16
+    assert _fp32_on_cpu(gpu) is gpu
 
 
 def quantized_start(model, calibration):

@@ -226,7 +226,7 @@ def test_group_building_guard_stops_an_unprotected_attention_block(monkeypatch):
 
     model, _ = calibrated("yolo11n.yaml")
     monkeypatch.setattr(ultralytics_family, "attention_convs", lambda m: [])
-    limits = dependency.GroupingLimits(seconds=60, memory_gib=0.25)
+    limits = dependency.GroupingLimits(seconds=60, memory_gib=0.1)
     with pytest.raises(ModelError, match="group building stopped, memory grew"):
         dependency.channel_groups(model, limits=limits)
     with pytest.raises(ModelError, match=r"group building stopped, it ran \d+ s"):

@@ -50,10 +50,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON_SYS) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and explicitly: the CPU wheel; letting pip resolve it pulls CUDA packages.
-	# --no-compile: Python compiles what is imported on first import, not all of it up front
-	# (torch alone: 26 s -> 8 s to install on 2 cores).
-	$(PY) -m pip install -q --no-compile torch==2.13.0
-	$(PY) -m pip install -q --no-compile -e '.[dev]'
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
 compile: install $(if $(filter $(SHAPES),$(DATA)),$(SHAPES))
@@ -78,8 +76,8 @@ UL_STAMP := $(VENV)/.ultralytics
 install-ultralytics: $(UL_STAMP)
 
 $(UL_STAMP): $(STAMP)
-	$(PY) -m pip install -q --no-compile opencv-python-headless
-	$(PY) -m pip install -q --no-compile --no-deps ultralytics==8.4.190 torchvision==0.28.0
+	$(PY) -m pip install -q opencv-python-headless
+	$(PY) -m pip install -q --no-deps ultralytics==8.4.190 torchvision==0.28.0
 	touch $(UL_STAMP)
 
 # Tests run with the extra so the ultralytics tests run (they skip, with the reason, without it).

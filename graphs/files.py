@@ -55,16 +55,24 @@ def signals_held() -> Iterator[None]:
     """Defer SIGINT and SIGTERM until the block ends (main thread only; elsewhere a no-op): for
     a few renames that must happen together, and for native code that is not safe to unwind
     through (the TorchScript exporter's tracer). A signal that arrives meanwhile is delivered,
-    and raises, as the block ends."""
+    and raises, as the block ends. Both layers are held: the signals are blocked, and the
+    Python handlers are replaced by a recorder for the block, since a signal that arrived just
+    before the block has already tripped Python's flag and would run its handler inside it."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    arrived: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    handlers = {s: signal.signal(s, lambda signum, frame: arrived.append(signum)) for s in held}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, set(held))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # pending ones reach the recorder
+        for number, handler in handlers.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+        if arrived:
+            signal.raise_signal(arrived[0])  # now to the real handler, which raises here
 
 
 def import_native(name: str):

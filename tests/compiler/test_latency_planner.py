@@ -41,6 +41,11 @@ def macs_measurer(shape):
     return shape.cin // shape.groups * shape.cout * shape.kernel**2 * out_h * out_w
 
 
+def sqrt_macs(shape):
+    """A stand-in conv time: the square root of its MACs (small convs cost more per MAC)."""
+    return math.sqrt(macs_measurer(shape))
+
+
 def randomized_tiny(folder, imgsz: int) -> Prepared:
     """The tiny model with random BN (so channel scores differ), traced afresh."""
     import yaml
@@ -334,9 +339,6 @@ def test_the_closed_loop_keeps_the_slowest_plan_meeting_the_goal(tmp_path, monke
     stand-in too (each conv's time the square root of its MACs, so its predictions follow the
     same square root), so the rounds do not depend on this machine's timing."""
     import yoloprune.kernels.latency_table as latency_table
-
-    def sqrt_macs(shape):  # time by the square root of the MACs, as the measure below
-        return math.sqrt(macs_measurer(shape))
 
     monkeypatch.setattr(latency_table, "ort_measurer", lambda *args, **kwargs: sqrt_macs)
     p = randomized_tiny(tmp_path, IMGSZ)

@@ -43,12 +43,9 @@ def stand_in_latency(monkeypatch, tmp_path):
     """A latency table path, and latency by the square root of the MACs for the table's convs
     and whole plans alike: the planner's rounds do not depend on this machine's timing (on a
     loaded machine the real 1.2x went out of reach: a fresh clone of 071340c)."""
-    from tests.compiler.test_latency_planner import macs_measurer
+    from tests.compiler.test_latency_planner import sqrt_macs
     from yoloprune.compiler import pipeline
     from yoloprune.kernels import latency_table
-
-    def sqrt_macs(shape):
-        return math.sqrt(macs_measurer(shape))
 
     def measure(plans):
         return {k: 10.0 * math.sqrt(p.macs_ratio) if p else 10.0 for k, p in plans.items()}

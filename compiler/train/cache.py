@@ -106,3 +106,8 @@ def _rebuild(template, leaves: Iterator[torch.Tensor]):
     if isinstance(template, (list, tuple)):
         return type(template)(_rebuild(item, leaves) for item in template)
     return template
+
+
+def map_tensors(function: Callable[[torch.Tensor], torch.Tensor], tree):
+    """``tree`` (nested tuples, lists and dicts) with ``function`` applied to each tensor."""
+    return _rebuild(tree, iter([function(leaf) for leaf in _leaves(tree)]))

@@ -27,7 +27,7 @@ from yoloprune.compiler.evaluation.evaluate import (
     evaluate,
     torch_predictor,
 )
-from yoloprune.compiler.train.cache import SampleMemo, TeacherTargets
+from yoloprune.compiler.train.cache import SampleMemo, TeacherTargets, map_tensors
 from yoloprune.compiler.train.data import DataConfig, YoloDataset, collate
 from yoloprune.compiler.train.objective import objective_for
 from yoloprune.graphs.checkpoint import ModelInfo, load_model, save_pruned
@@ -176,13 +176,7 @@ def cpu_computes_bf16() -> bool:
 def in_float32(tree):
     """``tree`` (a model's raw output: tensors in lists, tuples and dicts) with every floating
     tensor in fp32."""
-    if isinstance(tree, torch.Tensor):
-        return tree.float() if tree.is_floating_point() else tree
-    if isinstance(tree, dict):
-        return {key: in_float32(value) for key, value in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(in_float32(item) for item in tree)
-    return tree
+    return map_tensors(lambda t: t.float() if t.is_floating_point() else t, tree)
 
 
 def _teacher_out(teacher_targets, images, metas, low: torch.dtype | None):

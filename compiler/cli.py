@@ -719,12 +719,9 @@ def cmd_compile(args) -> int:
         )
     tuned = report.get("accuracy", {}).get("finetune")
     if tuned:
-        from yoloprune.compiler.report import finetune_precision_text
+        from yoloprune.compiler.report import finetune_summary
 
-        print(
-            f"fine-tuned {len(tuned['history'])} epochs in {tuned['seconds']:.0f} s"
-            + finetune_precision_text(tuned["mixed_precision"])
-        )
+        print(f"fine-tuned {finetune_summary(tuned)}")
     accuracy = report.get("accuracy", {}).get("map50_95", {})
     for stage, value in accuracy.items():
         print(f"mAP@.5:.95 {stage:<10} {value:.4f}")

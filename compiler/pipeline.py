@@ -918,6 +918,7 @@ def _accuracy_section(accuracy: dict, training, data, recalibrated: int = 0) -> 
             "history": training.history,
             "seconds": training.seconds,
             "mixed_precision": training.mixed_precision,
+            "recipe": training.recipe,
             "kept_between_epochs": training.cache,
         }
     return section

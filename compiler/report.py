@@ -397,9 +397,29 @@ def _accuracy_lines(accuracy: dict) -> list[str]:
     return [*lines, ""]
 
 
-def finetune_precision_text(low: str | None) -> str:
-    """How a fine-tune's forward ran (its ``mixed_precision``), as a clause."""
-    return f", the forward in {low} mixed precision" if low else ", in fp32"
+OPTIMIZER_NAMES = {"adamw": "AdamW", "sgd": "SGD"}
+
+
+def finetune_summary(finetune: dict) -> str:
+    """A fine-tune (report.json's ``accuracy.finetune``) as "N epochs at batch B (AdamW, lr0 L,
+    distillation D) in S s, the forward in bf16 mixed precision": what the console prints after
+    "fine-tuned" and report.md after "Fine-tuned". Reports written before 2026-12-01 lack the
+    recipe and the precision; their parts are left out."""
+    recipe = finetune.get("recipe")
+    text = f"{len(finetune['history'])} epochs"
+    if recipe:
+        processes = f" x {recipe['processes']} processes" if recipe["processes"] > 1 else ""
+        text += (
+            f" at batch {recipe['batch']}{processes} ({OPTIMIZER_NAMES[recipe['optimizer']]}, "
+            f"lr0 {recipe['lr0']:g}, distillation {recipe['distill']:g}"
+            + (", augmented" if recipe["augment"] else "")
+            + ")"
+        )
+    text += f" in {finetune['seconds']:.0f} s"
+    if "mixed_precision" in finetune:
+        low = finetune["mixed_precision"]
+        text += f", the forward in {low} mixed precision" if low else ", in fp32"
+    return text
 
 
 def _finetune_text(finetune: dict) -> str:
@@ -414,11 +434,8 @@ def _finetune_text(finetune: dict) -> str:
             for h in evaluated
         )
         when = f"after epoch{'s' if len(evaluated) > 1 else ''} {numbers}"
-    precision = "mixed_precision" in finetune  # not in reports written before 2026-12-01
-    text = (
-        f"Fine-tuned {len(history)} epochs in {finetune['seconds']:.0f} s"
-        + (finetune_precision_text(finetune["mixed_precision"]) if precision else "")
-        + (f" (mAP@.5:.95 {when}: {maps})" if evaluated else "")
+    text = f"Fine-tuned {finetune_summary(finetune)}" + (
+        f" (mAP@.5:.95 {when}: {maps})" if evaluated else ""
     )
     kept = finetune.get("kept_between_epochs")
     if kept:

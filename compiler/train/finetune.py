@@ -109,6 +109,7 @@ class TrainResult:
     evaluated_on: str | None = None  # the device type those evaluations ran on
     seconds: float = 0.0
     mixed_precision: str | None = None  # what the forward ran in: "bf16", "fp16"; None: fp32
+    recipe: dict | None = None  # recipe_record(): batch, optimizer, lr0, distillation, ...
     cache: dict | None = None  # SampleMemo.summary(): what was kept between epochs
 
 
@@ -443,8 +444,21 @@ def train(
         torch.distributed.destroy_process_group()
     result.seconds = round(time.perf_counter() - begin, 1)
     result.mixed_precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(low)
+    result.recipe = recipe_record(settings, lr0, world)
     result.cache = memo.summary() if memo is not None else None
     return result
+
+
+def recipe_record(settings: TrainSettings, lr0: float, processes: int = 1) -> dict:
+    """What a fine-tune ran with, as plain data for the report (``lr0`` resolved)."""
+    return {
+        "batch": settings.batch,  # per process
+        "processes": processes,
+        "optimizer": settings.optimizer,
+        "lr0": lr0,
+        "distill": settings.distill,
+        "augment": settings.augment,
+    }
 
 
 def _trainable_copy(model: nn.Module) -> nn.Module:

@@ -269,8 +269,13 @@ def test_compile_with_data_reports_accuracy_at_every_stage(
     assert "(mAP@.5:.95 after epoch 2: " in (out / "report.md").read_text()
     # fp32 here (the suite pins the bf16 detection off), said in the report and the console
     assert accuracy["finetune"]["mixed_precision"] is None
+    recipe = {"batch": 8, "processes": 1, "optimizer": "adamw", "lr0": 0.003, "distill": 0.5}
+    assert accuracy["finetune"]["recipe"] == {**recipe, "augment": False}
+    said = "2 epochs at batch 8 (AdamW, lr0 0.003, distillation 0.5) in "
+    assert f"Fine-tuned {said}" in (out / "report.md").read_text()
     assert ", in fp32 (mAP@.5:.95 after epoch 2" in (out / "report.md").read_text()
-    assert re.search(r"^fine-tuned 2 epochs in \d+ s, in fp32$", capsys.readouterr().out, re.M)
+    pattern = rf"^fine-tuned {re.escape(said)}\d+ s, in fp32$"
+    assert re.search(pattern, capsys.readouterr().out, re.M)
     saved, _ = load_model(str(out / "tiny6-pruned.pt"))
     val = val_dataset(read_data_yaml(shapes_data), 64)
     afresh = evaluate(torch_predictor(saved), val, read_data_yaml(shapes_data).names)

@@ -63,6 +63,25 @@ def test_the_fine_tune_line_names_the_epochs_evaluated():
     for low, said in (("bf16", ", the forward in bf16 mixed precision"), (None, ", in fp32")):
         text = _finetune_text({"history": _epochs(None), "seconds": 3, "mixed_precision": low})
         assert text == f"Fine-tuned 1 epochs in 3 s{said}."
+    recipe = {"batch": 16, "processes": 1, "optimizer": "adamw", "lr0": 0.005, "distill": 1.0}
+    text = _finetune_text(
+        {
+            "history": _epochs(None, 0.8),
+            "seconds": 90.4,
+            "mixed_precision": "bf16",
+            "recipe": {**recipe, "augment": False},
+        }
+    )
+    assert text == (
+        "Fine-tuned 2 epochs at batch 16 (AdamW, lr0 0.005, distillation 1) in 90 s, the forward "
+        "in bf16 mixed precision (mAP@.5:.95 after epoch 2: 0.8000)."
+    )
+    sgd = {**recipe, "optimizer": "sgd", "lr0": 0.01, "processes": 2, "augment": True}
+    text = _finetune_text({"history": _epochs(None), "seconds": 3, "recipe": sgd})
+    assert text == (
+        "Fine-tuned 1 epochs at batch 16 x 2 processes (SGD, lr0 0.01, distillation 1, "
+        "augmented) in 3 s."
+    )
     iterative = _epochs(None, 0.4, step=1) + _epochs(None, 0.5, step=2)
     assert line(iterative) == (
         "Fine-tuned 4 epochs in 12 s "

@@ -24,8 +24,8 @@ BATCH ?=
 PRUNED ?= $(OUT)/$(basename $(notdir $(MODEL)))-pruned.pt
 
 # The embedded model's demo: MACs 0.35 unless a target is given, then seven epochs of distilled
-# fine-tuning on its data at batch 16 and lr0 0.005, measuring mAP after the last only (about
-# 2.3 minutes on 2 cores with the data's generation; README, benchmarks/demo_budget.py,
+# fine-tuning on its data at batch 16 and lr0 0.005, measuring mAP after the last only (2-3
+# minutes on 2 cores with the data's generation; README, benchmarks/demo_budget.py,
 # benchmarks/demo_batch.py: batch 16 the same mAP as the CLI's batch 8 in 0.76 of the time);
 # EPOCHS=0 skips the fine-tune, and EPOCHS=N fine-tunes N with the CLI's defaults and mAP after
 # every epoch. Any other model: the CLI's defaults (--macs 0.5, one-shot).

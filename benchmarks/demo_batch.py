@@ -18,7 +18,6 @@ Writes benchmarks/results/demo_batch.{json,md,png}. About 20 minutes on 2 CPU co
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import tempfile
@@ -28,13 +27,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from demo_budget import demo_data, header, one_shot_start, trained  # noqa: E402
+from demo_budget import (  # noqa: E402
+    demo_data,
+    header,
+    one_shot_start,
+    trained,
+    write_results,
+)
 
 from yoloprune.compiler.train.finetune import cpu_computes_bf16  # noqa: E402
-from yoloprune.graphs.files import save_png_atomic, write_text_atomic  # noqa: E402
+from yoloprune.graphs.files import save_png_atomic  # noqa: E402
 from yoloprune.kernels.ort import machine_text  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results"
 SEEDS = (0, 1, 2)
 RECIPES = {
     "batch 8, lr0 0.003, 7 epochs (defaults)": {"epochs": 7},
@@ -57,11 +61,7 @@ def main() -> None:
         "fine_tune": "--eval-every 0",
         "runs": runs,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(RESULTS / "demo_batch.json", json.dumps(result, indent=1) + "\n")
-    plot(result, RESULTS / "demo_batch.png")
-    write_text_atomic(RESULTS / "demo_batch.md", render(result, "demo_batch.png"))
-    print((RESULTS / "demo_batch.md").read_text())
+    write_results("demo_batch", result, render, plot)
 
 
 def fine_tune(start: Path, data_yaml: Path, seed: int, **changes) -> dict:

@@ -90,11 +90,19 @@ def main() -> None:
         "curve": curve,
         "variants": variants,
     }
+    write_results("demo_budget", result, render, plot)
+
+
+def write_results(stem: str, result: dict, render, plot=None) -> None:
+    """``result`` as benchmarks/results/<stem>.json, its plot as <stem>.png (``plot(result,
+    path)``, if given) and ``render(result[, png name])`` as <stem>.md, which is printed."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(RESULTS / "demo_budget.json", json.dumps(result, indent=1) + "\n")
-    plot(result, RESULTS / "demo_budget.png")
-    write_text_atomic(RESULTS / "demo_budget.md", render(result, "demo_budget.png"))
-    print((RESULTS / "demo_budget.md").read_text())
+    write_text_atomic(RESULTS / f"{stem}.json", json.dumps(result, indent=1) + "\n")
+    if plot is not None:
+        plot(result, RESULTS / f"{stem}.png")
+    text = render(result, f"{stem}.png") if plot is not None else render(result)
+    write_text_atomic(RESULTS / f"{stem}.md", text)
+    print(text)
 
 
 def one_shot_start(data_yaml: Path, scratch: Path) -> tuple[Path, dict]:

@@ -13,7 +13,6 @@ Writes benchmarks/results/demo_seeds.{json,md}. About 14 minutes on 2 CPU cores.
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import tempfile
@@ -23,12 +22,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from demo_budget import DEMO_EPOCHS, demo_data, header, one_shot_start, trained  # noqa: E402
+from demo_budget import (  # noqa: E402
+    DEMO_EPOCHS,
+    demo_data,
+    header,
+    one_shot_start,
+    trained,
+    write_results,
+)
 
-from yoloprune.graphs.files import write_text_atomic  # noqa: E402
 from yoloprune.kernels.ort import machine_text  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results"
 SEEDS = (0, 1, 2)
 RECIPES = {"defaults (lr0 0.003)": {}, "--lr0 0.005": {"lr0": 0.005}}
 
@@ -46,10 +50,7 @@ def main() -> None:
         "fine_tune": f"--epochs {DEMO_EPOCHS} --eval-every 0",
         "runs": runs,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(RESULTS / "demo_seeds.json", json.dumps(result, indent=1) + "\n")
-    write_text_atomic(RESULTS / "demo_seeds.md", render(result))
-    print((RESULTS / "demo_seeds.md").read_text())
+    write_results("demo_seeds", result, render)
 
 
 def fine_tune(start: Path, data_yaml: Path, seed: int, **changes) -> dict:

@@ -13,7 +13,6 @@ Writes benchmarks/results/mixed_precision.{json,md}. About 15 minutes on 2 CPU c
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import tempfile
@@ -26,15 +25,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from demo_budget import DEMO_EPOCHS, demo_data, header, one_shot_start, trained  # noqa: E402
+from demo_budget import (  # noqa: E402
+    DEMO_EPOCHS,
+    demo_data,
+    header,
+    one_shot_start,
+    trained,
+    write_results,
+)
 
 from yoloprune.compiler.train.finetune import cpu_computes_bf16  # noqa: E402
 from yoloprune.graphs.checkpoint import load_model  # noqa: E402
-from yoloprune.graphs.files import write_text_atomic  # noqa: E402
 from yoloprune.kernels.ort import machine_text  # noqa: E402
 from yoloprune.kernels.torch_runtime import memory_layout  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results"
 SEEDS = (0, 1, 2)
 PRECISIONS = {"fp32 (--no-amp)": False, "bf16 (--amp)": True}
 STEP_ROUNDS, STEPS_PER_ROUND, STEP_BATCH = 15, 10, 8
@@ -56,10 +60,7 @@ def main() -> None:
         "runs": runs,
         "steps": steps,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(RESULTS / "mixed_precision.json", json.dumps(result, indent=1) + "\n")
-    write_text_atomic(RESULTS / "mixed_precision.md", render(result))
-    print((RESULTS / "mixed_precision.md").read_text())
+    write_results("mixed_precision", result, render)
 
 
 def fine_tune(start: Path, data_yaml: Path, seed: int, amp: bool) -> dict:

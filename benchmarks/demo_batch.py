@@ -27,13 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from demo_budget import (  # noqa: E402
-    demo_data,
-    header,
-    one_shot_start,
-    trained,
-    write_results,
-)
+import demo_budget as demo  # noqa: E402
 
 from yoloprune.compiler.train.finetune import cpu_computes_bf16  # noqa: E402
 from yoloprune.graphs.files import save_png_atomic  # noqa: E402
@@ -48,26 +42,26 @@ RECIPES = {
 
 
 def main() -> None:
-    data_yaml = demo_data(__doc__.splitlines()[0])
+    data_yaml = demo.demo_data(__doc__.splitlines()[0])
     with tempfile.TemporaryDirectory() as scratch:
-        start, one_shot = one_shot_start(data_yaml, Path(scratch))
+        start, one_shot = demo.one_shot_start(data_yaml, Path(scratch))
         runs = {name: [] for name in RECIPES}
         for seed in SEEDS:
             for name, changes in RECIPES.items():
                 runs[name].append(fine_tune(start, data_yaml, seed, **changes))
     result = {
-        **header("demo_batch", one_shot),
+        **demo.header("demo_batch", one_shot),
         "mixed_precision": "bf16" if cpu_computes_bf16() else "fp32",
         "fine_tune": "--eval-every 0",
         "runs": runs,
     }
-    write_results("demo_batch", result, render, plot)
+    demo.write_results("demo_batch", result, render, plot)
 
 
 def fine_tune(start: Path, data_yaml: Path, seed: int, **changes) -> dict:
     """`make compile`'s fine-tune of ``start`` at ``seed`` with ``changes`` to its flags."""
     print(f"fine-tune: seed {seed} {changes}", flush=True)
-    result = trained(start, data_yaml, eval_every=0, seed=seed, **changes)
+    result = demo.trained(start, data_yaml, eval_every=0, seed=seed, **changes)
     return {
         "seed": seed,
         "map": round(result.best["map50_95"], 4),

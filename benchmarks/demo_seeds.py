@@ -22,14 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from demo_budget import (  # noqa: E402
-    DEMO_EPOCHS,
-    demo_data,
-    header,
-    one_shot_start,
-    trained,
-    write_results,
-)
+import demo_budget as demo  # noqa: E402
 
 from yoloprune.kernels.ort import machine_text  # noqa: E402
 
@@ -38,26 +31,26 @@ RECIPES = {"defaults (lr0 0.003)": {}, "--lr0 0.005": {"lr0": 0.005}}
 
 
 def main() -> None:
-    data_yaml = demo_data(__doc__.splitlines()[0])
+    data_yaml = demo.demo_data(__doc__.splitlines()[0])
     with tempfile.TemporaryDirectory() as scratch:
-        start, one_shot = one_shot_start(data_yaml, Path(scratch))
+        start, one_shot = demo.one_shot_start(data_yaml, Path(scratch))
         runs = {
             name: [fine_tune(start, data_yaml, seed, **changes) for seed in SEEDS]
             for name, changes in RECIPES.items()
         }
     result = {
-        **header("demo_seeds", one_shot),
-        "fine_tune": f"--epochs {DEMO_EPOCHS} --eval-every 0",
+        **demo.header("demo_seeds", one_shot),
+        "fine_tune": f"--epochs {demo.DEMO_EPOCHS} --eval-every 0",
         "runs": runs,
     }
-    write_results("demo_seeds", result, render)
+    demo.write_results("demo_seeds", result, render)
 
 
 def fine_tune(start: Path, data_yaml: Path, seed: int, **changes) -> dict:
     """`make compile`'s fine-tune of ``start`` at ``seed`` with ``changes`` to its flags."""
     print(f"fine-tune: seed {seed} {changes or ''}", flush=True)
-    flags = {"epochs": DEMO_EPOCHS, "eval_every": 0, "seed": seed, **changes}
-    result = trained(start, data_yaml, **flags)
+    flags = {"epochs": demo.DEMO_EPOCHS, "eval_every": 0, "seed": seed, **changes}
+    result = demo.trained(start, data_yaml, **flags)
     return {"seed": seed, "map": round(result.best["map50_95"], 4), "seconds": result.seconds}
 
 

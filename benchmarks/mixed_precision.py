@@ -25,14 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from demo_budget import (  # noqa: E402
-    DEMO_EPOCHS,
-    demo_data,
-    header,
-    one_shot_start,
-    trained,
-    write_results,
-)
+import demo_budget as demo  # noqa: E402
 
 from yoloprune.compiler.train.finetune import cpu_computes_bf16  # noqa: E402
 from yoloprune.graphs.checkpoint import load_model  # noqa: E402
@@ -45,28 +38,30 @@ STEP_ROUNDS, STEPS_PER_ROUND, STEP_BATCH = 15, 10, 8
 
 
 def main() -> None:
-    data_yaml = demo_data(__doc__.splitlines()[0])
+    data_yaml = demo.demo_data(__doc__.splitlines()[0])
     with tempfile.TemporaryDirectory() as scratch:
-        start, one_shot = one_shot_start(data_yaml, Path(scratch))
+        start, one_shot = demo.one_shot_start(data_yaml, Path(scratch))
         runs = {name: [] for name in PRECISIONS}
         for seed in SEEDS:
             for name, amp in PRECISIONS.items():
                 runs[name].append(fine_tune(start, data_yaml, seed, amp))
         steps = step_times(start)
     result = {
-        **header("mixed_precision", one_shot),
+        **demo.header("mixed_precision", one_shot),
         "cpu_computes_bf16": cpu_computes_bf16(),
-        "fine_tune": f"--epochs {DEMO_EPOCHS} --eval-every 0",
+        "fine_tune": f"--epochs {demo.DEMO_EPOCHS} --eval-every 0",
         "runs": runs,
         "steps": steps,
     }
-    write_results("mixed_precision", result, render)
+    demo.write_results("mixed_precision", result, render)
 
 
 def fine_tune(start: Path, data_yaml: Path, seed: int, amp: bool) -> dict:
     """`make compile`'s fine-tune of ``start`` at ``seed``, in bf16 (``amp``) or fp32."""
     print(f"fine-tune: seed {seed}, amp {amp}", flush=True)
-    result = trained(start, data_yaml, epochs=DEMO_EPOCHS, eval_every=0, seed=seed, amp=amp)
+    result = demo.trained(
+        start, data_yaml, epochs=demo.DEMO_EPOCHS, eval_every=0, seed=seed, amp=amp
+    )
     return {
         "seed": seed,
         "map": round(result.best["map50_95"], 4),

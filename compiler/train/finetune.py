@@ -380,11 +380,11 @@ def train(
                 raw = model(images)
             raw = in_float32(raw)  # the losses in fp32 (box IoUs lose digits in bf16)
             loss, parts = objective(raw, targets.to(device))
-            kd = torch.zeros((), device=device)
+            kd = torch.zeros((), device=device)  # per image, as the objective's parts are
             if teacher_targets is not None:
                 teacher_out = _teacher_out(teacher_targets, images, metas, low)
-                kd = objective.distill(raw, teacher_out) * settings.distill * images.shape[0]
-                loss = loss + kd
+                kd = objective.distill(raw, teacher_out) * settings.distill
+                loss = loss + kd * images.shape[0]  # the losses' sum over the batch
             if world > 1:
                 loss = loss * world
             scaler.scale(loss).backward()

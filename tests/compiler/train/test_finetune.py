@@ -114,6 +114,25 @@ def test_eval_every_validates_those_epochs_and_the_last(shapes, every, evaluated
     assert result.best == best and result.best_metrics.map50_95 == best["map50_95"]
 
 
+def test_the_logged_distillation_is_per_image_as_the_other_losses_are(shapes, monkeypatch):
+    """The detection parts are logged per image and summed over the batch into the loss; the
+    distillation term likewise, so its logged value does not grow with --batch (it doubled
+    from batch 8 to 16 before 2026-12-02). A stand-in distillation of 0.25 per image, weight
+    2: logged 0.5 at every batch size."""
+    teacher, _ = tiny(shapes)
+
+    def quarter(self, student_raw, teacher_out):
+        return torch.tensor(0.25) + 0 * student_raw[0].sum()
+
+    monkeypatch.setattr(YoloV5Objective, "distill", quarter)
+    for batch in (4, 8):
+        model, info = tiny(shapes)
+        settings = dataclasses.replace(FAST, epochs=1, batch=batch, nominal_batch=batch, distill=2)
+        data = dataclasses.replace(shapes, val=())
+        result = train(model, info, data, settings, teacher=teacher, progress=False)
+        assert result.history[0]["kd"] == pytest.approx(0.5, rel=1e-6)
+
+
 def test_distillation_is_used_and_zero_for_identical_outputs(shapes):
     model, info = tiny(shapes)
     teacher, _ = tiny(shapes)

@@ -409,11 +409,10 @@ def finetune_summary(finetune: dict) -> str:
     text = f"{len(finetune['history'])} epochs"
     if recipe:
         processes = f" x {recipe['processes']} processes" if recipe["processes"] > 1 else ""
+        distill = f"distillation {recipe['distill']:g}" if recipe["distill"] else "no distillation"
         text += (
             f" at batch {recipe['batch']}{processes} ({OPTIMIZER_NAMES[recipe['optimizer']]}, "
-            f"lr0 {recipe['lr0']:g}, distillation {recipe['distill']:g}"
-            + (", augmented" if recipe["augment"] else "")
-            + ")"
+            f"lr0 {recipe['lr0']:g}, {distill}" + (", augmented" if recipe["augment"] else "") + ")"
         )
     text += f" in {finetune['seconds']:.0f} s"
     if "mixed_precision" in finetune:

@@ -109,7 +109,7 @@ class TrainResult:
     evaluated_on: str | None = None  # the device type those evaluations ran on
     seconds: float = 0.0
     mixed_precision: str | None = None  # what the forward ran in: "bf16", "fp16"; None: fp32
-    recipe: dict | None = None  # recipe_record(): batch, optimizer, lr0, distillation, ...
+    recipe: dict | None = None  # _recipe_record(): batch, optimizer, lr0, distillation, ...
     cache: dict | None = None  # SampleMemo.summary(): what was kept between epochs
 
 
@@ -444,19 +444,21 @@ def train(
         torch.distributed.destroy_process_group()
     result.seconds = round(time.perf_counter() - begin, 1)
     result.mixed_precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(low)
-    result.recipe = recipe_record(settings, lr0, world)
+    distill = settings.distill if teacher_targets is not None else 0.0
+    result.recipe = _recipe_record(settings, lr0, distill, world)
     result.cache = memo.summary() if memo is not None else None
     return result
 
 
-def recipe_record(settings: TrainSettings, lr0: float, processes: int = 1) -> dict:
-    """What a fine-tune ran with, as plain data for the report (``lr0`` resolved)."""
+def _recipe_record(settings: TrainSettings, lr0: float, distill: float, processes: int) -> dict:
+    """What a fine-tune ran with, as plain data for the report: ``lr0`` resolved, ``distill``
+    the weight applied (0 without a teacher)."""
     return {
         "batch": settings.batch,  # per process
         "processes": processes,
         "optimizer": settings.optimizer,
         "lr0": lr0,
-        "distill": settings.distill,
+        "distill": distill,
         "augment": settings.augment,
     }
 

@@ -82,6 +82,9 @@ def test_the_fine_tune_line_names_the_epochs_evaluated():
         "Fine-tuned 1 epochs at batch 16 x 2 processes (SGD, lr0 0.01, distillation 1, "
         "augmented) in 3 s."
     )
+    alone = {**sgd, "distill": 0.0, "processes": 1, "augment": False}
+    text = _finetune_text({"history": _epochs(None), "seconds": 3, "recipe": alone})
+    assert text == "Fine-tuned 1 epochs at batch 16 (SGD, lr0 0.01, no distillation) in 3 s."
     iterative = _epochs(None, 0.4, step=1) + _epochs(None, 0.5, step=2)
     assert line(iterative) == (
         "Fine-tuned 4 epochs in 12 s "

@@ -131,6 +131,18 @@ def test_the_logged_distillation_is_per_image_as_the_other_losses_are(shapes, mo
         data = dataclasses.replace(shapes, val=())
         result = train(model, info, data, settings, teacher=teacher, progress=False)
         assert result.history[0]["kd"] == pytest.approx(0.5, rel=1e-6)
+        assert (result.recipe["batch"], result.recipe["distill"]) == (batch, 2)
+    # the report's recipe says what was applied: no teacher, no distillation
+    result = train(*tiny(shapes), data, settings, progress=False)
+    assert result.history[0]["kd"] == 0 and result.recipe["distill"] == 0
+    assert result.recipe == {
+        "batch": 8,
+        "processes": 1,
+        "optimizer": "adamw",
+        "lr0": 0.003,
+        "distill": 0.0,
+        "augment": False,
+    }
 
 
 def test_distillation_is_used_and_zero_for_identical_outputs(shapes):

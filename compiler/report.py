@@ -404,7 +404,7 @@ def finetune_summary(finetune: dict) -> str:
     """A fine-tune (report.json's ``accuracy.finetune``) as "N epochs at batch B (AdamW, lr0 L,
     distillation D) in S s, the forward in bf16 mixed precision": what the console prints after
     "fine-tuned" and report.md after "Fine-tuned". Reports written before 2026-12-01 lack the
-    recipe and the precision; their parts are left out."""
+    precision, those before 2026-12-02 the recipe; what is missing is left out."""
     recipe = finetune.get("recipe")
     text = f"{len(finetune['history'])} epochs"
     if recipe:

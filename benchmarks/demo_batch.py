@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import demo_budget as demo  # noqa: E402
 
-from yoloprune.compiler.train.finetune import cpu_computes_bf16  # noqa: E402
 from yoloprune.graphs.files import save_png_atomic  # noqa: E402
 from yoloprune.kernels.ort import machine_text  # noqa: E402
 
@@ -51,7 +50,8 @@ def main() -> None:
                 runs[name].append(fine_tune(start, data_yaml, seed, **changes))
     result = {
         **demo.header("demo_batch", one_shot),
-        "mixed_precision": "bf16" if cpu_computes_bf16() else "fp32",
+        # what the fine-tunes ran in, as they recorded it (the machine's default)
+        "mixed_precision": runs[next(iter(RECIPES))][0]["mixed_precision"] or "fp32",
         "fine_tune": "--eval-every 0",
         "runs": runs,
     }

@@ -4,9 +4,12 @@
 `make compile`) and writes benchmarks/results/train_default_model.{json,md}; ``--model
 yolov8n`` trains the ultralytics-family model (graphs/weights/yolov8n-shapes.pt, results
 train_yolov8n_shapes.{json,md}; needs the ultralytics extra), so distillation, depth pruning
-and INT8 can be measured on a trained anchor-free model too. CPU is enough.
+and INT8 can be measured on a trained anchor-free model too; ``--model yolo26n`` the NMS-free
+one (graphs/weights/yolo26n-shapes.pt, results train_yolo26n_shapes.{json,md}), which the
+YOLO26 compile tests start from. CPU is enough.
 
-    python benchmarks/train_default_model.py [--model yolov5n|yolov8n] [--epochs 24] [--imgsz 256]
+    python benchmarks/train_default_model.py [--model yolov5n|yolov8n|yolo26n] [--epochs 24]
+        [--imgsz 256]
 """
 
 from __future__ import annotations
@@ -35,7 +38,11 @@ from yoloprune.kernels.ort import machine_info  # noqa: E402
 
 WEIGHTS_DIR = ROOT / "graphs" / "weights"
 RESULTS = ROOT / "benchmarks" / "results"
-RESULT_NAMES = {"yolov5n": "train_default_model", "yolov8n": "train_yolov8n_shapes"}
+RESULT_NAMES = {
+    "yolov5n": "train_default_model",
+    "yolov8n": "train_yolov8n_shapes",
+    "yolo26n": "train_yolo26n_shapes",
+}
 
 
 def untrained(name: str, nc: int):
@@ -106,6 +113,8 @@ def main() -> None:
         "epochs": args.epochs,
         "settings": {k: v for k, v in vars(settings).items()},
         "seconds": round(time.perf_counter() - start, 1),
+        "recipe": result.recipe,
+        "mixed_precision": result.mixed_precision,
         "history": result.history,
         "val": metrics.to_dict(),
         "weights": str(weights.relative_to(ROOT)),
@@ -120,7 +129,8 @@ def main() -> None:
         f"# {title} trained on synthetic shapes",
         "",
         f"From scratch, {args.epochs} epochs, {args.imgsz}x{args.imgsz}, AdamW lr 0.002, "
-        f"batch 16, cosine, EMA; {spec.train} train / {spec.val} val images (seed "
+        f"batch 16, cosine, EMA, the forward in {result.mixed_precision or 'fp32'}; "
+        f"{spec.train} train / {spec.val} val images (seed "
         f"{spec.seed}). {summary['seconds'] / 60:.1f} min on {summary['machine']['cpu']} "
         f"({summary['machine']['cores_available']} cores, CPU).",
         "",

@@ -1,56 +1,29 @@
 """The compile job on a trained YOLO26 (NMS-free head): both export modes, parity, and mAP
 measured on PyTorch and on the exported ONNX file."""
 
-import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
 from tests.helpers import assert_no_broken_torchvision, needs_ultralytics
 from yoloprune.compiler.cli import main
-from yoloprune.compiler.train.data import read_data_yaml
-from yoloprune.compiler.train.finetune import TrainSettings, train
 from yoloprune.compiler.train.synthetic import SyntheticSpec, generate
-from yoloprune.graphs.checkpoint import describe, save_pruned
 
 pytestmark = needs_ultralytics
 IMGSZ = 128
+WEIGHTS = Path(__file__).resolve().parents[2] / "graphs" / "weights" / "yolo26n-shapes.pt"
 MAP_AGREEMENT = 0.002  # ONNX-evaluated vs PyTorch-evaluated mAP@.5:.95
 
 
 @pytest.fixture(scope="module")
 def trained_yolo26(tmp_path_factory):
-    """yolo26n trained briefly on the synthetic shapes (~25 s on 2 cores): spread-out scores
-    make the top-k parity meaningful and the mAP non-zero."""
-    from yoloprune.graphs.ultralytics_family import build
-
+    """The YOLO26n trained on synthetic shapes (benchmarks/train_default_model.py --model
+    yolo26n), with a small set of another seed at half its training size: a real detector, so
+    the top-k parity and the mAP agreement mean something."""
     root = tmp_path_factory.mktemp("yolo26")
-    data_yaml = generate(root / "data", SyntheticSpec(train=128, val=16, imgsz=IMGSZ), False)
-    data = read_data_yaml(data_yaml)
-    model, _ = build("yolo26n.yaml", nc=data.nc)
-    info = describe(model, "yolo26n.yaml", pretrained=True, imgsz=IMGSZ)
-    settings = TrainSettings(
-        epochs=10,
-        batch=8,
-        nominal_batch=8,
-        imgsz=IMGSZ,
-        optimizer="adamw",
-        lr0=0.003,
-        warmup_epochs=0.5,
-        augment=False,
-        eval_every=10,
-        # From scratch, AdamW turns rounding-sized gradients into full steps, so the memory
-        # layout alone moves this run's mAP: seeds 0-2 gave 0.035/0.021/0.016 in the default
-        # layout, 0.019/0.011/0.003 channels-last (the fine-tune's layout changes nothing
-        # systematic: on the embedded model, two seeds, 0.7635/0.7570 channels-last against
-        # 0.7594/0.7567). The figures below were established with this run.
-        channels_last=False,
-    )
-    result = train(model, info, data, settings, progress=False)
-    assert result.best["map50_95"] > 0.03  # learnt something: the figures below are not 0 vs 0
-    path = root / "yolo26n-shapes.pt"
-    save_pruned(result.model, dataclasses.replace(info, names=data.names), path)
-    return path, data_yaml
+    spec = SyntheticSpec(train=64, val=16, imgsz=IMGSZ, seed=11)
+    return WEIGHTS, generate(root / "data", spec, False)
 
 
 @pytest.mark.parametrize(("mode", "dims"), [(None, [1, 300, 6]), ("raw", [1, 10, 336])])
@@ -62,7 +35,7 @@ def test_yolo26_compiles_in_both_export_modes_with_parity_and_map(
     checkpoint, data_yaml = trained_yolo26
     out = tmp_path / "out"
     argv = ["compile", str(checkpoint), "--macs", "0.7", "--out", str(out), "--no-bench"]
-    argv += ["--data", str(data_yaml), "--epochs", "1", "--batch", "8"]
+    argv += ["--imgsz", str(IMGSZ), "--data", str(data_yaml), "--epochs", "1", "--batch", "8"]
     argv += ["--export-mode", mode] if mode else []
     # reconstruction on one mode, the other as before it (energy importance: test_cli's)
     argv += ["--reconstruct-images", "8"] if mode is None else ["--no-reconstruct"]
@@ -75,7 +48,7 @@ def test_yolo26_compiles_in_both_export_modes_with_parity_and_map(
     assert [d.dim_value for d in graph.output[0].type.tensor_type.shape.dim] == dims
     accuracy = report["accuracy"]["map50_95"]
     assert set(accuracy) == {"original", "pruned", "finetuned", "onnx"}
-    assert accuracy["original"] > 0.03
+    assert accuracy["original"] > 0.4  # a real detector: 0.60 at 128 px when written
     assert (report["reconstruction"] or {}).get("images") == (8 if mode is None else None)
     assert abs(accuracy["onnx"] - accuracy["finetuned"]) <= MAP_AGREEMENT
     assert_no_broken_torchvision()

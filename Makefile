@@ -84,8 +84,11 @@ $(UL_STAMP): $(STAMP)
 	touch $(UL_STAMP)
 
 # Tests run with the extra so the ultralytics tests run (they skip, with the reason, without it).
+# One pytest worker per core (pytest-xdist; whole files to a worker, so module fixtures are
+# built once), then the tests that assert on wall-clock measurements alone (marker `timing`).
 test: install install-ultralytics
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile -m "not timing"
+	$(PY) -m pytest -q -m timing
 
 lint: install
 	$(VENV)/bin/ruff check .

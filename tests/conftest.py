@@ -9,6 +9,16 @@ from tests.helpers import V50_TINY, randomized, tiny_cfg
 from yoloprune.graphs.yolov5 import DetectionModel
 
 
+def pytest_configure(config):
+    """A pytest-xdist worker (make test runs one per core) computes on its share of the cores,
+    so the workers do not oversubscribe them."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        from yoloprune.kernels.ort import default_threads
+
+        torch.set_num_threads(max(1, default_threads() // workers))
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_threads():
     torch.manual_seed(0)

@@ -1,5 +1,5 @@
-"""The Makefile's compile line: the embedded model's demo recipe, and every value given passed on
-unchanged (checked with ``make -n``: nothing runs)."""
+"""The Makefile's compile line (the embedded model's demo recipe, and every value given passed on
+unchanged) and its test line, checked with ``make -n``: nothing runs."""
 
 import shutil
 import subprocess
@@ -66,3 +66,13 @@ def test_given_values_are_passed_on_and_other_models_get_the_cli_defaults(given,
         assert flag in line
     for flag in absent:
         assert flag not in line
+
+
+def test_make_test_runs_the_timing_tests_alone_after_the_parallel_run():
+    """The wall-clock assertions (marker ``timing``) would compete with the other workers."""
+    out = subprocess.run(["make", "-n", "test"], cwd=ROOT, text=True, capture_output=True)
+    assert out.returncode == 0, out.stderr
+    runs = [
+        line.split("-m pytest", 1)[1] for line in out.stdout.splitlines() if "-m pytest" in line
+    ]
+    assert runs == [' -q -n auto --dist loadfile -m "not timing"', " -q -m timing"]

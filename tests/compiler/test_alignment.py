@@ -233,6 +233,7 @@ def test_ties_go_to_the_finest_alignment(prepared):
     assert [r["eligible"] for r in plan.alignment["candidates"]] == [True, False, False]
 
 
+@pytest.mark.timing
 def test_the_real_timing_times_whole_candidate_models(prepared):
     """The unpatched timing (ONNX Runtime, 20 interleaved runs of each candidate model): the
     record's figures are relative to the finest plannable candidate, whichever is chosen."""

@@ -22,6 +22,7 @@ def two_models(tmp_path):
     return paths
 
 
+@pytest.mark.timing
 def test_bench_ort_orders_models_and_states_conditions(two_models):
     settings = BenchSettings(runtime="ort", batch=2, imgsz=96, runs=9, warmup=2, threads=1)
     result = bench([two_models[1], two_models[0]], settings)

@@ -122,6 +122,7 @@ def test_latency_targets_validate():
         CompileOptions("m", macs=0.5, speedup=2.0).target()
 
 
+@pytest.mark.timing
 @pytest.mark.slow
 def test_closed_loop_meets_the_budget_on_ort_cpu(tmp_path):
     """On the real runtime (ONNX Runtime CPU, one thread): the plan's measured latency lands

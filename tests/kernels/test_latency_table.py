@@ -121,6 +121,7 @@ def test_measured_onnx_conv_is_conv_plus_silu(tmp_path, kernel, stride):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.timing
 def test_ort_measurer_sees_a_larger_conv_as_slower():
     measure = ort_measurer(batch=1, threads=1, runs=7, warmup=2)
     small = measure(ConvShape(8, 8, 1, 1, 1, 32, 32))

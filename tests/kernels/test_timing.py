@@ -8,6 +8,7 @@ from yoloprune.kernels.ort import default_threads, machine_info
 from yoloprune.kernels.timing import interleaved, measure
 
 
+@pytest.mark.timing
 def test_measure_a_known_sleep():
     timing = measure(lambda: time.sleep(0.02), runs=5, warmup=1)
     assert 19.0 <= timing.min_ms <= timing.median_ms <= timing.p90_ms
@@ -15,6 +16,7 @@ def test_measure_a_known_sleep():
     assert timing.runs == 5 and timing.warmup == 1
 
 
+@pytest.mark.timing
 def test_interleaved_runs_alternately_and_separates_durations():
     calls = []
     fns = {

@@ -2,7 +2,7 @@
 reconstruction (compile's `reconstruct` stage: each kept conv re-fitted by ridge least squares to
 the original's outputs on unlabeled images).
 
-For each embedded model (YOLOv5n, YOLOv8n; synthetic shapes at 256 px) and MACs kept 0.9 to
+For each embedded model (YOLOv5n, YOLOv8n, YOLO26n; synthetic shapes at 256 px) and MACs kept 0.9 to
 0.5, compile's own in-memory stages (`prune_in_memory`: uniform L2, round_to 8) in two recipes:
 **recalibrate** (the previous default: BatchNorm statistics re-estimated on 20 x 32 augmented
 training images, no weight changed) and **reconstruct** (today's default with `--data`: 128
@@ -38,7 +38,7 @@ from yoloprune.graphs.files import save_png_atomic, write_text_atomic  # noqa: E
 from yoloprune.kernels.ort import machine_info, machine_text  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-MODELS = [ROOT / "graphs" / "weights" / f"{name}-shapes.pt" for name in ("yolov5n", "yolov8n")]
+MODELS = [ROOT / "graphs" / "weights" / f"{name}-shapes.pt" for name in ("yolov5n", "yolov8n", "yolo26n")]
 RECIPES = {
     # the default before reconstruction: L2, BatchNorm statistics re-estimated
     "recalibrate": {"reconstruct": False, "importance": "l2"},

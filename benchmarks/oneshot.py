@@ -38,7 +38,9 @@ from yoloprune.graphs.files import save_png_atomic, write_text_atomic  # noqa: E
 from yoloprune.kernels.ort import machine_info, machine_text  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-MODELS = [ROOT / "graphs" / "weights" / f"{name}-shapes.pt" for name in ("yolov5n", "yolov8n", "yolo26n")]
+MODELS = [
+    ROOT / "graphs" / "weights" / f"{name}-shapes.pt" for name in ("yolov5n", "yolov8n", "yolo26n")
+]
 RECIPES = {
     # the default before reconstruction: L2, BatchNorm statistics re-estimated
     "recalibrate": {"reconstruct": False, "importance": "l2"},

@@ -60,6 +60,22 @@ def test_embedded_ultralytics_model_detects(shapes):
     assert metrics.map50_95 > 0.5 and metrics.map50 > 0.8
 
 
+@needs_ultralytics
+def test_embedded_yolo26_model_detects_end_to_end(shapes):
+    """The YOLO26n trained here (benchmarks/train_default_model.py --model yolo26n) loads as an
+    NMS-free ultralytics model and detects through its one-to-one head (0.813 on the 300
+    images of its own val split, 0.857 on these 60 when written)."""
+    from yoloprune.graphs.family import family_of
+
+    model, info = load_model(WEIGHTS.with_name("yolo26n-shapes.pt"))
+    assert info.family == "ultralytics" and info.imgsz == 256 and info.names == shapes.names
+    assert family_of(model).end2end_capable(model)
+    metrics = evaluate(
+        torch_predictor(model), val_dataset(shapes, 256), shapes.names, progress=False
+    )
+    assert metrics.map50_95 > 0.75 and metrics.map50 > 0.9
+
+
 @pytest.mark.slow
 def test_onnx_and_pytorch_map_agree(embedded, shapes, tmp_path):
     # light pruning, no fine-tune: the model still detects, so agreement means something

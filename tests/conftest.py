@@ -9,6 +9,19 @@ from tests.helpers import V50_TINY, randomized, tiny_cfg
 from yoloprune.graphs.yolov5 import DetectionModel
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker per core this process may run on (its CPU affinity, as ONNX
+    Runtime's default threads count them). pytest-xdist's own count prefers psutil's physical
+    cores of the host, which in a container limited to two CPUs can be dozens. Where
+    PYTEST_XDIST_AUTO_NUM_WORKERS is set, pytest-xdist reads it."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None
+    from yoloprune.kernels.ort import default_threads
+
+    return default_threads()
+
+
 def pytest_configure(config):
     """A pytest-xdist worker (make test runs one per core) computes on its share of the cores,
     so the workers do not oversubscribe them."""

@@ -76,3 +76,19 @@ def test_make_test_runs_the_timing_tests_alone_after_the_parallel_run():
         line.split("-m pytest", 1)[1] for line in out.stdout.splitlines() if "-m pytest" in line
     ]
     assert runs == [' -q -n auto --dist loadfile -m "not timing"', " -q -m timing"]
+
+
+def test_auto_workers_follow_the_cpu_affinity(monkeypatch):
+    """`-n auto` counts the cores this process may use, not the host's; the variable
+    pytest-xdist reads still decides where it is set."""
+    import os
+
+    from tests.conftest import pytest_xdist_auto_num_workers
+
+    monkeypatch.setenv("PYTEST_XDIST_AUTO_NUM_WORKERS", "5")
+    assert pytest_xdist_auto_num_workers(None) is None
+    monkeypatch.delenv("PYTEST_XDIST_AUTO_NUM_WORKERS")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    assert pytest_xdist_auto_num_workers(None) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert pytest_xdist_auto_num_workers(None) == 3

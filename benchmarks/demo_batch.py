@@ -44,10 +44,9 @@ def main() -> None:
     data_yaml = demo.demo_data(__doc__.splitlines()[0])
     with tempfile.TemporaryDirectory() as scratch:
         start, one_shot = demo.one_shot_start(data_yaml, Path(scratch))
-        runs = {name: [] for name in RECIPES}
-        for seed in SEEDS:
-            for name, changes in RECIPES.items():
-                runs[name].append(fine_tune(start, data_yaml, seed, **changes))
+        runs = demo.seeded_runs(
+            SEEDS, RECIPES, lambda seed, changes: fine_tune(start, data_yaml, seed, **changes)
+        )
     result = {
         **demo.header("demo_batch", one_shot),
         # what the fine-tunes ran in, as they recorded it (the machine's default)

@@ -105,6 +105,16 @@ def write_results(stem: str, result: dict, render, plot=None) -> None:
     print(text)
 
 
+def seeded_runs(seeds, recipes: dict, run) -> dict[str, list]:
+    """Each seed's recipes back to back, so the machine's drift falls on all of them alike:
+    ``{name: [run(seed, value) for each seed]}``."""
+    runs: dict[str, list] = {name: [] for name in recipes}
+    for seed in seeds:
+        for name, value in recipes.items():
+            runs[name].append(run(seed, value))
+    return runs
+
+
 def one_shot_start(data_yaml: Path, scratch: Path) -> tuple[Path, dict]:
     out = scratch / "start"
     command = [sys.executable, "-m", "yoloprune", "compile", str(MODEL), *START_FLAGS]

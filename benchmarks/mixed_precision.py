@@ -41,10 +41,9 @@ def main() -> None:
     data_yaml = demo.demo_data(__doc__.splitlines()[0])
     with tempfile.TemporaryDirectory() as scratch:
         start, one_shot = demo.one_shot_start(data_yaml, Path(scratch))
-        runs = {name: [] for name in PRECISIONS}
-        for seed in SEEDS:
-            for name, amp in PRECISIONS.items():
-                runs[name].append(fine_tune(start, data_yaml, seed, amp))
+        runs = demo.seeded_runs(
+            SEEDS, PRECISIONS, lambda seed, amp: fine_tune(start, data_yaml, seed, amp)
+        )
         steps = step_times(start)
     result = {
         **demo.header("mixed_precision", one_shot),

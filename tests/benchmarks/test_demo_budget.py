@@ -1,4 +1,5 @@
-"""The demo benchmarks' shared writer: JSON, the plot where there is one, and the Markdown."""
+"""The demo benchmarks' shared pieces: the writer (JSON, the plot where there is one, the
+Markdown) and the order of their runs."""
 
 import json
 
@@ -22,3 +23,16 @@ def test_results_are_written_as_json_markdown_and_the_plot(tmp_path, monkeypatch
     module.write_results("y", result, lambda data: "no plot\n")
     assert (tmp_path / "results" / "y.md").read_text() == "no plot\n"
     assert not (tmp_path / "results" / "y.png").exists()
+
+
+def test_each_seed_runs_every_recipe_back_to_back():
+    module = benchmark_module("demo_budget")
+    calls = []
+
+    def run(seed, value):
+        calls.append((seed, value))
+        return seed * 10 + value
+
+    runs = module.seeded_runs((0, 1), {"a": 1, "b": 2}, run)
+    assert calls == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    assert runs == {"a": [1, 11], "b": [2, 12]}

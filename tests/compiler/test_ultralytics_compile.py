@@ -2,17 +2,17 @@
 measured on PyTorch and on the exported ONNX file."""
 
 import json
-from pathlib import Path
 
 import pytest
 
 from tests.helpers import assert_no_broken_torchvision, needs_ultralytics
 from yoloprune.compiler.cli import main
 from yoloprune.compiler.train.synthetic import SyntheticSpec, generate
+from yoloprune.graphs.checkpoint import WEIGHTS_DIR
 
 pytestmark = needs_ultralytics
 IMGSZ = 128
-WEIGHTS = Path(__file__).resolve().parents[2] / "graphs" / "weights" / "yolo26n-shapes.pt"
+WEIGHTS = WEIGHTS_DIR / "yolo26n-shapes.pt"
 MAP_AGREEMENT = 0.002  # ONNX-evaluated vs PyTorch-evaluated mAP@.5:.95
 
 

@@ -71,6 +71,9 @@ def float_in(low: float, high: float, open_low: bool = True):
 # compiler.score.IMPORTANCES' names (listed here so the parser imports no torch; a test keeps
 # the two the same)
 IMPORTANCE_NAMES = ("l1", "l2", "bn", "taylor", "energy", "obs", "random")
+# compiler.options' ALLOCATIONS and DEFAULT_ALLOCATION_IMAGES (the same test keeps them equal)
+ALLOCATIONS = ("uniform", "global", "sensitivity")
+DEFAULT_ALLOCATION_IMAGES = 32
 IMGSZ = int_in(32, 4096)
 COUNT = int_in(1, 100_000)
 
@@ -182,6 +185,21 @@ def _planning_args(p: argparse.ArgumentParser) -> None:
         dest="global_allocation",
         action="store_true",
         help="rank channels across all groups (default: the same ratio per group)",
+    )
+    p.add_argument(
+        "--allocation",
+        choices=ALLOCATIONS,
+        default=None,
+        help="how many channels each group keeps: uniform (default: the same fraction), "
+        "global (= --global), or sensitivity: each group pruned alone on unlabeled images "
+        "(--calib-images or --data's train split), its error on the head's outputs measured, "
+        "channels removed where they add the least error per MAC (--max-ratio defaults to 0.6)",
+    )
+    p.add_argument(
+        "--allocation-images",
+        type=int_in(1, 100_000),
+        default=None,
+        help=f"images --allocation sensitivity measures on (default {DEFAULT_ALLOCATION_IMAGES})",
     )
     p.add_argument(
         "--latency-aware",

@@ -35,6 +35,13 @@ DEFAULT_IMPORTANCE = "l2"
 # 0.936 / 0.887 of the original's mAP at MACs 0.7 / 0.5 against L2's 0.908 / 0.858 (YOLOv8n:
 # level); benchmarks/results/oneshot.md.
 DEFAULT_IMAGE_IMPORTANCE = "energy"
+# How channels are shared among groups (compiler.planners): the same fraction everywhere, one
+# score threshold, or measured sensitivity (compiler.allocation), which reads images.
+ALLOCATIONS = ("uniform", "global", "sensitivity")
+DEFAULT_ALLOCATION_IMAGES = 32
+# --allocation sensitivity's default --max-ratio: measured per group alone, removals compound
+# along a path; without a floor the allocation empties groups (compiler.allocation)
+SENSITIVITY_MAX_RATIO = 0.6
 DEFAULT_OUT = Path("runs/compile")
 DEFAULT_LATENCY_RUNTIME = "ort"
 DEFAULT_BENCH_RUNS = 20
@@ -53,6 +60,10 @@ class CompileOptions:
     macs: float | None = None
     importance: str | None = None
     global_allocation: bool = False
+    # how channels are shared among groups: uniform (default), global (= --global), or
+    # sensitivity (measured on unlabeled images: compiler.allocation)
+    allocation: str | None = None
+    allocation_images: int | None = None  # images --allocation sensitivity measures on
     latency_aware: bool = False  # --macs allocated by importance per millisecond saved
     round_to: int | str | None = None  # a number, or "auto" (the default): measured
     max_ratio: float | None = None
@@ -165,6 +176,7 @@ class CompileOptions:
             )
         self._refuse_ignored()
         planner = "replay" if self.plan is not None else planner_name(self, target)
+        self._check_allocation(planner)
         runtime = LatencySettings(
             runtime=DEFAULT_LATENCY_RUNTIME
             if self.latency_runtime is None
@@ -191,11 +203,17 @@ class CompileOptions:
             _check_tensorrt_timing(latency is not None, aligns)
             runtime = dataclasses.replace(runtime, precision=self.timed_precision())
         reconstruction = self.reconstruction()
-        reads_images = reconstruction or importance in IMAGE_IMPORTANCES or self.precision == "int8"
+        reads_images = (
+            reconstruction
+            or importance in IMAGE_IMPORTANCES
+            or self.precision == "int8"
+            or planner == "sensitivity"
+        )
         if self.calib_images is not None and not reads_images:
             raise PlanError(
                 f"--calib-images {self.calib_images} feeds reconstruction, --importance "
-                f"{'/'.join(IMAGE_IMPORTANCES)} and INT8 calibration; none runs here: drop it"
+                f"{'/'.join(IMAGE_IMPORTANCES)}, --allocation sensitivity and INT8 calibration; "
+                "none runs here: drop it"
             )
         calibration = calibration_for(
             self.precision,
@@ -216,10 +234,19 @@ class CompileOptions:
             sensitivity=sensitivity,
             calibration=calibration,
             target=target,
-            constraints=self.constraints(),
+            constraints=self.constraints(planner),
             grouping=self.grouping_limits(),
             planner=planner,
             importance=importance,
+            allocation_images=(
+                (
+                    DEFAULT_ALLOCATION_IMAGES
+                    if self.allocation_images is None
+                    else self.allocation_images
+                )
+                if planner == "sensitivity"
+                else None
+            ),
             latency=latency,
             train=_train_settings(self),
             out=DEFAULT_OUT if self.out is None else Path(self.out),
@@ -228,6 +255,18 @@ class CompileOptions:
                 DEFAULT_PARITY_TOLERANCE if self.parity_tolerance is None else self.parity_tolerance
             ),
         )
+
+    def _check_allocation(self, planner: str) -> None:
+        if self.allocation_images is not None and planner != "sensitivity":
+            raise PlanError(
+                f"--allocation-images {self.allocation_images} sizes --allocation sensitivity's "
+                "measurement, which does not run here: drop it"
+            )
+        if planner == "sensitivity" and self.images is None:
+            raise PlanError(
+                "--allocation sensitivity measures on unlabeled images: add --calib-images DIR "
+                "or --data data.yaml (its train split)"
+            )
 
     def _check_paths(self) -> None:
         if self.out is not None and Path(self.out).exists() and not Path(self.out).is_dir():
@@ -251,6 +290,8 @@ class CompileOptions:
             "--round-to": None if self.round_to == DEFAULT_ROUND_TO else self.round_to,
             "--max-ratio": self.max_ratio,
             "--global": self.global_allocation or None,
+            "--allocation": self.allocation,
+            "--allocation-images": self.allocation_images,
             "--latency-aware": self.latency_aware or None,
             "--drop-blocks": self.drop_blocks or None,
         }
@@ -379,12 +420,13 @@ class CompileOptions:
             defaults.memory_gib if self.group_memory_gib is None else self.group_memory_gib,
         )
 
-    def constraints(self) -> Constraints:
+    def constraints(self, planner: str = "uniform") -> Constraints:
         defaults = Constraints()
         fixed = type(self.round_to) is int
+        max_ratio = SENSITIVITY_MAX_RATIO if planner == "sensitivity" else defaults.max_ratio
         return Constraints(  # round_to "auto" is chosen at planning (CompileSettings.alignment)
             round_to=self.round_to if fixed else defaults.round_to,
-            max_ratio=defaults.max_ratio if self.max_ratio is None else self.max_ratio,
+            max_ratio=max_ratio if self.max_ratio is None else self.max_ratio,
             drop_blocks=self.drop_blocks,
         )
 
@@ -401,6 +443,7 @@ _INT_RANGES = (
     ("calib_count", 1, 100_000),
     ("int8_sensitivity_images", 1, 1_000_000),
     ("reconstruct_images", 1, 100_000),
+    ("allocation_images", 1, 100_000),
     ("latency_batch", 1, 4096),
 )
 _FLOAT_RANGES = (
@@ -414,6 +457,7 @@ _FLOAT_RANGES = (
 )
 _CHOICES = (
     ("importance", tuple(IMPORTANCES)),
+    ("allocation", ALLOCATIONS),
     ("method", ("structured", "unstructured")),
     ("latency_runtime", ("ort", "torch", "tensorrt")),
     ("export_mode", ("raw", "end2end")),
@@ -438,6 +482,7 @@ class CompileSettings:
     grouping: GroupingLimits
     planner: str  # a name in compiler.planners.PLANNERS, or "replay" (--plan)
     importance: str  # a name in compiler.score.IMPORTANCES
+    allocation_images: int | None  # --allocation sensitivity: images it measures on
     latency: LatencySettings | None  # latency-aware planners only
     train: TrainSettings | None  # fine-tuning (--data with --epochs); imgsz set at load
     out: Path
@@ -503,13 +548,25 @@ def planner_name(options: CompileOptions, target: Target) -> str:
             "--drop-blocks needs a latency-aware plan: --speedup, --latency-ms, or --macs with "
             "--latency-aware (blocks are removed where that saves the most time)"
         )
-    if target.latency:
-        return "latency"
-    if options.latency_aware:
-        if target.kind != "macs" or options.global_allocation:
-            raise PlanError("--latency-aware plans a --macs target (without --global)")
+    allocation = options.allocation
+    if options.global_allocation:
+        if allocation not in (None, "global"):
+            raise PlanError(
+                f"--global is --allocation global: drop it or --allocation {allocation}"
+            )
+        allocation = "global"
+    if target.latency or options.latency_aware:
+        if allocation is not None:
+            raise PlanError(
+                f"--allocation {allocation}: latency plans allocate channels by the time they "
+                "save (--speedup, --latency-ms, --latency-aware); drop one"
+            )
+        if target.latency:
+            return "latency"
+        if target.kind != "macs":
+            raise PlanError("--latency-aware plans a --macs target")
         return "latency-aware"
-    return "global" if options.global_allocation else "uniform"
+    return allocation or "uniform"
 
 
 # A compile's fine-tune (--epochs N): AdamW (lr0 0.003, TrainSettings' default), distilled from

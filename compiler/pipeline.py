@@ -26,6 +26,7 @@ from yoloprune.compiler.alignment import (
     choose_alignment,
     refuse_alignment,
 )
+from yoloprune.compiler.allocation import GroupSensitivity
 from yoloprune.compiler.apply import apply_plan, count_params
 from yoloprune.compiler.export import check_parity, export_mode, export_onnx, output_layout
 from yoloprune.compiler.options import CompileOptions
@@ -59,6 +60,9 @@ class Prepared:
     imgsz: int
     groups: list = field(default_factory=list)
     graph: object = None
+    # measurements of this model that plans at other targets or alignments reuse (a sweep's
+    # points): --allocation sensitivity's, by its images, importance and seed
+    measured: dict = field(default_factory=dict)
 
 
 def check_imgsz(imgsz: int, info: ModelInfo) -> int:
@@ -144,7 +148,20 @@ def plan_request(prepared: Prepared, options: CompileOptions) -> PlanRequest:
         seed=options.seed,
         latency=latency,
         measure=None if latency is None else plan_latency_measure(prepared, latency),
+        sensitivity=group_sensitivity(prepared, options),
     )
+
+
+def group_sensitivity(prepared: Prepared, options: CompileOptions) -> GroupSensitivity | None:
+    """--allocation sensitivity's measurement of this model (made once, then reused)."""
+    settings = options.settings
+    if settings.planner != "sensitivity":
+        return None
+    files = tuple(options.images.files[: settings.allocation_images])
+    key = ("sensitivity", files, settings.importance, options.seed)
+    if key not in prepared.measured:
+        prepared.measured[key] = GroupSensitivity(files, prepared.imgsz)
+    return prepared.measured[key]
 
 
 def plan_latency_measure(prepared: Prepared, settings, seconds: float = 0.0) -> Measure:

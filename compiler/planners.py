@@ -12,18 +12,25 @@ the surgery or the benchmark themselves).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import torch
 from torch import nn
 
+from yoloprune.compiler.allocation import GroupSensitivity, allocate
 from yoloprune.compiler.latency_planner import (
     LatencySettings,
     plan_latency,
     plan_macs_latency_aware,
 )
-from yoloprune.compiler.planner import Constraints, MacCounter, Target, make_plan
+from yoloprune.compiler.planner import (
+    Constraints,
+    MacCounter,
+    Target,
+    make_plan,
+    plan_from_counts,
+)
 from yoloprune.compiler.score import Importance
 from yoloprune.graphs.dependency import ChannelGroup, CoupledGraph
 from yoloprune.graphs.errors import PlanError
@@ -48,6 +55,8 @@ class PlanRequest:
     seed: int = 0
     latency: LatencySettings | None = None
     measure: Measure | None = None
+    # --allocation sensitivity: the measurement (cached in it, so replanning reuses it)
+    sensitivity: GroupSensitivity | None = None
 
     @cached_property
     def scores(self) -> dict[str, torch.Tensor]:
@@ -105,6 +114,32 @@ def uniform(request: PlanRequest) -> PruningPlan:
 def global_threshold(request: PlanRequest) -> PruningPlan:
     """One score threshold across all groups: groups keep different fractions."""
     return _allocated(request, "global")
+
+
+@register_planner("sensitivity")
+def sensitivity(request: PlanRequest) -> PruningPlan:
+    """``--allocation sensitivity``: each group's error on the head measured alone, channels
+    removed where they add the least error per MAC (compiler.allocation)."""
+    if request.sensitivity is None:
+        raise PlanError("--allocation sensitivity needs calibration images (--calib-images)")
+    if request.target.kind not in ("macs", "ratio"):
+        raise PlanError("--allocation sensitivity plans a --macs or --ratio target")
+    curves = request.sensitivity(request.model, request.graph, request.groups, request.scores)
+    counts = allocate(request.groups, curves, request.counter, request.target, request.constraints)
+    plan = plan_from_counts(
+        request.name,
+        request.imgsz,
+        [g for g in request.groups if not g.protected],
+        request.scores,
+        counts,
+        request.counter,
+        request.target,
+        request.constraints,
+        allocation="sensitivity",
+        importance=request.importance.name,
+        seed=request.seed,
+    )
+    return replace(plan, sensitivity=request.sensitivity.record(curves))
 
 
 @register_planner("latency")

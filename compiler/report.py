@@ -75,6 +75,10 @@ def build_report(
             "max_ratio": plan.max_ratio,
             "drop_blocks": list(plan.drop_blocks),
             "latency": plan.latency,
+            # --allocation sensitivity: what was measured (each group's curve: the plan file)
+            "sensitivity": None
+            if plan.sensitivity is None
+            else {k: v for k, v in plan.sensitivity.items() if k != "errors"},
         },
         "params": {"before": params[0], "after": params[1], "ratio": params[1] / params[0]},
         "macs": {
@@ -227,6 +231,15 @@ def render_markdown(report: dict) -> str:
         f"max ratio {plan['max_ratio']:g}, image {m['imgsz']}x{m['imgsz']}.",
         "",
     ]
+    if plan.get("sensitivity"):
+        measured = plan["sensitivity"]
+        levels = " / ".join(f"{level:g}" for level in measured["levels"])
+        lines += [
+            f"Sensitivity allocation: each group pruned alone to {levels} of its channels on "
+            f"{measured['images']} unlabeled images, its head output error measured "
+            f"({measured['seconds']:g} s); the curves are in the plan file.",
+            "",
+        ]
     if plan.get("drop_blocks"):
         lines += [
             f"Residual blocks removed whole ({len(plan['drop_blocks'])}, shortcut kept): "

@@ -36,7 +36,7 @@ class PruningPlan:
     model: str
     imgsz: int
     importance: str
-    allocation: str  # "uniform" | "global" | "latency"
+    allocation: str  # "uniform" | "global" | "sensitivity" | "latency"
     target: dict  # {"kind": "ratio" | "macs" | "speedup" | "latency_ms", "value": float}
     round_to: int
     max_ratio: float
@@ -50,6 +50,9 @@ class PruningPlan:
     drop_blocks: tuple[str, ...] = ()
     # --round-to auto: the measured choice and its accuracy check (compiler.alignment)
     alignment: dict | None = None
+    # --allocation sensitivity: images, levels, seconds and each group's measured head error
+    # by kept channels (compiler.allocation)
+    sensitivity: dict | None = None
     format: str = field(default=PLAN_FORMAT)
 
     @property
@@ -168,6 +171,8 @@ def _checked_field(key: str, value):
         return tuple(value)
     if key == "alignment":
         return None if value is None else _checked_alignment(value)
+    if key == "sensitivity":
+        return None if value is None else _checked_sensitivity(value)
     if key in ("target", "latency"):
         if not (type(value) is dict or (key != "target" and value is None)):
             raise TypeError(f"{key} must be a mapping")
@@ -200,6 +205,23 @@ def _checked_alignment(record) -> dict:
             and type(row.get("eligible")) is bool
         ):
             raise TypeError("alignment.candidates: rows of round_to, relative_latency, eligible")
+    return record
+
+
+def _checked_sensitivity(record) -> dict:
+    """``--allocation sensitivity``'s record, as compiler.allocation writes it (shown only)."""
+    fields_ = {"images": int, "levels": list, "seconds": (int, float), "errors": dict}
+    if type(record) is not dict or set(record) != set(fields_):
+        raise TypeError(f"sensitivity must be a mapping of {sorted(fields_)}")
+    for name, kind in fields_.items():
+        if not isinstance(record[name], kind) or isinstance(record[name], bool):
+            raise TypeError(f"sensitivity.{name} is malformed")
+    for group, curve in record["errors"].items():
+        if type(curve) is not dict or not all(
+            type(k) is str and k.isdigit() and type(e) in (int, float) and math.isfinite(e)
+            for k, e in curve.items()
+        ):
+            raise TypeError(f"sensitivity.errors[{group!r:.60}]: kept channels -> error")
     return record
 
 

@@ -12,6 +12,7 @@ import yaml
 
 from tests.helpers import tiny_cfg
 from yoloprune.compiler.cli import main
+from yoloprune.graphs.plan import PruningPlan
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -537,3 +538,33 @@ def test_the_importance_choices_are_the_registered_criteria():
     from yoloprune.compiler.score import IMPORTANCES
 
     assert set(IMPORTANCE_NAMES) == set(IMPORTANCES)
+
+
+def test_the_allocation_choices_and_default_match_the_options():
+    from yoloprune.compiler import cli, options
+    from yoloprune.compiler.planners import PLANNERS
+
+    assert cli.ALLOCATIONS == options.ALLOCATIONS
+    assert cli.DEFAULT_ALLOCATION_IMAGES == options.DEFAULT_ALLOCATION_IMAGES
+    assert set(options.ALLOCATIONS) <= set(PLANNERS)
+
+
+def test_compile_with_sensitivity_allocation_records_it_and_replays(
+    tmp_path, tiny6_yaml, shapes_data
+):
+    out = tmp_path / "out"
+    argv = ["compile", tiny6_yaml, "--imgsz", 64, "--macs", 0.6, "--out", out, "--no-bench"]
+    argv += ["--data", shapes_data, "--allocation", "sensitivity", "--allocation-images", 4]
+    assert run_cli(*argv, "--round-to", 8) == 0
+    report = json.loads((out / "report.json").read_text())
+    plan = PruningPlan.load(out / "tiny6-plan.json")
+    assert report["plan"]["allocation"] == plan.allocation == "sensitivity"
+    assert report["plan"]["max_ratio"] == 0.6
+    assert report["plan"]["sensitivity"]["images"] == plan.sensitivity["images"] == 4
+    assert set(plan.sensitivity["errors"]) == {g.id for g in plan.groups}
+    assert "Sensitivity allocation: each group pruned alone" in (out / "report.md").read_text()
+    assert abs(plan.macs_ratio / 0.6 - 1) <= 0.03
+    replay = tmp_path / "replay"
+    argv = ["compile", tiny6_yaml, "--imgsz", 64, "--plan", out / "tiny6-plan.json"]
+    assert run_cli(*argv, "--out", replay, "--no-bench", "--data", shapes_data) == 0
+    assert PruningPlan.load(replay / "tiny6-plan.json").groups == plan.groups

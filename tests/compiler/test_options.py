@@ -118,7 +118,15 @@ def test_flags_select_a_registered_planner(changes, planner):
     [
         ({"macs": 0.5, "drop_blocks": True}, "--drop-blocks needs a latency-aware plan"),
         ({"ratio": 0.3, "latency_aware": True}, "--latency-aware plans a --macs target"),
-        ({"macs": 0.5, "latency_aware": True, "global_allocation": True}, "without --global"),
+        (
+            {"macs": 0.5, "latency_aware": True, "global_allocation": True},
+            "--allocation global: latency plans allocate",
+        ),
+        ({"speedup": 2.0, "allocation": "uniform"}, "--allocation uniform: latency plans"),
+        ({"macs": 0.5, "allocation": "sensitivity"}, "--allocation sensitivity measures on"),
+        ({"macs": 0.5, "allocation": "random"}, "--allocation random: use one of"),
+        ({"allocation": "sensitivity", "global_allocation": True}, "--global is --allocation"),
+        ({"macs": 0.5, "allocation_images": 8}, "--allocation-images 8 sizes"),
         ({"macs": 0.5, "method": "unstructured"}, "--method unstructured takes --ratio"),
         ({"importance": "taylor"}, "--importance taylor needs --data"),
         ({"speedup": 2.0, "steps": 2}, "--steps takes --macs or --ratio"),
@@ -194,3 +202,21 @@ def test_reconstruction_flags_that_would_do_nothing_are_refused(image_folder, ch
         changes = {**changes, "calib_images": image_folder}
     with pytest.raises(PlanError, match=message):
         CompileOptions("m.yaml", **changes)
+
+
+def test_sensitivity_allocation_reads_the_first_calibration_images_and_floors_at_0_4(image_folder):
+    options = CompileOptions("m.yaml", calib_images=image_folder, allocation="sensitivity")
+    settings = options.settings
+    assert settings.planner == "sensitivity" and settings.allocation_images == 32
+    assert settings.constraints.max_ratio == 0.6  # this allocation's default
+    given = CompileOptions(
+        "m.yaml", calib_images=image_folder, allocation="sensitivity", max_ratio=0.7,
+        allocation_images=2,
+    ).settings  # fmt: skip
+    assert given.constraints.max_ratio == 0.7 and given.allocation_images == 2
+    assert CompileOptions("m.yaml", allocation="global").settings.planner == "global"
+    assert CompileOptions("m.yaml", calib_images=image_folder).settings.allocation_images is None
+    plan = image_folder / "plan.json"
+    plan.write_text("{}")  # read only when the compile runs
+    with pytest.raises(PlanError, match="replays its own target and settings: drop --allocation"):
+        CompileOptions("m.yaml", plan=plan, allocation="sensitivity")

@@ -199,7 +199,8 @@ def _planning_args(p: argparse.ArgumentParser) -> None:
         "--allocation-images",
         type=int_in(1, 100_000),
         default=None,
-        help=f"images --allocation sensitivity measures on (default {DEFAULT_ALLOCATION_IMAGES})",
+        help=f"images --allocation sensitivity measures on (default {DEFAULT_ALLOCATION_IMAGES} "
+        "at 256 px, as many pixels at larger sizes, at least 8: 8 at 640)",
     )
     p.add_argument(
         "--latency-aware",
@@ -254,8 +255,8 @@ def _calib_images_arg(p: argparse.ArgumentParser) -> None:
         "--calib-images",
         type=Path,
         default=None,
-        help="a folder of images for reconstruction (compile) and INT8 calibration (default: "
-        "--data's train split; no labels)",
+        help="a folder of images for reconstruction (compile), --importance energy/obs, "
+        "--allocation sensitivity and INT8 calibration (default: --data's train split; no labels)",
     )
 
 
@@ -676,8 +677,13 @@ def build_parser() -> argparse.ArgumentParser:
     _plan_args(pl)
     pl.add_argument("--out", type=Path, required=True, help="plan JSON path to write")
     pl.add_argument(
-        "--data", type=Path, default=None, help="data YAML: training images for --importance taylor"
+        "--data",
+        type=Path,
+        default=None,
+        help="data YAML: training images for --importance taylor; its train split's images "
+        "(unlabeled) for --importance energy/obs and --allocation sensitivity",
     )
+    _calib_images_arg(pl)
     return parser
 
 

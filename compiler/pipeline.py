@@ -29,7 +29,7 @@ from yoloprune.compiler.alignment import (
 from yoloprune.compiler.allocation import GroupSensitivity
 from yoloprune.compiler.apply import apply_plan, count_params
 from yoloprune.compiler.export import check_parity, export_mode, export_onnx, output_layout
-from yoloprune.compiler.options import CompileOptions
+from yoloprune.compiler.options import CompileOptions, allocation_image_count
 from yoloprune.compiler.planner import MacCounter, conv_macs, spatial_sizes
 from yoloprune.compiler.planners import Measure, PlanRequest, run_planner
 from yoloprune.compiler.report import build_report, write_report
@@ -157,7 +157,8 @@ def group_sensitivity(prepared: Prepared, options: CompileOptions) -> GroupSensi
     settings = options.settings
     if settings.planner != "sensitivity":
         return None
-    files = tuple(options.images.files[: settings.allocation_images])
+    count = allocation_image_count(settings.allocation_images, prepared.imgsz)
+    files = tuple(options.images.files[:count])
     key = ("sensitivity", files, settings.importance, options.seed)
     if key not in prepared.measured:
         prepared.measured[key] = GroupSensitivity(files, prepared.imgsz)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from yoloprune.compiler.options import CompileOptions
+from yoloprune.compiler.options import CompileOptions, allocation_image_count
 from yoloprune.compiler.planner import Constraints, Target
 from yoloprune.compiler.planners import PLANNERS
 from yoloprune.graphs.dependency import GroupingLimits
@@ -207,7 +207,9 @@ def test_reconstruction_flags_that_would_do_nothing_are_refused(image_folder, ch
 def test_sensitivity_allocation_reads_the_first_calibration_images_and_floors_at_0_4(image_folder):
     options = CompileOptions("m.yaml", calib_images=image_folder, allocation="sensitivity")
     settings = options.settings
-    assert settings.planner == "sensitivity" and settings.allocation_images == 32
+    assert settings.planner == "sensitivity" and settings.allocation_images is None
+    counts = [allocation_image_count(None, size) for size in (128, 256, 320, 640, 1280)]
+    assert counts == [32, 32, 20, 8, 8] and allocation_image_count(3, 640) == 3
     assert settings.constraints.max_ratio == 0.6  # this allocation's default
     given = CompileOptions(
         "m.yaml", calib_images=image_folder, allocation="sensitivity", max_ratio=0.7,
@@ -215,7 +217,6 @@ def test_sensitivity_allocation_reads_the_first_calibration_images_and_floors_at
     ).settings  # fmt: skip
     assert given.constraints.max_ratio == 0.7 and given.allocation_images == 2
     assert CompileOptions("m.yaml", allocation="global").settings.planner == "global"
-    assert CompileOptions("m.yaml", calib_images=image_folder).settings.allocation_images is None
     plan = image_folder / "plan.json"
     plan.write_text("{}")  # read only when the compile runs
     with pytest.raises(PlanError, match="replays its own target and settings: drop --allocation"):

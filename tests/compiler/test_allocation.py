@@ -222,3 +222,29 @@ def _image_files(folder, count: int):
 def test_no_images_is_refused():
     with pytest.raises(PlanError, match="no calibration images"):
         GroupSensitivity([], 64)
+
+
+def test_plans_at_other_targets_reuse_the_measurement(tiny_model, tmp_path, monkeypatch):
+    """A sweep's points (and --round-to auto's candidates) plan on one prepared model: the
+    sensitivity is measured once, and each plan meets its own target."""
+    from tests.compiler.test_planner import prepared_for
+    from yoloprune.compiler import allocation
+    from yoloprune.compiler.pipeline import CompileOptions, plan_for
+
+    calls = []
+    real = allocation.measure
+    monkeypatch.setattr(allocation, "measure", lambda *a, **k: calls.append(1) or real(*a, **k))
+    prepared = prepared_for(copy.deepcopy(tiny_model), 64)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    _image_files(folder, 3)
+    plans = []
+    for macs in (0.7, 0.5):
+        options = CompileOptions(
+            "m.yaml", imgsz=64, macs=macs, calib_images=folder, allocation="sensitivity"
+        )
+        plans.append(plan_for(prepared, options))
+        assert abs(plans[-1].macs_ratio / macs - 1) <= 0.03
+    assert len(calls) == 1 and plans[0].sensitivity == plans[1].sensitivity
+    assert plans[0].sensitivity["images"] == 3  # all there are (the default asks for 32)
+    assert plans[0].alignment is not None  # --round-to auto chose among candidates

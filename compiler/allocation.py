@@ -21,6 +21,7 @@ uniform without it; level with it). Measured one-shot: benchmarks/results/onesho
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from collections.abc import Sequence
@@ -211,7 +212,7 @@ def measure(model, graph, groups, scores, batches, progress: bool = True) -> dic
             for g in prunable:
                 for kept, dropped in plans[g.id].items():
                     caught.clear()
-                    with _removed(dropped, means):
+                    with removed_channels(dropped, means):
                         runner.run(batch, starts[g.id], cached)
                     errors[g.id, kept].add(caught, wanted)
                 bar.update()
@@ -236,24 +237,22 @@ def _levels(group: ChannelGroup, scores: torch.Tensor, readers: list[_Removal]) 
     return plans
 
 
-class _removed:
-    """Within the block, ``dropped`` input channels are zeroed in their convs and their mean
-    contribution is added to the convs' outputs; restored after."""
-
-    def __init__(self, dropped, means):
-        self.dropped, self.means = dropped, means
-        self.saved: list = []
-
-    def __enter__(self):
-        for conv, channels in self.dropped:
+@contextlib.contextmanager
+def removed_channels(dropped, means):
+    """Within the block, each ``(conv, input channels)`` of ``dropped`` has those input
+    channels' weights zeroed and their mean contribution (``means[conv]``, per input channel)
+    added to the conv's output; restored after."""
+    saved = []
+    try:
+        for conv, channels in dropped:
             weights = conv.weight.data[:, channels].clone()
-            shift = weights.sum((2, 3)) @ self.means[conv][channels]
+            shift = weights.sum((2, 3)) @ means[conv][channels]
             handle = conv.register_forward_hook(lambda _, __, out, s=shift: out + s[:, None, None])
-            self.saved.append((conv, channels, weights, handle))
+            saved.append((conv, channels, weights, handle))
             conv.weight.data[:, channels] = 0
-
-    def __exit__(self, *_):
-        for conv, channels, weights, handle in reversed(self.saved):
+        yield
+    finally:
+        for conv, channels, weights, handle in reversed(saved):
             conv.weight.data[:, channels] = weights
             handle.remove()
 

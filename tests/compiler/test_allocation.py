@@ -15,12 +15,12 @@ from tests.helpers import images
 from yoloprune.compiler.allocation import (
     LEVELS,
     GroupSensitivity,
-    _removed,
     _Runner,
     allocate,
     curve_error,
     measure,
     removals,
+    removed_channels,
 )
 from yoloprune.compiler.apply import apply_plan
 from yoloprune.compiler.planner import Constraints, MacCounter, Target, plan_from_counts
@@ -94,7 +94,7 @@ def test_removing_a_groups_channels_by_its_readers_equals_pruning_it(tiny_model,
     readers = removals(model, graph, group)
     zeros = {r.conv: torch.zeros(r.conv.in_channels) for r in readers}
     dropped = [(r.conv, r.inputs[r.roots >= keep]) for r in readers]
-    with _removed(dropped, zeros):
+    with removed_channels(dropped, zeros):
         masked = _heads(model, batch)
     for a, b in zip(masked, pruned, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
@@ -107,7 +107,7 @@ def test_the_mean_added_back_is_a_constant_channels_whole_contribution():
     x = torch.randn(2, 4, 5, 5)
     x[:, 2] = 0.7  # channel 2 carries a constant
     wanted = conv(x)
-    with _removed([(conv, torch.tensor([2]))], {conv: torch.tensor([0.0, 0.0, 0.7, 0.0])}):
+    with removed_channels([(conv, torch.tensor([2]))], {conv: torch.tensor([0.0, 0.0, 0.7, 0.0])}):
         got = conv(x)
         assert torch.all(conv.weight[:, 2] == 0)
     torch.testing.assert_close(got, wanted)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from yoloprune.compiler.planner import conv_io_sizes, plan_from_counts, tie_members
+from yoloprune.compiler.planner import conv_io_sizes, tie_members
 from yoloprune.graphs.blocks import droppable_blocks
 from yoloprune.graphs.dependency import ChannelGroup, ConvChannels, conv_channels
 from yoloprune.graphs.errors import PlanError, TargetUnreachable
@@ -330,19 +330,7 @@ def _counts_plan(request, counts, droppable):
     """The plan keeping ``counts`` channels per prunable group (allocation ``latency``); groups
     at 0 channels are the hidden groups of residual blocks removed whole (``droppable`` maps
     them to their blocks, listed as ``drop_blocks``)."""
-    plan = plan_from_counts(
-        request.name,
-        request.imgsz,
-        [g for g in request.groups if not g.protected],
-        request.scores,
-        counts,
-        request.counter,
-        request.target,
-        request.constraints,
-        allocation="latency",
-        importance=request.importance.name,
-        seed=request.seed,
-    )
+    plan = request.plan_keeping(counts, "latency")
     emptied = [gid for gid, n in counts.items() if n == 0]
     return replace(plan, drop_blocks=tuple(sorted(droppable[gid] for gid in emptied)))
 

@@ -63,6 +63,22 @@ class PlanRequest:
         """The importance of every prunable group's channels (computed once)."""
         return self.importance(self.model, self.graph, self.groups, self.seed)
 
+    def plan_keeping(self, counts: dict[str, int], allocation: str) -> PruningPlan:
+        """The plan keeping ``counts[id]`` highest-scored channels in each prunable group."""
+        return plan_from_counts(
+            self.name,
+            self.imgsz,
+            [g for g in self.groups if not g.protected],
+            self.scores,
+            counts,
+            self.counter,
+            self.target,
+            self.constraints,
+            allocation=allocation,
+            importance=self.importance.name,
+            seed=self.seed,
+        )
+
     def latency_settings(self) -> LatencySettings:
         if self.latency is None:
             raise PlanError("a latency planner needs latency settings (--latency-runtime ...)")
@@ -126,19 +142,7 @@ def sensitivity(request: PlanRequest) -> PruningPlan:
         raise PlanError("--allocation sensitivity plans a --macs or --ratio target")
     curves = request.sensitivity(request.model, request.graph, request.groups, request.scores)
     counts = allocate(request.groups, curves, request.counter, request.target, request.constraints)
-    plan = plan_from_counts(
-        request.name,
-        request.imgsz,
-        [g for g in request.groups if not g.protected],
-        request.scores,
-        counts,
-        request.counter,
-        request.target,
-        request.constraints,
-        allocation="sensitivity",
-        importance=request.importance.name,
-        seed=request.seed,
-    )
+    plan = request.plan_keeping(counts, "sensitivity")
     return replace(plan, sensitivity=request.sensitivity.record(curves))
 
 

@@ -21,10 +21,10 @@ from yoloprune.compiler.pipeline import CompileOptions, plan_for, prepare
 from yoloprune.compiler.train.data import image_files, read_data_yaml
 from yoloprune.compiler.train.finetune import TrainSettings, train
 from yoloprune.compiler.train.synthetic import SyntheticSpec, generate
-from yoloprune.graphs.checkpoint import load_model
+from yoloprune.graphs.checkpoint import WEIGHTS_DIR, load_model
 
 ROOT = Path(__file__).resolve().parents[2]
-WEIGHTS = ROOT / "graphs" / "weights" / "yolov5n-shapes.pt"
+WEIGHTS = WEIGHTS_DIR / "yolov5n-shapes.pt"
 
 
 @pytest.fixture(scope="module")

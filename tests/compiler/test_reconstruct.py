@@ -1,7 +1,6 @@
 """One-shot reconstruction: kept weights re-fitted to the original's outputs, no labels."""
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from yoloprune.compiler.reconstruct import (
     kept_channels,
     reconstruct,
 )
+from yoloprune.graphs.checkpoint import WEIGHTS_DIR
 from yoloprune.graphs.errors import PlanError
 
 IMGSZ = 64
@@ -112,7 +112,7 @@ def test_ultralytics_head_is_refitted_and_the_dfl_left_alone():
     from yoloprune.compiler.pipeline import prepare
     from yoloprune.graphs.family import family_named
 
-    weights = str(Path(__file__).parents[2] / "graphs" / "weights" / "yolov8n-shapes.pt")
+    weights = str(WEIGHTS_DIR / "yolov8n-shapes.pt")
     prepared = prepare(weights, imgsz=IMGSZ)
     plan = plan_for(prepared, CompileOptions(weights, imgsz=IMGSZ, macs=0.5))
     pruned = apply_plan(prepared.model, plan)

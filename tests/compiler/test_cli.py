@@ -568,3 +568,13 @@ def test_compile_with_sensitivity_allocation_records_it_and_replays(
     argv = ["compile", tiny6_yaml, "--imgsz", 64, "--plan", out / "tiny6-plan.json"]
     assert run_cli(*argv, "--out", replay, "--no-bench", "--data", shapes_data) == 0
     assert PruningPlan.load(replay / "tiny6-plan.json").groups == plan.groups
+
+
+def test_sweep_points_take_the_sensitivity_allocation(shapes_data):
+    from yoloprune.compiler.cli import build_parser, sweep_options
+
+    argv = ["sweep", "m.yaml", "--macs", "0.8,0.5", "--data", str(shapes_data)]
+    argv += ["--allocation", "sensitivity", "--allocation-images", "4"]
+    point = sweep_options(build_parser().parse_args(argv)).point(0.5)
+    assert (point.allocation, point.allocation_images) == ("sensitivity", 4)
+    assert point.settings.planner == "sensitivity" and point.settings.constraints.max_ratio == 0.6

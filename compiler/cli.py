@@ -199,8 +199,9 @@ def _planning_args(p: argparse.ArgumentParser) -> None:
         "--allocation-images",
         type=int_in(1, 100_000),
         default=None,
-        help=f"images --allocation sensitivity measures on (default {DEFAULT_ALLOCATION_IMAGES} "
-        "at 256 px, as many pixels at larger sizes, at least 8: 8 at 640)",
+        help="at most this many unlabeled images --allocation sensitivity measures on, the first "
+        f"of those reconstruction reads (default {DEFAULT_ALLOCATION_IMAGES} at 256 px, as many "
+        "pixels at larger sizes, at least 8: 8 at 640)",
     )
     p.add_argument(
         "--latency-aware",

@@ -158,7 +158,9 @@ def group_sensitivity(prepared: Prepared, options: CompileOptions) -> GroupSensi
     if settings.planner != "sensitivity":
         return None
     count = allocation_image_count(settings.allocation_images, prepared.imgsz)
-    files = tuple(options.images.files[:count])
+    # the first of the images reconstruction reads, listed as if it read at least ``count``
+    source = options.images
+    files = tuple(source.spread(max(count, source.settings.images))[:count])
     key = ("sensitivity", files, settings.importance, options.seed)
     if key not in prepared.measured:
         prepared.measured[key] = GroupSensitivity(files, prepared.imgsz)

@@ -71,9 +71,13 @@ class Reconstruction:
 
     @cached_property
     def files(self) -> list[Path]:
+        return self.spread(self.settings.images)
+
+    def spread(self, count: int) -> list[Path]:
+        """At most ``count`` of the source's images, evenly spread over it in a fixed order."""
         from yoloprune.compiler.quantize import Calibration
 
-        return Calibration(self.folder, self.data, self.settings.images).files
+        return Calibration(self.folder, self.data, count).files
 
     @property
     def source(self) -> str:

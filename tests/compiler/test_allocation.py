@@ -248,3 +248,10 @@ def test_plans_at_other_targets_reuse_the_measurement(tiny_model, tmp_path, monk
     assert len(calls) == 1 and plans[0].sensitivity == plans[1].sensitivity
     assert plans[0].sensitivity["images"] == 3  # all there are (the default asks for 32)
     assert plans[0].alignment is not None  # --round-to auto chose among candidates
+    # a given count is honoured even where reconstruction reads fewer images
+    options = CompileOptions(
+        "m.yaml", imgsz=64, macs=0.5, calib_images=folder, allocation="sensitivity",
+        reconstruct_images=2, allocation_images=3,
+    )  # fmt: skip
+    assert plan_for(prepared, options).sensitivity["images"] == 3
+    assert len(calls) == 1  # the same three images as above: the measurement is reused

@@ -32,12 +32,11 @@ import torch_pruning as tp
 from torch import nn
 
 from yoloprune.compiler.planner import (
-    MACS_TOLERANCE,
     Constraints,
     MacCounter,
     Target,
-    TargetUnreachable,
     _floor,
+    refuse_missed_macs,
     tie_members,
 )
 from yoloprune.graphs.dependency import ChannelGroup, head_convs
@@ -299,13 +298,7 @@ def allocate(
         previous, counts = counts, step
     if abs(objective(previous) - goal) < abs(objective(counts) - goal):
         counts = previous
-    reached = objective(counts)
-    if target.kind == "macs" and abs(reached / goal - 1) > MACS_TOLERANCE:
-        raise TargetUnreachable(
-            f"--macs {target.value:g} cannot be met within ±{MACS_TOLERANCE:.0%} (best: "
-            f"{reached:.3f}) with --allocation sensitivity, --round-to {c.round_to} and "
-            f"--max-ratio {c.max_ratio:g}; raise --max-ratio or ask for more MACs"
-        )
+    refuse_missed_macs(target, objective(counts), c, "--allocation sensitivity, ")
     return counts
 
 
@@ -323,9 +316,8 @@ def _cheapest_step(counts, units, curves, sizes, lowest, objective, round_to):
         if saved <= 0:
             continue
         added = sum(
-            curve_error(curves[i], sizes[i], trial[i]) - curve_error(curves[i], sizes[i], counts[i])
-            for i in trial
-            if trial[i] != counts[i]
+            curve_error(curves[i], sizes[i], below[i]) - curve_error(curves[i], sizes[i], counts[i])
+            for i in unit
         )
         if best is None or added / saved < best[0]:
             best = (added / saved, trial)

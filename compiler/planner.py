@@ -281,13 +281,7 @@ def make_plan(
         else:
             counts, _ = _solve(count_fn, lo, hi, macs_fraction, target.value)
 
-    macs_after = counter.macs(counts)
-    if target.kind == "macs" and abs(macs_after / macs_before / target.value - 1) > MACS_TOLERANCE:
-        raise TargetUnreachable(
-            f"--macs {target.value:g} cannot be met within ±{MACS_TOLERANCE:.0%} (best: "
-            f"{macs_after / macs_before:.3f}) with --round-to {c.round_to} and --max-ratio "
-            f"{c.max_ratio:g}; raise --max-ratio, lower --round-to or ask for more MACs"
-        )
+    refuse_missed_macs(target, counter.macs(counts) / macs_before, c)
     return plan_from_counts(
         model_name,
         imgsz,
@@ -301,6 +295,17 @@ def make_plan(
         importance=importance,
         seed=seed,
     )
+
+
+def refuse_missed_macs(target: Target, reached: float, c: Constraints, how: str = "") -> None:
+    """A ``--macs`` target is met within :data:`MACS_TOLERANCE` of MACs kept ``reached``, or
+    refused naming the limits that bind (``how``: the allocation, where it matters)."""
+    if target.kind == "macs" and abs(reached / target.value - 1) > MACS_TOLERANCE:
+        raise TargetUnreachable(
+            f"--macs {target.value:g} cannot be met within ±{MACS_TOLERANCE:.0%} (best: "
+            f"{reached:.3f}) with {how}--round-to {c.round_to} and --max-ratio "
+            f"{c.max_ratio:g}; raise --max-ratio, lower --round-to or ask for more MACs"
+        )
 
 
 def plan_from_counts(

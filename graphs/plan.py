@@ -190,13 +190,19 @@ _ALIGNMENT_FIELDS = {
 }
 
 
+def _checked_record(key: str, record, kinds: dict) -> None:
+    """A record of exactly ``kinds``' fields, each of its type (or one of its types)."""
+    if type(record) is not dict or set(record) != set(kinds):
+        raise TypeError(f"{key} must be a mapping of {sorted(kinds)}")
+    for name, kind in kinds.items():
+        allowed = kind if isinstance(kind, tuple) else (kind,)
+        if type(record[name]) not in allowed:
+            raise TypeError(f"{key}.{name} must be a {' or '.join(k.__name__ for k in allowed)}")
+
+
 def _checked_alignment(record) -> dict:
     """``--round-to auto``'s record, as compiler.alignment writes it (shown, never executed)."""
-    if type(record) is not dict or set(record) != set(_ALIGNMENT_FIELDS):
-        raise TypeError(f"alignment must be a mapping of {sorted(_ALIGNMENT_FIELDS)}")
-    for name, kind in _ALIGNMENT_FIELDS.items():
-        if type(record[name]) is not kind:
-            raise TypeError(f"alignment.{name} must be a {kind.__name__}")
+    _checked_record("alignment", record, _ALIGNMENT_FIELDS)
     for row in record["candidates"]:
         if not (
             type(row) is dict
@@ -208,14 +214,12 @@ def _checked_alignment(record) -> dict:
     return record
 
 
+_SENSITIVITY_FIELDS = {"images": int, "levels": list, "seconds": (int, float), "errors": dict}
+
+
 def _checked_sensitivity(record) -> dict:
     """``--allocation sensitivity``'s record, as compiler.allocation writes it (shown only)."""
-    fields_ = {"images": int, "levels": list, "seconds": (int, float), "errors": dict}
-    if type(record) is not dict or set(record) != set(fields_):
-        raise TypeError(f"sensitivity must be a mapping of {sorted(fields_)}")
-    for name, kind in fields_.items():
-        if not isinstance(record[name], kind) or isinstance(record[name], bool):
-            raise TypeError(f"sensitivity.{name} is malformed")
+    _checked_record("sensitivity", record, _SENSITIVITY_FIELDS)
     for group, curve in record["errors"].items():
         if type(curve) is not dict or not all(
             type(k) is str and k.isdigit() and type(e) in (int, float) and math.isfinite(e)

@@ -267,6 +267,18 @@ def curve_error(curve: Curve, size: int, kept: int) -> float:
     return max(0.0, e0 + (e1 - e0) * (kept - k0) / (k1 - k0))
 
 
+def error_cost(curves: dict[str, Curve], sizes: dict[str, int]):
+    """The latency knapsack's step cost (compiler.latency_planner.StepCost) under
+    ``--allocation sensitivity``: the head output error a group's curve adds from ``now``
+    channels kept to ``after``."""
+
+    def cost(gid: str, now: int, after: int) -> float:
+        curve, size = curves[gid], sizes[gid]
+        return curve_error(curve, size, after) - curve_error(curve, size, now)
+
+    return cost
+
+
 def allocate(
     groups: list[ChannelGroup],
     curves: dict[str, Curve],

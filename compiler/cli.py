@@ -193,7 +193,8 @@ def _planning_args(p: argparse.ArgumentParser) -> None:
         help="how many channels each group keeps: uniform (default: the same fraction), "
         "global (= --global), or sensitivity: each group pruned alone on unlabeled images "
         "(--calib-images or --data's train split), its error on the head's outputs measured, "
-        "channels removed where they add the least error per MAC (--max-ratio defaults to 0.6)",
+        "channels removed where they add the least error per MAC (--max-ratio defaults to 0.6); "
+        "with --latency-aware, --speedup or --latency-ms: the least error per millisecond",
     )
     p.add_argument(
         "--allocation-images",

@@ -7,8 +7,11 @@ by the measured whole-model latency over the table's sum for the unpruned networ
 spent outside convs, and the gap between isolated and in-network layers).
 
 :func:`latency_counts` is a greedy knapsack: starting from every channel kept, it repeatedly
-removes ``round_to`` channels from the group whose next removal costs the least importance per
-millisecond saved, until the predicted latency fits the budget.
+removes ``round_to`` channels from the group whose next removal costs the least per
+millisecond saved, until the predicted latency fits the budget. What a removal costs is a
+:data:`StepCost`: the importance of the channels removed (:func:`importance_cost`, the
+default), or, with ``--allocation sensitivity``, the head output error the group's measured
+curve adds (:func:`compiler.allocation.error_cost`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -30,6 +34,21 @@ from yoloprune.graphs.plan import PruningPlan
 from yoloprune.kernels.latency_table import ConvShape, LatencyTable, open_table
 
 DEFAULT_GRID = (0.25, 0.5, 0.75, 1.0)
+
+# What a step loses: (group id, channels kept now, channels kept after) -> cost (>= 0 for
+# importance; a measured error may dip below 0 where removal helped)
+StepCost = Callable[[str, int, int], float]
+
+
+def importance_cost(scores: dict[str, torch.Tensor]) -> StepCost:
+    """A step's cost: the summed importance of the lowest-scored channels it removes."""
+    ascending = {gid: torch.sort(s).values for gid, s in scores.items()}
+
+    def cost(gid: str, now: int, after: int) -> float:
+        size = len(ascending[gid])
+        return float(ascending[gid][size - now : size - after].sum())
+
+    return cost
 
 
 @dataclass(frozen=True)
@@ -177,7 +196,7 @@ def _next_count(size: int, current: int, round_to: int, floor: int) -> int | Non
 
 def latency_counts(
     groups: list[ChannelGroup],
-    scores: dict[str, torch.Tensor],
+    cost: StepCost,
     model: LatencyModel,
     budget_ms: float,
     round_to: int,
@@ -190,12 +209,13 @@ def latency_counts(
     (latency-aware allocation under a MACs target). Groups in ``droppable`` (hidden groups of
     residual blocks, :func:`graphs.blocks.droppable_blocks`) have one more step past their
     floor: 0 channels, the block removed (its remaining importance lost, its convs' time
-    saved). Tied groups (a split block's halves, equal counts) step together, as one."""
+    saved). Tied groups (a split block's halves, equal counts) step together, as one.
+    ``cost`` prices each step (:data:`StepCost`)."""
     droppable = droppable or {}
     prunable = [g for g in groups if not g.protected]
     counts = {g.id: g.size for g in prunable}
+    sizes = {g.id: g.size for g in prunable}
     members = tie_members(prunable)  # each group's tie (itself alone when untied)
-    ascending = {g.id: torch.sort(scores[g.id]).values for g in prunable}
     floors = {g.id: math.ceil(g.size * (1 - max_ratio) / round_to) * round_to for g in prunable}
     total = model.predict(counts)
     version = dict.fromkeys(counts, 0)
@@ -207,28 +227,26 @@ def latency_counts(
 
     def candidate(gid: str):
         """(priority, next count, ms saved). Steps saving predicted time rank first, by
-        importance lost per ms; under a MACs goal, steps the table says save nothing (flat or
-        noisy measurements) still rank after them, by importance lost per MAC saved."""
-        size = len(ascending[gid])
-        nxt = _next_count(size, counts[gid], round_to, floors[gid])
+        cost per ms; under a MACs goal, steps the table says save nothing (flat or noisy
+        measurements) still rank after them, by cost per MAC saved."""
+        nxt = _next_count(sizes[gid], counts[gid], round_to, floors[gid])
         if nxt is None and gid in droppable and counts[gid] > 0:
             nxt = 0
         if nxt is None:
             return None
         tie = members[gid]
-        # the next lowest scores of every member
-        cost = sum(float(ascending[m][size - counts[m] : size - nxt].sum()) for m in tie)
+        lost = sum(cost(m, counts[m], nxt) for m in tie)
         smaller = {**counts, **dict.fromkeys(tie, nxt)}
         if len(tie) == 1:
             saved = model.group_ms(gid, counts) - model.group_ms(gid, smaller)
         else:  # members share convs (the block's cv2 reads both halves): count them once
             saved = model.predict(counts) - model.predict(smaller)
         if saved > 1e-9:
-            return ((0, cost / saved), nxt, saved)
+            return ((0, lost / saved), nxt, saved)
         if macs_goal is None:
             return ((1, math.inf), nxt, saved)
         macs_saved = macs_goal[0].macs(counts) - macs_goal[0].macs(smaller)
-        return ((1, cost / macs_saved if macs_saved > 0 else math.inf), nxt, saved)
+        return ((1, lost / macs_saved if macs_saved > 0 else math.inf), nxt, saved)
 
     heap = []
 
@@ -346,7 +364,7 @@ def plan_macs_latency_aware(request, settings: LatencySettings) -> PruningPlan:
     goal = counter.macs() * request.target.value
     counts, predicted = latency_counts(
         request.groups,
-        request.scores,
+        request.step_cost(),
         model,
         0.0,
         constraints.round_to,
@@ -381,11 +399,12 @@ def plan_latency(request, settings: LatencySettings, measure) -> PruningPlan:
     prunable = [g for g in request.groups if not g.protected]
     droppable = _droppable(request, constraints)
     budget, rounds, best, bracket = goal, [], None, Bracket()
+    cost = request.step_cost()
     for _ in range(settings.rounds):
         try:
             counts, predicted = latency_counts(
                 request.groups,
-                request.scores,
+                cost,
                 model,
                 budget,
                 constraints.round_to,

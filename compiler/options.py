@@ -180,7 +180,8 @@ class CompileOptions:
             )
         self._refuse_ignored()
         planner = "replay" if self.plan is not None else planner_name(self, target)
-        self._check_allocation(planner)
+        group_sensitivity = measures_group_sensitivity(self, planner)
+        self._check_allocation(group_sensitivity)
         runtime = LatencySettings(
             runtime=DEFAULT_LATENCY_RUNTIME
             if self.latency_runtime is None
@@ -211,7 +212,7 @@ class CompileOptions:
             reconstruction
             or importance in IMAGE_IMPORTANCES
             or self.precision == "int8"
-            or planner == "sensitivity"
+            or group_sensitivity
         )
         if self.calib_images is not None and not reads_images:
             raise PlanError(
@@ -238,9 +239,10 @@ class CompileOptions:
             sensitivity=sensitivity,
             calibration=calibration,
             target=target,
-            constraints=self.constraints(planner),
+            constraints=self.constraints(group_sensitivity),
             grouping=self.grouping_limits(),
             planner=planner,
+            group_sensitivity=group_sensitivity,
             importance=importance,
             allocation_images=self.allocation_images,
             latency=latency,
@@ -252,13 +254,13 @@ class CompileOptions:
             ),
         )
 
-    def _check_allocation(self, planner: str) -> None:
-        if self.allocation_images is not None and planner != "sensitivity":
+    def _check_allocation(self, group_sensitivity: bool) -> None:
+        if self.allocation_images is not None and not group_sensitivity:
             raise PlanError(
                 f"--allocation-images {self.allocation_images} sizes --allocation sensitivity's "
                 "measurement, which does not run here: drop it"
             )
-        if planner == "sensitivity" and self.images is None:
+        if group_sensitivity and self.images is None:
             raise PlanError(
                 "--allocation sensitivity measures on unlabeled images: add --calib-images DIR "
                 "or --data data.yaml (its train split)"
@@ -416,10 +418,10 @@ class CompileOptions:
             defaults.memory_gib if self.group_memory_gib is None else self.group_memory_gib,
         )
 
-    def constraints(self, planner: str = "uniform") -> Constraints:
+    def constraints(self, group_sensitivity: bool = False) -> Constraints:
         defaults = Constraints()
         fixed = type(self.round_to) is int
-        max_ratio = SENSITIVITY_MAX_RATIO if planner == "sensitivity" else defaults.max_ratio
+        max_ratio = SENSITIVITY_MAX_RATIO if group_sensitivity else defaults.max_ratio
         return Constraints(  # round_to "auto" is chosen at planning (CompileSettings.alignment)
             round_to=self.round_to if fixed else defaults.round_to,
             max_ratio=max_ratio if self.max_ratio is None else self.max_ratio,
@@ -477,6 +479,8 @@ class CompileSettings:
     constraints: Constraints
     grouping: GroupingLimits
     planner: str  # a name in compiler.planners.PLANNERS, or "replay" (--plan)
+    # --allocation sensitivity (alone, or pricing a latency plan's steps): groups measured
+    group_sensitivity: bool
     importance: str  # a name in compiler.score.IMPORTANCES
     allocation_images: int | None  # --allocation-images (None: allocation_image_count's)
     latency: LatencySettings | None  # latency-aware planners only
@@ -561,10 +565,16 @@ def planner_name(options: CompileOptions, target: Target) -> str:
             )
         allocation = "global"
     if target.latency or options.latency_aware:
-        if allocation is not None:
+        if allocation not in (None, "sensitivity"):
             raise PlanError(
                 f"--allocation {allocation}: latency plans allocate channels by the time they "
-                "save (--speedup, --latency-ms, --latency-aware); drop one"
+                "save (--speedup, --latency-ms, --latency-aware), priced by importance or, "
+                "with --allocation sensitivity, by measured error; drop one"
+            )
+        if allocation == "sensitivity" and options.drop_blocks:
+            raise PlanError(
+                "--drop-blocks with --allocation sensitivity: a removed block's error is not "
+                "measured (only kept fractions 3/4, 1/2, 1/4 are); drop one"
             )
         if target.latency:
             return "latency"
@@ -572,6 +582,14 @@ def planner_name(options: CompileOptions, target: Target) -> str:
             raise PlanError("--latency-aware plans a --macs target")
         return "latency-aware"
     return allocation or "uniform"
+
+
+def measures_group_sensitivity(options: CompileOptions, planner: str) -> bool:
+    """Whether the planner prices removals by each group's measured head error
+    (--allocation sensitivity, alone or with a latency plan)."""
+    return planner == "sensitivity" or (
+        planner in ("latency", "latency-aware") and options.allocation == "sensitivity"
+    )
 
 
 # A compile's fine-tune (--epochs N): AdamW (lr0 0.003, TrainSettings' default), distilled from

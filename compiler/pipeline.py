@@ -155,7 +155,7 @@ def plan_request(prepared: Prepared, options: CompileOptions) -> PlanRequest:
 def group_sensitivity(prepared: Prepared, options: CompileOptions) -> GroupSensitivity | None:
     """--allocation sensitivity's measurement of this model (made once, then reused)."""
     settings = options.settings
-    if settings.planner != "sensitivity":
+    if not settings.group_sensitivity:
         return None
     count = allocation_image_count(settings.allocation_images, prepared.imgsz)
     # the first of the images reconstruction reads, listed as if it read at least ``count``

@@ -18,9 +18,11 @@ from functools import cached_property
 import torch
 from torch import nn
 
-from yoloprune.compiler.allocation import GroupSensitivity, allocate
+from yoloprune.compiler.allocation import GroupSensitivity, allocate, error_cost
 from yoloprune.compiler.latency_planner import (
     LatencySettings,
+    StepCost,
+    importance_cost,
     plan_latency,
     plan_macs_latency_aware,
 )
@@ -62,6 +64,25 @@ class PlanRequest:
     def scores(self) -> dict[str, torch.Tensor]:
         """The importance of every prunable group's channels (computed once)."""
         return self.importance(self.model, self.graph, self.groups, self.seed)
+
+    def curves(self) -> dict[str, dict[int, float]]:
+        """--allocation sensitivity's measured curves (measured once: compiler.allocation)."""
+        if self.sensitivity is None:
+            raise PlanError("--allocation sensitivity needs calibration images (--calib-images)")
+        return self.sensitivity(self.model, self.graph, self.groups, self.scores)
+
+    def step_cost(self) -> StepCost:
+        """What a latency planner's step loses: the channels' importance, or, with
+        --allocation sensitivity, the head output error their groups' curves add."""
+        if self.sensitivity is None:
+            return importance_cost(self.scores)
+        return error_cost(self.curves(), {g.id: g.size for g in self.groups})
+
+    def with_sensitivity(self, plan: PruningPlan) -> PruningPlan:
+        """``plan`` with the sensitivity measurement it was allocated by, if any."""
+        if self.sensitivity is None:
+            return plan
+        return replace(plan, sensitivity=self.sensitivity.record(self.curves()))
 
     def plan_keeping(self, counts: dict[str, int], allocation: str) -> PruningPlan:
         """The plan keeping ``counts[id]`` highest-scored channels in each prunable group."""
@@ -136,28 +157,29 @@ def global_threshold(request: PlanRequest) -> PruningPlan:
 def sensitivity(request: PlanRequest) -> PruningPlan:
     """``--allocation sensitivity``: each group's error on the head measured alone, channels
     removed where they add the least error per MAC (compiler.allocation)."""
-    if request.sensitivity is None:
-        raise PlanError("--allocation sensitivity needs calibration images (--calib-images)")
     if request.target.kind not in ("macs", "ratio"):
         raise PlanError("--allocation sensitivity plans a --macs or --ratio target")
-    curves = request.sensitivity(request.model, request.graph, request.groups, request.scores)
+    curves = request.curves()
     counts = allocate(request.groups, curves, request.counter, request.target, request.constraints)
-    plan = request.plan_keeping(counts, "sensitivity")
-    return replace(plan, sensitivity=request.sensitivity.record(curves))
+    return request.with_sensitivity(request.plan_keeping(counts, "sensitivity"))
 
 
 @register_planner("latency")
 def latency(request: PlanRequest) -> PruningPlan:
-    """``--speedup`` / ``--latency-ms``: the table-driven knapsack, checked on the runtime."""
+    """``--speedup`` / ``--latency-ms``: the table-driven knapsack, checked on the runtime
+    (its steps priced by importance, or by measured error with --allocation sensitivity)."""
     if request.measure is None:
         raise PlanError("the latency planner needs a measure callable (the target runtime)")
-    return plan_latency(request, request.latency_settings(), request.measure)
+    return request.with_sensitivity(
+        plan_latency(request, request.latency_settings(), request.measure)
+    )
 
 
 @register_planner("latency-aware")
 def latency_aware(request: PlanRequest) -> PruningPlan:
-    """``--macs`` with ``--latency-aware``: MACs removed where they cost the most time."""
-    return plan_macs_latency_aware(request, request.latency_settings())
+    """``--macs`` with ``--latency-aware``: MACs removed where they cost the most time (and,
+    with --allocation sensitivity, the least measured error)."""
+    return request.with_sensitivity(plan_macs_latency_aware(request, request.latency_settings()))
 
 
 @register_planner("unstructured")

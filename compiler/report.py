@@ -234,10 +234,15 @@ def render_markdown(report: dict) -> str:
     if plan.get("sensitivity"):
         measured = plan["sensitivity"]
         levels = " / ".join(f"{level:g}" for level in measured["levels"])
+        priced = (
+            "channels removed where they add the least error per MAC"
+            if plan["allocation"] == "sensitivity"
+            else "the latency plan removed channels where they add the least error per ms"
+        )
         lines += [
             f"Sensitivity allocation: each group pruned alone to {levels} of its channels on "
             f"{measured['images']} unlabeled images, its head output error measured "
-            f"({measured['seconds']:g} s); the curves are in the plan file.",
+            f"({measured['seconds']:g} s); {priced}. The curves are in the plan file.",
             "",
         ]
     if plan.get("drop_blocks"):

@@ -549,21 +549,31 @@ def test_the_allocation_choices_and_default_match_the_options():
     assert set(options.ALLOCATIONS) <= set(PLANNERS)
 
 
+@pytest.mark.parametrize(
+    ("latency_aware", "allocation", "priced"),
+    [(False, "sensitivity", "error per MAC"), (True, "latency", "error per ms")],
+)
 def test_compile_with_sensitivity_allocation_records_it_and_replays(
-    tmp_path, tiny6_yaml, shapes_data
+    tmp_path, tiny6_yaml, shapes_data, latency_aware, allocation, priced
 ):
     out = tmp_path / "out"
     argv = ["compile", tiny6_yaml, "--imgsz", 64, "--macs", 0.6, "--out", out, "--no-bench"]
     argv += ["--data", shapes_data, "--allocation", "sensitivity", "--allocation-images", 4]
+    if latency_aware:
+        argv += ["--latency-aware", "--threads", 1, "--latency-table", tmp_path / "t.json"]
     assert run_cli(*argv, "--round-to", 8) == 0
     report = json.loads((out / "report.json").read_text())
     plan = PruningPlan.load(out / "tiny6-plan.json")
-    assert report["plan"]["allocation"] == plan.allocation == "sensitivity"
+    assert report["plan"]["allocation"] == plan.allocation == allocation
     assert report["plan"]["max_ratio"] == 0.6
     assert report["plan"]["sensitivity"]["images"] == plan.sensitivity["images"] == 4
     assert set(plan.sensitivity["errors"]) == {g.id for g in plan.groups}
-    assert "Sensitivity allocation: each group pruned alone" in (out / "report.md").read_text()
-    assert abs(plan.macs_ratio / 0.6 - 1) <= 0.03
+    text = (out / "report.md").read_text()
+    assert "Sensitivity allocation: each group pruned alone" in text and priced in text
+    if latency_aware:  # stops at the first step under the target (steps of ~8% here)
+        assert 0.52 <= plan.macs_ratio <= 0.6
+    else:
+        assert abs(plan.macs_ratio / 0.6 - 1) <= 0.03
     replay = tmp_path / "replay"
     argv = ["compile", tiny6_yaml, "--imgsz", 64, "--plan", out / "tiny6-plan.json"]
     assert run_cli(*argv, "--out", replay, "--no-bench", "--data", shapes_data) == 0

@@ -16,6 +16,7 @@ from yoloprune.compiler.latency_planner import (
     LatencyModel,
     _counts_plan,
     conv_geometry,
+    importance_cost,
     latency_counts,
 )
 from yoloprune.compiler.pipeline import CompileOptions, mac_counter, plan_for, plan_request
@@ -50,7 +51,14 @@ def deep_counts(prepared, macs_model, droppable):
         scores,
         counter,
         latency_counts(
-            prepared.groups, scores, macs_model, 0.0, 8, 0.8, macs_goal=goal, droppable=droppable
+            prepared.groups,
+            importance_cost(scores),
+            macs_model,
+            0.0,
+            8,
+            0.8,
+            macs_goal=goal,
+            droppable=droppable,
         ),
     )
 

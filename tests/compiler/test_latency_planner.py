@@ -12,6 +12,7 @@ from yoloprune.compiler.latency_planner import (
     LatencySettings,
     _preferred,
     conv_geometry,
+    importance_cost,
     latency_counts,
 )
 from yoloprune.compiler.pipeline import (
@@ -94,7 +95,9 @@ def test_calibration_scales_to_the_measured_whole_model(macs_model):
 def test_greedy_meets_budget_keeps_importance_and_alignment(prepared, macs_model):
     scores = score_groups(prepared.model, prepared.graph, prepared.groups, "l2")
     budget = 0.5 * macs_model.predict()
-    counts, predicted = latency_counts(prepared.groups, scores, macs_model, budget, 8, 0.8)
+    counts, predicted = latency_counts(
+        prepared.groups, importance_cost(scores), macs_model, budget, 8, 0.8
+    )
     assert predicted <= budget
     assert predicted == pytest.approx(macs_model.predict(counts))
     assert predicted > 0.4 * macs_model.predict()  # stops soon after the budget is met
@@ -103,14 +106,23 @@ def test_greedy_meets_budget_keeps_importance_and_alignment(prepared, macs_model
             assert g.id not in counts
         elif counts[g.id] < g.size:
             assert counts[g.id] % 8 == 0 and counts[g.id] >= 0.2 * g.size
-    looser, _ = latency_counts(prepared.groups, scores, macs_model, 0.75 * budget * 2, 8, 0.8)
+    looser, _ = latency_counts(
+        prepared.groups, importance_cost(scores), macs_model, 0.75 * budget * 2, 8, 0.8
+    )
     assert sum(looser.values()) >= sum(counts.values())
 
 
 def test_impossible_budget_is_a_plan_error(prepared, macs_model):
     scores = score_groups(prepared.model, prepared.graph, prepared.groups, "l2")
     with pytest.raises(PlanError, match="cannot be met"):
-        latency_counts(prepared.groups, scores, macs_model, 0.01 * macs_model.predict(), 8, 0.8)
+        latency_counts(
+            prepared.groups,
+            importance_cost(scores),
+            macs_model,
+            0.01 * macs_model.predict(),
+            8,
+            0.8,
+        )
 
 
 def test_latency_targets_validate():
@@ -203,7 +215,7 @@ def test_latency_aware_allocation_stops_at_the_macs_target(prepared, macs_model)
     counter = mac_counter(prepared)
     goal = 0.5 * counter.macs()
     counts, _ = latency_counts(
-        prepared.groups, scores, macs_model, 0.0, 8, 0.8, macs_goal=(counter, goal)
+        prepared.groups, importance_cost(scores), macs_model, 0.0, 8, 0.8, macs_goal=(counter, goal)
     )
     assert 0.97 * goal <= counter.macs(counts) <= goal  # stops at the first step under it
     sizes = {g.id: g.size for g in prepared.groups}
@@ -221,12 +233,12 @@ def test_latency_aware_macs_target_is_reached_where_the_table_shows_no_saving(pr
     counter = mac_counter(prepared)
     goal = 0.6 * counter.macs()
     counts, predicted = latency_counts(
-        prepared.groups, scores, flat, 0.0, 8, 0.8, macs_goal=(counter, goal)
+        prepared.groups, importance_cost(scores), flat, 0.0, 8, 0.8, macs_goal=(counter, goal)
     )
     assert counter.macs(counts) <= goal
     assert predicted == pytest.approx(flat.predict())  # nothing saved, as the table says
     with pytest.raises(PlanError, match="cannot be met"):  # a time budget stays impossible
-        latency_counts(prepared.groups, scores, flat, 0.5 * flat.predict(), 8, 0.8)
+        latency_counts(prepared.groups, importance_cost(scores), flat, 0.5 * flat.predict(), 8, 0.8)
 
 
 def test_compile_option_latency_aware_plans_a_macs_target(tmp_path):
@@ -277,7 +289,9 @@ def test_latency_aware_plans_keep_split_halves_tied_and_meet_the_macs_target(tmp
     scores = score_groups(p.model, p.graph, p.groups, "l2")
     counter = mac_counter(p)
     goal = 0.5 * counter.macs()
-    counts, _ = latency_counts(p.groups, scores, model, 0.0, 8, 0.8, macs_goal=(counter, goal))
+    counts, _ = latency_counts(
+        p.groups, importance_cost(scores), model, 0.0, 8, 0.8, macs_goal=(counter, goal)
+    )
     assert 0.97 * goal <= counter.macs(counts) <= goal
     ties: dict[str, set[int]] = {}
     for g in p.groups:
@@ -370,3 +384,51 @@ def test_the_closed_loop_keeps_the_slowest_plan_meeting_the_goal(tmp_path, monke
         else:
             too_fast = max(too_fast, r["budget_ms"])
     assert bracketed  # some round was planned inside a bracket of both sides
+
+
+def test_error_priced_steps_spare_the_group_whose_measured_error_is_high(prepared, macs_model):
+    """With --allocation sensitivity the knapsack prices a step by the error the group's curve
+    adds, not by importance: the group importance pruned most, given a curve a thousand times
+    steeper than the others', is left whole, and the MACs target is still met."""
+    from yoloprune.compiler.allocation import LEVELS, error_cost
+
+    counter = mac_counter(prepared)
+    goal = (counter, 0.6 * counter.macs())
+    scores = score_groups(prepared.model, prepared.graph, prepared.groups, "l2")
+    by_importance, _ = latency_counts(
+        prepared.groups, importance_cost(scores), macs_model, 0.0, 8, 0.8, macs_goal=goal
+    )
+    prunable = [g for g in prepared.groups if not g.protected and not g.tie]
+    precious = max(prunable, key=lambda g: g.size - by_importance[g.id])
+    assert by_importance[precious.id] < precious.size  # importance does prune it
+    sizes = {g.id: g.size for g in prepared.groups}
+    curves = {
+        g.id: {round(g.size * f): (1000.0 if g is precious else 1.0) * (1 - f) for f in LEVELS}
+        for g in prepared.groups
+        if not g.protected
+    }
+    by_error, _ = latency_counts(
+        prepared.groups, error_cost(curves, sizes), macs_model, 0.0, 8, 0.8, macs_goal=goal
+    )
+    assert by_error[precious.id] == precious.size
+    assert counter.macs(by_error) <= goal[1]
+
+
+def test_latency_aware_plans_can_be_priced_by_measured_sensitivity(tmp_path):
+    from tests.compiler.test_allocation import _image_files
+
+    p = randomized_tiny(tmp_path, IMGSZ)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    _image_files(folder, 3)
+    options = CompileOptions(
+        "tiny.yaml", macs=0.6, latency_aware=True, allocation="sensitivity", threads=1,
+        calib_images=folder, latency_table=tmp_path / "t.json", round_to=8,
+    )  # fmt: skip
+    assert options.settings.planner == "latency-aware" and options.settings.group_sensitivity
+    plan = plan_for(p, options)
+    assert plan.allocation == "latency" and plan.sensitivity["images"] == 3
+    assert plan.max_ratio == 0.6 and plan.macs_ratio <= 0.6
+    assert set(plan.sensitivity["errors"]) == {g.id for g in p.groups if not g.protected}
+    floor = {g.id: math.ceil(0.4 * g.size / 8) * 8 for g in p.groups}
+    assert all(len(g.keep) >= min(floor[g.id], g.size) for g in plan.groups)

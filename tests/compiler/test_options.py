@@ -123,6 +123,14 @@ def test_flags_select_a_registered_planner(changes, planner):
             "--allocation global: latency plans allocate",
         ),
         ({"speedup": 2.0, "allocation": "uniform"}, "--allocation uniform: latency plans"),
+        (
+            {"macs": 0.5, "latency_aware": True, "allocation": "sensitivity", "drop_blocks": True},
+            "--drop-blocks with --allocation sensitivity",
+        ),
+        (
+            {"macs": 0.5, "latency_aware": True, "allocation": "sensitivity"},
+            "--allocation sensitivity measures on",
+        ),
         ({"macs": 0.5, "allocation": "sensitivity"}, "--allocation sensitivity measures on"),
         ({"macs": 0.5, "allocation": "random"}, "--allocation random: use one of"),
         ({"allocation": "sensitivity", "global_allocation": True}, "--global is --allocation"),
@@ -217,6 +225,13 @@ def test_sensitivity_allocation_reads_the_first_calibration_images_and_floors_at
     ).settings  # fmt: skip
     assert given.constraints.max_ratio == 0.7 and given.allocation_images == 2
     assert CompileOptions("m.yaml", allocation="global").settings.planner == "global"
+    for latency in ({"macs": 0.5, "latency_aware": True}, {"speedup": 2.0}):
+        priced = CompileOptions(
+            "m.yaml", calib_images=image_folder, allocation="sensitivity", **latency
+        ).settings
+        assert priced.planner.startswith("latency") and priced.group_sensitivity
+        assert priced.constraints.max_ratio == 0.6 and priced.latency is not None
+    assert not CompileOptions("m.yaml", macs=0.5, latency_aware=True).settings.group_sensitivity
     plan = image_folder / "plan.json"
     plan.write_text("{}")  # read only when the compile runs
     with pytest.raises(PlanError, match="replays its own target and settings: drop --allocation"):

@@ -250,8 +250,9 @@ def architectures(prepared, imgsz: int, data_yaml: Path) -> dict:
             f"uniform L2, round_to 8, {OURS_AFTER_PLAN}",
         )
     taylor = CompileOptions(
-        str(MODEL), macs=0.3, importance="taylor", data=data_yaml, reconstruct=False, round_to=8
-    )
+        str(MODEL), macs=0.3, importance="taylor", data=data_yaml, reconstruct=False, round_to=8,
+        allocation="uniform",
+    )  # fmt: skip
     models["yoloprune MACs 0.3 Taylor"] = (
         ours(taylor),
         f"uniform Taylor (8 batches of 16 train images), round_to 8, {OURS_AFTER_PLAN}",

@@ -1,10 +1,13 @@
-"""Allocation on trained models: the default plan (uniform, `--round-to auto`) against
-`--latency-aware` and `--global` (importance ranked across layers, no latency) at the same
-MACs, one-shot (compile with --data: energy importance, reconstruction, no fine-tune), on the
-embedded YOLOv5n and YOLOv8n. The pruned ONNX files and the original are timed together (ONNX
-Runtime CPU, batch 1, interleaved, several passes); each file's mAP is its own, on the
-synthetic val split. Also the two label-free signals that could choose between the plans
-without labels: the importance each removes and the head's output error after reconstruction.
+"""Allocation on trained models: the default plan (`--allocation sensitivity`, measured head
+error per MAC, `--round-to auto`) against `--allocation uniform` (the default before
+2026-12-02), `--latency-aware`, `--global` (importance ranked across layers, no latency) and
+`--latency-aware --allocation sensitivity` (measured head error per ms) at the same MACs,
+one-shot (compile with --data: energy importance, reconstruction, no fine-tune), on the
+trained YOLOv5n, YOLOv8n and YOLO26n.
+The pruned ONNX files and the original are timed together (ONNX Runtime CPU, batch 1,
+interleaved, several passes); each file's mAP is its own, on the synthetic val split. Also
+the two label-free signals that could choose between the plans without labels: the
+importance each removes and the head's output error after reconstruction.
 
     python benchmarks/allocation.py [--macs 0.5] [--runs 30] [--passes 3]
 Writes benchmarks/results/allocation.{json,md}.
@@ -25,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.precision import MODELS, shapes  # noqa: E402
+from benchmarks.precision import shapes  # noqa: E402
 from yoloprune.compiler.alignment import removed_importance  # noqa: E402
 from yoloprune.compiler.export import export_onnx  # noqa: E402
 from yoloprune.compiler.pipeline import CompileOptions, compile_model, prepare  # noqa: E402
@@ -42,10 +45,18 @@ from yoloprune.kernels.ort import (  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 RECIPES = {
-    "default flags": {},
+    "default flags": {},  # --allocation sensitivity since 2026-12-02
+    "--allocation uniform": {"allocation": "uniform"},  # the default before
     "--latency-aware": {"latency_aware": True},
     "--global": {"global_allocation": True},  # cross-layer ranking without latency
+    "--latency-aware --allocation sensitivity": {
+        "latency_aware": True,
+        "allocation": "sensitivity",
+    },
 }
+MODELS = [
+    ROOT / "graphs" / "weights" / f"{name}-shapes.pt" for name in ("yolov5n", "yolov8n", "yolo26n")
+]
 
 
 def main() -> None:
@@ -140,7 +151,8 @@ def energy_scores(checkpoint: Path, data_yaml: Path, prepared) -> dict:
 def render(result: dict) -> str:
     m = result["machine"]
     lines = [
-        "# Allocation on trained models: default plan against `--latency-aware` and `--global`",
+        "# Allocation on trained models: the default (measured sensitivity) against uniform, "
+        "`--latency-aware` and `--global`",
         "",
         f"MACs kept {result['macs']:g}, one-shot (compile with `--data {result['data']}`: "
         "energy importance, reconstruction on 128 unlabeled train images, no fine-tune). "

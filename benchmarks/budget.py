@@ -64,8 +64,9 @@ def build(prepared, data_yaml: Path, macs: float) -> dict:
     """The two pruned models before fine-tuning: {name: (model, recipe, distill weight)}."""
     base, imgsz = prepared.model, prepared.imgsz
     options = CompileOptions(
-        str(MODEL), macs=macs, importance="taylor", data=data_yaml, reconstruct=False, round_to=8
-    )
+        str(MODEL), macs=macs, importance="taylor", data=data_yaml, reconstruct=False, round_to=8,
+        allocation="uniform",
+    )  # fmt: skip
     ours = pruned_like_compile(prepared, options, data_yaml)
     theirs, ratio, _ = recipes.torch_pruning_default(base, macs, imgsz)
     oneshot = pruned_like_compile(

@@ -43,11 +43,12 @@ MODELS = [
 ]
 RECIPES = {
     # the default before reconstruction: L2, BatchNorm statistics re-estimated
-    "recalibrate": {"reconstruct": False, "importance": "l2"},
-    "reconstruct, L2": {"importance": "l2"},
-    "reconstruct, obs": {"importance": "obs"},
-    "reconstruct, energy": {},  # compile's default with --data or --calib-images
-    "reconstruct, energy, sensitivity": {"allocation": "sensitivity"},
+    "recalibrate": {"reconstruct": False, "importance": "l2", "allocation": "uniform"},
+    "reconstruct, L2": {"importance": "l2", "allocation": "uniform"},
+    "reconstruct, obs": {"importance": "obs", "allocation": "uniform"},
+    # compile's default with --data or --calib-images until 2026-12-02
+    "reconstruct, energy": {"allocation": "uniform"},
+    "reconstruct, energy, sensitivity": {},  # compile's default with images since 2026-12-02
 }
 DEFAULT_RECIPE = "reconstruct, energy"
 SENSITIVITY_RECIPE = "reconstruct, energy, sensitivity"

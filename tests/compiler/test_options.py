@@ -37,8 +37,9 @@ def test_given_values_are_honoured_not_replaced():
         lr0=0.002,
         optimizer="adamw",
         distill=0.0,
-        reconstruct=False,  # reconstruction and the default importance would read d.yaml
-        importance="l2",
+        reconstruct=False,  # reconstruction, the default importance and allocation would read
+        importance="l2",  # d.yaml
+        allocation="uniform",
     )
     s = options.settings
     assert s.target == Target("ratio", 0.3) and s.constraints.round_to == 16
@@ -51,7 +52,12 @@ def test_given_values_are_honoured_not_replaced():
 
 
 def test_fine_tune_defaults_are_distilled_adamw_with_one_update_per_batch():
-    given = {"data": Path("d.yaml"), "reconstruct": False, "importance": "l2"}  # reads no data
+    given = {
+        "data": Path("d.yaml"),
+        "reconstruct": False,
+        "importance": "l2",
+        "allocation": "uniform",
+    }
     train = CompileOptions("m.yaml", epochs=2, **given).settings.train
     assert (train.optimizer, train.distill, train.batch, train.augment) == ("adamw", 1.0, 8, False)
     assert train.lr0 is None and train.default_lr0 == 0.003
@@ -197,7 +203,15 @@ def test_reconstruction_is_on_wherever_images_are_at_hand(image_folder):
     [
         ({"reconstruct_images": 8}, "reconstruction reads images"),
         ({"reconstruct_images": 8, "reconstruct": False}, "drop --no-reconstruct"),
-        ({"calib_images": "FOLDER", "reconstruct": False, "importance": "l2"}, "none runs here"),
+        (
+            {
+                "calib_images": "FOLDER",
+                "reconstruct": False,
+                "importance": "l2",
+                "allocation": "uniform",
+            },
+            "none runs here",
+        ),
         (
             {"calib_images": "FOLDER", "method": "unstructured", "ratio": 0.3},
             "none runs here",

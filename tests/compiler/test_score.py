@@ -53,7 +53,7 @@ def test_taylor_prunes_channels_that_carry_nothing_first(model, shapes_yaml):
     assert not set(dead) & set(group.keep)  # zero |weight x gradient|: removed first
     assert all(p.grad is None for p in model.parameters())  # scoring leaves no gradients
     again = plan_for(prepared_for(model, 64), options)
-    assert again.to_json() == plan.to_json()  # fixed batches: the same plan
+    assert again.groups == plan.groups  # fixed batches: the same plan
 
 
 def test_taylor_without_data_is_a_clear_error(model):

@@ -9,7 +9,7 @@ interleaved, several passes); each file's mAP is its own, on the synthetic val s
 the two label-free signals that could choose between the plans without labels: the
 importance each removes and the head's output error after reconstruction.
 
-    python benchmarks/allocation.py [--macs 0.5] [--runs 30] [--passes 3]
+    python benchmarks/allocation.py [--macs 0.5] [--runs 30] [--passes 9]
 Writes benchmarks/results/allocation.{json,md}.
 """
 
@@ -63,7 +63,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--macs", type=float, default=0.5)
     parser.add_argument("--runs", type=int, default=30)
-    parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--passes", type=int, default=9)
     parser.add_argument("--data", type=Path, default=ROOT / "runs" / "data" / "shapes")
     args = parser.parse_args()
     data_yaml, _ = shapes(args.data)
@@ -77,7 +77,7 @@ def main() -> None:
         "data": str(data_yaml),
         "runtime": "onnxruntime (CPUExecutionProvider, ORT_ENABLE_ALL), fp32",
         "batch": 1,
-        "order": order_text(False),
+        "order": order_text(False) + "; fresh sessions every pass, their order rotated",
         "runs": args.runs,
         "passes": args.passes,
         "machine": machine_info(),
@@ -121,17 +121,23 @@ def model_rows(checkpoint: Path, data_yaml: Path, folder: Path, args) -> dict:
 
 
 def timed_ratios(files: dict, imgsz: int, runs: int, passes: int) -> dict:
-    """{recipe: median over passes of (its median ms / the original's)}, with the range."""
+    """{recipe: median over passes of (its median ms / the original's)}, with the range. Each
+    pass opens fresh sessions, in an order rotated by one per pass: a session's speed can
+    differ from the next one's for the same file by a few percent on these small models (two
+    runs of this script with one session per file read uniform against sensitivity 0.730 vs
+    0.690 and 0.684 vs 0.694), more than a pass's own spread."""
     images = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
     per_pass = {name: [] for name in files if name != "original"}
-    runners = {name: OrtRunner(path) for name, path in files.items()}
-    with contextlib.ExitStack() as active:
-        for runner in runners.values():
-            active.enter_context(runner)
-        for _ in range(passes):
+    names = list(files)
+    for index in range(passes):
+        order = names[index % len(names) :] + names[: index % len(names)]
+        runners = {name: OrtRunner(files[name]) for name in order}
+        with contextlib.ExitStack() as active:
+            for runner in runners.values():
+                active.enter_context(runner)
             timings = time_runners(runners, images, runs, warmup=3)
-            for name in per_pass:
-                per_pass[name].append(timings[name].median_ms / timings["original"].median_ms)
+        for name in per_pass:
+            per_pass[name].append(timings[name].median_ms / timings["original"].median_ms)
     return {
         name: {
             "median": round(statistics.median(values), 4),

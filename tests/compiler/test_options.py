@@ -226,6 +226,26 @@ def test_reconstruction_flags_that_would_do_nothing_are_refused(image_folder, ch
         CompileOptions("m.yaml", **changes)
 
 
+def test_images_make_sensitivity_the_default_allocation_with_a_target_relative_floor(image_folder):
+    """With unlabeled images a --macs/--ratio plan is allocated by measured sensitivity, its
+    --max-ratio 0.6 down to MACs 0.5 and max(0.6, 1 - (uniform kept)^(8/3)) below; without
+    images, uniform; latency plans keep importance pricing unless sensitivity is asked for."""
+    floors = {}
+    for macs in (0.9, 0.5, 0.35, 0.3, 0.2):
+        settings = CompileOptions("m.yaml", macs=macs, calib_images=image_folder).settings
+        assert settings.planner == "sensitivity" and settings.group_sensitivity
+        floors[macs] = settings.constraints.max_ratio
+    assert floors == {0.9: 0.6, 0.5: 0.6, 0.35: 0.75, 0.3: 0.8, 0.2: 0.88}
+    ratio = CompileOptions("m.yaml", ratio=0.5, calib_images=image_folder).settings
+    assert ratio.planner == "sensitivity" and ratio.constraints.max_ratio == 0.84
+    given = CompileOptions("m.yaml", macs=0.35, calib_images=image_folder, max_ratio=0.6)
+    assert given.settings.constraints.max_ratio == 0.6  # honoured
+    without = CompileOptions("m.yaml", macs=0.35).settings
+    assert without.planner == "uniform" and without.constraints.max_ratio == 0.8
+    aware = CompileOptions("m.yaml", macs=0.5, latency_aware=True, calib_images=image_folder)
+    assert aware.settings.planner == "latency-aware" and not aware.settings.group_sensitivity
+
+
 def test_sensitivity_allocation_reads_the_first_calibration_images_and_floors_at_0_4(image_folder):
     options = CompileOptions("m.yaml", calib_images=image_folder, allocation="sensitivity")
     settings = options.settings

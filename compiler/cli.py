@@ -693,7 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_compile(args) -> int:
     from yoloprune.compiler.pipeline import CompileOptions, compile_model
-    from yoloprune.compiler.report import alignment_text, profile_text
+    from yoloprune.compiler.report import alignment_text, profile_text, sensitivity_text
 
     fields = CompileOptions.__dataclass_fields__
     options = CompileOptions(**{k: v for k, v in vars(args).items() if k in fields})
@@ -721,6 +721,10 @@ def cmd_compile(args) -> int:
     if chosen:
         source = " (as recorded in the replayed plan)" if options.plan else ""
         print(f"alignment{source}: {alignment_text(chosen)}")
+    planned = report["plan"]
+    if planned.get("sensitivity"):
+        text = sensitivity_text(planned["allocation"], planned["max_ratio"], planned["sensitivity"])
+        print(f"allocation: {text}")
     if report["alignment"].get("precision_note"):
         print(f"alignment note: {report['alignment']['precision_note']}")
     print(f"parity {report['parity']['max_abs_diff']:.2e} <= {report['parity']['tolerance']:g}")
@@ -818,6 +822,10 @@ def cmd_plan(args) -> int:
         from yoloprune.compiler.report import alignment_text
 
         print(f"alignment: {alignment_text(plan.alignment)}")
+    if plan.sensitivity:
+        from yoloprune.compiler.report import sensitivity_text
+
+        print(f"allocation: {sensitivity_text(plan.allocation, plan.max_ratio, plan.sensitivity)}")
     return 0
 
 

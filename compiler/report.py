@@ -177,6 +177,17 @@ def profile_text(latency: dict) -> str:
     return text
 
 
+def sensitivity_text(allocation: str, max_ratio: float, measured: dict) -> str:
+    """How a plan allocated by measured sensitivity was made, in one line (its record without
+    the curves, as the report keeps it)."""
+    priced = "error per MAC" if allocation == "sensitivity" else "error per ms (latency plan)"
+    return (
+        f"each group's head output error measured on {measured['images']} unlabeled images in "
+        f"{measured['seconds']:g} s; channels removed where they add the least {priced}, at "
+        f"most {max_ratio:g} of a group (--allocation uniform: the same fraction everywhere)"
+    )
+
+
 def alignment_text(record: dict) -> str:
     """``--round-to auto``'s choice in one line: each candidate's time against the finest
     plannable one's, the importance it removes and, for the faster coarse ones, what the finest

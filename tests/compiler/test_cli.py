@@ -554,7 +554,7 @@ def test_the_allocation_choices_and_default_match_the_options():
     [(False, "sensitivity", "error per MAC"), (True, "latency", "error per ms")],
 )
 def test_compile_with_sensitivity_allocation_records_it_and_replays(
-    tmp_path, tiny6_yaml, shapes_data, latency_aware, allocation, priced
+    tmp_path, tiny6_yaml, shapes_data, latency_aware, allocation, priced, capsys
 ):
     out = tmp_path / "out"
     argv = ["compile", tiny6_yaml, "--imgsz", 64, "--macs", 0.6, "--out", out, "--no-bench"]
@@ -570,6 +570,9 @@ def test_compile_with_sensitivity_allocation_records_it_and_replays(
     assert set(plan.sensitivity["errors"]) == {g.id for g in plan.groups}
     text = (out / "report.md").read_text()
     assert "Sensitivity allocation: each group pruned alone" in text and priced in text
+    printed = capsys.readouterr().out
+    assert "allocation: each group's head output error measured on 4 unlabeled images" in printed
+    assert f"least {priced}" in printed and "at most 0.6 of a group" in printed
     if latency_aware:  # stops at the first step under the target (steps of ~8% here)
         assert 0.52 <= plan.macs_ratio <= 0.6
     else:

@@ -1,9 +1,10 @@
 """``--round-to auto`` (the default): the channel alignment chosen by measuring the model itself.
 
 Every candidate alignment (8, 16, 32) is planned at the compile's target with the same
-importance scores (uniform or global allocation as the compile asks; latency planners are
-planned uniformly at their MACs equivalent). Speed: on ONNX Runtime and PyTorch the candidate
-plans are applied and the whole pruned models timed, interleaved, on the latency runtime; on
+importance scores (uniform, global or sensitivity allocation as the compile asks, the
+sensitivity measured once; latency planners are planned uniformly at their MACs
+equivalent). Speed: on ONNX Runtime and PyTorch the candidate plans are applied and the
+whole pruned models timed, interleaved, on the latency runtime; on
 TensorRT (and for ``--latency-ms``, which has no MACs equivalent before timing) the alignment
 profile of conv chains (:func:`kernels.alignment.relative_latency`, measured once per machine)
 stands in. Measured on the embedded YOLOv5n at MACs 0.35 on AVX-512 ONNX Runtime: round_to 16
@@ -29,6 +30,7 @@ from dataclasses import replace
 
 import torch
 
+from yoloprune.compiler.allocation import allocate
 from yoloprune.compiler.latency_planner import LatencySettings
 from yoloprune.compiler.planner import Target, make_plan
 from yoloprune.compiler.score import Importance
@@ -92,11 +94,12 @@ def _check_target(target: Target) -> Target | None:
 
 
 class _Candidates:
-    """Plans of one request at each alignment, uniform or global as the compile allocates."""
+    """Plans of one request at each alignment, allocated as the compile allocates (uniform,
+    global or by measured sensitivity; latency planners: uniform at their MACs equivalent)."""
 
     def __init__(self, request, planner: str):
         self.request = request
-        self.allocation = "global" if planner == "global" else "uniform"
+        self.allocation = planner if planner in ("global", "sensitivity") else "uniform"
         self.target = _check_target(request.target)
 
     def how(self) -> str:
@@ -110,6 +113,10 @@ class _Candidates:
 
     def plan(self, round_to: int, target: Target | None = None) -> PruningPlan:
         r = self.request
+        constraints = replace(r.constraints, round_to=round_to)
+        if self.allocation == "sensitivity":  # the measurement is made once, then reused
+            counts = allocate(r.groups, r.curves(), r.counter, target or self.target, constraints)
+            return replace(r, constraints=constraints).plan_keeping(counts, "sensitivity")
         return make_plan(
             r.name,
             r.imgsz,
@@ -117,7 +124,7 @@ class _Candidates:
             r.scores,
             r.counter,
             target or self.target,
-            replace(r.constraints, round_to=round_to),
+            constraints,
             allocation=self.allocation,
         )
 

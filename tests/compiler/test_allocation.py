@@ -248,6 +248,8 @@ def test_plans_at_other_targets_reuse_the_measurement(tiny_model, tmp_path, monk
     assert len(calls) == 1 and plans[0].sensitivity == plans[1].sensitivity
     assert plans[0].sensitivity["images"] == 3  # all there are (the default asks for 32)
     assert plans[0].alignment is not None  # --round-to auto chose among candidates
+    # ... and they were sensitivity plans (the real plan's speed timed), from the same curves
+    assert plans[0].alignment["accuracy_check"].startswith("sensitivity plans at macs 0.7")
     # a given count is honoured even where reconstruction reads fewer images
     options = CompileOptions(
         "m.yaml", imgsz=64, macs=0.5, calib_images=folder, allocation="sensitivity",

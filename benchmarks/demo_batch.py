@@ -1,11 +1,12 @@
 """`make compile`'s fine-tune at batch 8 against batch 16 with a higher learning rate.
 
-A training step of the pruned embedded model costs less per image at batch 16 than at batch 8
-on 2 CPU cores (the convolutions are larger, the optimizer and EMA run half as often), but half
-as many updates need a larger step. From `make compile`'s one-shot start (``compile --macs 0.35
---round-to 16 --data D``), its fine-tune (``--eval-every 0``: the last epoch's model, mixed
-precision as the machine's default) is run with seeds 0, 1 and 2 (``--seed``: the order of
-batches), each seed's recipes back to back on this shared machine:
+A training step of the pruned embedded model costs less per image at batch 16 than at batch 8 on
+2 CPU cores (the convolutions are larger, the optimizer and EMA run half as often), but half as
+many updates need a larger step. From `make compile`'s one-shot start until 2026-12-02
+(``compile --macs 0.35 --round-to 16 --allocation uniform --data D``), its fine-tune
+(``--eval-every 0``: the last epoch's model, mixed precision as the machine's default) is run
+with seeds 0, 1 and 2 (``--seed``: the order of batches), each seed's recipes back to back on
+this shared machine:
 
 - the compile's defaults, 7 epochs (batch 8, AdamW lr0 0.003: `make compile` before
   2026-12-01's evening);

@@ -1,12 +1,12 @@
 """How much of `make compile`'s mAP is the seed's, and whether a higher learning rate is better
 beyond it.
 
-From `make compile`'s one-shot start (``compile --macs 0.35 --round-to 16 --data D``), its
-fine-tune exactly (``--epochs 7 --eval-every 0``: the last epoch's model) is run with seeds 0, 1
-and 2 (``--seed``: the order of batches), with the defaults (AdamW lr0 0.003) and with
-``--lr0 0.005``, the one variant of ``demo_budget.py`` that looked better at seed 0. (That was
-`make compile`'s fine-tune, at the CLI's batch 8, until 2026-12-01's evening; it now runs
-``--batch 16 --lr0 0.005``: ``demo_batch.py``.)
+From `make compile`'s one-shot start until 2026-12-02 (``compile --macs 0.35 --round-to 16
+--allocation uniform --data D``), its fine-tune exactly (``--epochs 7 --eval-every 0``: the last
+epoch's model) is run with seeds 0, 1 and 2 (``--seed``: the order of batches), with the
+defaults (AdamW lr0 0.003) and with ``--lr0 0.005``, the one variant of ``demo_budget.py`` that
+looked better at seed 0. (That was `make compile`'s fine-tune, at the CLI's batch 8, until
+2026-12-01's evening; it now runs ``--batch 16 --lr0 0.005``: ``demo_batch.py``.)
 
 Writes benchmarks/results/demo_seeds.{json,md}. About 14 minutes on 2 CPU cores.
 """

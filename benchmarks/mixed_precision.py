@@ -1,12 +1,13 @@
 """`make compile`'s fine-tune in fp32 and in bf16 mixed precision on the CPU.
 
-From `make compile`'s one-shot start (``compile --macs 0.35 --round-to 16 --data D``), its
-fine-tune exactly (``--epochs 7 --eval-every 0``) is run with seeds 0, 1 and 2, each seed in fp32
-(``--no-amp``) and then in bf16 (``--amp``: the student's forward autocast to bf16, the losses
-and the teacher in fp32), so each pair runs back to back on this shared machine. Then the
-pruned model's training forward and backward (batch 8) is timed both ways, interleaved. (That
-was `make compile`'s fine-tune, at the CLI's batch 8, until 2026-12-01's evening; it now runs
-``--batch 16 --lr0 0.005``: ``demo_batch.py``, which runs in the machine's default precision.)
+From `make compile`'s one-shot start until 2026-12-02 (``compile --macs 0.35 --round-to 16
+--allocation uniform --data D``), its fine-tune exactly (``--epochs 7 --eval-every 0``) is run
+with seeds 0, 1 and 2, each seed in fp32 (``--no-amp``) and then in bf16 (``--amp``: the
+student's forward autocast to bf16, the losses and the teacher in fp32), so each pair runs back
+to back on this shared machine. Then the pruned model's training forward and backward (batch 8)
+is timed both ways, interleaved. (That was `make compile`'s fine-tune, at the CLI's batch 8,
+until 2026-12-01's evening; it now runs ``--batch 16 --lr0 0.005``: ``demo_batch.py``, which
+runs in the machine's default precision.)
 
 Writes benchmarks/results/mixed_precision.{json,md}. About 15 minutes on 2 CPU cores.
 """

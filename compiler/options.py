@@ -39,10 +39,11 @@ DEFAULT_IMAGE_IMPORTANCE = "energy"
 # score threshold, or measured sensitivity (compiler.allocation), which reads images.
 ALLOCATIONS = ("uniform", "global", "sensitivity")
 # With unlabeled images at hand, a --macs or --ratio plan is allocated by measured sensitivity:
-# at MACs 0.5 one-shot on the trained YOLOv5n / YOLOv8n / YOLO26n it ran at 0.690 / 0.686 /
-# 0.701 of the original's ORT CPU time against uniform's 0.730 / 0.695 / 0.750, mAP 0.695 /
-# 0.762 / 0.760 against 0.704 / 0.748 / 0.673 (benchmarks/results/allocation.md); make
-# compile's point (MACs 0.35), fine-tuned at seeds 0-2: mAP 0.8044 against 0.7987 (README).
+# at MACs 0.5 one-shot on the trained YOLOv5n / YOLOv8n / YOLO26n it ran at 0.668 / 0.691 /
+# 0.699 of the original's ORT CPU time against uniform's 0.669 / 0.684 / 0.690, mAP 0.695 /
+# 0.762 / 0.760 against 0.704 / 0.748 / 0.673 (benchmarks/results/allocation.md); at make
+# compile's point (MACs 0.35), seeds 0-2: fine-tuned mAP 0.8044 against 0.7987, latency ratio
+# 0.523 against 0.512 (benchmarks/results/demo_allocation.md).
 DEFAULT_IMAGE_ALLOCATION = "sensitivity"
 # --allocation sensitivity's images by default: 32 at 256 px, and as many pixels at larger
 # sizes (at least 8): YOLOv5s at 640 measures 8 images in about a minute on 2 cores

@@ -30,9 +30,9 @@ from dataclasses import replace
 
 import torch
 
-from yoloprune.compiler.allocation import allocate
 from yoloprune.compiler.latency_planner import LatencySettings
 from yoloprune.compiler.planner import Target, make_plan
+from yoloprune.compiler.planners import sensitivity
 from yoloprune.compiler.score import Importance
 from yoloprune.graphs.errors import PlanError, TargetUnreachable
 from yoloprune.graphs.plan import PruningPlan
@@ -114,9 +114,8 @@ class _Candidates:
     def plan(self, round_to: int, target: Target | None = None) -> PruningPlan:
         r = self.request
         constraints = replace(r.constraints, round_to=round_to)
-        if self.allocation == "sensitivity":  # the measurement is made once, then reused
-            counts = allocate(r.groups, r.curves(), r.counter, target or self.target, constraints)
-            return replace(r, constraints=constraints).plan_keeping(counts, "sensitivity")
+        if self.allocation == "sensitivity":  # the planner itself; its measurement is reused
+            return sensitivity(replace(r, constraints=constraints, target=target or self.target))
         return make_plan(
             r.name,
             r.imgsz,

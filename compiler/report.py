@@ -177,13 +177,18 @@ def profile_text(latency: dict) -> str:
     return text
 
 
+def _priced(allocation: str) -> str:
+    """What a plan allocated by measured sensitivity removed channels by."""
+    return "error per MAC" if allocation == "sensitivity" else "error per ms (latency plan)"
+
+
 def sensitivity_text(allocation: str, max_ratio: float, measured: dict) -> str:
     """How a plan allocated by measured sensitivity was made, in one line (its record without
     the curves, as the report keeps it)."""
-    priced = "error per MAC" if allocation == "sensitivity" else "error per ms (latency plan)"
     return (
         f"each group's head output error measured on {measured['images']} unlabeled images in "
-        f"{measured['seconds']:g} s; channels removed where they add the least {priced}, at "
+        f"{measured['seconds']:g} s; channels removed where they add the least "
+        f"{_priced(allocation)}, at "
         f"most {max_ratio:g} of a group (--allocation uniform: the same fraction everywhere)"
     )
 
@@ -245,15 +250,11 @@ def render_markdown(report: dict) -> str:
     if plan.get("sensitivity"):
         measured = plan["sensitivity"]
         levels = " / ".join(f"{level:g}" for level in measured["levels"])
-        priced = (
-            "channels removed where they add the least error per MAC"
-            if plan["allocation"] == "sensitivity"
-            else "the latency plan removed channels where they add the least error per ms"
-        )
         lines += [
             f"Sensitivity allocation: each group pruned alone to {levels} of its channels on "
             f"{measured['images']} unlabeled images, its head output error measured "
-            f"({measured['seconds']:g} s); {priced}. The curves are in the plan file.",
+            f"({measured['seconds']:g} s); channels removed where they add the least "
+            f"{_priced(plan['allocation'])}. The curves are in the plan file.",
             "",
         ]
     if plan.get("drop_blocks"):

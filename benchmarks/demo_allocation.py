@@ -16,6 +16,8 @@ Writes benchmarks/results/demo_allocation.{json,md}. About 13 minutes on 2 CPU c
 from __future__ import annotations
 
 import json
+import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -36,11 +38,25 @@ SEEDS = (0, 1, 2)
 RECIPES = {"sensitivity (default)": [], "uniform (before 2026-12-02)": ["--allocation", "uniform"]}
 
 
+def make_environment() -> dict[str, str]:
+    """This process's environment without what would change `make compile`'s defaults: the
+    Makefile's ``?=`` variables (MODEL, MACS, ARGS, ...) and an outer make's flags."""
+    makefile = (ROOT / "Makefile").read_text()
+    settable = set(re.findall(r"^(\w+) \?=", makefile, re.MULTILINE))
+    dropped = settable | {"MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES"}
+    return {k: v for k, v in os.environ.items() if k not in dropped}
+
+
 def make_compile_args(data_yaml: Path) -> list[str]:
-    """The arguments `make compile` passes to ``python -m yoloprune compile`` (``make -n``:
-    nothing runs), with its data YAML replaced by ``data_yaml`` and no --out."""
+    """The arguments `make compile` passes to ``python -m yoloprune compile`` by default
+    (``make -n``: nothing runs), with its data YAML replaced by ``data_yaml`` and no --out."""
     shown = subprocess.run(
-        ["make", "-n", "compile"], cwd=ROOT, capture_output=True, text=True, check=True
+        ["make", "-n", "compile"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        env=make_environment(),
     ).stdout
     line = next(x for x in shown.splitlines() if "-m yoloprune compile" in x)
     args = shlex.split(line)

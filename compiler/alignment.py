@@ -321,7 +321,9 @@ def choose_alignment(request, planner: str, settings: LatencySettings, measure=N
     ``measure`` times plans applied to the model (ort and torch); without it, or without a MACs
     equivalent of the target, the alignment profile gives the speeds."""
     table = settings.open(ChainTable)
-    candidates = _Candidates(request, planner)
+    # every candidate request reuses these scores (a replaced request would compute its own)
+    scored = replace(request, importance=_Scores(request.importance.name, request.scores))
+    candidates = _Candidates(scored, planner)
     plans = candidates.all() if candidates.target is not None else {}
     planned = {a: p for a, p in plans.items() if isinstance(p, PruningPlan)}
     timed = measure is not None and len(planned) > 1
@@ -344,5 +346,4 @@ def choose_alignment(request, planner: str, settings: LatencySettings, measure=N
         "runtime": settings.runtime,
         "table_key": table.key.__dict__,
     }
-    scored = replace(request, importance=_Scores(request.importance.name, request.scores))
     return replace(scored, constraints=replace(request.constraints, round_to=chosen)), record

@@ -13,7 +13,8 @@ first top-level layer the group reaches; earlier layers' outputs are cached per 
 from the group whose next step adds the least error per MAC saved (per channel for
 ``--ratio``), errors interpolated linearly between the measured fractions and assumed additive
 across groups, until the target is met. No group loses more than ``max_ratio`` of its channels
-(this allocation's default is 0.6, compiler.options.SENSITIVITY_MAX_RATIO):
+(this allocation's default is 0.6 down to MACs 0.5 and grows below, at most 0.9:
+compiler.options.sensitivity_max_ratio):
 single-group errors miss how removals compound along a path, and without that floor the
 allocation emptied some groups (a prototype on YOLOv8n at MACs 0.5: 0.021 to 0.055 mAP below
 uniform without it; level with it). Measured one-shot: benchmarks/results/oneshot.md.

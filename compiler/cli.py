@@ -224,7 +224,8 @@ def _planning_args(p: argparse.ArgumentParser) -> None:
         "--max-ratio",
         type=float,
         default=None,
-        help="most any one group may lose, in (0, 1) (default 0.8)",
+        help="most any one group may lose, in (0, 1) (default 0.8; with --allocation "
+        "sensitivity 0.6, or by the target below MACs 0.5: 0.75 at 0.35, at most 0.9)",
     )
     p.add_argument(
         "--drop-blocks",
@@ -723,7 +724,13 @@ def cmd_compile(args) -> int:
         print(f"alignment{source}: {alignment_text(chosen)}")
     planned = report["plan"]
     if planned.get("sensitivity"):
-        text = sensitivity_text(planned["allocation"], planned["max_ratio"], planned["sensitivity"])
+        text = sensitivity_text(
+            planned["allocation"],
+            planned["target"]["kind"],
+            planned["max_ratio"],
+            planned["sensitivity"],
+            replayed=options.plan is not None,
+        )
         print(f"allocation: {text}")
     if report["alignment"].get("precision_note"):
         print(f"alignment note: {report['alignment']['precision_note']}")
@@ -825,7 +832,14 @@ def cmd_plan(args) -> int:
     if plan.sensitivity:
         from yoloprune.compiler.report import sensitivity_text
 
-        print(f"allocation: {sensitivity_text(plan.allocation, plan.max_ratio, plan.sensitivity)}")
+        text = sensitivity_text(
+            plan.allocation,
+            plan.target["kind"],
+            plan.max_ratio,
+            plan.sensitivity,
+            replayed=options.plan is not None,
+        )
+        print(f"allocation: {text}")
     return 0
 
 

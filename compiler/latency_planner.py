@@ -203,6 +203,7 @@ def latency_counts(
     max_ratio: float,
     macs_goal: tuple | None = None,
     droppable: dict[str, str] | None = None,
+    blocks_allowed: bool = True,
 ) -> tuple[dict[str, int], float]:
     """Greedy knapsack: counts per prunable group with predicted latency <= budget_ms, or,
     with ``macs_goal`` = (MacCounter, MACs to reach), until the plan's MACs reach that goal
@@ -210,7 +211,8 @@ def latency_counts(
     residual blocks, :func:`graphs.blocks.droppable_blocks`) have one more step past their
     floor: 0 channels, the block removed (its remaining importance lost, its convs' time
     saved). Tied groups (a split block's halves, equal counts) step together, as one.
-    ``cost`` prices each step (:data:`StepCost`)."""
+    ``cost`` prices each step (:data:`StepCost`); ``blocks_allowed``: whether --drop-blocks
+    may be suggested when the target is missed (not with measured-error pricing)."""
     droppable = droppable or {}
     prunable = [g for g in groups if not g.protected]
     counts = {g.id: g.size for g in prunable}
@@ -282,7 +284,7 @@ def latency_counts(
         raise TargetUnreachable(
             f"--macs {macs_goal[1] / macs_goal[0].macs():.3g} cannot be reached latency-aware "
             f"with --round-to {round_to} and --max-ratio {max_ratio:g}; raise --max-ratio"
-            + ("" if droppable else " or allow --drop-blocks")
+            + ("" if droppable or not blocks_allowed else " or allow --drop-blocks")
         )
     if macs_goal is None and total > budget_ms * 1.0001:
         raise TargetUnreachable(
@@ -371,6 +373,7 @@ def plan_macs_latency_aware(request, settings: LatencySettings) -> PruningPlan:
         constraints.max_ratio,
         macs_goal=(counter, goal),
         droppable=droppable,
+        blocks_allowed=request.sensitivity is None,
     )
     plan = _counts_plan(request, counts, droppable)
     latency = {

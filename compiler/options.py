@@ -52,8 +52,12 @@ ALLOCATION_IMAGES_AT = 256
 MIN_DEFAULT_ALLOCATION_IMAGES = 8
 # --allocation sensitivity's default --max-ratio: measured per group alone, removals compound
 # along a path; without a floor the allocation empties groups (compiler.allocation). 0.6 down
-# to MACs 0.5, more below (sensitivity_max_ratio)
+# to MACs 0.5, more below (sensitivity_max_ratio), never more than SENSITIVITY_MAX_RATIO_CAP:
+# every group keeps a tenth (the curves are measured down to a quarter kept; below that the
+# allocation follows their last segment), and the default never reaches 1, which --max-ratio
+# refuses (at --ratio 0.87 or --macs 0.018 the rule alone would give it)
 SENSITIVITY_MAX_RATIO = 0.6
+SENSITIVITY_MAX_RATIO_CAP = 0.9
 DEFAULT_OUT = Path("runs/compile")
 DEFAULT_LATENCY_RUNTIME = "ort"
 DEFAULT_BENCH_RUNS = 20
@@ -603,16 +607,17 @@ def planner_name(options: CompileOptions, target: Target) -> str:
 def sensitivity_max_ratio(target: Target) -> float:
     """--allocation sensitivity's default --max-ratio: no group keeps less than the uniform
     plan's kept fraction to the power 8/3, and none loses more than 0.6 where that allows
-    more (MACs 0.5 and above). At make compile's MACs 0.35 that is 0.75, where 0.6 bound the
-    allocation and 0.75 measured better; at MACs 0.5, 0.7 measured below 0.6 on two of three
-    models (README, *Sensitivity allocation*)."""
+    more (MACs 0.5 and above), and at most SENSITIVITY_MAX_RATIO_CAP. At make compile's MACs
+    0.35 that is 0.75, where 0.6 bound the allocation and 0.75 measured better; at MACs 0.5,
+    0.7 measured below 0.6 on two of three models (README, *Sensitivity allocation*)."""
     if target.kind == "macs":
         uniform_kept = math.sqrt(target.value)
     elif target.kind == "ratio":
         uniform_kept = 1 - target.value
-    else:  # latency targets: the knapsack's own floor
+    else:  # latency targets have no uniform plan to size the floor by: 0.6
         return SENSITIVITY_MAX_RATIO
-    return max(SENSITIVITY_MAX_RATIO, round(1 - uniform_kept ** (8 / 3), 2))
+    rule = round(1 - uniform_kept ** (8 / 3), 2)
+    return min(SENSITIVITY_MAX_RATIO_CAP, max(SENSITIVITY_MAX_RATIO, rule))
 
 
 def measures_group_sensitivity(options: CompileOptions, planner: str) -> bool:

@@ -177,19 +177,29 @@ def profile_text(latency: dict) -> str:
     return text
 
 
-def _priced(allocation: str) -> str:
+def _priced(allocation: str, target_kind: str) -> str:
     """What a plan allocated by measured sensitivity removed channels by."""
-    return "error per MAC" if allocation == "sensitivity" else "error per ms (latency plan)"
+    if allocation != "sensitivity":
+        return "error per ms (latency plan)"
+    return "error per channel" if target_kind == "ratio" else "error per MAC"
 
 
-def sensitivity_text(allocation: str, max_ratio: float, measured: dict) -> str:
+def sensitivity_text(
+    allocation: str, target_kind: str, max_ratio: float, measured: dict, replayed: bool = False
+) -> str:
     """How a plan allocated by measured sensitivity was made, in one line (its record without
-    the curves, as the report keeps it)."""
+    the curves, as the report keeps it); ``replayed``: the plan came from ``--plan``, nothing
+    was measured now."""
+    if replayed:
+        other = "as recorded in the replayed plan"
+    elif allocation == "sensitivity":
+        other = "--allocation uniform: the same fraction everywhere"
+    else:
+        other = "without --allocation sensitivity: priced by importance"
     return (
         f"each group's head output error measured on {measured['images']} unlabeled images in "
         f"{measured['seconds']:g} s; channels removed where they add the least "
-        f"{_priced(allocation)}, at "
-        f"most {max_ratio:g} of a group (--allocation uniform: the same fraction everywhere)"
+        f"{_priced(allocation, target_kind)}, at most {max_ratio:g} of a group ({other})"
     )
 
 
@@ -254,7 +264,8 @@ def render_markdown(report: dict) -> str:
             f"Sensitivity allocation: each group pruned alone to {levels} of its channels on "
             f"{measured['images']} unlabeled images, its head output error measured "
             f"({measured['seconds']:g} s); channels removed where they add the least "
-            f"{_priced(plan['allocation'])}. The curves are in the plan file.",
+            f"{_priced(plan['allocation'], plan['target']['kind'])}. The curves are in the "
+            "plan file.",
             "",
         ]
     if plan.get("drop_blocks"):

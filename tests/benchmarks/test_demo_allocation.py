@@ -9,8 +9,13 @@ from tests.helpers import benchmark_module
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
-def test_it_runs_make_compiles_command_line_on_the_given_data(tmp_path):
+def test_it_runs_make_compiles_command_line_on_the_given_data(tmp_path, monkeypatch):
+    """The default command line, whatever the environment sets (an outer make's flags, the
+    Makefile's variables)."""
     module = benchmark_module("demo_allocation")
+    monkeypatch.setenv("MACS", "0.9")
+    monkeypatch.setenv("ARGS", "--seed 5")
+    monkeypatch.setenv("MAKEFLAGS", "EPOCHS=1")
     args = module.make_compile_args(tmp_path / "d.yaml")
     assert args == [
         "graphs/weights/yolov5n-shapes.pt", "--macs", "0.35", "--data", str(tmp_path / "d.yaml"),

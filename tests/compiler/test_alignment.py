@@ -466,3 +466,43 @@ def test_tensorrt_times_the_profile_at_the_compiles_precision(monkeypatch, tmp_p
         CompileOptions("t", macs=0.5, round_to=16, latency_runtime="tensorrt")
     with pytest.raises(PlanError, match=r"does not run.*drop it"):
         CompileOptions("t", method="unstructured", ratio=0.3, latency_runtime="tensorrt")
+
+
+def test_sensitivity_candidates_share_one_scoring_and_one_measurement(prepared, tmp_path):
+    """Every candidate (and every plan matched to a coarser one's speed) is a sensitivity plan
+    of the same scores: the importance runs once and the curves are measured once."""
+    from tests.compiler.test_allocation import _image_files
+    from yoloprune.compiler.allocation import GroupSensitivity
+    from yoloprune.compiler.pipeline import plan_request
+    from yoloprune.compiler.score import Importance
+
+    options = CompileOptions("t", macs=0.5, threads=1)
+    request = plan_request(prepared, options)
+    inner, calls = request.importance, []
+
+    class Counted(Importance):
+        name = inner.name
+
+        def __call__(self, *args):
+            calls.append("scored")
+            return inner(*args)
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    sensitivity = GroupSensitivity(_image_files(folder, 2), 64, progress=False)
+    measured = []
+    sensitivity_call = sensitivity.__call__
+    request = dataclasses.replace(request, importance=Counted(), sensitivity=sensitivity)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            GroupSensitivity,
+            "__call__",
+            lambda self, *args: measured.append(self._curves is None) or sensitivity_call(*args),
+        )
+        chosen, record = alignment.choose_alignment(
+            request, "sensitivity", options.settings.alignment, model_off_block(16, 1.5)
+        )
+    assert record["chosen"] == 16 and record["candidates"][1]["eligible"]
+    assert "finest_at_this_speed" in record["candidates"][1]  # a matched plan was made too
+    assert calls == ["scored"] and measured.count(True) == 1 and len(measured) > 3
+    assert chosen.scores is request.scores and calls == ["scored"]  # handed on, not redone

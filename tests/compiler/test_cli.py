@@ -573,6 +573,8 @@ def test_compile_with_sensitivity_allocation_records_it_and_replays(
     printed = capsys.readouterr().out
     assert "allocation: each group's head output error measured on 4 unlabeled images" in printed
     assert f"least {priced}" in printed and "at most 0.6 of a group" in printed
+    hint = "without --allocation sensitivity" if latency_aware else "--allocation uniform"
+    assert hint in printed and "replayed" not in printed
     if latency_aware:  # stops at the first step under the target (steps of ~8% here)
         assert 0.52 <= plan.macs_ratio <= 0.6
     else:
@@ -581,6 +583,17 @@ def test_compile_with_sensitivity_allocation_records_it_and_replays(
     argv = ["compile", tiny6_yaml, "--imgsz", 64, "--plan", out / "tiny6-plan.json"]
     assert run_cli(*argv, "--out", replay, "--no-bench", "--data", shapes_data) == 0
     assert PruningPlan.load(replay / "tiny6-plan.json").groups == plan.groups
+    printed = capsys.readouterr().out
+    assert "(as recorded in the replayed plan)" in printed and hint not in printed
+
+
+def test_ratio_plans_by_sensitivity_say_they_priced_error_per_channel():
+    from yoloprune.compiler.report import sensitivity_text
+
+    measured = {"images": 4, "seconds": 1.5}
+    text = sensitivity_text("sensitivity", "ratio", 0.84, measured)
+    assert "least error per channel, at most 0.84 of a group" in text
+    assert "error per MAC" in sensitivity_text("sensitivity", "macs", 0.6, measured)
 
 
 def test_sweep_points_take_the_sensitivity_allocation(shapes_data):

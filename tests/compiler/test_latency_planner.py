@@ -27,7 +27,7 @@ from yoloprune.compiler.planner import Target
 from yoloprune.compiler.planners import PLANNERS, run_planner
 from yoloprune.compiler.score import score_groups
 from yoloprune.graphs.dependency import build_graph, channel_groups, conv_channels
-from yoloprune.graphs.errors import PlanError
+from yoloprune.graphs.errors import PlanError, TargetUnreachable
 from yoloprune.kernels.latency_table import LatencyTable, TableKey
 
 KEY = TableKey("test", "macs", "fp32", 1, 1)
@@ -432,3 +432,19 @@ def test_latency_aware_plans_can_be_priced_by_measured_sensitivity(tmp_path):
     assert set(plan.sensitivity["errors"]) == {g.id for g in p.groups if not g.protected}
     floor = {g.id: math.ceil(0.4 * g.size / 8) * 8 for g in p.groups}
     assert all(len(g.keep) >= min(floor[g.id], g.size) for g in plan.groups)
+
+
+@pytest.mark.parametrize("blocks_allowed", [True, False])
+def test_a_missed_macs_target_suggests_drop_blocks_only_where_it_may_be_given(
+    prepared, macs_model, blocks_allowed
+):
+    """--macs 0.05 at --max-ratio 0.5 cannot be met; the refusal names --max-ratio, and
+    --drop-blocks only where the plan may take it (not with measured-error pricing)."""
+    counter = mac_counter(prepared)
+    scores = score_groups(prepared.model, prepared.graph, prepared.groups, "l2")
+    with pytest.raises(TargetUnreachable, match="raise --max-ratio") as caught:
+        latency_counts(
+            prepared.groups, importance_cost(scores), macs_model, 0.0, 8, 0.5,
+            macs_goal=(counter, 0.05 * counter.macs()), blocks_allowed=blocks_allowed,
+        )  # fmt: skip
+    assert ("--drop-blocks" in str(caught.value)) is blocks_allowed

@@ -228,16 +228,19 @@ def test_reconstruction_flags_that_would_do_nothing_are_refused(image_folder, ch
 
 def test_images_make_sensitivity_the_default_allocation_with_a_target_relative_floor(image_folder):
     """With unlabeled images a --macs/--ratio plan is allocated by measured sensitivity, its
-    --max-ratio 0.6 down to MACs 0.5 and max(0.6, 1 - (uniform kept)^(8/3)) below; without
-    images, uniform; latency plans keep importance pricing unless sensitivity is asked for."""
+    --max-ratio 0.6 down to MACs 0.5 and max(0.6, 1 - (uniform kept)^(8/3)) below, at most
+    0.9 (the rule alone reaches 1, which --max-ratio refuses, at MACs 0.018 or --ratio 0.87);
+    without images, uniform; latency plans keep importance pricing unless sensitivity is asked
+    for."""
     floors = {}
-    for macs in (0.9, 0.5, 0.35, 0.3, 0.2):
+    for macs in (0.9, 0.5, 0.35, 0.3, 0.2, 0.1, 0.01):
         settings = CompileOptions("m.yaml", macs=macs, calib_images=image_folder).settings
         assert settings.planner == "sensitivity" and settings.group_sensitivity
         floors[macs] = settings.constraints.max_ratio
-    assert floors == {0.9: 0.6, 0.5: 0.6, 0.35: 0.75, 0.3: 0.8, 0.2: 0.88}
-    ratio = CompileOptions("m.yaml", ratio=0.5, calib_images=image_folder).settings
-    assert ratio.planner == "sensitivity" and ratio.constraints.max_ratio == 0.84
+    assert floors == {0.9: 0.6, 0.5: 0.6, 0.35: 0.75, 0.3: 0.8, 0.2: 0.88, 0.1: 0.9, 0.01: 0.9}
+    for value, floor in ((0.5, 0.84), (0.87, 0.9), (0.95, 0.9)):
+        ratio = CompileOptions("m.yaml", ratio=value, calib_images=image_folder).settings
+        assert ratio.planner == "sensitivity" and ratio.constraints.max_ratio == floor
     given = CompileOptions("m.yaml", macs=0.35, calib_images=image_folder, max_ratio=0.6)
     assert given.settings.constraints.max_ratio == 0.6  # honoured
     without = CompileOptions("m.yaml", macs=0.35).settings

@@ -241,6 +241,21 @@ def counted(plan: PruningPlan, original, pruned, imgsz: int, mode: str) -> Pruni
     )
 
 
+def replay_warnings(recorded: PruningPlan, recounted: PruningPlan, source: str) -> list[str]:
+    """A warning where a replayed plan's MACs, counted on the pruned model, are not those its
+    file records (a plan that leaves groups out, which are kept whole, or one edited by hand or
+    made for another export mode): the plan is applied as it is, and this says what it did."""
+    if math.isclose(recorded.macs_ratio, recounted.macs_ratio, rel_tol=1e-3):
+        return []
+    target = recorded.target
+    return [
+        f"{source}: the plan file records MACs kept {recorded.macs_ratio:.3f} (target "
+        f"{target['kind']} {target['value']:g}); replayed on this model it keeps "
+        f"{recounted.macs_ratio:.3f} (groups a plan leaves out are kept whole); regenerate it "
+        "with `plan` if that is not what you meant"
+    ]
+
+
 def apply_any(model, plan: PruningPlan):
     """Structured plans remove channels; unstructured ones zero weights in place of that."""
     if plan.method == "unstructured":
@@ -464,6 +479,8 @@ def _save_stage(job: Job) -> dict:
     prepared, pruned = job["prepared"], job["pruned"]
     info, imgsz = prepared.info, prepared.imgsz
     plan = counted(job["plan"], prepared.model, pruned, imgsz, job["mode"])
+    replayed = job.options.plan
+    warnings = [] if replayed is None else replay_warnings(job["plan"], plan, str(replayed))
     name = info.name.removesuffix("-pruned")
     paths = {
         "checkpoint": job.staging / f"{name}-pruned.pt",
@@ -476,7 +493,7 @@ def _save_stage(job: Job) -> dict:
     if family.native_suffix:
         paths[family.name] = job.staging / f"{name}{family.native_suffix}"
         rewritten = family.save_native(pruned, info.names, imgsz, paths[family.name])
-    return {"plan": plan, "paths": paths, "rewritten": rewritten}
+    return {"plan": plan, "paths": paths, "rewritten": rewritten, "replay_warnings": warnings}
 
 
 def _export_stage(job: Job) -> dict:
@@ -606,6 +623,7 @@ def _report_stage(job: Job) -> dict:
             "conv_weights_zero": sparsity(pruned),
             "requested": plan.target["value"],
         }
+    report["warnings"] += job.artifacts.get("replay_warnings", [])
     write_report(report, job.staging)
     return {"report": report}
 

@@ -107,6 +107,33 @@ def test_compile_accepts_its_own_output_and_replays_plans(tmp_path, tiny_yaml):
     a = torch.load(first / "tiny-pruned.pt", weights_only=True)["state_dict"]
     b = torch.load(replay / "tiny-pruned.pt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((replay / "report.json").read_text())["warnings"] == [
+        "random init (model built from YAML): MACs and latency are real, accuracy is meaningless"
+    ]  # the recounted MACs are the file's: nothing to say about the replay
+
+
+def test_a_replayed_plan_leaving_groups_out_says_what_it_kept(tmp_path, tiny_yaml, capsys):
+    """Groups a plan leaves out are kept whole (README, *Plans*); the compile says its MACs
+    are not those the file records, in the report and last on its output."""
+    first = tmp_path / "first"
+    assert run_cli("plan", tiny_yaml, "--imgsz", 64, "--macs", 0.5, "--out", first) == 0
+    plan = json.loads(first.read_text())
+    recorded = plan["macs_after"] / plan["macs_before"]
+    plan["groups"] = plan["groups"][:3]
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(plan))
+    out = tmp_path / "out"
+    argv = ["compile", tiny_yaml, "--imgsz", 64, "--plan", edited, "--out", out, "--no-bench"]
+    assert run_cli(*argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    kept = report["macs"]["ratio"]
+    assert kept > recorded + 0.2  # most groups were left whole
+    warning = report["warnings"][-1]
+    assert warning.startswith(f"{edited}: the plan file records MACs kept {recorded:.3f}")
+    assert f"it keeps {kept:.3f} (groups a plan leaves out are kept whole)" in warning
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-1] == f"WARNING: {warning}"
+    assert f"> **WARNING**: {warning}" in (out / "report.md").read_text()
 
 
 def test_plan_command_is_deterministic(tmp_path, tiny_yaml, capsys):

@@ -693,11 +693,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_compile(args) -> int:
+    from yoloprune.compiler.options import refuse_timing_flags_without_bench
     from yoloprune.compiler.pipeline import CompileOptions, compile_model
     from yoloprune.compiler.report import alignment_text, profile_text, sensitivity_text
 
     fields = CompileOptions.__dataclass_fields__
     options = CompileOptions(**{k: v for k, v in vars(args).items() if k in fields})
+    refuse_timing_flags_without_bench(options)
     report = compile_model(options)
     out = options.settings.out
     latency = report["latency_ms"].get("onnxruntime_cpu")

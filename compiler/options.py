@@ -307,6 +307,16 @@ class CompileOptions:
         }
         if self.profile and not self.bench:
             raise PlanError("--profile splits the bench step's latency ratio: drop --no-bench")
+        if self.recalibrate and self.data is None:
+            raise PlanError(
+                "--recalibrate re-estimates BatchNorm statistics on --data's training images: "
+                "add --data data.yaml (reconstruction on --calib-images sets them itself)"
+            )
+        if self.recalibrate and self.method == "unstructured":
+            raise PlanError(
+                "--recalibrate follows channel pruning; --method unstructured leaves the "
+                "BatchNorms as yolov5's torch_utils.prune does: drop it"
+            )
         given = [flag for flag, value in shaping.items() if value is not None]
         if self.plan is not None and (given or self.method != "structured"):
             unused = given or ["--method"]
@@ -602,6 +612,25 @@ def planner_name(options: CompileOptions, target: Target) -> str:
     if allocation is None:
         return DEFAULT_IMAGE_ALLOCATION if options.images is not None else "uniform"
     return allocation
+
+
+def refuse_timing_flags_without_bench(options: CompileOptions) -> None:
+    """``compile --no-bench``: --bench-runs sizes the bench step alone, and --spinning applies
+    only where something is timed (the bench step, a latency planner, --round-to auto). A sweep
+    sets no bench step on its points and times them itself, so this is compile's check."""
+    if options.bench:
+        return
+    if options.bench_runs is not None:
+        raise PlanError(
+            f"--bench-runs {options.bench_runs} sets the bench step's timed runs, which "
+            "--no-bench skips: drop one"
+        )
+    settings = options.settings
+    if options.spinning and settings.latency is None and settings.alignment is None:
+        raise PlanError(
+            "--spinning times ONNX Runtime with intra-op spinning on; nothing is timed here "
+            "(--no-bench, a given --round-to, no latency planner): drop one"
+        )
 
 
 def sensitivity_max_ratio(target: Target) -> float:

@@ -151,6 +151,13 @@ def test_a_missing_or_binary_plan_is_one_line(tmp_path, tiny_yaml, capsys, conte
         ),
         (["--group-seconds", "-1"], "--group-seconds -1: must be in (0, 86400]"),
         (["--profile"], "--profile splits the bench step's latency ratio: drop --no-bench"),
+        (["--bench-runs", "50"], "--bench-runs 50 sets the bench step's timed runs, which"),
+        (["--spinning", "--round-to", "16"], "--spinning times ONNX Runtime with intra-op"),
+        (["--recalibrate"], "--recalibrate re-estimates BatchNorm statistics on --data's"),
+        (
+            ["--recalibrate", "--calib-images", "."],
+            "--recalibrate re-estimates BatchNorm statistics on --data's training images: add",
+        ),
     ],
 )
 def test_values_are_honoured_or_refused_before_any_work(
@@ -164,6 +171,29 @@ def test_values_are_honoured_or_refused_before_any_work(
     assert code == 2 and len(err.splitlines()) == 1 and message in err, err
     assert not out.exists()
     assert time.perf_counter() - started < 5  # refused before loading and tracing
+
+
+def test_spinning_without_the_bench_step_is_taken_where_the_alignment_is_timed(
+    shapes_data,
+):
+    """--no-bench --spinning with --round-to auto (the default) times the candidates with
+    spinning on: taken, and so is --bench-runs in a sweep, whose points have no bench step."""
+    from yoloprune.compiler.options import refuse_timing_flags_without_bench
+    from yoloprune.compiler.sweep import SweepOptions
+
+    options = CompileOptions("m.pt", bench=False, spinning=True)
+    assert options.settings.alignment is not None
+    refuse_timing_flags_without_bench(options)  # no error
+    base = CompileOptions("m.pt", data=shapes_data, bench_runs=50, spinning=True)
+    sweep = SweepOptions(base, "macs", (0.5,))
+    assert sweep.point(0.5).bench_runs == 50 and not sweep.point(0.5).bench
+
+
+def test_recalibrate_is_refused_where_it_would_not_run(shapes_data):
+    """Unstructured pruning never re-estimates BatchNorms; structured with --data does."""
+    with pytest.raises(PlanError, match="--recalibrate follows channel pruning"):
+        CompileOptions("m.pt", method="unstructured", ratio=0.3, data=shapes_data, recalibrate=True)
+    CompileOptions("m.pt", data=shapes_data, recalibrate=True).settings  # noqa: B018
 
 
 def test_library_options_are_checked_once_at_creation():

@@ -245,13 +245,16 @@ class CompileOptions:
             from yoloprune.compiler.train.data import read_data_yaml
 
             measured_files(read_data_yaml(self.data), sensitivity.images, calibration.files)
+        constraints = self.constraints(target if group_sensitivity else None)
+        if planner not in ("replay", "unstructured"):
+            self._refuse_ratio_above_floor(target, constraints)
         return CompileSettings(
             alignment=runtime if aligns else None,
             reconstruction=reconstruction,
             sensitivity=sensitivity,
             calibration=calibration,
             target=target,
-            constraints=self.constraints(target if group_sensitivity else None),
+            constraints=constraints,
             grouping=self.grouping_limits(),
             planner=planner,
             group_sensitivity=group_sensitivity,
@@ -264,6 +267,18 @@ class CompileOptions:
             parity_tolerance=(
                 DEFAULT_PARITY_TOLERANCE if self.parity_tolerance is None else self.parity_tolerance
             ),
+        )
+
+    def _refuse_ratio_above_floor(self, target: Target, constraints: Constraints) -> None:
+        """--ratio R removes R of every group (uniform) or of all channels: more than
+        --max-ratio lets any group lose cannot be planned, and is refused, not capped."""
+        if target.kind != "ratio" or target.value <= constraints.max_ratio:
+            return
+        default = "" if self.max_ratio is not None else " (its default here)"
+        raise PlanError(
+            f"--ratio {target.value:g} removes more channels than --max-ratio "
+            f"{constraints.max_ratio:g}{default} lets any group lose: give --max-ratio "
+            f"{target.value:g} or more, or a lower --ratio"
         )
 
     def _check_allocation(self, group_sensitivity: bool) -> None:

@@ -155,6 +155,13 @@ def test_a_missing_or_binary_plan_is_one_line(tmp_path, tiny_yaml, capsys, conte
         (["--spinning", "--round-to", "16"], "--spinning times ONNX Runtime with intra-op"),
         (["--recalibrate"], "--recalibrate re-estimates BatchNorm statistics on --data's"),
         (
+            ["--ratio", "0.3", "--max-ratio", "0.2"],
+            "--ratio 0.3 removes more channels than --max-ratio 0.2 lets any group lose: give "
+            "--max-ratio 0.3 or more, or a lower --ratio",
+        ),
+        (["--ratio", "0.85"], "--ratio 0.85 removes more channels than --max-ratio 0.8 (its def"),
+        (["--ratio", "0.85", "--global"], "than --max-ratio 0.8 (its default here) lets any"),
+        (
             ["--recalibrate", "--calib-images", "."],
             "--recalibrate re-estimates BatchNorm statistics on --data's training images: add",
         ),

@@ -238,9 +238,11 @@ def test_images_make_sensitivity_the_default_allocation_with_a_target_relative_f
         assert settings.planner == "sensitivity" and settings.group_sensitivity
         floors[macs] = settings.constraints.max_ratio
     assert floors == {0.9: 0.6, 0.5: 0.6, 0.35: 0.75, 0.3: 0.8, 0.2: 0.88, 0.1: 0.9, 0.01: 0.9}
-    for value, floor in ((0.5, 0.84), (0.87, 0.9), (0.95, 0.9)):
+    for value, floor in ((0.5, 0.84), (0.87, 0.9)):
         ratio = CompileOptions("m.yaml", ratio=value, calib_images=image_folder).settings
         assert ratio.planner == "sensitivity" and ratio.constraints.max_ratio == floor
+    with pytest.raises(PlanError, match=r"--max-ratio 0.9 \(its default here\) lets any group"):
+        CompileOptions("m.yaml", ratio=0.95, calib_images=image_folder).settings  # noqa: B018
     given = CompileOptions("m.yaml", macs=0.35, calib_images=image_folder, max_ratio=0.6)
     assert given.settings.constraints.max_ratio == 0.6  # honoured
     without = CompileOptions("m.yaml", macs=0.35).settings

@@ -241,6 +241,10 @@ def describe(
     )
 
 
+# Deployment formats a MODEL cannot be (refused by name, before any byte is read)
+EXPORTED_SUFFIXES = (".onnx", ".engine", ".plan", ".torchscript", ".tflite", ".mlmodel")
+
+
 def resolve_source(spec: str | Path) -> Path:
     """A path on disk, or the name of a YAML we ship (``yolov5s.yaml``)."""
     path = Path(spec)
@@ -256,14 +260,25 @@ def resolve_source(spec: str | Path) -> Path:
     if path.suffix in (".yaml", ".yml"):
         shipped = ", ".join(sorted(p.name for p in CFG_DIR.glob("*.yaml")))
         raise CheckpointError(f"{spec}: no such model YAML; shipped ones are: {shipped}")
+    if len(path.parts) > 1:  # a path given: no shipped file is meant
+        raise CheckpointError(
+            f"{spec}: file not found; check the path (MODEL is a .pt checkpoint or a .yaml)"
+        )
     raise CheckpointError(
-        f"{spec}: file not found; nothing is downloaded: get it from the ultralytics/yolov5 "
-        f"releases page, put it at ./{path.name} (or anywhere) and pass MODEL=<its path>"
+        f"{spec}: file not found here or among the shipped weights; nothing is downloaded: "
+        "put the checkpoint (a yolov5 or ultralytics release file, or your own) in this folder "
+        "or give its path as MODEL"
     )
 
 
 def load_model(spec: str | Path) -> tuple[DetectionModel, ModelInfo]:
     """Load MODEL (a yolov5 release .pt, a yoloprune .pt or a .yaml), fp32, eval mode."""
+    suffix = Path(spec).suffix.lower()
+    if suffix in EXPORTED_SUFFIXES:
+        raise CheckpointError(
+            f"{spec}: an exported {suffix} file holds no PyTorch modules to prune; MODEL is the "
+            ".pt checkpoint it was exported from, or its .yaml"
+        )
     named = family_for_name(spec)
     if named is not None:
         model = named.from_name(str(spec))

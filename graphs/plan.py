@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from yoloprune.graphs.blocks import hidden_group
 from yoloprune.graphs.errors import PlanError, first_line
 from yoloprune.graphs.files import write_text_atomic
 
@@ -78,6 +79,12 @@ class PruningPlan:
         unknown = sorted(set(data) - {f.name for f in fields(cls)})
         if unknown:
             raise PlanError(f"{source}: unknown plan key {unknown[0]!r:.40}; regenerate it")
+        required = [
+            f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
+        ]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise PlanError(f"{source}: plan key {missing[0]!r} is missing; regenerate it")
         try:
             fields_ = {k: _checked_field(k, v) for k, v in data.items()}
             plan = cls(**fields_)
@@ -86,7 +93,25 @@ class PruningPlan:
                 f"{source}: malformed plan ({first_line(exc)}); regenerate it with `plan`"
             ) from exc
         plan.check_alignment(source)
+        plan.check_emptied(source)
         return plan
+
+    def check_emptied(self, source: str = "plan") -> None:
+        """A group keeps no channel exactly where the plan removes its residual block whole
+        (``drop_blocks``: the block's hidden group, graphs.blocks)."""
+        emptied = {g.id for g in self.groups if g.kept == 0}
+        dropped = {hidden_group(block) for block in self.drop_blocks}
+        if emptied - dropped:
+            raise PlanError(
+                f"{source}: group {sorted(emptied - dropped)[0]} keeps no channel, which only "
+                "the hidden group of a block in drop_blocks may; regenerate it with `plan`"
+            )
+        if dropped - emptied:
+            raise PlanError(
+                f"{source}: drop_blocks removes a block whose hidden group "
+                f"{sorted(dropped - emptied)[0]} keeps channels (or is not listed); regenerate "
+                "it with `plan`"
+            )
 
     def check_alignment(self, source: str = "plan") -> None:
         """Every pruned group keeps a multiple of ``round_to`` (0 for dropped blocks)."""

@@ -43,8 +43,8 @@ def read_data_yaml(path: str | Path) -> DataConfig:
     path = Path(path)
     if not path.is_file():
         raise DataError(
-            f"{path}: data YAML not found; pass --data path/to/data.yaml (make data "
-            "writes a synthetic one)"
+            f"{path}: data YAML not found; pass --data path/to/data.yaml (`python -m "
+            "yoloprune data` writes a synthetic one)"
         )
     if path.stat().st_size > MAX_DATA_YAML_BYTES:
         raise DataError(f"{path}: {path.stat().st_size:,} bytes is too large for a data YAML")
@@ -69,7 +69,14 @@ def read_data_yaml(path: str | Path) -> DataConfig:
         items = value if isinstance(value, list) else [value]
         if not all(type(item) is str and item for item in items):
             raise DataError(f"{path}: '{key}' must be a folder or list file, or a list of them")
-        return tuple(p if p.is_absolute() else root / p for p in map(Path, items))
+        found = tuple(p if p.is_absolute() else root / p for p in map(Path, items))
+        for source in found:
+            if not source.exists():
+                raise DataError(
+                    f"{path}: '{key}' names {source}, which does not exist; fix it in this "
+                    "data YAML (a folder of images, a list file, or an image)"
+                )
+        return found
 
     return DataConfig(root, sources("train"), sources("val"), names)
 

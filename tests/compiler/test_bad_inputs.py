@@ -98,6 +98,15 @@ def test_a_plan_cut_to_three_groups_reports_the_macs_the_model_keeps(
         (lambda p: p.update(macs_after=-5), "macs_after -5 is out of range"),
         (lambda p: p.update(groups={"a": 1}), "groups must be a list"),
         (lambda p: p.update(surprise=1), "unknown plan key 'surprise'"),
+        (lambda p: p.pop("groups"), "plan key 'groups' is missing; regenerate it"),
+        (
+            lambda p: p["groups"][0].update(keep=[]),
+            "keeps no channel, which only the hidden group of a block in drop_blocks may",
+        ),
+        (
+            lambda p: p.update(drop_blocks=[p["groups"][0]["id"].removesuffix(".cv1.conv")]),
+            "drop_blocks removes a block whose hidden group",
+        ),
     ],
 )
 def test_a_damaged_plan_is_refused(tmp_path, tiny_yaml, tiny_plan, capsys, damage, message):

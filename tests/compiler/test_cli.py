@@ -176,7 +176,7 @@ def _bad_files(tmp_path: Path) -> dict[str, Path]:
 @pytest.mark.parametrize(
     "case,extra,message",
     [
-        ("missing", [], "file not found; nothing is downloaded"),
+        ("missing", [], "file not found; check the path"),
         ("truncated", [], "truncated or corrupt"),
         ("foreign", [], "refused to load"),
         ("non_yolo", [], "not a YOLO checkpoint"),

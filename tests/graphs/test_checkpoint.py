@@ -176,11 +176,23 @@ def test_unknown_yolov5_class_is_refused(tmp_path, monkeypatch):
 
 
 def test_missing_file_says_where_to_put_it(tmp_path, monkeypatch):
+    """A bare name: nothing is downloaded, put it here; a path: check it."""
     monkeypatch.chdir(tmp_path)
     with pytest.raises(
-        CheckpointError, match=r"yolov5x\.pt: file not found; nothing is downloaded"
+        CheckpointError, match=r"^yolov5x\.pt: file not found here or among the shipped weights"
     ):
         load_model("yolov5x.pt")
+    with pytest.raises(CheckpointError, match=r"^runs/x\.pt: file not found; check the path"):
+        load_model("runs/x.pt")
+
+
+@pytest.mark.parametrize("name", ["model.onnx", "model.ENGINE", "missing/model.onnx"])
+def test_an_exported_model_is_refused_by_name(tmp_path, name):
+    path = tmp_path / name
+    if path.parent.exists():
+        path.write_bytes(b"\x08\x07")  # an ONNX file's first bytes, or any
+    with pytest.raises(CheckpointError, match="holds no PyTorch modules to prune; MODEL is the"):
+        load_model(path)
 
 
 def test_truncated_file(tmp_path, yolov5_modules):

@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -73,6 +75,12 @@ def test_data_yaml_errors(tmp_path):
         read_data_yaml(tmp_path / "nope.yaml")
     (tmp_path / "d.yaml").write_text("names: [a]\n")
     with pytest.raises(DataError, match="needs 'val' and 'names'"):
+        read_data_yaml(tmp_path / "d.yaml")
+    (tmp_path / "val").mkdir()
+    (tmp_path / "d.yaml").write_text("names: [a]\nval: val\ntrain: [val, gone/images]\n")
+    missing = tmp_path / "gone" / "images"
+    message = f"d.yaml: 'train' names {missing}, which does not exist; fix it in this data YAML"
+    with pytest.raises(DataError, match=re.escape(message)):  # the YAML named, and the source
         read_data_yaml(tmp_path / "d.yaml")
 
 

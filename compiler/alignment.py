@@ -59,7 +59,7 @@ ALIGNMENT_SECONDS = 1.0
 RULE = (
     f"the fastest of the finest plannable alignment and the coarser ones faster by more than "
     f"{SPEED_TIE:.0%} that remove no more importance than the finest would at the same speed "
-    f"(within {IMPORTANCE_TIE:.0%}); ties to the finer"
+    f"(within {IMPORTANCE_TIE:.0%}); speeds within {SPEED_TIE:.0%} tie, to the finer"
 )
 
 

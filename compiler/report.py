@@ -229,7 +229,9 @@ def alignment_text(record: dict) -> str:
             )
         tied = row["eligible"] and finest is not None and row["importance_removed"] > finest
         parts.append(
-            text + (", a tie" if tied else "") + ("" if row["eligible"] else ", not taken")
+            text
+            + (", more but within the importance tie: eligible" if tied else "")
+            + ("" if row["eligible"] else ", not taken")
         )
     key = record["table_key"]
     batch = f" batch {key['batch']}" if key.get("batch", 1) != 1 else ""

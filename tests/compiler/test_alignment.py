@@ -220,7 +220,10 @@ def test_the_report_line_says_when_a_candidate_passed_as_a_tie():
     assert (
         "16: 0.720x time, removes 12.1% of the importance (the finest at this speed: 11.6%)" in text
     )
-    assert "(the finest at this speed: 11.6%), a tie; 32: " in text
+    assert (
+        "(the finest at this speed: 11.6%), more but within the importance tie: eligible; 32"
+        in text
+    )
     assert "(the finest at this speed: 12.0%), not taken; r)" in text
     assert "8: 1.000x time, removes 7.4% of the importance; 16" in text
 

@@ -203,6 +203,14 @@ def sensitivity_text(
     )
 
 
+def _alignment_cost(row: dict):
+    """A candidate row's accuracy cost and how its figures print: the measured head output
+    error added (sensitivity plans), or the fraction of the importance removed."""
+    if "error_added" in row:
+        return row["error_added"], lambda value: f"{value:.3g}"
+    return row.get("importance_removed"), lambda value: f"{value:.1%}"
+
+
 def alignment_text(record: dict) -> str:
     """``--round-to auto``'s choice in one line: each candidate's time against the finest
     plannable one's, the importance it removes and, for the faster coarse ones, what the finest
@@ -218,19 +226,24 @@ def alignment_text(record: dict) -> str:
             continue
         if row.get("fallback"):
             text += ", the only alignment left the planner could meet the target at"
-        if "importance_removed" in row:
-            text += f", removes {row['importance_removed']:.1%} of the importance"
+        cost, figure = _alignment_cost(row)
+        if cost is not None:
+            text += (
+                f", adds head output error {figure(cost)}"
+                if "error_added" in row
+                else f", removes {figure(cost)} of the importance"
+            )
         finest = row.get("finest_at_this_speed")
         if "finest_at_this_speed" in row:
             text += (
-                f" (the finest at this speed: {finest:.1%})"
+                f" (the finest at this speed: {figure(finest)})"
                 if finest is not None
                 else " (the finest cannot run this fast)"
             )
-        tied = row["eligible"] and finest is not None and row["importance_removed"] > finest
+        tied = row["eligible"] and finest is not None and cost is not None and cost > finest
         parts.append(
             text
-            + (", more but within the importance tie: eligible" if tied else "")
+            + (", more but within the tie: eligible" if tied else "")
             + ("" if row["eligible"] else ", not taken")
         )
     key = record["table_key"]

@@ -220,10 +220,7 @@ def test_the_report_line_says_when_a_candidate_passed_as_a_tie():
     assert (
         "16: 0.720x time, removes 12.1% of the importance (the finest at this speed: 11.6%)" in text
     )
-    assert (
-        "(the finest at this speed: 11.6%), more but within the importance tie: eligible; 32"
-        in text
-    )
+    assert "(the finest at this speed: 11.6%), more but within the tie: eligible; 32" in text
     assert "(the finest at this speed: 12.0%), not taken; r)" in text
     assert "8: 1.000x time, removes 7.4% of the importance; 16" in text
 
@@ -477,6 +474,8 @@ def test_sensitivity_candidates_share_one_scoring_and_one_measurement(prepared, 
     from tests.compiler.test_allocation import _image_files
     from yoloprune.compiler.allocation import GroupSensitivity
     from yoloprune.compiler.pipeline import plan_request
+    from yoloprune.compiler.planners import sensitivity as sensitivity_planner
+    from yoloprune.compiler.report import alignment_text
     from yoloprune.compiler.score import Importance
 
     options = CompileOptions("t", macs=0.5, threads=1)
@@ -509,3 +508,13 @@ def test_sensitivity_candidates_share_one_scoring_and_one_measurement(prepared, 
     assert "finest_at_this_speed" in record["candidates"][1]  # a matched plan was made too
     assert calls == ["scored"] and measured.count(True) == 1 and len(measured) > 3
     assert chosen.scores is request.scores and calls == ["scored"]  # handed on, not redone
+    # compared by what the allocation minimises: the error its measured curves add
+    rows = {r["round_to"]: r for r in record["candidates"]}
+    assert record["accuracy_check"].endswith("compared by the head output error their measured "
+                                             "curves add")  # fmt: skip
+    assert all("importance_removed" not in r for r in rows.values())
+    plan = sensitivity_planner(chosen)
+    assert rows[16]["error_added"] == round(alignment.error_added(plan, sensitivity._curves), 6)
+    assert rows[16]["error_added"] > rows[8]["error_added"] > 0  # coarser steps cost more
+    text = alignment_text(record)
+    assert "16: 0.667x time, adds head output error 1.51 (the finest at this speed: 2.03)" in text

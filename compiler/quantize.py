@@ -160,8 +160,11 @@ class Calibration:
             )
         if not found:
             raise DataError(f"{where}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        step = max(1, len(found) // self.count)  # spread over the whole set, fixed order
-        return found[::step][: self.count]
+        from yoloprune.compiler.sensitivity import spread_indices
+
+        # evenly over the whole set, first and last included, in a fixed order (a step of
+        # len // count took the first count of a set under twice that size)
+        return [found[i] for i in spread_indices(len(found), self.count)]
 
 
 @dataclass

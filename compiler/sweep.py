@@ -23,6 +23,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from yoloprune.compiler.options import DEFAULT_LATENCY_RUNTIME, CompileOptions
@@ -41,12 +42,32 @@ class SweepOptions:
     values: tuple[float, ...]
     max_map_drop: float | None = None
     latency_ms: float | None = None
+    # Where and at which batch the points are timed, where the points' own planning times
+    # nothing (a fixed --round-to under --macs; the compile would refuse the flags there as
+    # unused); else the base's, which the points plan with too
+    latency_batch: int | None = None
+    latency_runtime: str | None = None
+
+    @property
+    def timing_batch(self) -> int:
+        return self.latency_batch or self.base.latency_batch or 1
+
+    @property
+    def timing_runtime(self) -> str:
+        return self.latency_runtime or self.base.latency_runtime or DEFAULT_LATENCY_RUNTIME
 
     def __post_init__(self) -> None:
         if self.kind not in ("macs", "speedup"):
             raise PlanError(f"sweep: target {self.kind!r}: use --macs or --speedup")
         if not self.values or len(set(self.values)) != len(self.values):
             raise PlanError(f"--{self.kind}: give distinct values, e.g. 0.9,0.7,0.5")
+        names = [self.name(v) for v in self.values]
+        if len(set(names)) != len(names):
+            twice = next(n for n in names if names.count(n) > 1)
+            raise PlanError(
+                f"--{self.kind}: two values name the same point ({twice}): give values that "
+                "differ within 6 significant digits"
+            )
         if self.base.data is None:
             raise PlanError("sweep measures mAP: add --data data.yaml")
         if self.base.profile:
@@ -56,8 +77,8 @@ class SweepOptions:
             )
         if self.max_map_drop is not None and self.latency_ms is not None:
             raise PlanError("give one criterion: --max-map-drop or --latency-ms, not both")
-        batch = self.base.latency_batch or 1
-        runtime = self.base.latency_runtime or DEFAULT_LATENCY_RUNTIME
+        self._check_own_timing()
+        batch, runtime = self.timing_batch, self.timing_runtime
         if batch > 1 and runtime != "torch" and not self.base.dynamic:
             raise PlanError(
                 f"--latency-batch {batch}: the points' ONNX files are timed at that batch; add "
@@ -73,7 +94,27 @@ class SweepOptions:
     def name(self, value: float) -> str:
         return f"{self.kind}-{value:g}"
 
+    def _check_own_timing(self) -> None:
+        """The sweep's own --latency-runtime/--latency-batch (set where the points time
+        nothing): checked as a compile checks them, before any work."""
+        if self.latency_batch is not None and not 1 <= self.latency_batch <= 1024:
+            raise PlanError(f"--latency-batch {self.latency_batch}: must be in [1, 1024]")
+        if self.latency_runtime is None:
+            return
+        if self.latency_runtime not in ("ort", "torch", "tensorrt"):
+            raise PlanError(f"--latency-runtime {self.latency_runtime}: use ort, torch or tensorrt")
+        if self.latency_runtime == "torch" and not torch.cuda.is_available():
+            raise PlanError("--latency-runtime torch measures on a CUDA GPU; none is here")
+        if self.latency_runtime == "tensorrt":
+            from yoloprune.kernels.tensorrt import available
+
+            ok, why = available()
+            if not ok:
+                raise PlanError(f"--latency-runtime tensorrt: {why}")
+
     def point(self, value: float) -> CompileOptions:
+        """One point's compile: the base's options at ``value``, with no bench step (the
+        sweep times every point itself)."""
         return dataclasses.replace(
             self.base,
             **{self.kind: value},
@@ -183,10 +224,10 @@ def _measure(options: SweepOptions, prepared, mode: str, points: list[dict]) -> 
     from yoloprune.kernels.ort import machine_info
 
     base = options.base
-    runtime = base.latency_runtime or DEFAULT_LATENCY_RUNTIME
+    runtime = options.timing_runtime
     settings = BenchSettings(
         runtime=runtime,
-        batch=base.latency_batch or 1,
+        batch=options.timing_batch,
         threads=base.threads,
         spinning=base.spinning,
         runs=options.point(options.values[0]).settings.bench_runs,

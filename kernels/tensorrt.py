@@ -187,12 +187,22 @@ def serialized_engine(onnx_path: Path, settings: BuildSettings | None = None) ->
     if settings.timing_cache is not None and Path(settings.timing_cache).is_file():
         cache_bytes = Path(settings.timing_cache).read_bytes()
     timing_cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(timing_cache, ignore_mismatch=False)
+    if config.set_timing_cache(timing_cache, ignore_mismatch=False) is False:
+        raise YoloPruneError(
+            f"--timing-cache {settings.timing_cache}: made for another GPU or TensorRT version; "
+            "delete it or give another path"
+        )
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise YoloPruneError(f"{onnx_path}: TensorRT failed to build an engine (see its log)")
     if settings.timing_cache is not None:
-        _atomic_write(Path(settings.timing_cache), bytes(config.get_timing_cache().serialize()))
+        cache = config.get_timing_cache()
+        if cache is None:
+            raise YoloPruneError(
+                f"--timing-cache {settings.timing_cache}: TensorRT returned no timing cache to "
+                "save (see its log); build without --timing-cache"
+            )
+        _atomic_write(Path(settings.timing_cache), bytes(cache.serialize()))
     return bytes(serialized)
 
 
@@ -205,17 +215,34 @@ def build_engine(
     """Build ``onnx_path`` (:func:`serialized_engine`) and write ``engine_path`` plus
     ``<engine>.json`` (metadata). The engine runs at the precision the ONNX file holds."""
     settings = settings or BuildSettings()
+    engine_path = Path(engine_path)
+    meta_path = _refuse_clobbering(Path(onnx_path), engine_path)
     properties = onnx_properties(onnx_path)
     serialized = serialized_engine(onnx_path, settings)
-    engine_path = Path(engine_path)
-    _atomic_write(engine_path, serialized)
     trt = tensorrt()
     engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(serialized)
+    if engine is None:
+        raise YoloPruneError(f"{onnx_path}: TensorRT cannot load the engine it built (its log)")
     tensors = _io_description(trt, engine)
     meta = engine_metadata(tensors, settings, trt.__version__, properties, metadata)
-    meta_path = engine_path.with_suffix(".json")
+    # both files once everything is known: a failure above leaves neither
+    _atomic_write(engine_path, serialized)
     _atomic_write(meta_path, (json.dumps(meta, indent=1) + "\n").encode())
     return BuiltEngine(engine_path, meta_path)
+
+
+def _refuse_clobbering(onnx_path: Path, engine_path: Path) -> Path:
+    """The metadata's path (the engine's, ending .json), where neither file would overwrite
+    the ONNX file or each other."""
+    meta_path = engine_path.with_suffix(".json")
+    source = onnx_path.resolve()
+    if engine_path.suffix == ".json" or source in (engine_path.resolve(), meta_path.resolve()):
+        raise YoloPruneError(
+            f"--out {engine_path}: the engine and its metadata ({meta_path.name}) would "
+            f"overwrite {'the ONNX file' if engine_path.suffix != '.json' else 'each other'}; "
+            "give a path ending in .engine"
+        )
+    return meta_path
 
 
 # Executions per timed sample: a small engine's enqueue costs about as much as its kernels, so
@@ -429,7 +456,8 @@ class EngineRunner(Runner):
             self.stream.wait_stream(self._torch.cuda.current_stream())  # images are ready
             with self._torch.cuda.stream(self.stream):  # ordered before the engine's work
                 self.buffers[self.inputs[0]].copy_(images, non_blocking=True)
-        self.context.execute_async_v3(self.stream.cuda_stream)
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise YoloPruneError("TensorRT could not enqueue the engine's run (see its log)")
         return self.buffers[self.outputs[0]]
 
     def sync(self) -> None:

@@ -1,5 +1,6 @@
 """INT8 post-training quantization: explicit Q/DQ as TensorRT wants it, calibrated on images."""
 
+import itertools
 import json
 
 import numpy as np
@@ -385,3 +386,19 @@ def test_each_int8_body_is_checked_at_its_own_parity_tolerance(tmp_path, images)
     base = export_onnx(model, tmp_path / "m.onnx", 128)
     _, parity, record = lower_checked(model, base, 128, "int8", calibration=fp32)
     assert parity.ok and parity.tolerance == 0.25 and record["float"] == "fp32"
+
+
+@pytest.mark.parametrize(("total", "count"), [(10, 4), (7, 5), (30, 7), (3, 8)])
+def test_calibration_images_are_spread_over_the_whole_set(tmp_path, total, count):
+    """The first and the last image and an even spread between, in order; all of a smaller
+    set (a step of total // count took the first ``count`` of 7 images, never the last)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(total):
+        (folder / f"{i:02d}.png").write_bytes(b"")  # listed, never decoded here
+    files = Calibration(folder, count=count).files
+    indices = [int(f.stem) for f in files]
+    assert len(indices) == min(total, count) and indices == sorted(set(indices))
+    assert indices[0] == 0 and indices[-1] == total - 1
+    gaps = [b - a for a, b in itertools.pairwise(indices)]
+    assert not gaps or max(gaps) - min(gaps) <= 1

@@ -156,6 +156,34 @@ def test_sweep_needs_data_and_distinct_points():
         SweepOptions(base, "macs", (0.5, 0.5))
 
 
+def test_two_values_naming_one_point_folder_are_refused(shapes_data):
+    base = CompileOptions("m.yaml", data=shapes_data)
+    with pytest.raises(PlanError, match=r"two values name the same point \(macs-0.123456\)"):
+        SweepOptions(base, "macs", (0.1234561, 0.1234562))
+
+
+@pytest.mark.parametrize("kind", ["macs", "speedup"])
+def test_the_sweeps_timing_flags_are_taken_with_a_fixed_alignment(shapes_data, kind):
+    """With --round-to fixed a --macs point times nothing itself: --latency-batch and
+    --latency-runtime are the sweep's own (the compile would refuse them as unused); a
+    --speedup point plans on measured latency and takes them itself."""
+    from yoloprune.compiler.cli import build_parser, sweep_options
+
+    argv = ["sweep", "m.yaml", "--data", str(shapes_data), f"--{kind}", "0.5,0.4"]
+    if kind == "speedup":
+        argv[-1] = "1.5,2"
+    argv += ["--round-to", "8", "--latency-batch", "4", "--latency-runtime", "ort", "--dynamic"]
+    sweep = sweep_options(build_parser().parse_args(argv))
+    assert sweep.timing_batch == 4 and sweep.timing_runtime == "ort"
+    point = sweep.point(sweep.values[0])
+    if kind == "macs":
+        assert sweep.latency_batch == 4 and point.latency_batch is None
+    else:
+        assert sweep.latency_batch is None and point.settings.latency.batch == 4
+    with pytest.raises(PlanError, match="--latency-batch 0: must be in"):
+        SweepOptions(sweep.base, kind, sweep.values, latency_batch=0)
+
+
 def test_a_sweep_from_code_refuses_profiling_by_name(shapes_data):
     base = CompileOptions("m.yaml", data=shapes_data, profile=True)
     with pytest.raises(PlanError, match="no bench step to profile: profile the files it writes"):

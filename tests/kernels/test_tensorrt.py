@@ -160,6 +160,7 @@ def test_engine_matches_onnxruntime(tmp_path, tiny_model):
 class _Recorder:
     def __init__(self):
         self.network_flags, self.builder_flags, self.profiles = None, [], []
+        self.foreign_cache = False  # set_timing_cache refuses the cache (another GPU)
 
 
 def _stand_in(version: str, strongly_typed_enum: bool = True):
@@ -231,6 +232,7 @@ def _stand_in(version: str, strongly_typed_enum: bool = True):
 
         def set_timing_cache(self, cache, ignore_mismatch):
             self.cache = cache
+            return not record.foreign_cache
 
         def get_timing_cache(self):
             return self.cache
@@ -357,6 +359,31 @@ def test_builder_runs_on_the_tensorrt_10_and_11_python_apis(
     assert meta["output"]["layout"] == "yolov5" and meta["output"]["export_mode"] == "raw"
     image = meta["tensors"][0]
     assert image["name"] == "images" and image["shape"][1:] == [3, 64, 64]
+
+
+def test_a_foreign_timing_cache_and_clobbering_paths_are_refused_with_nothing_written(
+    monkeypatch, tmp_path, tiny_onnx
+):
+    from yoloprune.kernels.tensorrt import build_engine
+
+    trt = _stand_in("11.4.0")
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    trt.record.foreign_cache = True
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"from another GPU")
+    settings = BuildSettings(timing_cache=cache)
+    with pytest.raises(YoloPruneError, match="made for another GPU or TensorRT version"):
+        build_engine(tiny_onnx["static"], tmp_path / "m.engine", settings)
+    assert cache.read_bytes() == b"from another GPU" and not (tmp_path / "m.engine").exists()
+    trt.record.foreign_cache = False
+    source = tmp_path / "copy.onnx"
+    source.write_bytes(tiny_onnx["static"].read_bytes())
+    for out in (source, tmp_path / "m.json"):  # the ONNX itself; metadata onto the engine
+        with pytest.raises(YoloPruneError, match=r"give a path ending in \.engine"):
+            build_engine(source, out)
+    assert source.read_bytes() == tiny_onnx["static"].read_bytes()
+    built = build_engine(source, tmp_path / "copy.engine")
+    assert built.metadata == tmp_path / "copy.json"
 
 
 def test_a_static_batch_refuses_batch_bounds_it_cannot_honour(monkeypatch, tmp_path, tiny_onnx):

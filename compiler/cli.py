@@ -289,7 +289,8 @@ def _precision_arg(p: argparse.ArgumentParser) -> None:
         "--calib-count",
         type=int_in(1, 100_000),
         default=None,
-        help="int8: calibration images used, spread over the set (default 256)",
+        help="int8: at most this many calibration images, spread over the set (default 256; "
+        "all of a smaller set: the output says how many were read)",
     )
     p.add_argument(
         "--calib-method",
@@ -745,6 +746,8 @@ def cmd_compile(args) -> int:
         method = (record or {}).get("method", "").split(",")[0]
         if record and "float" in record:
             method += f", {record['float'].split()[0]} elsewhere"
+        if record and "calibration_images" in record:
+            method += f", calibrated on {record['calibration_images']} images"
         print(
             f"{precision}: {lowered['file']}{f' ({method})' if method else ''}, parity "
             f"{lowered['parity']['max_abs_diff']:.2e} <= {lowered['parity']['tolerance']:g}"

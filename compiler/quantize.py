@@ -137,6 +137,13 @@ class Calibration:
             self.method
         ]
 
+    @property
+    def source(self) -> str:
+        """Where the calibration images come from, as the user gave it."""
+        if self.images is not None:
+            return f"--calib-images {self.images}"
+        return f"{self.data} (train split)" if self.data is not None else "no images given"
+
     @cached_property
     def files(self) -> list[Path]:
         """The calibration images, listed once (options, quantization and parity share them)."""
@@ -145,21 +152,20 @@ class Calibration:
             if not folder.is_dir():
                 raise DataError(f"--calib-images {folder}: not a folder of images")
             found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-            where = f"--calib-images {folder}"
         elif self.data is not None:
             from yoloprune.compiler.train.data import image_files, read_data_yaml
 
             config = read_data_yaml(self.data)
             if not config.train:
                 raise DataError(f"{self.data}: INT8 calibration reads its 'train' split; add one")
-            found, where = image_files(config.train), f"{self.data} (train split)"
+            found = image_files(config.train)
         else:
             raise DataError(
                 "--precision int8 calibrates on images: pass --data data.yaml (its train split) "
                 "or --calib-images DIR (no labels needed)"
             )
         if not found:
-            raise DataError(f"{where}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            raise DataError(f"{self.source}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         from yoloprune.compiler.sensitivity import spread_indices
 
         # evenly over the whole set, first and last included, in a fixed order (a step of
@@ -214,7 +220,10 @@ def fold_batchnorms(model: nn.Module) -> int:
 
 
 def quantized(
-    model: nn.Module, batches: Iterator[torch.Tensor], method: str = "max"
+    model: nn.Module,
+    batches: Iterator[torch.Tensor],
+    method: str = "max",
+    source: str = "the calibration images",
 ) -> tuple[nn.Module, int]:
     """A copy of ``model`` with BatchNorm folded and INT8 fake quantizers calibrated on
     ``batches`` by ``method`` (the model itself is untouched); and how many BatchNorms were
@@ -255,7 +264,10 @@ def quantized(
             seen += len(images)
     q.eval()
     if not seen:
-        raise DataError("no calibration image could be read; INT8 ranges cannot be set")
+        raise DataError(
+            f"{source}: no calibration image could be read; INT8 ranges cannot be set: give "
+            "--calib-images DIR or --data data.yaml with readable images"
+        )
     for name, quantizer in active:
         try:
             if name.endswith("input_quantizer") and method != "max":
@@ -347,7 +359,7 @@ def post_training_quantized(
     record that describes it."""
     record = CalibrationRecord()
     batches = calibration_batches(calibration.files, imgsz, record)
-    q, folded = quantized(model, batches, calibration.method)
+    q, folded = quantized(model, batches, calibration.method, calibration.source)
     return q, _record("PTQ", calibration, record, folded)
 
 

@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import re
 
 import numpy as np
 import onnx
@@ -112,17 +113,22 @@ def test_an_empty_calibration_folder_is_one_line(tmp_path, tiny_yaml, tiny_model
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "x.png").write_bytes(b"junk")
-    with pytest.raises(YoloPruneError, match="no calibration image could be read"):
+    message = f"--calib-images {broken}: no calibration image could be read"
+    with pytest.raises(YoloPruneError, match=re.escape(message)):
         to_int8(tiny_model, tmp_path / "x.onnx", 64, Calibration(broken), mode="raw")
     assert not (tmp_path / "x.onnx").exists()
 
 
-def test_compile_writes_the_int8_file_with_its_calibration_record(tmp_path, tiny_yaml, images):
+def test_compile_writes_the_int8_file_with_its_calibration_record(
+    tmp_path, tiny_yaml, images, capsys
+):
     out = tmp_path / "out"
     argv = ["compile", str(tiny_yaml), "--imgsz", "64", "--no-bench", "--out", str(out)]
     assert main([*argv, "--precision", "int8", "--calib-images", str(images)]) == 0
     report = json.loads((out / "report.json").read_text())
     lowered = report["precisions"]["int8"]
+    read = lowered["quantization"]["calibration_images"]
+    assert f", calibrated on {read} images), parity" in capsys.readouterr().out  # all it read
     assert lowered["file"] == "tiny-pruned.int8.onnx" and (out / lowered["file"]).is_file()
     assert lowered["parity"]["ok"] and "calibration images" in lowered["parity"]["input"]
     assert lowered["quantization"]["calibration_images"] == 8

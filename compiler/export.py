@@ -48,6 +48,9 @@ class Parity:
     tolerance: float
     metric: str = PARITY_METRIC
     input: str = "uniform noise in [0, 1], seed 0"
+    # end-to-end files: detections compared (those above the k-th score by more than the
+    # tolerance); None for raw outputs, which are compared whole
+    compared: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -236,8 +239,8 @@ def check_parity(
     if actual.shape != expected.shape:
         raise ExportError(f"{onnx_path}: output0 shape {actual.shape} != PyTorch {expected.shape}")
     if layout == "end2end":
-        worst, pixels = _end2end_diff(actual, expected, imgsz, tolerance)
-        parity = Parity(worst, pixels, tolerance, END2END_PARITY_METRIC)
+        worst, pixels, compared = _end2end_diff(actual, expected, imgsz, tolerance)
+        parity = Parity(worst, pixels, tolerance, END2END_PARITY_METRIC, compared=compared)
     else:
         actual, expected = _rows_last(actual, layout), _rows_last(expected, layout)
         diff = np.abs(actual - expected)
@@ -247,22 +250,23 @@ def check_parity(
     return parity if input_text is None else replace(parity, input=input_text)
 
 
-def _end2end_diff(actual, expected, imgsz: int, tolerance: float) -> tuple[float, float]:
-    """(worst normalised difference, worst box difference in pixels) of two top-k outputs,
-    compared as sets: top-k may order near-equal scores either way.
+def _end2end_diff(actual, expected, imgsz: int, tolerance: float) -> tuple[float, float, int]:
+    """(worst normalised difference, worst box difference in pixels, detections compared) of
+    two top-k outputs, compared as sets: top-k may order near-equal scores either way.
 
     Each detection of one output is matched to the nearest detection of the other, the distance
     being the largest of the score difference, the box difference (divided by max(imgsz,
     |value|)) and 1 for another class; detections within ``tolerance`` of the k-th score may
     fall out of either top-k, so they need no match.
     """
-    worst, pixels = 0.0, 0.0
+    worst, pixels, compared = 0.0, 0.0, 0
     for got, want in zip(actual, expected, strict=True):
         for one, other in ((want, got), (got, want)):
             boundary = min(one[:, 4].min(initial=np.inf), other[:, 4].min(initial=np.inf))
             rows = one[one[:, 4] > boundary + tolerance]
             if not len(rows):
                 continue
+            compared += len(rows)
             box = np.abs(rows[:, None, :4] - other[None, :, :4])
             scale = np.maximum(imgsz, np.abs(rows[:, None, :4]))
             distance = np.maximum(
@@ -272,7 +276,7 @@ def _end2end_diff(actual, expected, imgsz: int, tolerance: float) -> tuple[float
             nearest = distance.argmin(axis=1)
             worst = max(worst, float(distance[np.arange(len(rows)), nearest].max()))
             pixels = max(pixels, float(box[np.arange(len(rows)), nearest].max()))
-    return worst, pixels
+    return worst, pixels, compared
 
 
 def onnx_input_size(path: Path) -> int:

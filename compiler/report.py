@@ -55,6 +55,7 @@ def build_report(
             "accuracy is meaningless"
         )
     warnings += _missed_latency_goal(plan.latency, latency)
+    warnings += parity_warnings(parity.to_dict())
     return {
         "model": {
             "source": info.source,
@@ -101,6 +102,20 @@ def build_report(
         "files": files,
         "warnings": warnings,
     }
+
+
+def parity_warnings(parity: dict) -> list[str]:
+    """A warning where an end-to-end file's parity compared no detection: every top-k score
+    lay within the tolerance of the k-th (flat scores: random weights on noise), so boxes and
+    classes went unchecked and the figure says nothing."""
+    if parity.get("compared") != 0:
+        return []
+    return [
+        "ONNX parity compared no detection: every end-to-end score lies within the tolerance "
+        f"of the k-th ({parity['tolerance']:g}; flat scores, as random weights on noise give), "
+        "so boxes and classes were not checked; export with --export-mode raw to compare the "
+        "raw outputs"
+    ]
 
 
 def _missed_latency_goal(planned: dict | None, bench: dict | None) -> list[str]:

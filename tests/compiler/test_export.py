@@ -70,6 +70,29 @@ def test_parity_ok_is_the_tolerance_comparison():
     assert Parity(1e-4, 0.1, 1e-3).ok and not Parity(2e-3, 1.0, 1e-3).ok
 
 
+def test_end_to_end_parity_counts_what_it_compared_and_says_when_nothing():
+    """Top-k rows (x1, y1, x2, y2, score, class): rows above the k-th score by more than the
+    tolerance are matched; with flat scores none is, and the report says the boxes went
+    unchecked (here they differ by 30 px)."""
+    from yoloprune.compiler.export import _end2end_diff
+    from yoloprune.compiler.report import parity_warnings
+
+    want = np.array([[[0, 0, 10, 10, 0.9, 1], [5, 5, 20, 20, 0.5, 2], [1, 1, 4, 4, 0.2, 0]]])
+    got = want.copy()
+    got[0, 1, :4] += 1.0  # one pixel off, a compared row
+    worst, pixels, compared = _end2end_diff(got, want, 64, 1e-3)
+    assert compared == 4 and pixels == 1.0 and worst == pytest.approx(1 / 64)
+    flat, moved = want.copy(), want.copy()
+    flat[..., 4] = moved[..., 4] = 0.5
+    moved[..., :4] += 30
+    worst, _, compared = _end2end_diff(moved, flat, 64, 1e-3)
+    assert compared == 0 and worst == 0.0  # nothing above the k-th: nothing compared
+    parity = Parity(worst, 0.0, 1e-3, compared=compared).to_dict()
+    assert parity_warnings(parity)[0].startswith("ONNX parity compared no detection")
+    assert parity_warnings(Parity(0.0, 0.0, 1e-3, compared=4).to_dict()) == []
+    assert parity_warnings(Parity(0.0, 0.0, 1e-3).to_dict()) == []  # raw outputs: all compared
+
+
 def test_old_opsets_are_refused(tmp_path, pruned):
     with pytest.raises(ExportError, match="opset 17 or newer"):
         export_onnx(pruned, tmp_path / "o.onnx", 64, opset=12)

@@ -595,11 +595,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=int_in(1, 1024), default=None)
 
     d = sub.add_parser("data", help="generate the synthetic shapes dataset (YOLO format)")
-    d.add_argument("--out", type=Path, default=Path("runs/data/shapes"))
-    d.add_argument("--train", type=int_in(0, 1_000_000), default=2000)
-    d.add_argument("--val", type=int_in(1, 1_000_000), default=300)
-    d.add_argument("--imgsz", type=IMGSZ, default=256)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/data/shapes"),
+        help="a new or empty folder, or an earlier dataset of this command, which is replaced "
+        "(default runs/data/shapes)",
+    )
+    d.add_argument("--train", type=int_in(0, 1_000_000), default=2000, help="training images")
+    d.add_argument("--val", type=int_in(1, 1_000_000), default=300, help="validation images")
+    d.add_argument("--imgsz", type=IMGSZ, default=256, help="image size in pixels (default 256)")
+    d.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0, help="the images' seed")
 
     b = sub.add_parser(
         "bench",

@@ -228,6 +228,38 @@ def _write_split(
             raise
 
 
+DATASET_ENTRIES = {"data.yaml", "images", "labels"}
+
+
+def _refuse_foreign_folder(root: Path) -> None:
+    """``root`` may be new, empty, or an earlier dataset of :func:`generate` (replaced whole);
+    anything else is refused before any work, never deleted."""
+    from yoloprune.compiler.train.data import DataError  # imports torch: not in the workers
+
+    if root.exists() and not root.is_dir():
+        raise DataError(f"--out {root}: is a file; the dataset is written to a folder")
+    if not root.is_dir() or not any(root.iterdir()):
+        return
+    entries = {p.name for p in root.iterdir()}
+    earlier = entries <= DATASET_ENTRIES and _is_synthetic(root / "data.yaml")
+    if not earlier:
+        raise DataError(
+            f"--out {root}: holds files that are not an earlier synthetic dataset (it would be "
+            "replaced whole); give a new or empty folder"
+        )
+
+
+def _is_synthetic(path: Path) -> bool:
+    """Whether ``path`` is the data.yaml :func:`generate` writes (its ``synthetic`` record)."""
+    if not path.is_file() or path.stat().st_size > 1 << 16:
+        return False
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("synthetic"), dict)
+
+
 def generate(
     root: Path, spec: SyntheticSpec | None = None, progress: bool = True, workers: int = 1
 ) -> Path:
@@ -241,6 +273,7 @@ def generate(
 
     spec = spec or SyntheticSpec()
     root = Path(root)
+    _refuse_foreign_folder(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     try:

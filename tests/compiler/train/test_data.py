@@ -178,3 +178,29 @@ def test_hsv_jitter_tables_give_the_per_pixel_float_arithmetic_exactly():
     for _ in range(500):
         gains = rng.uniform(-1, 1, 3) * (0.015, 0.7, 0.4) + 1
         assert np.array_equal(_hsv_jitter(every_level, gains), per_pixel(every_level, gains))
+
+
+def test_generate_replaces_only_an_earlier_dataset_and_never_a_foreign_folder(tmp_path, capsys):
+    """An earlier dataset is replaced; a folder holding anything else, or a file, is refused
+    with one line and left exactly as it was."""
+    from yoloprune.compiler.cli import main
+
+    spec = SyntheticSpec(train=2, val=1, imgsz=64)
+    root = tmp_path / "set"
+    generate(root, spec, progress=False)
+    again = generate(root, SyntheticSpec(train=3, val=1, imgsz=64), progress=False)
+    assert len(list((again.parent / "images" / "train").iterdir())) == 3  # replaced
+    precious = tmp_path / "precious"
+    (precious / "sub").mkdir(parents=True)
+    (precious / "notes.txt").write_text("mine")
+    (precious / "sub" / "a.txt").write_text("mine too")
+    afile = tmp_path / "afile.txt"
+    afile.write_text("a file")
+    for out, message in ((precious, "holds files that are not an earlier"), (afile, "is a file")):
+        assert main(["data", "--out", str(out), "--train", "2", "--val", "1"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err and str(out) in err
+    assert (precious / "notes.txt").read_text() == "mine"
+    assert (precious / "sub" / "a.txt").read_text() == "mine too" and afile.read_text() == "a file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile.txt", "precious", "set"]
+    assert main(["data", "--out", str(tmp_path / "x"), "--seed", "-1"]) == 2

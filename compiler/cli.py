@@ -866,16 +866,12 @@ def _warn_sensitivity(sensitivity: dict | None) -> None:
 
 
 def cmd_export(args) -> int:
-    import os
-    import tempfile
 
-    from yoloprune.compiler.export import DEFAULT_PARITY_TOLERANCE, export_checked, export_mode
+    from yoloprune.compiler.export import DEFAULT_PARITY_TOLERANCE, export_mode
     from yoloprune.compiler.options import sensitivity_for
     from yoloprune.compiler.pipeline import check_imgsz
-    from yoloprune.compiler.precision import PRECISIONS, lower_checked, precision_path
     from yoloprune.compiler.quantize import calibration_for, refuse_unused_flags
     from yoloprune.graphs.checkpoint import load_model
-    from yoloprune.graphs.files import signals_held
 
     flags = {"--data": args.data, "--calib-images": args.calib_images}
     counts = {
@@ -895,12 +891,10 @@ def cmd_export(args) -> int:
     out = args.out or Path("runs/export") / f"{info.name}.onnx"
     if out.is_dir():
         raise YoloPruneError(f"--out {out}: is a folder; give the ONNX file path to write")
+    if out.suffix != ".onnx":
+        raise YoloPruneError(f"--out {out}: the file written is ONNX; give a path ending in .onnx")
     imgsz = check_imgsz(info.imgsz if args.imgsz is None else args.imgsz, info)
     mode = export_mode(model, args.export_mode)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise YoloPruneError(f"--out {out}: cannot write there ({exc.strerror})") from exc
     tolerance = DEFAULT_PARITY_TOLERANCE if args.parity_tol is None else args.parity_tol
     calibration = calibration_for(
         args.precision,
@@ -922,7 +916,30 @@ def cmd_export(args) -> int:
                 "model on the data it was trained for"
             )
         keep_float = keeper(sensitivity, data, imgsz, mode, exclude=calibration.files)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+    try:
+        written = _export_files(
+            args, model, info, out, imgsz, mode, tolerance, calibration, keep_float
+        )
+    except OSError as exc:
+        raise YoloPruneError(f"--out {out}: cannot write there ({exc.strerror})") from exc
+    print("\n".join(written))
+    return 0
+
+
+def _export_files(args, model, info, out, imgsz, mode, tolerance, calibration, keep_float):
+    """Write the fp32 file and the asked precision's beside it, all together or none (an
+    earlier export's other siblings removed, and said so); the lines to print."""
+    import os
+    import tempfile
+
+    from yoloprune.compiler.export import export_checked
+    from yoloprune.compiler.precision import PRECISIONS, lower_checked, precision_path
+    from yoloprune.graphs.files import parent_made, signals_held
+
+    with (
+        parent_made(out),
+        tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp,
+    ):
         staged = {"fp32": Path(tmp) / out.name}  # every file appears together, or none
         parity = export_checked(
             model,
@@ -958,12 +975,13 @@ def cmd_export(args) -> int:
             _warn_sensitivity(record.get("sensitivity"))
         with signals_held():
             for precision in PRECISIONS:  # siblings of an earlier export would not match
-                if precision not in staged:
-                    precision_path(out, precision).unlink(missing_ok=True)
+                sibling = precision_path(out, precision)
+                if precision not in staged and sibling.exists():
+                    sibling.unlink()
+                    lines.append(f"removed {sibling}: an earlier export's, not of this model")
             for precision, path in staged.items():
                 os.replace(path, precision_path(out, precision))
-    print("\n".join(lines))
-    return 0
+    return lines
 
 
 def cmd_eval(args) -> int:

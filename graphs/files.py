@@ -51,6 +51,26 @@ def save_png_atomic(figure, path: Path, dpi: int = 120) -> None:
 
 
 @contextlib.contextmanager
+def parent_made(path: Path) -> Iterator[None]:
+    """``path``'s missing parent folders are made for the block, and removed again (those
+    still empty) if it fails: a refused or failed write leaves no folder behind."""
+    missing = []
+    folder = path.parent
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    folder = path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for made in missing:  # deepest first
+            with contextlib.suppress(OSError):  # not empty, or gone: leave it
+                made.rmdir()
+        raise
+
+
+@contextlib.contextmanager
 def signals_held() -> Iterator[None]:
     """Defer SIGINT and SIGTERM until the block ends (main thread only; elsewhere a no-op): for
     a few renames that must happen together, and for native code that is not safe to unwind

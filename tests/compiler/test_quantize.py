@@ -96,11 +96,26 @@ def test_a_quantized_conv_in_onnx_runtime_equals_the_fake_quantized_one(tiny_mod
 def test_int8_without_images_is_one_line_naming_both_sources(tmp_path, tiny_yaml, capsys):
     with pytest.raises(DataError, match=r"--data data\.yaml.*--calib-images DIR"):
         CompileOptions(str(tiny_yaml), precision="int8")
-    out = tmp_path / "m.onnx"
+    out = tmp_path / "new" / "deeper" / "m.onnx"
     assert main(["export", str(tiny_yaml), "--out", str(out), "--precision", "int8"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--calib-images DIR" in err
-    assert not out.exists()  # refused before anything was written
+    assert not (tmp_path / "new").exists()  # refused before any folder or file was made
+
+
+def test_export_writes_onnx_files_only_and_leaves_no_folder_when_it_fails(
+    tmp_path, tiny_yaml, capsys, monkeypatch
+):
+    from yoloprune.compiler import export
+
+    for out in (tmp_path / "m.pt", tmp_path / "x.txt"):
+        assert main(["export", str(tiny_yaml), "--out", str(out)]) == 2
+        assert "give a path ending in .onnx" in capsys.readouterr().err
+    monkeypatch.setattr(export, "DEFAULT_PARITY_TOLERANCE", 1e-30)  # parity fails after export
+    out = tmp_path / "new" / "deeper" / "m.onnx"
+    assert main(["export", str(tiny_yaml), "--out", str(out), "--imgsz", "64"]) == 2
+    assert "ONNX Runtime differs from PyTorch" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [tiny_yaml]  # the folders made for it are gone
 
 
 def test_an_empty_calibration_folder_is_one_line(tmp_path, tiny_yaml, tiny_model, capsys):

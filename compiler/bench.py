@@ -51,6 +51,13 @@ class BenchSettings:
                 f"--profile reads ONNX Runtime's profiler: use it with --runtime ort, not "
                 f"{self.runtime}"
             )
+        torch_only = {"--device": self.device, "--cuda-graph": self.cuda_graph or None}
+        given = [flag for flag, value in torch_only.items() if value is not None]
+        if given and self.runtime != "torch":
+            raise YoloPruneError(
+                f"{', '.join(given)} set PyTorch's runtime: use with --runtime torch, not "
+                f"{self.runtime}"
+            )
         if self.runtime == "ort" and self.precision not in (None, "fp32"):
             raise YoloPruneError(
                 "ONNX Runtime runs each ONNX file at its own precision (an X.fp16.onnx at "
@@ -223,6 +230,29 @@ def _precision_of(spec: str, settings: BenchSettings) -> str:
     return settings.resolved_precision()
 
 
+def _check_onnx_input(spec: str, batch: int, imgsz: int) -> None:
+    """An ONNX file takes the batch and image size it is fed (fixed axes must match), or the
+    one line saying which and how to get a file that does."""
+    from yoloprune.graphs.files import import_native
+    from yoloprune.kernels.tensorrt import onnx_properties
+
+    onnx_properties(Path(spec))  # a file that is not ONNX: one line naming it
+    onnx = import_native("onnx")
+    dims = onnx.load(spec, load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    fixed = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    if fixed[0] is not None and fixed[0] != batch:
+        raise YoloPruneError(
+            f"{spec}: takes batch {fixed[0]} (exported without --dynamic); bench at --batch "
+            f"{fixed[0]}, or export it with --dynamic"
+        )
+    size = [f for f in fixed[2:4] if f is not None]
+    if size and size != [imgsz] * len(size):
+        raise YoloPruneError(
+            f"{spec}: takes {fixed[2]}x{fixed[3]} images, not {imgsz}x{imgsz} (the first "
+            "model's size or --imgsz); bench files exported at one size"
+        )
+
+
 def bench(models: list[str], settings: BenchSettings) -> dict:
     """Time every model A B A B ...; ratios are against the first."""
     from yoloprune.kernels.ort import machine_info
@@ -233,6 +263,9 @@ def bench(models: list[str], settings: BenchSettings) -> dict:
         if spec.endswith((".onnx", ".engine", ".plan")) and not Path(spec).is_file():
             raise YoloPruneError(f"{spec}: file not found; check the path")
     imgsz = _model_imgsz(models[0], settings)
+    for spec in models:
+        if spec.endswith(".onnx") and settings.runtime in ("ort", "tensorrt"):
+            _check_onnx_input(spec, settings.batch, imgsz)
     sources = {f"{i}:{spec}": spec for i, spec in enumerate(models)}
     if settings.profile:
         check_profilable(models, settings)

@@ -1040,6 +1040,8 @@ def cmd_bench(args) -> int:
         cuda_graph=args.cuda_graph,
         profile=args.profile,
     )
+    if args.out is not None and args.out.is_dir():
+        raise YoloPruneError(f"--out {args.out}: is a folder; give the JSON file path to write")
     result = bench(args.models, settings)
     print(render(result))
     if args.out is not None:

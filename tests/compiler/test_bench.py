@@ -122,6 +122,8 @@ def test_profile_refuses_int8_files_and_a_first_model_without_convolutions(tmp_p
         (["m.yaml", "--runtime", "torch", "--profile"], "use it with --runtime ort, not torch"),
         (["m.yaml", "--runtime", "ort", "--precision", "fp16"], "at its own precision"),
         (["m.yaml", "--batch", "0"], "argument --batch: 0 is not in [1, 4096]"),
+        (["m.yaml", "--device", "cpu"], "--device set PyTorch's runtime: use with --runtime torch"),
+        (["m.yaml", "--cuda-graph"], "--cuda-graph set PyTorch's runtime: use with --runtime"),
     ],
 )
 def test_bench_bad_input(tmp_path, argv, message, capsys):
@@ -129,6 +131,25 @@ def test_bench_bad_input(tmp_path, argv, message, capsys):
     argv = [str(tmp_path / a) if a.endswith((".yaml", ".onnx")) else a for a in argv]
     assert main(["bench", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_onnx_files_must_take_the_batch_and_size_they_are_fed(tmp_path, tiny_model, capsys):
+    """Checked before any timing: a fixed batch, another size than the first file's or
+    --imgsz, and an --out folder are one line each (ONNX Runtime raised from inside)."""
+    from yoloprune.compiler.export import export_onnx
+
+    at64 = str(export_onnx(tiny_model, tmp_path / "a64.onnx", 64))
+    at96 = str(export_onnx(tiny_model, tmp_path / "a96.onnx", 96))
+    cases = [
+        ([at64, "--batch", "4"], f"{at64}: takes batch 1 (exported without --dynamic)"),
+        ([at64, "--imgsz", "96"], f"{at64}: takes 64x64 images, not 96x96"),
+        ([at64, at96], f"{at96}: takes 96x96 images, not 64x64"),
+        ([at64, "--out", str(tmp_path)], "is a folder; give the JSON file path"),
+    ]
+    for argv, message in cases:
+        assert main(["bench", *argv, "--runs", "1", "--warmup", "0"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
 
 
 def test_tensorrt_runtime_without_tensorrt_is_a_clear_error(two_models, capsys):

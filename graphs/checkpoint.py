@@ -152,6 +152,7 @@ MAX_INFLATION = 64  # a compressed entry may declare at most this many times its
 
 def safe_torch_load(path: Path) -> Any:
     """``torch.load`` with weights_only and yolov5 stand-ins; errors become CheckpointError."""
+    _check_checkpoint_magic(path)
     _check_declared_sizes(path)
     try:
         with torch.serialization.safe_globals(_allow_list()):
@@ -169,6 +170,23 @@ def safe_torch_load(path: Path) -> Any:
             f"{path}: cannot read checkpoint ({type(exc).__name__}: {first_line(exc)}); the file "
             "is truncated or corrupt, download or copy it again"
         ) from exc
+
+
+# torch.save writes a zip archive (torch >= 1.6) or, before, a pickle (protocol 2+: 0x80)
+CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def _check_checkpoint_magic(path: Path) -> None:
+    """A file torch.save wrote, by its first bytes; anything else (a text file, an image, an
+    empty file) is named as not a checkpoint, before the unpickler sees it."""
+    with open(path, "rb") as file:
+        head = file.read(4)
+    if not head.startswith(CHECKPOINT_MAGIC):
+        found = "empty" if not head else "neither a zip archive nor a pickle"
+        raise CheckpointError(
+            f"{path}: not a PyTorch checkpoint ({found}); MODEL is a .pt saved by yolov5, "
+            "ultralytics or yoloprune, or a model .yaml"
+        )
 
 
 def _check_declared_sizes(path: Path) -> None:

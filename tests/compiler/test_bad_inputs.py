@@ -472,7 +472,7 @@ def test_a_garbage_onnx_file_is_one_line_in_every_command(tmp_path, tiny_yaml, c
     data.write_text(yaml.safe_dump({"val": "images", "names": ["a", "b", "c"]}))
     (tmp_path / "images").mkdir()
     refused(capsys, ["bench", garbage], "not a readable ONNX model")
-    refused(capsys, ["bench", garbage, "--imgsz", "64"], "ONNX Runtime cannot load it")
+    refused(capsys, ["bench", garbage, "--imgsz", "64"], "not a readable ONNX file")
     refused(capsys, ["eval", tiny_yaml, "--data", data, "--onnx", garbage], "not a readable ONNX")
     refused(capsys, ["build", garbage], "not a readable ONNX file")
     (tmp_path / "report.json").write_text('{"model": 3}')

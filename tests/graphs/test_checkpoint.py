@@ -245,3 +245,11 @@ def test_class_names_from_a_checkpoint_are_checked():
     assert checked_class_names(["a", "b"], 2) == ["a", "b"]
     for odd in ({0: "a", "x": "b"}, {0: "a", 2: "b"}, ["a"], "ab", None, [{"x": 1}, "b"]):
         assert checked_class_names(odd, 2) == ["0", "1"]
+
+
+@pytest.mark.parametrize("content", [b"", b"# a README\n", b"\x89PNG\r\n"])
+def test_a_file_torch_did_not_write_is_named_so_before_unpickling(tmp_path, content):
+    path = tmp_path / "model.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=r"model\.pt: not a PyTorch checkpoint \("):
+        load_model(path)

@@ -327,6 +327,15 @@ def render_markdown(report: dict) -> str:
         ]
         if "profile" in latency:
             lines += ["", profile_text(latency) + "."]
+    elif "sweep" in report["latency_ms"]:
+        timed = report["latency_ms"]["sweep"]
+        lines += [
+            "",
+            f"Latency: timed by the sweep with its other points ({timed['record']}): "
+            f"{timed['median_ms']:.2f} ms against the original's {timed['baseline_ms']:.2f} ms "
+            f"(ratio {timed['ratio']:.3f}); {timed['runtime']}, batch {timed['batch']}, "
+            f"{timed['threads']} threads, on {machine_text(timed['machine'])}.",
+        ]
     else:
         lines += ["", "Latency not measured (--no-bench)."]
     lines += _latency_plan_lines(plan.get("latency"), latency)

@@ -161,6 +161,7 @@ def run_sweep(options: SweepOptions) -> dict:
     for point in points:
         point["latency_ms"] = latency["points"][point["name"]]
         point["latency_ratio"] = round(point["latency_ms"] / latency["baseline_ms"], 4)
+        _note_sweep_timing(options.out / point["folder"], point, latency)
     record = {
         "model": options.base.model,
         "imgsz": prepared.imgsz,
@@ -196,6 +197,24 @@ def _remove_earlier_point(folder: Path) -> bool:
     return True
 
 
+def _note_sweep_timing(folder: Path, point: dict, latency: dict) -> None:
+    """The point's report.json and report.md with the latency the sweep measured for it (the
+    points have no bench step of their own: the sweep times them all together)."""
+    from yoloprune.compiler.report import render_markdown
+
+    path = folder / "report.json"
+    report = json.loads(path.read_text())
+    report["latency_ms"]["sweep"] = {
+        **{k: latency[k] for k in ("runtime", "batch", "threads", "runs", "machine")},
+        "baseline_ms": latency["baseline_ms"],
+        "median_ms": point["latency_ms"],
+        "ratio": point["latency_ratio"],
+        "record": "../sweep.md",
+    }
+    write_text_atomic(path, json.dumps(report, indent=1) + "\n")
+    write_text_atomic(folder / "report.md", render_markdown(report))
+
+
 def _point_record(options: SweepOptions, value: float, report: dict) -> dict:
     accuracy = report["accuracy"]["map50_95"]
     onnx = accuracy.get("onnx")
@@ -208,7 +227,7 @@ def _point_record(options: SweepOptions, value: float, report: dict) -> dict:
         "map50_95": onnx,  # the deployed ONNX file's own mAP
         "map50_95_pytorch": accuracy.get("finetuned", accuracy.get("pruned")),
         "folder": options.name(value),
-        "files": sorted(report["files"].values()),
+        "files": sorted([*report["files"].values(), "report.json", "report.md"]),
         "onnx": report["files"]["onnx"],
         "checkpoint": report["files"]["checkpoint"],
         "seconds": report.get("seconds", {}),

@@ -29,6 +29,16 @@ def test_sweep_compiles_every_point_and_recommends_within_the_drop(
         assert report["accuracy"]["map50_95"]["onnx"] == point["map50_95"]
         assert report["reconstruction"]["images"] == 8  # each point reconstructed
         assert point["latency_ms"] > 0 and point["latency_ratio"] > 0
+        # the point's own report carries the latency the sweep measured for it
+        timed = report["latency_ms"]["sweep"]
+        assert (
+            timed["median_ms"] == point["latency_ms"] and timed["ratio"] == point["latency_ratio"]
+        )
+        text = (folder / "report.md").read_text()
+        assert "Latency: timed by the sweep with its other points (../sweep.md)" in text
+        assert "--no-bench" not in text
+        assert {"report.json", "report.md", point["onnx"]} <= set(point["files"])
+        assert all((folder / name).is_file() for name in point["files"])
     # a drop of 1 admits every point: the fastest is recommended if it beats the original
     fastest = min(record["points"], key=lambda p: p["latency_ms"])
     beats = fastest["latency_ms"] < record["original"]["latency_ms"]

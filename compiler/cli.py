@@ -553,7 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--latency-ms",
         type=float_in(0, 1e7),
         default=None,
-        help="recommend the most accurate point within this latency (ONNX Runtime CPU)",
+        help="recommend the most accurate point within this latency (ms, on --latency-runtime "
+        "at --latency-batch, as the sweep times its points)",
     )
     sw.add_argument("--out", type=Path, default=None, help="folder (default runs/sweep)")
     sw.add_argument(

@@ -28,7 +28,12 @@ from tqdm import tqdm
 
 from yoloprune.compiler.options import DEFAULT_LATENCY_RUNTIME, CompileOptions
 from yoloprune.graphs.errors import PlanError, TargetUnreachable
-from yoloprune.graphs.files import save_png_atomic, write_text_atomic
+from yoloprune.graphs.files import (
+    missing_folders,
+    remove_if_empty,
+    save_png_atomic,
+    write_text_atomic,
+)
 
 DEFAULT_OUT = Path("runs/sweep")
 
@@ -141,6 +146,7 @@ def run_sweep(options: SweepOptions) -> dict:
     ``sweep.png`` into the sweep's folder; returns the sweep record."""
     from yoloprune.compiler.pipeline import compile_shared, shared_job
 
+    created = missing_folders(options.out)  # removed again if nothing is written (below)
     shared = shared_job(options.point(options.values[0]))
     original = shared.accuracy["original"]
     points, unreachable = [], []
@@ -152,6 +158,7 @@ def run_sweep(options: SweepOptions) -> dict:
             continue
         points.append(_point_record(options, value, report))
     if not points:
+        remove_if_empty(created)
         raise TargetUnreachable(
             "sweep: no target can be reached: "
             + "; ".join(f"{u['name']}: {u['why']}" for u in unreachable)

@@ -50,23 +50,32 @@ def save_png_atomic(figure, path: Path, dpi: int = 120) -> None:
     plt.close(figure)
 
 
+def missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def remove_if_empty(folders: list[Path]) -> None:
+    """Remove each folder (deepest first) that is still empty; leave the others."""
+    for folder in folders:
+        with contextlib.suppress(OSError):  # not empty, or gone: leave it
+            folder.rmdir()
+
+
 @contextlib.contextmanager
 def parent_made(path: Path) -> Iterator[None]:
     """``path``'s missing parent folders are made for the block, and removed again (those
     still empty) if it fails: a refused or failed write leaves no folder behind."""
-    missing = []
-    folder = path.parent
-    while not folder.exists():
-        missing.append(folder)
-        folder = folder.parent
-    folder = path.parent
-    folder.mkdir(parents=True, exist_ok=True)
+    missing = missing_folders(path.parent)
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         yield
     except BaseException:
-        for made in missing:  # deepest first
-            with contextlib.suppress(OSError):  # not empty, or gone: leave it
-                made.rmdir()
+        remove_if_empty(missing)
         raise
 
 

@@ -123,6 +123,9 @@ def test_a_target_the_planner_cannot_reach_is_listed_and_the_others_compiled(
     assert "no target can be reached" in message and len(message.splitlines()) == 1
     assert not (tmp_path / "none" / "sweep.json").exists()
     assert (tmp_path / "none" / "speedup-50" / "report.json").read_text() == "{}"
+    fresh = tmp_path / "fresh" / "sweep"  # a new folder: not left behind, empty
+    assert main([str(a) for a in [*argv, "--speedup", "50,60", "--out", fresh]]) == 2
+    assert not (tmp_path / "fresh").exists()
 
 
 def _points(*rows):

@@ -332,18 +332,25 @@ def add_profiles(rows: list[dict], profiles: list) -> None:
 
 
 def render(result: dict) -> str:
+    from yoloprune.kernels.ort import machine_text
+
     threads = f", {result['threads']} threads" if "threads" in result else ""
     order = result.get("order", "interleaved runs")
+    mixed = result["precision"] == "per row"  # then each row says its own
     lines = [
         f"{result['runtime']} on {result['device']} ({result['precision']}, batch "
         f"{result['batch']}, {result['imgsz']} px{threads}; median of {result['runs']} runs, "
         f"{order}, {result['warmup']} warm-up)",
-        f"{'model':<48} {'median ms':>10} {'p90 ms':>8} {'min ms':>8} {'ratio':>6} {'img/s':>8}",
+        f"machine: {machine_text(result['machine'])}"
+        + (f"; GPU {result['machine']['gpu']}" if result["machine"].get("gpu") else ""),
+        f"{'model':<48} {'median ms':>10} {'p90 ms':>8} {'min ms':>8} {'ratio':>6} {'img/s':>8}"
+        + ("  precision" if mixed else ""),
     ]
     for r in result["rows"]:
         lines.append(
             f"{r['model'][-48:]:<48} {r['median_ms']:>10.2f} {r['p90_ms']:>8.2f} "
             f"{r['min_ms']:>8.2f} {r['ratio']:>6.3f} {r['images_per_s']:>8.1f}"
+            + (f"  {r['precision']}" if mixed else "")
         )
     if "profile" in result["rows"][0]:
         lines += render_profiles(result["rows"])

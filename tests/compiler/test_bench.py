@@ -52,7 +52,11 @@ def test_bench_cli_writes_json(tmp_path, two_models, capsys):
     assert code == 0
     result = json.loads(out.read_text())
     assert len(result["rows"]) == 2 and result["runs"] == 5
-    assert "median ms" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "median ms" in printed and "precision" not in printed.splitlines()[2]  # one precision
+    from yoloprune.kernels.ort import machine_text
+
+    assert f"machine: {machine_text(result['machine'])}" in printed  # on the console too
     code = main(["bench", *two_models, "--imgsz", "64", "--runs", "6", "--spinning"])
     assert code == 0 and "blocks of 5" in capsys.readouterr().out
 
@@ -183,3 +187,19 @@ def test_build_without_tensorrt_fails_cleanly(tmp_path, tiny_model, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing half-written
     assert main(["build", str(tmp_path / "none.onnx")]) == 2
     assert "ONNX file not found" in capsys.readouterr().err
+
+
+def test_a_table_of_files_at_several_precisions_says_each_ones():
+    from yoloprune.compiler.bench import render
+
+    row = {"median_ms": 2.0, "p90_ms": 2.1, "min_ms": 1.9, "ratio": 1.0, "images_per_s": 500.0}
+    result = {
+        "runtime": "onnxruntime", "device": "cpu", "precision": "per row", "batch": 1,
+        "imgsz": 64, "runs": 5, "warmup": 1,
+        "machine": {"cpu": "CPU", "cpu_flags": ["avx2"], "cores_available": 2},
+        "rows": [{**row, "model": "m.onnx", "precision": "fp32"},
+                 {**row, "model": "m.fp16.onnx", "precision": "fp16", "ratio": 0.5}],
+    }  # fmt: skip
+    lines = render(result).splitlines()
+    assert lines[1] == "machine: CPU (avx2), 2 cores" and lines[2].endswith("  precision")
+    assert lines[3].endswith("  fp32") and lines[4].endswith("  fp16")

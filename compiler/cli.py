@@ -582,7 +582,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--onnx",
         type=Path,
         default=None,
-        help="evaluate this ONNX file through ONNX Runtime instead of PyTorch",
+        help="evaluate this ONNX file through ONNX Runtime instead of MODEL through PyTorch "
+        "(MODEL is then not read; the output names the file measured)",
     )
     e.add_argument("--batch", type=int_in(1, 4096), default=16)
     e.add_argument(
@@ -1014,9 +1015,11 @@ def cmd_eval(args) -> int:
         for message in dataset.check.messages:
             print(f"WARNING: {message}", file=sys.stderr)
         metrics = evaluate(predict, dataset, data.names, settings, runtime=runtime)
+    evaluated = args.onnx if args.onnx is not None else args.model  # the file measured
     print(
-        f"{runtime}: mAP@.5:.95 {metrics.map50_95:.4f}  mAP@.5 {metrics.map50:.4f}  "
-        f"({metrics.images} images, {metrics.instances} objects; {metrics.data_check})"
+        f"{runtime} ({evaluated}): mAP@.5:.95 {metrics.map50_95:.4f}  mAP@.5 "
+        f"{metrics.map50:.4f}  ({metrics.images} images, {metrics.instances} objects; "
+        f"{metrics.data_check})"
     )
     for name, ap in metrics.per_class.items():
         print(f"  {name:<20} {ap:.4f}")

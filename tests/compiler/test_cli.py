@@ -431,7 +431,8 @@ def test_eval_command_pytorch_and_onnx_agree(tmp_path, tiny6_yaml, shapes_data, 
     )
     onnx_line = capsys.readouterr().out.splitlines()[0]
     value = lambda line: float(line.split("mAP@.5:.95 ")[1].split()[0])  # noqa: E731
-    assert torch_line.startswith("pytorch:") and onnx_line.startswith("onnxruntime:")
+    assert torch_line.startswith(f"pytorch ({out / 'tiny6-pruned.pt'}): mAP@.5:.95 ")
+    assert onnx_line.startswith(f"onnxruntime ({out / 'tiny6-pruned.onnx'}): mAP@.5:.95 ")
     assert abs(value(torch_line) - value(onnx_line)) <= 0.002
 
 

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import shutil
 import tempfile
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -373,8 +374,9 @@ def plot(record: dict, path: Path) -> None:
             label=f"recommended: {chosen}",
             zorder=4,
         )
-    ax.set_xlabel(f"latency, ms ({_timed_on(record['latency'])})")
-    ax.set_ylabel("mAP@.5:.95 of the ONNX file")
+    conditions = f"{_timed_on(record['latency'])}; {_machine_text(record['latency']['machine'])}"
+    ax.set_xlabel("latency, ms\n" + textwrap.fill(conditions, 80), fontsize=8)
+    ax.set_ylabel("mAP@.5:.95 (points: their ONNX files;\noriginal: PyTorch)", fontsize=9)
     ax.set_title(f"{Path(record['model']).name} at {record['imgsz']} px")
     ax.grid(alpha=0.3)
     ax.legend()

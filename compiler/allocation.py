@@ -292,7 +292,7 @@ def allocate(
     prunable = [g for g in groups if not g.protected]
     units = [ids for gid, ids in tie_members(prunable).items() if ids[0] == gid]
     sizes = {g.id: g.size for g in prunable}
-    lowest = {g.id: _floor(g.size, c) for g in prunable}
+    lowest = {g.id: _floor(g.size, c, g.id) for g in prunable}
     macs_before = counter.macs()
     total = sum(sizes.values())
 

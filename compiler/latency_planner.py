@@ -204,6 +204,7 @@ def latency_counts(
     macs_goal: tuple | None = None,
     droppable: dict[str, str] | None = None,
     blocks_allowed: bool = True,
+    kept_at_least: dict[str, int] | None = None,
 ) -> tuple[dict[str, int], float]:
     """Greedy knapsack: counts per prunable group with predicted latency <= budget_ms, or,
     with ``macs_goal`` = (MacCounter, MACs to reach), until the plan's MACs reach that goal
@@ -218,7 +219,17 @@ def latency_counts(
     counts = {g.id: g.size for g in prunable}
     sizes = {g.id: g.size for g in prunable}
     members = tie_members(prunable)  # each group's tie (itself alone when untied)
-    floors = {g.id: math.ceil(g.size * (1 - max_ratio) / round_to) * round_to for g in prunable}
+    least = kept_at_least or {}  # --steps: the floor of the original sizes (Constraints)
+    floors = {
+        g.id: min(
+            g.size,
+            max(
+                math.ceil(g.size * (1 - max_ratio) / round_to) * round_to,
+                math.ceil(least.get(g.id, 0) / round_to) * round_to,
+            ),
+        )
+        for g in prunable
+    }
     total = model.predict(counts)
     version = dict.fromkeys(counts, 0)
     convs_of = {gid: set(indices) for gid, indices in model.by_group.items()}
@@ -374,6 +385,7 @@ def plan_macs_latency_aware(request, settings: LatencySettings) -> PruningPlan:
         macs_goal=(counter, goal),
         droppable=droppable,
         blocks_allowed=request.sensitivity is None,
+        kept_at_least=dict(constraints.kept_at_least),
     )
     plan = _counts_plan(request, counts, droppable)
     latency = {
@@ -413,6 +425,7 @@ def plan_latency(request, settings: LatencySettings, measure) -> PruningPlan:
                 constraints.round_to,
                 constraints.max_ratio,
                 droppable=droppable,
+                kept_at_least=dict(constraints.kept_at_least),
             )
         except TargetUnreachable:
             if best is None:

@@ -176,6 +176,11 @@ class CompileOptions:
                 )
             if target.latency:
                 raise PlanError("--steps takes --macs or --ratio; latency targets plan in one step")
+            if self.epochs and self.epochs < self.steps:
+                raise PlanError(
+                    f"--epochs {self.epochs} with --steps {self.steps}: every step fine-tunes "
+                    f"at least one epoch; give --epochs {self.steps} or more, or fewer steps"
+                )
         importance = self.importance
         if importance is None:
             reads = self.images is not None and self.plan is None and self.method == "structured"

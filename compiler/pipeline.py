@@ -108,13 +108,17 @@ def deployed_skip(model, mode: str) -> set[str]:
     return family_of(model).undeployed_convs(model, mode)
 
 
-def plan_for(prepared: Prepared, options: CompileOptions) -> PruningPlan:
+def plan_for(prepared: Prepared, options: CompileOptions, kept_at_least: tuple = ()) -> PruningPlan:
     """Score and plan with the registered planner the options select (or replay a plan file
-    after checking it fits this model)."""
+    after checking it fits this model); ``kept_at_least``: (group id, channels) floors beyond
+    the options' own (--steps: the original sizes' --max-ratio floor)."""
     settings = options.settings
     if settings.planner == "replay":
         return fitted_plan(PruningPlan.load(options.plan), prepared, str(options.plan))
     request = plan_request(prepared, options)
+    if kept_at_least:
+        constraints = dataclasses.replace(request.constraints, kept_at_least=kept_at_least)
+        request = dataclasses.replace(request, constraints=constraints)
     if settings.alignment is None:
         return run_planner(request, settings.planner)
     measure = alignment_measure(prepared, settings.alignment)
@@ -701,8 +705,14 @@ STAGES: tuple[Stage, ...] = (
         "eval fine-tuned",
         _finetuned_evaluation,
         requires=("pruned", "val"),
+        when=lambda options, data: bool(data) and bool(options.epochs),
+    ),
+    Stage(  # iterative steps without fine-tuning: the composed model is the pruned one
+        "eval pruned (steps)",
+        _evaluation("pruned", "pruned"),
+        requires=("pruned", "val"),
         when=lambda options, data: (
-            bool(data) and (bool(options.epochs) or _iterative_mode(options, data))
+            bool(data) and not options.epochs and _iterative_mode(options, data)
         ),
     ),
     Stage("save", _save_stage, requires=("plan", "pruned"), ensures=("plan", "paths")),
@@ -883,7 +893,10 @@ def _iterative(prepared: Prepared, options: CompileOptions, data, staging: Path)
     the artifacts: the composed plan (against the original), the model, the last training, the
     images each recalibration saw (0: none) and the last step's reconstruction record."""
     k, target = options.steps, options.settings.target
-    epochs = math.ceil(options.epochs / k) if options.epochs else None
+    per_step = step_epochs(options.epochs or 0, k)
+    # no step leaves a group fewer channels than --max-ratio of its original size allows
+    max_ratio = options.settings.constraints.max_ratio
+    least = tuple((g.id, math.ceil(g.size * (1 - max_ratio))) for g in prepared.groups)
     current, composed, training, recalibrated, reconstructed = prepared, None, None, 0, None
     macs_original, history, seconds = None, [], 0.0
     for i in range(1, k + 1):
@@ -896,15 +909,15 @@ def _iterative(prepared: Prepared, options: CompileOptions, data, staging: Path)
             step_options = dataclasses.replace(options, ratio=1 - (1 - target.value) ** (1 / k))
         if composed is not None:  # the alignment the first step chose (or was given) holds
             step_options = dataclasses.replace(step_options, round_to=composed.round_to)
-        plan = plan_for(current, step_options)
+        plan = plan_for(current, step_options, kept_at_least=least)
         model = apply_plan(current.model, plan)
         if options.settings.reconstruction is not None:
             reconstructed = _reconstruct(current.model, model, plan, current, options)
         if _recalibrates(options, data):
             recalibrated = _recalibrate(model, options, prepared.imgsz)
         composed = plan if composed is None else composed.then(plan)
-        if epochs:
-            teacher_options = dataclasses.replace(options, epochs=epochs)
+        if per_step[i - 1]:
+            teacher_options = dataclasses.replace(options, epochs=per_step[i - 1], steps=None)
             step_training = _finetune(model, prepared, data, teacher_options, staging)
             history += [{**record, "step": i} for record in step_training.history]
             seconds += step_training.seconds
@@ -927,6 +940,12 @@ def _iterative(prepared: Prepared, options: CompileOptions, data, staging: Path)
     if reconstructed is not None:
         made["reconstructed"] = reconstructed
     return made
+
+
+def step_epochs(epochs: int, steps: int) -> list[int]:
+    """``epochs`` split over ``steps`` as evenly as whole epochs allow, the earlier steps
+    taking the remainder: they add up to ``epochs`` (the options refuse fewer than steps)."""
+    return [epochs // steps + (i < epochs % steps) for i in range(steps)]
 
 
 def _keep_sparsity(model, plan: PruningPlan):

@@ -59,6 +59,9 @@ class Constraints:
     max_ratio: float = 0.8  # no group loses more than this fraction of its channels
     # latency-aware plans may remove whole residual blocks past that floor (graphs.blocks)
     drop_blocks: bool = False
+    # (group id, channels) no plan may keep fewer of: --steps' later steps, whose groups have
+    # shrunk, keep the --max-ratio floor of the original sizes
+    kept_at_least: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.round_to < 1:
@@ -134,8 +137,12 @@ def aligned(count: float, size: int, round_to: int, floor: int) -> int:
     return size if keep >= size else keep
 
 
-def _floor(size: int, c: Constraints) -> int:
-    return math.ceil(size * (1 - c.max_ratio) / c.round_to) * c.round_to
+def _floor(size: int, c: Constraints, gid: str | None = None) -> int:
+    """The fewest channels a group of ``size`` may keep: --max-ratio of its size, and of its
+    original size where ``kept_at_least`` names it (aligned up to round_to, at most its size)."""
+    floor = math.ceil(size * (1 - c.max_ratio) / c.round_to) * c.round_to
+    least = dict(c.kept_at_least).get(gid, 0)
+    return min(size, max(floor, math.ceil(least / c.round_to) * c.round_to))
 
 
 def tie_members(groups) -> dict[str, list[str]]:
@@ -169,7 +176,8 @@ def tied(groups) -> Callable[[dict[str, int]], dict[str, int]]:
 def _uniform_counts(groups, ratio: float, c: Constraints) -> dict[str, int]:
     ratio = min(ratio, c.max_ratio)
     return {
-        g.id: aligned(g.size * (1 - ratio), g.size, c.round_to, _floor(g.size, c)) for g in groups
+        g.id: aligned(g.size * (1 - ratio), g.size, c.round_to, _floor(g.size, c, g.id))
+        for g in groups
     }
 
 
@@ -181,7 +189,10 @@ def _closest_rounding(groups, ratio: float, c: Constraints, objective, goal: flo
     exact = {g.id: g.size * (1 - ratio) for g in groups}
     floors = {
         g.id: aligned(
-            math.floor(exact[g.id] / c.round_to) * c.round_to, g.size, c.round_to, _floor(g.size, c)
+            math.floor(exact[g.id] / c.round_to) * c.round_to,
+            g.size,
+            c.round_to,
+            _floor(g.size, c, g.id),
         )
         for g in groups
     }
@@ -203,7 +214,9 @@ def _closest_rounding(groups, ratio: float, c: Constraints, objective, goal: flo
 
 def _global_counts(groups, scores, threshold: float, c: Constraints) -> dict[str, int]:
     return {
-        g.id: aligned(int((scores[g.id] > threshold).sum()), g.size, c.round_to, _floor(g.size, c))
+        g.id: aligned(
+            int((scores[g.id] > threshold).sum()), g.size, c.round_to, _floor(g.size, c, g.id)
+        )
         for g in groups
     }
 

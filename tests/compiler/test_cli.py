@@ -632,3 +632,28 @@ def test_sweep_points_take_the_sensitivity_allocation(shapes_data):
     point = sweep_options(build_parser().parse_args(argv)).point(0.5)
     assert (point.allocation, point.allocation_images) == ("sensitivity", 4)
     assert point.settings.planner == "sensitivity" and point.settings.constraints.max_ratio == 0.6
+
+
+def test_iterative_steps_keep_max_ratio_of_the_original_and_split_epochs_exactly(
+    tmp_path, tiny6_yaml, shapes_data, capsys
+):
+    """Three steps at --max-ratio 0.5: no group of the composed plan loses more than half its
+    original channels (each step's bound compounds to it); --steps without --epochs reports
+    the pruned model's mAP, not a fine-tuned one; fewer epochs than steps is refused."""
+    from yoloprune.compiler.pipeline import step_epochs
+
+    assert step_epochs(10, 3) == [4, 3, 3] and step_epochs(3, 3) == [1, 1, 1]
+    out = tmp_path / "iter"
+    argv = ["compile", tiny6_yaml, "--imgsz", 64, "--macs", 0.4, "--steps", 3, "--max-ratio"]
+    argv += [0.5, "--data", shapes_data, "--out", out, "--no-bench", "--allocation", "global"]
+    assert run_cli(*argv, "--round-to", 8) == 0  # each step's own floor alone: 0.375 kept
+    plan = PruningPlan.load(out / "tiny6-plan.json")
+    assert all(g.kept >= g.size * 0.5 for g in plan.groups), [
+        (g.id, g.kept, g.size) for g in plan.groups if g.kept < g.size * 0.5
+    ]
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["accuracy"]["map50_95"]) == {"original", "pruned", "onnx"}
+    assert run_cli(*argv, "--epochs", 2, "--out", tmp_path / "x") == 2
+    assert "--epochs 2 with --steps 3: every step fine-tunes at least one epoch" in (
+        capsys.readouterr().err
+    )

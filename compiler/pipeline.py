@@ -450,9 +450,25 @@ def _qat_stage(job: Job) -> dict:
     return {"training": qat.training, "pruned": qat.fp32, "qat": qat}
 
 
+def _unstructured_replay(job: Job, flag: str, given) -> bool:
+    """Whether the plan is a replayed unstructured one, whose zeros reconstruction and
+    recalibration would undo (a fresh unstructured compile never runs them): skipped, or,
+    where the user asked for it (``flag`` ``given``), refused."""
+    if job["plan"].method != "unstructured":
+        return False
+    if given:
+        raise PlanError(
+            f"{flag} follows channel pruning; the plan {job.options.plan} zeroes weights "
+            "(unstructured), which it would undo: drop it"
+        )
+    return True
+
+
 def _reconstruct_stage(job: Job) -> dict:
     """The pruned model re-fitted to the original's layer outputs on unlabeled images."""
     prepared, plan = job["prepared"], job["plan"]
+    if _unstructured_replay(job, "--reconstruct-images", job.options.reconstruct_images):
+        return {"reconstructed": None}
     return {
         "reconstructed": _reconstruct(prepared.model, job["pruned"], plan, prepared, job.options)
     }
@@ -675,7 +691,9 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "recalibrate",
         lambda job: {
-            "recalibrated": _recalibrate(job["pruned"], job.options, job["prepared"].imgsz)
+            "recalibrated": 0
+            if _unstructured_replay(job, "--recalibrate", job.options.recalibrate)
+            else _recalibrate(job["pruned"], job.options, job["prepared"].imgsz)
         },
         requires=("pruned",),
         ensures=("recalibrated",),

@@ -185,6 +185,8 @@ def _checked_field(key: str, value):
             raise TypeError(f"{key} must be a {kind.__name__}, not {value!r:.40}")
         if kind is int and key != "seed" and value < (1 if key != "macs_after" else 0):
             raise ValueError(f"{key} {value} is out of range")
+        if key == "method" and value not in METHODS:
+            raise ValueError(f"method {value!r:.40} is not one of {', '.join(METHODS)}")
         return value
     if key == "groups":
         if type(value) is not list:
@@ -198,11 +200,29 @@ def _checked_field(key: str, value):
         return None if value is None else _checked_alignment(value)
     if key == "sensitivity":
         return None if value is None else _checked_sensitivity(value)
-    if key in ("target", "latency"):
-        if not (type(value) is dict or (key != "target" and value is None)):
-            raise TypeError(f"{key} must be a mapping")
+    if key == "target":
+        return _checked_target(value)
+    if key == "latency":
+        if not (type(value) is dict or value is None):
+            raise TypeError("latency must be a mapping")
         return value
     raise KeyError(key)
+
+
+METHODS = ("structured", "unstructured")
+TARGET_KINDS = ("ratio", "macs", "speedup", "latency_ms", "sparsity")  # sparsity: unstructured
+
+
+def _checked_target(value) -> dict:
+    """``{"kind": ..., "value": positive number}`` (and, from --steps, ``steps``)."""
+    if type(value) is not dict or value.get("kind") not in TARGET_KINDS:
+        raise TypeError(f"target must be a mapping with kind one of {', '.join(TARGET_KINDS)}")
+    number = value.get("value")
+    if type(number) not in (int, float) or not (math.isfinite(number) and number > 0):
+        raise ValueError(f"target value {number!r:.40} must be a positive number")
+    if set(value) - {"kind", "value", "steps"}:
+        raise TypeError("target holds only kind, value and steps")
+    return value
 
 
 _ALIGNMENT_FIELDS = {

@@ -99,6 +99,9 @@ def test_a_plan_cut_to_three_groups_reports_the_macs_the_model_keeps(
         (lambda p: p.update(groups={"a": 1}), "groups must be a list"),
         (lambda p: p.update(surprise=1), "unknown plan key 'surprise'"),
         (lambda p: p.pop("groups"), "plan key 'groups' is missing; regenerate it"),
+        (lambda p: p.update(method="sparse"), "method 'sparse' is not one of structured"),
+        (lambda p: p.update(target={"value": 0.5}), "target must be a mapping with kind one of"),
+        (lambda p: p["target"].update(value=-1), "target value -1 must be a positive number"),
         (
             lambda p: p["groups"][0].update(keep=[]),
             "keeps no channel, which only the hidden group of a block in drop_blocks may",

@@ -25,3 +25,36 @@ def test_sparsify_zeroes_the_smallest_weights_and_keeps_shapes(tiny_model):
 def test_amount_is_validated(tiny_model, amount):
     with pytest.raises(PlanError, match="strictly between 0 and 1"):
         sparsify(tiny_model, amount)
+
+
+def test_a_replayed_unstructured_plan_keeps_its_zeros(tmp_path, tiny6_yaml, shapes_data, capsys):
+    """Replayed with images at hand, an unstructured plan is neither reconstructed nor
+    recalibrated (either would make its zeros dense again, as its fresh compile never does);
+    asking for recalibration is refused with nothing written."""
+    import json
+
+    from yoloprune.compiler.cli import main
+
+    first = tmp_path / "first"
+    argv = ["compile", str(tiny6_yaml), "--imgsz", "64", "--no-bench"]
+    assert main([*argv, "--method", "unstructured", "--ratio", "0.3", "--out", str(first)]) == 0
+    plan = first / "tiny6-plan.json"
+    replay = tmp_path / "replay"
+    assert main([*argv, "--plan", str(plan), "--data", str(shapes_data), "--out", str(replay)]) == 0
+    report = json.loads((replay / "report.json").read_text())
+    assert report["sparsity"]["conv_weights_zero"] == pytest.approx(0.3, abs=0.01)
+    assert report["reconstruction"] is None
+    assert report["accuracy"]["batchnorm_recalibrated_on"] == 0
+    refused = tmp_path / "refused"
+    asked = [
+        "--plan",
+        str(plan),
+        "--data",
+        str(shapes_data),
+        "--recalibrate",
+        "--out",
+        str(refused),
+    ]
+    assert main([*argv, *asked, "--no-reconstruct"]) == 2
+    assert "--recalibrate follows channel pruning; the plan" in capsys.readouterr().err
+    assert not refused.exists()

@@ -367,13 +367,23 @@ def _load_checkpoint(path: Path, source: str) -> tuple[DetectionModel, ModelInfo
 
 
 MAX_MODULE_DEPTH = 32  # nesting of pickled modules; real models nest fewer than 10 deep
+# module paths walked: yolov5x and yolo11x have a few thousand; a pickle can reuse one record
+# under two names at every level (its memo), which would make 2^depth paths
+MAX_MODULE_PATHS = 100_000
 
 
 def _pickled_modules(
-    obj: PickledObject, prefix: str = "", depth: int = 0
+    obj: PickledObject, prefix: str = "", depth: int = 0, walked: list | None = None
 ) -> Iterator[tuple[str, PickledObject]]:
     """Every module record under ``obj`` with its path; a pickle whose modules nest too deep
-    (or in a cycle, which a pickle can express) is refused."""
+    (or in a cycle, which a pickle can express) or fan out into too many paths is refused."""
+    walked = [0] if walked is None else walked
+    walked[0] += 1
+    if walked[0] > MAX_MODULE_PATHS:
+        raise CheckpointError(
+            f"the pickled model has more than {MAX_MODULE_PATHS:,} module paths (records "
+            "reused under many names); not a YOLO checkpoint"
+        )
     if depth > MAX_MODULE_DEPTH:
         raise CheckpointError(
             f"the pickled model nests modules more than {MAX_MODULE_DEPTH} deep (at {prefix!r:.80})"
@@ -387,7 +397,8 @@ def _pickled_modules(
         if not isinstance(child, PickledObject | type(None)) or type(name) is not str:
             raise CheckpointError(f"the pickled module {prefix!r:.80} holds a non-module child")
         if child is not None:
-            yield from _pickled_modules(child, f"{prefix}.{name}" if prefix else name, depth + 1)
+            path = f"{prefix}.{name}" if prefix else name
+            yield from _pickled_modules(child, path, depth + 1, walked)
 
 
 def pickled_state(pickled: PickledObject) -> dict[str, torch.Tensor]:
@@ -460,8 +471,13 @@ def _copy_module_settings(model: nn.Module, by_path: dict[str, PickledObject]) -
             continue
         if isinstance(module, nn.BatchNorm2d) and hasattr(record, "eps"):
             module.eps = _setting(record.eps, f"{name}.eps")
+            if not 0 < module.eps < 1:
+                raise CheckpointError(
+                    f"the pickled model's {name}.eps {module.eps:g} is not in (0, 1)"
+                )
         activation = f"nn.{record.type_name}"
-        if activation in ACTIVATIONS and type(module).__name__ != record.type_name:
+        replaceable = f"nn.{type(module).__name__}" in ACTIVATIONS  # only an activation's slot
+        if activation in ACTIVATIONS and replaceable and type(module).__name__ != record.type_name:
             slope = getattr(record, "negative_slope", None)
             args = [_setting(slope, f"{name}.negative_slope")] if slope is not None else []
             model.set_submodule(name, ACTIVATIONS[activation](*args))

@@ -253,3 +253,27 @@ def test_a_file_torch_did_not_write_is_named_so_before_unpickling(tmp_path, cont
     path.write_bytes(content)
     with pytest.raises(CheckpointError, match=r"model\.pt: not a PyTorch checkpoint \("):
         load_model(path)
+
+
+def test_module_records_reused_under_many_names_are_refused_not_walked():
+    """A pickle's memo lets one record appear as two children at every level: 2^20 paths
+    from 21 records. The walk stops at MAX_MODULE_PATHS with one line (it would hang)."""
+    from yoloprune.graphs.checkpoint import (
+        MAX_MODULE_PATHS,
+        PickledObject,
+        _pickled_modules,
+    )
+
+    leaf = PickledObject()
+    leaf._modules = {}
+    node = leaf
+    for _ in range(20):
+        parent = PickledObject()
+        parent._modules = {"a": node, "b": node}
+        node = parent
+    with pytest.raises(CheckpointError, match="more than 100,000 module paths"):
+        sum(1 for _ in _pickled_modules(node))
+    small = PickledObject()
+    small._modules = {"a": leaf, "b": leaf}  # a shared record (ultralytics' default_act): fine
+    assert [p for p, _ in _pickled_modules(small)] == ["", "a", "b"]
+    assert MAX_MODULE_PATHS == 100_000

@@ -84,7 +84,7 @@ def read_data_yaml(path: str | Path) -> DataConfig:
 def _class_names(names, path: Path) -> tuple[str, ...]:
     """Class names from a list, or from a dict keyed 0..nc-1 (yolov5 and ultralytics forms)."""
     if isinstance(names, dict):
-        if sorted(names) != list(range(len(names))) or not all(type(k) is int for k in names):
+        if not all(type(k) is int for k in names) or sorted(names) != list(range(len(names))):
             raise DataError(f"{path}: 'names' as a mapping must be keyed 0, 1, ... nc-1")
         names = [names[k] for k in range(len(names))]
     if not isinstance(names, list) or not 0 < len(names) <= MAX_CLASSES:
@@ -105,7 +105,13 @@ def image_files(sources: tuple[Path, ...]) -> list[Path]:
         elif source.is_dir():
             files += sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         elif source.suffix == ".txt" and source.is_file():
-            for line in source.read_text().splitlines():
+            try:
+                listed = source.read_text(encoding="utf-8").splitlines()
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    f"{source}: not a UTF-8 list of image paths ({exc.reason})"
+                ) from exc
+            for line in listed:
                 if line.strip():
                     p = Path(line.strip())
                     files.append(p if p.is_absolute() else source.parent / p)
@@ -141,7 +147,13 @@ def _check_labels(path: Path, nc: int, check: SampleCheck) -> np.ndarray | None:
     if not path.is_file():
         check.counts["missing"] += 1
         return np.zeros((0, 5), np.float32)
-    rows = [line.split() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        check.counts["corrupt"] += 1
+        check.messages.append(f"{path}: ignoring corrupt label file: not UTF-8 text")
+        return None
+    rows = [line.split() for line in text.splitlines() if line.strip()]
     if not rows:
         check.counts["empty"] += 1
         return np.zeros((0, 5), np.float32)
@@ -154,7 +166,9 @@ def _check_labels(path: Path, nc: int, check: SampleCheck) -> np.ndarray | None:
         except ValueError:
             labels, problem = None, "non-numeric values"
         if problem is None:
-            if (labels[:, 1:] < 0).any() or (labels[:, 1:] > 1).any():
+            if not np.isfinite(labels).all():
+                problem = "non-finite values (nan or inf)"
+            elif (labels[:, 1:] < 0).any() or (labels[:, 1:] > 1).any():
                 problem = "coordinates outside [0, 1] (labels must be normalised)"
             elif (
                 (labels[:, 0] < 0).any()

@@ -43,6 +43,11 @@ def messy(tmp_path):
     write_labels(label_path(bad_coords), "0 1.5 0.5 0.2 0.2\n")
     write_labels(label_path(bad_class), "7 0.5 0.5 0.2 0.2\n")
     write_labels(label_path(bad_cols), "0 0.5 0.5\n")
+    nan, latin = images / "nan.png", images / "latin.png"
+    for p in (nan, latin):
+        write_image(p)
+    write_labels(label_path(nan), "0 nan 0.5 0.2 0.2\n")
+    label_path(latin).write_bytes("0 0.5 0.5 0.2 0.2 \xe9\n".encode("latin-1"))
     corrupt = images / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
     write_labels(label_path(corrupt), "0 0.5 0.5 0.2 0.2\n")
@@ -56,7 +61,7 @@ def test_bad_samples_are_counted_not_fatal(messy):
     dataset = YoloDataset(config.val, config.nc, 64)
     counts = dataset.check.counts
     assert (counts["found"], counts["missing"], counts["empty"]) == (2, 1, 1)
-    assert counts["corrupt"] == 4 and counts["duplicates"] == 1
+    assert counts["corrupt"] == 6 and counts["duplicates"] == 1
     assert sorted(p.name for p in dataset.files) == ["empty.png", "good.png", "missing.png"]
     messages = "\n".join(dataset.check.messages)
     for name, why in [
@@ -64,6 +69,8 @@ def test_bad_samples_are_counted_not_fatal(messy):
         ("cls.txt", "class ids"),
         ("cols.txt", "5 columns"),
         ("corrupt.png", "corrupt image"),
+        ("nan.txt", "non-finite values"),
+        ("latin.txt", "not UTF-8 text"),
     ]:
         assert name in messages and why in messages
     good = dataset.labels[[p.name for p in dataset.files].index("good.png")]
@@ -75,6 +82,9 @@ def test_data_yaml_errors(tmp_path):
         read_data_yaml(tmp_path / "nope.yaml")
     (tmp_path / "d.yaml").write_text("names: [a]\n")
     with pytest.raises(DataError, match="needs 'val' and 'names'"):
+        read_data_yaml(tmp_path / "d.yaml")
+    (tmp_path / "d.yaml").write_text("names: {0: a, x: b}\nval: .\n")  # mixed key types
+    with pytest.raises(DataError, match="'names' as a mapping must be keyed 0, 1"):
         read_data_yaml(tmp_path / "d.yaml")
     (tmp_path / "val").mkdir()
     (tmp_path / "d.yaml").write_text("names: [a]\nval: val\ntrain: [val, gone/images]\n")

@@ -143,7 +143,10 @@ def kept_channels(original: nn.Module, pruned_like) -> dict[str, tuple[torch.Ten
             if isinstance(conv, nn.Conv2d):
                 out, inner = conv.weight.shape[:2]
                 if max(out, inner) >= _INDEX_BASE:
-                    raise PlanError(f"reconstruction: a conv with {max(out, inner)} channels")
+                    raise PlanError(
+                        f"reconstruction handles convs of fewer than {_INDEX_BASE} channels, "
+                        f"not {max(out, inner)}: compile with --no-reconstruct"
+                    )
                 code = torch.arange(out)[:, None] * _INDEX_BASE + torch.arange(inner)[None, :]
                 conv.weight.copy_(code[:, :, None, None].expand_as(conv.weight).float())
     probed = pruned_like(probe)
@@ -598,7 +601,8 @@ def _elements(x) -> int:
 def memory_estimate(original: nn.Module, pruned: nn.Module, imgsz: int, images: int) -> float:
     """Bytes reconstruction needs for ``images`` calibration images at ``imgsz``, from a
     one-image probe of both models: per layer, the float16 activations both flows hold plus
-    the pruned pass's float32 working set for all images at once; and the images themselves."""
+    the pruned pass's float32 working set for all images at once; the images themselves; and
+    the largest conv's float64 normal equations (:func:`normal_equation_bytes`)."""
     probe = torch.zeros(1, 3, imgsz, imgsz)
     flows = _Flow(copy.deepcopy(original).eval(), probe), _Flow(copy.deepcopy(pruned).eval(), probe)
     per_image = 0.0
@@ -611,7 +615,23 @@ def memory_estimate(original: nn.Module, pruned: nn.Module, imgsz: int, images: 
         work = 4 * (inputs + (1 + LAYER_WORK_COPIES) * outputs)
         per_image = max(per_image, held + work)
     image_bytes = 2 * 4 * 3 * imgsz * imgsz  # the decoded batches and their concatenation
-    return BASE_BYTES + images * (per_image + image_bytes)
+    return BASE_BYTES + normal_equation_bytes(pruned) + images * (per_image + image_bytes)
+
+
+# float64 (features x features) matrices one conv's solve holds at once: the Gram sums of two
+# halves and their total, the damped copy, its factor and the identity
+NORMAL_EQUATION_COPIES = 6
+
+
+def normal_equation_bytes(pruned: nn.Module) -> int:
+    """The largest conv's least-squares working set, whatever the images: its Gram matrix
+    over the kept input features (in channels x kernel area, plus the bias) in float64."""
+    largest = 0
+    for conv in pruned.modules():
+        if isinstance(conv, nn.Conv2d):
+            kh, kw = conv.kernel_size
+            largest = max(largest, conv.in_channels // conv.groups * kh * kw + 1)
+    return NORMAL_EQUATION_COPIES * 8 * largest**2
 
 
 def available_bytes() -> float | None:
@@ -634,8 +654,9 @@ def refuse_beyond_memory(original, pruned, imgsz: int, images: int) -> None:
     need = memory_estimate(original, pruned, imgsz, images)
     if need <= available:
         return
-    per_image = (need - BASE_BYTES) / images
-    fits = int((available - BASE_BYTES) // per_image)
+    fixed = BASE_BYTES + normal_equation_bytes(pruned)  # whatever the number of images
+    per_image = (need - fixed) / images
+    fits = int((available - fixed) // per_image)
     hint = f"--reconstruct-images {fits}" if fits >= 1 else "a smaller --imgsz"
     raise PlanError(
         f"reconstruction on {images} images at {imgsz} px needs about {need / 2**30:.1f} GiB "

@@ -142,13 +142,20 @@ def test_ultralytics_head_is_refitted_and_the_dfl_left_alone():
 
 
 def test_the_memory_estimate_grows_with_images_and_pixels(planned):
-    from yoloprune.compiler.reconstruct import BASE_BYTES, memory_estimate
+    from yoloprune.compiler.reconstruct import BASE_BYTES, memory_estimate, normal_equation_bytes
 
     prepared, plan = planned
     original, pruned = prepared.model, apply_plan(prepared.model, plan)
+    fixed = BASE_BYTES + normal_equation_bytes(pruned)  # whatever the images
     small, double = (memory_estimate(original, pruned, 64, n) for n in (8, 16))
-    assert double - BASE_BYTES == pytest.approx(2 * (small - BASE_BYTES), rel=1e-12)
-    assert memory_estimate(original, pruned, 128, 8) > 3.5 * (small - BASE_BYTES) + BASE_BYTES
+    assert double - fixed == pytest.approx(2 * (small - fixed), rel=1e-12)
+    assert memory_estimate(original, pruned, 128, 8) > 3.5 * (small - fixed) + fixed
+    widest = max(
+        c.in_channels // c.groups * c.kernel_size[0] * c.kernel_size[1] + 1
+        for c in pruned.modules()
+        if isinstance(c, torch.nn.Conv2d)
+    )
+    assert normal_equation_bytes(pruned) == 6 * 8 * widest**2
 
 
 def test_reconstruction_beyond_memory_is_one_line_and_writes_nothing(
@@ -159,7 +166,9 @@ def test_reconstruction_beyond_memory_is_one_line_and_writes_nothing(
     from yoloprune.compiler import reconstruct
     from yoloprune.compiler.cli import main
 
-    monkeypatch.setattr(reconstruct, "available_bytes", lambda: reconstruct.BASE_BYTES + 2**20)
+    monkeypatch.setattr(reconstruct, "normal_equation_bytes", lambda pruned: 2**30)
+    available = reconstruct.BASE_BYTES + 2**30 + 2**20  # a MiB for the images' share
+    monkeypatch.setattr(reconstruct, "available_bytes", lambda: available)
     out = tmp_path / "out"
     argv = [str(tiny6_yaml), "--imgsz", "64", "--data", str(shapes_data), "--no-bench"]
     assert main(["compile", *argv, "--out", str(out)]) == 2

@@ -247,8 +247,9 @@ def _comparisons(candidates, plans, finest, removed, speed, measure) -> dict[int
 
 
 def _no_costlier(removed: float, finest_at_speed: float | None) -> bool:
-    """Whether a coarser alignment that removes ``removed`` costs no more importance than the
-    finest at its speed (within IMPORTANCE_TIE; None: the finest cannot run that fast)."""
+    """Whether a coarser alignment whose accuracy cost (importance removed or error added) is
+    ``removed`` costs no more than the finest at its speed (within IMPORTANCE_TIE; None: the
+    finest cannot run that fast)."""
     return finest_at_speed is None or removed <= finest_at_speed * (1 + IMPORTANCE_TIE)
 
 

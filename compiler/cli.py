@@ -918,30 +918,32 @@ def cmd_export(args) -> int:
                 "model on the data it was trained for"
             )
         keep_float = keeper(sensitivity, data, imgsz, mode, exclude=calibration.files)
-    try:
-        written = _export_files(
-            args, model, info, out, imgsz, mode, tolerance, calibration, keep_float
-        )
-    except OSError as exc:
-        raise YoloPruneError(f"--out {out}: cannot write there ({exc.strerror})") from exc
+    written = _export_files(args, model, info, out, imgsz, mode, tolerance, calibration, keep_float)
     print("\n".join(written))
     return 0
+
+
+def _staging_folder(out: Path):
+    """A temporary folder beside ``out`` (same file system: the files move in at the end), or
+    the one line saying ``out``'s folder cannot be written."""
+    import tempfile
+
+    try:
+        return tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.")
+    except OSError as exc:
+        raise YoloPruneError(f"--out {out}: cannot write there ({exc.strerror or exc})") from exc
 
 
 def _export_files(args, model, info, out, imgsz, mode, tolerance, calibration, keep_float):
     """Write the fp32 file and the asked precision's beside it, all together or none (an
     earlier export's other siblings removed, and said so); the lines to print."""
     import os
-    import tempfile
 
     from yoloprune.compiler.export import export_checked
     from yoloprune.compiler.precision import PRECISIONS, lower_checked, precision_path
     from yoloprune.graphs.files import parent_made, signals_held
 
-    with (
-        parent_made(out),
-        tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp,
-    ):
+    with parent_made(out), _staging_folder(out) as tmp:
         staged = {"fp32": Path(tmp) / out.name}  # every file appears together, or none
         parity = export_checked(
             model,
@@ -980,7 +982,7 @@ def _export_files(args, model, info, out, imgsz, mode, tolerance, calibration, k
                 sibling = precision_path(out, precision)
                 if precision not in staged and sibling.exists():
                     sibling.unlink()
-                    lines.append(f"removed {sibling}: an earlier export's, not of this model")
+                    lines.append(f"removed {sibling}: an earlier export's, not of this one")
             for precision, path in staged.items():
                 os.replace(path, precision_path(out, precision))
     return lines

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from yoloprune.compiler.planner import conv_io_sizes, tie_members
+from yoloprune.compiler.planner import Constraints, _floor, conv_io_sizes, tie_members
 from yoloprune.graphs.blocks import droppable_blocks
 from yoloprune.graphs.dependency import ChannelGroup, ConvChannels, conv_channels
 from yoloprune.graphs.errors import PlanError, TargetUnreachable
@@ -219,17 +219,9 @@ def latency_counts(
     counts = {g.id: g.size for g in prunable}
     sizes = {g.id: g.size for g in prunable}
     members = tie_members(prunable)  # each group's tie (itself alone when untied)
-    least = kept_at_least or {}  # --steps: the floor of the original sizes (Constraints)
-    floors = {
-        g.id: min(
-            g.size,
-            max(
-                math.ceil(g.size * (1 - max_ratio) / round_to) * round_to,
-                math.ceil(least.get(g.id, 0) / round_to) * round_to,
-            ),
-        )
-        for g in prunable
-    }
+    least = tuple((kept_at_least or {}).items())  # --steps: the original sizes' floor
+    bounds = Constraints(round_to=round_to, max_ratio=max_ratio, kept_at_least=least)
+    floors = {g.id: _floor(g.size, bounds, g.id) for g in prunable}
     total = model.predict(counts)
     version = dict.fromkeys(counts, 0)
     convs_of = {gid: set(indices) for gid, indices in model.by_group.items()}

@@ -228,8 +228,8 @@ def _alignment_cost(row: dict):
 
 def alignment_text(record: dict) -> str:
     """``--round-to auto``'s choice in one line: each candidate's time against the finest
-    plannable one's, the importance it removes and, for the faster coarse ones, what the finest
-    would remove at the same speed."""
+    plannable one's, its accuracy cost (importance removed, or for sensitivity plans the error
+    added) and, for the faster coarse ones, what the finest would cost at the same speed."""
     parts = []
     for row in record["candidates"]:
         text = f"{row['round_to']}: {row['relative_latency']:.3f}x time"
@@ -329,12 +329,14 @@ def render_markdown(report: dict) -> str:
             lines += ["", profile_text(latency) + "."]
     elif "sweep" in report["latency_ms"]:
         timed = report["latency_ms"]["sweep"]
+        threads = f", {timed['threads']} threads" if timed.get("threads") else ""
+        gpu = timed["machine"].get("gpu")
         lines += [
             "",
             f"Latency: timed by the sweep with its other points ({timed['record']}): "
             f"{timed['median_ms']:.2f} ms against the original's {timed['baseline_ms']:.2f} ms "
-            f"(ratio {timed['ratio']:.3f}); {timed['runtime']}, batch {timed['batch']}, "
-            f"{timed['threads']} threads, on {machine_text(timed['machine'])}.",
+            f"(ratio {timed['ratio']:.3f}); {timed['runtime']}, batch {timed['batch']}{threads}, "
+            f"on {f'{gpu}, host ' if gpu else ''}{machine_text(timed['machine'])}.",
         ]
     else:
         lines += ["", "Latency not measured (--no-bench)."]

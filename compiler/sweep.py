@@ -103,8 +103,8 @@ class SweepOptions:
     def _check_own_timing(self) -> None:
         """The sweep's own --latency-runtime/--latency-batch (set where the points time
         nothing): checked as a compile checks them, before any work."""
-        if self.latency_batch is not None and not 1 <= self.latency_batch <= 1024:
-            raise PlanError(f"--latency-batch {self.latency_batch}: must be in [1, 1024]")
+        if self.latency_batch is not None and not 1 <= self.latency_batch <= 4096:
+            raise PlanError(f"--latency-batch {self.latency_batch}: must be in [1, 4096]")
         if self.latency_runtime is None:
             return
         if self.latency_runtime not in ("ort", "torch", "tensorrt"):

@@ -11,6 +11,8 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from yoloprune.graphs.errors import YoloPruneError
+
 
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
@@ -71,7 +73,11 @@ def parent_made(path: Path) -> Iterator[None]:
     """``path``'s missing parent folders are made for the block, and removed again (those
     still empty) if it fails: a refused or failed write leaves no folder behind."""
     missing = missing_folders(path.parent)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        remove_if_empty(missing)
+        raise YoloPruneError(f"{path}: cannot write there ({exc.strerror or exc})") from exc
     try:
         yield
     except BaseException:

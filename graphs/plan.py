@@ -94,6 +94,11 @@ class PruningPlan:
             ) from exc
         plan.check_alignment(source)
         plan.check_emptied(source)
+        if (plan.method == "unstructured") != (plan.target["kind"] == "sparsity"):
+            raise PlanError(
+                f"{source}: method {plan.method} with target {plan.target['kind']}: an "
+                "unstructured plan's target is sparsity, and only its; regenerate it"
+            )
         return plan
 
     def check_emptied(self, source: str = "plan") -> None:
@@ -214,14 +219,20 @@ TARGET_KINDS = ("ratio", "macs", "speedup", "latency_ms", "sparsity")  # sparsit
 
 
 def _checked_target(value) -> dict:
-    """``{"kind": ..., "value": positive number}`` (and, from --steps, ``steps``)."""
+    """``{"kind": ..., "value": ...}`` in the kind's range (and, from --steps, ``steps``)."""
     if type(value) is not dict or value.get("kind") not in TARGET_KINDS:
         raise TypeError(f"target must be a mapping with kind one of {', '.join(TARGET_KINDS)}")
     number = value.get("value")
     if type(number) not in (int, float) or not (math.isfinite(number) and number > 0):
         raise ValueError(f"target value {number!r:.40} must be a positive number")
+    fraction = value["kind"] in ("ratio", "macs", "sparsity")
+    if (fraction and number >= 1) or (value["kind"] == "speedup" and number < 1):
+        bound = "below 1" if fraction else "at least 1"
+        raise ValueError(f"target {value['kind']} {number:g} must be {bound}")
     if set(value) - {"kind", "value", "steps"}:
         raise TypeError("target holds only kind, value and steps")
+    if "steps" in value and (type(value["steps"]) is not int or value["steps"] < 1):
+        raise TypeError("target steps must be a positive integer")
     return value
 
 

@@ -102,6 +102,8 @@ def test_a_plan_cut_to_three_groups_reports_the_macs_the_model_keeps(
         (lambda p: p.update(method="sparse"), "method 'sparse' is not one of structured"),
         (lambda p: p.update(target={"value": 0.5}), "target must be a mapping with kind one of"),
         (lambda p: p["target"].update(value=-1), "target value -1 must be a positive number"),
+        (lambda p: p["target"].update(value=5), "must be below 1"),
+        (lambda p: p.update(method="unstructured"), "an unstructured plan's target is sparsity"),
         (
             lambda p: p["groups"][0].update(keep=[]),
             "keeps no channel, which only the hidden group of a block in drop_blocks may",
@@ -252,6 +254,10 @@ def test_out_that_is_a_file_or_unwritable_is_one_line(tmp_path, tiny_yaml, capsy
     below_a_file = a_file / "out"
     refused(capsys, compile_argv(tiny_yaml, below_a_file), "cannot write there")
     refused(capsys, compile_argv(tiny_yaml, "/proc/yoloprune-out"), "cannot write there")
+    export = ["export", tiny_yaml, "--imgsz", "64", "--out"]  # its folder: made, or refused
+    refused(capsys, [*export, below_a_file / "m.onnx"], "cannot write there")
+    refused(capsys, [*export, "/proc/yoloprune-out/m.onnx"], "cannot write there")
+    assert a_file.read_text() == "mine"
 
 
 def test_plan_out_that_is_a_folder_is_one_line(tmp_path, tiny_yaml, capsys):

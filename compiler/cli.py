@@ -1153,16 +1153,16 @@ def sweep_options(args):
         kind, values = "speedup", parse_values(args.speedup, "--speedup", 1, 1000, open_high=False)
     fields = set(CompileOptions.__dataclass_fields__) - set(SWEEP_OWN) - {"model"}
     shared = {k: v for k, v in vars(args).items() if k in fields}
-    # where the points' planning times nothing (a fixed --round-to under --macs), the timing
-    # flags are the sweep's own: the compile would refuse them as unused
+    # where the points' planning times nothing (by the compile's own settings: a fixed
+    # --round-to under --macs, say), the timing flags are the sweep's alone; the compile would
+    # refuse them as unused
     timing = {k: shared.pop(k) for k in ("latency_batch", "latency_runtime")}
-    points_time = args.round_to in (None, "auto") or kind == "speedup" or args.latency_aware
-    if points_time:
-        shared.update(timing)
-        timing = {}
     # the base carries the first point's target, so flags that only some targets read (a
     # latency table, the latency batch) are checked as the points will use them
     base = CompileOptions(args.model, **{kind: values[0]}, **shared)
+    if base.settings.latency is not None or base.settings.alignment is not None:
+        base = CompileOptions(args.model, **{kind: values[0]}, **shared, **timing)
+        timing = {}
     return SweepOptions(base, kind, values, args.max_map_drop, args.latency_ms, **timing)
 
 

@@ -132,10 +132,10 @@ class CompileOptions:
 
     def __post_init__(self) -> None:
         """Every value is honoured or refused here, before any work (never replaced)."""
-        for name, low, high in _INT_RANGES:
+        for name in (*(r[0] for r in _INT_RANGES), *(c[0] for c in _CHOICES)):
             value = getattr(self, name)
-            if value is not None and (type(value) is not int or not low <= value <= high):
-                raise PlanError(f"--{_flag(name)} {value}: must be an integer in [{low}, {high}]")
+            if value is not None:
+                checked_choice(name, value)
         for name, low, high, open_low in _FLOAT_RANGES:
             value = getattr(self, name)
             if value is None:
@@ -146,18 +146,8 @@ class CompileOptions:
                 bound = "(" if open_low else "["
                 shown = f"{value:g}" if isinstance(value, int | float) else repr(value)
                 raise PlanError(f"--{_flag(name)} {shown}: must be in {bound}{low:g}, {high:g}]")
-        for name, choices in _CHOICES:
-            value = getattr(self, name)
-            if value is not None and value not in choices:
-                raise PlanError(f"--{_flag(name)} {value}: use one of {', '.join(choices)}")
         if self.latency_runtime == "torch":
-            import torch
-
-            if not torch.cuda.is_available():
-                raise PlanError(
-                    "--latency-runtime torch measures on a CUDA GPU and none is available here: "
-                    "use --latency-runtime ort (ONNX Runtime CPU) or run on a GPU machine"
-                )
+            refuse_absent_runtime("torch")
         if self.round_to is not None and self.round_to != "auto" and type(self.round_to) is not int:
             raise PlanError(f"--round-to {self.round_to}: give a positive integer or auto")
         self._check_paths()
@@ -557,11 +547,37 @@ def _check_tensorrt_timing(plans_latency: bool, aligns: bool) -> None:
             "--latency-runtime tensorrt measures --round-to auto's alignment profile, which "
             "this compile does not run (a fixed --round-to, --plan or unstructured): drop it"
         )
-    from yoloprune.kernels.tensorrt import available
+    refuse_absent_runtime("tensorrt")
 
-    ok, why = available()
-    if not ok:
-        raise PlanError(f"--latency-runtime tensorrt: {why}")
+
+def refuse_absent_runtime(runtime: str) -> None:
+    """--latency-runtime torch needs a CUDA GPU and tensorrt needs TensorRT: one line where
+    this machine lacks it (ort always runs)."""
+    if runtime == "torch":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise PlanError(
+                "--latency-runtime torch measures on a CUDA GPU and none is available here: "
+                "use --latency-runtime ort (ONNX Runtime CPU) or run on a GPU machine"
+            )
+    if runtime == "tensorrt":
+        from yoloprune.kernels.tensorrt import available
+
+        ok, why = available()
+        if not ok:
+            raise PlanError(f"--latency-runtime tensorrt: {why}")
+
+
+def checked_choice(name: str, value) -> None:
+    """An option's value among its choices (:data:`_CHOICES`) or an integer in its range
+    (:data:`_INT_RANGES`), as CompileOptions checks its own; one line otherwise."""
+    for option, choices in _CHOICES:
+        if option == name and value not in choices:
+            raise PlanError(f"--{_flag(name)} {value}: use one of {', '.join(choices)}")
+    for option, low, high in _INT_RANGES:
+        if option == name and (type(value) is not int or not low <= value <= high):
+            raise PlanError(f"--{_flag(name)} {value}: must be an integer in [{low}, {high}]")
 
 
 def _has_train_split(data: Path) -> bool:

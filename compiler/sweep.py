@@ -24,10 +24,14 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
-from yoloprune.compiler.options import DEFAULT_LATENCY_RUNTIME, CompileOptions
+from yoloprune.compiler.options import (
+    DEFAULT_LATENCY_RUNTIME,
+    CompileOptions,
+    checked_choice,
+    refuse_absent_runtime,
+)
 from yoloprune.graphs.errors import PlanError, TargetUnreachable
 from yoloprune.graphs.files import (
     missing_folders,
@@ -103,20 +107,11 @@ class SweepOptions:
     def _check_own_timing(self) -> None:
         """The sweep's own --latency-runtime/--latency-batch (set where the points time
         nothing): checked as a compile checks them, before any work."""
-        if self.latency_batch is not None and not 1 <= self.latency_batch <= 4096:
-            raise PlanError(f"--latency-batch {self.latency_batch}: must be in [1, 4096]")
-        if self.latency_runtime is None:
-            return
-        if self.latency_runtime not in ("ort", "torch", "tensorrt"):
-            raise PlanError(f"--latency-runtime {self.latency_runtime}: use ort, torch or tensorrt")
-        if self.latency_runtime == "torch" and not torch.cuda.is_available():
-            raise PlanError("--latency-runtime torch measures on a CUDA GPU; none is here")
-        if self.latency_runtime == "tensorrt":
-            from yoloprune.kernels.tensorrt import available
-
-            ok, why = available()
-            if not ok:
-                raise PlanError(f"--latency-runtime tensorrt: {why}")
+        if self.latency_batch is not None:
+            checked_choice("latency_batch", self.latency_batch)
+        if self.latency_runtime is not None:
+            checked_choice("latency_runtime", self.latency_runtime)
+            refuse_absent_runtime(self.latency_runtime)
 
     def point(self, value: float) -> CompileOptions:
         """One point's compile: the base's options at ``value``, with no bench step (the

@@ -193,7 +193,7 @@ def test_the_sweeps_timing_flags_are_taken_with_a_fixed_alignment(shapes_data, k
         assert sweep.latency_batch == 4 and point.latency_batch is None
     else:
         assert sweep.latency_batch is None and point.settings.latency.batch == 4
-    with pytest.raises(PlanError, match=r"--latency-batch 0: must be in \[1, 4096\]"):
+    with pytest.raises(PlanError, match=r"--latency-batch 0: must be an integer in \[1, 4096\]"):
         SweepOptions(sweep.base, kind, sweep.values, latency_batch=0)
 
 

@@ -233,13 +233,9 @@ def _precision_of(spec: str, settings: BenchSettings) -> str:
 def _check_onnx_input(spec: str, batch: int, imgsz: int) -> None:
     """An ONNX file takes the batch and image size it is fed (fixed axes must match), or the
     one line saying which and how to get a file that does."""
-    from yoloprune.graphs.files import import_native
-    from yoloprune.kernels.tensorrt import onnx_properties
+    from yoloprune.kernels.tensorrt import onnx_input_dims
 
-    onnx_properties(Path(spec))  # a file that is not ONNX: one line naming it
-    onnx = import_native("onnx")
-    dims = onnx.load(spec, load_external_data=False).graph.input[0].type.tensor_type.shape.dim
-    fixed = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    fixed = onnx_input_dims(Path(spec))
     if fixed[0] is not None and fixed[0] != batch:
         raise YoloPruneError(
             f"{spec}: takes batch {fixed[0]} (exported without --dynamic); bench at --batch "

@@ -141,13 +141,22 @@ def network_flags(trt) -> int:
     )
 
 
-def onnx_batch(path: Path) -> int | None:
-    """The first input's batch size, or None where the axis is dynamic."""
+def onnx_input_dims(path: Path) -> list[int | None]:
+    """The first input's dimensions (None where an axis is dynamic); a file that is not ONNX
+    is one line naming it."""
     onnx = import_native("onnx")
 
-    proto = onnx.load(str(path), load_external_data=False)
-    dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
-    return dim.dim_value if dim.HasField("dim_value") else None
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # DecodeError and friends: not an ONNX file
+        raise YoloPruneError(f"{path}: not a readable ONNX file ({first_line(exc)})") from exc
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    return [d.dim_value if d.HasField("dim_value") else None for d in dims]
+
+
+def onnx_batch(path: Path) -> int | None:
+    """The first input's batch size, or None where the axis is dynamic."""
+    return onnx_input_dims(path)[0]
 
 
 def onnx_properties(path: Path) -> dict[str, str]:

@@ -328,15 +328,15 @@ def render_markdown(report: dict) -> str:
         if "profile" in latency:
             lines += ["", profile_text(latency) + "."]
     elif "sweep" in report["latency_ms"]:
-        timed = report["latency_ms"]["sweep"]
-        threads = f", {timed['threads']} threads" if timed.get("threads") else ""
-        gpu = timed["machine"].get("gpu")
+        from yoloprune.compiler.sweep import machine_summary, timed_on
+
+        timed = report["latency_ms"]["sweep"]  # stated as sweep.md states it
         lines += [
             "",
             f"Latency: timed by the sweep with its other points ({timed['record']}): "
             f"{timed['median_ms']:.2f} ms against the original's {timed['baseline_ms']:.2f} ms "
-            f"(ratio {timed['ratio']:.3f}); {timed['runtime']}, batch {timed['batch']}{threads}, "
-            f"on {f'{gpu}, host ' if gpu else ''}{machine_text(timed['machine'])}.",
+            f"(ratio {timed['ratio']:.3f}); {timed_on(timed)}, on "
+            f"{machine_summary(timed['machine'])}.",
         ]
     else:
         lines += ["", "Latency not measured (--no-bench)."]

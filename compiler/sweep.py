@@ -369,7 +369,7 @@ def plot(record: dict, path: Path) -> None:
             label=f"recommended: {chosen}",
             zorder=4,
         )
-    conditions = f"{_timed_on(record['latency'])}; {_machine_text(record['latency']['machine'])}"
+    conditions = f"{timed_on(record['latency'])}; {machine_summary(record['latency']['machine'])}"
     ax.set_xlabel("latency, ms\n" + textwrap.fill(conditions, 80), fontsize=8)
     ax.set_ylabel("mAP@.5:.95 (points: their ONNX files;\noriginal: PyTorch)", fontsize=9)
     ax.set_title(f"{Path(record['model']).name} at {record['imgsz']} px")
@@ -378,13 +378,17 @@ def plot(record: dict, path: Path) -> None:
     save_png_atomic(fig, path)
 
 
-def _timed_on(latency: dict) -> str:
+def timed_on(latency: dict) -> str:
     threads = f", {latency['threads']} threads" if latency.get("threads") else ""
     return f"{latency['runtime']}, batch {latency['batch']}{threads}"
 
 
-def _machine_text(machine: dict) -> str:
-    cpu = f"{machine['cpu']} ({machine['cores_available']} cores)"
+def machine_summary(machine: dict) -> str:
+    """The CPU with its vector extensions (kernels.ort.machine_text), behind the GPU where one
+    ran the timing."""
+    from yoloprune.kernels.ort import machine_text
+
+    cpu = machine_text(machine)
     return f"{machine['gpu']}, host {cpu}" if machine.get("gpu") else cpu
 
 
@@ -400,8 +404,8 @@ def render(record: dict) -> str:
         f"# Sweep: {record['model']} at {record['imgsz']} px",
         "",
         f"mAP@.5:.95 of each point's ONNX file on {record['data']} (val split, pycocotools); "
-        f"latency: {_timed_on(latency)}, median of {latency['runs']} interleaved runs, on "
-        f"{_machine_text(machine)}. Original: mAP {original['map50_95']:.4f}, "
+        f"latency: {timed_on(latency)}, median of {latency['runs']} interleaved runs, on "
+        f"{machine_summary(machine)}. Original: mAP {original['map50_95']:.4f}, "
         f"{original['latency_ms']:.2f} ms.",
         "",
         f"| point | {record['target']} | MACs kept | params kept | round_to | mAP@.5:.95 | "
